@@ -1,0 +1,100 @@
+"""Shared test setup: markers, the GPU switch, and the suite-wide leak check.
+
+- ``gpu`` tests skip when no CUDA GPU is usable and fail under ``--require-gpu``.
+- When the session ends, nothing of ours may remain: no store server process and no file of
+  ours in ``/dev/shm``. A leak fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHM = Path("/dev/shm")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-gpu",
+        action="store_true",
+        help="fail (instead of skip) tests marked gpu when no GPU is usable",
+    )
+
+
+def gpu_available() -> tuple[bool, str]:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False, "NUMBA_ENABLE_CUDASIM=1 simulates kernels but cannot share device memory"
+    try:
+        import cupy
+    except ImportError:
+        return False, "CuPy is not installed (pip install '.[gpu]')"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return True, ""
+    except Exception as exc:  # CuPy raises its own CUDARuntimeError without a driver
+        return False, f"no usable CUDA device ({type(exc).__name__}: {exc})"
+    return False, "no CUDA device"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    ok, why = gpu_available()
+    if ok:
+        return
+    require = config.getoption("--require-gpu")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            if require:
+                item.add_marker(pytest.mark.xfail(reason=f"--require-gpu: {why}", run=False, strict=True))
+            else:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+def _our_shm_files() -> list[str]:
+    if not SHM.is_dir():
+        return []
+    return sorted(p.name for p in SHM.iterdir() if p.name.startswith(("dataflow", "psm_df")))
+
+
+def _our_server_processes() -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "dataflow.store.server" in cmdline:
+            found.append(f"{proc.name}: {cmdline.strip()}")
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._dataflow_shm_before = set(_our_shm_files())  # type: ignore[attr-defined]
+    session.config._dataflow_procs_before = set(_our_server_processes())  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import time
+
+    before_shm = session.config._dataflow_shm_before  # type: ignore[attr-defined]
+    before_procs = session.config._dataflow_procs_before  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while True:  # servers of just-finished tests may take a moment to exit
+        shm = set(_our_shm_files()) - before_shm
+        procs = set(_our_server_processes()) - before_procs
+        if not (shm or procs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if shm or procs:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"/dev/shm: {name}" for name in sorted(shm)] + [f"process {p}" for p in procs]
+        if reporter is not None:
+            reporter.write_line("LEAK CHECK FAILED: left behind after the test session:", red=True)
+            for line in lines:
+                reporter.write_line("  " + line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
