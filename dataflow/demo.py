@@ -70,8 +70,10 @@ def run_demo(slices: int = 200, consumers: int = 2, echo=print) -> dict[str, Any
 
     for i, (got_at, mean, spacing) in enumerate(out):
         seconds = got_at - sealed_at
-        echo(f"  consumer {i}: had a zero-copy view {seconds * 1e3:.2f} ms after the producer sealed it, "
-             f"mean {mean:.1f} HU, spacing {spacing}")  # fmt: skip
+        echo(
+            f"  consumer {i}: had a zero-copy view {seconds * 1e3:.2f} ms after the producer "
+            f"sealed it; mean {mean:.1f} HU, spacing {spacing}"
+        )
 
     queue, results = ctx.Queue(), ctx.Queue()
     reader = ctx.Process(target=_pickle_consume, args=(queue, results))

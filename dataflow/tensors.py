@@ -26,8 +26,8 @@ from dataflow.errors import StoreValueError
 __all__ = [
     "ELEMENT_TYPES",
     "GEOMETRY_KEYS",
-    "METADATA_KEY",
     "MAX_METADATA_BYTES",
+    "METADATA_KEY",
     "dtype_of",
     "element_type_of",
     "encode_metadata",

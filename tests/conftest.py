@@ -48,7 +48,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu"):
             if require:
-                item.add_marker(pytest.mark.xfail(reason=f"--require-gpu: {why}", run=False, strict=True))
+                item.add_marker(
+                    pytest.mark.xfail(reason=f"--require-gpu: {why}", run=False, strict=True)
+                )
             else:
                 item.add_marker(pytest.mark.skip(reason=why))
 

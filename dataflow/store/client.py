@@ -78,6 +78,9 @@ class StoreClient:
     # ----------------------------------------------------------- connection
 
     def _connect(self) -> None:
+        if self._sock is not None:  # inherited through fork: drop our copy of the parent's
+            self._sock.close()
+            self._sock = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(protocol.parse_address(self.address))
@@ -98,7 +101,7 @@ class StoreClient:
         if not fds or not data:
             sock.close()
             raise StoreNotRunning(f"the store at {self.address!r} closed the connection")
-        status, info = protocol.decode(data[protocol.HEADER.size :])
+        _status, info = protocol.decode(data[protocol.HEADER.size :])
         fd = fds[0]
         try:
             size = info["arena_size"]
@@ -154,6 +157,11 @@ class StoreClient:
         if sock is not None:
             sock.close()
 
+    def __del__(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
     def __reduce__(self):
         return (connect, (self.address,), {"name": self.name})
 
@@ -187,7 +195,9 @@ class StoreClient:
         dt = dtype_of(dtype)
         dims = check_shape(shape)
         nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
-        return self._create("tensor", nbytes, element_type_of(dt), dims, metadata, object_id, timeout)
+        return self._create(
+            "tensor", nbytes, element_type_of(dt), dims, metadata, object_id, timeout
+        )
 
     def create_buffer(
         self,
@@ -436,7 +446,7 @@ class ObjectView:
     ``to_arrow()`` all share the store's memory; each keeps the object alive while it lives.
     """
 
-    __slots__ = ("id", "kind", "dtype", "shape", "_meta", "_buffer", "__weakref__")
+    __slots__ = ("__weakref__", "_buffer", "_meta", "dtype", "id", "kind", "shape")
 
     def __init__(self, oid, kind, buffer, dtype, shape, meta) -> None:
         self.id = oid
@@ -595,4 +605,3 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise StoreError(f"a store is already running at {path!r}")
-

@@ -20,7 +20,6 @@ import fcntl
 import heapq
 import itertools
 import logging
-import mmap
 import os
 import selectors
 import signal
@@ -45,6 +44,7 @@ from dataflow.units import format_bytes
 log = logging.getLogger("dataflow.store.server")
 
 MAX_ID_LENGTH = 255
+MEMFD_PREFIX = "dataflow-store:"
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -63,7 +63,15 @@ class _Object:
     deleted: bool = False
 
     def record(self) -> tuple:
-        return (self.kind, self.offset, self.nbytes, self.dtype, self.shape, self.metadata, self.data)
+        return (
+            self.kind,
+            self.offset,
+            self.nbytes,
+            self.dtype,
+            self.shape,
+            self.metadata,
+            self.data,
+        )
 
     @property
     def footprint(self) -> int:
@@ -111,7 +119,9 @@ class StoreServer:
         self.owner_pid = owner_pid
         self.uid = os.getuid()
 
-        self.fd = os.memfd_create("dataflow-store", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # The name only labels the mapping in /proc/<pid>/maps ("/memfd:dataflow-store:...").
+        label = f"{MEMFD_PREFIX}{address.replace('/', '_')}"[:240]
+        self.fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, budget)
         # Nobody may shrink the arena under another process's mappings (that would SIGBUS them).
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
@@ -382,10 +392,16 @@ class StoreServer:
             **{
                 f"{event}_total": self.counters[event]
                 for event in (
-                    "created", "sealed", "evicted", "deleted", "freed",
-                    "clients_lost", "refs_reclaimed", "unsealed_reclaimed",
+                    "created",
+                    "sealed",
+                    "evicted",
+                    "deleted",
+                    "freed",
+                    "clients_lost",
+                    "refs_reclaimed",
+                    "unsealed_reclaimed",
                 )
-            },  # fmt: skip
+            },
         }
 
     def op_shutdown(self, client: _Client) -> None:
@@ -473,7 +489,9 @@ class StoreServer:
         for o in holders:
             who = [c.label() for c in self.clients.values() if o.oid in c.refs]
             state = "sealed" if o.sealed else "unsealed"
-            described.append(f"{o.oid!r} {format_bytes(o.footprint)} {state}, held by {', '.join(who)}")
+            described.append(
+                f"{o.oid!r} {format_bytes(o.footprint)} {state}, held by {', '.join(who)}"
+            )
         return (
             f"store is full: could not make room for object {obj.oid!r} of "
             f"{format_bytes(obj.nbytes)} within {waited:.3g} s. Budget "

@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import pytest
@@ -13,7 +14,7 @@ def test_blocks_are_aligned_and_disjoint():
         assert offset is not None and offset % ALIGNMENT == 0
         blocks.append((offset, align(size)))
     blocks.sort()
-    for (a, sa), (b, _) in zip(blocks, blocks[1:]):
+    for (a, sa), (b, _) in itertools.pairwise(blocks):
         assert a + sa <= b
 
 
