@@ -38,21 +38,24 @@ def gpu_available() -> tuple[bool, str]:
     return False, "no CUDA device"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not any(item.get_closest_marker("gpu") for item in items):
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is None:
         return
-    ok, why = gpu_available()
+    ok, why = _gpu_status()
     if ok:
         return
-    require = config.getoption("--require-gpu")
-    for item in items:
-        if item.get_closest_marker("gpu"):
-            if require:
-                item.add_marker(
-                    pytest.mark.xfail(reason=f"--require-gpu: {why}", run=False, strict=True)
-                )
-            else:
-                item.add_marker(pytest.mark.skip(reason=why))
+    if item.config.getoption("--require-gpu"):
+        pytest.fail(f"--require-gpu was given but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+_gpu_cache: list[tuple[bool, str]] = []
+
+
+def _gpu_status() -> tuple[bool, str]:
+    if not _gpu_cache:
+        _gpu_cache.append(gpu_available())
+    return _gpu_cache[0]
 
 
 def _our_shm_files() -> list[str]:
@@ -70,7 +73,13 @@ def _our_server_processes() -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "dataflow.store.server" in cmdline:
+        if "dataflow.store.server" not in cmdline:
+            continue
+        # Ours: owned by this session, or orphaned (a server must die with its owner).
+        # Stores owned by other live processes (a benchmark running beside) are not.
+        args = cmdline.split()
+        owner = int(args[args.index("--owner-pid") + 1]) if "--owner-pid" in args else -1
+        if owner == os.getpid() or not Path(f"/proc/{owner}").exists():
             found.append(f"{proc.name}: {cmdline.strip()}")
     return found
 

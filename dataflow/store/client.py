@@ -45,7 +45,7 @@ from dataflow.units import parse_bytes
 __all__ = ["ObjectView", "Store", "StoreClient", "WritableObject", "connect"]
 
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
-KINDS = ("tensor", "arrow", "bytes")
+DEVICE_KIND = "cuda"  # as in dataflow.store.server, which this module does not import
 
 
 def connect(address: str, *, name: str | None = None) -> StoreClient:
@@ -270,13 +270,15 @@ class StoreClient:
         wait; None: wait forever). Raises ObjectNotFound when it is not there in time.
         """
         kind, offset, nbytes, dtype, shape, meta, data = self._request("get", object_id, timeout)
+        lease = None
+        if data is None or kind == DEVICE_KIND:  # the server counted a reference for us
+            lease = _Lease()
+            weakref.finalize(lease, self._release_ref, object_id)
         if data is not None:
             buffer = pa.py_buffer(data)
         else:
-            lease = _Lease()
-            weakref.finalize(lease, self._release_ref, object_id)
             buffer = pa.foreign_buffer(self._ro_address + offset, nbytes, base=lease)
-        return ObjectView(object_id, kind, buffer, dtype, shape, meta)
+        return ObjectView(object_id, kind, buffer, dtype, shape, meta, lease)
 
     def release(self, view: ObjectView) -> None:
         """Done with a view (same as ``view.release()``)."""
@@ -446,15 +448,16 @@ class ObjectView:
     ``to_arrow()`` all share the store's memory; each keeps the object alive while it lives.
     """
 
-    __slots__ = ("__weakref__", "_buffer", "_meta", "dtype", "id", "kind", "shape")
+    __slots__ = ("__weakref__", "_buffer", "_lease", "_meta", "dtype", "id", "kind", "shape")
 
-    def __init__(self, oid, kind, buffer, dtype, shape, meta) -> None:
+    def __init__(self, oid, kind, buffer, dtype, shape, meta, lease=None) -> None:
         self.id = oid
         self.kind = kind
         self.dtype = dtype
         self.shape = shape
         self._meta = meta
         self._buffer = buffer
+        self._lease = lease  # device objects: arena objects keep it in the buffer instead
 
     @property
     def nbytes(self) -> int:
@@ -477,7 +480,17 @@ class ObjectView:
             return np.frombuffer(buffer, dtype=dtype_of(self.dtype)).reshape(self.shape)
         if self.kind == "bytes":
             return np.frombuffer(buffer, dtype=np.uint8)
+        if self.kind == DEVICE_KIND:
+            raise StoreValueError(f"object {self.id!r} lives on a GPU; use .device_array()")
         raise StoreValueError(f"object {self.id!r} is an Arrow object; use .to_arrow()")
+
+    def device_array(self):
+        """A GPU object as a CuPy array over the producer's device memory (CUDA IPC, no copy)."""
+        if self.kind != DEVICE_KIND:
+            raise StoreValueError(f"object {self.id!r} is a host {self.kind}; use .array")
+        from dataflow.store.cuda import open_device_array
+
+        return open_device_array(self)
 
     def to_arrow(self) -> pa.Table | pa.Buffer:
         """Tensors as the one-row fixed-shape-tensor table of docs/tensors.md; Arrow objects as
@@ -492,6 +505,7 @@ class ObjectView:
         """Done with this view. The reference goes back to the store once no array or Arrow
         object made from it is alive either."""
         self._buffer = None
+        self._lease = None
 
     def __enter__(self) -> ObjectView:
         return self

@@ -45,6 +45,7 @@ log = logging.getLogger("dataflow.store.server")
 
 MAX_ID_LENGTH = 255
 MEMFD_PREFIX = "dataflow-store:"
+DEVICE_KIND = "cuda"  # a descriptor of device memory shared by CUDA IPC (dataflow.store.cuda)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -61,6 +62,7 @@ class _Object:
     creator: _Client | None = None  # while unsealed
     refs: int = 0
     deleted: bool = False
+    owner: _Client | None = None  # GPU objects: the producer whose device memory it is
 
     def record(self) -> tuple:
         return (
@@ -72,6 +74,12 @@ class _Object:
             self.metadata,
             self.data,
         )
+
+    @property
+    def counted(self) -> bool:
+        """Readers hold references: arena objects, and GPU objects (whose memory lives in the
+        producer's device pool, which must not reuse it while anyone holds a view)."""
+        return self.data is None or self.kind == DEVICE_KIND
 
     @property
     def footprint(self) -> int:
@@ -86,6 +94,7 @@ class _Client:
     rbuf: bytearray = dataclasses.field(default_factory=bytearray)
     refs: Counter = dataclasses.field(default_factory=Counter)
     created: set = dataclasses.field(default_factory=set)
+    devices: set = dataclasses.field(default_factory=set)  # GPU objects whose memory it owns
     closed: bool = False
 
     def label(self) -> str:
@@ -355,6 +364,16 @@ class StoreServer:
         """The subset of ``oids`` still holding memory (sealed or not, deleted but referenced)."""
         return [oid for oid in oids if oid in self.objects]
 
+    def op_evict_unused(self, client: _Client, oid: str) -> bool:
+        """Evict ``oid`` if nobody holds it (a device pool making room); True if it is gone."""
+        obj = self.objects.get(oid)
+        if obj is None:
+            return True
+        if not obj.sealed or obj.refs:
+            return False
+        self._evict(oid)
+        return True
+
     def op_list(self, client: _Client) -> list[dict]:
         return [
             {
@@ -525,9 +544,12 @@ class StoreServer:
         self.counters["created"] += 1
         if obj.data is not None:
             self.inline_bytes += obj.nbytes
+            if obj.kind == DEVICE_KIND:
+                obj.owner = client
+                client.devices.add(obj)
             obj.sealed = True
             obj.creator = None
-            self.evictable[obj.oid] = None
+            self._make_evictable(obj)
             self.counters["sealed"] += 1
             for getter in self.get_waiters.pop(obj.oid, ()):
                 if not getter.done:
@@ -550,7 +572,7 @@ class StoreServer:
 
     def _hand_out(self, client: _Client, obj: _Object, reply: bool = True) -> tuple | None:
         """Give ``client`` a reference to a sealed object (none needed for inline copies)."""
-        if obj.data is None:
+        if obj.counted:
             client.refs[obj.oid] += 1
             obj.refs += 1
             self.evictable.pop(obj.oid, None)
@@ -568,8 +590,13 @@ class StoreServer:
         if obj.deleted or not obj.sealed:
             self._free(obj)
         else:
-            self.evictable[obj.oid] = None
+            self._make_evictable(obj)
         self._retry_creates()
+
+    def _make_evictable(self, obj: _Object) -> None:
+        # GPU objects cost the host budget a few bytes; their own pool evicts them.
+        if obj.kind != DEVICE_KIND:
+            self.evictable[obj.oid] = None
 
     def _evict(self, oid: str) -> None:
         obj = self.objects[oid]
@@ -579,6 +606,8 @@ class StoreServer:
     def _free(self, obj: _Object) -> None:
         del self.objects[obj.oid]
         self.evictable.pop(obj.oid, None)
+        if obj.owner is not None:
+            obj.owner.devices.discard(obj)
         if obj.data is not None:
             self.inline_bytes -= obj.nbytes
         elif obj.offset is not None:
@@ -611,6 +640,13 @@ class StoreServer:
             self._unref(obj)
         client.refs.clear()
         client.created.clear()
+        # Device memory dies with its producer: its GPU objects go too (once unreferenced).
+        for obj in list(client.devices):
+            if not obj.deleted:
+                obj.deleted = True
+                if obj.refs == 0:
+                    self._free(obj)
+        client.devices.clear()
         for waiter in itertools.chain(self.create_waiters, *self.get_waiters.values()):
             if waiter.client is client:
                 waiter.done = True
