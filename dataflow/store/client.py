@@ -73,6 +73,7 @@ class StoreClient:
         self._deferred: collections.deque[str] = collections.deque()
         self._sock: socket.socket | None = None
         self._pid = -1
+        self._scratch = bytearray(1 << 17)  # replies, inline objects included, fit in one
         self._connect()
 
     # ----------------------------------------------------------- connection
@@ -124,7 +125,7 @@ class StoreClient:
             self._flush_deferred()
             try:
                 self._sock.sendall(protocol.encode(message))
-                reply = protocol.recv_frame(self._sock)
+                reply = protocol.recv_frame(self._sock, self._scratch)
             except OSError:
                 reply = None
         if reply is None:

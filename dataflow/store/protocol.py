@@ -45,15 +45,33 @@ def recv_exact(sock: socket.socket, nbytes: int) -> bytearray | None:
     return buf
 
 
-def recv_frame(sock: socket.socket) -> tuple | None:
-    """One decoded frame from a blocking socket, or None if the peer closed."""
-    head = recv_exact(sock, HEADER.size)
-    if head is None:
+def recv_frame(sock: socket.socket, scratch: bytearray) -> tuple | None:
+    """One decoded frame from a blocking socket, or None if the peer closed.
+
+    ``scratch`` is a reusable buffer: most replies arrive whole in one ``recv_into``.
+    The peer sends nothing unasked, so no bytes past the frame can arrive with it.
+    """
+    view = memoryview(scratch)
+    got = sock.recv_into(view)
+    while got < HEADER.size:
+        if got == 0:
+            return None
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    end = HEADER.size + HEADER.unpack_from(scratch)[0]
+    if end <= len(scratch):
+        while got < end:
+            n = sock.recv_into(view[got:end])
+            if n == 0:
+                return None
+            got += n
+        return decode(view[HEADER.size : end])
+    rest = recv_exact(sock, end - got)  # a frame larger than the scratch buffer
+    if rest is None:
         return None
-    body = recv_exact(sock, HEADER.unpack(head)[0])
-    if body is None:
-        return None
-    return decode(body)
+    return decode(bytes(view[HEADER.size : got]) + rest)
 
 
 def parse_address(address: str) -> str | bytes:

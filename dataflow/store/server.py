@@ -254,13 +254,24 @@ class StoreServer:
         if client.closed:
             return
         frame = protocol.encode(message)
+        sock = client.sock
         try:
-            client.sock.setblocking(True)
             if fds:
-                socket.send_fds(client.sock, [frame], list(fds))
+                sent = socket.send_fds(sock, [frame], list(fds))
             else:
-                client.sock.sendall(frame)
-            client.sock.setblocking(False)
+                sent = sock.send(frame)  # replies are small: this nearly always sends all
+            if sent < len(frame):  # the client is slow to read: finish, blocking
+                sock.setblocking(True)
+                sock.sendall(memoryview(frame)[sent:])
+                sock.setblocking(False)
+        except BlockingIOError:
+            sock.setblocking(True)
+            try:
+                sock.sendall(frame)
+            except OSError:
+                self._disconnect(client)
+                return
+            sock.setblocking(False)
         except OSError:
             self._disconnect(client)
 
