@@ -535,6 +535,9 @@ class StoreServer:
         """Place the waiter's object, evicting LRU objects as needed; reply if placed."""
         obj: _Object = waiter.request[1]
         client = waiter.client
+        if client.closed:
+            waiter.done = True
+            return True
         if obj.oid in self.objects:  # someone else created it while we waited
             waiter.done = True
             self._reply_error(client, ObjectExists(f"object {obj.oid!r} already exists"))
@@ -575,11 +578,15 @@ class StoreServer:
         return True
 
     def _retry_creates(self) -> None:
+        """Place waiting creates in arrival order, stopping at the first that does not fit."""
         while self.create_waiters:
-            waiter = self.create_waiters[0]
-            if not waiter.done and not self._try_create(waiter):
+            # Popped before trying: placing one may disconnect a client and re-enter here.
+            waiter = self.create_waiters.popleft()
+            if waiter.done:
+                continue
+            if not self._try_create(waiter):
+                self.create_waiters.appendleft(waiter)
                 return
-            self.create_waiters.popleft()
 
     def _hand_out(self, client: _Client, obj: _Object, reply: bool = True) -> tuple | None:
         """Give ``client`` a reference to a sealed object (none needed for inline copies)."""
@@ -626,6 +633,7 @@ class StoreServer:
         self.counters["freed"] += 1
 
     def _disconnect(self, client: _Client) -> None:
+        """Forget a client (closed, crashed or killed): release all it held, in this order."""
         if client.closed:
             return
         client.closed = True
@@ -635,32 +643,39 @@ class StoreServer:
             pass
         client.sock.close()
         self.clients.pop(client.sock, None)
+        # 1. Its waiting requests: nothing may be handed to it while it is torn down.
+        for waiter in self.create_waiters:
+            if waiter.client is client:
+                waiter.done = True
+        for oid, queue in list(self.get_waiters.items()):
+            queue[:] = [w for w in queue if w.client is not client]
+            if not queue:
+                del self.get_waiters[oid]
         if client.refs or client.created:
             self.counters["clients_lost"] += 1
+        # 2. Objects it was creating: freed with the creator's reference below.
         for oid in client.created:
             obj = self.objects.get(oid)
             if obj is not None and not obj.sealed:
                 obj.creator = None
                 self.counters["unsealed_reclaimed"] += 1
-        for oid, count in client.refs.items():
+        # 3. Its references.
+        refs, client.refs = client.refs, Counter()
+        client.created.clear()
+        for oid, count in refs.items():
             obj = self.objects.get(oid)
             if obj is None:
                 continue
             self.counters["refs_reclaimed"] += count
             obj.refs -= count - 1
             self._unref(obj)
-        client.refs.clear()
-        client.created.clear()
-        # Device memory dies with its producer: its GPU objects go too (once unreferenced).
+        # 4. Device memory dies with its producer: its GPU objects go too (once unreferenced).
         for obj in list(client.devices):
             if not obj.deleted:
                 obj.deleted = True
                 if obj.refs == 0:
                     self._free(obj)
         client.devices.clear()
-        for waiter in itertools.chain(self.create_waiters, *self.get_waiters.values()):
-            if waiter.client is client:
-                waiter.done = True
         self._retry_creates()
 
 

@@ -341,6 +341,33 @@ def test_sigkilled_client_has_its_references_reclaimed(store):
         assert store.get(oid).array.max() == 0
 
 
+def _hold_then_wait_in_create(client, oid, started):
+    held = client.get(oid)  # this client's own reference keeps the store full
+    started.set()
+    client.create((30 * MiB,), "uint8", object_id="never", timeout=None)
+    del held
+
+
+def test_a_client_killed_while_waiting_leaves_nothing_behind(store):
+    big = store.put(np.zeros(40 * MiB, np.uint8))
+    started = SPAWN.Event()
+    victim = SPAWN.Process(target=_hold_then_wait_in_create, args=(store, big, started))
+    victim.start()
+    assert started.wait(30)
+    wait_for(lambda: store.stats()["waiting_creates"] == 1)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(30)
+    # Releasing the victim's reference makes room for its own waiting create, which must
+    # not be placed for a dead client.
+    wait_for(lambda: store.stats()["clients"] == 1)
+    stats = store.stats()
+    assert stats["references"] == 0 and stats["unsealed"] == 0 and stats["waiting_creates"] == 0
+    assert not any(r["id"] == "never" for r in store.list())
+    with store.create((30 * MiB,), "uint8", object_id="never") as obj:
+        obj.array[:] = 1
+    assert store.get("never").array.sum() == 30 * MiB
+
+
 def _owner(address_out, path):
     store = Store.start(budget="8MiB", address=path)
     store.put(np.arange(10), object_id="x")
