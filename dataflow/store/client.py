@@ -134,6 +134,19 @@ class StoreClient:
             return reply[1]
         raise STORE_ERRORS.get(reply[1], StoreError)(reply[2])
 
+    def _send_one_way(self, *message: Any) -> None:
+        """A request the server does not answer (ordered before our next request)."""
+        if self._pid != os.getpid():
+            self._connect()
+        if self._sock is None:
+            raise StoreNotRunning(f"this client of {self.address!r} is closed")
+        with self._lock:
+            self._flush_deferred()
+            try:
+                self._sock.sendall(protocol.encode(message))
+            except OSError:
+                raise StoreNotRunning(f"the store at {self.address!r} stopped") from None
+
     def _flush_deferred(self) -> None:
         while self._deferred:
             self._sock.sendall(protocol.encode(("release", self._deferred.popleft())))
@@ -402,7 +415,7 @@ class WritableObject:
                 self._meta, bytes(self._memory), self._timeout,
             )  # fmt: skip
         else:
-            self.client._request("seal", self.id)
+            self.client._send_one_way("seal", self.id)
         self.sealed = True
         if self._array is not None:
             self._array.flags.writeable = False

@@ -145,6 +145,7 @@ class StoreServer:
         self._tie = itertools.count()
         self.clients: dict[socket.socket, _Client] = {}
         self.counters = Counter()
+        self.backlog: set[_Client] = set()  # buffered requests that _settle left for the loop
         self.running = False
 
         self.sel = selectors.DefaultSelector()
@@ -180,6 +181,10 @@ class StoreServer:
                         self.running = False
                     else:
                         self._readable(key.data)
+                while self.backlog:  # requests read early by _settle, still to handle
+                    client = self.backlog.pop()
+                    if not client.closed:
+                        self._process(client)
                 self._expire()
         finally:
             self.close()
@@ -212,7 +217,7 @@ class StoreServer:
         self.clients[sock] = client
         self.sel.register(sock, selectors.EVENT_READ, client)
 
-    def _readable(self, client: _Client) -> None:
+    def _readable(self, client: _Client, one_way_only: bool = False) -> None:
         try:
             chunk = client.sock.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
@@ -222,8 +227,16 @@ class StoreServer:
         if not chunk:
             self._disconnect(client)
             return
+        client.rbuf += chunk
+        self._process(client, one_way_only)
+
+    def _process(self, client: _Client, one_way_only: bool = False) -> None:
+        """Handle the complete requests in the client's buffer, in order.
+
+        ``one_way_only``: stop at the first request that wants a reply and leave it (and what
+        follows) for the main loop; see :meth:`_settle`.
+        """
         buf = client.rbuf
-        buf += chunk
         header = protocol.HEADER
         while len(buf) >= header.size:
             (size,) = header.unpack_from(buf)
@@ -231,10 +244,27 @@ class StoreServer:
             if len(buf) < end:
                 break
             request = protocol.decode(memoryview(buf)[header.size : end])
+            if one_way_only and request[0] not in protocol.ONE_WAY:
+                self.backlog.add(client)
+                return
             del buf[:end]
             self._dispatch(client, request)
             if client.closed:
                 return
+
+    def _settle(self) -> None:
+        """Apply every one-way request (seal, release) already sent to us.
+
+        A producer's ``seal`` is one-way: it returns once the request is in our socket buffer.
+        If the producer then tells a consumer (by any channel) and the consumer asks us, the
+        seal is in a buffer we may not have read yet. Before answering "not there", read it.
+        """
+        for key, _ in self.sel.select(0):
+            if isinstance(key.data, _Client):
+                self._readable(key.data, one_way_only=True)
+        for client in list(self.clients.values()):
+            if client.rbuf and client not in self.backlog:
+                self._process(client, one_way_only=True)
 
     def _dispatch(self, client: _Client, request: tuple) -> None:
         op = request[0]
@@ -334,7 +364,7 @@ class StoreServer:
         self._retry_creates()
 
     def op_get(self, client: _Client, oid: str, timeout: float | None) -> object:
-        obj = self.objects.get(oid)
+        obj = self._lookup(oid)
         if obj is not None and obj.sealed and not obj.deleted:
             return self._hand_out(client, obj, reply=False)
         if timeout is not None and timeout <= 0:
@@ -368,8 +398,16 @@ class StoreServer:
             self._retry_creates()
 
     def op_contains(self, client: _Client, oid: str) -> bool:
-        obj = self.objects.get(oid)
+        obj = self._lookup(oid)
         return obj is not None and obj.sealed and not obj.deleted
+
+    def _lookup(self, oid: str) -> _Object | None:
+        """The object, if sealed, after applying any seal already sent to us (see _settle)."""
+        obj = self.objects.get(oid)
+        if obj is None or not obj.sealed:
+            self._settle()
+            obj = self.objects.get(oid)
+        return obj
 
     def op_present(self, client: _Client, oids: list[str]) -> list[str]:
         """The subset of ``oids`` still holding memory (sealed or not, deleted but referenced)."""

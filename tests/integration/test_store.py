@@ -228,6 +228,41 @@ def test_get_waits_until_a_spawned_producer_seals(store):
     assert producer.exitcode == 0 and consumer.exitcode == 0
 
 
+def _seal_and_tell(client, count, conn):
+    for i in range(count):
+        # 80 KiB: above the inline threshold, and 200 of them fit the budget (no eviction)
+        obj = client.create((10 * 1024,), "int64", object_id=f"o{i}")
+        obj.array[:] = i
+        obj.seal()  # one-way: returns before the server has read it
+        conn.send(obj.id)
+        obj.release()
+    conn.close()
+
+
+def _get_at_once(client, count, conn, out):
+    seen = []
+    for _ in range(count):
+        oid = conn.recv()
+        view = client.get(oid, timeout=0)  # must see the seal that happened before
+        seen.append(client.contains(oid) and int(view.array[-1]))
+        del view
+        client.delete(oid)
+    out.put(seen)
+
+
+def test_a_seal_is_visible_to_whoever_hears_of_it_next(store):
+    count = 200
+    receive, send = SPAWN.Pipe(duplex=False)
+    out = SPAWN.Queue()
+    consumer = SPAWN.Process(target=_get_at_once, args=(store, count, receive, out))
+    producer = SPAWN.Process(target=_seal_and_tell, args=(store, count, send))
+    consumer.start()
+    producer.start()
+    assert out.get(timeout=120) == list(range(count))
+    producer.join(30)
+    consumer.join(30)
+
+
 def test_client_pickles_by_address_and_survives_fork(store):
     clone = pickle.loads(pickle.dumps(store))
     assert clone.address == store.address and type(clone).__name__ == "StoreClient"
