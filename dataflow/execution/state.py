@@ -1,0 +1,501 @@
+"""The executor's pure core: events in, actions out. No processes, no I/O, no clock of its own.
+
+The process layer (``local.py``) — or an in-process runner (``dataflow.testing``), or later a
+Ray executor — feeds :class:`Core` what happened (a job submitted, a worker ready, a job done or
+failed at a stage, a worker dead, time passing) and carries out the actions it returns
+(dispatch a job to a worker, start or kill a worker, discard values nobody needs any more,
+report a job's result). Everything here is unit-tested on hand-built graphs.
+
+Rules:
+
+- Each stage has ``replicas`` workers; a worker runs one job at a time.
+- A job becomes ready at a stage when every input port has its value (fan-in joins per job);
+  an output feeds every consumer (fan-out). Ready jobs run in submission order.
+- Backpressure: a stage gets no new job while any of its output edges holds ``edge_items``
+  values (or ``edge_bytes`` bytes) that the consumer has not finished with — counting the jobs
+  the stage is running now. At most ``max_jobs`` jobs are in flight; the rest wait.
+- Results are reported in submission order, whatever order replicas finish in.
+- A failure (exception, worker death, stage timeout, job timeout, cancellation) fails that job
+  only; its values are discarded; the worker (restarted if it died) takes the next job.
+- A worker that keeps dying before it ever finishes a job (``max_restarts`` times in a row)
+  marks its stage broken: the jobs that need it fail with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "Action",
+    "Core",
+    "Discard",
+    "Dispatch",
+    "Graph",
+    "JobFailed",
+    "JobSucceeded",
+    "KillWorker",
+    "Limits",
+    "StageNode",
+    "Stalled",
+    "StartWorker",
+    "Value",
+]
+
+JOB_INPUT = None  # an input bound to the job's own input (no ``from``)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageNode:
+    name: str
+    #: input port -> (upstream stage, upstream output port), or None for the job's input
+    inputs: Mapping[str, tuple[str, str] | None]
+    outputs: tuple[str, ...]
+    replicas: int = 1
+    timeout: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    stages: Mapping[str, StageNode]  # in topological order
+
+    def consumers(self, stage: str, port: str) -> list[tuple[str, str]]:
+        return [
+            (node.name, inport)
+            for node in self.stages.values()
+            for inport, source in node.inputs.items()
+            if source == (stage, port)
+        ]
+
+    def leaves(self) -> list[tuple[str, str]]:
+        """Outputs nobody consumes: the pipeline's results."""
+        return [
+            (node.name, port)
+            for node in self.stages.values()
+            for port in node.outputs
+            if not self.consumers(node.name, port)
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_jobs: int = 8
+    edge_items: int = 4
+    edge_bytes: int = 1 << 30
+    max_restarts: int = 3
+    stall_seconds: float = 30.0
+    job_timeout: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """A value flowing on an edge: an opaque reference (a store object ID, a path, a number)."""
+
+    ref: Any
+    nbytes: int = 0
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+class Action:
+    """Something the process layer must do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch(Action):
+    worker: str
+    job: str
+    stage: str
+    inputs: Mapping[str, Value]
+    timeout: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StartWorker(Action):
+    worker: str
+    stage: str
+    replica: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KillWorker(Action):
+    worker: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Discard(Action):
+    """These values are needed by nobody any more (free the store objects)."""
+
+    values: tuple[Value, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSucceeded(Action):
+    job: str
+    outputs: Mapping[tuple[str, str], Value]  # leaf outputs; the caller discards them
+
+
+@dataclasses.dataclass(frozen=True)
+class JobFailed(Action):
+    job: str
+    stage: str | None
+    reason: str
+    details: str = ""  # e.g. the stage's traceback
+
+
+@dataclasses.dataclass(frozen=True)
+class Stalled(Action):
+    report: str
+
+
+# ------------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    id: str
+    seq: int
+    payload: Value | None
+    admitted_at: float | None = None
+    values: dict[tuple[str, str], Value] = dataclasses.field(default_factory=dict)
+    waiting: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # stage -> ports
+    done: set[str] = dataclasses.field(default_factory=set)  # stages finished
+    running: set[str] = dataclasses.field(default_factory=set)  # stages running it now
+    failed: JobFailed | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    id: str
+    stage: str
+    replica: int
+    state: str = "starting"  # starting | idle | busy | dead | broken
+    job: _Job | None = None
+    deadline: float | None = None
+    started_at: float = 0.0
+    failures_in_a_row: int = 0
+
+
+class Core:
+    def __init__(self, graph: Graph, limits: Limits | None = None) -> None:
+        self.graph = graph
+        self.limits = limits or Limits()
+        self.workers: dict[str, _Worker] = {}
+        self.jobs: dict[str, _Job] = {}
+        self.backlog: list[_Job] = []  # submitted, not admitted (in order)
+        self.ready: dict[str, list[tuple[int, str]]] = {s: [] for s in graph.stages}  # heaps
+        self.broken: dict[str, str] = {}  # stage -> reason
+        self.results: dict[int, Action] = {}  # seq -> result waiting to be reported in order
+        self.next_report = 0
+        self._seq = itertools.count()
+        self.last_progress = 0.0
+        self.consumers = {
+            (node.name, port): graph.consumers(node.name, port)
+            for node in graph.stages.values()
+            for port in node.outputs
+        }
+        self.leaves = set(graph.leaves())
+        # values on each edge not yet consumed: (stage, port) -> {job: nbytes}
+        self.on_edge: dict[tuple[str, str], dict[str, int]] = {}
+
+    # ---------------------------------------------------------------------- events
+
+    def start(self, now: float) -> list[Action]:
+        """Start every worker."""
+        self.last_progress = now
+        actions: list[Action] = []
+        for node in self.graph.stages.values():
+            for replica in range(node.replicas):
+                wid = f"{node.name}#{replica}"
+                self.workers[wid] = _Worker(wid, node.name, replica, started_at=now)
+                actions.append(StartWorker(wid, node.name, replica))
+        return actions
+
+    def submit(self, job_id: str, payload: Value | None, now: float) -> list[Action]:
+        if job_id in self.jobs or any(j.id == job_id for j in self.backlog):
+            raise ValueError(f"job {job_id!r} was already submitted")
+        self.backlog.append(_Job(job_id, next(self._seq), payload))
+        return self._admit(now) + self._schedule(now)
+
+    def worker_ready(self, worker: str, now: float) -> list[Action]:
+        w = self.workers[worker]
+        w.state = "idle"
+        return self._schedule(now)
+
+    def job_done(
+        self, worker: str, job_id: str, outputs: Mapping[str, Value], now: float
+    ) -> list[Action]:
+        w = self.workers[worker]
+        job = self._finish_dispatch(w, job_id)
+        w.failures_in_a_row = 0
+        self.last_progress = now
+        if job is None or job.failed is not None:  # the job failed elsewhere meanwhile
+            return [Discard(tuple(outputs.values())), *self._schedule(now)]
+        actions: list[Action] = []
+        stage = self.graph.stages[w.stage]
+        job.done.add(stage.name)
+        for port in stage.outputs:
+            value = outputs.get(port)
+            if value is None:
+                continue
+            key = (stage.name, port)
+            job.values[key] = value
+            consumers = self.consumers[key]
+            if consumers:
+                self.on_edge.setdefault(key, {})[job.id] = value.nbytes
+            for consumer, inport in consumers:
+                waiting = job.waiting.get(consumer)
+                if waiting is not None:
+                    waiting.discard(inport)
+                    if not waiting:
+                        self._make_ready(job, consumer)
+        actions += self._consume_inputs(job, stage)
+        if len(job.done) == len(self.graph.stages):
+            actions += self._complete(job, now)
+        return actions + self._schedule(now)
+
+    def job_failed(
+        self, worker: str, job_id: str, reason: str, details: str, now: float
+    ) -> list[Action]:
+        w = self.workers[worker]
+        job = self._finish_dispatch(w, job_id)
+        w.failures_in_a_row = 0  # the worker itself is fine: the stage code raised
+        self.last_progress = now
+        actions = self._fail(job, w.stage, reason, details, now) if job else []
+        return actions + self._schedule(now)
+
+    def worker_died(self, worker: str, reason: str, now: float) -> list[Action]:
+        w = self.workers[worker]
+        actions: list[Action] = []
+        job, w.job = w.job, None
+        if job is not None:
+            job.running.discard(w.stage)
+            actions += self._fail(job, w.stage, f"worker {worker} died: {reason}", "", now)
+        if w.state == "broken":
+            return actions + self._schedule(now)
+        w.failures_in_a_row += 1
+        if w.failures_in_a_row > self.limits.max_restarts:
+            w.state = "broken"
+            if all(x.state == "broken" for x in self.workers.values() if x.stage == w.stage):
+                self.broken[w.stage] = (
+                    f"stage {w.stage!r} is broken: its workers died {w.failures_in_a_row} "
+                    f"times in a row (last: {reason})"
+                )
+                actions += self._fail_stage_jobs(w.stage, now)
+            return actions + self._schedule(now)
+        w.state = "starting"
+        w.started_at = now
+        actions.append(StartWorker(w.id, w.stage, w.replica))
+        return actions + self._schedule(now)
+
+    def cancel(self, job_id: str, reason: str, now: float) -> list[Action]:
+        """Fail a job wherever it is (running stages are killed and restarted)."""
+        job = self.jobs.get(job_id) or next((j for j in self.backlog if j.id == job_id), None)
+        if job is None or job.failed is not None:
+            return []
+        return self._fail(job, None, reason, "", now) + self._schedule(now)
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: stage and job timeouts, and the watchdog."""
+        actions: list[Action] = []
+        for w in self.workers.values():
+            if w.state == "busy" and w.deadline is not None and now >= w.deadline:
+                job = w.job
+                timeout = self.graph.stages[w.stage].timeout
+                reason = f"stage {w.stage!r} timed out after {timeout:g} s"
+                actions += self._kill(w, reason, now)
+                if job is not None:
+                    actions += self._fail(job, w.stage, reason, "", now)
+        if self.limits.job_timeout is not None:
+            for job in list(self.jobs.values()):
+                if job.failed is None and now - job.admitted_at >= self.limits.job_timeout:
+                    reason = f"job timed out after {self.limits.job_timeout:g} s"
+                    actions += self._fail(job, None, reason, "", now)
+        if self.jobs and now - self.last_progress >= self.limits.stall_seconds:
+            actions.append(Stalled(self.stall_report(now)))
+            self.last_progress = now  # report again only after another quiet period
+        return actions + self._schedule(now)
+
+    # ------------------------------------------------------------------- queries
+
+    def idle(self) -> bool:
+        """No job in flight or waiting, and every result reported."""
+        return not self.jobs and not self.backlog and not self.results
+
+    def next_deadline(self) -> float | None:
+        times = [w.deadline for w in self.workers.values() if w.deadline is not None]
+        if self.limits.job_timeout is not None:
+            times += [j.admitted_at + self.limits.job_timeout for j in self.jobs.values()]
+        if self.jobs:
+            times.append(self.last_progress + self.limits.stall_seconds)
+        return min(times, default=None)
+
+    def stall_report(self, now: float) -> str:
+        quiet = now - self.last_progress
+        lines = [f"no progress for {quiet:.0f} s with {len(self.jobs)} job(s) in flight:"]
+        for w in self.workers.values():
+            if w.state == "busy":
+                lines.append(
+                    f"  worker {w.id} busy with job {w.job.id!r} for {now - w.started_at:.0f} s"
+                )
+            elif w.state in ("starting", "broken"):
+                lines.append(f"  worker {w.id} {w.state}")
+        for stage, heap in self.ready.items():
+            if heap:
+                blocked = self._blocked_by(stage)
+                why = f" (held back: {blocked})" if blocked else ""
+                lines.append(f"  stage {stage!r}: {len(heap)} job(s) ready, none running{why}")
+        for job in self.jobs.values():
+            for stage, ports in job.waiting.items():
+                if ports and stage not in job.done:
+                    lines.append(
+                        f"  job {job.id!r} at {stage!r} waits for input(s) {sorted(ports)}"
+                    )
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------- helpers
+
+    def _admit(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self.backlog and len(self.jobs) < self.limits.max_jobs:
+            job = self.backlog.pop(0)
+            job.admitted_at = now
+            self.jobs[job.id] = job
+            for node in self.graph.stages.values():
+                if node.name in self.broken:
+                    actions += self._fail(job, node.name, self.broken[node.name], "", now)
+                    break
+                job.waiting[node.name] = {p for p, src in node.inputs.items() if src is not None}
+                if not job.waiting[node.name]:
+                    self._make_ready(job, node.name)
+        return actions
+
+    def _make_ready(self, job: _Job, stage: str) -> None:
+        heapq.heappush(self.ready[stage], (job.seq, job.id))
+
+    def _blocked_by(self, stage: str) -> str | None:
+        node = self.graph.stages[stage]
+        running = sum(1 for w in self.workers.values() if w.stage == stage and w.state == "busy")
+        for port in node.outputs:
+            edge = self.on_edge.get((stage, port))
+            if not self.consumers[(stage, port)]:
+                continue
+            items = len(edge or ()) + running
+            nbytes = sum((edge or {}).values())
+            if items >= self.limits.edge_items:
+                return f"edge {stage}.{port} holds {items} item(s) (limit {self.limits.edge_items})"
+            if nbytes >= self.limits.edge_bytes:
+                return f"edge {stage}.{port} holds {nbytes} bytes (limit {self.limits.edge_bytes})"
+        return None
+
+    def _schedule(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for stage, heap in self.ready.items():
+            while heap:
+                idle = next(
+                    (w for w in self.workers.values() if w.stage == stage and w.state == "idle"),
+                    None,
+                )
+                if idle is None or self._blocked_by(stage):
+                    break
+                _, job_id = heapq.heappop(heap)
+                job = self.jobs.get(job_id)
+                if job is None or job.failed is not None:
+                    continue
+                node = self.graph.stages[stage]
+                inputs = {
+                    port: (job.payload if src is None else job.values[src])
+                    for port, src in node.inputs.items()
+                }
+                idle.state, idle.job, idle.started_at = "busy", job, now
+                idle.deadline = None if node.timeout is None else now + node.timeout
+                job.running.add(stage)
+                actions.append(Dispatch(idle.id, job.id, stage, inputs, node.timeout))
+        return actions
+
+    def _finish_dispatch(self, w: _Worker, job_id: str) -> _Job | None:
+        job = w.job
+        if job is None or job.id != job_id:
+            raise ValueError(f"worker {w.id} reported job {job_id!r} it was not running")
+        w.state, w.job, w.deadline = "idle", None, None
+        job.running.discard(w.stage)
+        return self.jobs.get(job_id)
+
+    def _consume_inputs(self, job: _Job, stage: StageNode) -> list[Action]:
+        """The stage finished with its inputs: discard values no other consumer still needs."""
+        free = []
+        for src in stage.inputs.values():
+            if src is None:
+                continue
+            pending = [c for c, _ in self.consumers[src] if c not in job.done]
+            if not pending and src in job.values:
+                self.on_edge.get(src, {}).pop(job.id, None)
+                free.append(job.values.pop(src))
+        return [Discard(tuple(free))] if free else []
+
+    def _complete(self, job: _Job, now: float) -> list[Action]:
+        outputs = {key: job.values.pop(key) for key in self.leaves if key in job.values}
+        self._retire(job)
+        return self._report(job, JobSucceeded(job.id, outputs)) + self._admit(now)
+
+    def _fail(
+        self, job: _Job, stage: str | None, reason: str, details: str, now: float
+    ) -> list[Action]:
+        if job.failed is not None:
+            return []
+        job.failed = JobFailed(job.id, stage, reason, details)
+        actions: list[Action] = []
+        if job in self.backlog:
+            self.backlog.remove(job)
+        for w in self.workers.values():  # stop its other running stages
+            if w.job is job and w.state == "busy":
+                actions += self._kill(w, f"job {job.id!r} failed: {reason}", now)
+        values = tuple(job.values.values())
+        job.values.clear()
+        for edge in self.on_edge.values():
+            edge.pop(job.id, None)
+        if values:
+            actions.append(Discard(values))
+        self._retire(job)
+        return actions + self._report(job, job.failed) + self._admit(now)
+
+    def _fail_stage_jobs(self, stage: str, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for job in list(self.jobs.values()):
+            if stage not in job.done:
+                actions += self._fail(job, stage, self.broken[stage], "", now)
+        return actions
+
+    def _kill(self, w: _Worker, reason: str, now: float) -> list[Action]:
+        job, w.job = w.job, None
+        if job is not None:
+            job.running.discard(w.stage)
+        w.state, w.deadline, w.started_at = "starting", None, now
+        return [KillWorker(w.id, reason), StartWorker(w.id, w.stage, w.replica)]
+
+    def _retire(self, job: _Job) -> None:
+        self.jobs.pop(job.id, None)
+
+    def _report(self, job: _Job, result: Action) -> list[Action]:
+        self.results[job.seq] = result
+        out: list[Action] = []
+        while self.next_report in self.results:
+            out.append(self.results.pop(self.next_report))
+            self.next_report += 1
+        return out
+
+
+def linear_graph(names: Iterable[str], replicas: int = 1) -> Graph:
+    """A chain ``a -> b -> c`` with one port ``out``/``in`` per hop (tests and benchmarks)."""
+    stages: dict[str, StageNode] = {}
+    previous = None
+    for name in names:
+        inputs = {"in": None if previous is None else (previous, "out")}
+        stages[name] = StageNode(name, inputs, ("out",), replicas=replicas)
+        previous = name
+    return Graph(stages)
