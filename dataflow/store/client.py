@@ -314,6 +314,16 @@ class StoreClient:
         """Budget, bytes used, object and reference counts, evictions, lost clients..."""
         return self._request("stats")
 
+    @property
+    def client_id(self) -> int:
+        """This connection's ID, for ``WritableObject.seal(transfer_to=...)``."""
+        return self.info["client_id"]
+
+    def unpin(self, object_ids: list[str]) -> None:
+        """Drop references this client holds by ID (taken over with ``transfer_to``)."""
+        for oid in object_ids:
+            self._send_one_way("release", oid)
+
     def _present(self, object_ids: list[str]) -> list[str]:
         return self._request("present", list(object_ids))
 
@@ -404,18 +414,24 @@ class WritableObject:
         if self._aborted:
             raise StoreError(f"object {self.id!r} was aborted")
 
-    def seal(self) -> str:
-        """Make the object immutable and visible to every client; returns its ID."""
+    def seal(self, *, transfer_to: int | None = None) -> str:
+        """Make the object immutable and visible to every client; returns its ID.
+
+        ``transfer_to``: the ``client_id`` of another client that takes over the creator's
+        reference (an orchestrator that will ``unpin`` it when the object is no longer needed).
+        """
         if self.sealed:
             raise ObjectSealed(f"object {self.id!r} is already sealed")
         self._check_writable()
         if self._offset is None:
             self.client._request(
                 "put_inline", self.id, self.kind, self.nbytes, self.dtype, self.shape,
-                self._meta, bytes(self._memory), self._timeout,
+                self._meta, bytes(self._memory), self._timeout, transfer_to,
             )  # fmt: skip
         else:
-            self.client._send_one_way("seal", self.id)
+            self.client._send_one_way("seal", self.id, transfer_to)
+            if transfer_to is not None:
+                self._finalizer.detach()  # the reference is no longer ours to release
         self.sealed = True
         if self._array is not None:
             self._array.flags.writeable = False

@@ -63,6 +63,7 @@ class _Object:
     refs: int = 0
     deleted: bool = False
     owner: _Client | None = None  # GPU objects: the producer whose device memory it is
+    transfer_to: int | None = None  # inline objects: who gets the creator's reference
 
     def record(self) -> tuple:
         return (
@@ -90,6 +91,7 @@ class _Object:
 class _Client:
     sock: socket.socket
     pid: int = 0
+    cid: int = 0  # the client ID other clients may transfer references to
     name: str = "?"
     rbuf: bytearray = dataclasses.field(default_factory=bytearray)
     refs: Counter = dataclasses.field(default_factory=Counter)
@@ -146,6 +148,8 @@ class StoreServer:
         self.clients: dict[socket.socket, _Client] = {}
         self.counters = Counter()
         self.backlog: set[_Client] = set()  # buffered requests that _settle left for the loop
+        self.by_cid: dict[int, _Client] = {}
+        self._cids = itertools.count(1)
         self.running = False
 
         self.sel = selectors.DefaultSelector()
@@ -213,8 +217,9 @@ class StoreServer:
             sock.close()
             return
         sock.setblocking(False)
-        client = _Client(sock, pid=pid)
+        client = _Client(sock, pid=pid, cid=next(self._cids))
         self.clients[sock] = client
+        self.by_cid[client.cid] = client
         self.sel.register(sock, selectors.EVENT_READ, client)
 
     def _readable(self, client: _Client, one_way_only: bool = False) -> None:
@@ -317,6 +322,7 @@ class StoreServer:
             "arena_size": self.budget,
             "inline_threshold": self.inline_threshold,
             "server_pid": os.getpid(),
+            "client_id": client.cid,
         }
         self._send(client, ("ok", info), fds=(self.fd,))
         return _DEFERRED
@@ -330,24 +336,41 @@ class StoreServer:
         self._wait(waiter, self.create_waiters)
         return _DEFERRED
 
-    def op_put_inline(self, client, oid, kind, nbytes, dtype, shape, metadata, data, timeout):
-        """Create and seal a small object in one step; the bytes live in the server."""
+    def op_put_inline(
+        self, client, oid, kind, nbytes, dtype, shape, metadata, data, timeout, transfer_to=None
+    ):
+        """Create and seal a small object in one step; the bytes live in the server.
+
+        ``transfer_to``: a client ID that gets a reference to the new object (see op_seal)."""
         self._check_new(oid, nbytes)
         if nbytes > self.inline_threshold or len(data) != nbytes:
             raise StoreValueError(f"inline object {oid!r}: {len(data)} bytes, expected {nbytes}")
         obj = _Object(oid, kind, nbytes, dtype, shape, metadata, data=bytes(data))
+        obj.transfer_to = transfer_to
         waiter = _Waiter(self._deadline(timeout), client, ("create", obj), time.monotonic())
         if not self.create_waiters and self._try_create(waiter):
             return _DEFERRED
         self._wait(waiter, self.create_waiters)
         return _DEFERRED
 
-    def op_seal(self, client: _Client, oid: str) -> None:
+    def op_seal(self, client: _Client, oid: str, transfer_to: int | None = None) -> None:
+        """Seal; with ``transfer_to``, hand the creator's reference to that client (an
+        orchestrator that decides when the object may go), so there is no moment at which the
+        object is unreferenced and could be evicted."""
         obj = self._own_unsealed(client, oid, "seal")
         obj.sealed = True
         obj.creator = None
         client.created.discard(oid)
         self.counters["sealed"] += 1
+        if transfer_to is not None:
+            client.refs[oid] -= 1
+            if not client.refs[oid]:
+                del client.refs[oid]
+            target = self.by_cid.get(transfer_to)
+            if target is not None and not target.closed:
+                target.refs[oid] += 1
+            else:
+                self._unref(obj)
         for waiter in self.get_waiters.pop(oid, ()):
             if not waiter.done:
                 waiter.done = True
@@ -601,7 +624,12 @@ class StoreServer:
                 client.devices.add(obj)
             obj.sealed = True
             obj.creator = None
-            self._make_evictable(obj)
+            target = self.by_cid.get(obj.transfer_to) if obj.transfer_to is not None else None
+            if target is not None and not target.closed:
+                target.refs[obj.oid] += 1
+                obj.refs += 1
+            else:
+                self._make_evictable(obj)
             self.counters["sealed"] += 1
             for getter in self.get_waiters.pop(obj.oid, ()):
                 if not getter.done:
@@ -681,6 +709,7 @@ class StoreServer:
             pass
         client.sock.close()
         self.clients.pop(client.sock, None)
+        self.by_cid.pop(client.cid, None)
         # 1. Its waiting requests: nothing may be handed to it while it is torn down.
         for waiter in self.create_waiters:
             if waiter.client is client:

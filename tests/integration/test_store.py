@@ -311,6 +311,33 @@ def test_delete_never_invalidates_a_view_another_process_holds(store):
     wait_for(lambda: store.stats()["objects"] == len(filler))  # the deleted object is freed
 
 
+def _make_and_hand_over(client, owner_id, done):
+    for oid, size in (("big", 4 * MiB), ("small", 100)):
+        with client.create((size,), "uint8", object_id=oid) as obj:
+            obj.array[:] = 9
+            obj.seal(transfer_to=owner_id)
+    done.set()
+    time.sleep(600)  # killed: the references it handed over must survive it
+
+
+def test_a_sealed_object_can_be_handed_to_an_orchestrator_that_unpins_it(store):
+    done = SPAWN.Event()
+    worker = SPAWN.Process(target=_make_and_hand_over, args=(store, store.client_id, done))
+    worker.start()
+    assert done.wait(30)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(30)
+    wait_for(lambda: store.stats()["clients"] == 1)
+    assert store.stats()["references"] == 2  # both held by us, none by the dead worker
+    for i in range(80):  # memory pressure evicts nothing we hold
+        store.put(np.zeros(MiB, np.uint8), object_id=f"filler-{i}")
+    assert store.get("big").array.max() == 9 and store.get("small").array.max() == 9
+    store.unpin(["big", "small"])
+    assert store.stats()["references"] == 0
+    store.put(np.zeros(60 * MiB, np.uint8))  # now they may be evicted
+    assert not store.contains("big")
+
+
 def test_eviction_is_lru_and_spares_referenced_objects(store):
     hold = store.get(store.put(np.zeros(16 * MiB, np.uint8), object_id="pinned"))
     for name in ("a", "b", "c"):
