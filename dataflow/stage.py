@@ -276,9 +276,14 @@ class Stage:
         """Validate and convert parameter values against the constructor's signature."""
         return check_parameters(cls.__init__, values, where or f"stage {cls.__name__}")
 
-    def collect_outputs(self, result: Any, stage_name: str) -> dict[str, Any]:
-        """The ``execute`` result as ``{port: value}``, checked against the output ports."""
+    def collect_outputs(
+        self, result: Any, stage_name: str, defaults: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The ``execute`` result as ``{port: value}``, checked against the output ports.
+
+        ``defaults``: values for ports the stage may leave out (a stream port's directory)."""
         ports = type(self).outputs
+        defaults = defaults or {}
         if result is None:
             values: dict[str, Any] = {}
         elif (
@@ -287,13 +292,15 @@ class Stage:
             and (len(ports) != 1 or next(iter(ports)) in result)
         ):
             values = dict(result)
-        elif len(ports) == 1:
-            values = {next(iter(ports)): result}
+        elif len(ports) == 1 or len(set(ports) - set(defaults)) == 1:
+            values = {next(p for p in ports if p not in defaults or len(ports) == 1): result}
         else:
             raise PortError(
                 f"stage {stage_name!r} must return a mapping of its outputs "
                 f"{sorted(ports)}; got {type(result).__name__}"
             )
+        for port, value in defaults.items():
+            values.setdefault(port, value)
         missing = set(ports) - set(values)
         if missing:
             raise PortError(f"stage {stage_name!r} did not produce output(s) {sorted(missing)}")

@@ -414,22 +414,28 @@ class WritableObject:
         if self._aborted:
             raise StoreError(f"object {self.id!r} was aborted")
 
-    def seal(self, *, transfer_to: int | None = None) -> str:
+    def seal(
+        self, *, transfer_to: int | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> str:
         """Make the object immutable and visible to every client; returns its ID.
 
         ``transfer_to``: the ``client_id`` of another client that takes over the creator's
         reference (an orchestrator that will ``unpin`` it when the object is no longer needed).
+        ``metadata``: replaces the metadata given at create (known only once computed).
         """
         if self.sealed:
             raise ObjectSealed(f"object {self.id!r} is already sealed")
         self._check_writable()
+        new_meta = None
+        if metadata is not None:
+            self._meta = new_meta = encode_metadata(metadata)
         if self._offset is None:
             self.client._request(
                 "put_inline", self.id, self.kind, self.nbytes, self.dtype, self.shape,
                 self._meta, bytes(self._memory), self._timeout, transfer_to,
             )  # fmt: skip
         else:
-            self.client._send_one_way("seal", self.id, transfer_to)
+            self.client._send_one_way("seal", self.id, transfer_to, new_meta)
             if transfer_to is not None:
                 self._finalizer.detach()  # the reference is no longer ours to release
         self.sealed = True

@@ -353,11 +353,15 @@ class StoreServer:
         self._wait(waiter, self.create_waiters)
         return _DEFERRED
 
-    def op_seal(self, client: _Client, oid: str, transfer_to: int | None = None) -> None:
+    def op_seal(
+        self, client: _Client, oid: str, transfer_to: int | None = None, metadata: str | None = None
+    ) -> None:
         """Seal; with ``transfer_to``, hand the creator's reference to that client (an
         orchestrator that decides when the object may go), so there is no moment at which the
         object is unreferenced and could be evicted."""
         obj = self._own_unsealed(client, oid, "seal")
+        if metadata is not None:
+            obj.metadata = metadata
         obj.sealed = True
         obj.creator = None
         client.created.discard(oid)

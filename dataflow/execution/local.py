@@ -1,0 +1,338 @@
+"""The local executor: the process layer around the pure core (``state.Core``).
+
+The coordinator (this process) owns the run's store, one worker process per stage replica
+(``spawn``), and one pipe to each. It turns what happens — messages, worker deaths, time — into
+core events, and carries out the core's actions: dispatch a job to a worker, start or kill a
+worker, discard values (delete store objects), report results. Data never passes through the
+coordinator: workers exchange store object IDs, and the coordinator holds each in-flight
+object's reference (handed over at seal) until every consumer is done with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dataflow.execution import state
+from dataflow.execution.worker import WorkerSpec, worker_main
+from dataflow.store import Store
+
+__all__ = ["JobResult", "LocalExecutor", "StageDef"]
+
+log = structlog.get_logger("dataflow.execution")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDef:
+    """A stage as the executor runs it (built from a pipeline definition)."""
+
+    name: str
+    stage_ref: Any  # "package.module:Name" or a Stage class
+    inputs: Mapping[str, tuple[str, str] | None]  # port -> (stage, output) or the job's input
+    outputs: tuple[str, ...]
+    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    replicas: int = 1
+    timeout: float | None = None
+    env: Sequence[Mapping[str, str]] = ()  # per replica (CUDA_VISIBLE_DEVICES...), optional
+    devices: Sequence[int | None] = ()  # per replica
+
+
+@dataclasses.dataclass
+class JobResult:
+    job: str
+    ok: bool
+    outputs: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+    stage: str | None = None
+    reason: str = ""
+    details: str = ""
+    seconds: float = 0.0
+
+
+class _Proc:
+    def __init__(self, process: mp.Process, conn) -> None:
+        self.process = process
+        self.conn = conn
+        self.ready = False
+
+
+class LocalExecutor:
+    """Runs jobs through stages as warm worker processes on this machine.
+
+    ``run(jobs)`` takes ``(job_id, payload_dir)`` pairs and returns one :class:`JobResult`
+    per job, in order; ``on_result`` is called as each result is known (in order). A leaf
+    output (one no stage consumes) is handed to ``on_result`` as a materialised value:
+    NumPy array (with ``metadata`` via ``outputs_metadata``), string/number, or a path.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageDef],
+        *,
+        output_root: str | Path,
+        limits: state.Limits | None = None,
+        store_budget: int | str = "1GiB",
+        log_format: str = "console",
+        log_level: str = "WARNING",
+        extra_sys_path: Sequence[str] = (),
+    ) -> None:
+        self.stages = {s.name: s for s in stages}
+        self.graph = state.Graph(
+            {
+                s.name: state.StageNode(
+                    s.name, dict(s.inputs), tuple(s.outputs), s.replicas, s.timeout
+                )
+                for s in stages
+            }
+        )
+        self.limits = limits or state.Limits()
+        self.output_root = Path(output_root)
+        self.store_budget = store_budget
+        self.log_format, self.log_level = log_format, log_level
+        self.sys_path = [*extra_sys_path, *sys.path]
+        self.procs: dict[str, _Proc] = {}
+        self.counters: dict[str, int] = {}
+        self.stage_seconds: dict[str, float] = {s: 0.0 for s in self.stages}
+        self.stage_jobs: dict[str, int] = {s: 0 for s in self.stages}
+        self._dispatched_at: dict[str, float] = {}
+        self.store: Store | None = None
+
+    # ----------------------------------------------------------------------- run
+
+    def run(
+        self,
+        jobs: Iterable[tuple[str, str | Path | None]],
+        on_result: Callable[[JobResult], None] | None = None,
+    ) -> list[JobResult]:
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        results: list[JobResult] = []
+        started: dict[str, float] = {}
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.store = Store.start(budget=self.store_budget, name="coordinator")
+        self.core = state.Core(self.graph, self.limits)
+        try:
+            self._do(self.core.start(time.monotonic()))
+            for job_id, payload in jobs:
+                started[job_id] = time.monotonic()
+                value = state.Value(("path", str(payload)), 0) if payload is not None else None
+                self._do(
+                    self.core.submit(job_id, value, time.monotonic()), results, started, on_result
+                )
+            while not self.core.idle():
+                self._step(results, started, on_result)
+        except KeyboardInterrupt:
+            log.warning("run_interrupted", jobs_done=len(results))
+            self._shutdown(interrupted=True)
+            raise
+        finally:
+            self._shutdown()
+            signal.signal(signal.SIGTERM, previous)
+        return results
+
+    def _step(self, results, started, on_result) -> None:
+        now = time.monotonic()
+        deadline = self.core.next_deadline()
+        timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+        waitables = {}
+        for wid, proc in self.procs.items():
+            waitables[proc.conn] = (wid, "conn")
+            waitables[proc.process.sentinel] = (wid, "exit")
+        for ready in mpc.wait(list(waitables), timeout):
+            wid, what = waitables[ready]
+            proc = self.procs.get(wid)
+            if proc is None or (what == "conn" and proc.conn is not ready):
+                continue
+            if what == "conn":
+                try:
+                    message = proc.conn.recv()
+                except (EOFError, OSError):
+                    continue  # the exit sentinel reports it
+                self._on_message(wid, message, results, started, on_result)
+            elif proc.process.sentinel is ready and not proc.process.is_alive():
+                proc.process.join()
+                reason = _exit_reason(proc.process.exitcode)
+                self._drop(wid)
+                self._do(
+                    self.core.worker_died(wid, reason, time.monotonic()),
+                    results,
+                    started,
+                    on_result,
+                )
+        self._do(self.core.tick(time.monotonic()), results, started, on_result)
+
+    def _on_message(self, wid, message, results, started, on_result) -> None:
+        now = time.monotonic()
+        kind = message[0]
+        if kind == "ready":
+            self.procs[wid].ready = True
+            self._do(self.core.worker_ready(wid, now), results, started, on_result)
+        elif kind == "done":
+            _, job_id, outputs = message
+            stage = self.core.workers[wid].stage
+            self.stage_jobs[stage] += 1
+            self.stage_seconds[stage] += now - self._dispatched_at.pop(wid, now)
+            values = {port: state.Value(ref, nbytes) for port, (ref, nbytes) in outputs.items()}
+            self._do(self.core.job_done(wid, job_id, values, now), results, started, on_result)
+        elif kind == "failed":
+            _, job_id, reason, details = message
+            self._dispatched_at.pop(wid, None)
+            self._do(
+                self.core.job_failed(wid, job_id, reason, details, now), results, started, on_result
+            )
+        elif kind == "fatal":
+            _, reason, details = message
+            log.error("worker_failed_to_start", worker=wid, reason=reason)
+            self.counters["fatal"] = self.counters.get("fatal", 0) + 1
+            proc = self._drop(wid)
+            if proc is not None:
+                proc.process.join(5)
+            self._do(
+                self.core.worker_died(wid, f"failed to start: {reason}", now),
+                results, started, on_result,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------- actions
+
+    def _do(self, actions, results=None, started=None, on_result=None) -> None:
+        for action in actions:
+            if isinstance(action, state.Dispatch):
+                proc = self.procs[action.worker]
+                inputs = {port: value.ref for port, value in action.inputs.items()}
+                self._dispatched_at[action.worker] = time.monotonic()
+                job_name = action.job
+                proc.conn.send(("job", action.job, job_name, inputs, action.timeout))
+            elif isinstance(action, state.StartWorker):
+                self._start_worker(action.worker, action.stage, action.replica)
+            elif isinstance(action, state.KillWorker):
+                log.warning("worker_killed", worker=action.worker, reason=action.reason)
+                proc = self._drop(action.worker)
+                if proc is not None:
+                    proc.process.kill()
+                    proc.process.join()
+            elif isinstance(action, state.Discard):
+                self._discard(action.values)
+            elif isinstance(action, (state.JobSucceeded, state.JobFailed)):
+                result = self._result(action, started)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+            elif isinstance(action, state.Stalled):
+                log.warning("pipeline_stalled", report=action.report)
+
+    def _result(self, action, started) -> JobResult:
+        seconds = time.monotonic() - started.pop(action.job, time.monotonic())
+        if isinstance(action, state.JobFailed):
+            return JobResult(
+                action.job, False, stage=action.stage, reason=action.reason,
+                details=action.details, seconds=seconds,
+            )  # fmt: skip
+        outputs = {}
+        for key, value in action.outputs.items():
+            outputs[key] = self._materialize(value.ref)
+        self._discard(tuple(action.outputs.values()))
+        return JobResult(action.job, True, outputs=outputs, seconds=seconds)
+
+    def _materialize(self, ref: tuple) -> Any:
+        if ref[0] == "obj":
+            view = self.store.get(ref[1])
+            if view.kind == "tensor":
+                return (view.array.copy(), view.metadata)
+            if view.kind == "arrow":
+                return (view.to_arrow(), view.metadata)
+            return (bytes(view.buffer), view.metadata)
+        if ref[0] == "path":
+            return Path(ref[1])
+        return ref[1]
+
+    def _discard(self, values: Iterable[state.Value]) -> None:
+        ids = [v.ref[1] for v in values if isinstance(v.ref, tuple) and v.ref[0] == "obj"]
+        for oid in ids:
+            try:
+                self.store.delete(oid)
+            except Exception:  # already gone (evicted before we held it): nothing to free
+                pass
+        if ids:
+            self.store.unpin(ids)
+
+    def _start_worker(self, wid: str, stage_name: str, replica: int) -> None:
+        stage = self.stages[stage_name]
+        env = dict(stage.env[replica]) if replica < len(stage.env) else {}
+        device = stage.devices[replica] if replica < len(stage.devices) else None
+        spec = WorkerSpec(
+            worker=wid, stage=stage_name, replica=replica, stage_ref=stage.stage_ref,
+            arguments=dict(stage.arguments), store_address=self.store.address,
+            owner_id=self.store.client_id, output_root=str(self.output_root), env=env,
+            device=device, log_format=self.log_format, log_level=self.log_level,
+        )  # fmt: skip
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(
+            target=worker_main, args=(spec, child, self.sys_path), name=f"dataflow {wid}",
+            daemon=True,
+        )  # fmt: skip
+        process.start()
+        child.close()
+        self.procs[wid] = _Proc(process, parent)
+
+    def _drop(self, wid: str) -> _Proc | None:
+        proc = self.procs.pop(wid, None)
+        if proc is not None:
+            proc.conn.close()
+        self._dispatched_at.pop(wid, None)
+        return proc
+
+    def _shutdown(self, interrupted: bool = False) -> None:
+        """Stop every worker (``cleanup`` runs in idle ones), then the store. Interrupted: busy
+        workers are killed at once rather than waited for."""
+        if self.store is None:
+            return
+        core = getattr(self, "core", None)
+        for wid, proc in self.procs.items():
+            busy = core is not None and wid in core.workers and core.workers[wid].state == "busy"
+            if interrupted and busy:
+                proc.process.kill()
+                continue
+            try:
+                proc.conn.send(("stop",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            proc.process.join(max(0.0, deadline - time.monotonic()))
+            if proc.process.is_alive():
+                proc.process.kill()
+                proc.process.join()
+            proc.conn.close()
+        self.procs.clear()
+        self.store.stop()
+        self.store = None
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+def stage_env_for(devices: Sequence[Sequence[int]]) -> list[dict[str, str]]:
+    """CUDA_VISIBLE_DEVICES per replica from assigned GPU indices ("" hides all GPUs)."""
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, d))} for d in devices]

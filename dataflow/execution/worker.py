@@ -1,0 +1,240 @@
+"""A stage worker: one process that runs one replica of one stage for the whole run.
+
+It connects to the run's store, builds the stage (constructor arguments from the pipeline),
+calls ``prepare`` once, then runs each job the coordinator sends it and answers with the
+job's outputs (store object IDs, small values or paths) or the failure. ``cleanup`` runs when
+the coordinator says stop. SIGINT is ignored: on Ctrl-C the coordinator stops the workers.
+
+Messages on the worker's pipe (pickled tuples):
+
+- coordinator -> worker: ``("job", job_id, job_name, inputs, timeout)``, ``("stop",)``
+- worker -> coordinator: ``("ready",)``, ``("done", job_id, outputs)``,
+  ``("failed", job_id, reason, traceback)``, ``("fatal", reason, traceback)`` (then exits)
+
+A value on an edge is a tuple: ``("obj", object_id, kind)`` for a store object (arrays, Arrow),
+``("val", value)`` for a string or a primitive, ``("path", "/dir")`` for a stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dataflow.errors import DataflowError
+from dataflow.stage import Stage, StageContext, Tensor
+
+__all__ = ["WorkerSpec", "resolve_stage", "worker_main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    worker: str  # "stage#replica"
+    stage: str
+    replica: int
+    stage_ref: Any  # "package.module:Name" or the Stage class itself
+    arguments: Mapping[str, Any]
+    store_address: str
+    owner_id: int  # the coordinator's store client ID: outputs are handed to it
+    output_root: str  # job directories for stream outputs live under it
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    device: int | None = None
+    log_format: str = "console"
+    log_level: str = "WARNING"
+
+
+def resolve_stage(ref: Any) -> type[Stage]:
+    """A Stage class from ``"package.module:Name"`` (or the class itself)."""
+    if isinstance(ref, type) and issubclass(ref, Stage):
+        return ref
+    module_name, _, attr = str(ref).partition(":")
+    if not attr:
+        raise DataflowError(f"stage {ref!r} must be written 'package.module:Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataflowError(f"cannot import stage module {module_name!r}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise DataflowError(f"module {module_name!r} has no {attr!r}")
+    if not (isinstance(obj, type) and issubclass(obj, Stage)):
+        raise DataflowError(f"{ref!r} is not a Stage class (nor a @stage function)")
+    return obj
+
+
+class _Job:
+    """What one job needs while it runs in this worker."""
+
+    def __init__(self, worker: Worker, job_id: str, job_name: str) -> None:
+        self.worker = worker
+        self.id, self.name = job_id, job_name
+        self.allocations: dict[int, Any] = {}  # id(array) -> WritableObject
+        self.views: list[Any] = []
+
+    def allocate(self, port: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        spec = self.worker.stage_cls.outputs.get(port)
+        if spec is None or spec.type != "array":
+            raise DataflowError(
+                f"stage {self.worker.spec.stage!r} has no array output {port!r} to allocate"
+            )
+        obj = self.worker.client.create(shape, dtype or spec.element_type, timeout=None)
+        self.allocations[id(obj.array)] = obj
+        return obj.array
+
+    def output_dir(self, port: str) -> Path:
+        path = Path(self.worker.spec.output_root) / self.name / self.worker.spec.stage / port
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, conn) -> None:
+        from dataflow.store import connect
+
+        self.spec = spec
+        self.conn = conn
+        self.client = connect(spec.store_address, name=f"worker {spec.worker}")
+        self.stage_cls = resolve_stage(spec.stage_ref)
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"dataflow-{spec.stage}-"))
+        self.job: _Job | None = None
+        self.ctx = StageContext(
+            stage=spec.stage,
+            replica=spec.replica,
+            device=spec.device,
+            scratch_dir=self.scratch,
+            allocator=lambda port, shape, dtype: self.job.allocate(port, shape, dtype),
+        )
+        self.ctx.output_dir = lambda port: self.job.output_dir(port)  # type: ignore[attr-defined]
+        self.instance = self.stage_cls(**spec.arguments)
+
+    def run(self) -> None:
+        self.instance.prepare(self.ctx)
+        self.conn.send(("ready",))
+        try:
+            while True:
+                message = self.conn.recv()
+                if message[0] == "stop":
+                    break
+                _, job_id, job_name, inputs, timeout = message
+                self.conn.send(self.run_job(job_id, job_name, inputs, timeout))
+        finally:
+            try:
+                self.instance.cleanup(self.ctx)
+            finally:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+                self.client.close()
+
+    def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
+        job = self.job = _Job(self, job_id, job_name)
+        try:
+            values, metadata = self._materialize(job, inputs)
+            payload = next((Path(v[1]) for v in inputs.values() if v[0] == "path"), None)
+            self.ctx.begin_job(
+                job_id, job_name, payload_dir=payload, metadata=metadata, timeout=timeout
+            )
+            result = self.instance.execute(self.ctx, **values)
+            defaults = {
+                port: job.output_dir(port)
+                for port, p in self.stage_cls.outputs.items()
+                if p.type == "stream"
+            }
+            outputs = self.instance.collect_outputs(result, self.spec.stage, defaults=defaults)
+            published = self._publish(job, outputs, metadata)
+            return ("done", job_id, published)
+        except Exception as exc:
+            for obj in job.allocations.values():
+                if not obj.sealed:
+                    obj.abort()
+            reason = f"{type(exc).__name__}: {exc}"
+            return ("failed", job_id, reason, traceback.format_exc())
+        finally:
+            job.views.clear()
+            self.job = None
+
+    def _materialize(self, job: _Job, inputs: Mapping[str, tuple]):
+        values: dict[str, Any] = {}
+        metadata: dict[str, dict] = {}
+        for port, ref in inputs.items():
+            tag = ref[0]
+            if tag == "obj":
+                view = self.client.get(ref[1], timeout=30)
+                job.views.append(view)
+                spec = self.stage_cls.inputs.get(port)
+                if view.kind == "tensor":
+                    values[port] = view.array
+                elif view.kind == "arrow":
+                    values[port] = view.to_arrow()
+                elif view.kind == "cuda":
+                    values[port] = view.device_array()
+                else:
+                    values[port] = bytes(view.buffer) if spec and spec.type == "string" else view
+                metadata[port] = view.metadata
+            elif tag == "path":
+                values[port] = Path(ref[1])
+            else:
+                values[port] = ref[1]
+        return values, metadata
+
+    def _publish(self, job: _Job, outputs: Mapping[str, Any], in_meta: Mapping[str, dict]):
+        inherited = next(iter(in_meta.values()), {})
+        published = {}
+        owner = self.spec.owner_id
+        for port, value in outputs.items():
+            spec = self.stage_cls.outputs[port]
+            if spec.type == "array":
+                array, meta = (
+                    (value.array, value.metadata)
+                    if isinstance(value, Tensor)
+                    else (value, inherited)
+                )
+                obj = job.allocations.pop(id(array), None)
+                if obj is None:  # a plain NumPy array: copy it into the store
+                    obj = self.client.create(array.shape, array.dtype, timeout=None)
+                    obj.array[...] = array
+                obj.seal(transfer_to=owner, metadata=meta)
+                published[port] = (("obj", obj.id, "tensor"), array.nbytes)
+            elif spec.type == "stream":
+                published[port] = (("path", str(value)), 0)
+            else:
+                published[port] = (("val", value), len(value) if isinstance(value, str) else 8)
+        for obj in job.allocations.values():  # allocated but not returned
+            if not obj.sealed:
+                obj.abort()
+        return published
+
+
+def worker_main(spec: WorkerSpec, conn, sys_path: list[str]) -> None:
+    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us on Ctrl-C
+    os.environ.update(spec.env)  # CUDA_VISIBLE_DEVICES before any CUDA library loads
+    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    from dataflow.logs import configure_logging
+
+    configure_logging(spec.log_level, json=spec.log_format == "json")
+    try:
+        worker = Worker(spec, conn)
+    except BaseException as exc:
+        conn.send(("fatal", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        sys.exit(1)
+    try:
+        worker.run()
+    except (EOFError, BrokenPipeError):
+        pass  # the coordinator went away: nothing to report to
+    except BaseException as exc:
+        try:
+            conn.send(("fatal", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except OSError:
+            pass
+        sys.exit(1)
