@@ -10,7 +10,12 @@
     │   ├── ObjectSealed               writing to, or sealing, an object already sealed
     │   ├── StoreFull                  budget exhausted and nothing freed within the timeout
     │   └── StoreValueError            bad size, shape, element type or metadata (also a ValueError)
-    └── ...                            later issues add pipeline and stage errors here
+    ├── StageError                     a stage's own code failed (dataflow.stage)
+    ├── PortError, ParameterError      a port or stage parameter is wrong (dataflow.stage)
+    ├── PipelineError                  a pipeline definition is wrong (dataflow.pipeline)
+    └── SchedulerError                 dataflow.scheduler
+        ├── SchedulerValueError        a bad inventory declaration (DATAFLOW_GPUS...)
+        └── PlacementError             replicas that cannot be placed, each with the reason
 
 Internal bugs are not ``DataflowError``: they surface as the builtin exception that
 revealed them.
