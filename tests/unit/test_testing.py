@@ -11,7 +11,7 @@ from dataflow.stage import ParameterError, Port, PortError, Stage, StageError, T
 from dataflow.testing import run_pipeline, run_stage
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
-from engine_stages import Load, Scale, make_jobs, total  # noqa: E402
+from engine_stages import Load, Scale, make_jobs, total
 
 VOL = Port("array", "float32", (-1, -1))
 
