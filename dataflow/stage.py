@@ -282,7 +282,7 @@ class Stage:
         """The ``execute`` result as ``{port: value}``, checked against the output ports.
 
         ``defaults``: values for ports the stage may leave out (a stream port's directory)."""
-        ports = type(self).outputs
+        ports = self.outputs  # a class attribute, or per instance (command stages)
         defaults = defaults or {}
         if result is None:
             values: dict[str, Any] = {}

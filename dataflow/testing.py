@@ -46,7 +46,7 @@ def run_stage(
     stage_name = name or cls.__name__
     with tempfile.TemporaryDirectory(prefix="dataflow-test-") as tmp:
         root = Path(output_dir) if output_dir is not None else Path(tmp)
-        ctx = _context(stage_name, root, job_id, cls)
+        ctx = _context(stage_name, root, job_id, instance)
         instance.prepare(ctx)
         try:
             return _execute(instance, cls, stage_name, ctx, inputs, job_id)
@@ -63,9 +63,9 @@ def _instantiate(stage: type[Stage] | Stage, arguments: Mapping[str, Any] | None
     return stage(**params), stage
 
 
-def _context(stage_name: str, root: Path, job_id: str, cls: type[Stage]) -> StageContext:
+def _context(stage_name: str, root: Path, job_id: str, instance: Stage) -> StageContext:
     def allocate(port: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        spec = cls.outputs.get(port)
+        spec = instance.outputs.get(port)
         if spec is None or spec.type != "array":
             raise ValueError(f"stage {stage_name!r} has no array output {port!r} to allocate")
         return np.empty(shape, dtype=dtype_of(dtype or spec.element_type))
@@ -85,11 +85,11 @@ def _context(stage_name: str, root: Path, job_id: str, cls: type[Stage]) -> Stag
 
 
 def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
-    missing = set(cls.inputs) - set(inputs)
-    unknown = set(inputs) - set(cls.inputs)
+    missing = set(instance.inputs) - set(inputs)
+    unknown = set(inputs) - set(instance.inputs)
     if missing or unknown:
         raise ValueError(
-            f"stage {stage_name!r} takes inputs {sorted(cls.inputs)}; "
+            f"stage {stage_name!r} takes inputs {sorted(instance.inputs)}; "
             f"missing {sorted(missing)}, unknown {sorted(unknown)}"
         )
     values, metadata = {}, {}
@@ -100,11 +100,12 @@ def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
         if isinstance(value, np.ndarray):
             value = value.view()
             value.flags.writeable = False  # stages get read-only views, as from the store
-        cls.inputs[port].check_value(value, f"stage {stage_name!r} input {port!r}")
+        instance.inputs[port].check_value(value, f"stage {stage_name!r} input {port!r}")
         values[port] = value
     ctx.begin_job(job_id, job_id, metadata=metadata)
     result = instance.execute(ctx, **values)
-    defaults = {p: ctx.output_dir(p) for p, spec in cls.outputs.items() if spec.type == "stream"}
+    outputs = instance.outputs
+    defaults = {p: ctx.output_dir(p) for p, spec in outputs.items() if spec.type == "stream"}
     return instance.collect_outputs(result, stage_name, defaults=defaults)
 
 
@@ -131,7 +132,7 @@ def run_pipeline(
         runners = {}
         for s in stages:
             instance, cls = _instantiate(resolve_stage(s.stage_ref), s.arguments)
-            ctx = _context(s.name, root, "", cls)
+            ctx = _context(s.name, root, "", instance)
             instance.prepare(ctx)
             runners[s.name] = (instance, cls, ctx)
         core = state.Core(graph, state.Limits(max_jobs=1))

@@ -84,7 +84,7 @@ class _Job:
         self.views: list[Any] = []
 
     def allocate(self, port: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        spec = self.worker.stage_cls.outputs.get(port)
+        spec = self.worker.instance.outputs.get(port)
         if spec is None or spec.type != "array":
             raise DataflowError(
                 f"stage {self.worker.spec.stage!r} has no array output {port!r} to allocate"
@@ -147,7 +147,7 @@ class Worker:
             result = self.instance.execute(self.ctx, **values)
             defaults = {
                 port: job.output_dir(port)
-                for port, p in self.stage_cls.outputs.items()
+                for port, p in self.instance.outputs.items()
                 if p.type == "stream"
             }
             outputs = self.instance.collect_outputs(result, self.spec.stage, defaults=defaults)
@@ -171,7 +171,7 @@ class Worker:
             if tag == "obj":
                 view = self.client.get(ref[1], timeout=30)
                 job.views.append(view)
-                spec = self.stage_cls.inputs.get(port)
+                spec = self.instance.inputs.get(port)
                 if view.kind == "tensor":
                     values[port] = view.array
                 elif view.kind == "arrow":
@@ -192,7 +192,7 @@ class Worker:
         published = {}
         owner = self.spec.owner_id
         for port, value in outputs.items():
-            spec = self.stage_cls.outputs[port]
+            spec = self.instance.outputs[port]
             if spec.type == "array":
                 array, meta = (
                     (value.array, value.metadata)
