@@ -15,12 +15,13 @@ The command finds them in the environment, as Clara's driver gave them:
 | ``NVIDIA_CLARA_INPUTPATHS`` | ``name:path`` entries joined by ``;`` (one entry per input) |
 | ``NVIDIA_CLARA_OUTPUTPATHS`` | the same for outputs |
 | ``NVIDIA_CLARA_INPUT`` / ``NVIDIA_CLARA_OUTPUT`` | the first input / output directory |
-| ``DATAFLOW_INPUT_<NAME>`` / ``DATAFLOW_OUTPUT_<NAME>`` | each directory by port name (upper case, ``-`` as ``_``) |
-| ``NVIDIA_CLARA_JOBID``, ``NVIDIA_CLARA_JOBNAME``, ``NVIDIA_CLARA_STAGENAME`` | the job and operator |
+| ``DATAFLOW_INPUT_<NAME>``, ``DATAFLOW_OUTPUT_<NAME>`` | each directory by port name (*) |
+| ``NVIDIA_CLARA_JOBID``, ``_JOBNAME``, ``_STAGENAME`` | the job and the operator |
 | ``NVIDIA_CLARA_NOSYNCLOCK`` | ``1`` (no Clara driver to wait for) |
 
-plus the pipeline's and the operator's ``variables``. A subprocess is not chrooted: the declared
-``path`` (e.g. ``/input``) is only honoured inside a container engine.
+(*) upper case, ``-`` as ``_``; plus the pipeline's and the operator's ``variables``. A
+subprocess is not chrooted: the declared ``path`` (e.g. ``/input``) is only honoured inside a
+container engine.
 """
 
 from __future__ import annotations
