@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import typer
 
@@ -58,3 +60,187 @@ def store_list(address: str = typer.Argument(..., help="The store's address.")) 
     except StoreError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            typer.echo(f"error: {option} {item!r}: expected NAME=VALUE", err=True)
+            raise typer.Exit(2)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _replicas(values: list[str] | None) -> dict[str, int]:
+    out = {}
+    for key, value in _pairs(values, "--replicas").items():
+        if not value.isdigit() or int(value) < 1:
+            typer.echo(f"error: --replicas {key}={value}: expected a whole number >= 1", err=True)
+            raise typer.Exit(2)
+        out[key] = int(value)
+    return out
+
+
+PARAM = typer.Option(None, "--param", "-p", help="Pipeline parameter NAME=VALUE (repeatable).")
+REPLICAS = typer.Option(None, "--replicas", "-r", help="Replicas STAGE=N (repeatable).")
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="Pipeline YAML file."),
+    param: list[str] = PARAM,
+    notes: bool = typer.Option(True, help="Also print notes (Clara fields accepted, unused)."),
+) -> None:
+    """Check a pipeline definition before anything runs; exit 1 on errors."""
+    from dataflow.pipeline import check_pipeline
+
+    report = check_pipeline(str(file), _pairs(param, "--param"))
+    text = report.format(notes=notes)
+    if text:
+        typer.echo(text)
+    counts = f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
+    if not report.ok:
+        typer.echo(f"{file}: invalid: {counts}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{file}: valid ({counts})")
+
+
+@app.command()
+def plan(
+    file: Path = typer.Argument(..., help="Pipeline YAML file."),
+    param: list[str] = PARAM,
+    replicas: list[str] = REPLICAS,
+) -> None:
+    """Print the pipeline's DAG and where every stage replica would run."""
+    from dataflow.errors import DataflowError
+    from dataflow.execution.build import plan_pipeline
+    from dataflow.pipeline import load_graph
+
+    try:
+        graph = load_graph(str(file), _pairs(param, "--param"))
+        graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))
+    except (DataflowError, KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"pipeline {graph.spec.name!r}: {len(graph.nodes)} operators")
+    for name, node in graph.nodes.items():
+        ups = sorted({e.source for e in graph.upstream(name)})
+        what = (
+            node.spec.stage
+            if node.kind == "stage"
+            else f"container {node.spec.container.reference or ''}".strip()
+        )
+        source = ", ".join(ups) if ups else "job input"
+        typer.echo(f"  {name} <- {source}   [{what}, replicas {node.spec.replicas}]")
+    typer.echo("")
+    typer.echo(placement.format())
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="Pipeline YAML file."),
+    input: Path = typer.Option(
+        ..., "--input", "-i", help="A job folder, or a folder of job folders."
+    ),
+    output: Path = typer.Option(Path("output"), "--output", "-o", help="Where results go."),
+    param: list[str] = PARAM,
+    replicas: list[str] = REPLICAS,
+    max_jobs: int = typer.Option(8, min=1, help="Jobs in flight at once."),
+    store_budget: str = typer.Option("1GiB", help="Shared-memory store budget, e.g. 4GiB."),
+    log_format: str = typer.Option("console", help="console or json (logs on stderr)."),
+    progress: bool = typer.Option(None, help="Progress display (default: on a terminal)."),
+) -> None:
+    """Run every job under --input through the pipeline; exit 1 if any job failed."""
+    from dataflow.errors import DataflowError
+    from dataflow.execution.state import Limits
+    from dataflow.logs import configure_logging
+    from dataflow.run import run_pipeline_file
+
+    if log_format not in ("console", "json"):
+        typer.echo(f"error: --log-format {log_format!r}: expected console or json", err=True)
+        raise typer.Exit(2)
+    configure_logging("INFO", json=log_format == "json")
+    show = sys.stderr.isatty() if progress is None else progress
+    display = _Display(show)
+    try:
+        summary = run_pipeline_file(
+            file, input, output=output, params=_pairs(param, "--param"),
+            replicas=_replicas(replicas), limits=Limits(max_jobs=max_jobs),
+            store_budget=store_budget, log_format=log_format,
+            on_start=display.start, on_result=display.result,
+        )  # fmt: skip
+    except (DataflowError, FileNotFoundError, KeyError, ValueError) as exc:
+        display.stop()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        display.stop()
+        typer.echo("interrupted: workers and store stopped", err=True)
+        raise typer.Exit(130) from None
+    display.stop()
+    _print_summary(summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+class _Display:
+    """A rich progress bar on a terminal; one structured log line per job otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = None
+        self.failed = 0
+
+    def start(self, jobs, graph) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"), transient=False,
+        )  # fmt: skip
+        self.task = self.progress.add_task(graph.spec.name, total=len(jobs), failed=0)
+        self.progress.start()
+
+    def result(self, result) -> None:
+        import structlog
+
+        self.failed += not result.ok
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, failed=self.failed)
+            if not result.ok:
+                self.progress.console.print(
+                    f"[red]job {result.job} failed[/] in {result.stage}: {result.reason}"
+                )
+            return
+        log = structlog.get_logger("dataflow.run")
+        if result.ok:
+            log.info("job_succeeded", job=result.job, seconds=round(result.seconds, 3))
+        else:
+            log.error("job_failed", job=result.job, stage=result.stage, reason=result.reason)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _print_summary(summary) -> None:
+    done = len(summary.results) - len(summary.failed)
+    typer.echo(
+        f"{summary.pipeline}: {done} job(s) succeeded, {len(summary.failed)} failed "
+        f"in {summary.seconds:.1f} s; results in {summary.output}"
+    )
+    for name, count in summary.stage_jobs.items():
+        busy = summary.stage_seconds[name]
+        rate = f"{count / busy:.1f} jobs/s busy" if busy > 0 else "-"
+        typer.echo(f"  {name}: {count} job(s), {rate}")
+    for r in summary.failed:
+        typer.echo(f"  FAILED {r.job} at {r.stage}: {r.reason}")
+
+
+if __name__ == "__main__":
+    app()

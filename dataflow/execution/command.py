@@ -2,8 +2,9 @@
 
 Clara ran each operator as a container whose inputs and outputs were mounted volumes. Here a
 container operator's ``command`` runs as a local subprocess for each job (or, when its
-``image`` is named and Docker or Podman is on the PATH, as ``ENGINE run`` of that image with the
-directories mounted at the declared paths). Its inputs and outputs are directories:
+``image`` is named and Docker or Podman answers, as ``ENGINE run`` of that image with the
+directories mounted at the declared paths; ``DATAFLOW_CONTAINER_ENGINE=none`` turns that
+off). Its inputs and outputs are directories:
 
 - each input is the job's input folder (no ``from``) or the upstream operator's output folder;
 - each output is a fresh folder ``OUTPUT_ROOT/JOB/OPERATOR/OUTPUT``.
@@ -26,6 +27,7 @@ container engine.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -40,10 +42,26 @@ __all__ = ["CommandStage", "container_engine"]
 DISK = "disk"  # the element-type label of untyped (api-version 0.4.0) disk I/O
 
 
+ENGINE_ENV = "DATAFLOW_CONTAINER_ENGINE"  # docker, podman or none: skip the detection
+
+
+@functools.lru_cache(maxsize=1)
 def container_engine() -> str | None:
-    """``docker`` or ``podman`` if one is on the PATH."""
+    """``docker`` or ``podman`` if one is on the PATH *and its daemon answers* (a client alone,
+    as on many CI machines, runs nothing), else None. ``$DATAFLOW_CONTAINER_ENGINE`` decides."""
+    forced = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if forced:
+        return None if forced == "none" else forced
     for engine in ("docker", "podman"):
-        if shutil.which(engine):
+        if not shutil.which(engine):
+            continue
+        try:
+            probe = subprocess.run(
+                [engine, "info"], capture_output=True, timeout=15, stdin=subprocess.DEVNULL
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
             return engine
     return None
 
