@@ -13,7 +13,8 @@ Everything runs side by side in one process tree (``spawn`` start method). Measu
 
   - ``ours``: the producer ``create``\\s the object, fills it in place, ``seal``\\s and releases
     it and sends the object ID over a ``multiprocessing`` Pipe; the consumer ``get``\\s it and
-    reads ``view.array[0]``. The producer deletes the object afterwards, untimed.
+    reads ``view.array[0]``, then drops the view. The producer deletes the object afterwards,
+    untimed, so the next one reuses the same arena memory.
   - ``shm-pipe`` (the floor): ``SharedMemory(create=True)`` + NumPy view in the producer, the
     segment name over the same kind of Pipe, ``SharedMemory(name=...)`` + NumPy view in the
     consumer. Closed and unlinked afterwards, untimed.
@@ -27,38 +28,46 @@ Everything runs side by side in one process tree (``spawn`` start method). Measu
   everything from the end of the fill until the consumer has read the element; for pickle and
   Ray (which cannot create in place) the array is filled before ``t_start``. Timestamps come
   from ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for every process on the machine),
-  taken in the producer and in the consumer: a one-way latency, not half a round trip. Each
-  size gets warm-up iterations first (untimed), then the timed repetitions; we report p50,
-  p99, min and mean.
+  taken in the producer and in the consumer: a one-way latency, not half a round trip.
+
+  The producer/consumer pairs of all systems stay alive for the whole run and take turns in
+  blocks (one warm-up iteration, then timed ones) for each size, round after round, so that
+  the systems are compared under the same machine conditions. We report p50, p99 (about the
+  maximum when there are few samples), min and mean over all rounds. A control run
+  (``handoff-<size>-1page``, ours and the floor) writes one page instead of filling the
+  array: the transport alone, without the fill's side effects (cold caches, idle CPUs).
 
 * **Small objects**: create + seal + get + release per second for 1 KiB objects with one
-  client (and the same with a delete, and 1 MiB objects through the arena, for context), next
-  to Ray's ``ray.put`` + ``ray.get`` + ``del ref``.
+  client (and with a delete, and 1 MiB objects through the arena, for context), next to
+  Ray's ``ray.put`` + ``ray.get`` + ``del ref``.
 
 * **Context**: the one-way latency of the notification channels alone (Pipe; Ray actor call),
   and the round trip of one store request next to a bare Python Unix-socket echo with the same
-  framing (what any store request costs at least).
+  framing (the least any store request can cost).
 
 * **Goals**, derived from the above and emitted as records of unit ``ratio``.
 
 ``--json PATH`` writes the records (a list of dicts with ``case``, ``system``, ``value`` and
-``unit`` and extra fields) and the run's provenance next to it as ``PATH`` with the suffix
-``.provenance.json``. The benchmark asserts nothing.
+``unit`` and extra fields) and the run's provenance next to it, as ``PATH`` with the suffix
+``.provenance.json`` for ``.json``. The benchmark asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
+import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -70,17 +79,19 @@ import numpy as np
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SIZES = (4 * KiB, 1 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
-#: Timed repetitions per size (after the warm-up iterations).
+#: Timed handoffs per size and system over the whole run, and the rounds they are spread over.
 REPS = {4 * KiB: 300, 1 * MiB: 200, 64 * MiB: 40, 256 * MiB: 20, 1 * GiB: 10}
-REPS_QUICK = {4 * KiB: 50, 1 * MiB: 30, 64 * MiB: 8, 256 * MiB: 4, 1 * GiB: 3}
-WARMUP, WARMUP_QUICK = 2, 1
+REPS_QUICK = {4 * KiB: 60, 1 * MiB: 40, 64 * MiB: 8, 256 * MiB: 6, 1 * GiB: 4}
+ROUNDS, ROUNDS_QUICK = 5, 2
+WARMUP = 1  # untimed iterations at the start of each block
+RAY_WARMUP = 2  # Ray's first puts of 1 GiB are slow even into a pre-populated store
+NOTIFY_REPS = 40  # per round
 STORE_BUDGET = 3 * GiB
 RAY_OBJECT_STORE = 3 * GiB
 RAY_PREALLOCATE = "RAY_preallocate_plasma_memory"  # Ray's own spelling of its config variable
-SMALL_SECONDS, SMALL_SECONDS_QUICK = 2.0, 0.5
-SMALL_ROUNDS, SMALL_ROUNDS_QUICK = 5, 3
-
+SMALL_SECONDS, SMALL_SECONDS_QUICK = 1.0, 0.4  # per round
 PAGE = 4096
+
 now = time.monotonic_ns  # CLOCK_MONOTONIC: comparable between processes on Linux
 
 
@@ -93,20 +104,37 @@ def size_label(nbytes: int) -> str:
 
 # --------------------------------------------------------------------------- handoff: systems
 #
-# A producer object makes one array available per iteration (``handoff``) and cleans up after
-# the consumer has answered (``cleanup``); a consumer object waits for one array, reads one
-# element and returns (t_read, element). ``handoff`` returns (t_start, t_created, t_filled).
+# A producer makes one array available per iteration (``handoff``, which returns t_start,
+# t_created and t_filled) and cleans up after the consumer has answered (``cleanup``); a
+# consumer waits for one array, reads one element and returns (t_read, element).
 
 
-class OursProducer:
+class Producer:
+    def __init__(self, address: str | None, queue) -> None:
+        pass
+
+    def prepare(self, nbytes: int) -> None:
+        """Before a block of handoffs of ``nbytes``."""
+
+    def handoff(self, nbytes: int, value: int, notify, fill: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """After each handoff, once the consumer has answered."""
+
+    def finish(self) -> None:
+        """After a block."""
+
+    def stop(self, notify) -> None:
+        notify.send(None)
+
+
+class OursProducer(Producer):
     def __init__(self, address: str, queue) -> None:
         from dataflow.store import connect
 
         self.client = connect(address, name="bench-producer")
         self.oid: str | None = None
-
-    def prepare(self, nbytes: int) -> None:
-        pass
 
     def handoff(self, nbytes: int, value: int, notify, fill: int) -> tuple[int, int, int]:
         t_start = now()
@@ -151,7 +179,7 @@ class OursConsumer:
         return t_read, element  # the view goes here: its reference is released
 
 
-class ShmProducer:
+class ShmProducer(Producer):
     """The floor: a fresh POSIX shared-memory segment per handoff, its name over a Pipe.
 
     All processes of the tree share the resource tracker of the main process (``spawn`` passes
@@ -162,9 +190,6 @@ class ShmProducer:
     def __init__(self, address: str | None, queue) -> None:
         self.shm: shared_memory.SharedMemory | None = None
         self.arr: np.ndarray | None = None
-
-    def prepare(self, nbytes: int) -> None:
-        pass
 
     def handoff(self, nbytes: int, value: int, notify, fill: int) -> tuple[int, int, int]:
         t_start = now()
@@ -182,9 +207,6 @@ class ShmProducer:
         self.shm.close()
         self.shm.unlink()
         self.shm = None
-
-    def stop(self, notify) -> None:
-        notify.send(None)
 
 
 class ShmConsumer:
@@ -204,7 +226,7 @@ class ShmConsumer:
         return t_read, element
 
 
-class PickleProducer:
+class PickleProducer(Producer):
     def __init__(self, address: str | None, queue) -> None:
         self.queue = queue
         self.arr: np.ndarray | None = None
@@ -218,11 +240,10 @@ class PickleProducer:
         self.queue.put(self.arr)
         return t_start, t_start, t_start
 
-    def cleanup(self) -> None:
-        pass
+    def finish(self) -> None:
+        self.arr = None
 
     def stop(self, notify) -> None:
-        self.arr = None
         self.queue.put(None)
         self.queue.close()
         self.queue.join_thread()
@@ -240,25 +261,13 @@ class PickleConsumer:
         return now(), element
 
 
-class NotifyProducer:
-    """The notification channel alone: a few bytes over the Pipe (context, not a system)."""
-
-    def __init__(self, address: str | None, queue) -> None:
-        pass
-
-    def prepare(self, nbytes: int) -> None:
-        pass
+class NotifyProducer(Producer):
+    """The notification channel alone: a small message over the Pipe (context)."""
 
     def handoff(self, nbytes: int, value: int, notify, fill: int) -> tuple[int, int, int]:
         t_start = now()
         notify.send(value)
         return t_start, t_start, t_start
-
-    def cleanup(self) -> None:
-        pass
-
-    def stop(self, notify) -> None:
-        notify.send(None)
 
 
 class NotifyConsumer:
@@ -280,18 +289,18 @@ SYSTEMS = {
 }
 
 
-def _producer_main(system, address, queue, plan, warmup, page_only, notify, results, out) -> None:
+def _producer_main(system, address, queue, notify, results, control) -> None:
     producer = SYSTEMS[system][0](address, queue)
     if results.recv() != "ready":
         raise RuntimeError("consumer did not start")
-    for nbytes, reps in plan:
+    control.send("ready")
+    while (command := control.recv()) is not None:
+        nbytes, reps, warmup, page_only = command
         producer.prepare(nbytes)
         samples, creates, errors = [], [], 0
         for i in range(warmup + reps):
             value = i % 250 + 1
-            # Warm-up iterations always fill everything (first touch); with page_only the timed
-            # ones then write the first page only.
-            fill = min(nbytes, PAGE) if page_only and i >= warmup else nbytes
+            fill = min(nbytes, PAGE) if page_only else nbytes
             t_start, t_created, t_filled = producer.handoff(nbytes, value, notify, fill)
             t_read, element = results.recv()
             producer.cleanup()
@@ -299,9 +308,9 @@ def _producer_main(system, address, queue, plan, warmup, page_only, notify, resu
             if i >= warmup:
                 samples.append((t_created - t_start) + (t_read - t_filled))
                 creates.append(t_created - t_start)
-        out.send((nbytes, samples, creates, errors))
+        producer.finish()
+        control.send((samples, creates, errors))
     producer.stop(notify)
-    out.send(None)
 
 
 def _consumer_main(system, address, queue, notify, results) -> None:
@@ -311,67 +320,86 @@ def _consumer_main(system, address, queue, notify, results) -> None:
         results.send(answer)
 
 
-def run_handoff(
-    system: str, plan, warmup: int, address: str | None = None, page_only: bool = False
-) -> list[dict]:
-    """Spawn a producer and a consumer process and measure ``plan`` [(nbytes, reps)].
+class Pair:
+    """A producer and a consumer process of one system, alive between blocks of handoffs."""
 
-    ``page_only``: the control variant; the producer writes one page instead of filling the
-    whole array, which leaves the transport alone without the fill's side effects.
-    """
-    ctx = mp.get_context("spawn")
-    notify_r, notify_w = ctx.Pipe(duplex=False)
-    results_r, results_w = ctx.Pipe(duplex=False)
-    out_r, out_w = ctx.Pipe(duplex=False)
-    queue = ctx.Queue() if system == "pickle-queue" else None
-    consumer = ctx.Process(
-        target=_consumer_main, args=(system, address, queue, notify_r, results_w), daemon=True
-    )
-    producer = ctx.Process(
-        target=_producer_main,
-        args=(system, address, queue, plan, warmup, page_only, notify_w, results_r, out_w),
-        daemon=True,
-    )
-    consumer.start()
-    producer.start()
-    for conn in (notify_r, notify_w, results_r, results_w, out_w):
-        conn.close()
-    records = []
-    try:
-        while True:
-            try:
-                item = out_r.recv()
-            except EOFError:
-                raise RuntimeError(f"{system}: the producer died") from None
-            if item is None:
-                break
-            nbytes, samples, creates, errors = item
-            record = handoff_record(system, nbytes, samples, errors, warmup)
+    def __init__(self, system: str, address: str | None = None) -> None:
+        ctx = mp.get_context("spawn")
+        self.system = system
+        notify_r, notify_w = ctx.Pipe(duplex=False)
+        results_r, results_w = ctx.Pipe(duplex=False)
+        self.control, control_child = ctx.Pipe()
+        self.queue = ctx.Queue() if system == "pickle-queue" else None
+        self.consumer = ctx.Process(
+            target=_consumer_main,
+            args=(system, address, self.queue, notify_r, results_w),
+            daemon=True,
+        )
+        self.producer = ctx.Process(
+            target=_producer_main,
+            args=(system, address, self.queue, notify_w, results_r, control_child),
+            daemon=True,
+        )
+        self.consumer.start()
+        self.producer.start()
+        for conn in (notify_r, notify_w, results_r, results_w, control_child):
+            conn.close()
+        self._recv()  # "ready"
+        self.samples: dict[tuple[int, bool], list[int]] = {}
+        self.creates: dict[tuple[int, bool], list[int]] = {}
+        self.errors: dict[tuple[int, bool], int] = {}
+
+    def _recv(self):
+        try:
+            return self.control.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.system}: the producer process died") from None
+
+    def block(self, nbytes: int, reps: int, warmup: int = WARMUP, page_only: bool = False):
+        """One warm-up + ``reps`` timed handoffs of ``nbytes``; samples accumulate by size."""
+        self.control.send((nbytes, reps, warmup, page_only))
+        samples, creates, errors = self._recv()
+        key = (nbytes, page_only)
+        self.samples.setdefault(key, []).extend(samples)
+        self.creates.setdefault(key, []).extend(creates)
+        self.errors[key] = self.errors.get(key, 0) + errors
+
+    def records(self, rounds: int) -> list[dict]:
+        out = []
+        for (nbytes, page_only), samples in self.samples.items():
+            record = handoff_record(
+                self.system, nbytes, samples, self.errors[nbytes, page_only], rounds
+            )
             if page_only:
                 record["case"] += "-1page"
-            if system in ("ours", "shm-pipe"):
+            if self.system in ("ours", "shm-pipe"):
+                creates = self.creates[nbytes, page_only]
                 record["create_p50_us"] = round(float(np.median(creates)) / 1e3, 2)
-            records.append(record)
-            print_progress(records[-1])
-    finally:
-        producer.join(60)
-        consumer.join(60)
-        for proc in (producer, consumer):
+            out.append(record)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.control.send(None)
+        except OSError:
+            pass
+        for proc in (self.producer, self.consumer):
+            proc.join(30)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        if queue is not None:
-            queue.close()
-            queue.join_thread()
-    return records
+        self.control.close()
+        if self.queue is not None:
+            self.queue.close()
+            self.queue.join_thread()
 
 
-def handoff_record(system: str, nbytes: int, samples_ns, errors: int, warmup: int) -> dict:
+def handoff_record(system: str, nbytes: int, samples_ns, errors: int, rounds: int) -> dict:
     us = np.asarray(samples_ns, dtype=np.float64) / 1e3
     p50 = float(np.percentile(us, 50))
-    case = "notify-one-way" if system in ("pipe-notify", "ray-actor-call") else "handoff"
+    notify = system in ("pipe-notify", "ray-actor-call")
     return {
-        "case": case if case != "handoff" else f"handoff-{size_label(nbytes)}",
+        "case": "notify-one-way" if notify else f"handoff-{size_label(nbytes)}",
         "system": system,
         "value": round(p50, 2),
         "unit": "us",
@@ -383,59 +411,118 @@ def handoff_record(system: str, nbytes: int, samples_ns, errors: int, warmup: in
         "mean_us": round(float(us.mean()), 2),
         "max_us": round(float(us.max()), 2),
         "n": len(us),
-        "warmup": warmup,
+        "rounds": rounds,
         "wrong_elements": int(errors),
     }
 
 
-def print_progress(record: dict) -> None:
-    print(
-        f"  {record['case']:<22} {record['system']:<14} p50 {record['p50_us']:>12,.1f} us"
-        f"  p99 {record['p99_us']:>12,.1f} us  min {record['min_us']:>12,.1f} us"
-        f"  n={record['n']}",
-        flush=True,
-    )
+class Quiet:
+    """Waits, before each block, until the machine has been idle for a moment.
+
+    Other processes (a test run, a build) and the kernel's own work make latencies noisy on a
+    small machine; a block that starts on a busy machine is counted in ``noisy_blocks``.
+    """
+
+    def __init__(self, max_wait_s: float) -> None:
+        self.max_wait_s = max_wait_s
+        self.waited_s = 0.0
+        self.blocks = 0
+        self.noisy_blocks = 0
+
+    def wait(self) -> None:
+        self.blocks += 1
+        started = time.perf_counter()
+        calm = 0
+        busy = _cpu_snapshot()[0]
+        while time.perf_counter() - started < self.max_wait_s:
+            time.sleep(0.1)
+            busy, before = _cpu_snapshot()[0], busy
+            calm = calm + 1 if busy - before <= 0.011 else 0  # at most a tick in 100 ms
+            if calm >= 3:
+                break
+        else:
+            self.noisy_blocks += 1
+        self.waited_s += time.perf_counter() - started
+
+    def summary(self) -> dict:
+        return {
+            "blocks": self.blocks,
+            "noisy_blocks": self.noisy_blocks,
+            "quiet_wait_s": round(self.waited_s, 1),
+        }
+
+
+def run_handoffs(systems: list[str], address: str | None, quick: bool, quiet: Quiet) -> list[dict]:
+    """All handoff blocks, interleaved: for each round, for each size, each system in turn.
+
+    The order of the zero-copy systems' blocks rotates from round to round; pickle goes last,
+    as it allocates and frees the most memory.
+    """
+    reps = REPS_QUICK if quick else REPS
+    rounds = ROUNDS_QUICK if quick else ROUNDS
+    pairs = {"pipe-notify": Pair("pipe-notify")}
+    try:
+        for system in systems:
+            pairs[system] = Pair(system, address if system == "ours" else None)
+        zero_copy = [s for s in ("ours", "shm-pipe") if s in pairs]
+        started = time.perf_counter()
+        for rnd in range(rounds):
+            quiet.wait()
+            pairs["pipe-notify"].block(0, NOTIFY_REPS, warmup=5)
+            for nbytes in SIZES:
+                per_block = math.ceil(reps[nbytes] / rounds)
+                blocks = [(s, per_block, False) for s in zero_copy]
+                blocks += [(s, max(4, per_block // 2), True) for s in zero_copy]
+                shift = rnd % len(blocks) if blocks else 0
+                blocks = blocks[shift:] + blocks[:shift]
+                if "pickle-queue" in pairs:
+                    blocks.append(("pickle-queue", per_block, False))
+                for system, block_reps, page_only in blocks:
+                    quiet.wait()
+                    pairs[system].block(nbytes, block_reps, page_only=page_only)
+            print(
+                f"  handoff round {rnd + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+        return [rec for pair in pairs.values() for rec in pair.records(rounds)]
+    finally:
+        for pair in pairs.values():
+            pair.close()
 
 
 # ----------------------------------------------------------------------------- small objects
 
 
-def ours_small_objects(client, nbytes: int, seconds: float, rounds: int, delete: bool) -> dict:
-    """create + seal + get (read one element) + release, back to back, from one client.
+def ours_small_round(client, nbytes: int, seconds: float, delete: bool) -> float:
+    """create + seal + get (read one element) + release, back to back: operations per second.
 
     Without ``delete`` the objects stay in the store (sealed, unreferenced) until the end of
-    the round; they are deleted then, untimed. With it, each is deleted at once, like Ray's
+    the round and are deleted then, untimed. With it, each is deleted at once, as Ray's
     ``del ref`` frees its object.
     """
     shape = (max(1, nbytes // 4),)
-    rates = []
-    for _ in range(rounds):
-        ids = []
-        count = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            for _ in range(100):
-                obj = client.create(shape, np.float32)
-                obj.array[0] = 1.0
-                obj.seal()
-                view = client.get(obj.id)
-                float(view.array[0])
-                view.release()
-                obj.release()
-                if delete:
-                    client.delete(obj.id)
-                else:
-                    ids.append(obj.id)
-            count += 100
-            if (end := time.perf_counter()) >= deadline:
-                break
-        rates.append(count / (end - start))
-        for oid in ids:  # untimed: start every round with an empty store
-            client.delete(oid)
-    what = "create+seal+get+release" + ("+delete" if delete else "")
-    case = f"small-objects-{size_label(nbytes)}" + ("+delete" if delete else "")
-    return small_record(case, "ours", nbytes, rates, what)
+    ids = []
+    count = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(100):
+            obj = client.create(shape, np.float32)
+            obj.array[0] = 1.0
+            obj.seal()
+            view = client.get(obj.id)
+            float(view.array[0])
+            view.release()
+            obj.release()
+            if delete:
+                client.delete(obj.id)
+            else:
+                ids.append(obj.id)
+        count += 100
+        if (end := time.perf_counter()) >= start + seconds:
+            break
+    for oid in ids:  # untimed: start every round with an empty store
+        client.delete(oid)
+    return count / (end - start)
 
 
 def small_record(case: str, system: str, nbytes: int, rates, ops: str) -> dict:
@@ -454,20 +541,17 @@ def small_record(case: str, system: str, nbytes: int, rates, ops: str) -> dict:
     }
 
 
-def ours_rpc_roundtrip(client, seconds: float, rounds: int) -> dict:
-    """One store request and its reply: ``contains`` of a missing ID (no other work)."""
-    rates = []
-    for _ in range(rounds):
-        count = 0
-        start = time.perf_counter()
-        while True:
-            for _ in range(200):
-                client.contains("no-such-object")
-            count += 200
-            if (end := time.perf_counter()) >= start + seconds:
-                break
-        rates.append(count / (end - start))
-    return rpc_record("ours", rates, "client.contains(missing id)")
+def roundtrip_round(call, seconds: float) -> float:
+    """Requests per second, back to back."""
+    count = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(200):
+            call()
+        count += 200
+        if (end := time.perf_counter()) >= start + seconds:
+            break
+    return count / (end - start)
 
 
 def rpc_record(system: str, rates, what: str) -> dict:
@@ -484,52 +568,94 @@ def rpc_record(system: str, rates, what: str) -> dict:
     }
 
 
-def _echo_main(path: str) -> None:
-    from dataflow.store import protocol
+FRAME = struct.Struct("<I")  # the store's framing: a little-endian length, then a pickle
 
+
+def _frame(message: tuple) -> bytes:
+    body = pickle.dumps(message, protocol=5)
+    return FRAME.pack(len(body)) + body
+
+
+def _recv_small_frame(sock: socket.socket, scratch: memoryview) -> tuple | None:
+    """One frame that fits in ``scratch``, read with as few ``recv_into`` calls as it takes."""
+    got = 0
+    while got < FRAME.size or got < FRAME.size + FRAME.unpack_from(scratch)[0]:
+        n = sock.recv_into(scratch[got:])
+        if n == 0:
+            return None
+        got += n
+    return pickle.loads(scratch[FRAME.size : got])
+
+
+def _echo_main(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
     sock, _ = listener.accept()
-    while (request := protocol.recv_frame(sock)) is not None:
-        sock.sendall(protocol.encode(("ok", request[0] == "stop")))
+    scratch = memoryview(bytearray(1 << 16))
+    while (request := _recv_small_frame(sock, scratch)) is not None:
+        sock.sendall(_frame(("ok", request[0] == "stop")))
     sock.close()
     listener.close()
 
 
-def socket_floor_roundtrip(seconds: float, rounds: int) -> dict:
-    """The same framing (length + pickle) over a blocking Unix socket to a bare echo process."""
-    from dataflow.store import protocol
+class EchoPeer:
+    """A bare echo process over a blocking Unix socket with the store's framing: the least a
+    Python request and its reply can cost here (no selector, dispatch or bookkeeping)."""
 
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="dataflow-bench-")
-    path = os.path.join(tmp, "echo.sock")
-    proc = ctx.Process(target=_echo_main, args=(path,), daemon=True)
-    proc.start()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    for _ in range(500):
-        try:
-            sock.connect(path)
-            break
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.01)
-    rates = []
-    message = ("contains", "no-such-object")
-    for _ in range(rounds):
-        count = 0
-        start = time.perf_counter()
-        while True:
-            for _ in range(200):
-                sock.sendall(protocol.encode(message))
-                protocol.recv_frame(sock)
-            count += 200
-            if (end := time.perf_counter()) >= start + seconds:
+    def __init__(self) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="dataflow-bench-")
+        path = os.path.join(self._tmp, "echo.sock")
+        self._proc = mp.get_context("spawn").Process(target=_echo_main, args=(path,), daemon=True)
+        self._proc.start()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        for _ in range(1000):
+            try:
+                self._sock.connect(path)
                 break
-        rates.append(count / (end - start))
-    sock.close()
-    proc.join(10)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return rpc_record("py-unix-socket", rates, "blocking echo, same framing as the store")
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.01)
+        self._scratch = memoryview(bytearray(1 << 16))
+        self._request = _frame(("contains", "no-such-object"))
+
+    def roundtrip(self) -> None:
+        self._sock.sendall(self._request)
+        _recv_small_frame(self._sock, self._scratch)
+
+    def close(self) -> None:
+        self._sock.close()
+        self._proc.join(10)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def run_small(store, quick: bool) -> list[dict]:
+    """Small-object throughput and request round trips, interleaved round by round."""
+    seconds = SMALL_SECONDS_QUICK if quick else SMALL_SECONDS
+    rounds = ROUNDS_QUICK + 1 if quick else ROUNDS
+    variants = {  # case: (nbytes, delete)
+        "small-objects-1KiB": (1 * KiB, False),
+        "small-objects-1KiB+delete": (1 * KiB, True),
+        "small-objects-1MiB+delete": (1 * MiB, True),
+    }
+    rates: dict[str, list[float]] = {case: [] for case in [*variants, "rpc-ours", "rpc-echo"]}
+    echo = EchoPeer()
+    try:
+        for _ in range(rounds):
+            for case, (nbytes, delete) in variants.items():
+                rates[case].append(ours_small_round(store, nbytes, seconds, delete))
+            rates["rpc-ours"].append(
+                roundtrip_round(lambda: store.contains("no-such-object"), seconds)
+            )
+            rates["rpc-echo"].append(roundtrip_round(echo.roundtrip, seconds))
+    finally:
+        echo.close()
+    records = []
+    for case, (nbytes, delete) in variants.items():
+        ops = "create+seal+get+release" + ("+delete" if delete else "")
+        records.append(small_record(case, "ours", nbytes, rates[case], ops))
+    records.append(rpc_record("ours", rates["rpc-ours"], "client.contains(missing id)"))
+    records.append(rpc_record("py-unix-socket", rates["rpc-echo"], "blocking echo process"))
+    return records
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -583,37 +709,35 @@ class RayProducer:
         return samples, 0
 
 
-def ray_small_objects(nbytes: int, seconds: float, rounds: int) -> dict:
+def ray_small_round(nbytes: int, seconds: float) -> float:
     import ray
 
     arr = np.ones(max(1, nbytes // 4), np.float32)
-    rates = []
-    for _ in range(rounds):
-        count = 0
-        start = time.perf_counter()
-        while True:
-            for _ in range(100):
-                ref = ray.put(arr)
-                float(ray.get(ref)[0])
-                del ref
-            count += 100
-            if (end := time.perf_counter()) >= start + seconds:
-                break
-        rates.append(count / (end - start))
-    return small_record(
-        f"small-objects-{size_label(nbytes)}", "ray", nbytes, rates, "put+get+del ref"
-    )
+    count = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(100):
+            ref = ray.put(arr)
+            float(ray.get(ref)[0])
+            del ref
+        count += 100
+        if (end := time.perf_counter()) >= start + seconds:
+            break
+    return count / (end - start)
 
 
-def run_ray(plan, warmup: int, small_seconds: float, small_rounds: int) -> tuple[list, dict]:
+def run_ray(quick: bool) -> tuple[list, dict]:
     """Everything measured on Ray, on a local single-node cluster started and stopped here."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Populate the whole plasma store at start. Otherwise ray.put keeps landing on memory never
     # touched before (it walks the store while frees are in flight) and pays first-touch page
-    # faults inside the timing: 64 MiB puts of 40 ms to 300 ms instead of ~22 ms here.
+    # faults inside the timing: 64 MiB puts of 40 ms to 300 ms instead of ~22 ms.
     os.environ.setdefault(RAY_PREALLOCATE, "1")
     import ray
 
+    reps = REPS_QUICK if quick else REPS
+    seconds = SMALL_SECONDS_QUICK if quick else SMALL_SECONDS
+    rounds = ROUNDS_QUICK + 1 if quick else ROUNDS
     temp_dir = tempfile.mkdtemp(prefix="dfray-")
     records: list[dict] = []
     started = time.perf_counter()
@@ -626,23 +750,25 @@ def run_ray(plan, warmup: int, small_seconds: float, small_rounds: int) -> tuple
         logging_level=logging.ERROR,
         log_to_driver=False,
     )
-    info = {"ray_init_s": round(time.perf_counter() - started, 2)}
+    info: dict = {"init_s": round(time.perf_counter() - started, 2)}
     try:
         consumer = ray.remote(num_cpus=0)(RayConsumer).remote()
         producer = ray.remote(num_cpus=0)(RayProducer).remote()
         ray.get(producer.notify.remote(consumer, 3, 0))  # both actors up
+        info["init_and_actors_s"] = round(time.perf_counter() - started, 2)
         samples, _ = ray.get(producer.notify.remote(consumer, 200, 20))
-        records.append(handoff_record("ray-actor-call", 0, samples, 0, 20))
-        print_progress(records[-1])
-        info["ray_init_and_actors_s"] = round(time.perf_counter() - started, 2)
-        for nbytes, reps in plan:
-            samples, errors = ray.get(producer.handoff.remote(consumer, nbytes, reps, warmup))
-            records.append(handoff_record("ray", nbytes, samples, errors, warmup))
-            print_progress(records[-1])
+        records.append(handoff_record("ray-actor-call", 0, samples, 0, 1))
+        for nbytes in SIZES:
+            samples, errors = ray.get(
+                producer.handoff.remote(consumer, nbytes, reps[nbytes], RAY_WARMUP)
+            )
+            records.append(handoff_record("ray", nbytes, samples, errors, 1))
+            print(f"  ray handoff {size_label(nbytes)} done", flush=True)
         del consumer, producer
         for nbytes in (1 * KiB, 1 * MiB):
-            records.append(ray_small_objects(nbytes, small_seconds, small_rounds))
-            print_small(records[-1])
+            rates = [ray_small_round(nbytes, seconds) for _ in range(rounds)]
+            case = f"small-objects-{size_label(nbytes)}"
+            records.append(small_record(case, "ray", nbytes, rates, "put+get+del ref"))
         info["object_store_memory"] = RAY_OBJECT_STORE
         info["preallocate_plasma_memory"] = os.environ[RAY_PREALLOCATE]
     finally:
@@ -702,14 +828,6 @@ def derive_goals(records: list[dict]) -> list[dict]:
     return goals
 
 
-def print_small(record: dict) -> None:
-    print(
-        f"  {record['case']:<26} {record['system']:<14} {record['value']:>10,} ops/s"
-        f"  ({record['us_per_op']:.1f} us/op: {record['ops']})",
-        flush=True,
-    )
-
-
 def print_handoff_table(title: str, records: list[dict], suffix: str) -> None:
     systems = ("ours", "shm-pipe", "pickle-queue", "ray")
     cells = {
@@ -753,19 +871,40 @@ def _loadavg() -> float:
         return float(f.read().split()[0])
 
 
-def provenance(args, extra: dict) -> dict:
-    def run(*cmd: str) -> str:
+def _cpu_snapshot() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds stolen by the hypervisor)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def provenance(args) -> dict:
+    """Where and on what the run happens; taken at the start (the tree may change meanwhile)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+            done = subprocess.run(
+                ["git", "-C", str(root), *cmd], capture_output=True, text=True, check=True
+            )
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
+        return done.stdout.strip()
 
-    cpu = "unknown"
+    cpuinfo: dict[str, str] = {}
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            cpuinfo[key.strip()] = value.strip()
+    cpu = cpuinfo.get("model name", "unknown")
+    cpu += (
+        f" (family {cpuinfo.get('cpu family')}, model {cpuinfo.get('model')}, "
+        f"{cpuinfo.get('cpu MHz')} MHz, cache {cpuinfo.get('cache size')})"
+    )
     with open("/proc/meminfo") as f:
         mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     versions = {}
@@ -774,11 +913,16 @@ def provenance(args, extra: dict) -> dict:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = None
-    root = Path(__file__).resolve().parent.parent
+    store_dir = root / "dataflow" / "store"
+    digest = hashlib.sha256()
+    for path in sorted(store_dir.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": run("git", "-C", str(root), "rev-parse", "HEAD"),
-        "uncommitted_changes": run("git", "-C", str(root), "status", "--porcelain").splitlines(),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain").splitlines(),
+        "store_source_matches_commit": git("status", "--porcelain", "--", "dataflow/store") == "",
+        "store_source_sha256": digest.hexdigest(),
         "mode": "quick" if args.quick else "full",
         "argv": sys.argv,
         "cpu": cpu,
@@ -791,7 +935,7 @@ def provenance(args, extra: dict) -> dict:
         "start_method": "spawn",
         "clock": "time.monotonic_ns (CLOCK_MONOTONIC)",
         "store_budget_bytes": STORE_BUDGET,
-        **extra,
+        "loadavg_1min_at_start": _loadavg(),
     }
 
 
@@ -808,61 +952,56 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated subset of: ours, shm-pipe, pickle-queue, ray (default: all)",
     )
     args = parser.parse_args(argv)
-    systems = set(args.systems.split(","))
-    reps = REPS_QUICK if args.quick else REPS
-    warmup = WARMUP_QUICK if args.quick else WARMUP
-    seconds = SMALL_SECONDS_QUICK if args.quick else SMALL_SECONDS
-    rounds = SMALL_ROUNDS_QUICK if args.quick else SMALL_ROUNDS
-    plan = [(n, reps[n]) for n in SIZES]
-    page_plan = [(n, max(10, reps[n] // 2)) for n in SIZES]
-    extra: dict = {"loadavg_1min_at_start": _loadavg()}
+    wanted = args.systems.split(",")
+    systems = [s for s in ("ours", "shm-pipe", "pickle-queue") if s in wanted]
+    meta = provenance(args)
     records: list[dict] = []
     started = time.perf_counter()
+    cpu_at_start = _cpu_snapshot()
 
-    print(f"store benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores")
-    if extra["loadavg_1min_at_start"] > 0.5:
-        print(f"warning: the machine is busy (load {extra['loadavg_1min_at_start']}): noisy")
-    records += run_handoff("pipe-notify", [(0, 200)], 20)
-    if "shm-pipe" in systems:
-        records += run_handoff("shm-pipe", plan, warmup)
-        records += run_handoff("shm-pipe", page_plan, warmup, page_only=True)
-    if "pickle-queue" in systems:
-        records += run_handoff("pickle-queue", plan, warmup)
-
+    print(f"store benchmark ({meta['mode']}), {meta['cores']} cores, commit {meta['commit']:.10}")
+    if meta["loadavg_1min_at_start"] > 0.5:
+        print(f"warning: the machine is busy (load {meta['loadavg_1min_at_start']}): noisy")
+    store = None
     if "ours" in systems:
         from dataflow.store import Store
 
-        with Store.start(budget=STORE_BUDGET) as store:
-            records += run_handoff("ours", plan, warmup, store.address)
-            records += run_handoff("ours", page_plan, warmup, store.address, page_only=True)
-            gc.collect()
-            for nbytes, delete in ((1 * KiB, False), (1 * KiB, True), (1 * MiB, True)):
-                records.append(ours_small_objects(store, nbytes, seconds, rounds, delete))
-                print_small(records[-1])
-            records.append(ours_rpc_roundtrip(store, seconds, rounds))
-        records.append(socket_floor_roundtrip(seconds, rounds))
+        store = Store.start(budget=STORE_BUDGET)
+    try:
+        quiet = Quiet(max_wait_s=5.0 if args.quick else 10.0)
+        records += run_handoffs(systems, store.address if store else None, args.quick, quiet)
+        if store is not None:
+            quiet.wait()
+            records += run_small(store, args.quick)
+        meta["quiet"] = quiet.summary()
+    finally:
+        if store is not None:
+            store.stop()
 
-    if "ray" in systems:
+    if "ray" in wanted:
         try:
             import ray  # noqa: F401
         except ImportError:
             print("ray is not installed: skipping it (pip install -e '.[ray]')")
         else:
-            ray_records, extra["ray"] = run_ray(plan, warmup, seconds, rounds)
+            ray_records, meta["ray_run"] = run_ray(args.quick)
             records += ray_records
 
     records += derive_goals(records)
     print_tables(records)
-    extra["elapsed_s"] = round(time.perf_counter() - started, 1)
-    extra["loadavg_1min_at_end"] = _loadavg()
-    print(f"\nfinished in {extra['elapsed_s']:.0f} s")
+    busy, steal = (b - a for a, b in zip(cpu_at_start, _cpu_snapshot(), strict=True))
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    meta["machine_busy_cpu_s"] = round(busy, 1)
+    meta["steal_cpu_s"] = round(steal, 1)
+    meta["loadavg_1min_at_end"] = _loadavg()
+    print(f"\nfinished in {meta['elapsed_s']:.0f} s")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(records, indent=1) + "\n")
-        meta = path.with_name(path.name.removesuffix(".json") + ".provenance.json")
-        meta.write_text(json.dumps(provenance(args, extra), indent=1) + "\n")
-        print(f"wrote {path} and {meta}")
+        side = path.with_name(path.name.removesuffix(".json") + ".provenance.json")
+        side.write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"wrote {path} and {side}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,8 @@ class StoreServer:
         self.counters = Counter()
         self.backlog: set[_Client] = set()  # buffered requests that _settle left for the loop
         self.by_cid: dict[int, _Client] = {}
+        self._scratch = bytearray(1 << 16)
+        self._scratch_view = memoryview(self._scratch)
         self._cids = itertools.count(1)
         self.running = False
 
@@ -224,15 +226,16 @@ class StoreServer:
 
     def _readable(self, client: _Client, one_way_only: bool = False) -> None:
         try:
-            chunk = client.sock.recv(1 << 20)
+            # Into a reused buffer: recv(n) would allocate (and for big n, mmap) n bytes each time.
+            n = client.sock.recv_into(self._scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            chunk = b""
-        if not chunk:
+            n = 0
+        if not n:
             self._disconnect(client)
             return
-        client.rbuf += chunk
+        client.rbuf += self._scratch_view[:n]
         self._process(client, one_way_only)
 
     def _process(self, client: _Client, one_way_only: bool = False) -> None:
