@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from dataflow.execution.build import plan_pipeline, stage_defs
 from dataflow.execution.local import JobResult, LocalExecutor
 from dataflow.execution.state import Limits
 
-__all__ = ["RunSummary", "find_jobs", "run_pipeline_file", "write_result"]
+__all__ = ["RunSummary", "find_jobs", "run_pipeline_file", "stage_search_path", "write_result"]
 
 
 @dataclasses.dataclass
@@ -92,6 +92,7 @@ def run_pipeline_file(
     """Load, validate, place and run a pipeline over every job under ``input_path``."""
     from dataflow.pipeline import load_graph
 
+    stage_search_path(path)
     graph = load_graph(str(path), dict(params or {}))  # PipelineError on any error
     graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
     jobs = find_jobs(input_path)
@@ -103,7 +104,7 @@ def run_pipeline_file(
         limits=limits,
         store_budget=store_budget,
         log_format=log_format,
-        extra_sys_path=_stage_paths(path),
+        extra_sys_path=stage_search_path(path),
     )
     if on_start is not None:
         on_start(jobs, graph)
@@ -127,10 +128,14 @@ def run_pipeline_file(
     return summary
 
 
-def _stage_paths(path: str | Path) -> Sequence[str]:
-    """Where stage modules named in the pipeline are looked up: its folder, then the cwd."""
-    folder = str(Path(path).resolve().parent)
-    return [p for p in (folder, str(Path.cwd())) if p not in sys.path]
+def stage_search_path(path: str | Path) -> list[str]:
+    """Put the pipeline's folder, then the current folder, on ``sys.path`` (where stage modules
+    named in it are looked up, after ``PYTHONPATH`` and installed packages); returns both."""
+    folders = [str(Path(path).resolve().parent), str(Path.cwd())]
+    for folder in folders:
+        if folder not in sys.path:
+            sys.path.append(folder)
+    return folders
 
 
 def _write_summary(summary: RunSummary) -> None:

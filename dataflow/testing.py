@@ -98,6 +98,7 @@ def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
             metadata[port] = dict(value.metadata)
             value = value.array
         if isinstance(value, np.ndarray):
+            metadata.setdefault(port, {})  # as from the store: every array has metadata
             value = value.view()
             value.flags.writeable = False  # stages get read-only views, as from the store
         instance.inputs[port].check_value(value, f"stage {stage_name!r} input {port!r}")
