@@ -435,7 +435,9 @@ def stage(
         __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *kw_only]
         )
-        __init__.__annotations__ = {p.name: p.annotation for p in kw_only if p.annotation}
+        __init__.__annotations__ = {
+            p.name: p.annotation for p in kw_only if p.annotation is not p.empty
+        }
 
         def execute(self, ctx: StageContext, **values: Any) -> Any:
             if wants_ctx:
