@@ -15,6 +15,8 @@ Rules:
   values (or ``edge_bytes`` bytes) that the consumer has not finished with — counting the jobs
   the stage is running now. At most ``max_jobs`` jobs are in flight; the rest wait.
 - Results are reported in submission order, whatever order replicas finish in.
+- A job's timeout counts from its first dispatch, waits between stages included (waiting to be
+  admitted is not counted).
 - A failure (exception, worker death, stage timeout, job timeout, cancellation) fails that job
   only; its values are discarded; the worker (restarted if it died) takes the next job.
 - A worker that keeps dying before it ever finishes a job (``max_restarts`` times in a row)
@@ -162,6 +164,7 @@ class _Job:
     seq: int
     payload: Value | None
     admitted_at: float | None = None
+    started_at: float | None = None  # first dispatch: the job timeout counts from here
     values: dict[tuple[str, str], Value] = dataclasses.field(default_factory=dict)
     waiting: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # stage -> ports
     done: set[str] = dataclasses.field(default_factory=set)  # stages finished
@@ -202,6 +205,7 @@ class Core:
         self.leaves = set(graph.leaves())
         # values on each edge not yet consumed: (stage, port) -> {job: nbytes}
         self.on_edge: dict[tuple[str, str], dict[str, int]] = {}
+        self.peak_on_edge: dict[tuple[str, str], int] = {}  # high-water marks, for reports
 
     # ---------------------------------------------------------------------- events
 
@@ -247,7 +251,9 @@ class Core:
             job.values[key] = value
             consumers = self.consumers[key]
             if consumers:
-                self.on_edge.setdefault(key, {})[job.id] = value.nbytes
+                edge = self.on_edge.setdefault(key, {})
+                edge[job.id] = value.nbytes
+                self.peak_on_edge[key] = max(self.peak_on_edge.get(key, 0), len(edge))
             for consumer, inport in consumers:
                 waiting = job.waiting.get(consumer)
                 if waiting is not None:
@@ -313,7 +319,12 @@ class Core:
                     actions += self._fail(job, w.stage, reason, "", now)
         if self.limits.job_timeout is not None:
             for job in list(self.jobs.values()):
-                if job.failed is None and now - job.admitted_at >= self.limits.job_timeout:
+                started = job.started_at
+                if (
+                    job.failed is None
+                    and started is not None
+                    and (now - started >= self.limits.job_timeout)
+                ):
                     reason = f"job timed out after {self.limits.job_timeout:g} s"
                     actions += self._fail(job, None, reason, "", now)
         if self.jobs and now - self.last_progress >= self.limits.stall_seconds:
@@ -330,7 +341,11 @@ class Core:
     def next_deadline(self) -> float | None:
         times = [w.deadline for w in self.workers.values() if w.deadline is not None]
         if self.limits.job_timeout is not None:
-            times += [j.admitted_at + self.limits.job_timeout for j in self.jobs.values()]
+            times += [
+                j.started_at + self.limits.job_timeout
+                for j in self.jobs.values()
+                if j.started_at is not None
+            ]
         if self.jobs:
             times.append(self.last_progress + self.limits.stall_seconds)
         return min(times, default=None)
@@ -413,6 +428,8 @@ class Core:
                     for port, src in node.inputs.items()
                 }
                 idle.state, idle.job, idle.started_at = "busy", job, now
+                if job.started_at is None:
+                    job.started_at = now
                 idle.deadline = None if node.timeout is None else now + node.timeout
                 job.running.add(stage)
                 actions.append(Dispatch(idle.id, job.id, stage, inputs, node.timeout))

@@ -79,6 +79,13 @@ class BrokenPrepare(Stage):
         return vec
 
 
+@stage(inputs={"vec": VEC}, outputs={"where": Port("string")})
+def whereami(vec, ctx):
+    """Reports the GPUs this worker may see and the device the scheduler assigned."""
+    time.sleep(0.3)  # long enough for both replicas to get jobs
+    return f"{os.environ.get('CUDA_VISIBLE_DEVICES')}|{ctx.device}"
+
+
 def make_jobs(root: Path, sizes):
     jobs = []
     for i, n in enumerate(sizes):

@@ -1,0 +1,83 @@
+"""Backpressure bounds, the watchdog, job timeouts and GPU placement, with real processes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import structlog
+from engine_stages import Load, Scale, Slow, make_jobs, whereami
+
+from dataflow.execution.local import LocalExecutor, StageDef
+from dataflow.execution.state import Limits
+from dataflow.scheduler import Inventory, ReplicaRequest, place
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_slow_consumer_bounds_what_a_fast_producer_leaves_in_memory(tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("slow", Slow, {"vec": ("load", "vec")}, ("vec",), arguments={"seconds": 0.1}),
+    ]
+    executor = LocalExecutor(
+        stages, output_root=tmp_path / "out", limits=Limits(max_jobs=12, edge_items=2)
+    )
+    executor.run(make_jobs(tmp_path / "in", [1000] * 12))
+    # load is far faster than slow, yet never more than 2 of its outputs waited on the edge
+    assert executor.core.peak_on_edge[("load", "vec")] == 2
+
+
+def test_the_watchdog_says_what_is_stuck(tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("slow", Slow, {"vec": ("load", "vec")}, ("vec",), arguments={"seconds": 2.5}),
+    ]
+    executor = LocalExecutor(stages, output_root=tmp_path / "o", limits=Limits(stall_seconds=1))
+    with structlog.testing.capture_logs() as logs:
+        executor.run(make_jobs(tmp_path / "in", [3]))
+    stalls = [e for e in logs if e["event"] == "pipeline_stalled"]
+    assert stalls and "worker slow#0 busy with job 'job0'" in stalls[0]["report"]
+
+
+def test_a_job_timeout_cancels_the_job_wherever_it_is(tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("scale", Scale, {"vec": ("load", "vec")}, ("vec",), arguments={"sleep_on": 2}),
+    ]
+    # One job in flight at a time, so that job 2's stall is not also job 3's: a job's clock
+    # runs from its first stage on, including any wait between stages.
+    limits = Limits(job_timeout=2, max_jobs=1)
+    executor = LocalExecutor(stages, output_root=tmp_path / "o", limits=limits)
+    results = executor.run(make_jobs(tmp_path / "in", [1, 2, 3]))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].reason == "job timed out after 2 s"
+
+
+def test_each_gpu_replica_sees_only_its_gpu(tmp_path):
+    inventory = Inventory.detect({"DATAFLOW_GPUS": "2x16GiB"}, cpus=2, memory_mb=8192)
+    requests = [
+        ReplicaRequest("load", 0),
+        ReplicaRequest("where", 0, gpu=1),
+        ReplicaRequest("where", 1, gpu=1),
+    ]
+    plan = place(requests, inventory)
+    env = {r.stage: [] for r in requests}
+    devices = {r.stage: [] for r in requests}
+    for r in requests:
+        a = plan.assignment(r.stage, r.replica)
+        env[r.stage].append(a.env)
+        devices[r.stage].append(a.gpus[0] if a.gpus else None)
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",), env=env["load"]),
+        StageDef(
+            "where", whereami, {"vec": ("load", "vec")}, ("where",), replicas=2,
+            env=env["where"], devices=devices["where"],
+        ),
+    ]  # fmt: skip
+    results = LocalExecutor(stages, output_root=tmp_path / "o").run(
+        make_jobs(tmp_path / "in", [1] * 6)
+    )
+    seen = {r.outputs[("where", "where")] for r in results}
+    assert seen == {"0|0", "1|1"}  # both replicas worked, each on its own GPU
+    assert dataclasses.asdict(plan.assignment("load", 0))["gpus"] == ()
