@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from dataflow.execution.local import StageDef
 from dataflow.pipeline import Graph, OperatorNode
-from dataflow.scheduler import Inventory, Plan, ReplicaRequest, place
+from dataflow.scheduler import Inventory, PlacementError, Plan, ReplicaRequest, place
 
 __all__ = ["plan_pipeline", "stage_defs"]
 
@@ -60,8 +60,32 @@ def plan_pipeline(
     """Apply replica overrides and place every replica (PlacementError if impossible)."""
     if replicas:
         graph = _with_replicas(graph, replicas)
+    _refuse_unrunnable(graph)
     inventory = inventory or Inventory.detect()
     return graph, place(replica_requests(graph), inventory)
+
+
+def _refuse_unrunnable(graph: Graph) -> None:
+    """A container operator with an image but no command needs a container engine: a valid
+    pipeline (``validate`` warns) that this machine cannot run; refuse before anything starts."""
+    from dataflow.execution.command import container_engine
+
+    blocked = [
+        node
+        for node in graph.nodes.values()
+        if node.kind == "container" and node.spec.container and not node.spec.container.command
+    ]
+    if blocked and container_engine() is None:
+        names = ", ".join(
+            f"operator {n.name!r} (image {n.spec.container.reference!r}, "
+            f"{n.spec.container.at('image')})"
+            for n in blocked
+        )
+        message = (
+            f"cannot run here: {names}: no command to run and no docker or podman daemon "
+            "answers (set DATAFLOW_CONTAINER_ENGINE, or give the operator a command)"
+        )
+        raise PlacementError(message, [message])
 
 
 def _with_replicas(graph: Graph, replicas: Mapping[str, int]) -> Graph:

@@ -99,3 +99,15 @@ def test_a_failing_job_is_reported_and_the_exit_status_says_so(tmp_path):
 def test_run_refuses_a_bad_input_folder(tmp_path):
     out = dataflow("run", "pipelines/passthrough.yaml", "--input", tmp_path / "missing")
     assert out.returncode == 2 and "not a folder" in out.stderr
+
+
+def test_plan_and_run_refuse_an_image_this_machine_cannot_run(tmp_path):
+    out = dataflow("plan", "pipelines/clara/covid19.yaml")
+    assert out.returncode == 1
+    assert (
+        "cannot run here: operator 'dicom-reader' (image 'clara/dicom-reader:latest'" in out.stderr
+    )
+    assert "covid19.yaml:" in out.stderr  # where the image is named
+    ran = dataflow("run", "pipelines/clara/covid19.yaml", "--input", SAMPLES, "--output", tmp_path)
+    assert ran.returncode == 2 and "cannot run here" in ran.stderr
+    assert not (tmp_path / "summary.json").exists()  # nothing started
