@@ -117,6 +117,17 @@ class StoreClient:
         self._pid = os.getpid()
 
     def _request(self, *message: Any) -> Any:
+        """Send a request and return the server's answer (raising the error it names)."""
+        reply = self._send(message, wait=True)
+        if reply[0] == "ok":
+            return reply[1]
+        raise STORE_ERRORS.get(reply[1], StoreError)(reply[2])
+
+    def _send_one_way(self, *message: Any) -> None:
+        """A request the server does not answer (ordered before our next request)."""
+        self._send(message, wait=False)
+
+    def _send(self, message: tuple, wait: bool) -> tuple | None:
         if self._pid != os.getpid():  # forked: the parent's socket is not ours
             self._connect()
         if self._sock is None:
@@ -125,27 +136,12 @@ class StoreClient:
             self._flush_deferred()
             try:
                 self._sock.sendall(protocol.encode(message))
-                reply = protocol.recv_frame(self._sock, self._scratch)
+                reply = protocol.recv_frame(self._sock, self._scratch) if wait else ()
             except OSError:
                 reply = None
         if reply is None:
             raise StoreNotRunning(f"the store at {self.address!r} stopped")
-        if reply[0] == "ok":
-            return reply[1]
-        raise STORE_ERRORS.get(reply[1], StoreError)(reply[2])
-
-    def _send_one_way(self, *message: Any) -> None:
-        """A request the server does not answer (ordered before our next request)."""
-        if self._pid != os.getpid():
-            self._connect()
-        if self._sock is None:
-            raise StoreNotRunning(f"this client of {self.address!r} is closed")
-        with self._lock:
-            self._flush_deferred()
-            try:
-                self._sock.sendall(protocol.encode(message))
-            except OSError:
-                raise StoreNotRunning(f"the store at {self.address!r} stopped") from None
+        return reply
 
     def _flush_deferred(self) -> None:
         while self._deferred:
