@@ -115,7 +115,12 @@ def test_nothing_is_left_running_after_a_run(tmp_path):
     assert _children() - before == set()  # no worker, no store server
 
 
-def test_ctrl_c_stops_the_run_cleanly(tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "to_group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c-to-the-terminal-group", "sigterm-to-the-coordinator"],
+)
+def test_an_interrupted_run_stops_cleanly(tmp_path, sig, to_group):
     script = Path(__file__).with_name("engine_stages.py")
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path)],
@@ -124,7 +129,10 @@ def test_ctrl_c_stops_the_run_cleanly(tmp_path):
     )  # fmt: skip
     assert proc.stdout.readline().strip() == "running"
     time.sleep(3)  # workers up, the slow stage busy
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    if to_group:
+        os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does: the whole group
+    else:
+        os.kill(proc.pid, sig)  # what a service manager does first
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in out
     deadline = time.monotonic() + 10
