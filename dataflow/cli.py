@@ -197,24 +197,37 @@ class _Display:
         self.progress = None
         self.failed = 0
 
-    def start(self, jobs, graph) -> None:
+    def start(self, jobs, graph, executor) -> None:
+        self.executor = executor
         if not self.enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[failed]} failed"), transient=False,
+            TextColumn("{task.fields[failed]} failed  {task.fields[stages]}"), transient=False,
         )  # fmt: skip
-        self.task = self.progress.add_task(graph.spec.name, total=len(jobs), failed=0)
+        self.task = self.progress.add_task(graph.spec.name, total=len(jobs), failed=0, stages="")
         self.progress.start()
+
+    def _stage_rates(self) -> str:
+        """Per-stage throughput while busy: jobs per second of worker time."""
+        ex = self.executor
+        rates = [
+            f"{name} {ex.stage_jobs[name] / ex.stage_seconds[name]:.1f}/s"
+            for name in ex.stage_jobs
+            if ex.stage_seconds[name] > 0
+        ]
+        return " · ".join(rates)
 
     def result(self, result) -> None:
         import structlog
 
         self.failed += not result.ok
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, failed=self.failed)
+            self.progress.update(
+                self.task, advance=1, failed=self.failed, stages=self._stage_rates()
+            )
             if not result.ok:
                 self.progress.console.print(
                     f"[red]job {result.job} failed[/] in {result.stage}: {result.reason}"

@@ -86,7 +86,7 @@ def run_pipeline_file(
     limits: Limits | None = None,
     store_budget: str | int = "1GiB",
     log_format: str = "console",
-    on_start: Callable[[list[tuple[str, Path]], Any], None] | None = None,
+    on_start: Callable[[list[tuple[str, Path]], Any, LocalExecutor], None] | None = None,
     on_result: Callable[[JobResult], None] | None = None,
 ) -> RunSummary:
     """Load, validate, place and run a pipeline over every job under ``input_path``."""
@@ -107,7 +107,7 @@ def run_pipeline_file(
         extra_sys_path=stage_search_path(path),
     )
     if on_start is not None:
-        on_start(jobs, graph)
+        on_start(jobs, graph, executor)
 
     def record(result: JobResult) -> None:
         write_result(out, result)

@@ -63,8 +63,11 @@ def test_plan_refuses_what_cannot_be_placed(tmp_path):
 
 
 def test_run_writes_every_job_result_and_a_summary(tmp_path):
-    out = dataflow("run", "pipelines/passthrough.yaml", "--input", SAMPLES, "--output", tmp_path)
+    out = dataflow(
+        "run", "pipelines/passthrough.yaml", "--input", SAMPLES, "--output", tmp_path, "--progress"
+    )
     assert out.returncode == 0, out.stderr
+    assert "2/2" in out.stdout + out.stderr  # the progress display counted both jobs
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["job"] for r in summary["results"]] == ["study-a", "study-b"]
     assert all(r["ok"] for r in summary["results"])
