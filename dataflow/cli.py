@@ -201,13 +201,19 @@ class _Display:
         self.executor = executor
         if not self.enabled:
             return
+        from rich.console import Console, Group
+        from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.text import Text
 
-        self.progress = Progress(
+        console = Console(stderr=True)  # stdout stays for the summary
+        self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[failed]} failed  {task.fields[stages]}"), transient=False,
+            TextColumn("{task.fields[failed]} failed"), console=console,
         )  # fmt: skip
-        self.task = self.progress.add_task(graph.spec.name, total=len(jobs), failed=0, stages="")
+        self.task = self.bar.add_task(graph.spec.name, total=len(jobs), failed=0)
+        self.stages = Text("")
+        self.progress = Live(Group(self.bar, self.stages), console=console, transient=False)
         self.progress.start()
 
     def _stage_rates(self) -> str:
@@ -225,9 +231,9 @@ class _Display:
 
         self.failed += not result.ok
         if self.progress is not None:
-            self.progress.update(
-                self.task, advance=1, failed=self.failed, stages=self._stage_rates()
-            )
+            self.bar.update(self.task, advance=1, failed=self.failed)
+            self.stages.plain = self._stage_rates()
+            self.progress.refresh()
             if not result.ok:
                 self.progress.console.print(
                     f"[red]job {result.job} failed[/] in {result.stage}: {result.reason}"
