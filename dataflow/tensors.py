@@ -61,13 +61,15 @@ GEOMETRY_KEYS = (
     "series_instance_uid",
     "frame_of_reference_uid",
     "sop_instance_uids",  # one per slice along the first spatial axis
+    "frame_numbers",  # multi-frame sources: the frame of each slice (1-based), with the UIDs
     "modality",
 )
 
 #: Schema metadata key under which the JSON metadata travels in Arrow.
 METADATA_KEY = b"dataflow.metadata"
-#: Largest metadata mapping accepted, once JSON-encoded.
-MAX_METADATA_BYTES = 64 * 1024
+#: Largest metadata mapping accepted, once JSON-encoded (room for the SOP Instance UIDs of a
+#: few thousand slices).
+MAX_METADATA_BYTES = 1024 * 1024
 _COLUMN = "tensor"
 
 

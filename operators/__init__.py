@@ -1,1 +1,2 @@
-"""Bundled stages (series to volume, inference, DICOM SEG writers...). Filled in by issue 4."""
+"""Bundled stages: DICOM series to volume (``operators.dicom``), image stages, the reference
+pipelines' pass-through trio. See docs/operators.md."""

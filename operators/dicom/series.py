@@ -1,0 +1,394 @@
+"""DICOM series -> one float32 volume in HU with its geometry (docs/tensors.md).
+
+- :func:`split_series`: files (or a folder, searched recursively) -> ``{series UID: files}``,
+  reading headers only.
+- :func:`plan_series`: a series' headers -> a :class:`SeriesPlan` (shape, slice order,
+  geometry metadata), after checking that the frames form one regular volume.
+- :func:`load_series`: files -> ``(volume, metadata)``; ``plan.read_into(out)`` decodes into an
+  array of your own (the stage decodes straight into shared memory).
+- :class:`SeriesToVolume`: the stage (a study folder in, the ``volume`` tensor out).
+
+Slices are ordered by their position along the normal ``row cosine x column cosine``, never by
+InstanceNumber, file name or SliceLocation. Anything that would give a wrong volume raises
+:class:`SeriesError`; the tolerances are the module constants below (see docs/operators.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dataflow.stage import Port, Stage, Tensor
+from operators.dicom.frames import Frame, SeriesError, frames_of
+
+__all__ = [
+    "ORIENTATION_TOL",
+    "PIXEL_SPACING_RTOL",
+    "POSITION_TOL_MM",
+    "SLICE_GAP_RTOL",
+    "SeriesError",
+    "SeriesPlan",
+    "SeriesToVolume",
+    "find_files",
+    "load_series",
+    "plan_series",
+    "split_series",
+]
+
+#: Largest difference of a direction cosine between two frames, and from a unit, orthogonal pair.
+ORIENTATION_TOL = 1e-4
+#: Largest relative difference of PixelSpacing between frames.
+PIXEL_SPACING_RTOL = 1e-4
+#: Positions closer than this along the normal are duplicates; in-plane offsets between slices
+#: (gantry tilt, shifted stacks) larger than this are refused; also the floor of the gap tolerance.
+POSITION_TOL_MM = 0.01
+#: Each gap between neighbouring slices, and each slice's distance from the uniform grid, may
+#: differ from the median gap by at most max(POSITION_TOL_MM, SLICE_GAP_RTOL x median gap).
+SLICE_GAP_RTOL = 0.01
+
+_DICOMDIR = "1.2.840.10008.1.3.10"
+_SHOWN = 4  # offending items named in a message before "... and N more"
+
+
+def find_files(folder: str | Path) -> list[Path]:
+    """Every regular file under ``folder`` (recursively, hidden ones skipped), sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise SeriesError(f"{root} is not a folder")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
+def _paths(files: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(files, (str, os.PathLike)):
+        return find_files(files) if Path(files).is_dir() else [Path(files)]
+    return [Path(f) for f in files]
+
+
+def read_headers(files: str | Path | Iterable[str | Path]) -> list[tuple[Path, Dataset]]:
+    """``(path, header)`` of every DICOM instance among ``files`` (pixels not read).
+
+    Files that are not DICOM Part 10 (no preamble and "DICM"), and DICOMDIRs, are skipped."""
+    headers = []
+    for path in _paths(files):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            continue  # not DICOM Part 10
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # a damaged DICOM file
+            raise SeriesError(f"cannot read the DICOM header of {path}: {exc}") from exc
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
+            continue
+        if "SeriesInstanceUID" in ds:
+            headers.append((path, ds))
+    return headers
+
+
+def _split(headers: list[tuple[Path, Dataset]]) -> dict[str, list[tuple[Path, Dataset]]]:
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, ds in headers:
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    return groups
+
+
+def split_series(files: str | Path | Iterable[str | Path]) -> dict[str, list[Path]]:
+    """``{SeriesInstanceUID: [files]}`` for the DICOM files among ``files`` (or under a folder);
+    headers only (``stop_before_pixels``); non-DICOM files and DICOMDIRs are left out."""
+    return {uid: [p for p, _ in group] for uid, group in _split(read_headers(files)).items()}
+
+
+def _names(paths: Sequence[Path]) -> dict[Path, str]:
+    """How messages call files: relative to the folder that holds them all."""
+    if not paths:
+        return {}
+    parents = {str(p.parent) for p in paths}
+    root = Path(os.path.commonpath(sorted(parents)))
+    return {p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths}
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
+def _fmt(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+@dataclasses.dataclass
+class SeriesPlan:
+    """A checked series: its frames in volume order, the volume's shape and its metadata."""
+
+    series_uid: str
+    frames: list[Frame]
+    shape: tuple[int, int, int]
+    metadata: dict[str, Any]
+    names: dict[Path, str]
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """Decode every frame into ``out`` (float32 ``shape``), applying the rescale (HU)."""
+        if out.shape != self.shape:
+            raise ValueError(f"out has shape {out.shape}; the series needs {self.shape}")
+        by_file: dict[Path, list[tuple[int, Frame]]] = collections.defaultdict(list)
+        for k, frame in enumerate(self.frames):
+            by_file[frame.path].append((k, frame))
+        for path, entries in by_file.items():
+            name = self.names.get(path, str(path))
+            syntax = "unknown"
+            try:
+                ds = pydicom.dcmread(path)
+                syntax = ds.file_meta.get("TransferSyntaxUID", syntax)
+                pixels = ds.pixel_array
+            except Exception as exc:  # pydicom raises several types, by codec and plugin
+                raise SeriesError(
+                    f"series {self.series_uid}: cannot decode the pixels of {name} "
+                    f"(transfer syntax {getattr(syntax, 'name', syntax)}): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if pixels.ndim == 2:
+                pixels = pixels[None]
+            expected = (int(ds.get("NumberOfFrames") or 1), *self.shape[1:])
+            if pixels.shape != expected:
+                raise SeriesError(
+                    f"series {self.series_uid}: {name} decodes to {pixels.shape}; "
+                    f"expected {expected}"
+                )
+            for k, frame in entries:
+                out[k] = pixels[frame.index or 0]
+                if frame.slope != 1.0:
+                    out[k] *= np.float32(frame.slope)
+                if frame.intercept != 0.0:
+                    out[k] += np.float32(frame.intercept)
+        return out
+
+
+def _cluster(values: list[tuple[np.ndarray, Frame]], close) -> list[list[tuple[Any, Frame]]]:
+    clusters: list[list[tuple[Any, Frame]]] = []
+    for value, frame in values:
+        for cluster in clusters:
+            if close(cluster[0][0], value):
+                cluster.append((value, frame))
+                break
+        else:
+            clusters.append([(value, frame)])
+    return sorted(clusters, key=len, reverse=True)
+
+
+def _check_same(uid, what, values, close, show, names) -> None:
+    clusters = _cluster(values, close)
+    if len(clusters) > 1:
+        parts = [
+            f"{show(c[0][0])} in {len(c)} frame(s) ({_listing([_where(f, names) for _, f in c])})"
+            for c in clusters
+        ]
+        raise SeriesError(f"series {uid}: mixed {what}: " + "; ".join(parts))
+
+
+def _where(frame: Frame, names: dict[Path, str]) -> str:
+    name = names.get(frame.path, str(frame.path))
+    return name if frame.index is None else f"{name} frame {frame.index + 1}"
+
+
+def _plan(uid: str, headers: list[tuple[Path, Dataset]]) -> SeriesPlan:
+    names = _names([p for p, _ in headers])
+    uids = sorted({str(ds.SeriesInstanceUID) for _, ds in headers})
+    if len(uids) > 1:
+        raise SeriesError(f"the files hold {len(uids)} series ({', '.join(uids)}): split them")
+    frames = [f for path, ds in headers for f in frames_of(ds, path, names[path], uid)]
+    if not frames:
+        raise SeriesError(f"series {uid}: no image frames")
+    first_ds = headers[0][1]
+    frame_of_reference = {p: str(ds.get("FrameOfReferenceUID", "")) for p, ds in headers}
+
+    def same(what, values, close, show):
+        _check_same(uid, what, [(v, f) for v, f in zip(values, frames)], close, show, names)
+
+    same("FrameOfReferenceUID", [frame_of_reference[f.path] for f in frames], str.__eq__,
+         lambda v: v or "(none)")  # fmt: skip
+
+    same("Rows x Columns", [(f.rows, f.columns) for f in frames], tuple.__eq__,
+         lambda v: f"{v[0]} x {v[1]}")  # fmt: skip
+    same("ImageOrientationPatient", [f.orientation for f in frames],
+         lambda a, b: np.abs(a - b).max() <= ORIENTATION_TOL, _fmt)  # fmt: skip
+    same("PixelSpacing", [np.asarray(f.pixel_spacing) for f in frames],
+         lambda a, b: np.allclose(a, b, rtol=PIXEL_SPACING_RTOL, atol=0), _fmt)  # fmt: skip
+
+    row, col = frames[0].orientation[:3], frames[0].orientation[3:]
+    if (
+        abs(np.linalg.norm(row) - 1) > ORIENTATION_TOL
+        or abs(np.linalg.norm(col) - 1) > ORIENTATION_TOL
+        or abs(row @ col) > ORIENTATION_TOL
+    ):
+        raise SeriesError(
+            f"series {uid}: ImageOrientationPatient {_fmt(frames[0].orientation)} is not two "
+            "orthogonal unit vectors"
+        )
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    frames.sort(key=lambda f: float(f.position @ normal))
+    distance = np.array([f.position @ normal for f in frames])
+    _check_positions(uid, frames, distance, normal, names)
+
+    count = len(frames)
+    if count > 1:
+        slice_spacing = float((distance[-1] - distance[0]) / (count - 1))
+    else:
+        slice_spacing = frames[0].thickness or 1.0
+    direction = np.column_stack([normal, col, row])  # array axes D, H, W
+    multi = any(f.index is not None for f in frames)
+    metadata = {
+        "spacing": [slice_spacing, *map(float, frames[0].pixel_spacing)],
+        "origin": [float(v) for v in frames[0].position],
+        "direction": [float(v) for v in direction.ravel()],
+        "axes": "DHW",
+        "study_instance_uid": str(first_ds.get("StudyInstanceUID", "")),
+        "series_instance_uid": uid,
+        "frame_of_reference_uid": frame_of_reference[frames[0].path],
+        "sop_instance_uids": [f.sop_instance_uid for f in frames],
+        "modality": str(first_ds.get("Modality", "")),
+    }
+    if multi:
+        metadata["frame_numbers"] = [f.frame_number for f in frames]
+    shape = (count, frames[0].rows, frames[0].columns)
+    return SeriesPlan(uid, frames, shape, metadata, names)
+
+
+def _check_positions(uid, frames, distance, normal, names) -> None:
+    """Duplicates, in-plane offsets (tilt), then gaps: the slices must form a regular grid."""
+    where = [_where(f, names) for f in frames]
+    gaps = np.diff(distance)
+    dupes = [i for i, g in enumerate(gaps) if g <= POSITION_TOL_MM]
+    if dupes:
+        items = []
+        for i in dupes:
+            a, b = frames[i], frames[i + 1]
+            same = a.index is None and b.index is None and a.sop_instance_uid == b.sop_instance_uid
+            note = ", the same SOP Instance UID" if same else ""
+            items.append(f"{where[i]} and {where[i + 1]} at {_fmt(frames[i].position)}{note}")
+        raise SeriesError(
+            f"series {uid}: {len(dupes)} duplicate slice position(s) (closer than "
+            f"{POSITION_TOL_MM} mm along the normal; copies, or several echoes, phases or "
+            f"time points in one series?): {_listing(items)}"
+        )
+    offsets = [f.position - frames[0].position for f in frames]
+    in_plane = np.array([np.linalg.norm(o - (o @ normal) * normal) for o in offsets])
+    if in_plane.max(initial=0.0) > POSITION_TOL_MM:
+        bad = [
+            f"{where[i]} by {in_plane[i]:.3g} mm"
+            for i in np.flatnonzero(in_plane > POSITION_TOL_MM)
+        ]
+        raise SeriesError(
+            f"series {uid}: slices are not stacked along the normal {_fmt(normal)} "
+            f"(gantry tilt or shifted stacks?): offset in-plane from {where[0]}: {_listing(bad)}"
+        )
+    if len(frames) < 3:
+        return
+    median = float(np.median(gaps))
+    tol = max(POSITION_TOL_MM, SLICE_GAP_RTOL * median)
+    bad = [
+        f"{gaps[i]:.4g} mm between {where[i]} {_fmt(frames[i].position)} and "
+        f"{where[i + 1]} {_fmt(frames[i + 1].position)}"
+        for i in np.flatnonzero(np.abs(gaps - median) > tol)
+    ]
+    if not bad:
+        grid = distance[0] + np.arange(len(frames)) * (distance[-1] - distance[0]) / (
+            len(frames) - 1
+        )
+        drift = np.abs(distance - grid)
+        if drift.max() > tol:
+            i = int(drift.argmax())
+            bad = [f"{where[i]} is {drift[i]:.3g} mm off the regular grid (drifting spacing)"]
+    if bad:
+        raise SeriesError(
+            f"series {uid}: uneven slice spacing (median gap {median:.4g} mm, tolerance "
+            f"{tol:.3g} mm; a missing slice?): {_listing(bad)}"
+        )
+
+
+def plan_series(files: str | Path | Iterable[str | Path]) -> SeriesPlan:
+    """Check one series (its files, or a folder holding only it) and plan its volume."""
+    headers = read_headers(files)
+    if not headers:
+        raise SeriesError("no DICOM instances among the files given")
+    groups = _split(headers)
+    if len(groups) > 1:
+        raise SeriesError(
+            f"the files hold {len(groups)} series ({', '.join(groups)}): pick one with split_series"
+        )
+    uid, group = next(iter(groups.items()))
+    return _plan(uid, group)
+
+
+def load_series(files: str | Path | Iterable[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
+    """One series -> ``(volume, metadata)``: float32 HU ``[slice, row, column]`` and the
+    geometry and UIDs of docs/tensors.md (plus ``frame_numbers`` for multi-frame sources)."""
+    plan = plan_series(files)
+    volume = plan.read_into(np.empty(plan.shape, dtype=np.float32))
+    return volume, plan.metadata
+
+
+def _describe(uid: str, group: list[tuple[Path, Dataset]]) -> str:
+    ds = group[0][1]
+    frames = sum(int(d.get("NumberOfFrames") or 1) for _, d in group)
+    what = f"{len(group)} instance(s)" + (f", {frames} frames" if frames != len(group) else "")
+    return f"{uid} ({ds.get('Modality', '?')} {str(ds.get('SeriesDescription', ''))!r}, {what})"
+
+
+class SeriesToVolume(Stage):
+    """A study folder of DICOM files (nested folders allowed) -> one series as a float32 HU
+    volume ``[slice, row, column]`` with its geometry and UIDs (docs/tensors.md).
+
+    ``series_uid`` picks the series when the folder holds several image series."""
+
+    inputs = {"study": Port("stream", element_type="dicom", description="DICOM files")}
+    outputs = {
+        "volume": Port("array", element_type="float32", shape=(-1, -1, -1), description="HU, DHW")
+    }
+
+    def __init__(self, series_uid: str | None = None):
+        self.series_uid = series_uid
+
+    def execute(self, ctx, study: Path) -> Tensor:
+        groups = _split(read_headers(study))
+        images = {u: g for u, g in groups.items() if all("Rows" in ds for _, ds in g)}
+        listing = "; ".join(_describe(u, g) for u, g in images.items())
+        if self.series_uid is not None:
+            if self.series_uid not in groups:
+                raise SeriesError(
+                    f"series {self.series_uid} is not in the study folder; it holds: "
+                    f"{listing or 'no image series'}"
+                )
+            uid = self.series_uid
+        elif len(images) == 1:
+            uid = next(iter(images))
+        elif not images:
+            raise SeriesError(f"no DICOM image series in the study folder ({len(groups)} other)")
+        else:
+            raise SeriesError(
+                f"the study folder holds {len(images)} image series; choose one with the "
+                f"series_uid parameter: {listing}"
+            )
+        plan = _plan(uid, groups[uid])
+        volume = ctx.allocate("volume", plan.shape)
+        plan.read_into(volume)
+        ctx.log.info(
+            "series_loaded",
+            shape=list(plan.shape),
+            spacing=plan.metadata["spacing"],
+            files=len(groups[uid]),
+        )
+        return Tensor(volume, plan.metadata)
