@@ -69,8 +69,10 @@ class LocalExecutor:
 
     ``run(jobs)`` takes ``(job_id, payload_dir)`` pairs and returns one :class:`JobResult`
     per job, in order; ``on_result`` is called as each result is known (in order). A leaf
-    output (one no stage consumes) is handed to ``on_result`` as a materialised value:
-    NumPy array (with ``metadata`` via ``outputs_metadata``), string/number, or a path.
+    output (one no stage consumes) is in ``JobResult.outputs`` as ``(array, metadata)`` for a
+    tensor, a string or number, or a path. With ``on_result``, arrays are zero-copy views
+    valid during the call only, and the returned results keep no outputs (a long run must not
+    hold every job's results in memory); without it, the returned results hold copies.
     """
 
     def __init__(
@@ -221,31 +223,31 @@ class LocalExecutor:
             elif isinstance(action, state.Discard):
                 self._discard(action.values)
             elif isinstance(action, (state.JobSucceeded, state.JobFailed)):
-                result = self._result(action, started)
-                results.append(result)
+                result = self._result(action, started, copy=on_result is None)
                 if on_result is not None:
-                    on_result(result)
+                    on_result(result)  # sees zero-copy views of the results...
+                    result.outputs = {}  # ...which go now: a long run must not pile them up
+                if isinstance(action, state.JobSucceeded):
+                    self._discard(tuple(action.outputs.values()))
+                results.append(result)
             elif isinstance(action, state.Stalled):
                 log.warning("pipeline_stalled", report=action.report)
 
-    def _result(self, action, started) -> JobResult:
+    def _result(self, action, started, copy: bool) -> JobResult:
         seconds = time.monotonic() - started.pop(action.job, time.monotonic())
         if isinstance(action, state.JobFailed):
             return JobResult(
                 action.job, False, stage=action.stage, reason=action.reason,
                 details=action.details, seconds=seconds,
             )  # fmt: skip
-        outputs = {}
-        for key, value in action.outputs.items():
-            outputs[key] = self._materialize(value.ref)
-        self._discard(tuple(action.outputs.values()))
+        outputs = {key: self._materialize(value.ref, copy) for key, value in action.outputs.items()}
         return JobResult(action.job, True, outputs=outputs, seconds=seconds)
 
-    def _materialize(self, ref: tuple) -> Any:
+    def _materialize(self, ref: tuple, copy: bool) -> Any:
         if ref[0] == "obj":
             view = self.store.get(ref[1])
             if view.kind == "tensor":
-                return (view.array.copy(), view.metadata)
+                return (view.array.copy() if copy else view.array, view.metadata)
             if view.kind == "arrow":
                 return (view.to_arrow(), view.metadata)
             return (bytes(view.buffer), view.metadata)
