@@ -13,6 +13,7 @@
     ├── StageError                     a stage's own code failed (dataflow.stage)
     ├── PortError, ParameterError      a port or stage parameter is wrong (dataflow.stage)
     ├── PipelineError                  a pipeline definition is wrong (dataflow.pipeline)
+    ├── KernelValueError               bad arguments to operators.kernels (also a ValueError)
     └── SchedulerError                 dataflow.scheduler
         ├── SchedulerValueError        a bad inventory declaration (DATAFLOW_GPUS...)
         └── PlacementError             replicas that cannot be placed, each with the reason

@@ -125,7 +125,7 @@ def stage_defs(graph: Graph, plan: Plan) -> list[StageDef]:
                 arguments=arguments,
                 replicas=node.spec.replicas,
                 timeout=node.spec.timeout,
-                env=[{**node.spec.variables, **a.env} for a in assignments],
+                env=[{**_thread_env(a.cpu), **node.spec.variables, **a.env} for a in assignments],
                 devices=[a.gpus[0] if a.gpus else None for a in assignments],
             )
         )
@@ -152,3 +152,10 @@ def _command_arguments(node: OperatorNode, in_names, out_names) -> dict:
         "image": container.image if container else None,
         "tag": (container.tag or "latest") if container else "latest",
     }
+
+
+def _thread_env(cpu: float) -> dict[str, str]:
+    """Size the worker's thread pools (Numba, OpenMP/BLAS) to its CPU request, so that every
+    worker does not start one thread per core of the machine."""
+    threads = str(max(1, int(cpu)))
+    return {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}

@@ -1,0 +1,286 @@
+"""Image kernels for the hot paths, each with a CPU (Numba, parallel) and a CUDA version.
+
+Every function takes a [D, H, W] volume (float32; other real types are converted on the host)
+or mask (uint8 or bool; nonzero is foreground) and ``device``:
+
+- ``"auto"`` (default): CUDA if the input is on the GPU (CuPy or Numba device array), else CPU;
+- ``"cpu"``: the Numba CPU version (the input must be on the host);
+- ``"cuda"``: the CUDA version; host inputs are copied to the GPU and the result back.
+
+The result goes into ``out`` if given (must match shape and dtype exactly), otherwise it is
+returned where the input lives. The CUDA versions are also importable as ``*_cuda`` (importing
+one imports ``numba.cuda``; this package alone never does). Conventions: docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _common as c
+from ._common import CONNECTIVITIES, KernelValueError, is_device_array, resample_shape
+
+__all__ = [
+    "CONNECTIVITIES",
+    "KernelValueError",
+    "connected_components",
+    "connected_components_cuda",
+    "cuda_available",
+    "gaussian_smooth",
+    "gaussian_smooth_cuda",
+    "is_device_array",
+    "label",
+    "label_cuda",
+    "normalize",
+    "normalize_cuda",
+    "resample",
+    "resample_cuda",
+    "resample_shape",
+    "threshold",
+    "threshold_cuda",
+    "warmup",
+    "window_level",
+    "window_level_cuda",
+]
+
+_CUDA_NAMES = {name for name in __all__ if name.endswith("_cuda")}
+
+
+def __getattr__(name: str) -> Any:  # the *_cuda functions, imported on first use
+    if name in _CUDA_NAMES:
+        from . import cuda
+
+        return getattr(cuda, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """Whether numba-cuda is installed and a GPU (or the simulator) is usable. Cached."""
+    try:
+        from numba import cuda
+    except ImportError:
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver or toolkit: treat as no GPU
+        return False
+
+
+def _use_cuda(x: Any, device: str) -> bool:
+    if device == "auto":
+        return is_device_array(x)
+    if device == "cpu":
+        if is_device_array(x):
+            raise KernelValueError("device='cpu' needs a host array; this one is on the GPU")
+        return False
+    if device == "cuda":
+        if not cuda_available():
+            raise KernelValueError("device='cuda' but no CUDA GPU is usable (numba-cuda, driver)")
+        return True
+    raise KernelValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
+
+
+def _cuda(name: str) -> Any:
+    from . import cuda
+
+    return getattr(cuda, name)
+
+
+def _out(out: Any, shape: tuple, dtype: Any) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype)
+    c.check_out(out, shape, dtype)
+    if not isinstance(out, np.ndarray):
+        raise KernelValueError("out must be a NumPy array for a CPU computation")
+    return out
+
+
+def window_level(
+    volume: Any, center: float, width: float, *, out: Any = None, device: str = "auto"
+) -> Any:
+    """Clip to [center - width/2, center + width/2] and rescale to [0, 1] (float32)."""
+    if _use_cuda(volume, device):
+        return _cuda("window_level_cuda")(volume, center, width, out=out)
+    low, inv = c.window_params(center, width)
+    src = c.host_volume(volume)
+    res = _out(out, src.shape, np.float32)
+    from . import cpu
+
+    cpu.window_level(src.reshape(-1), low, inv, res.reshape(-1))
+    return res
+
+
+def normalize(volume: Any, method: str = "zscore", *, out: Any = None, device: str = "auto") -> Any:
+    """``"zscore"``: (v - mean) / std (population std; 0 where std is 0).
+    ``"minmax"``: (v - min) / (max - min) (0 where max == min). Statistics in float64."""
+    if method not in ("zscore", "minmax"):
+        raise KernelValueError(f"normalize method must be 'zscore' or 'minmax'; got {method!r}")
+    if _use_cuda(volume, device):
+        return _cuda("normalize_cuda")(volume, method, out=out)
+    src = c.host_volume(volume)
+    res = _out(out, src.shape, np.float32)
+    if src.size == 0:
+        return res
+    from . import cpu
+
+    flat = src.reshape(-1)
+    if method == "zscore":
+        mean = cpu.total(flat) / flat.size
+        std = math.sqrt(cpu.squared_deviation(flat, mean) / flat.size)
+        shift, scale = mean, (1.0 / std if std > 0.0 else 0.0)
+    else:
+        lo, hi = cpu.minmax(flat)
+        shift, scale = lo, (1.0 / (hi - lo) if hi > lo else 0.0)
+    cpu.affine(flat, shift, scale, res.reshape(-1))
+    return res
+
+
+def resample(
+    volume: Any,
+    spacing: Any,
+    target_spacing: Any,
+    *,
+    out: Any = None,
+    device: str = "auto",
+) -> Any:
+    """Trilinear resampling from ``spacing`` to ``target_spacing`` (mm per axis, [D, H, W]).
+
+    Voxel centres of the first voxel coincide (the origin is unchanged); output spacing is
+    exactly ``target_spacing``; the shape is :func:`resample_shape` (rounded down, so the
+    extent may shrink by less than one output voxel; nothing is extrapolated)."""
+    if _use_cuda(volume, device):
+        return _cuda("resample_cuda")(volume, spacing, target_spacing, out=out)
+    src = c.host_volume(volume)
+    shape = resample_shape(src.shape, spacing, target_spacing)
+    s, t = c.as_triple(spacing, "spacing"), c.as_triple(target_spacing, "target spacing")
+    tables = []
+    for n, a, b, m in zip(src.shape, s, t, shape):
+        tables += c.resample_tables(n, a, b, m)
+    res = _out(out, shape, np.float32)
+    from . import cpu
+
+    cpu.resample(src, *tables, res)
+    return res
+
+
+def gaussian_smooth(
+    volume: Any,
+    sigma: Any,
+    spacing: Any = (1.0, 1.0, 1.0),
+    *,
+    truncate: float = 3.0,
+    out: Any = None,
+    device: str = "auto",
+) -> Any:
+    """Separable Gaussian with ``sigma`` in mm (one or per axis), converted to voxels with
+    ``spacing``; kernel radius ``int(truncate * sigma_vox + 0.5)``; edge mode 'nearest'. Same
+    as ``scipy.ndimage.gaussian_filter(v, sigma_mm / spacing, mode='nearest', truncate=3)``."""
+    if _use_cuda(volume, device):
+        return _cuda("gaussian_smooth_cuda")(volume, sigma, spacing, truncate=truncate, out=out)
+    plan = c.gaussian_plan(sigma, spacing, truncate)
+    src = c.host_volume(volume)
+    res = _out(out, src.shape, np.float32)
+    if not plan:
+        res[...] = src
+        return res
+    from . import cpu
+
+    passes = (cpu.gaussian_axis0, cpu.gaussian_axis1, cpu.gaussian_axis2)
+    tmp = np.empty(src.shape, np.float32) if len(plan) > 1 else None
+    for (axis, weights), into_out in zip(plan, c.pass_targets(len(plan))):
+        dst = res if into_out else tmp
+        passes[axis](src, weights, dst)
+        src = c.readonly(dst)
+    return res
+
+
+def threshold(
+    volume: Any,
+    lower: float | None = None,
+    upper: float | None = None,
+    *,
+    out: Any = None,
+    device: str = "auto",
+) -> Any:
+    """uint8 mask: 1 where lower <= v <= upper (a missing bound is open; NaN gives 0)."""
+    if _use_cuda(volume, device):
+        return _cuda("threshold_cuda")(volume, lower, upper, out=out)
+    lo, hi = c.threshold_bounds(lower, upper)
+    src = c.host_volume(volume)
+    res = _out(out, src.shape, np.uint8)
+    from . import cpu
+
+    cpu.threshold(src.reshape(-1), lo, hi, res.reshape(-1))
+    return res
+
+
+def label(
+    mask: Any, connectivity: int = 6, *, out: Any = None, device: str = "auto"
+) -> tuple[Any, int]:
+    """Connected components of ``mask`` (6, 18 or 26-connectivity): (int32 labels, n).
+
+    Labels are 1..n in raster order of each component's first voxel, as scipy.ndimage.label."""
+    if _use_cuda(mask, device):
+        return _cuda("label_cuda")(mask, connectivity, out=out)
+    offsets = c.neighbour_offsets(connectivity)
+    src = c.host_mask(mask)
+    res = _out(out, src.shape, np.int32)
+    from . import cpu
+
+    return res, cpu.ccl_labels(src, offsets, res)
+
+
+def connected_components(
+    mask: Any,
+    connectivity: int = 6,
+    *,
+    keep_largest: bool = False,
+    min_size: int = 0,
+    out: Any = None,
+    device: str = "auto",
+) -> Any:
+    """uint8 mask of the components of at least ``min_size`` voxels, and of those only the
+    largest if ``keep_largest`` (ties: the first in raster order)."""
+    if _use_cuda(mask, device):
+        fn = _cuda("connected_components_cuda")
+        return fn(mask, connectivity, keep_largest=keep_largest, min_size=min_size, out=out)
+    src = c.host_mask(mask)
+    res = _out(out, src.shape, np.uint8)
+    labels, count = label(src, connectivity, device="cpu")
+    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)
+    np.take(c.keep_table(sizes, keep_largest, min_size), labels, out=res)
+    return res
+
+
+_WARMUPS = {
+    "window_level": lambda v, m, d: window_level(v, 0.5, 1.0, device=d),
+    "normalize": lambda v, m, d: [normalize(v, k, device=d) for k in ("zscore", "minmax")],
+    "resample": lambda v, m, d: resample(v, (1.0, 1.0, 1.0), (0.7, 0.7, 0.7), device=d),
+    "gaussian_smooth": lambda v, m, d: gaussian_smooth(v, 1.0, device=d),
+    "threshold": lambda v, m, d: threshold(v, 0.5, device=d),
+    "label": lambda v, m, d: label(m, 6, device=d),
+    "connected_components": lambda v, m, d: connected_components(m, 26, device=d),
+}
+
+
+def warmup(*kernels: str, device: str = "cpu") -> dict[str, float]:
+    """Compile ``kernels`` (default: all) for ``device`` ("cpu" or "cuda") by running them on
+    a 4x4x4 volume, so the first job does not pay the JIT; returns seconds per kernel.
+    Call it from a stage's ``prepare``."""
+    names = kernels or tuple(_WARMUPS)
+    unknown = sorted(set(names) - set(_WARMUPS))
+    if unknown:
+        raise KernelValueError(f"unknown kernel(s) {unknown}; known: {sorted(_WARMUPS)}")
+    volume = np.random.default_rng(0).random((4, 4, 4), dtype=np.float32)
+    mask = (volume > 0.5).view(np.uint8)
+    times = {}
+    for name in names:
+        start = time.perf_counter()
+        _WARMUPS[name](volume, mask, device)
+        times[name] = time.perf_counter() - start
+    return times

@@ -1,0 +1,349 @@
+"""CPU kernels (operators.kernels) against NumPy / SciPy references, and their stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataflow.stage import ParameterError, Tensor
+from dataflow.testing import run_stage
+from operators import kernels as K
+from operators.image_stages import (
+    ConnectedComponents,
+    GaussianSmooth,
+    Normalize,
+    Resample,
+    Threshold,
+    WindowLevel,
+)
+
+STRUCTURE = {6: 1, 18: 2, 26: 3}  # connectivity -> scipy generate_binary_structure rank
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def volume(rng):
+    return (rng.normal(size=(7, 11, 9)) * 300).astype(np.float32)
+
+
+def scipy_ndimage():
+    return pytest.importorskip("scipy.ndimage")
+
+
+def scipy_label(mask, connectivity):
+    ndi = scipy_ndimage()
+    labels, n = ndi.label(mask, ndi.generate_binary_structure(3, STRUCTURE[connectivity]))
+    return labels, n
+
+
+# ------------------------------------------------------------------ window / level, normalise
+
+
+def test_window_level_matches_numpy(volume):
+    out = K.window_level(volume, 40.0, 400.0)
+    expected = np.clip((volume.astype(np.float64) + 160.0) / 400.0, 0.0, 1.0)
+    assert out.dtype == np.float32 and out.shape == volume.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    assert out.min() == 0.0 and out.max() == 1.0
+
+
+def test_window_level_writes_into_out_converts_types_and_keeps_nan(volume):
+    out = np.empty(volume.shape, np.float32)
+    assert K.window_level(volume, 0.0, 2.0, out=out) is out
+    ints = np.array([[[-5, 0, 1, 5]]], np.int16)
+    np.testing.assert_array_equal(K.window_level(ints, 0.0, 2.0), [[[0.0, 0.5, 1.0, 1.0]]])
+    nan = K.window_level(np.array([[[np.nan, 0.0]]], np.float32), 0.0, 2.0)
+    assert np.isnan(nan[0, 0, 0]) and nan[0, 0, 1] == 0.5
+
+
+def test_window_level_rejects_bad_width_out_and_shape(volume):
+    with pytest.raises(K.KernelValueError, match="width must be positive"):
+        K.window_level(volume, 0.0, 0.0)
+    with pytest.raises(K.KernelValueError, match=r"out must be float32 \[7, 11, 9\]"):
+        K.window_level(volume, 0.0, 1.0, out=np.empty(volume.shape, np.float64))
+    with pytest.raises(K.KernelValueError, match="3-D"):
+        K.window_level(volume[0], 0.0, 1.0)
+
+
+def test_normalize_zscore_and_minmax_match_numpy(volume):
+    v = volume.astype(np.float64)
+    np.testing.assert_allclose(K.normalize(volume), (v - v.mean()) / v.std(), atol=1e-6)
+    expected = (v - v.min()) / (v.max() - v.min())
+    np.testing.assert_allclose(K.normalize(volume, "minmax"), expected, atol=1e-7)
+
+
+def test_normalize_constant_empty_and_bad_method():
+    constant = np.full((2, 3, 4), 7.0, np.float32)
+    assert not K.normalize(constant).any()
+    assert not K.normalize(constant, "minmax").any()
+    assert K.normalize(np.zeros((0, 3, 4), np.float32)).shape == (0, 3, 4)
+    with pytest.raises(K.KernelValueError, match="'zscore' or 'minmax'"):
+        K.normalize(constant, "l2")
+
+
+# ------------------------------------------------------------------ threshold
+
+
+def test_threshold_is_exact_with_inclusive_and_open_bounds(volume):
+    np.testing.assert_array_equal(
+        K.threshold(volume, -100, 200), ((volume >= -100) & (volume <= 200)).astype(np.uint8)
+    )
+    np.testing.assert_array_equal(K.threshold(volume, lower=0), (volume >= 0).astype(np.uint8))
+    np.testing.assert_array_equal(K.threshold(volume, upper=0), (volume <= 0).astype(np.uint8))
+    assert K.threshold(volume).all()
+    edges = np.array([[[1.0, 2.0, 3.0, np.nan]]], np.float32)
+    np.testing.assert_array_equal(K.threshold(edges, 1.0, 2.0), [[[1, 1, 0, 0]]])
+    assert K.threshold(volume, 0).dtype == np.uint8
+
+
+def test_threshold_rejects_inverted_bounds(volume):
+    with pytest.raises(K.KernelValueError, match="lower <= upper"):
+        K.threshold(volume, 5, 1)
+
+
+# ------------------------------------------------------------------ resampling
+
+
+@pytest.mark.parametrize(
+    ("n", "spacing", "target", "expected"),
+    [
+        (10, 1.0, 0.5, 19),  # extent 9 mm kept exactly
+        (10, 1.0, 3.0, 4),  # 0, 3, 6, 9 mm
+        (10, 1.0, 4.0, 3),  # 0, 4, 8 mm: extent shrinks by 1 mm < one output voxel
+        (11, 0.3, 0.1, 31),  # 10 * 0.3 / 0.1 = 29.999999...: still 31 samples
+        (1, 2.0, 0.5, 1),  # a single voxel stays a single voxel
+    ],
+)
+def test_resample_shape_convention(n, spacing, target, expected):
+    assert K.resample_shape((n, 1, 1), (spacing, 1, 1), (target, 1, 1))[0] == expected
+
+
+def test_resample_to_the_same_spacing_is_the_identity(volume):
+    np.testing.assert_array_equal(K.resample(volume, (2.0, 0.7, 0.9), (2.0, 0.7, 0.9)), volume)
+
+
+def test_resample_reproduces_a_linear_field_exactly():
+    spacing, target = (2.5, 0.8, 1.1), (1.0, 1.3, 0.45)
+    idx = np.indices((6, 9, 8), dtype=np.float64)
+    z, y, x = (i * s for i, s in zip(idx, spacing))  # mm from the first voxel centre
+    field = (3.0 * z - 2.0 * y + 0.5 * x + 10).astype(np.float32)
+    out = K.resample(field, spacing, target)
+    assert out.shape == K.resample_shape(field.shape, spacing, target) == (13, 5, 18)
+    zz, yy, xx = (i * t for i, t in zip(np.indices(out.shape, dtype=np.float64), target))
+    np.testing.assert_allclose(out, 3.0 * zz - 2.0 * yy + 0.5 * xx + 10, rtol=1e-5, atol=1e-4)
+
+
+def test_resample_matches_scipy_trilinear(volume):
+    ndi = scipy_ndimage()
+    spacing, target = (2.0, 0.7, 0.9), (1.0, 1.0, 0.5)
+    out = K.resample(volume, spacing, target)
+    coords = np.meshgrid(
+        *(np.arange(m) * (t / s) for m, s, t in zip(out.shape, spacing, target)), indexing="ij"
+    )
+    expected = ndi.map_coordinates(volume.astype(np.float64), coords, order=1, mode="nearest")
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_resample_single_voxel_and_bad_arguments():
+    one = np.full((1, 1, 1), 3.0, np.float32)
+    np.testing.assert_array_equal(K.resample(one, 1.0, 0.25), one)
+    with pytest.raises(K.KernelValueError, match="cannot resample a volume of shape"):
+        K.resample(np.zeros((0, 2, 2), np.float32), 1.0, 1.0)
+    with pytest.raises(K.KernelValueError, match="target spacing must be finite and positive"):
+        K.resample(one, 1.0, (1.0, 0.0, 1.0))
+
+
+# ------------------------------------------------------------------ Gaussian
+
+
+@pytest.mark.parametrize(
+    ("sigma", "spacing"),
+    [(1.0, (1.0, 1.0, 1.0)), (1.5, (3.0, 0.7, 0.8)), ((2.0, 0.0, 0.9), (2.0, 1.0, 0.5))],
+)
+def test_gaussian_matches_scipy(volume, sigma, spacing):
+    ndi = scipy_ndimage()
+    out = K.gaussian_smooth(volume, sigma, spacing)
+    sigma_vox = np.broadcast_to(np.asarray(sigma, float), 3) / np.asarray(spacing)
+    expected = ndi.gaussian_filter(volume, sigma_vox, mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_gaussian_edge_cases(volume):
+    constant = np.full((3, 4, 5), 2.5, np.float32)
+    np.testing.assert_allclose(K.gaussian_smooth(constant, 2.0), constant, rtol=1e-6)
+    np.testing.assert_array_equal(K.gaussian_smooth(volume, 0.0), volume)  # no pass: a copy
+    one = np.full((1, 1, 1), 4.0, np.float32)
+    np.testing.assert_allclose(K.gaussian_smooth(one, 3.0), one, rtol=1e-6)
+    assert K.gaussian_smooth(np.zeros((0, 4, 4), np.float32), 1.0).shape == (0, 4, 4)
+    with pytest.raises(K.KernelValueError, match="sigma must be finite and non-negative"):
+        K.gaussian_smooth(volume, -1.0)
+
+
+# ------------------------------------------------------------------ connected components
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+@pytest.mark.parametrize("density", [0.15, 0.35, 0.6])
+def test_label_matches_scipy_exactly(rng, connectivity, density):
+    mask = (rng.random((9, 13, 11)) < density).astype(np.uint8)
+    labels, n = K.label(mask, connectivity)
+    expected, expected_n = scipy_label(mask, connectivity)
+    assert n == expected_n
+    np.testing.assert_array_equal(labels, expected)  # same numbering: raster order
+
+
+def test_label_structured_connectivities():
+    mask = np.zeros((4, 4, 4), np.uint8)
+    mask[0, 0, 0] = mask[1, 1, 1] = 1  # corner neighbours
+    mask[3, 2, 3] = mask[3, 3, 2] = 1  # edge neighbours
+    mask[2, 0, 3] = mask[3, 0, 3] = 1  # face neighbours
+    assert K.label(mask, 6)[1] == 5
+    assert K.label(mask, 18)[1] == 4
+    labels, n = K.label(mask, 26)
+    assert n == 3 and labels[1, 1, 1] == labels[0, 0, 0] == 1 and labels.dtype == np.int32
+
+
+def test_label_spiral_joins_across_slabs():
+    """One component that snakes through every plane and back (stresses the slab seams)."""
+    mask = np.zeros((16, 5, 5), np.uint8)
+    mask[:, 0, 0] = 1
+    mask[:, 4, 4] = 1
+    mask[15, :, 0] = mask[15, 4, :] = 1
+    assert K.label(mask, 6)[1] == 1
+    mask[15, 2, 0] = 0
+    assert K.label(mask, 6)[1] == 2
+
+
+def test_label_empty_full_single_and_bool_input():
+    labels, n = K.label(np.zeros((3, 4, 5), np.uint8))
+    assert n == 0 and not labels.any()
+    labels, n = K.label(np.ones((3, 4, 5), bool), 6)
+    assert n == 1 and (labels == 1).all()
+    assert K.label(np.ones((1, 1, 1), np.uint8))[1] == 1
+    assert K.label(np.zeros((0, 4, 5), np.uint8))[1] == 0
+    with pytest.raises(K.KernelValueError, match="connectivity must be one of"):
+        K.label(np.ones((1, 1, 1), np.uint8), 8)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_connected_components_keep_largest_and_min_size(rng, connectivity):
+    mask = (rng.random((10, 12, 14)) < 0.3).astype(np.uint8)
+    labels, n = scipy_label(mask, connectivity)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    largest = K.connected_components(mask, connectivity, keep_largest=True)
+    best = int(np.argmax(sizes[1:])) + 1
+    np.testing.assert_array_equal(largest, (labels == best).astype(np.uint8))
+    kept = K.connected_components(mask, connectivity, min_size=3)
+    np.testing.assert_array_equal(kept, np.isin(labels, np.flatnonzero(sizes >= 3)[1:]))
+    assert kept.dtype == np.uint8
+    nothing = K.connected_components(mask, connectivity, keep_largest=True, min_size=10**6)
+    assert not nothing.any()
+
+
+def test_connected_components_tie_keeps_the_first_in_raster_order():
+    mask = np.zeros((2, 3, 7), np.uint8)
+    mask[1, 2, 4:6] = 1
+    mask[0, 0, 0:2] = 1
+    out = K.connected_components(mask, 6, keep_largest=True)
+    np.testing.assert_array_equal(np.argwhere(out), [[0, 0, 0], [0, 0, 1]])
+    assert not K.connected_components(np.zeros((2, 2, 2), np.uint8), keep_largest=True).any()
+
+
+# ------------------------------------------------------------------ dispatch and warm-up
+
+
+def test_device_argument(volume):
+    with pytest.raises(K.KernelValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
+        K.threshold(volume, 0, device="gpu")
+    np.testing.assert_array_equal(K.threshold(volume, 0, device="cpu"), K.threshold(volume, 0))
+    if not K.cuda_available():
+        with pytest.raises(K.KernelValueError, match="no CUDA GPU is usable"):
+            K.threshold(volume, 0, device="cuda")
+
+
+def test_warmup_compiles_named_kernels():
+    times = K.warmup("threshold", "window_level")
+    assert set(times) == {"threshold", "window_level"} and all(t >= 0 for t in times.values())
+    with pytest.raises(K.KernelValueError, match="unknown kernel"):
+        K.warmup("sharpen")
+
+
+# ------------------------------------------------------------------ stages
+
+
+GEOMETRY = {
+    "spacing": [2.5, 0.8, 0.8],
+    "origin": [-120.0, -140.5, 30.0],
+    "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+    "axes": "DHW",
+    "modality": "CT",
+    "sop_instance_uids": [f"1.2.3.{i}" for i in range(7)],
+}
+
+
+def test_window_level_and_normalize_stages(volume):
+    out = run_stage(WindowLevel, {"volume": volume}, arguments={"center": 0, "width": 600})
+    np.testing.assert_array_equal(out["volume"], K.window_level(volume, 0, 600))
+    out = run_stage(Normalize, {"volume": volume}, arguments={"method": "minmax"})
+    np.testing.assert_array_equal(out["volume"], K.normalize(volume, "minmax"))
+    with pytest.raises(ParameterError, match="method must be 'zscore' or 'minmax'"):
+        run_stage(Normalize, {"volume": volume}, arguments={"method": "l1"})
+    with pytest.raises(ParameterError, match="width must be positive"):
+        run_stage(WindowLevel, {"volume": volume}, arguments={"width": 0})
+
+
+def test_resample_stage_updates_spacing_and_keeps_geometry(volume):
+    out = run_stage(
+        Resample, {"volume": Tensor(volume, dict(GEOMETRY))}, arguments={"spacing": [1.0, 1.6, 1.6]}
+    )["volume"]
+    assert isinstance(out, Tensor)
+    expected = K.resample(volume, GEOMETRY["spacing"], (1.0, 1.6, 1.6))
+    np.testing.assert_array_equal(out.array, expected)
+    assert out.array.shape == (16, 6, 5)
+    assert out.metadata["spacing"] == [1.0, 1.6, 1.6]
+    for key in ("origin", "direction", "axes", "modality"):
+        assert out.metadata[key] == GEOMETRY[key]
+    assert "sop_instance_uids" not in out.metadata  # 7 slices became 16
+
+
+def test_resample_stage_keeps_slice_uids_when_slices_stay_and_needs_spacing(volume):
+    out = run_stage(
+        Resample, {"volume": Tensor(volume, dict(GEOMETRY))}, arguments={"spacing": [2.5, 1, 1]}
+    )["volume"]
+    assert (
+        out.array.shape[0] == 7
+        and out.metadata["sop_instance_uids"] == GEOMETRY["sop_instance_uids"]
+    )
+    with pytest.raises(K.KernelValueError, match="input 'volume' has no 'spacing' metadata"):
+        run_stage(Resample, {"volume": volume})
+    with pytest.raises(ParameterError, match="spacing must be finite and positive"):
+        run_stage(Resample, {"volume": volume}, arguments={"spacing": 0})
+
+
+def test_gaussian_stage_uses_the_spacing_metadata(volume):
+    out = run_stage(
+        GaussianSmooth, {"volume": Tensor(volume, dict(GEOMETRY))}, arguments={"sigma": 2.0}
+    )["volume"]
+    np.testing.assert_array_equal(out, K.gaussian_smooth(volume, 2.0, GEOMETRY["spacing"]))
+    plain = run_stage(GaussianSmooth, {"volume": volume}, arguments={"sigma": [1.0, 0, 1.0]})
+    np.testing.assert_array_equal(plain["volume"], K.gaussian_smooth(volume, (1.0, 0, 1.0)))
+
+
+def test_threshold_and_connected_components_stages(volume):
+    mask = run_stage(Threshold, {"volume": volume}, arguments={"lower": 100})["mask"]
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, (volume >= 100).astype(np.uint8))
+    out = run_stage(ConnectedComponents, {"mask": mask}, arguments={"connectivity": 6})["mask"]
+    np.testing.assert_array_equal(out, K.connected_components(mask, 6, keep_largest=True))
+    out = run_stage(
+        ConnectedComponents, {"mask": mask}, arguments={"keep_largest": False, "min_size": 2}
+    )["mask"]
+    np.testing.assert_array_equal(out, K.connected_components(mask, 26, min_size=2))
+    with pytest.raises(ParameterError, match="connectivity must be one of"):
+        run_stage(ConnectedComponents, {"mask": mask}, arguments={"connectivity": 4})
+    with pytest.raises(ParameterError, match="lower .* must not exceed upper"):
+        run_stage(Threshold, {"volume": volume}, arguments={"lower": 2, "upper": 1})
