@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -190,7 +191,8 @@ class Core:
         self.limits = limits or Limits()
         self.workers: dict[str, _Worker] = {}
         self.jobs: dict[str, _Job] = {}
-        self.backlog: list[_Job] = []  # submitted, not admitted (in order)
+        self.backlog: collections.deque[_Job] = collections.deque()  # submitted, not admitted
+        self.submitted: set[str] = set()  # every job ID seen, to refuse duplicates in O(1)
         self.ready: dict[str, list[tuple[int, str]]] = {s: [] for s in graph.stages}  # heaps
         self.broken: dict[str, str] = {}  # stage -> reason
         self.results: dict[int, Action] = {}  # seq -> result waiting to be reported in order
@@ -221,8 +223,9 @@ class Core:
         return actions
 
     def submit(self, job_id: str, payload: Value | None, now: float) -> list[Action]:
-        if job_id in self.jobs or any(j.id == job_id for j in self.backlog):
+        if job_id in self.submitted:
             raise ValueError(f"job {job_id!r} was already submitted")
+        self.submitted.add(job_id)
         self.backlog.append(_Job(job_id, next(self._seq), payload))
         return self._admit(now) + self._schedule(now)
 
@@ -260,10 +263,12 @@ class Core:
                     waiting.discard(inport)
                     if not waiting:
                         self._make_ready(job, consumer)
-        actions += self._consume_inputs(job, stage)
+        # Dispatch the next hops before freeing what was consumed: the process layer carries
+        # actions out in order, and a store delete must not delay the next stage.
+        discards = self._consume_inputs(job, stage)
         if len(job.done) == len(self.graph.stages):
             actions += self._complete(job, now)
-        return actions + self._schedule(now)
+        return actions + self._schedule(now) + discards
 
     def job_failed(
         self, worker: str, job_id: str, reason: str, details: str, now: float
@@ -378,7 +383,7 @@ class Core:
     def _admit(self, now: float) -> list[Action]:
         actions: list[Action] = []
         while self.backlog and len(self.jobs) < self.limits.max_jobs:
-            job = self.backlog.pop(0)
+            job = self.backlog.popleft()
             job.admitted_at = now
             self.jobs[job.id] = job
             for node in self.graph.stages.values():

@@ -230,3 +230,20 @@ def test_reporting_a_job_a_worker_is_not_running_is_a_bug():
     h = Harness(linear_graph(["a"]))
     with pytest.raises(ValueError, match="was not running"):
         h.core.job_done("a#0", "ghost", {}, 0)
+
+
+def test_the_next_hop_is_dispatched_before_consumed_values_are_freed():
+    h = Harness(linear_graph(["a", "b", "c"]))
+    h.submit("j1")
+    h.finish("a#0")
+    acts = h.finish("b#0")
+    kinds = [type(a).__name__ for a in acts]
+    assert kinds.index("Dispatch") < kinds.index("Discard")  # a store delete costs a round trip
+
+
+def test_a_job_id_is_refused_twice_even_after_it_finished():
+    h = Harness(linear_graph(["a"]))
+    h.submit("j1")
+    h.finish("a#0")
+    with pytest.raises(ValueError, match="already submitted"):
+        h.submit("j1")
