@@ -95,9 +95,7 @@ def validate(
 ) -> None:
     """Check a pipeline definition before anything runs; exit 1 on errors."""
     from dataflow.pipeline import check_pipeline
-    from dataflow.run import stage_search_path
 
-    stage_search_path(file)
     report = check_pipeline(str(file), _pairs(param, "--param"))
     text = report.format(notes=notes)
     if text:
@@ -119,9 +117,7 @@ def plan(
     from dataflow.errors import DataflowError
     from dataflow.execution.build import plan_pipeline
     from dataflow.pipeline import load_graph
-    from dataflow.run import stage_search_path
 
-    stage_search_path(file)
     try:
         graph = load_graph(str(file), _pairs(param, "--param"))
         graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))

@@ -29,7 +29,7 @@ from dataflow.execution.build import plan_pipeline, stage_defs
 from dataflow.execution.local import JobResult, LocalExecutor
 from dataflow.execution.state import Limits
 
-__all__ = ["RunSummary", "find_jobs", "run_pipeline_file", "stage_search_path", "write_result"]
+__all__ = ["RunSummary", "find_jobs", "run_pipeline_file", "write_result"]
 
 
 @dataclasses.dataclass
@@ -90,9 +90,12 @@ def run_pipeline_file(
     on_result: Callable[[JobResult], None] | None = None,
 ) -> RunSummary:
     """Load, validate, place and run a pipeline over every job under ``input_path``."""
-    from dataflow.pipeline import load_graph
+    from dataflow.pipeline import load_graph, stage_search_path
 
-    stage_search_path(path)
+    # Stage classes travel to the (spawned) workers by reference, and a spawned process
+    # unpickles them before any code of ours runs: it imports from the sys.path it inherits.
+    folders = stage_search_path(path)
+    sys.path.extend(f for f in folders if f not in sys.path)
     graph = load_graph(str(path), dict(params or {}))  # PipelineError on any error
     graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
     jobs = find_jobs(input_path)
@@ -104,7 +107,7 @@ def run_pipeline_file(
         limits=limits,
         store_budget=store_budget,
         log_format=log_format,
-        extra_sys_path=stage_search_path(path),
+        extra_sys_path=folders,
     )
     if on_start is not None:
         on_start(jobs, graph, executor)
@@ -126,16 +129,6 @@ def run_pipeline_file(
     )
     _write_summary(summary)
     return summary
-
-
-def stage_search_path(path: str | Path) -> list[str]:
-    """Put the pipeline's folder, then the current folder, on ``sys.path`` (where stage modules
-    named in it are looked up, after ``PYTHONPATH`` and installed packages); returns both."""
-    folders = [str(Path(path).resolve().parent), str(Path.cwd())]
-    for folder in folders:
-        if folder not in sys.path:
-            sys.path.append(folder)
-    return folders
 
 
 def _write_summary(summary: RunSummary) -> None:
