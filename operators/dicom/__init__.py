@@ -8,6 +8,16 @@ imported here, so that ``python -m operators.dicom.phantom`` runs cleanly.
 """
 
 from operators.dicom.frames import SeriesError
+from operators.dicom.selector import (
+    RuleError,
+    SelectionError,
+    SelectionReport,
+    SelectSeries,
+    SeriesInfo,
+    evaluate,
+    load_rules,
+    select_series,
+)
 from operators.dicom.series import (
     SeriesPlan,
     SeriesToVolume,
@@ -18,11 +28,19 @@ from operators.dicom.series import (
 )
 
 __all__ = [
+    "RuleError",
+    "SelectSeries",
+    "SelectionError",
+    "SelectionReport",
     "SeriesError",
+    "SeriesInfo",
     "SeriesPlan",
     "SeriesToVolume",
+    "evaluate",
     "find_files",
+    "load_rules",
     "load_series",
     "plan_series",
+    "select_series",
     "split_series",
 ]
