@@ -5,12 +5,15 @@ when the worker has a GPU (``ctx.device is not None``) and numba-cuda can use it
 input arrives as a device array; the CPU version otherwise. ``prepare`` compiles the kernels it
 needs (see docs/kernels.md), so the first job does not pay the JIT.
 
-Stages: WindowLevel, Normalize, Resample, GaussianSmooth, Threshold, ConnectedComponents.
+Stages: WindowLevel, Normalize, Resample, GaussianSmooth, Threshold, ConnectedComponents,
+FillHoles, PaintLabels.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+import numpy as np
 
 from dataflow.stage import ParameterError, Port, Stage, StageContext, Tensor
 from operators import kernels
@@ -19,8 +22,10 @@ from operators.kernels._common import as_triple
 
 __all__ = [
     "ConnectedComponents",
+    "FillHoles",
     "GaussianSmooth",
     "Normalize",
+    "PaintLabels",
     "Resample",
     "Threshold",
     "WindowLevel",
@@ -186,3 +191,56 @@ class ConnectedComponents(_KernelStage):
             out=out,
             device=self._device(mask),
         )
+
+
+class FillHoles(_KernelStage):
+    """Fills the holes of a mask: background regions that do not reach the volume's border
+    (e.g. the lungs inside a body mask). ``connectivity`` is the background's: 6 (default,
+    the pair of a 26-connected object), 18 or 26."""
+
+    inputs = {"mask": MASK}
+    outputs = {"mask": MASK}
+    kernels = ("fill_holes",)
+
+    def __init__(self, connectivity: int = 6):
+        if connectivity not in CONNECTIVITIES:
+            raise ParameterError(
+                f"FillHoles: connectivity must be one of {CONNECTIVITIES}; got {connectivity}"
+            )
+        self.connectivity = connectivity
+
+    def execute(self, ctx, mask):
+        out = ctx.allocate("mask", mask.shape, "uint8")
+        return kernels.fill_holes(mask, self.connectivity, out=out, device=self._device(mask))
+
+
+class PaintLabels(Stage):
+    """Paints ``value`` into a label volume where ``mask`` is set, and, if ``within`` is
+    given, only where the labels equal ``within`` (e.g. lungs = 2 only inside the body = 1).
+
+    Inputs: ``labels`` (uint8; a 0/1 mask is a label volume with label 1) and ``mask``.
+    Output: ``labels``. Chain several to build a label map from masks; the metadata follows
+    ``labels``."""
+
+    inputs = {"labels": MASK, "mask": MASK}
+    outputs = {"labels": MASK}
+
+    def __init__(self, value: int, within: int | None = None):
+        for name, v in (("value", value), ("within", within)):
+            if v is not None and not 0 <= v <= 255:
+                raise ParameterError(f"PaintLabels: {name} must be in 0..255; got {v}")
+        self.value, self.within = value, within
+
+    def execute(self, ctx, labels, mask):
+        if labels.shape != mask.shape:
+            raise KernelValueError(
+                f"stage {ctx.stage!r}: mask {list(mask.shape)} does not match labels "
+                f"{list(labels.shape)}"
+            )
+        out = ctx.allocate("labels", labels.shape, "uint8")
+        where = mask != 0
+        if self.within is not None:
+            where &= labels == self.within
+        np.copyto(out, labels)
+        out[where] = self.value
+        return Tensor(out, dict(ctx.metadata.get("labels", {})))

@@ -30,6 +30,8 @@ __all__ = [
     "connected_components",
     "connected_components_cuda",
     "cuda_available",
+    "fill_holes",
+    "fill_holes_cuda",
     "gaussian_smooth",
     "gaussian_smooth_cuda",
     "is_device_array",
@@ -257,6 +259,23 @@ def connected_components(
     return res
 
 
+def fill_holes(mask: Any, connectivity: int = 6, *, out: Any = None, device: str = "auto") -> Any:
+    """uint8 mask with every hole filled: background components (``connectivity``-connected)
+    that do not touch the volume's border become foreground, e.g. the lungs inside a body
+    mask. Use 6 for the background of a 26-connected object (the usual pairing)."""
+    if _use_cuda(mask, device):
+        return _cuda("fill_holes_cuda")(mask, connectivity, out=out)
+    src = c.host_mask(mask)
+    res = _out(out, src.shape, np.uint8)
+    if src.size == 0:
+        return res
+    background = (src == 0).view(np.uint8)
+    labels, count = label(background, connectivity, device="cpu")
+    holes = c.hole_table(count, c.border_labels(labels))
+    np.maximum(src != 0, np.take(holes, labels), out=res, casting="unsafe")
+    return res
+
+
 _WARMUPS = {
     "window_level": lambda v, m, d: window_level(v, 0.5, 1.0, device=d),
     "normalize": lambda v, m, d: [normalize(v, k, device=d) for k in ("zscore", "minmax")],
@@ -265,6 +284,7 @@ _WARMUPS = {
     "threshold": lambda v, m, d: threshold(v, 0.5, device=d),
     "label": lambda v, m, d: label(m, 6, device=d),
     "connected_components": lambda v, m, d: connected_components(m, 26, device=d),
+    "fill_holes": lambda v, m, d: fill_holes(m, 6, device=d),
 }
 
 

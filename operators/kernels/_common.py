@@ -210,3 +210,18 @@ def keep_table(sizes: np.ndarray, keep_largest: bool, min_size: int) -> np.ndarr
         if candidates[best] >= 0:
             keep[best + 1] = 1
     return keep
+
+
+def border_labels(labels: np.ndarray) -> np.ndarray:
+    """The distinct labels on the six faces of a [D, H, W] label volume."""
+    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    return np.unique(np.concatenate([f.reshape(-1) for f in faces]))
+
+
+def hole_table(count: int, outside: np.ndarray) -> np.ndarray:
+    """uint8 per background label (0 = foreground): 1 for the holes, i.e. the components
+    whose label is not in ``outside`` (the labels touching the border)."""
+    holes = np.ones(count + 1, np.uint8)
+    holes[0] = 0
+    holes[np.asarray(outside, np.int64)] = 0
+    return holes

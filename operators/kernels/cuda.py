@@ -27,6 +27,7 @@ from . import _common as c
 
 __all__ = [
     "connected_components_cuda",
+    "fill_holes_cuda",
     "gaussian_smooth_cuda",
     "label_cuda",
     "normalize_cuda",
@@ -398,6 +399,38 @@ def _k_keep(labels, keep, out):
         i += step
 
 
+@cuda.jit
+def _k_invert(mask, out):
+    depth, height, width = mask.shape
+    i, step = cuda.grid(1), cuda.gridsize(1)
+    while i < depth * height * width:
+        z, y, x = _zyx(i, height, width)
+        out[z, y, x] = 1 if mask[z, y, x] == 0 else 0
+        i += step
+
+
+@cuda.jit
+def _k_border(labels, flags):
+    depth, height, width = labels.shape
+    i, step = cuda.grid(1), cuda.gridsize(1)
+    while i < depth * height * width:
+        z, y, x = _zyx(i, height, width)
+        edge = z == 0 or y == 0 or x == 0 or z == depth - 1 or y == height - 1 or x == width - 1
+        if edge:
+            flags[labels[z, y, x]] = 1
+        i += step
+
+
+@cuda.jit
+def _k_fill(mask, labels, holes, out):
+    depth, height, width = mask.shape
+    i, step = cuda.grid(1), cuda.gridsize(1)
+    while i < depth * height * width:
+        z, y, x = _zyx(i, height, width)
+        out[z, y, x] = 1 if mask[z, y, x] != 0 else holes[labels[z, y, x]]
+        i += step
+
+
 def _inclusive_scan(data: Any) -> None:
     """Inclusive prefix sum of a 1-D int32 device array, in place."""
     blocks = (data.size + TPB - 1) // TPB
@@ -532,4 +565,23 @@ def connected_components_cuda(
     _launch(_k_sizes, src.size, labels, sizes)
     keep = c.keep_table(sizes.copy_to_host(), keep_largest, min_size)
     _launch(_k_keep, src.size, labels, cuda.to_device(keep), res.device)
+    return res.done()
+
+
+def fill_holes_cuda(mask: Any, connectivity: int = 6, *, out: Any = None) -> Any:
+    """uint8 mask with the background components not touching the border filled, on the GPU
+    (see ``fill_holes``)."""
+    c.neighbour_offsets(connectivity)
+    src, on_host = _device_input(mask, "mask")
+    res = _Output(mask, on_host, src.shape, np.uint8, out)
+    if src.size == 0:
+        return res.done()
+    background = cuda.device_array(src.shape, np.uint8)
+    _launch(_k_invert, src.size, src, background)
+    labels = cuda.device_array(src.shape, np.int32)
+    count = _label_device(background, connectivity, labels)
+    flags = _zeros(count + 1, np.int32)
+    _launch(_k_border, src.size, labels, flags)
+    holes = c.hole_table(count, np.flatnonzero(flags.copy_to_host()))
+    _launch(_k_fill, src.size, src, labels, cuda.to_device(holes), res.device)
     return res.done()

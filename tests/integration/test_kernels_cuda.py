@@ -125,6 +125,15 @@ def _checks(K, cuda, shapes) -> dict[str, Callable[[], str]]:
                 problems.append(_compare(got, want, f"{connectivity} {kwargs}", exact=True))
         return "; ".join(p for p in problems if p)
 
+    def fill_holes():
+        problems = []
+        for connectivity in (6, 26):
+            for m in (mask, dense, 1 - dense):
+                want = K.fill_holes(m, connectivity)
+                got = K.fill_holes(m, connectivity, device="cuda")
+                problems.append(_compare(got, want, f"fill {connectivity}", exact=True))
+        return "; ".join(p for p in problems if p)
+
     def empty_and_background():
         empty = np.zeros((0, 3, 4), np.float32)
         background = np.zeros((3, 4, 5), np.uint8)
@@ -166,6 +175,7 @@ def _checks(K, cuda, shapes) -> dict[str, Callable[[], str]]:
         "label_26": label(26, mask),
         "label_6_dense": label(6, dense),
         "connected_components": connected_components,
+        "fill_holes": fill_holes,
         "empty_and_background": empty_and_background,
         "out_arguments": out_arguments,
     }
@@ -183,6 +193,7 @@ CHECKS = [
     "label_26",
     "label_6_dense",
     "connected_components",
+    "fill_holes",
     "empty_and_background",
     "out_arguments",
 ]

@@ -253,6 +253,31 @@ def test_connected_components_tie_keeps_the_first_in_raster_order():
     assert not K.connected_components(np.zeros((2, 2, 2), np.uint8), keep_largest=True).any()
 
 
+@pytest.mark.parametrize("connectivity", [6, 26])
+@pytest.mark.parametrize("density", [0.3, 0.6])
+def test_fill_holes_matches_scipy(rng, connectivity, density):
+    from scipy import ndimage
+
+    mask = (rng.random((9, 11, 13)) < density).astype(np.uint8)
+    structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
+    want = ndimage.binary_fill_holes(mask, structure=structure).astype(np.uint8)
+    got = K.fill_holes(mask, connectivity)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fill_holes_fills_a_closed_shell_and_not_an_open_one():
+    shell = np.ones((5, 5, 5), np.uint8)
+    shell[1:4, 1:4, 1:4] = 0
+    shell[0] = 0  # the outside: the first slice is background touching the border
+    shell[1, :, :] = 1
+    assert K.fill_holes(shell).sum() == 4 * 25
+    opened = shell.copy()
+    opened[2, 2, 0] = 0  # a tunnel from the cavity to the border
+    np.testing.assert_array_equal(K.fill_holes(opened), opened)
+    assert K.fill_holes(np.zeros((0, 3, 3), np.uint8)).shape == (0, 3, 3)
+
+
 # ------------------------------------------------------------------ dispatch and warm-up
 
 

@@ -1,0 +1,117 @@
+"""Register results for export, as Clara's ``register-results`` operator did.
+
+Clara's pipelines end with ``register.py --agent ClaraSCU --data '["MYPACS"]'``: the files of
+its input folder become a *task* of the Results Service for an *agent* (``ClaraSCU`` sends
+DICOM to the named destinations, ``DICOMweb`` posts them), which the DICOM adapter then
+delivers. Here the stage writes the task as a folder of its own, self-contained::
+
+    OUTPUT/JOB/register/task/
+        task.json        # Clara's task record: taskId, jobId, agent, parameters, uris, state
+        files/...        # the registered files (hard links where possible, else copies)
+
+``uris`` are relative to ``files/``. ``dataflow run`` leaves the task there (it has no PACS
+to send to); the export service picks such tasks up and delivers them with retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from dataflow.stage import ParameterError, Port, Stage, StageError
+
+__all__ = ["AGENT_RE", "RegisterResults", "link_or_copy", "register_files"]
+
+#: Clara's rule for an agent name: alphanumerics and '-', starts with a letter, no final '-'.
+AGENT_RE = re.compile(r"^[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
+#: A destination name (what a pipeline names, configured in the service): same alphabet.
+DESTINATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (same file system), else copy it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def register_files(
+    folder: Path,
+    out: Path,
+    *,
+    agent: str,
+    destinations: list[str],
+    job_id: str,
+    job_name: str | None = None,
+) -> dict:
+    """Write the task for every file under ``folder`` into ``out``; returns the task record."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    if not files:
+        raise StageError(f"nothing to register: the input folder {folder.name!r} has no files")
+    uris = []
+    for path in files:
+        relative = path.relative_to(folder)
+        link_or_copy(path, out / "files" / relative)
+        uris.append(relative.as_posix())
+    task = {
+        "taskId": uuid.uuid4().hex,
+        "jobId": job_id,
+        "jobName": job_name,
+        "agent": agent,
+        "parameters": json.dumps(destinations),  # Clara: a JSON-encoded string
+        "destinations": destinations,
+        "state": "Pending",
+        "retries": 0,
+        "uris": uris,
+    }
+    (out / "task.json").write_text(json.dumps(task, indent=2) + "\n")
+    return task
+
+
+class RegisterResults(Stage):
+    """Registers the files of ``input`` (e.g. a SEG writer's folder) for export by ``agent``
+    to the named ``destinations`` (Clara's ``--agent`` and ``--data``)."""
+
+    inputs = {"input": Port("stream", element_type="dicom", description="files to export")}
+    outputs = {"task": Port("stream", element_type="json", description="task.json + files/")}
+
+    def __init__(self, destinations: list[str] | None = None, agent: str = "ClaraSCU"):
+        if not AGENT_RE.match(agent):
+            raise ParameterError(
+                f"RegisterResults: agent {agent!r} must be letters, digits and '-', starting "
+                "with a letter and not ending with '-' (e.g. ClaraSCU)"
+            )
+        names = list(destinations or [])
+        bad = [d for d in names if not isinstance(d, str) or not DESTINATION_RE.match(d)]
+        if bad:
+            raise ParameterError(
+                f"RegisterResults: destination name(s) {bad} must be 1-64 letters, digits, "
+                "'.', '_' or '-'"
+            )
+        if agent == "ClaraSCU" and not names:
+            raise ParameterError("RegisterResults: agent ClaraSCU needs at least one destination")
+        self.agent, self.destinations = agent, names
+
+    def execute(self, ctx, input: Path) -> Path:
+        out = ctx.output_dir("task")
+        task = register_files(
+            Path(input),
+            out,
+            agent=self.agent,
+            destinations=self.destinations,
+            job_id=ctx.job_id or "",
+            job_name=ctx.job_name,
+        )
+        ctx.log.info(
+            "results_registered",
+            agent=self.agent,
+            destinations=self.destinations,
+            files=len(task["uris"]),
+        )
+        return out
