@@ -40,15 +40,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
-import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +57,8 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import engine_stages  # noqa: E402  (benchmarks/ is not a package)
+import _common as common  # noqa: E402  (benchmarks/ is not a package)
+import engine_stages  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SIZES = (4 * KiB, 64 * MiB)
@@ -199,17 +196,9 @@ def _cpu_ns(pid: int) -> int:
     return total
 
 
-def _machine_busy() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / tick, steal / tick
-
-
 def cpu_snapshot(roles: dict[str, list[int]]) -> dict[str, float]:
     snap = {role: sum(_cpu_ns(p) for p in pids) / 1e9 for role, pids in roles.items()}
-    snap["machine"] = _machine_busy()[0]
+    snap["machine"] = common.machine_busy()[0]
     return snap
 
 
@@ -353,18 +342,9 @@ class Quiet:
 
     def wait(self) -> None:
         self.runs += 1
-        started = time.perf_counter()
-        calm = 0
-        busy = _machine_busy()[0]
-        while time.perf_counter() - started < self.max_wait_s:
-            time.sleep(0.1)
-            busy, before = _machine_busy()[0], busy
-            calm = calm + 1 if busy - before <= 0.011 else 0  # at most a tick in 100 ms
-            if calm >= 3:
-                break
-        else:
-            self.noisy += 1
-        self.waited_s += time.perf_counter() - started
+        idle, waited = common.wait_for_idle(self.max_wait_s)
+        self.noisy += not idle
+        self.waited_s += waited
 
     def summary(self) -> dict:
         return {
@@ -711,64 +691,24 @@ def print_tables(records: list[dict], systems: list[str]) -> None:
 
 def provenance(args) -> dict:
     """Where and on what the run happens; taken at the start."""
-
-    def git(*cmd: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(ROOT), *cmd], capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-        return done.stdout.strip()
-
-    cpuinfo: dict[str, str] = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            cpuinfo[key.strip()] = value.strip()
-    cpu = (
-        f"{cpuinfo.get('model name', 'unknown')} (family {cpuinfo.get('cpu family')}, "
-        f"model {cpuinfo.get('model')}, {cpuinfo.get('cpu MHz')} MHz, "
-        f"cache {cpuinfo.get('cache size')})"
-    )
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    versions = {}
-    for module in ("numpy", "pyarrow", "structlog"):
-        try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
-            versions[module] = None
     digest = hashlib.sha256()
     for path in sorted((ROOT / "dataflow").rglob("*.py")):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    with open("/proc/loadavg") as f:
-        load = float(f.read().split()[0])
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": git("status", "--porcelain").splitlines(),
-        "engine_source_matches_commit": git(
+        **common.run_header(),
+        "engine_source_matches_commit": common.git(
             "status", "--porcelain", "--", "dataflow/execution", "dataflow/store",
             "dataflow/stage.py",
         ) == "",
         "dataflow_source_sha256": digest.hexdigest(),
-        "mode": "quick" if args.quick else "full",
-        "argv": sys.argv,
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_bytes": mem_kib * 1024,
-        "dev_shm_bytes": shutil.disk_usage("/dev/shm").total,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        **versions,
+        **common.mode_and_argv(args),
+        **common.machine(),
+        **common.module_versions(("numpy", "pyarrow", "structlog")),
         "start_method": "spawn",
         "store_budget_bytes": STORE_BUDGET,
         "engine_limits": {"max_jobs": MAX_JOBS, "edge_items": 4, "edge_bytes": GiB},
         "baseline": {"queue_items": QUEUE_ITEMS, "in_flight": MAX_JOBS},
-        "loadavg_1min_at_start": load,
+        "loadavg_1min_at_start": common.loadavg(),
     }  # fmt: skip
 
 
@@ -808,16 +748,10 @@ def main(argv: list[str] | None = None) -> None:
     records += context_records(args.quick)
     print_tables(records, systems)
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
-    with open("/proc/loadavg") as f:
-        meta["loadavg_1min_at_end"] = float(f.read().split()[0])
+    meta["loadavg_1min_at_end"] = common.loadavg()
     print(f"\nfinished in {meta['elapsed_s']:.0f} s")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=1) + "\n")
-        side = path.with_name(path.name.removesuffix(".json") + ".provenance.json")
-        side.write_text(json.dumps(meta, indent=1) + "\n")
-        print(f"wrote {path} and {side}")
+        common.write_results(args.json, records, meta)
 
 
 if __name__ == "__main__":

@@ -354,8 +354,9 @@ def single_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def simpleitk_systems(v: np.ndarray, mask: np.ndarray, spacing: tuple, shape: tuple) -> dict:
-    """Per kernel, a SimpleITK callable on images made beforehand (untimed), returning NumPy
-    (the conversion back is a view, timed); empty when SimpleITK does not import."""
+    """Per kernel, a SimpleITK callable on images made beforehand (untimed) that returns the
+    output image (converted to NumPy by :func:`from_simpleitk`, untimed); empty when SimpleITK
+    does not import."""
     try:
         import SimpleITK as sitk
     except ImportError:
@@ -364,37 +365,45 @@ def simpleitk_systems(v: np.ndarray, mask: np.ndarray, spacing: tuple, shape: tu
     image.SetSpacing(tuple(float(s) for s in reversed(spacing)))  # ITK: x, y, z
     mask_image = sitk.GetImageFromArray(mask)
     lo, hi = WINDOW[0] - WINDOW[1] / 2, WINDOW[0] + WINDOW[1] / 2
-    arr = sitk.GetArrayViewFromImage
 
-    def resample() -> np.ndarray:
+    def resample() -> Any:
         f = sitk.ResampleImageFilter()
         f.SetOutputSpacing(tuple(reversed(TARGET_MM)))
         f.SetSize([int(n) for n in reversed(shape)])
         f.SetOutputOrigin(image.GetOrigin())
         f.SetOutputDirection(image.GetDirection())
         f.SetInterpolator(sitk.sitkLinear)
-        return arr(f.Execute(image))
-
-    def label() -> tuple:
-        labels = sitk.ConnectedComponent(mask_image, True)  # fully connected: 26
-        return arr(labels), int(sitk.GetArrayViewFromImage(labels).max())
-
-    def keep_largest() -> np.ndarray:
-        labels = sitk.RelabelComponent(sitk.ConnectedComponent(mask_image, True), 0, True)
-        return arr(labels == 1).astype(np.uint8)
+        return f.Execute(image)
 
     return {
-        "window_level": lambda: arr(sitk.IntensityWindowing(image, lo, hi, 0.0, 1.0)),
-        "normalize-zscore": lambda: arr(sitk.Normalize(image)),
-        "normalize-minmax": lambda: arr(sitk.RescaleIntensity(image, 0.0, 1.0)),
+        "window_level": lambda: sitk.IntensityWindowing(image, lo, hi, 0.0, 1.0),
+        "normalize-zscore": lambda: sitk.Normalize(image),
+        "normalize-minmax": lambda: sitk.RescaleIntensity(image, 0.0, 1.0),
         "resample": resample,
-        "gaussian_smooth": lambda: arr(
-            sitk.SmoothingRecursiveGaussian(image, [SIGMA_MM] * 3)  # mm, IIR: not truncated
+        # sigma in mm (the image has its spacing); an IIR filter, not a truncated kernel
+        "gaussian_smooth": lambda: sitk.SmoothingRecursiveGaussian(image, [SIGMA_MM] * 3),
+        "threshold": lambda: sitk.BinaryThreshold(image, *THRESHOLD, 1, 0),
+        "label": lambda: sitk.ConnectedComponent(mask_image, True),  # fully connected: 26
+        "connected_components": lambda: (
+            sitk.RelabelComponent(sitk.ConnectedComponent(mask_image, True), 0, True) == 1
         ),
-        "threshold": lambda: arr(sitk.BinaryThreshold(image, *THRESHOLD, 1, 0)),
-        "label": label,
-        "connected_components": keep_largest,
     }
+
+
+def from_simpleitk(compare: Callable[[Any, Any], dict], kernel: str) -> Callable[[Any, Any], dict]:
+    """``compare`` for a SimpleITK result: the image is copied to NumPy first."""
+
+    def run(ours: Any, image: Any) -> dict:
+        import SimpleITK as sitk
+
+        array = sitk.GetArrayFromImage(image)
+        if kernel == "label":  # numbered in another order: compare the count and foreground
+            return diff_partition(ours, (array, int(array.max())))
+        if kernel in ("threshold", "connected_components"):
+            array = array.astype(np.uint8)
+        return compare(ours, array)
+
+    return run
 
 
 def kernel_cases(size: str) -> list[Case]:
@@ -460,17 +469,19 @@ def kernel_cases(size: str) -> list[Case]:
         systems["ours-1t"] = single_thread(systems["ours"])
         if name in sitk:
             systems["simpleitk"] = sitk[name]
-        if name == "label" and "simpleitk" in systems:
-            compare = _label_compare
+            compare = _with_simpleitk(compare, from_simpleitk(compare, name))
         info = {"shape": list(v.shape), "spacing_mm": [round(s, 4) for s in spacing], **extra}
         info["jit_record"] = f"jit-{kernel}"
         cases.append(Case(f"{name}-{size}", "kernel", name, size, systems, compare, info))
     return cases
 
 
-def _label_compare(ours: tuple, other: tuple) -> dict:
-    numbered_alike = isinstance(other[0], np.ndarray) and other[0].dtype == np.int32
-    return diff_labels(ours, other) if numbered_alike else diff_partition(ours, other)
+def _with_simpleitk(compare: Callable, simpleitk: Callable) -> Callable[[Any, Any], dict]:
+    def run(ours: Any, other: Any) -> dict:
+        plain = isinstance(other, (np.ndarray, tuple))
+        return compare(ours, other) if plain else simpleitk(ours, other)
+
+    return run
 
 
 def jit_records() -> tuple[list[dict], dict]:

@@ -55,20 +55,16 @@ Everything runs side by side in one process tree (``spawn`` start method). Measu
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import json
 import logging
 import math
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import shutil
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +72,11 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as common  # benchmarks/ is not a package: its folder is on sys.path
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SIZES = (4 * KiB, 1 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
@@ -431,18 +432,9 @@ class Quiet:
 
     def wait(self) -> None:
         self.blocks += 1
-        started = time.perf_counter()
-        calm = 0
-        busy = _cpu_snapshot()[0]
-        while time.perf_counter() - started < self.max_wait_s:
-            time.sleep(0.1)
-            busy, before = _cpu_snapshot()[0], busy
-            calm = calm + 1 if busy - before <= 0.011 else 0  # at most a tick in 100 ms
-            if calm >= 3:
-                break
-        else:
-            self.noisy_blocks += 1
-        self.waited_s += time.perf_counter() - started
+        idle, waited = common.wait_for_idle(self.max_wait_s)
+        self.noisy_blocks += not idle
+        self.waited_s += waited
 
     def summary(self) -> dict:
         return {
@@ -866,76 +858,24 @@ def print_tables(records: list[dict]) -> None:
             print(f"  {r['case']:<28} {r['value']:>10.3f}  {r['goal']:<8} {met:<8} {r['what']}")
 
 
-def _loadavg() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
-
-
-def _cpu_snapshot() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds stolen by the hypervisor)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq) / tick, steal / tick
-
-
 def provenance(args) -> dict:
     """Where and on what the run happens; taken at the start (the tree may change meanwhile)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(root), *cmd], capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-        return done.stdout.strip()
-
-    cpuinfo: dict[str, str] = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if not line.strip():
-                break  # the first processor is enough
-            key, _, value = line.partition(":")
-            cpuinfo[key.strip()] = value.strip()
-    cpu = cpuinfo.get("model name", "unknown")
-    cpu += (
-        f" (family {cpuinfo.get('cpu family')}, model {cpuinfo.get('model')}, "
-        f"{cpuinfo.get('cpu MHz')} MHz, cache {cpuinfo.get('cache size')})"
-    )
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    versions = {}
-    for module in ("numpy", "pyarrow", "ray"):
-        try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
-            versions[module] = None
-    store_dir = root / "dataflow" / "store"
+    store_dir = common.ROOT / "dataflow" / "store"
     digest = hashlib.sha256()
     for path in sorted(store_dir.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": git("status", "--porcelain").splitlines(),
-        "store_source_matches_commit": git("status", "--porcelain", "--", "dataflow/store") == "",
+        **common.run_header(),
+        "store_source_matches_commit": common.git("status", "--porcelain", "--", "dataflow/store")
+        == "",
         "store_source_sha256": digest.hexdigest(),
-        "mode": "quick" if args.quick else "full",
-        "argv": sys.argv,
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_bytes": mem_kib * 1024,
-        "dev_shm_bytes": shutil.disk_usage("/dev/shm").total,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        **versions,
+        **common.mode_and_argv(args),
+        **common.machine(),
+        **common.module_versions(("numpy", "pyarrow", "ray")),
         "start_method": "spawn",
         "clock": "time.monotonic_ns (CLOCK_MONOTONIC)",
         "store_budget_bytes": STORE_BUDGET,
-        "loadavg_1min_at_start": _loadavg(),
+        "loadavg_1min_at_start": common.loadavg(),
     }
 
 
@@ -957,7 +897,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = provenance(args)
     records: list[dict] = []
     started = time.perf_counter()
-    cpu_at_start = _cpu_snapshot()
+    cpu_at_start = common.machine_busy()
 
     print(f"store benchmark ({meta['mode']}), {meta['cores']} cores, commit {meta['commit']:.10}")
     if meta["loadavg_1min_at_start"] > 0.5:
@@ -989,19 +929,14 @@ def main(argv: list[str] | None = None) -> None:
 
     records += derive_goals(records)
     print_tables(records)
-    busy, steal = (b - a for a, b in zip(cpu_at_start, _cpu_snapshot(), strict=True))
+    busy, steal = (b - a for a, b in zip(cpu_at_start, common.machine_busy(), strict=True))
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     meta["machine_busy_cpu_s"] = round(busy, 1)
     meta["steal_cpu_s"] = round(steal, 1)
-    meta["loadavg_1min_at_end"] = _loadavg()
+    meta["loadavg_1min_at_end"] = common.loadavg()
     print(f"\nfinished in {meta['elapsed_s']:.0f} s")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=1) + "\n")
-        side = path.with_name(path.name.removesuffix(".json") + ".provenance.json")
-        side.write_text(json.dumps(meta, indent=1) + "\n")
-        print(f"wrote {path} and {side}")
+        common.write_results(args.json, records, meta)
 
 
 if __name__ == "__main__":
