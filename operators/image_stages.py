@@ -219,8 +219,8 @@ class PaintLabels(Stage):
     given, only where the labels equal ``within`` (e.g. lungs = 2 only inside the body = 1).
 
     Inputs: ``labels`` (uint8; a 0/1 mask is a label volume with label 1) and ``mask``.
-    Output: ``labels``. Chain several to build a label map from masks; the metadata follows
-    ``labels``."""
+    Output: ``labels``, with the metadata of the input ``labels``. Chain several to build a
+    label map from masks."""
 
     inputs = {"labels": MASK, "mask": MASK}
     outputs = {"labels": MASK}
@@ -243,4 +243,4 @@ class PaintLabels(Stage):
             where &= labels == self.within
         np.copyto(out, labels)
         out[where] = self.value
-        return Tensor(out, dict(ctx.metadata.get("labels", {})))
+        return out  # the metadata of `labels`, the first input

@@ -10,8 +10,10 @@ from dataflow.testing import run_stage
 from operators import kernels as K
 from operators.image_stages import (
     ConnectedComponents,
+    FillHoles,
     GaussianSmooth,
     Normalize,
+    PaintLabels,
     Resample,
     Threshold,
     WindowLevel,
@@ -372,3 +374,28 @@ def test_threshold_and_connected_components_stages(volume):
         run_stage(ConnectedComponents, {"mask": mask}, arguments={"connectivity": 4})
     with pytest.raises(ParameterError, match="lower .* must not exceed upper"):
         run_stage(Threshold, {"volume": volume}, arguments={"lower": 2, "upper": 1})
+
+
+def test_fill_holes_stage_and_paint_labels_build_a_label_map():
+    body = np.zeros((5, 7, 7), np.uint8)
+    body[1:4, 1:6, 1:6] = 1
+    body[2, 2:5, 2:5] = 0  # a cavity: the "lung"
+    filled = run_stage(FillHoles, {"mask": body})["mask"]
+    np.testing.assert_array_equal(filled, K.fill_holes(body))
+    low = (body == 0).astype(np.uint8)  # the cavity and the air outside
+    labels = run_stage(
+        PaintLabels,
+        {"labels": filled, "mask": low},
+        arguments={"value": 2, "within": 1},
+    )["labels"]
+    expected = filled.copy()
+    expected[2, 2:5, 2:5] = 2  # only inside the body: the air outside stays 0
+    np.testing.assert_array_equal(labels, expected)
+    everywhere = run_stage(PaintLabels, {"labels": filled, "mask": low}, arguments={"value": 7})
+    assert (everywhere["labels"][low == 1] == 7).all()
+    with pytest.raises(ParameterError, match="value must be in 0..255"):
+        run_stage(PaintLabels, {"labels": body, "mask": body}, arguments={"value": 300})
+    with pytest.raises(K.KernelValueError, match="does not match labels"):
+        run_stage(PaintLabels, {"labels": body, "mask": body[:2]}, arguments={"value": 1})
+    with pytest.raises(ParameterError, match="connectivity must be one of"):
+        run_stage(FillHoles, {"mask": body}, arguments={"connectivity": 4})
