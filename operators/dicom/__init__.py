@@ -7,7 +7,9 @@ command) and ``operators.dicom.enhanced`` (one Enhanced CT multi-frame file); th
 imported here, so that ``python -m operators.dicom.phantom`` runs cleanly.
 """
 
+from operators.dicom.derived import WriteDerivedSeries
 from operators.dicom.frames import SeriesError
+from operators.dicom.rtstruct import WriteRTStruct
 from operators.dicom.selector import (
     RuleError,
     SelectionError,
@@ -36,6 +38,8 @@ __all__ = [
     "SeriesInfo",
     "SeriesPlan",
     "SeriesToVolume",
+    "WriteDerivedSeries",
+    "WriteRTStruct",
     "evaluate",
     "find_files",
     "load_rules",

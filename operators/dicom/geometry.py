@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from pydicom.valuerep import format_number_as_ds
 
 from dataflow.errors import DataflowError
 
-__all__ = ["GeometryError", "index_affine", "patient_points", "voxel_points"]
+__all__ = ["GeometryError", "decimal_strings", "index_affine", "patient_points", "voxel_points"]
 
 
 class GeometryError(DataflowError, ValueError):
@@ -53,3 +54,8 @@ def voxel_points(metadata: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndar
     """LPS positions of every voxel centre of a volume of ``shape``: ``(*shape, 3)``."""
     index = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), axis=-1)
     return patient_points(metadata, index)
+
+
+def decimal_strings(values: np.ndarray) -> list[str]:
+    """Coordinates as DICOM decimal strings (VR DS, at most 16 characters, no "-0")."""
+    return [format_number_as_ds(float(v) + 0.0) for v in np.ravel(values)]

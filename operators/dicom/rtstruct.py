@@ -37,8 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 
 from dataflow import __version__
 from dataflow.stage import Port, Stage, StageError
-from operators.dicom.geometry import patient_points
-from operators.dicom.phantom import ds_values
+from operators.dicom.geometry import decimal_strings, patient_points
 from operators.dicom.seg import source_datasets
 
 __all__ = ["DEFAULT_ROIS", "ROI_TYPES", "WriteRTStruct", "make_rtstruct", "slice_contours"]
@@ -195,7 +194,7 @@ def make_rtstruct(
                              NumberOfContourPoints=len(contour),
                              ContourNumber=len(contours) + 1)  # fmt: skip
                 item.ContourImageSequence = _image_refs([source])
-                item.ContourData = ds_values(patient_points(metadata, index).ravel())
+                item.ContourData = decimal_strings(patient_points(metadata, index))
                 contours.append(item)
         roi_contour = _item(ReferencedROINumber=number, ROIDisplayColor=roi["color"])
         if contours:
