@@ -127,6 +127,14 @@ class _Writer(Stage):
         raise NotImplementedError
 
 
+def _labels_variant(base: type[_Writer], doc: str) -> type[_Writer]:
+    """``base`` with the input port ``labels`` (uint8) instead of ``volume`` (float32)."""
+    name = f"{base.__name__}Labels"
+    namespace = {"__doc__": doc, "__module__": __name__, "__qualname__": name,
+                 "inputs": _LABELS, "port": "labels"}  # fmt: skip
+    return type(name, (base,), namespace)
+
+
 class WriteNifti(_Writer):
     """A float32 volume as NIfTI-1 (``<name>.nii.gz``; ``compress=False``: ``.nii``)."""
 
@@ -160,11 +168,7 @@ class WriteNifti(_Writer):
         return path
 
 
-class WriteNiftiLabels(WriteNifti):
-    """A uint8 label volume as NIfTI-1 (intent NIFTI_INTENT_LABEL)."""
-
-    inputs = _LABELS
-    port = "labels"
+WriteNiftiLabels = _labels_variant(WriteNifti, "A uint8 label volume as NIfTI-1 (intent label).")
 
 
 class WriteMhd(_Writer):
@@ -182,11 +186,7 @@ class WriteMhd(_Writer):
         return path
 
 
-class WriteMhdLabels(WriteMhd):
-    """A uint8 label volume as MetaImage (ElementType MET_UCHAR)."""
-
-    inputs = _LABELS
-    port = "labels"
+WriteMhdLabels = _labels_variant(WriteMhd, "A uint8 label volume as MetaImage (MET_UCHAR).")
 
 
 class WriteNpz(_Writer):
@@ -207,8 +207,4 @@ class WriteNpz(_Writer):
         return path
 
 
-class WriteNpzLabels(WriteNpz):
-    """A uint8 label volume as ``<name>.npz``."""
-
-    inputs = _LABELS
-    port = "labels"
+WriteNpzLabels = _labels_variant(WriteNpz, "A uint8 label volume as ``<name>.npz``.")
