@@ -29,6 +29,8 @@ memory (no copy). Array outputs inherit the metadata of the stage's first array 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import time
@@ -53,6 +55,8 @@ __all__ = [
     "StageContext",
     "StageError",
     "Tensor",
+    "checking_pipeline",
+    "pipeline_folder",
     "stage",
 ]
 
@@ -307,6 +311,30 @@ class Stage:
         for name, value in values.items():
             ports[name].check_value(value, f"stage {stage_name!r} output {name!r}")
         return values
+
+
+_PIPELINE_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "dataflow_pipeline_folder", default=None
+)
+
+
+def pipeline_folder() -> Path | None:
+    """The folder of the pipeline file whose operator is being checked, inside
+    :meth:`Stage.check_parameters` while a pipeline loads; None elsewhere (``run_stage``).
+
+    A stage with file parameters (a rule file, a model) resolves relative paths against it
+    there, and returns absolute ones, so that workers need not know the pipeline file."""
+    return _PIPELINE_FOLDER.get()
+
+
+@contextlib.contextmanager
+def checking_pipeline(folder: str | Path | None):
+    """Make :func:`pipeline_folder` return ``folder`` within the block (the loader uses it)."""
+    token = _PIPELINE_FOLDER.set(None if folder is None else Path(folder))
+    try:
+        yield
+    finally:
+        _PIPELINE_FOLDER.reset(token)
 
 
 def check_parameters(init: Callable, values: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from dataflow.pipeline.diagnostics import Collector, PipelineError, Report
 from dataflow.pipeline.graph import Graph, OperatorNode, connect, topological_order
@@ -26,7 +27,7 @@ from dataflow.pipeline.stages import (
     stage_search_path,
 )
 from dataflow.scheduler import Inventory, SchedulerValueError
-from dataflow.stage import ParameterError, Port, Stage
+from dataflow.stage import ParameterError, Port, Stage, checking_pipeline
 
 __all__ = [
     "ENGINE_ENV",
@@ -141,8 +142,10 @@ def _node(
         unknown_in: dict[str, Port | None] = dict.fromkeys(specs)
         unknown_out: dict[str | None, Port | None] = {o.name: None for o in op.outputs}
         return OperatorNode(op, unknown_in, specs, unknown_out, requests=op.requests)
+    folder = Path(op.at("stage").file).resolve().parent  # for the stage's file parameters
     try:
-        arguments = cls.check_parameters(op.arguments, f"stage {op.stage}")
+        with checking_pipeline(folder):
+            arguments = cls.check_parameters(op.arguments, f"stage {op.stage}")
     except (ParameterError, TypeError, ValueError) as exc:
         loc = op.at("arguments") if "arguments" in op.locations else op.at("stage")
         diags.error(loc, str(exc), operator=op.name, field="arguments")

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dataflow.stage import ParameterError, Port, Stage, StageError
+from dataflow.stage import ParameterError, Port, Stage, StageError, pipeline_folder
 from operators.dicom.selector_rules import RuleError, Ruleset, load_rules
 from operators.dicom.series import _split, read_headers
 
@@ -211,22 +211,6 @@ def _place(files: Sequence[Path], root: Path | None, out: Path) -> tuple[int, in
     return linked, copied
 
 
-def _pipeline_folder(values: Mapping[str, Any]) -> Path | None:
-    """The folder of the pipeline file whose operator has these arguments, if the caller is
-    the pipeline validator (found on the call stack: check_parameters gets no file name)."""
-    from dataflow.pipeline.spec import OperatorSpec
-
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            break
-        for local in list(frame.f_locals.values()):
-            if isinstance(local, OperatorSpec) and local.arguments is values:
-                return Path(local.at("arguments").file).parent
-        frame = frame.f_back
-    return None
-
-
 def _is_path(rules: Any) -> bool:
     """A one-line string not opening a JSON document names a rule file."""
     return (
@@ -279,7 +263,7 @@ class SelectSeries(Stage):
         where = where or f"stage {cls.__name__}"
         rules = out.get("rules")
         if _is_path(rules) and not Path(rules).is_absolute():
-            base = _pipeline_folder(values)
+            base = pipeline_folder()
             candidates = [*([base / rules] if base is not None else []), Path.cwd() / rules]
             found = next((p for p in candidates if p.is_file()), candidates[0])
             out["rules"] = str(found.resolve())
