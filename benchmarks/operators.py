@@ -96,7 +96,7 @@ TARGET_MM = (1.0, 1.0, 1.0)
 GOAL_VS_NUMPY = 3.0
 LOAD_SLICES = (300, 64)  # full, quick; 512 x 512 each
 LOAD_RUNS = (5, 3)
-CT_STUDIES = {False: (4, 160, 512), True: (2, 48, 256)}  # quick -> (studies, slices, size)
+CT_STUDIES = {False: (6, 200, 512), True: (2, 48, 256)}  # quick -> (studies, slices, size)
 CT_PIPELINE = ROOT / "pipelines" / "ct-segmentation.yaml"
 ENV_VARS = (
     "OPENBLAS_CORETYPE",
@@ -107,6 +107,7 @@ ENV_VARS = (
     "NUMBA_NUM_THREADS",
     "NUMBA_THREADING_LAYER",
     "DATAFLOW_NUMBA_CACHE",
+    "PYTHONPATH",
 )
 
 now = time.perf_counter
@@ -564,7 +565,9 @@ def load_case(quick: bool, tmp: Path) -> Case:
 # ------------------------------------------------------------------------------ end to end
 
 
-def run_ct_segmentation(pipeline: Path, quick: bool, tmp: Path) -> tuple[list[dict], dict]:
+def run_ct_segmentation(
+    pipeline: Path, studies: int, slices: int, size: int, tmp: Path
+) -> tuple[list[dict], dict]:
     if not pipeline.exists():
         why = f"{pipeline.relative_to(ROOT) if pipeline.is_relative_to(ROOT) else pipeline}"
         why += " does not exist (yet)"
@@ -573,7 +576,6 @@ def run_ct_segmentation(pipeline: Path, quick: bool, tmp: Path) -> tuple[list[di
     from dataflow.run import run_pipeline_file
     from operators.dicom.phantom import write_ct_series
 
-    studies, slices, size = CT_STUDIES[quick]
     print(f"\nct-segmentation end to end: {studies} studies of {slices} x {size}² ({pipeline})")
     inputs = tmp / "studies"
     for k in range(studies):
@@ -702,6 +704,13 @@ def print_tables(cases: list[Case], goals: list[dict]) -> None:
 # ------------------------------------------------------------------------------ provenance
 
 
+def _module_file(name: str) -> str | None:
+    try:
+        return str(Path(__import__(name).__file__).parent)
+    except ImportError:
+        return None
+
+
 def provenance(args) -> dict:
     """Where and on what the run happens; taken at the start."""
     digest = hashlib.sha256()
@@ -725,6 +734,7 @@ def provenance(args) -> dict:
         **common.machine(),
         **common.module_versions(("numpy", "scipy", "numba", "pydicom", "SimpleITK")),
         "numpy_config": numpy_config,
+        "simpleitk_from": _module_file("SimpleITK"),  # not a dependency: wherever it was found
         "env": {name: os.environ.get(name) for name in ENV_VARS},
         "loadavg_at_start": list(os.getloadavg()),
         "parameters": {
@@ -749,6 +759,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", help=f"kernel volume sizes, of: {', '.join(SIZES)}")
     parser.add_argument("--runs", type=int, help="timed rounds (default: see RUNS, LOAD_RUNS)")
     parser.add_argument("--pipeline", type=Path, default=CT_PIPELINE, help="the ct pipeline")
+    parser.add_argument(
+        "--ct-studies", metavar="N,SLICES,SIZE",
+        help="ct-segmentation studies: how many, slices, rows (default: 6,200,512; quick 2,48,256)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     sizes = args.sizes.split(",") if args.sizes else list(DEFAULT_SIZES[: 1 if args.quick else 2])
@@ -779,8 +793,11 @@ def main(argv: list[str] | None = None) -> None:
             run_rounds([case], args.runs or LOAD_RUNS[args.quick], quiet, "series load")
             cases.append(case)
         if "ct" in only:
+            studies = CT_STUDIES[args.quick]
+            if args.ct_studies:
+                studies = tuple(int(n) for n in args.ct_studies.split(","))
             ct_records, meta["ct_segmentation"] = run_ct_segmentation(
-                args.pipeline, args.quick, Path(tmp)
+                args.pipeline, *studies, Path(tmp)
             )
             records += ct_records
     for case in cases:
