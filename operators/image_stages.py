@@ -6,7 +6,7 @@ input arrives as a device array; the CPU version otherwise. ``prepare`` compiles
 needs (see docs/kernels.md), so the first job does not pay the JIT.
 
 Stages: WindowLevel, Normalize, Resample, GaussianSmooth, Threshold, ConnectedComponents,
-FillHoles, PaintLabels.
+FillHoles, PaintLabels, Crop (no kernel: a copy of a box).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from operators.kernels._common import as_triple
 
 __all__ = [
     "ConnectedComponents",
+    "Crop",
     "FillHoles",
     "GaussianSmooth",
     "Normalize",
@@ -244,3 +245,43 @@ class PaintLabels(Stage):
         np.copyto(out, labels)
         out[where] = self.value
         return out  # the metadata of `labels`, the first input
+
+
+class Crop(Stage):
+    """Crops a volume to the voxel box ``start`` (inclusive) .. ``stop`` (exclusive), one
+    ``[D, H, W]`` triple each, with Python's slicing rules (negative counts from the end, a
+    stop past the end is the end). The geometry follows: ``origin`` moves to the box's first
+    voxel, ``sop_instance_uids`` (and ``frame_numbers``) keep the slices kept; spacing and
+    direction are unchanged, so a cropped series still maps onto its source slices."""
+
+    inputs = {"volume": VOLUME}
+    outputs = {"volume": VOLUME}
+
+    def __init__(self, start: list[int] | None = None, stop: list[int] | None = None):
+        self.start = [0, 0, 0] if start is None else list(start)
+        self.stop = [None, None, None] if stop is None else list(stop)
+        for name, box in (("start", self.start), ("stop", self.stop)):
+            if len(box) != 3 or not all(v is None or isinstance(v, int) for v in box):
+                raise ParameterError(f"Crop: {name} must be three integers [D, H, W]; got {box}")
+
+    def execute(self, ctx, volume):
+        box = tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+        ranges = [s.indices(n) for s, n in zip(box, volume.shape)]
+        if any(b <= a for a, b, _ in ranges):
+            raise KernelValueError(
+                f"stage {ctx.stage!r}: crop start {self.start} stop {self.stop} leaves nothing "
+                f"of the volume {list(volume.shape)}"
+            )
+        cropped = volume[box]
+        out = ctx.allocate("volume", cropped.shape, "float32")
+        np.copyto(out, cropped)
+        metadata = dict(ctx.metadata.get("volume", {}))
+        first = np.array([a for a, _, _ in ranges], float)
+        if "origin" in metadata and "direction" in metadata and "spacing" in metadata:
+            direction = np.asarray(metadata["direction"], float).reshape(3, 3)
+            shift = direction @ (np.asarray(metadata["spacing"], float) * first)
+            metadata["origin"] = (np.asarray(metadata["origin"], float) + shift).tolist()
+        for key in ("sop_instance_uids", "frame_numbers"):
+            if key in metadata:
+                metadata[key] = list(metadata[key])[box[0]]
+        return Tensor(out, metadata)

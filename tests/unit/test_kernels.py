@@ -10,6 +10,7 @@ from dataflow.testing import run_stage
 from operators import kernels as K
 from operators.image_stages import (
     ConnectedComponents,
+    Crop,
     FillHoles,
     GaussianSmooth,
     Normalize,
@@ -399,3 +400,36 @@ def test_fill_holes_stage_and_paint_labels_build_a_label_map():
         run_stage(PaintLabels, {"labels": body, "mask": body[:2]}, arguments={"value": 1})
     with pytest.raises(ParameterError, match="connectivity must be one of"):
         run_stage(FillHoles, {"mask": body}, arguments={"connectivity": 4})
+
+
+def _voxel_points(meta, shape):
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    direction = np.asarray(meta["direction"], float).reshape(3, 3)
+    return np.asarray(meta["origin"]) + (index * np.asarray(meta["spacing"])) @ direction.T
+
+
+def test_crop_keeps_every_voxel_at_its_patient_position():
+    from operators.dicom.phantom import OBLIQUE_ROTATION, hu_at
+
+    direction = OBLIQUE_ROTATION.copy()
+    direction[:, 0] = np.cross(direction[:, 2], direction[:, 1])  # a DICOM-like reflection
+    meta = {**GEOMETRY, "direction": direction.reshape(-1).tolist(), "spacing": [9.0, 7.0, 6.0]}
+    shape = (7, 30, 40)
+    volume = hu_at(_voxel_points(meta, shape)).astype(np.float32)
+    out = run_stage(
+        Crop,
+        {"volume": Tensor(volume, meta)},
+        arguments={"start": [2, 5, -30], "stop": [6, 99, -3]},
+    )["volume"]
+    assert out.array.shape == (4, 25, 27)
+    np.testing.assert_array_equal(out.array, volume[2:6, 5:, 10:37])
+    np.testing.assert_array_equal(hu_at(_voxel_points(out.metadata, out.array.shape)), out.array)
+    assert out.metadata["sop_instance_uids"] == GEOMETRY["sop_instance_uids"][2:6]
+    assert (
+        out.metadata["spacing"] == meta["spacing"]
+        and out.metadata["direction"] == meta["direction"]
+    )
+    with pytest.raises(K.KernelValueError, match="leaves nothing of the volume"):
+        run_stage(Crop, {"volume": volume}, arguments={"start": [5, 0, 0], "stop": [5, 9, 9]})
+    with pytest.raises(ParameterError, match="start must be three integers"):
+        run_stage(Crop, {"volume": volume}, arguments={"start": [1, 2]})
