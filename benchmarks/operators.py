@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/operators.py --quick                 # about three minutes
+    .venv/bin/python benchmarks/operators.py --quick                 # about two minutes
     .venv/bin/python benchmarks/operators.py --json benchmarks/results/operators-DATE.json
 
 Measured, side by side in one process, round after round (the systems of a case take turns
