@@ -1,5 +1,10 @@
-"""Shared test setup: markers, the GPU switch, and the suite-wide leak check.
+"""Shared test setup: markers, the GPU switch, the private network, and the leak check.
 
+- The whole session runs in a private network namespace holding only a loopback interface,
+  when it can (root, or user namespaces): servers that cannot bind 127.0.0.1 (dcmtk's
+  ``storescp``, Orthanc) then listen on an interface nothing outside can reach. Tests that start
+  such servers use the ``private_network`` fixture, which skips (fails under ``CI=true``)
+  where the namespace could not be made. ``DATAFLOW_TEST_NETNS=0`` turns it off.
 - ``gpu`` tests skip when no CUDA GPU is usable and fail under ``--require-gpu``.
 - When the session ends, nothing of ours may remain: no store server process and no file of
   ours in ``/dev/shm``. A leak fails the run.
@@ -13,6 +18,46 @@ from pathlib import Path
 import pytest
 
 SHM = Path("/dev/shm")
+
+
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+_network: dict[str, str] = {}
+
+
+def _enter_private_network() -> str:
+    """Move this process (before any thread starts) into a new network namespace and bring
+    its loopback up; '' on success, else why not. Children inherit the namespace."""
+    import ctypes
+    import fcntl
+    import socket
+    import struct
+
+    if os.environ.get("DATAFLOW_TEST_NETNS", "1") == "0":
+        return "DATAFLOW_TEST_NETNS=0"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        return f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14s", b"lo", flags | IFF_UP, b""))
+    return ""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _network["why_not"] = _enter_private_network()
+
+
+@pytest.fixture(scope="session")
+def private_network() -> None:
+    """The test talks to servers listening on every interface: only in the private one."""
+    why = _network.get("why_not", "not set up")
+    if why:
+        message = f"no private network namespace for servers bound to all interfaces ({why})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
