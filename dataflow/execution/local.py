@@ -10,11 +10,14 @@ object's reference (handed over at seal) until every consumer is done with it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +29,7 @@ from dataflow.execution import state
 from dataflow.execution.worker import WorkerSpec, worker_main
 from dataflow.store import Store
 
-__all__ = ["JobResult", "LocalExecutor", "StageDef"]
+__all__ = ["JobFeed", "JobResult", "LocalExecutor", "StageDef"]
 
 log = structlog.get_logger("dataflow.execution")
 
@@ -62,6 +65,65 @@ class _Proc:
         self.process = process
         self.conn = conn
         self.ready = False
+
+
+class JobFeed:
+    """Jobs handed to a serving executor (:meth:`LocalExecutor.serve`) from any thread.
+
+    ``put(job_id, payload_dir)`` queues a job and wakes the executor; ``close()`` asks it to
+    finish the jobs it has and return. The executor waits on ``fileno()`` with its workers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.deque[tuple[str, str | Path | None]] = collections.deque()
+        self._closed = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def put(self, job_id: str, payload: str | Path | None) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"job {job_id!r}: the executor is stopping")
+            self._items.append((job_id, payload))
+        self._wake()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def take(self) -> list[tuple[str, str | Path | None]]:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+    def fileno(self) -> int:
+        return self._read
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._write, b"!")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
+    def __del__(self) -> None:
+        for fd in (getattr(self, "_read", None), getattr(self, "_write", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 class LocalExecutor:
@@ -140,16 +202,59 @@ class LocalExecutor:
             signal.signal(signal.SIGTERM, previous)
         return results
 
-    def _step(self, results, started, on_result) -> None:
+    def serve(
+        self,
+        feed: JobFeed,
+        on_result: Callable[[JobResult], None],
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Keep the workers warm and stream every job put into ``feed`` through them until
+        ``feed.close()`` and the jobs in flight are done. ``on_result`` is called in this
+        thread as each result is known (outputs are zero-copy views, valid during the call).
+        Signals are left to the caller; an exception (KeyboardInterrupt) stops at once."""
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        results: list[JobResult] = []
+        started: dict[str, float] = {}
+        self.store = Store.start(budget=self.store_budget, name="coordinator")
+        self.core = state.Core(self.graph, self.limits)
+        interrupted = False
+        try:
+            self._do(self.core.start(time.monotonic()))
+            if on_ready is not None:
+                on_ready()
+            while True:
+                closing = feed.closed  # before take(): nothing is put after close()
+                for job_id, payload in feed.take():
+                    started[job_id] = time.monotonic()
+                    value = state.Value(("path", str(payload)), 0) if payload else None
+                    self._do(
+                        self.core.submit(job_id, value, time.monotonic()),
+                        results, started, on_result,
+                    )  # fmt: skip
+                if closing and self.core.idle():
+                    break
+                self._step(results, started, on_result, wake=feed)
+                results.clear()
+        except BaseException:
+            interrupted = True
+            raise
+        finally:
+            self._shutdown(interrupted=interrupted)
+
+    def _step(self, results, started, on_result, wake: JobFeed | None = None) -> None:
         now = time.monotonic()
         deadline = self.core.next_deadline()
         timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
-        waitables = {}
+        waitables: dict[Any, tuple[str, str]] = {}
+        if wake is not None:
+            waitables[wake.fileno()] = ("", "wake")
         for wid, proc in self.procs.items():
             waitables[proc.conn] = (wid, "conn")
             waitables[proc.process.sentinel] = (wid, "exit")
         for ready in mpc.wait(list(waitables), timeout):
             wid, what = waitables[ready]
+            if what == "wake":
+                continue
             proc = self.procs.get(wid)
             if proc is None or (what == "conn" and proc.conn is not ready):
                 continue
