@@ -81,6 +81,29 @@ def _site_packages(venv: Path) -> Path:
     return venv / "lib" / f"python{PY}" / "site-packages"
 
 
+_SETNS = """\
+import ctypes, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+    why = os.strerror(ctypes.get_errno())
+    sys.exit("cannot enter the network namespace %s: %s" % (sys.argv[1], why))
+os.close(fd)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _with_network(argv: list[str]) -> list[str]:
+    """``argv`` run in the network namespace pytest was started from, when the session moved
+    into a private one (tests/conftest.py does, loopback only): pip must reach the registry."""
+    parent = f"/proc/{os.getppid()}/ns/net"
+    try:
+        if os.readlink("/proc/self/ns/net") == os.readlink(parent):
+            return argv
+    except OSError:
+        return argv
+    return [sys.executable, "-c", _SETNS, parent, *argv]
+
+
 def build_venv() -> tuple[Path, float]:
     """The cached venv (built now if missing); returns (path, seconds spent building).
 
@@ -96,14 +119,17 @@ def build_venv() -> tuple[Path, float]:
         shutil.rmtree(venv, ignore_errors=True)
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *REQUIREMENTS],
+            _with_network(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *REQUIREMENTS]
+            ),
         ]
         for argv in steps:
             run = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
             if run.returncode != 0:
                 shutil.rmtree(venv, ignore_errors=True)
                 raise RuntimeError(
-                    f"building the Triton test venv failed: {' '.join(argv)}\n"
+                    f"building the Triton test venv failed: {' '.join(argv[-6:])}\n"
+                    "(to build it beforehand: python tests/integration/triton_server.py)\n"
                     f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
                 )
         server = _site_packages(venv) / "pytriton" / "tritonserver"
@@ -213,3 +239,8 @@ def run_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+if __name__ == "__main__":  # build the cached venv ahead of the tests
+    path, seconds = build_venv()
+    print(f"{path} ({f'built in {seconds:.0f} s' if seconds else 'already built'})")
