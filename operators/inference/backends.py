@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,22 +94,20 @@ def check_batch(batch: np.ndarray, info: TensorInfo, model: str) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.dtype(info.dtype))
 
 
-def resolve_model_path(model: str | os.PathLike[str]) -> Path:
+def resolve_model_path(model: str | os.PathLike[str], base: Path | None = None) -> Path:
     """Where the model file ``model`` is: an absolute path as is; a relative one is looked for
-    where stage modules are (``dataflow run`` puts the pipeline file's folder first on a
-    worker's ``sys.path``, then the current folder), then in the current folder."""
+    in ``base`` (the pipeline file's folder, when a pipeline loads), then in the current
+    folder."""
     path = Path(model).expanduser()
     if path.is_absolute():
         candidates = [path]
     else:
-        folders = [Path(p) for p in sys.path if p and Path(p).is_dir()]
-        candidates = [folder / path for folder in folders] + [Path.cwd() / path]
+        candidates = [*([base / path] if base is not None else []), Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    where = (
-        path if path.is_absolute() else f"{path} (looked next to the pipeline and in {Path.cwd()})"
-    )
+    looked = " and ".join(str(c.parent) for c in candidates)
+    where = path if path.is_absolute() else f"{path} (looked in {looked})"
     raise InferenceError(f"model file not found: {where}")
 
 

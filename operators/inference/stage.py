@@ -19,12 +19,19 @@ current folder); ``url``, ``protocol`` (``http``/``grpc``), ``model_name``,
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dataflow.stage import ParameterError, Port, Stage, StageContext, Tensor
-from operators.inference.backends import Backend, OnnxBackend, resolve_model_path
+from dataflow.stage import ParameterError, Port, Stage, StageContext, Tensor, pipeline_folder
+from operators.inference.backends import (
+    Backend,
+    InferenceError,
+    OnnxBackend,
+    resolve_model_path,
+)
 from operators.inference.sliding_window import (
     SlidingWindowError,
     argmax_labels,
@@ -75,6 +82,17 @@ def make_backend(
 
 
 class _InferenceBase(Stage):
+    @classmethod
+    def check_parameters(cls, values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+        """The base checks; a relative ``model`` found next to the pipeline file becomes an
+        absolute path (a missing one fails the job that needs it, naming the file)."""
+        out = super().check_parameters(values, where)
+        model = out.get("model", "demo")
+        if out.get("backend", "onnx") == "onnx" and model != "demo":
+            with contextlib.suppress(InferenceError):
+                out["model"] = str(resolve_model_path(model, pipeline_folder()))
+        return out
+
     def __init__(
         self,
         backend: str = "onnx",
