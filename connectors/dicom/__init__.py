@@ -1,0 +1,1 @@
+"""DICOM networking: the C-STORE receiver and export to PACS (issue 5)."""

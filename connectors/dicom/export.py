@@ -1,0 +1,272 @@
+"""Export (Clara's Results Service and SCU exporter): outbox tasks C-STOREd to destinations.
+
+::
+
+    exporter = Exporter(Outbox(state_dir / "export"), [Destination("pacs", "ORTHANC", host, 4242)])
+    exporter.start()                                  # worker thread; or run_once() in tests
+    exporter.enqueue_registered(job_dir / "register/task")   # task.json + files/ of RegisterResults
+    exporter.enqueue(files, "pacs", job_id="j1")       # or any files / folder
+    exporter.stop()
+
+A worker loop claims due tasks, at most ``Destination.max_associations`` at a time per
+destination (each attempt is one association on its own thread), so a destination that is down
+or hangs delays only its own tasks. An attempt ends with the task succeeded, pending again after
+the backoff, or dead (see :mod:`connectors.dicom.outbox`). ``stop()`` is bounded: attempts
+still sending after ``timeout / 2`` have their associations aborted; interrupted tasks go back
+to pending without counting an attempt, their delivered files remembered.
+
+Logs (``connectors.dicom.export``) carry task and job IDs, destination names, counts and
+status codes: no UIDs or patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import structlog
+
+from .outbox import Outbox, RetryPolicy, Task
+from .sender import (
+    Destination,
+    DestinationError,
+    EchoResult,
+    ExportError,
+    TransientExportError,
+    echo,
+    send_files,
+)
+
+__all__ = [
+    "Destination",
+    "DestinationError",
+    "EchoResult",
+    "ExportError",
+    "Exporter",
+    "Outbox",
+    "RetryPolicy",
+    "Task",
+    "TransientExportError",
+    "echo",
+]
+
+log = structlog.get_logger("connectors.dicom.export")
+
+
+class Exporter:
+    """Delivers the tasks of ``outbox`` to ``destinations`` (by name)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Iterable[Destination] | Mapping[str, Destination],
+        *,
+        poll_interval: float = 1.0,
+    ) -> None:
+        values = destinations.values() if isinstance(destinations, Mapping) else destinations
+        self.destinations: dict[str, Destination] = {}
+        for destination in values:
+            if destination.name in self.destinations:
+                raise DestinationError(f"destination {destination.name!r} is configured twice")
+            self.destinations[destination.name] = destination
+        self.outbox = outbox
+        self.poll_interval = poll_interval
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._active: dict[str, int] = dict.fromkeys(self.destinations, 0)
+        self._workers: dict[str, threading.Thread] = {}  # task id -> its attempt's thread
+        self._assocs: dict[str, object] = {}  # task id -> association (to abort on stop)
+        self._loop: threading.Thread | None = None
+        for task in outbox.tasks("pending"):
+            self._check_destination(task)
+
+    # -- queueing ----------------------------------------------------------------------
+    def enqueue(
+        self,
+        source: str | Path | Iterable[str | Path],
+        destination: str,
+        *,
+        job_id: str = "",
+        deadline: float | None = None,
+    ) -> Task:
+        """Queue ``source`` (task folder, folder, file or files) for ``destination``; returns
+        once durable. An unknown destination gives a dead task saying so (nothing is lost)."""
+        task = self.outbox.enqueue(source, destination, job_id=job_id, deadline=deadline)
+        log.info(
+            "export_task_queued", task=task.id, job_id=job_id, destination=destination,
+            files=task.files,
+        )  # fmt: skip
+        task = self._check_destination(task)
+        self._wake.set()
+        return task
+
+    def enqueue_registered(
+        self, task_dir: str | Path, *, deadline: float | None = None
+    ) -> list[Task]:
+        """One task per destination of a RegisterResults folder (``task.json`` + ``files/``)."""
+        record = json.loads((Path(task_dir) / "task.json").read_text())
+        names = record.get("destinations") or json.loads(record.get("parameters") or "[]")
+        if not names:
+            raise ExportError(f"{task_dir}: task.json names no destination")
+        job_id = record.get("jobId") or ""
+        return [self.enqueue(task_dir, name, job_id=job_id, deadline=deadline) for name in names]
+
+    def _check_destination(self, task: Task) -> Task:
+        if task.destination in self.destinations:
+            return task
+        known = ", ".join(sorted(self.destinations)) or "none"
+        reason = f"destination {task.destination!r} is not configured (configured: {known})"
+        self.outbox.mark_dead(task.id, reason)
+        log.error("export_task_dead", task=task.id, job_id=task.job_id, reason=reason)
+        return self.outbox.get(task.id)  # type: ignore[return-value]
+
+    # -- inspection --------------------------------------------------------------------
+    def tasks(self, state: str | None = None) -> list[Task]:
+        return self.outbox.tasks(state)
+
+    def dead_letters(self) -> list[Task]:
+        return self.outbox.dead_letters()
+
+    def echo(self, name: str) -> EchoResult:
+        """C-ECHO the destination called ``name``."""
+        if name not in self.destinations:
+            raise DestinationError(f"no destination {name!r}")
+        return echo(self.destinations[name])
+
+    # -- the worker --------------------------------------------------------------------
+    def _dispatch(self, exclude: set[str] | None = None) -> list[str]:
+        """Start an attempt for each due task that has a free association slot."""
+        started = []
+        for name, destination in self.destinations.items():
+            while not self._stopping.is_set():
+                with self._lock:
+                    if self._active[name] >= destination.max_associations:
+                        break
+                    task = self.outbox.claim(name, exclude or ())
+                    if task is None:
+                        break
+                    self._active[name] += 1
+                    thread = threading.Thread(
+                        target=self._attempt, args=(task, destination), daemon=True,
+                        name=f"export-{name}-{task.id[:8]}",
+                    )  # fmt: skip
+                    self._workers[task.id] = thread
+                thread.start()
+                started.append(task.id)
+        return started
+
+    def _attempt(self, task: Task, destination: Destination) -> None:
+        started, error = time.monotonic(), ""
+        files = self.outbox.pending_files(task.id)
+        try:
+            send_files(
+                destination,
+                files,
+                lambda result: self.outbox.record(task.id, result),
+                should_stop=self._stopping.is_set,
+                on_association=lambda assoc: self._assocs.__setitem__(task.id, assoc),
+            )
+        except TransientExportError as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug or an unexpected peer: the task must not vanish
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("export_attempt_error", task=task.id, destination=destination.name)
+        try:
+            if self._stopping.is_set() and self._unfinished(task.id):
+                self.outbox.release(task.id)
+                log.info("export_attempt_interrupted", task=task.id, destination=destination.name)
+            else:
+                if not error and self._unfinished(task.id):
+                    error = self._last_file_error(task.id)
+                self._report(self.outbox.finish_attempt(task.id, error), time.monotonic() - started)
+        finally:
+            with self._lock:
+                self._active[destination.name] -= 1
+                self._workers.pop(task.id, None)
+                self._assocs.pop(task.id, None)
+            self._wake.set()
+
+    def _unfinished(self, task_id: str) -> bool:
+        return any(record.state == "pending" for record in self.outbox.files(task_id))
+
+    def _last_file_error(self, task_id: str) -> str:
+        errors = [r.error for r in self.outbox.files(task_id) if r.state == "pending" and r.error]
+        return errors[-1] if errors else "instances left unsent"
+
+    def _report(self, task: Task, seconds: float) -> None:
+        fields = dict(
+            task=task.id, job_id=task.job_id, destination=task.destination, files=task.files,
+            delivered=task.delivered, failed=task.failed, attempts=task.attempts,
+            seconds=round(seconds, 3),
+        )  # fmt: skip
+        if task.state == "succeeded":
+            log.info("export_task_succeeded", **fields)
+        elif task.state == "dead":
+            log.error("export_task_dead", reason=task.last_error, **fields)
+        else:
+            retry_in = round(max(0.0, task.next_attempt - self.outbox.clock()), 3)
+            log.warning("export_attempt_failed", error=task.last_error, retry_in=retry_in, **fields)
+
+    def run_once(self, timeout: float | None = None) -> int:
+        """Attempt every task due now (each at most once, within the concurrency limits) and
+        wait for the attempts to end; returns how many were made. For tests and tools."""
+        attempted: set[str] = set()
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._wake.clear()
+            attempted.update(self._dispatch(attempted))
+            with self._lock:
+                busy = bool(self._workers)
+            if not busy:
+                return len(attempted)
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"export attempts still running after {timeout} s")
+            self._wake.wait(0.05)
+
+    def start(self) -> None:
+        """Run the worker loop in a thread until :meth:`stop`."""
+        if self._loop is not None:
+            return
+        self._stopping.clear()
+        self._loop = threading.Thread(target=self._run, name="export-loop", daemon=True)
+        self._loop.start()
+        log.info("exporter_started", destinations=sorted(self.destinations))
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._dispatch()
+            except Exception:  # e.g. the database is busy: log and try again
+                log.exception("export_dispatch_error")
+            due, now = self.outbox.next_due(), self.outbox.clock()
+            wait = self.poll_interval
+            if due is not None and due > now:
+                wait = min(wait, due - now)
+            self._wake.wait(max(wait, 0.005))
+            self._wake.clear()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and the attempts in flight within about ``timeout`` seconds."""
+        self._stopping.set()
+        self._wake.set()
+        half, end = time.monotonic() + timeout / 2, time.monotonic() + timeout
+        if self._loop is not None:
+            self._loop.join(timeout / 2)
+            self._loop = None
+        for thread in self._threads():
+            thread.join(max(0.0, half - time.monotonic()))
+        with self._lock:
+            assocs = list(self._assocs.values())
+        for assoc in assocs:  # still sending: abort so that the threads end
+            assoc.abort()  # type: ignore[attr-defined]
+        for thread in self._threads():
+            thread.join(max(0.0, end - time.monotonic()))
+        log.info("exporter_stopped", still_running=len(self._threads()))
+
+    def _threads(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._workers.values())

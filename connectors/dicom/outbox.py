@@ -1,0 +1,411 @@
+"""The durable outbox of export tasks: SQLite (WAL) plus the outbox's own copy of the files.
+
+A task is a set of files for one destination, in one of four states::
+
+    pending ──claim──▶ in-progress ──all delivered──▶ succeeded   (its files are removed)
+       ▲                    │
+       └──failed attempt────┤ (backoff: initial·factor^(n-1), capped, jittered)
+                            └──deadline passed / max attempts / an instance refused──▶ dead
+
+Each file has its own progress (``pending``, ``delivered``, ``failed``), so a retried task sends
+only what was not yet accepted. ``enqueue`` returns only once the files are linked or copied
+into the outbox folder, fsynced, and the rows committed with ``synchronous=FULL``; the job's own
+folders may then be deleted. On open, ``in-progress`` tasks (a crash or a stop mid-send) become
+``pending`` again. Dead tasks keep their files and reason until :meth:`Outbox.requeue` or
+:meth:`Outbox.delete`: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from operators.register import link_or_copy
+
+from .sender import ExportError, FileInfo, FileResult, describe_file
+
+__all__ = ["STATES", "FileRecord", "Outbox", "RetryPolicy", "Task"]
+
+STATES = ("pending", "in-progress", "succeeded", "dead")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL, next_attempt REAL NOT NULL, last_error TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, deadline REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_due ON tasks (state, next_attempt);
+CREATE TABLE IF NOT EXISTS files (
+    task_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL, sop_class TEXT NOT NULL,
+    sop_instance TEXT NOT NULL, transfer_syntax TEXT NOT NULL, state TEXT NOT NULL,
+    status INTEGER, error TEXT NOT NULL, PRIMARY KEY (task_id, idx));
+"""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with a cap; a task dies after ``deadline`` seconds (from enqueue) or
+    ``max_attempts`` failed attempts, whichever comes first."""
+
+    initial_delay: float = 5.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    deadline: float = 24 * 3600.0
+    max_attempts: int | None = None
+    jitter: float = 0.1  # ± fraction of the delay, so that many tasks do not retry in step
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (1, 2, ...)."""
+        base = min(self.max_delay, self.initial_delay * self.factor ** max(0, attempts - 1))
+        if self.jitter and rng is not None:
+            base *= 1 + self.jitter * (2 * rng.random() - 1)
+        return max(0.0, base)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    job_id: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str
+    created: float
+    updated: float
+    deadline: float
+    files: int
+    delivered: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    index: int
+    name: str
+    sop_instance: str
+    state: str  # pending | delivered | failed
+    status: int | None
+    error: str
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sources(source: str | Path | Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """(file, name inside the task) for a task folder (task.json + files/), a folder, a file or
+    a list of files."""
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if (path / "task.json").is_file():
+            uris = json.loads((path / "task.json").read_text())["uris"]
+            return [(path / "files" / uri, uri) for uri in uris]
+        if path.is_dir():
+            return [
+                (p, p.relative_to(path).as_posix()) for p in sorted(path.rglob("*")) if p.is_file()
+            ]
+        return [(path, path.name)]
+    files = [Path(p) for p in source]
+    return [(p, f"{k:05d}_{p.name}") for k, p in enumerate(files)]
+
+
+class Outbox:
+    """Export tasks in ``root/outbox.sqlite``, their files under ``root/tasks/<id>/``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        policy: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.folder = self.root / "tasks"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.policy = policy or RetryPolicy()
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.root / "outbox.sqlite", isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self.recover()
+
+    # -- transactions ----------------------------------------------------------------
+    def _write(self, sql: str, args: tuple = (), *, full: bool = True) -> None:
+        self._transaction([(sql, args)], full=full)
+
+    def _transaction(self, statements: Iterable[tuple[str, tuple]], *, full: bool = True) -> None:
+        """Run ``statements`` in one transaction; ``full``: synchronous=FULL for its commit."""
+        with self._lock:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def recover(self) -> int:
+        """In-progress tasks become pending (due now); half-written folders go. Returns how
+        many tasks were resumed."""
+        with self._lock:
+            known = {row[0] for row in self._rows("SELECT id FROM tasks")}
+            for path in self.folder.iterdir():
+                if path.name not in known:  # an enqueue that never committed
+                    shutil.rmtree(path, ignore_errors=True)
+            count = len(self._rows("SELECT id FROM tasks WHERE state='in-progress'"))
+            self._write(
+                "UPDATE tasks SET state='pending', next_attempt=?, updated=? "
+                "WHERE state='in-progress'",
+                (self.clock(), self.clock()),
+            )
+        return count
+
+    # -- enqueue ---------------------------------------------------------------------
+    def enqueue(
+        self,
+        source: str | Path | Iterable[str | Path],
+        destination: str,
+        *,
+        job_id: str = "",
+        task_id: str | None = None,
+        deadline: float | None = None,
+    ) -> Task:
+        """Make a durable task of ``source``'s files for ``destination``; ``deadline`` in
+        seconds from now overrides the policy's. Raises :class:`ExportError` on a file that is
+        not DICOM (nothing is queued then)."""
+        task_id = task_id or uuid.uuid4().hex
+        if self.get(task_id) is not None:
+            raise ExportError(f"outbox task {task_id!r} exists already")
+        sources = _sources(source)
+        if not sources:
+            raise ExportError(f"nothing to export for job {job_id!r}: no files")
+        infos = [describe_file(path) for path, _ in sources]
+        partial = self.folder / f"{task_id}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        rows = []
+        for k, ((path, name), info) in enumerate(zip(sources, infos)):
+            target = partial / name
+            link_or_copy(path, target)
+            _fsync(target)
+            rows.append((task_id, k, name, info.sop_class, info.sop_instance, info.transfer_syntax))
+        for directory in {partial / name for _, name in sources}:
+            _fsync(directory.parent)
+        final = self.folder / task_id
+        os.replace(partial, final)
+        _fsync(self.folder)
+        now = self.clock()
+        limit = now + (self.policy.deadline if deadline is None else deadline)
+        insert_files = "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, 'pending', NULL, '')"
+        try:
+            self._transaction(
+                [
+                    (
+                        "INSERT INTO tasks VALUES (?, ?, ?, 'pending', 0, ?, '', ?, ?, ?)",
+                        (task_id, job_id, destination, now, now, now, limit),
+                    ),
+                    *((insert_files, row) for row in rows),
+                ]
+            )
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        return self.get(task_id)  # type: ignore[return-value]
+
+    def mark_dead(self, task_id: str, reason: str) -> None:
+        """Dead-letter ``task_id`` now (e.g. its destination is not configured)."""
+        self._write(
+            "UPDATE tasks SET state='dead', last_error=?, updated=? WHERE id=?",
+            (reason, self.clock(), task_id),
+        )
+
+    # -- the sender's side -----------------------------------------------------------
+    def claim(self, destination: str | None = None, exclude: Iterable[str] = ()) -> Task | None:
+        """The next due pending task (of ``destination``, not in ``exclude``), now
+        in-progress; None if there is none."""
+        with self._lock:
+            where = "state='pending' AND next_attempt<=?"
+            args: tuple = (self.clock(),)
+            if destination is not None:
+                where, args = where + " AND destination=?", (*args, destination)
+            skip = list(exclude)
+            if skip:
+                where += f" AND id NOT IN ({','.join('?' * len(skip))})"
+                args = (*args, *skip)
+            row = self._rows(
+                f"SELECT id FROM tasks WHERE {where} ORDER BY next_attempt, created LIMIT 1", args
+            )
+            if not row:
+                return None
+            self._write(
+                "UPDATE tasks SET state='in-progress', updated=? WHERE id=?",
+                (self.clock(), row[0][0]),
+            )
+            return self.get(row[0][0])
+
+    def pending_files(self, task_id: str) -> list[tuple[int, FileInfo]]:
+        rows = self._rows(
+            "SELECT idx, name, sop_class, sop_instance, transfer_syntax FROM files "
+            "WHERE task_id=? AND state='pending' ORDER BY idx",
+            (task_id,),
+        )
+        base = self.folder / task_id
+        return [(idx, FileInfo(base / name, *rest)) for idx, name, *rest in rows]
+
+    def record(self, task_id: str, result: FileResult) -> None:
+        """One instance's outcome (delivered, refused for good, or to be retried)."""
+        state = {"delivered": "delivered", "permanent": "failed"}.get(result.outcome, "pending")
+        self._write(
+            "UPDATE files SET state=?, status=?, error=? WHERE task_id=? AND idx=?",
+            (state, result.status, result.error, task_id, result.index),
+            full=False,  # losing this on power loss only resends an instance
+        )
+
+    def release(self, task_id: str) -> None:
+        """Back to pending, due now, without counting an attempt (a stop interrupted it)."""
+        self._write(
+            "UPDATE tasks SET state='pending', next_attempt=?, updated=? WHERE id=?",
+            (self.clock(), self.clock(), task_id),
+        )
+
+    def finish_attempt(self, task_id: str, error: str = "") -> Task:
+        """Close an attempt: succeeded when every file is delivered; dead when instances were
+        refused for good and nothing else is left, or the deadline / attempts ran out;
+        otherwise pending again after the backoff."""
+        with self._lock:
+            task = self.get(task_id)
+            if task is None:
+                raise ExportError(f"no outbox task {task_id!r}")
+            now, attempts = self.clock(), task.attempts + 1
+            pending = task.files - task.delivered - task.failed
+            policy = self.policy
+            if pending == 0 and task.failed == 0:
+                state, next_attempt, error = "succeeded", now, ""
+            elif pending == 0:
+                state, next_attempt, error = "dead", now, self._refusals(task)
+            elif policy.max_attempts is not None and attempts >= policy.max_attempts:
+                state, next_attempt = "dead", now
+                error = f"gave up after {attempts} attempts: {error}"
+            elif now >= task.deadline:
+                state, next_attempt = "dead", now
+                error = f"deadline passed after {attempts} attempts: {error}"
+            else:
+                state = "pending"
+                next_attempt = min(now + policy.delay(attempts, self.rng), task.deadline)
+            self._write(
+                "UPDATE tasks SET state=?, attempts=?, next_attempt=?, last_error=?, updated=? "
+                "WHERE id=?",
+                (state, attempts, next_attempt, error, now, task_id),
+            )
+            if state == "succeeded":
+                shutil.rmtree(self.folder / task_id, ignore_errors=True)
+            return self.get(task_id)  # type: ignore[return-value]
+
+    def _refusals(self, task: Task) -> str:
+        rows = self._rows(
+            "SELECT idx, error FROM files WHERE task_id=? AND state='failed' ORDER BY idx",
+            (task.id,),
+        )
+        shown = "; ".join(f"file #{idx}: {error}" for idx, error in rows[:3])
+        more = f" (+{len(rows) - 3} more)" if len(rows) > 3 else ""
+        return f"{len(rows)} of {task.files} instance(s) refused: {shown}{more}"
+
+    # -- inspection and repair -------------------------------------------------------
+    def get(self, task_id: str) -> Task | None:
+        rows = self._select("WHERE t.id=?", (task_id,))
+        return rows[0] if rows else None
+
+    def tasks(self, state: str | None = None) -> list[Task]:
+        if state is None:
+            return self._select("", ())
+        if state not in STATES:
+            raise ExportError(f"unknown task state {state!r}: one of {', '.join(STATES)}")
+        return self._select("WHERE t.state=?", (state,))
+
+    def dead_letters(self) -> list[Task]:
+        return self.tasks("dead")
+
+    def files(self, task_id: str) -> list[FileRecord]:
+        rows = self._rows(
+            "SELECT idx, name, sop_instance, state, status, error FROM files WHERE task_id=? "
+            "ORDER BY idx",
+            (task_id,),
+        )
+        return [FileRecord(*row) for row in rows]
+
+    def next_due(self) -> float | None:
+        """When the earliest pending task is due (clock time), None if there is none."""
+        rows = self._rows("SELECT MIN(next_attempt) FROM tasks WHERE state='pending'")
+        return rows[0][0]
+
+    def requeue(self, task_id: str, *, deadline: float | None = None) -> Task:
+        """A dead task goes back to pending: attempts 0, refused files retried, new deadline."""
+        task = self.get(task_id)
+        if task is None or task.state != "dead":
+            raise ExportError(
+                f"only a dead task can be requeued: {task_id!r} is {task and task.state}"
+            )
+        now = self.clock()
+        limit = now + (self.policy.deadline if deadline is None else deadline)
+        self._transaction(
+            [
+                ("UPDATE files SET state='pending' WHERE task_id=? AND state='failed'", (task_id,)),
+                (
+                    "UPDATE tasks SET state='pending', attempts=0, next_attempt=?, deadline=?, "
+                    "updated=? WHERE id=?",
+                    (now, limit, now, task_id),
+                ),
+            ]
+        )
+        return self.get(task_id)  # type: ignore[return-value]
+
+    def delete(self, task_id: str) -> None:
+        """Forget a finished (succeeded or dead) task and its files."""
+        task = self.get(task_id)
+        if task is not None and task.state not in ("succeeded", "dead"):
+            raise ExportError(f"task {task_id!r} is {task.state}: only finished tasks go")
+        self._transaction(
+            [
+                ("DELETE FROM files WHERE task_id=?", (task_id,)),
+                ("DELETE FROM tasks WHERE id=?", (task_id,)),
+            ]
+        )
+        shutil.rmtree(self.folder / task_id, ignore_errors=True)
+
+    def _select(self, where: str, args: tuple) -> list[Task]:
+        rows = self._rows(
+            "SELECT t.id, t.job_id, t.destination, t.state, t.attempts, t.next_attempt, "
+            "t.last_error, t.created, t.updated, t.deadline, COUNT(f.idx), "
+            "COALESCE(SUM(f.state='delivered'), 0), COALESCE(SUM(f.state='failed'), 0) "
+            f"FROM tasks t LEFT JOIN files f ON f.task_id=t.id {where} "
+            "GROUP BY t.id ORDER BY t.created, t.id",
+            args,
+        )
+        return [Task(*row) for row in rows]

@@ -1,0 +1,333 @@
+"""C-STORE and C-ECHO to one destination (pynetdicom as SCU).
+
+For each SOP class of a batch two kinds of presentation context are proposed: one per stored
+(compressed) transfer syntax, and one offering Explicit and Implicit VR Little Endian. A file
+goes out as stored when the peer accepted its syntax; otherwise, when the peer accepted only
+uncompressed, it is decompressed with pydicom first. Each response is classified:
+
+- ``delivered``: Success (0x0000) or a Warning (0x0001, 0xBxxx);
+- ``permanent``: the peer refuses that instance for good (0xA9xx, 0xCxxx, 0x01xx/0x02xx
+  protocol errors, SOP class not accepted, undecodable file): recorded, not retried;
+- ``transient``: anything else (0xA7xx out of resources, 0x0110 processing failure, no
+  response); association failures raise :class:`TransientExportError` (retry later).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dataflow.errors import DataflowError
+
+__all__ = [
+    "UNCOMPRESSED",
+    "Destination",
+    "DestinationError",
+    "EchoResult",
+    "ExportError",
+    "FileInfo",
+    "FileResult",
+    "TransientExportError",
+    "classify_status",
+    "describe_file",
+    "echo",
+    "send_files",
+]
+
+log = structlog.get_logger("connectors.dicom.export")
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128  # DICOM's limit on presentation contexts per association
+
+
+class ExportError(DataflowError):
+    """Export could not do what was asked (a file, a destination, a task)."""
+
+
+class DestinationError(ExportError, ValueError):
+    """A destination is configured wrongly."""
+
+
+class TransientExportError(ExportError):
+    """The destination could not be reached or dropped the association: retry later."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer to C-STORE to. ``transfer_syntax`` is ``"stored"`` (send as stored, with
+    uncompressed fallbacks) or ``"uncompressed"`` (always propose uncompressed only)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "DATAFLOW"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
+    max_associations: int = 1
+    transfer_syntax: Literal["stored", "uncompressed"] = "stored"
+    max_pdu: int = 0  # what we accept from the peer; 0 = no limit
+    connection_timeout: float = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        titles = {"ae_title": self.ae_title, "calling_ae_title": self.calling_ae_title}
+        for label, title in titles.items():
+            if not title or len(title) > 16 or not title.isascii() or "\\" in title:
+                raise DestinationError(
+                    f"destination {self.name!r}: {label} {title!r} must be 1-16 ASCII characters"
+                )
+        if not 0 < self.port < 65536:
+            raise DestinationError(f"destination {self.name!r}: port {self.port} is not 1-65535")
+        if self.max_associations < 1:
+            raise DestinationError(f"destination {self.name!r}: max_associations must be >= 1")
+        if self.transfer_syntax not in ("stored", "uncompressed"):
+            raise DestinationError(
+                f"destination {self.name!r}: transfer_syntax {self.transfer_syntax!r} must be "
+                "'stored' or 'uncompressed'"
+            )
+        if self.tls_key and not self.tls_cert:
+            raise DestinationError(f"destination {self.name!r}: tls_key needs tls_cert")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client TLS context (peer verified against ``tls_ca``), or None without TLS."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the sender needs to know of a file, read once from its file meta."""
+
+    path: Path
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """The outcome of one C-STORE: ``outcome`` is delivered, permanent or transient."""
+
+    index: int
+    outcome: Literal["delivered", "permanent", "transient"]
+    status: int | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    status: int | None = None
+    error: str = ""
+
+
+def describe_file(path: str | Path) -> FileInfo:
+    """Read ``path``'s file meta; :class:`ExportError` if it is not a DICOM file."""
+    path = Path(path)
+    try:
+        meta = read_file_meta_info(path)
+        return FileInfo(
+            path,
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+        )
+    except (OSError, AttributeError, ValueError, EOFError, InvalidDicomError) as exc:
+        raise ExportError(f"{path.name}: not a DICOM file with file meta ({exc})") from None
+
+
+def classify_status(status: int) -> Literal["delivered", "permanent", "transient"]:
+    """Map a C-STORE response status to what the outbox does with the instance."""
+    if status == 0x0000 or status == 0x0001 or 0xB000 <= status <= 0xBFFF:
+        return "delivered"
+    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF:
+        return "permanent"
+    if status in (0x0117, 0x0122, 0x0124, 0x0210, 0x0211, 0x0212):
+        return "permanent"
+    return "transient"  # 0xA7xx, 0x0110, 0x0213 and anything unknown: bounded by the deadline
+
+
+@dataclass
+class _Peer:
+    """Collects what the peer said while associating (for the error message)."""
+
+    reason: str = ""
+
+    def on_acse(self, event) -> None:
+        primitive = event.primitive
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            self.reason = (
+                f"association rejected ({primitive.result_str}, {primitive.source_str}: "
+                f"{primitive.reason_str})"
+            )
+
+
+def _associate(destination: Destination, contexts: Sequence[tuple[str, Sequence[str]]]):
+    ae = AE(ae_title=destination.calling_ae_title)
+    ae.connection_timeout = destination.connection_timeout
+    ae.acse_timeout = destination.acse_timeout
+    ae.dimse_timeout = destination.dimse_timeout
+    ae.network_timeout = destination.network_timeout
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
+    context = destination.ssl_context()
+    tls_args = (context, destination.tls_server_name or destination.host) if context else None
+    peer = _Peer()
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            max_pdu=destination.max_pdu,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_ACSE_RECV, peer.on_acse)],
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise TransientExportError(f"{destination.describe()}: {exc}") from None
+    if not assoc.is_established:
+        why = peer.reason or (
+            "association aborted or timed out" if assoc.is_aborted else "no association"
+        )
+        if not peer.reason and not assoc.accepted_contexts and assoc.rejected_contexts:
+            why = "no presentation context accepted"
+        raise TransientExportError(f"{destination.describe()}: {why} (connection refused?)")
+    return assoc
+
+
+def echo(destination: Destination) -> EchoResult:
+    """C-ECHO ``destination``: ok when it answered Success."""
+    try:
+        assoc = _associate(destination, [(Verification, [ExplicitVRLittleEndian])])
+    except TransientExportError as exc:
+        return EchoResult(False, None, str(exc))
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    if code == 0x0000:
+        return EchoResult(True, code)
+    return EchoResult(False, code, "no C-ECHO response" if code is None else f"status 0x{code:04X}")
+
+
+def plan_contexts(
+    files: Sequence[FileInfo], preference: str = "stored"
+) -> list[list[tuple[str, list[str]]]]:
+    """Presentation contexts for ``files``, packed into association-sized groups."""
+    by_class: dict[str, list[tuple[str, list[str]]]] = {}
+    for info in files:
+        wanted = by_class.setdefault(info.sop_class, [(info.sop_class, list(UNCOMPRESSED))])
+        ts = info.transfer_syntax
+        fresh = all(ts not in syntaxes for _, syntaxes in wanted)
+        if preference == "stored" and ts not in UNCOMPRESSED and fresh:
+            wanted.insert(0, (info.sop_class, [ts]))
+    groups: list[list[tuple[str, list[str]]]] = [[]]
+    for contexts in by_class.values():
+        if len(groups[-1]) + len(contexts) > MAX_CONTEXTS:
+            groups.append([])
+        groups[-1].extend(contexts[:MAX_CONTEXTS])
+    return [group for group in groups if group]
+
+
+def _prepare(assoc, info: FileInfo, preference: str):
+    """The dataset to send (decompressed if needed), or a FileResult saying why not."""
+    accepted = {
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == info.sop_class
+    }
+    if not accepted:
+        return "SOP class not accepted by the peer"
+    try:
+        ds = dcmread(info.path)
+    except Exception as exc:  # pydicom raises many kinds on a broken file
+        return f"unreadable file: {type(exc).__name__}: {exc}"
+    ts = UID(info.transfer_syntax)
+    if info.transfer_syntax in accepted and (preference == "stored" or not ts.is_compressed):
+        return ds
+    if not ts.is_compressed:
+        return ds  # pynetdicom converts between uncompressed syntaxes
+    if not accepted.intersection(UNCOMPRESSED):
+        return f"peer accepted none of {ts.name} or uncompressed"
+    try:
+        ds.decompress()
+    except Exception as exc:  # no codec, corrupt fragments...
+        return f"cannot decompress {ts.name}: {type(exc).__name__}: {exc}"
+    return ds
+
+
+def send_files(
+    destination: Destination,
+    files: Sequence[tuple[int, FileInfo]],
+    on_result: Callable[[FileResult], None],
+    should_stop: Callable[[], bool] = lambda: False,
+    on_association: Callable[[object], None] = lambda assoc: None,
+) -> None:
+    """C-STORE ``files`` (index, info) to ``destination``, calling ``on_result`` after each.
+
+    Raises :class:`TransientExportError` when no association could be made or it broke
+    off; the files without a result then are left for the next attempt. ``should_stop`` is
+    asked before each file; ``on_association`` gets each association (to abort it).
+    """
+    infos = dict(files)
+    for group in plan_contexts(list(infos.values()), destination.transfer_syntax):
+        classes = {sop_class for sop_class, _ in group}
+        assoc = _associate(destination, group)
+        on_association(assoc)
+        try:
+            for index, info in files:
+                if info.sop_class not in classes:
+                    continue
+                if should_stop():
+                    return
+                prepared = _prepare(assoc, info, destination.transfer_syntax)
+                if isinstance(prepared, str):
+                    on_result(FileResult(index, "permanent", None, prepared))
+                    continue
+                try:
+                    status = assoc.send_c_store(prepared, msg_id=index % 65535 + 1)
+                except (ValueError, AttributeError) as exc:
+                    on_result(FileResult(index, "permanent", None, f"cannot send: {exc}"))
+                    continue
+                if "Status" not in status:
+                    on_result(FileResult(index, "transient", None, "no C-STORE response"))
+                    if not assoc.is_established:
+                        raise TransientExportError(
+                            f"{destination.describe()}: association broke off during C-STORE"
+                        )
+                    continue
+                code = int(status.Status)
+                outcome = classify_status(code)
+                error = "" if outcome == "delivered" else f"C-STORE status 0x{code:04X}"
+                on_result(FileResult(index, outcome, code, error))
+        finally:
+            if assoc.is_established:
+                assoc.release()
