@@ -1,0 +1,341 @@
+"""Durable groups: the SQLite database (WAL, ``synchronous=FULL``) of received instances and
+the groups (future jobs) they belong to.
+
+A group is the set of instances of one Study (or Series) Instance UID sent to one called AE
+title. States::
+
+    pending ──(quiet timeout, or release)──> complete ──(mark_dispatched)──> dispatched
+    ignored   (late instances under the ``ignore`` policy: stored, never handed over)
+
+Each group has its own folder ``<spool>/<called-ae>/<key>.g<id>/<series>/<sop>.dcm`` (every
+component sanitised by :mod:`connectors.dicom.spool`), so a late instance under ``new-job`` or
+``rerun`` never lands in a folder a pipeline may be reading. Files are moved into a group
+folder inside the same ``BEGIN IMMEDIATE`` transaction that records them, so completion (also
+a transaction) can never race with an instance half-placed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from .config import CalledAE
+from .spool import Header, ae_component, fsync_dir, uid_component
+
+__all__ = ["Group", "GroupStore", "Placement"]
+
+log = structlog.get_logger("connectors.dicom")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS groups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    called_ae TEXT NOT NULL, calling_ae TEXT NOT NULL, peer_host TEXT NOT NULL,
+    kind TEXT NOT NULL, uid TEXT NOT NULL, routes TEXT NOT NULL, folder TEXT NOT NULL,
+    state TEXT NOT NULL, late_of INTEGER, timeout REAL NOT NULL,
+    instances INTEGER NOT NULL DEFAULT 0,
+    first_arrival REAL NOT NULL, last_arrival REAL NOT NULL,
+    completed_at REAL, dispatched_at REAL
+);
+CREATE INDEX IF NOT EXISTS groups_key ON groups (called_ae, kind, uid, state);
+CREATE INDEX IF NOT EXISTS groups_state ON groups (state);
+CREATE TABLE IF NOT EXISTS instances (
+    group_id INTEGER NOT NULL REFERENCES groups (id),
+    sop_uid TEXT NOT NULL, sop_class TEXT NOT NULL,
+    study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+    path TEXT NOT NULL, size INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL, received REAL NOT NULL,
+    PRIMARY KEY (group_id, sop_uid)
+);
+"""
+
+STATES = ("pending", "complete", "dispatched", "ignored")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group as handed to the service: ``folder`` holds its files (``<series>/<sop>.dcm``)."""
+
+    id: int
+    called_ae: str
+    calling_ae: str
+    peer_host: str
+    kind: str  # "study" or "series"
+    uid: str  # the Study or Series Instance UID
+    routes: tuple[str, ...]
+    folder: Path
+    state: str
+    instances: int
+    first_arrival: float
+    last_arrival: float
+    late_of: int | None = None
+
+
+@dataclass
+class Placement:
+    """One fsynced temp file waiting to be recorded; ``status`` and ``group_id`` are the
+    result (0x0000 Success, 0x0111 duplicate rejected)."""
+
+    header: Header
+    temp: Path
+    size: int
+    called: CalledAE
+    calling_ae: str
+    peer_host: str
+    status: int = -1
+    group_id: int | None = None
+    note: str = ""
+
+
+class GroupStore:
+    """The database of one spool. Thread-safe (one connection behind a lock); several
+    processes may open the same spool (SQLite WAL, ``BEGIN IMMEDIATE`` serialises writers)."""
+
+    def __init__(self, spool: Path, duplicates: str = "overwrite") -> None:
+        self.spool = Path(spool)
+        self.duplicates = duplicates
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.spool / "receiver.sqlite",
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=60.0,
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._lock:
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- placing instances ------------------------------------------------------------------
+
+    def place(self, batch: list[Placement]) -> None:
+        """Move each fsynced temp file into its group folder and record it, all in one
+        transaction; the touched directories are fsynced before the commit. Sets each item's
+        ``status``/``group_id``. On failure nothing of the batch stays recorded or placed."""
+        dirs: set[Path] = set()
+        placed: list[Path] = []
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for item in batch:
+                    self._place_one(item, now, dirs, placed)
+                for directory in sorted(dirs):
+                    fsync_dir(directory)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                for path in placed:
+                    path.unlink(missing_ok=True)
+                raise
+            finally:
+                for item in batch:
+                    item.temp.unlink(missing_ok=True)  # consumed, or refused
+
+    def _mkdirs(self, path: Path, dirs: set[Path]) -> None:
+        missing = []
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for directory in reversed(missing):
+            directory.mkdir(exist_ok=True)
+            dirs.add(directory.parent)
+        dirs.add(missing[0] if missing else path)
+
+    def _new_group(self, item: Placement, key: str, state: str, late_of: int | None, now: float):
+        called = item.called
+        cur = self._db.execute(
+            "INSERT INTO groups (called_ae, calling_ae, peer_host, kind, uid, routes, folder,"
+            " state, late_of, timeout, first_arrival, last_arrival)"
+            " VALUES (?, ?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?)",
+            (called.ae_title, item.calling_ae, item.peer_host, called.group_by, key,
+             json.dumps(list(called.routes)), state, late_of, called.timeout, now, now),
+        )  # fmt: skip
+        group_id = int(cur.lastrowid)
+        folder = f"{ae_component(called.ae_title)}/{uid_component(key)}.g{group_id}"
+        self._db.execute("UPDATE groups SET folder = ? WHERE id = ?", (folder, group_id))
+        return group_id, folder
+
+    def _open_group(self, item: Placement, now: float, dirs: set[Path], placed: list[Path]):
+        called = item.called
+        key = item.header.study_uid if called.group_by == "study" else item.header.series_uid
+        row = self._db.execute(
+            "SELECT id, folder FROM groups WHERE called_ae = ? AND kind = ? AND uid = ?"
+            " AND state IN ('pending', 'ignored') ORDER BY id DESC LIMIT 1",
+            (called.ae_title, called.group_by, key),
+        ).fetchone()
+        if row is not None:
+            return row
+        prev = self._db.execute(
+            "SELECT id FROM groups WHERE called_ae = ? AND kind = ? AND uid = ?"
+            " AND state IN ('complete', 'dispatched') ORDER BY id DESC LIMIT 1",
+            (called.ae_title, called.group_by, key),
+        ).fetchone()
+        late_of = prev[0] if prev else None
+        state = "ignored" if late_of is not None and called.late == "ignore" else "pending"
+        group_id, folder = self._new_group(item, key, state, late_of, now)
+        if late_of is not None:
+            log.info("late_instance", called_ae=called.ae_title, policy=called.late,
+                     group=group_id, late_of=late_of)  # fmt: skip
+        if late_of is not None and called.late == "rerun":
+            self._copy_instances(late_of, group_id, folder, now, dirs, placed)
+        return group_id, folder
+
+    def _copy_instances(self, source: int, group_id: int, folder: str, now, dirs, placed):
+        rows = self._db.execute(
+            "SELECT sop_uid, sop_class, study_uid, series_uid, path, size, calling_ae"
+            " FROM instances WHERE group_id = ?",
+            (source,),
+        ).fetchall()
+        count = 0
+        for sop, sop_class, study, series, path, size, calling in rows:
+            rel = f"{folder}/{uid_component(series)}/{uid_component(sop)}.dcm"
+            target = self.spool / rel
+            self._mkdirs(target.parent, dirs)
+            try:
+                os.link(self.spool / path, target)
+            except FileNotFoundError:
+                log.warning("rerun_file_missing", group=group_id, source_group=source)
+                continue
+            placed.append(target)
+            self._db.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (group_id, sop, sop_class, study, series, rel, size, calling, now),
+            )
+            count += 1
+        self._db.execute("UPDATE groups SET instances = ? WHERE id = ?", (count, group_id))
+
+    def _place_one(self, item: Placement, now: float, dirs: set[Path], placed: list[Path]):
+        h = item.header
+        group_id, folder = self._open_group(item, now, dirs, placed)
+        item.group_id = group_id
+        rel = f"{folder}/{uid_component(h.series_uid)}/{uid_component(h.sop_instance_uid)}.dcm"
+        existing = self._db.execute(
+            "SELECT 1 FROM instances WHERE group_id = ? AND sop_uid = ?",
+            (group_id, h.sop_instance_uid),
+        ).fetchone()
+        if existing and self.duplicates == "keep-first":
+            item.status, item.note = 0x0000, "duplicate kept first"
+            return
+        if existing and self.duplicates == "reject":
+            item.status, item.note = 0x0111, "duplicate SOP Instance UID"
+            return
+        target = self.spool / rel
+        self._mkdirs(target.parent, dirs)
+        os.replace(item.temp, target)
+        if not existing:
+            placed.append(target)
+        dirs.add(target.parent)
+        values = (h.sop_class_uid, h.study_uid, h.series_uid, rel, item.size, item.calling_ae)
+        self._db.execute(
+            "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (group_id, h.sop_instance_uid, *values, now),
+        )
+        self._db.execute(
+            "UPDATE groups SET instances = instances + ?, last_arrival = ? WHERE id = ?",
+            (0 if existing else 1, now, group_id),
+        )
+        item.status, item.note = 0x0000, "duplicate overwritten" if existing else ""
+
+    # -- completion and hand-over -----------------------------------------------------------
+
+    def complete_due(self, now: float, not_before: float) -> list[int]:
+        """Complete the pending groups quiet for their timeout (the quiet time counting from
+        ``not_before`` at the earliest: the service's start); returns their ids."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT id FROM groups WHERE state = 'pending'"
+                    " AND max(last_arrival, ?) + timeout <= ?",
+                    (not_before, now),
+                ).fetchall()
+                ids = [r[0] for r in rows]
+                self._db.executemany(
+                    "UPDATE groups SET state = 'complete', completed_at = ? WHERE id = ?",
+                    [(now, i) for i in ids],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return ids
+
+    def complete(self, group_ids: list[int]) -> list[int]:
+        """Complete these groups now if still pending (association released)."""
+        done = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for group_id in group_ids:
+                    cur = self._db.execute(
+                        "UPDATE groups SET state = 'complete', completed_at = ?"
+                        " WHERE id = ? AND state = 'pending'",
+                        (time.time(), group_id),
+                    )
+                    done += [group_id] if cur.rowcount else []
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return done
+
+    def mark_dispatched(self, group_id: int) -> bool:
+        """The service recorded its jobs: the group is never handed over again."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE groups SET state = 'dispatched', dispatched_at = ?"
+                " WHERE id = ? AND state = 'complete'",
+                (time.time(), group_id),
+            )
+        return cur.rowcount == 1
+
+    def groups(self, state: str | None = None) -> list[Group]:
+        """Every group (or those in ``state``), oldest first."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {STATES}")
+        query = (
+            "SELECT id, called_ae, calling_ae, peer_host, kind, uid, routes, folder, state,"
+            " instances, first_arrival, last_arrival, late_of FROM groups"
+        )
+        with self._lock:
+            if state is None:
+                rows = self._db.execute(query + " ORDER BY id").fetchall()
+            else:
+                rows = self._db.execute(query + " WHERE state = ? ORDER BY id", (state,))
+                rows = rows.fetchall()
+        return [Group(*r[:6], tuple(json.loads(r[6])), self.spool / r[7], *r[8:]) for r in rows]
+
+    def instances(self, group_id: int) -> list[tuple[str, Path]]:
+        """(SOP Instance UID, file) of a group's instances."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_uid, path FROM instances WHERE group_id = ? ORDER BY path",
+                (group_id,),
+            ).fetchall()
+        return [(sop, self.spool / path) for sop, path in rows]
+
+    def sweep_pending(self) -> int:
+        """After a crash: remove files in open group folders that were never recorded (moved
+        in, then the process died before the commit: never acknowledged). Returns the count."""
+        removed = 0
+        for group in self.groups("pending") + self.groups("ignored"):
+            known = {path for _, path in self.instances(group.id)}
+            if not group.folder.is_dir():
+                continue
+            for path in group.folder.glob("*/*"):
+                if path not in known:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed

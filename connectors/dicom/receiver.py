@@ -1,0 +1,455 @@
+"""The DICOM receiver: a C-ECHO/C-STORE SCP on pynetdicom that acknowledges only what is on disk.
+
+Each C-STORE: cheap header parse (four UIDs), size and disk-reserve checks, the received bytes
+(untouched, after a Part-10 file meta header) written to ``<spool>/.incoming`` and fsynced;
+then the committer thread moves the file into its group folder, fsyncs the directories and
+commits the record (``synchronous=FULL``) — several associations' instances share one
+transaction (group commit), each still durable before its own Success goes back.
+
+Run as a process (tests, or one listener of several sharing a port with ``reuse_port``)::
+
+    python -m connectors.dicom.receiver --config CONFIG.json    # or the JSON text itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from .config import CalledAE, ReceiverConfig
+from .groups import Group, GroupStore, Placement
+from .spool import PREAMBLE, BadInstance, encode_file_meta, free_bytes, parse_header, write_temp
+
+__all__ = ["Receiver", "main"]
+
+log = structlog.get_logger("connectors.dicom")
+
+# C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C.4.2)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # disk reserve reached, or the disk is full
+TOO_LARGE = 0xA701  # beyond max_instance_size (Out of Resources range)
+NOT_MATCHING = 0xA900  # UIDs missing, malformed, or not those of the request
+CANNOT_UNDERSTAND = 0xC000  # undecodable dataset
+DUPLICATE = 0x0111  # duplicate SOP instance, under duplicates="reject"
+PROCESSING_FAILURE = 0x0110  # anything unexpected (logged with the exception)
+
+
+class _Committer(threading.Thread):
+    """Moves fsynced temp files into place and records them, many per transaction."""
+
+    def __init__(self, store: GroupStore) -> None:
+        super().__init__(name="dicom-committer", daemon=True)
+        self._store = store
+        self._cv = threading.Condition()
+        self._queue: list[tuple[Placement, threading.Event, list]] = []
+        self._stopping = False
+
+    def submit(self, item: Placement) -> None:
+        """Record ``item`` durably (sets its status); raises what the transaction raised."""
+        done, error = threading.Event(), []
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("receiver stopping")
+            self._queue.append((item, done, error))
+            self._cv.notify()
+        done.wait()
+        if error:
+            raise error[0]
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                self._store.place([item for item, _, _ in batch])
+            except BaseException as exc:
+                for _, _, error in batch:
+                    error.append(exc)
+            for _, done, _ in batch:
+                done.set()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self.join(timeout=30)
+
+
+class Receiver:
+    """The receiver of one :class:`ReceiverConfig`.
+
+    ``on_group_complete(group)`` is called (from the receiver's completion thread) for every
+    complete group not yet dispatched — again after each restart until the service calls
+    :meth:`mark_dispatched`. With ``complete_groups=False`` this process only ingests (a
+    worker listener next to a main one that completes and hands over).
+    """
+
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        on_group_complete: Callable[[Group], Any] | None = None,
+        *,
+        complete_groups: bool = True,
+    ) -> None:
+        self.config = config.validate()
+        self.on_group_complete = on_group_complete
+        self.spool = Path(config.spool)
+        self.incoming = self.spool / ".incoming"
+        self.store = GroupStore(self.spool, config.duplicates)
+        self._complete_groups = complete_groups
+        self._server: ThreadedAssociationServer | None = None
+        self._committer: _Committer | None = None
+        self._completer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._handed: set[int] = set()
+        self._assocs: dict[int, dict[str, Any]] = {}
+        self._started = 0.0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> Receiver:
+        """Recover the spool, listen, and start completing groups; returns ``self``."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        if self._complete_groups:
+            for stale in self.incoming.glob("*.part"):  # never acknowledged
+                stale.unlink(missing_ok=True)
+            swept = self.store.sweep_pending()
+            pending = len(self.store.groups("pending"))
+            log.info("receiver_recovered", pending_groups=pending, unrecorded_files=swept)
+        self._started = time.time()
+        self._committer = _Committer(self.store)
+        self._committer.start()
+        self._server = self._make_server()
+        if self._complete_groups:
+            self._completer = threading.Thread(
+                target=self._complete_loop, name="dicom-completer", daemon=True
+            )
+            self._completer.start()
+        log.info("receiver_listening", host=self.config.host, port=self.port,
+                 called_aes=[c.ae_title for c in self.config.called_aes],
+                 tls=self.config.tls is not None)  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (open associations are aborted), finish pending commits."""
+        self._stop.set()
+        self._wake.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            for assoc in self._server.active_associations:
+                assoc.abort()
+        if self._committer is not None:
+            self._committer.stop()
+        if self._completer is not None:
+            self._completer.join(timeout=10)
+        self.store.close()
+        log.info("receiver_stopped", port=self.config.port)
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when configured as 0)."""
+        if self._server is None:
+            return self.config.port
+        return int(self._server.server_address[1])
+
+    # -- for the service --------------------------------------------------------------------
+
+    def groups(self, state: str | None = None) -> list[Group]:
+        """Groups in the spool (``pending``, ``complete``, ``dispatched``, ``ignored``)."""
+        return self.store.groups(state)
+
+    def mark_dispatched(self, group_id: int) -> bool:
+        """The service recorded the group's jobs: never hand it over again."""
+        self._handed.discard(group_id)
+        return self.store.mark_dispatched(group_id)
+
+    def _complete_loop(self) -> None:
+        interval = min(0.5, min(c.timeout for c in self.config.called_aes) / 4)
+        while not self._stop.is_set():
+            try:
+                for group_id in self.store.complete_due(time.time(), self._started):
+                    log.info("group_complete", group=group_id, reason="quiet timeout")
+                self._hand_over()
+            except Exception:
+                log.exception("group_completion_failed")
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def _hand_over(self) -> None:
+        for group in self.store.groups("complete"):
+            if group.id in self._handed or self.on_group_complete is None:
+                continue
+            try:
+                self.on_group_complete(group)
+            except Exception:
+                log.exception("on_group_complete_failed", group=group.id)
+                continue  # handed over again at the next round
+            self._handed.add(group.id)
+
+    # -- the server -------------------------------------------------------------------------
+
+    def _make_server(self) -> ThreadedAssociationServer:
+        config = self.config
+        ae = AE(ae_title=config.called_aes[0].ae_title)
+        ae.maximum_pdu_size = config.max_pdu_size
+        ae.maximum_associations = config.max_associations
+        ae.network_timeout = config.network_timeout
+        ae.acse_timeout = config.acse_timeout
+        ae.dimse_timeout = config.dimse_timeout
+        ae.require_called_aet = False  # checked by _CheckingACSE, for every called AE
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        handlers = [
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        ae._receiver = self  # the ACSE reads its configuration through the AE
+        server = ae.make_server(
+            (config.host, config.port),
+            ae_title=config.called_aes[0].ae_title,
+            ssl_context=self._ssl_context(),
+            evt_handlers=handlers,
+            server_class=_Server,
+            request_handler=_Handler,
+            reuse_port=config.reuse_port,
+        )
+        ae._servers.append(server)  # so that server.shutdown() finds it
+        thread = threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True)
+        thread.start()
+        return server
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # PS3.15 B.12 / B.10
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        if tls.ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(str(tls.ca))
+        return context
+
+    # -- event handlers ---------------------------------------------------------------------
+
+    def _on_accepted(self, event) -> None:
+        r = event.assoc.requestor
+        self._assocs[id(event.assoc)] = {"stored": 0, "failed": 0, "groups": set()}
+        log.info("association_accepted", calling_ae=r.ae_title, peer_host=r.address,
+                 called_ae=event.assoc.acceptor.ae_title)  # fmt: skip
+
+    def _on_rejected(self, event) -> None:
+        r = event.assoc.requestor
+        log.info("association_rejected", calling_ae=r.ae_title, peer_host=r.address,
+                 called_ae=getattr(event.assoc, "_called_ae", ""),
+                 reason=getattr(event.assoc, "_reject_reason", "limit"))  # fmt: skip
+
+    def _finished(self, event, how: str) -> dict[str, Any]:
+        stats = self._assocs.pop(id(event.assoc), {"stored": 0, "failed": 0, "groups": set()})
+        r = event.assoc.requestor
+        log.info(f"association_{how}", calling_ae=r.ae_title, peer_host=r.address,
+                 stored=stats["stored"], failed=stats["failed"])  # fmt: skip
+        return stats
+
+    def _on_released(self, event) -> None:
+        stats = self._finished(event, "released")
+        called = self.config.called(event.assoc.acceptor.ae_title)
+        if called is not None and called.complete_on_release and stats["groups"]:
+            for group_id in self.store.complete(sorted(stats["groups"])):
+                log.info("group_complete", group=group_id, reason="association released")
+            self._wake.set()
+
+    def _on_aborted(self, event) -> None:
+        self._finished(event, "aborted")
+
+    def _on_store(self, event) -> int | tuple[int, Dataset]:
+        assoc = event.assoc
+        stats = self._assocs.setdefault(id(assoc), {"stored": 0, "failed": 0, "groups": set()})
+        calling, host = assoc.requestor.ae_title, assoc.requestor.address
+        try:
+            status, note, group_id = self._store(event, self.config.called(assoc.acceptor.ae_title))
+        except BadInstance as exc:
+            status, note, group_id = exc.status, str(exc), None
+        except Exception as exc:
+            log.exception("store_failed", calling_ae=calling, peer_host=host)
+            status, note, group_id = PROCESSING_FAILURE, type(exc).__name__, None
+        if status == SUCCESS:
+            stats["stored"] += 1
+            stats["groups"].add(group_id)
+            if note:
+                log.info("store_note", calling_ae=calling, peer_host=host, note=note)
+            return SUCCESS
+        stats["failed"] += 1
+        log.warning("store_refused", calling_ae=calling, peer_host=host,
+                    status=f"0x{status:04X}", reason=note)  # fmt: skip
+        reply = Dataset()
+        reply.Status = status
+        reply.ErrorComment = note[:64]
+        return status, reply
+
+    def _store(self, event, called: CalledAE | None) -> tuple[int, str, int | None]:
+        if called is None:  # cannot happen: the ACSE rejected the association
+            return PROCESSING_FAILURE, "called AE title not configured", None
+        request = event.request
+        stream = request.DataSet
+        size = stream.getbuffer().nbytes
+        if self.config.max_instance_size and size > self.config.max_instance_size:
+            return TOO_LARGE, f"instance larger than {self.config.max_instance_size} bytes", None
+        syntax = str(event.context.transfer_syntax)
+        header = parse_header(stream, syntax)
+        if header.sop_class_uid != str(request.AffectedSOPClassUID):
+            return NOT_MATCHING, "SOPClassUID differs from the request's", None
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+            return NOT_MATCHING, "SOPInstanceUID differs from the request's", None
+        meta = encode_file_meta(event.file_meta)
+        available, total = free_bytes(self.spool)
+        reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
+        needed = size + len(meta) + len(PREAMBLE)
+        if available - needed < reserve:
+            return OUT_OF_RESOURCES, "disk reserve reached", None
+        view = stream.getbuffer()
+        try:
+            temp = write_temp(self.incoming, (PREAMBLE, meta, view))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return OUT_OF_RESOURCES, "no space left", None
+            raise
+        finally:
+            view.release()
+        log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
+                  study_instance_uid=header.study_uid, size=needed)  # fmt: skip
+        item = Placement(header, temp, needed, called, event.assoc.requestor.ae_title,
+                         event.assoc.requestor.address)  # fmt: skip
+        assert self._committer is not None
+        self._committer.submit(item)
+        return item.status, item.note, item.group_id
+
+
+class _CheckingACSE(ACSE):
+    """Rejects an unknown called AE title, and a calling AE (or host) not allowed, with the
+    standard reasons, before pynetdicom's own negotiation (which checks the association
+    limit and the presentation contexts)."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        receiver: Receiver = self.assoc.ae._receiver
+        config = receiver.config
+        rq = self.requestor.primitive
+        called, calling = rq.called_ae_title.strip(), rq.calling_ae_title.strip()
+        host = self.assoc.requestor.address
+        reason = None
+        if config.called(called) is None:
+            reason, diagnostic = "called AE title not recognised", 0x07
+        elif not config.allow_unknown_peers and not any(
+            p.ae_title == calling and (p.host is None or p.host == host) for p in config.peers
+        ):
+            reason, diagnostic = "calling AE title not recognised", 0x03
+        if reason is not None:
+            self.assoc._called_ae, self.assoc._reject_reason = called, reason
+            self.requestor.ae_title = rq.calling_ae_title
+            self.send_reject(0x01, 0x01, diagnostic)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        self.acceptor.ae_title = called
+        super()._negotiate_as_acceptor()
+
+
+class _Handler(RequestHandler):
+    def _create_association(self):
+        assoc = super()._create_association()
+        assoc.acse = _CheckingACSE(assoc)
+        return assoc
+
+    def handle(self) -> None:
+        sock = self.request
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(sock, ssl.SSLSocket):  # handshake here, not in the accept loop
+                sock.settimeout(self.ae.acse_timeout)
+                sock.do_handshake()
+                sock.settimeout(None)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("tls_handshake_failed", peer_host=self.client_address[0],
+                     error=type(exc).__name__)  # fmt: skip
+            return
+        super().handle()
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT (several listener processes on one
+    port) and the TLS handshake moved out of the accepting thread."""
+
+    def __init__(self, *args, reuse_port: bool = False, **kwargs) -> None:
+        self._reuse_port = reuse_port
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a receiver until SIGTERM/SIGINT; prints ``listening PORT`` once it listens."""
+    parser = argparse.ArgumentParser(prog="python -m connectors.dicom.receiver")
+    parser.add_argument("--config", required=True, help="JSON file, or the JSON text itself")
+    parser.add_argument("--worker", action="store_true", help="ingest only (no completion)")
+    args = parser.parse_args(argv)
+    text = args.config
+    if not text.lstrip().startswith("{"):
+        text = Path(text).read_text()
+    config = ReceiverConfig.from_dict(json.loads(text))
+    receiver = Receiver(config, complete_groups=not args.worker).start()
+    print(f"listening {receiver.port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    stop.wait()
+    receiver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

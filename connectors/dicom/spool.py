@@ -1,0 +1,192 @@
+"""The spool: path components from peer-supplied values, durable writes, free space, and the
+cheap header parse of a received dataset.
+
+No path is ever built from a raw UID or AE title: :func:`uid_component` keeps a value only if
+it matches the UID grammar (digits and dots, at most 64, not ``.``/``..``), and
+:func:`ae_component` keeps only ``[A-Za-z0-9_-]``; anything else becomes ``x`` + 24 hex
+digits of its SHA-256. The original values stay intact in the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+
+from dataflow.errors import DataflowError
+
+__all__ = [
+    "PREAMBLE",
+    "BadInstance",
+    "Header",
+    "ae_component",
+    "encode_file_meta",
+    "free_bytes",
+    "fsync_dir",
+    "parse_header",
+    "uid_component",
+    "valid_uid",
+    "write_temp",
+]
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+_LOOSE_UID = re.compile(r"^[0-9.]{1,64}$")
+_AE_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+
+_TAG_SOP_CLASS, _TAG_SOP_INSTANCE = 0x00080016, 0x00080018
+_TAG_STUDY, _TAG_SERIES = 0x0020000D, 0x0020000E
+_IMPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+
+
+class BadInstance(DataflowError):
+    """A received dataset we refuse; ``status`` is the C-STORE failure status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def valid_uid(value: str) -> bool:
+    """Whether ``value`` is acceptable as a UID: 1-64 digits and dots, at least one digit.
+
+    Looser than PS3.5 9.1 (which also forbids leading zeros and empty components), because
+    real scanners send such UIDs and refusing them would lose studies; such values are still
+    safe as file names."""
+    return bool(_LOOSE_UID.match(value)) and bool(value.strip("."))
+
+
+def _hashed(value: str | bytes) -> str:
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    return "x" + hashlib.sha256(data).hexdigest()[:24]
+
+
+def uid_component(value: str) -> str:
+    """A safe file-name component for a UID: the UID itself when it matches ``[0-9.]{1,64}``
+    (and is not made only of dots), else a hash."""
+    if valid_uid(value):
+        return value
+    return _hashed(value)
+
+
+def ae_component(value: str) -> str:
+    """A safe directory name for an AE title (stripped; hashed if it has other characters)."""
+    stripped = value.strip()
+    if _AE_SAFE.match(stripped):
+        return stripped
+    return _hashed(value)
+
+
+def encode_file_meta(file_meta) -> bytes:
+    """The encoded File Meta Information group (without preamble) of a pydicom FileMetaDataset."""
+    buffer = io.BytesIO()
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def free_bytes(path: Path) -> tuple[int, int]:
+    """(bytes available to us, total bytes) of the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, making the entries created or renamed in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temp(directory: Path, chunks: Iterable[bytes | memoryview]) -> Path:
+    """Write ``chunks`` to a new file in ``directory`` and fsync it; the path is returned.
+
+    On any error the partial file is removed before the exception propagates.
+    """
+    path = directory / f"{uuid.uuid4().hex}.part"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return path
+
+
+@dataclass(frozen=True)
+class Header:
+    """The four UIDs the receiver needs from a dataset."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+def _text(elem) -> str:
+    value = elem.value if elem is not None else None
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).rstrip("\x00 ").strip()
+
+
+def parse_header(fp: BinaryIO, transfer_syntax: str) -> Header:
+    """Read SOP Class/Instance, Study and Series Instance UIDs from an encoded dataset in
+    ``fp`` (from its start; the position is restored).
+
+    Only elements up to (0020,000E) are parsed (the pixel data is never read). Raises
+    :class:`BadInstance` with 0xC000 (Cannot understand) for an undecodable dataset and
+    0xA900 (Data Set does not match SOP Class) for missing or malformed UIDs.
+    """
+    start = fp.tell()
+    fp.seek(0)
+    try:
+        if transfer_syntax in _DEFLATED:
+            import zlib
+
+            try:
+                inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read(), 1 << 20)
+            except zlib.error as exc:
+                raise BadInstance(0xC000, f"cannot inflate the dataset: {exc}") from exc
+            source: BinaryIO = io.BytesIO(inflated)
+        else:
+            source = fp
+        implicit = transfer_syntax == _IMPLICIT_LE
+        little = transfer_syntax != _EXPLICIT_BE
+        try:
+            ds = read_dataset(
+                source, implicit, little, stop_when=lambda tag, vr, length: tag > _TAG_SERIES
+            )
+            tags = (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY, _TAG_SERIES)
+            values = [_text(ds.get(tag)) for tag in tags]
+        except Exception as exc:  # pydicom raises many types on garbage
+            message = f"cannot decode the dataset: {type(exc).__name__}"
+            raise BadInstance(0xC000, message) from exc
+    finally:
+        fp.seek(start)
+    names = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    for name, value in zip(names, values):
+        if not value:
+            raise BadInstance(0xA900, f"{name} is missing")
+        if not valid_uid(value):
+            raise BadInstance(0xA900, f"{name} is not a valid UID")
+    return Header(*values)
