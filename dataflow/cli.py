@@ -185,6 +185,49 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    config: Path = typer.Argument(..., help="Service configuration (YAML)."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Override a setting: dotted.path=value (repeatable)."
+    ),
+) -> None:
+    """Run the service: connectors (DICOM in and out) and warm pipelines, until SIGTERM."""
+    from dataflow.errors import DataflowError
+    from dataflow.service.main import serve_forever
+
+    try:
+        serve_forever(config, set_ or [])
+    except (DataflowError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("stopped at once: jobs in flight run again at the next start", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def jobs(
+    target: Path = typer.Argument(..., help="The service's configuration file or state folder."),
+    state: str = typer.Option(None, help="Only jobs in this state (queued, running, ...)."),
+    limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON record per line."),
+) -> None:
+    """List the service's job records, newest first."""
+    from dataflow.errors import DataflowError
+    from dataflow.service.main import format_jobs, open_jobs
+
+    try:
+        store = open_jobs(target)
+    except (DataflowError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        typer.echo(format_jobs(store.list(state=state, limit=limit), as_json=as_json))
+    finally:
+        store.close()
+
+
 class _Display:
     """A rich progress bar on a terminal; one structured log line per job otherwise."""
 

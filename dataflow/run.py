@@ -29,7 +29,7 @@ from dataflow.execution.build import plan_pipeline, stage_defs
 from dataflow.execution.local import JobResult, LocalExecutor
 from dataflow.execution.state import Limits
 
-__all__ = ["RunSummary", "find_jobs", "run_pipeline_file", "write_result"]
+__all__ = ["RunSummary", "build_executor", "find_jobs", "run_pipeline_file", "write_result"]
 
 
 @dataclasses.dataclass
@@ -90,25 +90,12 @@ def run_pipeline_file(
     on_result: Callable[[JobResult], None] | None = None,
 ) -> RunSummary:
     """Load, validate, place and run a pipeline over every job under ``input_path``."""
-    from dataflow.pipeline import load_graph, stage_search_path
-
-    # Stage classes travel to the (spawned) workers by reference, and a spawned process
-    # unpickles them before any code of ours runs: it imports from the sys.path it inherits.
-    folders = stage_search_path(path)
-    sys.path.extend(f for f in folders if f not in sys.path)
-    graph = load_graph(str(path), dict(params or {}))  # PipelineError on any error
-    graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
     jobs = find_jobs(input_path)
     out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    executor = LocalExecutor(
-        stage_defs(graph, plan),
-        output_root=out,
-        limits=limits,
-        store_budget=store_budget,
-        log_format=log_format,
-        extra_sys_path=folders,
-    )
+    graph, executor = build_executor(
+        path, out, params=params, replicas=replicas, limits=limits,
+        store_budget=store_budget, log_format=log_format,
+    )  # fmt: skip
     if on_start is not None:
         on_start(jobs, graph, executor)
 
@@ -129,6 +116,38 @@ def run_pipeline_file(
     )
     _write_summary(summary)
     return summary
+
+
+def build_executor(
+    path: str | Path,
+    output_root: Path,
+    *,
+    params: Mapping[str, str] | None = None,
+    replicas: Mapping[str, int] | None = None,
+    limits: Limits | None = None,
+    store_budget: str | int = "1GiB",
+    log_format: str = "console",
+) -> tuple[Any, LocalExecutor]:
+    """Load, validate and place a pipeline; (graph, an executor for it, not yet started).
+    Raises PipelineError or PlacementError before anything starts."""
+    from dataflow.pipeline import load_graph, stage_search_path
+
+    # Stage classes travel to the (spawned) workers by reference, and a spawned process
+    # unpickles them before any code of ours runs: it imports from the sys.path it inherits.
+    folders = stage_search_path(path)
+    sys.path.extend(f for f in folders if f not in sys.path)
+    graph = load_graph(str(path), dict(params or {}))  # PipelineError on any error
+    graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
+    output_root.mkdir(parents=True, exist_ok=True)
+    executor = LocalExecutor(
+        stage_defs(graph, plan),
+        output_root=output_root,
+        limits=limits,
+        store_budget=store_budget,
+        log_format=log_format,
+        extra_sys_path=folders,
+    )
+    return graph, executor
 
 
 def _write_summary(summary: RunSummary) -> None:

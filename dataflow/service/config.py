@@ -1,0 +1,177 @@
+"""The service's configuration file (``dataflow serve CONFIG``).
+
+A YAML mapping::
+
+    state: /var/lib/dataflow        # spool, databases, job outputs (relative: to this file)
+    pipelines:                      # name -> pipeline file, kept warm
+      ct-segmentation: ../pipelines/ct-segmentation.yaml
+      ct-filter: {file: ../pipelines/ct-filter.yaml, params: {sigma: "2"}, replicas: {smooth: 2}}
+    log: {level: info, format: json}
+    dicom: {...}                    # a connector's own section (connectors.dicom)
+
+Every other top-level key names a *connector* (found through the ``dataflow.connectors``
+entry points; ``connectors.dicom`` registers ``dicom``), whose section only it reads.
+
+Values may use ``${NAME}`` or ``${NAME:-default}`` to read the environment, and any value can
+be overridden from the command line with ``--set dotted.path=value`` (a YAML scalar or list:
+``--set dicom.receiver.port=11112``, ``--set 'dicom.destinations.PACS.port=4242'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dataflow.errors import DataflowError
+
+__all__ = ["ConfigError", "PipelineEntry", "ServiceConfig", "load_config"]
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CORE_KEYS = {"state", "pipelines", "log"}
+
+
+class ConfigError(DataflowError, ValueError):
+    """The service configuration is malformed (the message names the file and key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineEntry:
+    name: str
+    file: Path
+    params: dict[str, str]
+    replicas: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    path: Path
+    state: Path
+    pipelines: dict[str, PipelineEntry]
+    connectors: dict[str, dict[str, Any]]  # connector name -> its section
+    log_level: str = "info"
+    log_format: str = "console"
+
+    def relative(self, value: str | os.PathLike[str]) -> Path:
+        """A path from the configuration, relative to the configuration file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.path.parent / path).resolve()
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"{where}: environment variable {name} is not set (and no default)")
+        return default
+
+    text = _ENV.sub(substitute, value)
+    whole = _ENV.fullmatch(value.strip())
+    return yaml.safe_load(text) if whole and text.strip() else text  # ${PORT} -> an int
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str) -> None:
+    """``dotted.path=value`` items, each value parsed as YAML, set into ``data``."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.path=value")
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {item!r}: {'.'.join(parts[: i + 1])} in {source} is not a mapping"
+                )
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ServiceConfig:
+    """Read, expand and check a service configuration; ConfigError names what is wrong."""
+    path = Path(path).resolve()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping")
+    apply_overrides(data, overrides, str(path))
+    data = _expand(data, path.name)
+    base = path.parent
+    if "state" not in data:
+        raise ConfigError(f"{path}: 'state' (the folder for the spool, databases and outputs) "
+                          "is missing")  # fmt: skip
+    state = Path(str(data["state"])).expanduser()
+    state = state if state.is_absolute() else (base / state).resolve()
+    pipelines = _pipelines(data.get("pipelines"), base, path)
+    log = data.get("log") or {}
+    if not isinstance(log, dict):
+        raise ConfigError(f"{path}: 'log' must be a mapping (level, format)")
+    connectors = {}
+    for key, section in data.items():
+        if key in _CORE_KEYS:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {key!r} must be a mapping")
+        connectors[key] = section
+    return ServiceConfig(
+        path=path,
+        state=state,
+        pipelines=pipelines,
+        connectors=connectors,
+        log_level=str(log.get("level", "info")),
+        log_format=str(log.get("format", "console")),
+    )
+
+
+def _pipelines(section: Any, base: Path, path: Path) -> dict[str, PipelineEntry]:
+    if not isinstance(section, dict) or not section:
+        raise ConfigError(f"{path}: 'pipelines' must map at least one name to a pipeline file")
+    out = {}
+    for name, entry in section.items():
+        where = f"{path}: pipelines.{name}"
+        if isinstance(entry, str):
+            entry = {"file": entry}
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise ConfigError(f"{where}: expected a file name or a mapping with 'file'")
+        unknown = set(entry) - {"file", "params", "replicas"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (file, params, replicas)")
+        file = Path(str(entry["file"])).expanduser()
+        file = file if file.is_absolute() else (base / file).resolve()
+        if not file.is_file():
+            raise ConfigError(f"{where}: pipeline file {file} does not exist")
+        params, replicas = entry.get("params") or {}, entry.get("replicas") or {}
+        if not isinstance(params, Mapping) or not isinstance(replicas, Mapping):
+            raise ConfigError(f"{where}: 'params' and 'replicas' must be mappings")
+        try:
+            counts = {str(k): int(v) for k, v in replicas.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.replicas: counts must be whole numbers") from None
+        out[str(name)] = PipelineEntry(
+            str(name), file, {str(k): str(v) for k, v in params.items()}, counts
+        )
+    return out

@@ -1,0 +1,243 @@
+"""The long-running service behind ``dataflow serve``: warm pipelines, connectors, job records.
+
+- Every configured pipeline is loaded, placed and started once (a :class:`LocalExecutor`
+  serving a :class:`JobFeed`, on its own thread) and stays warm.
+- Connectors (``dataflow.connectors`` entry points: ``connectors.dicom`` registers ``dicom``)
+  are started after the pipelines and stopped before them. A connector hands work in with
+  :meth:`ServiceHost.submit` and takes registered results out through its ``export`` method
+  for the agents it serves (``ClaraSCU`` for DICOM).
+- Job records live in ``STATE/jobs.db`` (:mod:`dataflow.service.jobs`); a job is recorded
+  before it runs, and its end before its results are exported, so a restart resumes: jobs
+  that were queued or running run again, exports not yet handed over are handed over.
+
+``dataflow/`` never imports ``connectors/``: connectors are found by entry point name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from dataflow.errors import DataflowError
+from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
+from dataflow.service.config import ServiceConfig
+from dataflow.service.jobs import JobRecord, JobStore
+
+__all__ = ["Connector", "Service", "ServiceError", "ServiceHost", "load_connector"]
+
+log = structlog.get_logger("dataflow.service")
+ENTRY_POINTS = "dataflow.connectors"
+
+
+class ServiceError(DataflowError):
+    """The service cannot start or do what was asked (the message says what and why)."""
+
+
+class Connector(Protocol):
+    """What a connector is to the service (built by ``factory(section, host)``)."""
+
+    agents: frozenset[str]  # register-results agents it exports for, e.g. {"ClaraSCU"}
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def export(self, task_dir: Path, task: Mapping[str, Any], job: JobRecord) -> None:
+        """Take the registered result durably (return only once it survives a crash). May
+        be called before ``start`` (results of jobs resumed at start) and from any thread."""
+
+
+def load_connector(name: str) -> Callable[[dict[str, Any], ServiceHost], Connector]:
+    """The factory registered under ``name`` in the ``dataflow.connectors`` entry points."""
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise ServiceError(f"configuration section {name!r} names no connector (known: {known})")
+    return found[name].load()
+
+
+class ServiceHost:
+    """The service as a connector sees it."""
+
+    def __init__(self, service: Service, name: str) -> None:
+        self._service, self.name = service, name
+        self.state_dir = service.config.state / name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = service.config.path
+        self.log = log.bind(connector=name)
+
+    @property
+    def pipelines(self) -> tuple[str, ...]:
+        return tuple(self._service.config.pipelines)
+
+    def submit(
+        self, pipeline: str, payload: Path, *, source: dict[str, Any], key: str | None = None
+    ) -> JobRecord:
+        """Record a job for ``pipeline`` over the folder ``payload`` and queue it; returns
+        once the record is durable. The same ``key`` twice gives the same job."""
+        return self._service.submit(pipeline, payload, source=source, key=key)
+
+
+class Service:
+    """Start with :meth:`start`, stop with :meth:`stop` (clean: jobs in flight finish)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.jobs_dir = config.state / "jobs"
+        self.jobs: JobStore | None = None
+        self.feeds: dict[str, JobFeed] = {}
+        self.executors: dict[str, LocalExecutor] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.connectors: dict[str, Connector] = {}
+        self._agents: dict[str, Connector] = {}
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        from dataflow.run import build_executor
+
+        self.config.state.mkdir(parents=True, exist_ok=True)
+        self.jobs = JobStore(self.config.state / "jobs.db")
+        for name, entry in self.config.pipelines.items():
+            _, executor = build_executor(
+                entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
+                log_format="json" if self.config.log_format == "json" else "console",
+            )  # fmt: skip
+            self.executors[name] = executor
+        ready = {name: threading.Event() for name in self.executors}
+        for name, executor in self.executors.items():
+            feed = self.feeds[name] = JobFeed()
+            thread = threading.Thread(
+                target=self._serve, args=(name, executor, feed, ready[name]),
+                name=f"pipeline {name}", daemon=True,
+            )  # fmt: skip
+            self.threads[name] = thread
+            thread.start()
+        for name, event in ready.items():
+            while not event.wait(0.2):
+                if self._errors or not self.threads[name].is_alive():
+                    self.stop()
+                    raise ServiceError(f"pipeline {name!r} failed to start: {self._errors}")
+        for name, section in self.config.connectors.items():
+            factory = load_connector(name)
+            connector = factory(section, ServiceHost(self, name))
+            self.connectors[name] = connector
+            for agent in connector.agents:
+                self._agents[agent.lower()] = connector
+        self._resume()
+        self.resume_exports()
+        for name, connector in self.connectors.items():
+            connector.start()
+            log.info("connector_started", connector=name)
+        log.info("service_started", pipelines=list(self.executors), state=str(self.config.state))
+
+    def _serve(self, name: str, executor: LocalExecutor, feed: JobFeed, ready) -> None:
+        try:
+            executor.serve(feed, lambda r: self._finished(name, r), on_ready=ready.set)
+        except BaseException as exc:  # reported by start() or stop()
+            self._errors.append(exc)
+            log.error("pipeline_stopped_by_error", pipeline=name, error=repr(exc))
+
+    def stop(self) -> None:
+        """Connectors first (no new work), then each pipeline finishes its jobs in flight."""
+        for name, connector in reversed(list(self.connectors.items())):
+            try:
+                connector.stop()
+            except Exception as exc:
+                log.error("connector_stop_failed", connector=name, error=repr(exc))
+        self.connectors.clear()
+        for feed in self.feeds.values():
+            feed.close()
+        for thread in self.threads.values():
+            thread.join()
+        self.threads.clear()
+        if self.jobs is not None:
+            self.jobs.close()
+            self.jobs = None
+        log.info("service_stopped")
+
+    def _resume(self) -> None:
+        assert self.jobs is not None
+        for job in self.jobs.unfinished():
+            if job.pipeline not in self.feeds:
+                self.jobs.finished(job.id, False, error=f"pipeline {job.pipeline!r} is no "
+                                   "longer configured")  # fmt: skip
+                continue
+            log.info("job_resumed", job_id=job.id, pipeline=job.pipeline, was=job.state)
+            self._queue(job)
+
+    def resume_exports(self) -> int:
+        """Hand over again every export recorded but not handed (after connectors start)."""
+        assert self.jobs is not None
+        count = 0
+        for export in list(self.jobs.exports(state="new")):
+            job = self.jobs.get(export["job_id"])
+            task_dir = Path(export["task_dir"])
+            self._hand(job, task_dir, json.loads((task_dir / "task.json").read_text()))
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(
+        self, pipeline: str, payload: Path, *, source: dict[str, Any], key: str | None
+    ) -> JobRecord:
+        if pipeline not in self.feeds:
+            raise ServiceError(
+                f"no pipeline {pipeline!r} in {self.config.path} "
+                f"(configured: {', '.join(self.feeds)})"
+            )
+        assert self.jobs is not None
+        job, created = self.jobs.create(pipeline, payload, source=source, key=key)
+        if created:
+            log.info("job_queued", job_id=job.id, pipeline=pipeline)
+            self._queue(job)
+        return job
+
+    def _queue(self, job: JobRecord) -> None:
+        assert self.jobs is not None
+        self.jobs.started(job.id)
+        self.feeds[job.pipeline].put(job.id, job.payload)
+
+    def _finished(self, pipeline: str, result: JobResult) -> None:
+        from dataflow.run import write_result
+
+        assert self.jobs is not None
+        try:
+            write_result(self.jobs_dir, result)
+        except OSError as exc:
+            log.error("job_results_not_written", job_id=result.job, error=str(exc))
+        self.jobs.finished(result.job, result.ok, stage=result.stage, error=result.reason)
+        log.info("job_finished", job_id=result.job, pipeline=pipeline, ok=result.ok,
+                 stage=result.stage, seconds=round(result.seconds, 3))  # fmt: skip
+        if not result.ok:
+            return
+        job = self.jobs.get(result.job)
+        for value in result.outputs.values():
+            if isinstance(value, Path) and (value / "task.json").is_file():
+                task = json.loads((value / "task.json").read_text())
+                self.jobs.add_export(task["taskId"], job.id, str(task.get("agent", "")), value)
+                self._hand(job, value, task)
+
+    def _hand(self, job: JobRecord, task_dir: Path, task: Mapping[str, Any]) -> None:
+        assert self.jobs is not None
+        agent = str(task.get("agent", ""))
+        connector = self._agents.get(agent.lower())
+        if connector is None:
+            log.warning("export_without_agent", job_id=job.id, agent=agent)
+            self.jobs.export_state(task["taskId"], "no-agent")
+            return
+        try:
+            connector.export(task_dir, task, job)
+        except Exception as exc:  # stays 'new': handed again at the next start
+            log.error("export_handover_failed", job_id=job.id, agent=agent, error=repr(exc))
+            return
+        self.jobs.export_state(task["taskId"], "handed")

@@ -1,0 +1,75 @@
+"""The service configuration: environment expansion, --set overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataflow.service.config import ConfigError, load_config
+
+ROOT = Path(__file__).parents[2]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_paths_env_and_overrides(tmp_path, monkeypatch):
+    (tmp_path / "p.yaml").write_text("api-version: 0.5.0\n")
+    path = write(
+        tmp_path,
+        """
+state: state
+pipelines:
+  one: p.yaml
+  two: {file: p.yaml, params: {level: 3}, replicas: {x: 2}}
+dicom:
+  receiver: {port: "${DICOM_PORT:-11112}", host: "${DICOM_HOST}"}
+  destinations: {PACS: {host: 127.0.0.1, port: 4242}}
+""",
+    )
+    monkeypatch.setenv("DICOM_HOST", "127.0.0.2")
+    config = load_config(path, ["dicom.destinations.PACS.port=104", "log.level=debug"])
+    assert config.state == tmp_path / "state"
+    assert config.pipelines["one"].file == tmp_path / "p.yaml"
+    assert config.pipelines["two"].params == {"level": "3"}
+    assert config.pipelines["two"].replicas == {"x": 2}
+    receiver = config.connectors["dicom"]["receiver"]
+    assert receiver == {"port": 11112, "host": "127.0.0.2"}  # a whole ${...} keeps its type
+    assert config.connectors["dicom"]["destinations"]["PACS"]["port"] == 104
+    assert config.log_level == "debug"
+    monkeypatch.setenv("DICOM_PORT", "2000")
+    assert load_config(path).connectors["dicom"]["receiver"]["port"] == 2000
+    assert (
+        load_config(path, ["dicom.receiver.port=3000"]).connectors["dicom"]["receiver"]["port"]
+        == 3000
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("pipelines: {a: p.yaml}\n", [], "'state'"),
+        ("state: s\n", [], "'pipelines' must map at least one name"),
+        ("state: s\npipelines: {a: missing.yaml}\n", [], "pipelines.a: pipeline file"),
+        ("state: s\npipelines: {a: {file: p.yaml, extra: 1}}\n", [], "unknown key"),
+        ("state: s\npipelines: {a: p.yaml}\ndicom: [1]\n", [], "section 'dicom' must be"),
+        ("state: ${NOPE_NOT_SET}\npipelines: {a: p.yaml}\n", [], "NOPE_NOT_SET is not set"),
+        ("state: s\npipelines: {a: p.yaml}\n", ["justakey"], "expected dotted.path=value"),
+        ("state: s\npipelines: {a: p.yaml}\n", ["state.x=1"], "state in"),
+        ("state: [\n", [], "not valid YAML"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path, text, overrides, message):
+    (tmp_path / "p.yaml").write_text("api-version: 0.5.0\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_the_example_configuration_loads():
+    config = load_config(ROOT / "examples" / "service.yaml")
+    assert set(config.pipelines) >= {"ct-segmentation"}
+    assert "dicom" in config.connectors
