@@ -1,0 +1,215 @@
+"""The receiver's spool without a network: sanitised path components, the header parse, and
+the durable groups (grouping, duplicates, late arrivals, completion, restart)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from connectors.dicom.config import CalledAE, ReceiverConfig, ReceiverConfigError
+from connectors.dicom.groups import GroupStore, Placement
+from connectors.dicom.spool import (
+    BadInstance,
+    Header,
+    ae_component,
+    parse_header,
+    uid_component,
+    valid_uid,
+    write_temp,
+)
+
+HOSTILE = ["../../etc", "..", ".", "/abs/path", "a\x00b", "1.2\x00/../x", "9" * 200, "", "1/2"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_become_hashes(value):
+    for component in (uid_component(value), ae_component(value)):
+        assert component.startswith("x") and len(component) == 25
+        assert component.isalnum()
+
+
+def test_safe_values_are_kept():
+    assert uid_component("1.2.840.10008.5.1.4.1.1.2") == "1.2.840.10008.5.1.4.1.1.2"
+    assert ae_component(" DATAFLOW ") == "DATAFLOW"
+    assert ae_component("CT-1_A") == "CT-1_A"
+    assert ae_component("AE WITH SPACE").startswith("x")
+    assert uid_component("1.2.3") != uid_component("1.2.4")
+
+
+def test_valid_uid():
+    assert valid_uid("1.2.3") and valid_uid("1.02.3")  # leading zeros tolerated
+    for bad in ("", "...", "1.2.a", "1" * 65, "../1", "1.2 "):
+        assert not valid_uid(bad)
+
+
+def _encoded(**values) -> io.BytesIO:
+    ds = Dataset()
+    for name, value in values.items():
+        setattr(ds, name, value)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return io.BytesIO(buffer.getvalue())
+
+
+EXPLICIT = "1.2.840.10008.1.2.1"
+UIDS = dict(
+    SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+    SOPInstanceUID="1.2.3.4",
+    StudyInstanceUID="1.2.3",
+    SeriesInstanceUID="1.2.3.5",
+)
+
+
+def test_parse_header_reads_the_uids():
+    header = parse_header(_encoded(**UIDS, PatientName="Doe^John", Rows=4), EXPLICIT)
+    assert header == Header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.3", "1.2.3.5")
+
+
+@pytest.mark.parametrize("missing", sorted(UIDS))
+def test_parse_header_refuses_missing_uids(missing):
+    values = {k: v for k, v in UIDS.items() if k != missing}
+    with pytest.raises(BadInstance) as err:
+        parse_header(_encoded(**values), EXPLICIT)
+    assert err.value.status == 0xA900 and missing in str(err.value)
+
+
+def test_parse_header_refuses_garbage():
+    with pytest.raises(BadInstance) as err:
+        parse_header(io.BytesIO(b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 10), EXPLICIT)
+    assert err.value.status in (0xC000, 0xA900)
+
+
+def test_config_checks():
+    with pytest.raises(ReceiverConfigError):
+        ReceiverConfig(spool=Path("x"), called_aes=[]).validate()
+    with pytest.raises(ReceiverConfigError):
+        ReceiverConfig(spool=Path("x"), called_aes=[CalledAE("A" * 17)]).validate()
+    with pytest.raises(ReceiverConfigError):
+        ReceiverConfig(spool=Path("x"), called_aes=[CalledAE("A", late="later")]).validate()
+    config = ReceiverConfig(spool=Path("x"), called_aes=[CalledAE(" A ", routes=["p"])])
+    again = ReceiverConfig.from_dict(config.validate().to_dict())
+    assert again.called("A").routes == ["p"] and again.called_aes[0].ae_title == "A"
+
+
+# -- groups -----------------------------------------------------------------------------------
+
+
+class Spool:
+    def __init__(self, root: Path, duplicates="overwrite", **called) -> None:
+        self.root = root
+        self.store = GroupStore(root, duplicates)
+        self.called = CalledAE("AE", routes=["p"], timeout=1, **called)
+        (root / ".incoming").mkdir(exist_ok=True)
+
+    def put(self, sop="1.1", study="1.2", series="1.3", data=b"x") -> Placement:
+        temp = write_temp(self.root / ".incoming", [data])
+        header = Header("1.2.840.10008.5.1.4.1.1.2", sop, study, series)
+        item = Placement(header, temp, len(data), self.called, "SCU", "127.0.0.1")
+        self.store.place([item])
+        return item
+
+
+def test_instances_land_in_one_group_folder(tmp_path):
+    spool = Spool(tmp_path)
+    items = [spool.put(sop=f"1.1.{k}") for k in range(3)]
+    assert {i.status for i in items} == {0} and len({i.group_id for i in items}) == 1
+    (group,) = spool.store.groups("pending")
+    assert group.instances == 3 and group.routes == ("p",) and group.kind == "study"
+    files = sorted(p.name for p in group.folder.rglob("*.dcm"))
+    assert files == ["1.1.0.dcm", "1.1.1.dcm", "1.1.2.dcm"]
+    assert group.folder.is_relative_to(tmp_path) and not list((tmp_path / ".incoming").iterdir())
+
+
+def test_group_by_series(tmp_path):
+    spool = Spool(tmp_path, group_by="series")
+    spool.put(sop="1.1.1", series="1.3.1")
+    spool.put(sop="1.1.2", series="1.3.2")
+    assert sorted(g.uid for g in spool.store.groups("pending")) == ["1.3.1", "1.3.2"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "content"),
+    [("overwrite", 0, b"second"), ("keep-first", 0, b"first"), ("reject", 0x0111, b"first")],
+)
+def test_duplicates(tmp_path, policy, status, content):
+    spool = Spool(tmp_path, duplicates=policy)
+    spool.put(data=b"first")
+    assert spool.put(data=b"second").status == status
+    (group,) = spool.store.groups("pending")
+    ((_, path),) = spool.store.instances(group.id)
+    assert group.instances == 1 and path.read_bytes() == content
+    assert len(list(group.folder.rglob("*.dcm"))) == 1
+
+
+def test_quiet_timeout_and_restart_timer(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put()
+    (group,) = spool.store.groups("pending")
+    assert spool.store.complete_due(group.last_arrival + 0.5, 0) == []
+    # after a restart the quiet time counts from the start again
+    assert spool.store.complete_due(group.last_arrival + 5, group.last_arrival + 4.5) == []
+    assert spool.store.complete_due(group.last_arrival + 5, 0) == [group.id]
+    assert spool.store.groups("complete")[0].id == group.id
+    assert spool.store.mark_dispatched(group.id) and not spool.store.mark_dispatched(group.id)
+    assert [g.id for g in spool.store.groups("dispatched")] == [group.id]
+
+
+def _complete_first(spool: Spool) -> int:
+    (group,) = spool.store.groups("pending")
+    assert spool.store.complete([group.id]) == [group.id]
+    return group.id
+
+
+def test_late_new_job(tmp_path):
+    spool = Spool(tmp_path, late="new-job")
+    spool.put(sop="1.1.1")
+    first = _complete_first(spool)
+    late = spool.put(sop="1.1.2")
+    (group,) = spool.store.groups("pending")
+    assert group.id == late.group_id != first and group.late_of == first
+    assert group.instances == 1 and [p.name for p in group.folder.rglob("*.dcm")] == ["1.1.2.dcm"]
+
+
+def test_late_ignore(tmp_path):
+    spool = Spool(tmp_path, late="ignore")
+    spool.put(sop="1.1.1")
+    first = _complete_first(spool)
+    assert spool.put(sop="1.1.2").status == 0 and spool.put(sop="1.1.3").status == 0
+    (ignored,) = spool.store.groups("ignored")
+    assert ignored.late_of == first and ignored.instances == 2
+    assert spool.store.groups("pending") == []
+    assert spool.store.complete_due(ignored.last_arrival + 100, 0) == []
+
+
+def test_late_rerun_holds_the_whole_group(tmp_path):
+    spool = Spool(tmp_path, late="rerun")
+    spool.put(sop="1.1.1", data=b"a")
+    spool.put(sop="1.1.2", data=b"b")
+    first = _complete_first(spool)
+    spool.put(sop="1.1.3", data=b"c")
+    (group,) = spool.store.groups("pending")
+    assert group.late_of == first and group.instances == 3
+    contents = sorted(p.read_bytes() for _, p in spool.store.instances(group.id))
+    assert contents == [b"a", b"b", b"c"]
+    old = spool.store.groups("complete")[0]
+    assert old.instances == 2 and len(list(old.folder.rglob("*.dcm"))) == 2
+
+
+def test_sweep_removes_unrecorded_files_only(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put(sop="1.1.1")
+    (group,) = spool.store.groups("pending")
+    stray = next(group.folder.iterdir()) / "1.1.9.dcm"  # moved in, never committed
+    stray.write_bytes(b"x")
+    spool.store.close()
+    store = GroupStore(tmp_path)
+    assert store.sweep_pending() == 1 and not stray.exists()
+    assert [p.name for _, p in store.instances(group.id)] == ["1.1.1.dcm"]
+    assert os.path.exists(store.instances(group.id)[0][1])
