@@ -31,6 +31,7 @@ import structlog
 
 from .outbox import Outbox, RetryPolicy, Task
 from .sender import (
+    Cancel,
     Destination,
     DestinationError,
     EchoResult,
@@ -79,7 +80,7 @@ class Exporter:
         self._stopping = threading.Event()
         self._active: dict[str, int] = dict.fromkeys(self.destinations, 0)
         self._workers: dict[str, threading.Thread] = {}  # task id -> its attempt's thread
-        self._assocs: dict[str, object] = {}  # task id -> association (to abort on stop)
+        self._cancels: dict[str, Cancel] = {}  # task id -> how to stop its attempt
         self._loop: threading.Thread | None = None
         for task in outbox.tasks("pending"):
             self._check_destination(task)
@@ -155,20 +156,24 @@ class Exporter:
                         name=f"export-{name}-{task.id[:8]}",
                     )  # fmt: skip
                     self._workers[task.id] = thread
+                    self._cancels[task.id] = Cancel()
                 thread.start()
                 started.append(task.id)
         return started
 
     def _attempt(self, task: Task, destination: Destination) -> None:
         started, error = time.monotonic(), ""
+        with self._lock:
+            cancel = self._cancels[task.id]
+            if self._stopping.is_set():
+                cancel.request()
         files = self.outbox.pending_files(task.id)
         try:
             send_files(
                 destination,
                 files,
                 lambda result: self.outbox.record(task.id, result),
-                should_stop=self._stopping.is_set,
-                on_association=lambda assoc: self._assocs.__setitem__(task.id, assoc),
+                cancel=cancel,
             )
         except TransientExportError as exc:
             error = str(exc)
@@ -187,7 +192,7 @@ class Exporter:
             with self._lock:
                 self._active[destination.name] -= 1
                 self._workers.pop(task.id, None)
-                self._assocs.pop(task.id, None)
+                self._cancels.pop(task.id, None)
             self._wake.set()
 
     def _unfinished(self, task_id: str) -> bool:
@@ -257,12 +262,16 @@ class Exporter:
         if self._loop is not None:
             self._loop.join(timeout / 2)
             self._loop = None
+        with self._lock:
+            cancels = list(self._cancels.values())
+        for cancel in cancels:  # stop between two files
+            cancel.request()
         for thread in self._threads():
             thread.join(max(0.0, half - time.monotonic()))
         with self._lock:
-            assocs = list(self._assocs.values())
-        for assoc in assocs:  # still sending: abort so that the threads end
-            assoc.abort()  # type: ignore[attr-defined]
+            cancels = list(self._cancels.values())
+        for cancel in cancels:  # still sending or associating: abort
+            cancel.abort()
         for thread in self._threads():
             thread.join(max(0.0, end - time.monotonic()))
         log.info("exporter_stopped", still_running=len(self._threads()))

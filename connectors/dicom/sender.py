@@ -14,7 +14,10 @@ uncompressed, it is decompressed with pydicom first. Each response is classified
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +31,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 
 from dataflow.errors import DataflowError
 
 __all__ = [
     "UNCOMPRESSED",
+    "Cancel",
     "Destination",
     "DestinationError",
     "EchoResult",
@@ -190,8 +195,74 @@ class _Peer:
             )
 
 
-def _associate(destination: Destination, contexts: Sequence[tuple[str, Sequence[str]]]):
-    ae = AE(ae_title=destination.calling_ae_title)
+class _Socket(AssociationSocket):
+    """pynetdicom 3.0 leaks the socket of a refused connection (``shutdown`` of an unconnected
+    socket raises before ``close``): a ResourceWarning per failed attempt. Close it always."""
+
+    def _shutdown_socket(self) -> None:
+        sock = self.socket
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+        with contextlib.suppress(OSError):
+            sock.close()  # type: ignore[union-attr]
+
+
+class Cancel:
+    """Stops a :func:`send_files` call: :meth:`request` between two files, :meth:`abort` at
+    once (its sockets are shut down, so that even a peer that never answers lets go)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._aborted = False
+        self._sockets: list[AssociationSocket] = []
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def request(self) -> None:
+        self._event.set()
+
+    def abort(self) -> None:
+        self._event.set()
+        with self._lock:
+            self._aborted = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def track(self, sock: AssociationSocket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            aborted = self._aborted
+        if aborted:
+            _shutdown(sock)
+
+
+def _shutdown(sock: AssociationSocket) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+
+class _AE(AE):
+    def __init__(self, ae_title: str, cancel: Cancel | None) -> None:
+        super().__init__(ae_title=ae_title)
+        self._cancel = cancel
+
+    def _create_socket(self, assoc, address, tls_args) -> AssociationSocket:
+        sock = _Socket(assoc, address=address)
+        sock.tls_args = tls_args
+        if self._cancel is not None:
+            self._cancel.track(sock)
+        return sock
+
+
+def _associate(
+    destination: Destination,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    cancel: Cancel | None = None,
+):
+    ae = _AE(destination.calling_ae_title, cancel)
     ae.connection_timeout = destination.connection_timeout
     ae.acse_timeout = destination.acse_timeout
     ae.dimse_timeout = destination.dimse_timeout
@@ -278,7 +349,7 @@ def _prepare(assoc, info: FileInfo, preference: str):
     if not accepted.intersection(UNCOMPRESSED):
         return f"peer accepted none of {ts.name} or uncompressed"
     try:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # lossless: the same instance
     except Exception as exc:  # no codec, corrupt fragments...
         return f"cannot decompress {ts.name}: {type(exc).__name__}: {exc}"
     return ds
@@ -288,25 +359,25 @@ def send_files(
     destination: Destination,
     files: Sequence[tuple[int, FileInfo]],
     on_result: Callable[[FileResult], None],
-    should_stop: Callable[[], bool] = lambda: False,
-    on_association: Callable[[object], None] = lambda assoc: None,
+    cancel: Cancel | None = None,
 ) -> None:
     """C-STORE ``files`` (index, info) to ``destination``, calling ``on_result`` after each.
 
     Raises :class:`TransientExportError` when no association could be made or it broke
-    off; the files without a result then are left for the next attempt. ``should_stop`` is
-    asked before each file; ``on_association`` gets each association (to abort it).
+    off; the files without a result then are left for the next attempt. ``cancel`` is
+    checked before each file, and aborts the association when told to.
     """
     infos = dict(files)
     for group in plan_contexts(list(infos.values()), destination.transfer_syntax):
         classes = {sop_class for sop_class, _ in group}
-        assoc = _associate(destination, group)
-        on_association(assoc)
+        if cancel is not None and cancel.is_set():
+            return
+        assoc = _associate(destination, group, cancel)
         try:
             for index, info in files:
                 if info.sop_class not in classes:
                     continue
-                if should_stop():
+                if cancel is not None and cancel.is_set():
                     return
                 prepared = _prepare(assoc, info, destination.transfer_syntax)
                 if isinstance(prepared, str):

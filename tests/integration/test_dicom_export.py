@@ -1,0 +1,236 @@
+"""Export against real peers: dcmtk storescp, Orthanc, and a pynetdicom SCP that counts
+associations. Backoffs are short here (0.2 s doubling, capped at 0.5 s)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_peers import free_port, start_orthanc, start_storescp
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pynetdicom import AE, evt
+
+from connectors.dicom.export import Destination, Exporter, Outbox, RetryPolicy, echo
+from connectors.dicom.sender import FileResult
+from operators.dicom.phantom import write_ct_series
+
+pytestmark = pytest.mark.integration
+
+FAST = RetryPolicy(initial_delay=0.2, factor=2.0, max_delay=0.5, deadline=30.0, jitter=0.0)
+UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def destination(name: str, port: int, aet: str = "STORESCP", **kwargs) -> Destination:
+    timeouts = {"connection_timeout": 2, "acse_timeout": 5, "dimse_timeout": 10}
+    return Destination(name, aet, "127.0.0.1", port, **{**timeouts, **kwargs})
+
+
+def exporter_for(tmp_path, *destinations, policy=FAST, poll=0.05) -> Exporter:
+    return Exporter(Outbox(tmp_path / "outbox", policy=policy), destinations, poll_interval=poll)
+
+
+def wait_for(exporter: Exporter, task_id: str, states: set[str], timeout: float = 20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        task = exporter.outbox.get(task_id)
+        if task.state in states:
+            return task
+        time.sleep(0.05)
+    raise AssertionError(f"task still {task.state} after {timeout} s: {task.last_error}")
+
+
+def pixels(path) -> np.ndarray:
+    return pydicom.dcmread(path).pixel_array  # decodes RLE too
+
+
+def assert_same_series(received, series) -> None:
+    by_uid = {pydicom.dcmread(p).SOPInstanceUID: p for p in received}
+    assert set(by_uid) == set(series.sop_instance_uids)
+    for path in series.files:
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        np.testing.assert_array_equal(pixels(by_uid[uid]), pixels(path))
+
+
+@pytest.mark.parametrize(
+    ("syntax", "sink_compressed", "expected"),
+    [
+        (ExplicitVRLittleEndian, True, {ExplicitVRLittleEndian}),
+        (RLELossless, True, {RLELossless}),  # sent as stored
+        (RLELossless, False, UNCOMPRESSED),  # the sink takes only uncompressed: decompressed
+    ],
+)
+def test_series_to_storescp(private_network, tmp_path, syntax, sink_compressed, expected):
+    series = write_ct_series(tmp_path / "series", slices=5, size=64, seed=3, transfer_syntax=syntax)
+    with start_storescp(tmp_path / "sink", compressed=sink_compressed) as sink:
+        exporter = exporter_for(tmp_path, destination("sink", sink.port))
+        task = exporter.enqueue(series.files, "sink", job_id="job-1")
+        assert exporter.run_once(timeout=60) == 1
+        done = exporter.outbox.get(task.id)
+        assert (done.state, done.delivered, done.attempts) == ("succeeded", 5, 1), done.last_error
+        received = sink.files()
+        assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in received} <= expected
+        assert_same_series(received, series)
+        exporter.outbox.close()
+
+
+def test_series_to_orthanc_as_stored(private_network, tmp_path):
+    series = write_ct_series(tmp_path / "s", slices=4, size=64, seed=4, transfer_syntax=RLELossless)
+    with start_orthanc(tmp_path / "orthanc") as orthanc:
+        exporter = exporter_for(tmp_path, destination("pacs", orthanc.dicom_port, orthanc.aet))
+        assert exporter.echo("pacs").ok
+        task = exporter.enqueue(series.files, "pacs", job_id="job-2")
+        exporter.run_once(timeout=60)
+        assert exporter.outbox.get(task.id).state == "succeeded"
+        assert orthanc.sop_instance_uids() == set(series.sop_instance_uids)
+        stored = tmp_path / "from-orthanc"
+        stored.mkdir()
+        for k, instance in enumerate(orthanc.instances()):
+            (stored / f"{k}.dcm").write_bytes(orthanc_file(orthanc, instance))
+        received = sorted(stored.iterdir())
+        assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in received} == {RLELossless}
+        by_uid = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in received}
+        for path in series.files:
+            original = pydicom.dcmread(path)
+            assert by_uid[original.SOPInstanceUID].PixelData == original.PixelData  # same bytes
+        exporter.outbox.close()
+
+
+def orthanc_file(orthanc, instance: str) -> bytes:
+    with urllib.request.urlopen(f"{orthanc.url}/instances/{instance}/file", timeout=30) as r:
+        return r.read()
+
+
+def test_destination_down_then_back(private_network, tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=3, size=32, seed=5)
+    port = free_port()
+    exporter = exporter_for(tmp_path, destination("sink", port))
+    exporter.start()
+    try:
+        task = exporter.enqueue(series.files, "sink")
+        end = time.monotonic() + 10
+        while exporter.outbox.get(task.id).attempts < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        failing = exporter.outbox.get(task.id)
+        assert failing.state in ("pending", "in-progress") and failing.attempts >= 2
+        assert f"127.0.0.1:{port}" in failing.last_error
+        with start_storescp(tmp_path / "sink", port=port) as sink:
+            done = wait_for(exporter, task.id, {"succeeded", "dead"})
+            assert done.state == "succeeded" and done.attempts >= 3
+            assert_same_series(sink.files(), series)
+    finally:
+        exporter.stop()
+        exporter.outbox.close()
+
+
+def test_destination_never_back_is_dead_lettered(tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=2, size=16, seed=6)
+    exporter = exporter_for(tmp_path, destination("sink", free_port()))
+    exporter.start()
+    try:
+        task = exporter.enqueue(series.files, "sink", deadline=1.5)
+        dead = wait_for(exporter, task.id, {"dead", "succeeded"})
+    finally:
+        exporter.stop()
+    assert dead.state == "dead" and dead.attempts >= 3
+    assert dead.last_error.startswith(f"deadline passed after {dead.attempts} attempts: sink (")
+    assert exporter.dead_letters() == [dead]
+    assert len(list((exporter.outbox.folder / task.id).iterdir())) == 2  # files kept
+    exporter.outbox.close()
+
+
+def test_restarted_outbox_resumes_without_resending(private_network, tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=4, size=32, seed=7)
+    with start_storescp(tmp_path / "sink") as sink:
+        first = Outbox(tmp_path / "outbox", policy=FAST)
+        crashed = first.enqueue(series.files, "sink")
+        queued = first.enqueue(series.files[:1], "sink")
+        first.claim()  # crashed mid-send: two instances were acknowledged before
+        first.record(crashed.id, FileResult(0, "delivered", 0))
+        first.record(crashed.id, FileResult(1, "delivered", 0))
+        first.close()
+
+        exporter = exporter_for(tmp_path, destination("sink", sink.port))  # a new Outbox
+        assert exporter.run_once(timeout=60) == 2
+        assert {t.state for t in exporter.tasks()} == {"succeeded"}
+        assert exporter.outbox.get(queued.id).delivered == 1
+        received = {pydicom.dcmread(p).SOPInstanceUID for p in sink.files()}
+        assert received == set(series.sop_instance_uids[:1] + series.sop_instance_uids[2:])
+        exporter.outbox.close()
+
+
+class CountingSCP:
+    """A pynetdicom storage SCP on 127.0.0.1 that counts simultaneous associations."""
+
+    def __init__(self, delay: float = 0.15) -> None:
+        self.open = self.most = self.stored = 0
+        self._lock = threading.Lock()
+        self.delay = delay
+        ae = AE(ae_title="COUNTER")
+        ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._opened),
+            (evt.EVT_CONN_CLOSE, self._closed),
+            (evt.EVT_C_STORE, self._store),
+        ]
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+
+    def _opened(self, event) -> None:
+        with self._lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+
+    def _closed(self, event) -> None:
+        with self._lock:
+            self.open -= 1
+
+    def _store(self, event) -> int:
+        time.sleep(self.delay)
+        with self._lock:
+            self.stored += 1
+        return 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_concurrency_cap_and_a_hanging_destination_blocks_only_itself(tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=10, size=16, seed=8)
+    counter = CountingSCP()
+    hang = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never answers: hangs
+    try:
+        exporter = exporter_for(
+            tmp_path,
+            destination("counted", counter.port, "COUNTER", max_associations=2),
+            destination("hanging", hang.getsockname()[1], "HANG", acse_timeout=30),
+        )
+        exporter.start()
+        stuck = exporter.enqueue(series.files[:1], "hanging")
+        tasks = [exporter.enqueue(series.files[k : k + 2], "counted") for k in range(0, 10, 2)]
+        for task in tasks:
+            assert wait_for(exporter, task.id, {"succeeded", "dead"}).state == "succeeded"
+        assert (counter.stored, counter.most) == (10, 2)
+        assert exporter.outbox.get(stuck.id).state == "in-progress"  # still waiting for an answer
+        started = time.monotonic()
+        exporter.stop(timeout=2)
+        assert time.monotonic() - started < 4
+        released = exporter.outbox.get(stuck.id)
+        assert (released.state, released.attempts) == ("pending", 0)  # not counted, not lost
+        exporter.outbox.close()
+    finally:
+        hang.close()
+        counter.close()
+
+
+def test_echo_ok_and_failing(private_network, tmp_path):
+    with start_storescp(tmp_path / "sink") as sink:
+        assert echo(destination("sink", sink.port)).ok
+        wrong = echo(destination("sink", sink.port, calling_ae_title="X" * 16, aet="A"))
+        assert wrong.ok  # storescp answers any called AE title by default
+    down = echo(destination("sink", free_port()))
+    assert not down.ok and "127.0.0.1" in down.error
