@@ -3,7 +3,9 @@ associations. Backoffs are short here (0.2 s doubling, capped at 0.5 s)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -12,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_peers import free_port, start_orthanc, start_storescp
+from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 
@@ -166,8 +169,9 @@ def test_restarted_outbox_resumes_without_resending(private_network, tmp_path):
 class CountingSCP:
     """A pynetdicom storage SCP on 127.0.0.1 that counts simultaneous associations."""
 
-    def __init__(self, delay: float = 0.15) -> None:
+    def __init__(self, delay: float = 0.15, statuses=None) -> None:
         self.open = self.most = self.stored = 0
+        self.statuses = statuses  # SOP Instance UID -> the statuses to answer, in turn
         self._lock = threading.Lock()
         self.delay = delay
         ae = AE(ae_title="COUNTER")
@@ -192,6 +196,9 @@ class CountingSCP:
     def _store(self, event) -> int:
         time.sleep(self.delay)
         with self._lock:
+            answers = (self.statuses or {}).get(event.request.AffectedSOPInstanceUID)
+            if answers:
+                return answers.pop(0)
             self.stored += 1
         return 0x0000
 
@@ -234,3 +241,66 @@ def test_echo_ok_and_failing(private_network, tmp_path):
         assert wrong.ok  # storescp answers any called AE title by default
     down = echo(destination("sink", free_port()))
     assert not down.ok and "127.0.0.1" in down.error
+
+
+def test_refused_and_out_of_resources_instances(tmp_path):
+    """0xA700 (out of resources) is retried; 0xA900 (does not match the SOP class) and an
+    SOP class the peer does not take are refused for good: the task dies saying which."""
+    series = write_ct_series(tmp_path / "series", slices=4, size=16, seed=9)
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    mr.save_as(tmp_path / "mr.dcm")
+    uids = series.sop_instance_uids
+    counter = CountingSCP(delay=0, statuses={uids[1]: [0xA700, 0xA700], uids[2]: [0xA900]})
+    try:
+        exporter = exporter_for(tmp_path, destination("counted", counter.port, "COUNTER"))
+        task = exporter.enqueue([*series.files, tmp_path / "mr.dcm"], "counted")
+        exporter.run_once(timeout=30)
+        first = exporter.outbox.get(task.id)
+        assert (first.state, first.delivered, first.failed) == ("pending", 2, 2)
+        assert first.last_error == "C-STORE status 0xA700"
+        time.sleep(0.25)
+        exporter.run_once(timeout=30)
+        time.sleep(0.45)
+        exporter.run_once(timeout=30)
+        dead = exporter.outbox.get(task.id)
+        assert (dead.state, dead.delivered, dead.failed, dead.attempts) == ("dead", 3, 2, 3)
+        assert dead.last_error == (
+            "2 of 5 instance(s) refused: file #2: C-STORE status 0xA900; "
+            "file #4: SOP class not accepted by the peer"
+        )
+        assert counter.stored == 3
+        exporter.outbox.close()
+    finally:
+        counter.close()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1, used by both sides (and as their CA)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+         "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(key), str(cert)
+
+
+def test_tls_to_storescp(private_network, tmp_path, certificate):
+    key, cert = certificate
+    series = write_ct_series(tmp_path / "series", slices=2, size=16, seed=10)
+    tls = ["+tls", key, cert, "+cf", cert, "-rc"]  # storescp requires our certificate
+    with start_storescp(tmp_path / "sink", extra=tls) as sink:
+        secure = destination("sink", sink.port, tls_ca=cert, tls_cert=cert, tls_key=key)
+        assert echo(secure).ok
+        exporter = exporter_for(tmp_path, secure)
+        task = exporter.enqueue(series.files, "sink")
+        exporter.run_once(timeout=30)
+        assert exporter.outbox.get(task.id).state == "succeeded"
+        assert_same_series(sink.files(), series)
+        exporter.outbox.close()
+        plain = echo(destination("sink", sink.port))
+        assert not plain.ok
