@@ -92,11 +92,14 @@ class Exporter:
         destination: str,
         *,
         job_id: str = "",
+        task_id: str | None = None,
         deadline: float | None = None,
     ) -> Task:
         """Queue ``source`` (task folder, folder, file or files) for ``destination``; returns
         once durable. An unknown destination gives a dead task saying so (nothing is lost)."""
-        task = self.outbox.enqueue(source, destination, job_id=job_id, deadline=deadline)
+        task = self.outbox.enqueue(
+            source, destination, job_id=job_id, task_id=task_id, deadline=deadline
+        )
         log.info(
             "export_task_queued", task=task.id, job_id=job_id, destination=destination,
             files=task.files,
@@ -106,15 +109,26 @@ class Exporter:
         return task
 
     def enqueue_registered(
-        self, task_dir: str | Path, *, deadline: float | None = None
+        self, task_dir: str | Path, *, job_id: str | None = None, deadline: float | None = None
     ) -> list[Task]:
-        """One task per destination of a RegisterResults folder (``task.json`` + ``files/``)."""
+        """One task per destination of a RegisterResults folder (``task.json`` + ``files/``),
+        with the ID ``<taskId>-<destination>``. Idempotent: a destination already queued (before
+        a restart, say) is not queued twice; its task is returned as it is."""
         record = json.loads((Path(task_dir) / "task.json").read_text())
         names = record.get("destinations") or json.loads(record.get("parameters") or "[]")
         if not names:
             raise ExportError(f"{task_dir}: task.json names no destination")
-        job_id = record.get("jobId") or ""
-        return [self.enqueue(task_dir, name, job_id=job_id, deadline=deadline) for name in names]
+        job_id = (record.get("jobId") or "") if job_id is None else job_id
+        base = record.get("taskId") or Path(task_dir).name
+        tasks = []
+        for name in names:
+            task = self.outbox.get(f"{base}-{name}")
+            if task is None:
+                task = self.enqueue(
+                    task_dir, name, job_id=job_id, task_id=f"{base}-{name}", deadline=deadline
+                )
+            tasks.append(task)
+        return tasks
 
     def _check_destination(self, task: Task) -> Task:
         if task.destination in self.destinations:

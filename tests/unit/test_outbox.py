@@ -220,3 +220,16 @@ def test_destination_checks(kwargs, message):
     args = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, **kwargs}
     with pytest.raises(DestinationError, match=message):
         Destination(**args)
+
+
+def test_registered_results_one_task_per_destination_once(tmp_path, series, outbox):
+    record = register_files(
+        series[0].parent, tmp_path / "task", agent="ClaraSCU", destinations=["pacs", "x"],
+        job_id="job-7",
+    )  # fmt: skip
+    exporter = Exporter(outbox, [Destination("pacs", "PACS", "127.0.0.1", 104)])
+    pacs, unknown = exporter.enqueue_registered(tmp_path / "task")
+    assert (pacs.id, pacs.job_id, pacs.state) == (f"{record['taskId']}-pacs", "job-7", "pending")
+    assert unknown.state == "dead"
+    assert exporter.enqueue_registered(tmp_path / "task") == [pacs, unknown]  # not twice
+    assert len(outbox.tasks()) == 2
