@@ -209,8 +209,10 @@ class LocalExecutor:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         """Keep the workers warm and stream every job put into ``feed`` through them until
-        ``feed.close()`` and the jobs in flight are done. ``on_result`` is called in this
-        thread as each result is known (outputs are zero-copy views, valid during the call).
+        ``feed.close()`` and the jobs in flight are done. ``on_ready`` is called once every
+        worker has started and run ``prepare`` (jobs put before are queued meanwhile).
+        ``on_result`` is called in this thread as each result is known (outputs are zero-copy
+        views, valid during the call).
         Signals are left to the caller; an exception (KeyboardInterrupt) stops at once."""
         self.output_root.mkdir(parents=True, exist_ok=True)
         results: list[JobResult] = []
@@ -220,9 +222,10 @@ class LocalExecutor:
         interrupted = False
         try:
             self._do(self.core.start(time.monotonic()))
-            if on_ready is not None:
-                on_ready()
             while True:
+                if on_ready is not None and all(p.ready for p in self.procs.values()):
+                    on_ready()  # every worker has run prepare: warm
+                    on_ready = None
                 closing = feed.closed  # before take(): nothing is put after close()
                 for job_id, payload in feed.take():
                     started[job_id] = time.monotonic()

@@ -226,6 +226,8 @@ class Core:
         if job_id in self.submitted:
             raise ValueError(f"job {job_id!r} was already submitted")
         self.submitted.add(job_id)
+        if not self.jobs and not self.backlog:
+            self.last_progress = now  # idle until now (a service): not a stall
         self.backlog.append(_Job(job_id, next(self._seq), payload))
         return self._admit(now) + self._schedule(now)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,8 +88,9 @@ class ServiceHost:
 class Service:
     """Start with :meth:`start`, stop with :meth:`stop` (clean: jobs in flight finish)."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, *, startup_timeout: float = 600.0) -> None:
         self.config = config
+        self.startup_timeout = startup_timeout
         self.jobs_dir = config.state / "jobs"
         self.jobs: JobStore | None = None
         self.feeds: dict[str, JobFeed] = {}
@@ -121,11 +123,18 @@ class Service:
             )  # fmt: skip
             self.threads[name] = thread
             thread.start()
+        deadline = time.monotonic() + self.startup_timeout
         for name, event in ready.items():
             while not event.wait(0.2):
                 if self._errors or not self.threads[name].is_alive():
                     self.stop()
                     raise ServiceError(f"pipeline {name!r} failed to start: {self._errors}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServiceError(
+                        f"pipeline {name!r}: its workers were not ready after "
+                        f"{self.startup_timeout:.0f} s (see worker_failed_to_start in the log)"
+                    )
         for name, section in self.config.connectors.items():
             factory = load_connector(name)
             connector = factory(section, ServiceHost(self, name))

@@ -226,6 +226,16 @@ def test_watchdog_names_what_is_stuck():
     assert not of(h.core.tick(h.now + 1), Stalled)  # not every tick
 
 
+def test_idle_time_before_a_job_arrives_is_not_a_stall():
+    h = Harness(linear_graph(["a", "b"]), stall_seconds=30)
+    h.now = 500  # a service idle for minutes, then a study arrives
+    h.submit("j1")
+    h.now = 510
+    assert not of(h.core.tick(h.now), Stalled)
+    h.now = 531
+    assert of(h.core.tick(h.now), Stalled)  # 31 s after it arrived: it is stuck
+
+
 def test_reporting_a_job_a_worker_is_not_running_is_a_bug():
     h = Harness(linear_graph(["a"]))
     with pytest.raises(ValueError, match="was not running"):

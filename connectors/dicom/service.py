@@ -1,0 +1,288 @@
+"""The DICOM connector of ``dataflow serve``: the ``dicom:`` section of the service file.
+
+Registered as the ``dicom`` entry point of ``dataflow.connectors`` (pyproject.toml), so the
+engine finds it by name and never imports it. It maps the YAML section (docs/service.md,
+examples/service.yaml) onto the receiver's and the exporter's own configuration, then:
+
+- each completed group becomes one job per route (pipeline) through ``host.submit``, keyed by
+  receiver, group and pipeline so that a group handed over twice (a crash between recording
+  the jobs and marking the group dispatched) gives the same jobs; then the group is marked
+  dispatched;
+- each registered result of agent ``ClaraSCU`` becomes one outbox task per destination, keyed
+  by the registration's task id and the destination (handed over twice: queued once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from connectors.dicom.config import CalledAE, Peer, ReceiverConfig, TLSConfig
+from connectors.dicom.export import Exporter
+from connectors.dicom.groups import Group
+from connectors.dicom.outbox import Outbox, RetryPolicy
+from connectors.dicom.receiver import Receiver
+from connectors.dicom.sender import Destination
+from dataflow.errors import DataflowError
+
+__all__ = ["DicomConfigError", "DicomConnector", "parse_section"]
+
+log = structlog.get_logger("connectors.dicom")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_SECTION_KEYS = {
+    "receivers",
+    "ae-titles",
+    "allow",
+    "allow-unknown-peers",
+    "limits",
+    "duplicates",
+    "destinations",
+    "export",
+}
+
+
+class DicomConfigError(DataflowError, ValueError):
+    """The ``dicom`` section of the service configuration is wrong (the key is named)."""
+
+
+def _size(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    if not number or unit not in _UNITS:
+        raise DicomConfigError(f"dicom.{where}: {value!r} is not a size (e.g. 2GiB, 500MB)")
+    return int(float(number) * _UNITS[unit])
+
+
+def _keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise DicomConfigError(f"dicom.{where}: expected a mapping")
+    unknown = set(data) - allowed
+    if unknown:
+        raise DicomConfigError(
+            f"dicom.{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(allowed))})"
+        )
+    return dict(data)
+
+
+def _called_aes(section: Mapping[str, Any], pipelines: tuple[str, ...]) -> list[CalledAE]:
+    titles = section.get("ae-titles")
+    if not isinstance(titles, Mapping) or not titles:
+        raise DicomConfigError("dicom.ae-titles: at least one called AE title is needed")
+    out = []
+    for title, entry in titles.items():
+        where = f"ae-titles.{title}"
+        entry = _keys(
+            entry or {}, {"pipelines", "group-by", "timeout", "complete-on-release", "late"}, where
+        )
+        routes = entry.get("pipelines") or []
+        if isinstance(routes, str):
+            routes = [routes]
+        missing = [r for r in routes if r not in pipelines]
+        if missing or not routes:
+            raise DicomConfigError(
+                f"dicom.{where}.pipelines: {missing or 'none'} not among the configured "
+                f"pipelines ({', '.join(pipelines)})"
+            )
+        out.append(
+            CalledAE(
+                ae_title=str(title),
+                routes=list(routes),
+                group_by=entry.get("group-by", "study"),
+                timeout=float(entry.get("timeout", 5)),
+                complete_on_release=bool(entry.get("complete-on-release", False)),
+                late=entry.get("late", "new-job"),
+            )
+        )
+    return out
+
+
+def parse_section(
+    section: Mapping[str, Any], *, pipelines: tuple[str, ...], state: Path, base: Path
+) -> tuple[list[ReceiverConfig], dict[str, Destination], RetryPolicy]:
+    """The receivers, destinations and retry policy the ``dicom`` section describes."""
+    section = _keys(section, _SECTION_KEYS, "")
+    called = _called_aes(section, pipelines)
+    peers = []
+    for i, entry in enumerate(section.get("allow") or []):
+        entry = _keys(entry, {"ae", "host"}, f"allow[{i}]")
+        peers.append(Peer(str(entry["ae"]), entry.get("host")))
+    limits = _keys(
+        section.get("limits") or {},
+        {
+            "max-associations",
+            "max-pdu",
+            "max-instance-size",
+            "disk-reserve",
+            "disk-reserve-percent",
+        },
+        "limits",
+    )
+    receivers = []
+    for i, entry in enumerate(section.get("receivers") or []):
+        where = f"receivers[{i}]"
+        entry = _keys(entry, {"name", "enabled", "host", "port", "tls", "reuse-port"}, where)
+        if not entry.get("enabled", True):
+            continue
+        name = str(entry.get("name") or f"receiver-{i}")
+        tls = None
+        if entry.get("tls"):
+            t = _keys(entry["tls"], {"cert", "key", "ca"}, f"{where}.tls")
+            tls = TLSConfig(
+                base / t["cert"], base / t["key"], base / t["ca"] if t.get("ca") else None
+            )
+            for path in (tls.cert, tls.key, tls.ca):
+                if path is not None and not path.is_file():
+                    raise DicomConfigError(f"dicom.{where}.tls: {path} does not exist")
+        config = ReceiverConfig(
+            spool=state / "spool" / name,
+            called_aes=[CalledAE(**vars(c)) for c in called],
+            host=str(entry.get("host", "127.0.0.1")),
+            port=int(entry.get("port", 104)),
+            peers=[Peer(p.ae_title, p.host) for p in peers],
+            allow_unknown_peers=bool(section.get("allow-unknown-peers", False)),
+            duplicates=section.get("duplicates", "overwrite"),
+            max_associations=int(limits.get("max-associations", 25)),
+            max_pdu_size=_size(limits.get("max-pdu", 4 * 1024**2), "limits.max-pdu"),
+            max_instance_size=_size(
+                limits.get("max-instance-size", "2GiB"), "limits.max-instance-size"
+            ),
+            min_free_bytes=_size(limits.get("disk-reserve", 0), "limits.disk-reserve"),
+            min_free_percent=float(limits.get("disk-reserve-percent", 0)),
+            tls=tls,
+            reuse_port=bool(entry.get("reuse-port", False)),
+        )
+        try:
+            receivers.append(config.validate())
+        except ValueError as exc:
+            raise DicomConfigError(f"dicom.{where}: {exc}") from None
+    if not receivers:
+        raise DicomConfigError("dicom.receivers: no receiver is enabled")
+    destinations = {}
+    for name, entry in (section.get("destinations") or {}).items():
+        where = f"destinations.{name}"
+        entry = _keys(
+            entry,
+            {"ae", "host", "port", "calling-ae", "max-associations", "transfer-syntax", "tls"},
+            where,
+        )
+        t = _keys(entry.get("tls") or {}, {"cert", "key", "ca"}, f"{where}.tls")
+        try:
+            destinations[str(name)] = Destination(
+                name=str(name),
+                ae_title=str(entry["ae"]),
+                host=str(entry["host"]),
+                port=int(entry["port"]),
+                calling_ae_title=str(entry.get("calling-ae", "DATAFLOW")),
+                max_associations=int(entry.get("max-associations", 1)),
+                transfer_syntax=entry.get("transfer-syntax", "stored"),
+                tls_cert=str(base / t["cert"]) if t.get("cert") else None,
+                tls_key=str(base / t["key"]) if t.get("key") else None,
+                tls_ca=str(base / t["ca"]) if t.get("ca") else None,
+            )
+        except KeyError as exc:
+            raise DicomConfigError(f"dicom.{where}: {exc.args[0]!r} is missing") from None
+        except ValueError as exc:
+            raise DicomConfigError(f"dicom.{where}: {exc}") from None
+    export = _keys(
+        section.get("export") or {},
+        {"retry-initial", "retry-max", "deadline", "max-attempts"},
+        "export",
+    )
+    policy = RetryPolicy(
+        initial_delay=float(export.get("retry-initial", 5)),
+        max_delay=float(export.get("retry-max", 300)),
+        deadline=float(export.get("deadline", 24 * 3600)),
+        max_attempts=export.get("max-attempts"),
+    )
+    return receivers, destinations, policy
+
+
+class DicomConnector:
+    """DICOM in (receivers) and out (the exporter) for the service."""
+
+    agents = frozenset({"ClaraSCU"})
+
+    def __init__(self, section: Mapping[str, Any], host: Any) -> None:
+        # pynetdicom logs every request at INFO: our own events say what matters
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        self.host = host
+        configs, destinations, policy = parse_section(
+            section,
+            pipelines=host.pipelines,
+            state=host.state_dir,
+            base=Path(host.config_path).parent,
+        )
+        self.outbox = Outbox(host.state_dir / "outbox", policy=policy)
+        self.exporter = Exporter(self.outbox, destinations)
+        self.receivers = [
+            Receiver(config, lambda group, name=config.spool.name: self._group(name, group))
+            for config in configs
+        ]
+        self._by_name = {r.config.spool.name: r for r in self.receivers}
+
+    def start(self) -> None:
+        self.exporter.start()
+        for receiver in self.receivers:
+            receiver.start()
+
+    def stop(self) -> None:
+        for receiver in self.receivers:
+            receiver.stop()
+        self.exporter.stop()
+        self.outbox.close()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Receiver name -> the port it listens on."""
+        return {name: r.port for name, r in self._by_name.items()}
+
+    def _group(self, receiver: str, group: Group) -> None:
+        source = {
+            "receiver": receiver,
+            "called_ae": group.called_ae,
+            "calling_ae": group.calling_ae,
+            "peer_host": group.peer_host,
+            "group_by": group.kind,
+            "group_uid": group.uid,
+            "instances": group.instances,
+            "group": group.id,
+            "late_of": group.late_of,
+        }
+        for pipeline in group.routes:
+            self.host.submit(
+                pipeline, group.folder, source=source, key=f"dicom:{receiver}:{group.id}:{pipeline}"
+            )
+        self._by_name[receiver].mark_dispatched(group.id)
+
+    def export(self, task_dir: Path, task: Mapping[str, Any], job: Any) -> None:
+        names = task.get("destinations") or []
+        if not names:
+            raise DicomConfigError(f"{task_dir}: the registered result names no destination")
+        for name in names:
+            task_id = f"{task['taskId']}-{name}"
+            if self.outbox.get(task_id) is not None:
+                continue  # handed over before a restart
+            queued = self.outbox.enqueue(task_dir, name, job_id=job.id, task_id=task_id)
+            self.exporter._check_destination(queued)
+            log.info("export_queued", job_id=job.id, destination=name, files=queued.files)
+        self.exporter._wake.set()

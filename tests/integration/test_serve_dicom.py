@@ -1,0 +1,120 @@
+"""The issue's "done when": `dataflow serve` receives a study over DICOM — from dcmtk's
+storescu and from Orthanc acting as a PACS — runs the pipeline its AE title routes to, and
+the resulting SEG arrives in Orthanc; `dataflow jobs` lists the jobs; SIGTERM stops it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicom_peers import free_port, start_orthanc, storescu, wait_for_port
+
+from operators.dicom.phantom import write_ct_series
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).parents[2]
+
+
+def service_yaml(tmp_path: Path, port: int, orthanc) -> Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(f"""
+state: {tmp_path / "state"}
+pipelines:
+  ct-segmentation: {ROOT / "pipelines" / "ct-segmentation.yaml"}
+dicom:
+  receivers:
+  - {{name: plain, host: 127.0.0.1, port: 104}}
+  ae-titles:
+    DATAFLOW-SEG: {{pipelines: [ct-segmentation], group-by: study, timeout: 1}}
+  allow:
+  - {{ae: ORTHANC, host: 127.0.0.1}}
+  - {{ae: STORESCU}}
+  destinations:
+    PACS: {{ae: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}}}
+  export: {{retry-initial: 0.5, retry-max: 2, deadline: 120}}
+""")
+    return path
+
+
+def jobs(config: Path) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "dataflow.cli", "jobs", str(config), "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def segs_in(orthanc) -> list[dict]:
+    tags = [orthanc.rest("GET", f"/instances/{i}/simplified-tags") for i in orthanc.instances()]
+    return [t for t in tags if t.get("Modality") == "SEG"]
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"dataflow serve exited ({proc.returncode}) before {what}")
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs(
+    private_network, tmp_path
+):
+    port = free_port()
+    first = write_ct_series(tmp_path / "study-1", slices=16, size=64, seed=21, oblique=True)
+    second = write_ct_series(tmp_path / "study-2", slices=12, size=64, seed=22)
+    modalities = {"dataflow": ("DATAFLOW-SEG", "127.0.0.1", port)}
+    with start_orthanc(tmp_path / "orthanc", modalities=modalities) as orthanc:
+        config = service_yaml(tmp_path, port, orthanc)
+        log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dataflow.cli", "serve", str(config),
+             "--set", f"dicom.receivers=[{{name: plain, host: 127.0.0.1, port: {port}}}]"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_for_port(port, proc=proc, timeout=120)
+            # 1. a modality pushes a study with dcmtk's storescu
+            sent = storescu("127.0.0.1", port, first.files, called="DATAFLOW-SEG")
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            seg = wait_for(lambda: segs_in(orthanc), 180, "the first SEG in Orthanc", proc)
+            assert seg[0]["StudyInstanceUID"] == first.study_instance_uid
+            # 2. Orthanc, as a PACS, sends a study it holds
+            ids = [orthanc.upload(p)["ID"] for p in second.files]
+            orthanc.store_to("dataflow", ids)
+            segs = wait_for(lambda: len(segs_in(orthanc)) == 2 and segs_in(orthanc), 180,
+                            "the second SEG in Orthanc", proc)  # fmt: skip
+            assert {s["StudyInstanceUID"] for s in segs} == {
+                first.study_instance_uid, second.study_instance_uid,
+            }  # fmt: skip
+            records = jobs(config)
+            assert len(records) == 2 and {r["state"] for r in records} == {"succeeded"}
+            assert {r["source"]["calling_ae"] for r in records} == {"STORESCU", "ORTHANC"}
+            assert {r["source"]["called_ae"] for r in records} == {"DATAFLOW-SEG"}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+            log.close()
+        output = (tmp_path / "serve.log").read_text()
+        assert code == 0, output[-5000:]
+        assert "service_stopped" in output
+        for name in ("Phantom^Synthetic", "PHANTOM-21", "PHANTOM-22"):
+            assert name not in output  # no patient identifiers in the logs
+    # the SEG that arrived is the pipeline's, referencing the source series
+    state = tmp_path / "state" / "jobs"
+    written = sorted(state.glob("*/seg/seg/*.dcm"))
+    assert len(written) == 2
+    assert {pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID for p in written} == {
+        first.series_instance_uid, second.series_instance_uid,
+    }  # fmt: skip
