@@ -33,6 +33,8 @@ from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dataflow.logs import configure_logging
+
 from .config import CalledAE, ReceiverConfig
 from .groups import Group, GroupStore, Placement
 from .spool import PREAMBLE, BadInstance, encode_file_meta, free_bytes, parse_header, write_temp
@@ -296,7 +298,7 @@ class Receiver:
     def _on_aborted(self, event) -> None:
         self._finished(event, "aborted")
 
-    def _on_store(self, event) -> int | tuple[int, Dataset]:
+    def _on_store(self, event) -> int | Dataset:
         assoc = event.assoc
         stats = self._assocs.setdefault(id(assoc), {"stored": 0, "failed": 0, "groups": set()})
         calling, host = assoc.requestor.ae_title, assoc.requestor.address
@@ -319,7 +321,7 @@ class Receiver:
         reply = Dataset()
         reply.Status = status
         reply.ErrorComment = note[:64]
-        return status, reply
+        return reply
 
     def _store(self, event, called: CalledAE | None) -> tuple[int, str, int | None]:
         if called is None:  # cannot happen: the ACSE rejected the association
@@ -405,6 +407,7 @@ class _Handler(RequestHandler):
         except (OSError, ssl.SSLError) as exc:
             log.info("tls_handshake_failed", peer_host=self.client_address[0],
                      error=type(exc).__name__)  # fmt: skip
+            sock.close()
             return
         super().handle()
 
@@ -436,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m connectors.dicom.receiver")
     parser.add_argument("--config", required=True, help="JSON file, or the JSON text itself")
     parser.add_argument("--worker", action="store_true", help="ingest only (no completion)")
+    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     text = args.config
     if not text.lstrip().startswith("{"):
         text = Path(text).read_text()
     config = ReceiverConfig.from_dict(json.loads(text))
+    configure_logging(args.log_level)
     receiver = Receiver(config, complete_groups=not args.worker).start()
     print(f"listening {receiver.port}", flush=True)
     stop = threading.Event()

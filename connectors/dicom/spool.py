@@ -177,7 +177,7 @@ def parse_header(fp: BinaryIO, transfer_syntax: str) -> Header:
                 source, implicit, little, stop_when=lambda tag, vr, length: tag > _TAG_SERIES
             )
             tags = (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY, _TAG_SERIES)
-            values = [_text(ds.get(tag)) for tag in tags]
+            values = [_text(ds.get_item(tag)) for tag in tags]  # raw: no value validation
         except Exception as exc:  # pydicom raises many types on garbage
             message = f"cannot decode the dataset: {type(exc).__name__}"
             raise BadInstance(0xC000, message) from exc
