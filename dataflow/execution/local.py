@@ -71,12 +71,14 @@ class JobFeed:
     """Jobs handed to a serving executor (:meth:`LocalExecutor.serve`) from any thread.
 
     ``put(job_id, payload_dir)`` queues a job and wakes the executor; ``close()`` asks it to
-    finish the jobs it has and return. The executor waits on ``fileno()`` with its workers."""
+    finish the jobs it has and return; ``abort()`` to return at once (busy workers are killed,
+    their jobs get no result). The executor waits on ``fileno()`` with its workers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._items: collections.deque[tuple[str, str | Path | None]] = collections.deque()
         self._closed = False
+        self.aborted = False
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -92,6 +94,10 @@ class JobFeed:
         with self._lock:
             self._closed = True
         self._wake()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
 
     @property
     def closed(self) -> bool:
@@ -234,7 +240,8 @@ class LocalExecutor:
                         self.core.submit(job_id, value, time.monotonic()),
                         results, started, on_result,
                     )  # fmt: skip
-                if closing and self.core.idle():
+                if (closing and self.core.idle()) or feed.aborted:
+                    interrupted = feed.aborted
                     break
                 self._step(results, started, on_result, wake=feed)
                 results.clear()

@@ -26,21 +26,26 @@ def serve_forever(
     *,
     on_started: Callable[[Service], None] | None = None,
 ) -> None:
-    """Run the service until SIGTERM or SIGINT; then stop cleanly (a second signal: at once)."""
+    """Run the service until SIGTERM or SIGINT; then stop cleanly: receivers first, then the
+    jobs in flight finish. A second signal stops the pipelines at once (busy workers killed;
+    their jobs run again at the next start)."""
     from dataflow.logs import configure_logging
 
     config = load_config(config_path, overrides)
     configure_logging(config.log_level, json=config.log_format == "json")
     stop = threading.Event()
 
+    service = Service(config)
+
     def request_stop(signum, frame) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt(f"signal {signum}")
+            log.warning("service_aborting", signal=signal.Signals(signum).name)
+            service.abort()  # jobs in flight stay recorded as running: run again at start
+            return
         log.info("service_stopping", signal=signal.Signals(signum).name)
         stop.set()
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    service = Service(config)
     try:
         service.start()
         if on_started is not None:

@@ -155,6 +155,12 @@ class Service:
             self._errors.append(exc)
             log.error("pipeline_stopped_by_error", pipeline=name, error=repr(exc))
 
+    def abort(self) -> None:
+        """Stop the pipelines at once (from a signal handler, during or before :meth:`stop`):
+        busy workers are killed; their jobs stay ``running`` and run again at the next start."""
+        for feed in self.feeds.values():
+            feed.abort()
+
     def stop(self) -> None:
         """Connectors first (no new work), then each pipeline finishes its jobs in flight."""
         for name, connector in reversed(list(self.connectors.items())):
