@@ -245,9 +245,14 @@ class DicomConnector:
         for receiver in self.receivers:
             receiver.start()
 
-    def stop(self) -> None:
+    def stop_intake(self) -> None:
+        """No new studies (the pipelines then finish theirs and hand their results over)."""
         for receiver in self.receivers:
             receiver.stop()
+        self.receivers = []
+
+    def stop(self) -> None:
+        self.stop_intake()
         self.exporter.stop()
         self.outbox.close()
 

@@ -47,7 +47,11 @@ class Connector(Protocol):
 
     def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop_intake(self) -> None:
+        """Stop taking new work (the service then lets the pipelines finish)."""
+
+    def stop(self) -> None:
+        """Stop the rest (after the pipelines finished: exports of their last jobs are in)."""
 
     def export(self, task_dir: Path, task: Mapping[str, Any], job: JobRecord) -> None:
         """Take the registered result durably (return only once it survives a crash). May
@@ -162,18 +166,23 @@ class Service:
             feed.abort()
 
     def stop(self) -> None:
-        """Connectors first (no new work), then each pipeline finishes its jobs in flight."""
-        for name, connector in reversed(list(self.connectors.items())):
-            try:
-                connector.stop()
-            except Exception as exc:
-                log.error("connector_stop_failed", connector=name, error=repr(exc))
+        """Connectors stop taking work, each pipeline finishes its jobs in flight (their
+        results are handed to export), then the connectors stop."""
+        connectors = list(reversed(list(self.connectors.items())))
+        for step in ("stop_intake", "stop"):
+            for name, connector in connectors:
+                try:
+                    getattr(connector, step, lambda: None)()
+                except Exception as exc:
+                    log.error("connector_stop_failed", connector=name, step=step,
+                              error=repr(exc))  # fmt: skip
+            if step == "stop_intake":
+                for feed in self.feeds.values():
+                    feed.close()
+                for thread in self.threads.values():
+                    thread.join()
+                self.threads.clear()
         self.connectors.clear()
-        for feed in self.feeds.values():
-            feed.close()
-        for thread in self.threads.values():
-            thread.join()
-        self.threads.clear()
         if self.jobs is not None:
             self.jobs.close()
             self.jobs = None
