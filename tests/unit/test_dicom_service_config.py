@@ -1,0 +1,61 @@
+"""The `dicom` section of the service file, mapped onto the receiver and exporter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connectors.dicom.service import DicomConfigError, parse_section
+from dataflow.service import load_config
+
+ROOT = Path(__file__).parents[2]
+
+
+def parse(section, tmp_path, pipelines=("seg", "filter")):
+    return parse_section(section, pipelines=pipelines, state=tmp_path, base=tmp_path)
+
+
+def test_the_example_maps_onto_receivers_destinations_and_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOM_PORT", "4104")
+    config = load_config(ROOT / "examples" / "service.yaml", [f"state={tmp_path}"])
+    receivers, destinations, policy = parse_section(
+        config.connectors["dicom"], pipelines=tuple(config.pipelines), state=tmp_path / "dicom",
+        base=config.path.parent,
+    )  # fmt: skip
+    (plain,) = receivers  # the TLS listener is off by default
+    assert plain.port == 4104 and plain.host == "127.0.0.1" and plain.tls is None
+    assert plain.spool == tmp_path / "dicom" / "spool" / "plain"
+    seg = plain.called("DATAFLOW-SEG")
+    assert seg.routes == ["ct-segmentation"] and seg.group_by == "study" and seg.timeout == 5
+    assert plain.called("DATAFLOW-FLT").group_by == "series"
+    assert [(p.ae_title, p.host) for p in plain.peers] == [
+        ("ORTHANC", None), ("STORESCU", "127.0.0.1"),
+    ]  # fmt: skip
+    assert plain.min_free_bytes == 2 * 1024**3 and plain.max_associations == 16
+    pacs = destinations["PACS"]
+    assert (pacs.ae_title, pacs.port, pacs.max_associations) == ("ORTHANC", 4242, 2)
+    assert (policy.initial_delay, policy.max_delay, policy.deadline) == (5, 300, 86400)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"receivers": [{"port": 1}]}, "ae-titles: at least one"),
+        ({"ae-titles": {"A": {"pipelines": ["nope"]}}, "receivers": [{}]},
+         r"ae-titles.A.pipelines: \['nope'\] not among the configured pipelines \(seg, filter\)"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"], "group": 1}}}, "unknown key"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": []}, "no receiver"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{"port": 70000}]},
+         "receivers\\[0\\]: port"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+          "limits": {"disk-reserve": "lots"}}, "limits.disk-reserve: 'lots' is not a size"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+          "destinations": {"PACS": {"ae": "X", "host": "h"}}}, "destinations.PACS: 'port'"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}},
+          "receivers": [{"tls": {"cert": "no.pem", "key": "no.key"}}]}, "no.pem does not exist"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_named(tmp_path, section, message):
+    with pytest.raises(DicomConfigError, match=message):
+        parse(section, tmp_path)
