@@ -37,7 +37,8 @@ def test_the_watchdog_says_what_is_stuck(tmp_path):
     with structlog.testing.capture_logs() as logs:
         executor.run(make_jobs(tmp_path / "in", [3]))
     stalls = [e for e in logs if e["event"] == "pipeline_stalled"]
-    assert stalls and "worker slow#0 busy with job 'job0'" in stalls[0]["report"]
+    # the first report may come while the workers still start (a loaded machine): any will do
+    assert any("worker slow#0 busy with job 'job0'" in e["report"] for e in stalls), stalls
 
 
 def test_a_job_timeout_cancels_the_job_wherever_it_is(tmp_path):
