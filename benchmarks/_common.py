@@ -122,6 +122,31 @@ def mode_and_argv(args: Any) -> dict[str, Any]:
     return {"mode": "quick" if args.quick else "full", "argv": sys.argv}
 
 
+def end_of_run(meta: dict, started: float, busy_at_start: tuple[float, float]) -> None:
+    """Add the run's elapsed time (since ``started``, a ``time.perf_counter()``), the machine's
+    busy and stolen CPU seconds (since ``busy_at_start``, a :func:`machine_busy`) and the
+    load averages at the end to ``meta``, and print the elapsed time."""
+    busy, steal = (b - a for a, b in zip(busy_at_start, machine_busy(), strict=True))
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    meta["machine_busy_cpu_s"] = round(busy, 1)
+    meta["steal_cpu_s"] = round(steal, 1)
+    meta["loadavg_at_end"] = list(os.getloadavg())
+    print(f"\nfinished in {meta['elapsed_s']:.0f} s")
+
+
+def run_footer(started: float, busy_at_start: tuple[float, float]) -> dict[str, Any]:
+    """The last provenance entries: elapsed seconds (since ``started``, a
+    ``time.perf_counter()``), the machine's busy and stolen CPU seconds since
+    ``busy_at_start`` (a :func:`machine_busy`), and the load average now."""
+    busy, steal = (b - a for a, b in zip(busy_at_start, machine_busy(), strict=True))
+    return {
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "machine_busy_cpu_s": round(busy, 1),
+        "steal_cpu_s": round(steal, 1),
+        "loadavg_at_end": list(os.getloadavg()),
+    }
+
+
 def write_results(json_path: str | Path, records: list[dict], meta: dict) -> tuple[Path, Path]:
     """Write ``records`` to ``json_path`` and ``meta`` next to it (``.provenance.json``)."""
     path = Path(json_path)

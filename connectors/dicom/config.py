@@ -121,6 +121,11 @@ class ReceiverConfig:
         reuse_port: set SO_REUSEPORT on the listening socket so that several listener
             processes can share one port (each with its own pynetdicom server, all sharing
             the SQLite database in WAL mode).
+        processes: listener processes on the port (1..64). With more than one, the
+            :class:`~connectors.dicom.receiver.Receiver` starts ``processes - 1`` worker
+            processes itself (``python -m connectors.dicom.receiver --worker``, SO_REUSEPORT
+            implied), restarts one that dies and stops them with itself: pynetdicom is pure
+            Python, one process serves its associations with one GIL.
     """
 
     spool: Path
@@ -140,6 +145,7 @@ class ReceiverConfig:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     reuse_port: bool = False
+    processes: int = 1
 
     def validate(self) -> ReceiverConfig:
         """Check every field (stripping AE titles); return ``self``."""
@@ -173,6 +179,8 @@ class ReceiverConfig:
             raise ReceiverConfigError("max_pdu_size must be 0 (unlimited) or >= 4096")
         if self.max_instance_size < 0:
             raise ReceiverConfigError("max_instance_size must be >= 0")
+        if not isinstance(self.processes, int) or not 1 <= self.processes <= 64:
+            raise ReceiverConfigError("processes must be 1..64")
         if not 0 <= self.port <= 65535:
             raise ReceiverConfigError("port must be 0..65535")
         return self

@@ -6,6 +6,9 @@ then the committer thread moves the file into its group folder, fsyncs the direc
 commits the record (``synchronous=FULL``) — several associations' instances share one
 transaction (group commit), each still durable before its own Success goes back.
 
+With ``processes: N`` the receiver starts N - 1 worker processes listening on the same port
+(SO_REUSEPORT; they only ingest), restarts one that dies, and stops them when it stops.
+
 Run as a process (tests, or one listener of several sharing a port with ``reuse_port``)::
 
     python -m connectors.dicom.receiver --config CONFIG.json    # or the JSON text itself
@@ -14,11 +17,14 @@ Run as a process (tests, or one listener of several sharing a port with ``reuse_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
+import os
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -28,20 +34,30 @@ from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.acse import ACSE
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dataflow.logs import configure_logging
 
+from . import fastnet
 from .config import CalledAE, ReceiverConfig
 from .groups import Group, GroupStore, Placement
-from .spool import PREAMBLE, BadInstance, encode_file_meta, free_bytes, parse_header, write_temp
+from .spool import PREAMBLE, BadInstance, file_meta_bytes, free_bytes, parse_header, write_temp
 
 __all__ = ["Receiver", "main"]
 
 log = structlog.get_logger("connectors.dicom")
+fastnet.install()  # pynetdicom without its 1 ms polling waits (see fastnet.py)
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C.4.2)
 SUCCESS = 0x0000
@@ -98,6 +114,91 @@ class _Committer(threading.Thread):
         self.join(timeout=30)
 
 
+class _Workers(threading.Thread):
+    """The ``processes - 1`` worker listeners of a receiver: started, watched (a dead one is
+    started again within a second), stopped. A worker stops by itself if its parent dies."""
+
+    def __init__(self, config: ReceiverConfig, port: int, count: int) -> None:
+        super().__init__(name="dicom-workers", daemon=True)
+        worker = config.to_dict()
+        worker.update(port=port, processes=1, reuse_port=True)
+        self._args = [sys.executable, "-m", "connectors.dicom.receiver", "--worker",
+                      "--parent-pid", str(os.getpid()), "--config", json.dumps(worker)]  # fmt: skip
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.environ.get("PYTHONPATH")
+        self._env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+        self._procs: list[subprocess.Popen | None] = [None] * count
+        self._drains: list[threading.Thread] = []
+        self._halt = threading.Event()
+        self.restarts = 0
+
+    def _spawn(self, slot: int, timeout: float = 60.0) -> None:
+        proc = subprocess.Popen(self._args, env=self._env, stdout=subprocess.PIPE, text=True)
+        self._procs[slot] = proc
+        assert proc.stdout is not None
+        ready = threading.Event()
+
+        def drain() -> None:  # the first line says it listens; keep the pipe from filling
+            with proc.stdout:  # type: ignore[union-attr]
+                for line in proc.stdout:  # type: ignore[union-attr]
+                    if line.startswith("listening"):
+                        ready.set()
+
+        drainer = threading.Thread(target=drain, name=f"dicom-worker-{slot}-out", daemon=True)
+        drainer.start()
+        self._drains.append(drainer)
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"receiver worker exited ({proc.returncode}) or hung at start")
+        log.info("receiver_worker_started", slot=slot, pid=proc.pid)
+
+    def start(self) -> None:
+        try:
+            for slot in range(len(self._procs)):
+                self._spawn(slot)
+        except BaseException:
+            self.stop()
+            raise
+        super().start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    def run(self) -> None:
+        while not self._halt.wait(0.5):
+            for slot, proc in enumerate(self._procs):
+                if proc is None or proc.poll() is None or self._halt.is_set():
+                    continue
+                log.warning("receiver_worker_died", slot=slot, pid=proc.pid,
+                            returncode=proc.returncode)  # fmt: skip
+                self.restarts += 1
+                try:
+                    self._spawn(slot)
+                except Exception:
+                    log.exception("receiver_worker_restart_failed", slot=slot)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every worker (each finishes its commits), SIGKILL after ``timeout``."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        live = [p for p in self._procs if p is not None and p.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in live:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for drainer in self._drains:  # their pipes are at EOF now
+            drainer.join(timeout=5)
+
+
 class Receiver:
     """The receiver of one :class:`ReceiverConfig`.
 
@@ -128,6 +229,7 @@ class Receiver:
         self._handed: set[int] = set()
         self._assocs: dict[int, dict[str, Any]] = {}
         self._started = 0.0
+        self._workers: _Workers | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -144,6 +246,14 @@ class Receiver:
         self._committer = _Committer(self.store)
         self._committer.start()
         self._server = self._make_server()
+        if self.config.processes > 1:
+            self._workers = _Workers(self.config, self.port, self.config.processes - 1)
+            try:
+                self._workers.start()
+            except BaseException:
+                self._workers = None
+                self.stop()
+                raise
         if self._complete_groups:
             self._completer = threading.Thread(
                 target=self._complete_loop, name="dicom-completer", daemon=True
@@ -151,13 +261,17 @@ class Receiver:
             self._completer.start()
         log.info("receiver_listening", host=self.config.host, port=self.port,
                  called_aes=[c.ae_title for c in self.config.called_aes],
-                 tls=self.config.tls is not None)  # fmt: skip
+                 tls=self.config.tls is not None,
+                 processes=self.config.processes)  # fmt: skip
         return self
 
     def stop(self) -> None:
-        """Stop listening (open associations are aborted), finish pending commits."""
+        """Stop listening (open associations are aborted), finish pending commits; stop the
+        worker processes (each the same way)."""
         self._stop.set()
         self._wake.set()
+        if self._workers is not None:
+            self._workers.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -182,6 +296,11 @@ class Receiver:
         if self._server is None:
             return self.config.port
         return int(self._server.server_address[1])
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process IDs of the running worker listeners (``processes - 1`` of them)."""
+        return self._workers.pids if self._workers is not None else []
 
     # -- for the service --------------------------------------------------------------------
 
@@ -247,7 +366,7 @@ class Receiver:
             evt_handlers=handlers,
             server_class=_Server,
             request_handler=_Handler,
-            reuse_port=config.reuse_port,
+            reuse_port=config.reuse_port or config.processes > 1,
         )
         ae._servers.append(server)  # so that server.shutdown() finds it
         thread = threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True)
@@ -337,7 +456,10 @@ class Receiver:
             return NOT_MATCHING, "SOPClassUID differs from the request's", None
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             return NOT_MATCHING, "SOPInstanceUID differs from the request's", None
-        meta = encode_file_meta(event.file_meta)
+        meta = file_meta_bytes(
+            header.sop_class_uid, header.sop_instance_uid, syntax,
+            PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+        )  # fmt: skip
         available, total = free_bytes(self.spool)
         reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
         needed = size + len(meta) + len(PREAMBLE)
@@ -412,13 +534,32 @@ class _Handler(RequestHandler):
         super().handle()
 
 
+class _Contexts(list):
+    """The server's supported presentation contexts. pynetdicom ``deepcopy``s them for every
+    association (every storage SOP class times every transfer syntax: ~5,000 UID objects
+    re-created and re-validated, tens of milliseconds of CPU per association); this copy
+    makes new contexts with their own lists of the same (immutable) UIDs, which is all a
+    deep copy gives."""
+
+    def __deepcopy__(self, memo: dict) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            clone = object.__new__(type(context))
+            clone.__dict__.update(context.__dict__)
+            clone._transfer_syntax = list(context._transfer_syntax)
+            copies.append(clone)
+        return copies
+
+
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server with SO_REUSEPORT (several listener processes on one
-    port) and the TLS handshake moved out of the accepting thread."""
+    port), the TLS handshake moved out of the accepting thread, and cheap copies of the
+    supported contexts (:class:`_Contexts`)."""
 
     def __init__(self, *args, reuse_port: bool = False, **kwargs) -> None:
         self._reuse_port = reuse_port
         super().__init__(*args, **kwargs)
+        self.contexts = _Contexts(self.contexts)
 
     def server_bind(self) -> None:
         if self._reuse_port:
@@ -439,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m connectors.dicom.receiver")
     parser.add_argument("--config", required=True, help="JSON file, or the JSON text itself")
     parser.add_argument("--worker", action="store_true", help="ingest only (no completion)")
+    parser.add_argument("--parent-pid", type=int, help="stop when this process is gone")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     text = args.config
@@ -451,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
-    stop.wait()
+    while not stop.wait(1.0 if args.parent_pid else None):
+        if os.getppid() != args.parent_pid:  # the main receiver died (kill -9): stop too
+            break
     receiver.stop()
     return 0
 

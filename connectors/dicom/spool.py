@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+import struct
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "Header",
     "ae_component",
     "encode_file_meta",
+    "file_meta_bytes",
     "free_bytes",
     "fsync_dir",
     "parse_header",
@@ -91,6 +93,41 @@ def encode_file_meta(file_meta) -> bytes:
     buffer = io.BytesIO()
     write_file_meta_info(buffer, file_meta, enforce_standard=True)
     return buffer.getvalue()
+
+
+def _short(tag: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def file_meta_bytes(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_class_uid: str,
+    implementation_version: str,
+) -> bytes:
+    """The File Meta Information group, byte for byte what :func:`encode_file_meta` writes
+    for pynetdicom's ``event.file_meta`` (group length, version 00\\01, media storage SOP
+    class and instance, transfer syntax, implementation class UID and version name), built
+    directly: about 100 times cheaper than through pydicom. UIDs must be ASCII (the header
+    parse has checked them)."""
+    version = implementation_version.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join((
+        struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\0\1",
+        _short(0x00020002, b"UI", _ui(sop_class_uid)),
+        _short(0x00020003, b"UI", _ui(sop_instance_uid)),
+        _short(0x00020010, b"UI", _ui(transfer_syntax)),
+        _short(0x00020012, b"UI", _ui(implementation_class_uid)),
+        _short(0x00020013, b"SH", version),
+    ))  # fmt: skip
+    return struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
 def free_bytes(path: Path) -> tuple[int, int]:

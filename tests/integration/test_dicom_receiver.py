@@ -425,6 +425,57 @@ def test_tls(tmp_path):
         assert len(stored(rx)) == 3
 
 
+# -- several processes -----------------------------------------------------------------------
+
+
+def _storescu_at_once(port: int, shares: list[list[Path]]) -> list[int]:
+    args = [dcmtk("storescu"), "-aet", "STORESCU", "-aec", AET, HOST, str(port)]
+    procs = [
+        subprocess.Popen([*args, *map(str, files)], env=DCMTK_ENV, stderr=subprocess.DEVNULL)
+        for files in shares
+    ]
+    return [p.wait(timeout=120) for p in procs]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_processes_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
+    files = ct(tmp_path / "ct", 24, seed=40)
+    cfg = config(tmp_path, called=[CalledAE(AET, timeout=30)], processes=3)
+    with receiving(cfg) as rx:
+        workers = rx.worker_pids
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        assert _storescu_at_once(rx.port, [files[k::6] for k in range(6)]) == [0] * 6
+        assert len(stored(rx)) == 24
+        (group,) = rx.groups("pending")  # one study, whichever process received it
+        assert group.instances == 24
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(rx.worker_pids) == 2 and workers[0] not in rx.worker_pids)
+        more = ct(tmp_path / "more", 4, seed=41)
+        assert _storescu_at_once(rx.port, [more[:2], more[2:]]) == [0, 0]
+        assert len(stored(rx)) == 28
+        now = rx.worker_pids
+    wait_for(lambda: not any(_alive(pid) for pid in now))
+
+
+def test_workers_stop_when_the_main_receiver_is_killed(tmp_path):
+    cfg = config(tmp_path, processes=2)
+    with receiver_process(cfg) as (proc, port):
+        assert echoscu(HOST, port, called=AET).returncode == 0
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        (worker,) = map(int, children)
+        assert _alive(worker)
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_for(lambda: not _alive(worker))
+
+
 def test_threads_left_behind_are_ours_only():
     names = [t.name for t in threading.enumerate()]
     assert not [n for n in names if n.startswith(("dicom-", "AcceptorThread"))]

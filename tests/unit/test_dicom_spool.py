@@ -213,3 +213,31 @@ def test_sweep_removes_unrecorded_files_only(tmp_path):
     assert store.sweep_pending() == 1 and not stray.exists()
     assert [p.name for _, p in store.instances(group.id)] == ["1.1.1.dcm"]
     assert os.path.exists(store.instances(group.id)[0][1])
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+        ("1.2.3", "1.2.3.45", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.4", "9" * 64, "1.2.840.10008.1.2.4.70"),
+    ],
+)
+def test_file_meta_bytes_are_those_pydicom_writes(sop_class, sop_instance, syntax):
+    from pydicom.dataset import FileMetaDataset
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from connectors.dicom.spool import encode_file_meta, file_meta_bytes
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationGroupLength = 0
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    expected = encode_file_meta(meta)
+    assert file_meta_bytes(sop_class, sop_instance, syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                           PYNETDICOM_IMPLEMENTATION_VERSION) == expected  # fmt: skip
+    assert file_meta_bytes(sop_class, sop_instance, syntax, "1.2.3", "ODD") != expected

@@ -1,0 +1,99 @@
+"""``connectors.dicom.fastnet`` (pynetdicom without its polling waits) and the receiver's
+cheap copies of pynetdicom's presentation contexts."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+
+import pynetdicom.association
+import pynetdicom.dul
+import pytest
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+from connectors.dicom import fastnet
+from connectors.dicom.receiver import _Contexts
+
+
+def test_installed_on_pynetdicom_3_0():
+    assert fastnet.install() is True and fastnet.install() is True  # idempotent
+    assert fastnet.installed()
+    assert pynetdicom.dul.time.sleep is fastnet._sleep
+    assert pynetdicom.association.time.sleep is fastnet._sleep
+    assert pynetdicom.dul.time.monotonic is __import__("time").monotonic  # the rest as is
+    assert AssociationSocket.recv is fastnet._recv
+
+
+class _Holder:
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+@pytest.mark.parametrize("size", [6, 4096, 131072 + 6, 3 * 1024 * 1024])
+def test_recv_reads_exactly_what_was_asked(size):
+    a, b = socket.socketpair()
+    data = bytes(range(256)) * (size // 256 + 2)
+    sender = threading.Thread(target=a.sendall, args=(data,))
+    sender.start()
+    try:
+        got = fastnet._recv(_Holder(b), size)
+        assert isinstance(got, bytearray) and got == data[:size]
+        assert fastnet._recv(_Holder(b), 6) == data[size : size + 6]
+    finally:
+        sender.join()
+        a.close()
+        b.close()
+
+
+def test_recv_returns_what_there_was_when_the_peer_closes():
+    a, b = socket.socketpair()
+    a.sendall(b"abcdef")
+    a.close()
+    try:
+        assert fastnet._recv(_Holder(b), 100) == bytearray(b"abcdef")
+        assert fastnet._recv(_Holder(b), 100) == bytearray()
+    finally:
+        b.close()
+
+
+def test_wakers_are_signalled_by_what_their_loops_wait_for():
+    assoc = Association(AE(), "requestor")
+    dul_waker = fastnet._Waker(assoc.dul)
+    assoc.dul.to_provider_queue.put("primitive")
+    assert dul_waker.event.is_set()
+    dul_waker.wait(0)
+    assert not dul_waker.event.is_set()
+    assoc.dul.kill_dul()
+    assert dul_waker.event.is_set() and assoc.dul._kill_thread
+    assert assoc.dul.to_provider_queue.get_nowait() == "primitive"  # queued as before
+
+    waker = fastnet._Waker(assoc)
+    assoc.dimse.msg_queue.put((1, "message"))
+    assert waker.event.is_set()
+    waker.wait(0)
+    assoc.dul.to_user_queue.put("release")
+    assert waker.event.is_set()
+    assert assoc.dimse.msg_queue.get_nowait() == (1, "message")
+
+
+def test_sleep_elsewhere_is_a_plain_sleep(monkeypatch):
+    slept = []
+    monkeypatch.setattr(fastnet, "_real_sleep", slept.append)
+    fastnet._sleep(0.001)  # the test's own thread: not pynetdicom's
+    fastnet._sleep(0.1)
+    assert slept == [0.001, 0.1]
+
+
+def test_context_copies_are_independent_and_equal():
+    contexts = _Contexts(copy.deepcopy(AllStoragePresentationContexts[:5]))
+    copies = copy.deepcopy(contexts)
+    assert type(copies) is list and len(copies) == 5
+    for original, clone in zip(contexts, copies, strict=True):
+        assert clone is not original and clone.__dict__ == original.__dict__
+        assert clone._transfer_syntax is not original._transfer_syntax
+    copies[0]._transfer_syntax.append("1.2.3")
+    copies[0].context_id = 7
+    assert "1.2.3" not in contexts[0].transfer_syntax and contexts[0].context_id is None
