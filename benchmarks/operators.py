@@ -713,7 +713,7 @@ def print_tables(cases: list[Case], goals: list[dict]) -> None:
         print(f"  {case.name:<34}" + "".join(cells))
         checks = ", ".join(f"{s}: {c}" for s, c in case.checks.items())
         print(f"  {'':<34}   diff vs ours: {checks}")
-    print("\nGoals")
+    print("\nGoals" if any("goal" in g for g in goals) else "")
     for g in goals:
         if "goal" in g:
             met = "met" if g["met"] else "NOT MET"
@@ -825,12 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     records += goals
     print_tables(cases, goals)
     meta["quiet"] = quiet.summary()
-    busy, steal = (b - a for a, b in zip(busy_at_start, common.machine_busy(), strict=True))
-    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
-    meta["machine_busy_cpu_s"] = round(busy, 1)
-    meta["steal_cpu_s"] = round(steal, 1)
-    meta["loadavg_at_end"] = list(os.getloadavg())
-    print(f"\nfinished in {meta['elapsed_s']:.0f} s")
+    common.end_of_run(meta, started, busy_at_start)
     if args.json:
         common.write_results(args.json, records, meta)
 
