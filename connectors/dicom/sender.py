@@ -14,10 +14,7 @@ uncompressed, it is decompressed with pydicom first. Each response is classified
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +25,12 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket
 
 from dataflow.errors import DataflowError
+
+from .association import AssociationFailed, Cancel, associate, pause_reactor
 
 __all__ = [
     "UNCOMPRESSED",
@@ -52,6 +49,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger("connectors.dicom.export")
+
+# A file sent as stored goes as its own bytes, read in PDU-sized chunks, never decoded and
+# re-encoded (about twice the rate). pynetdicom then needs an exactly matching context for a
+# path, which is the only case in which this module passes one (process-wide setting).
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # DICOM's limit on presentation contexts per association
@@ -180,117 +182,32 @@ def classify_status(status: int) -> Literal["delivered", "permanent", "transient
     return "transient"  # 0xA7xx, 0x0110, 0x0213 and anything unknown: bounded by the deadline
 
 
-@dataclass
-class _Peer:
-    """Collects what the peer said while associating (for the error message)."""
-
-    reason: str = ""
-
-    def on_acse(self, event) -> None:
-        primitive = event.primitive
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
-            self.reason = (
-                f"association rejected ({primitive.result_str}, {primitive.source_str}: "
-                f"{primitive.reason_str})"
-            )
-
-
-class _Socket(AssociationSocket):
-    """pynetdicom 3.0 leaks the socket of a refused connection (``shutdown`` of an unconnected
-    socket raises before ``close``): a ResourceWarning per failed attempt. Close it always."""
-
-    def _shutdown_socket(self) -> None:
-        sock = self.socket
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
-        with contextlib.suppress(OSError):
-            sock.close()  # type: ignore[union-attr]
-
-
-class Cancel:
-    """Stops a :func:`send_files` call: :meth:`request` between two files, :meth:`abort` at
-    once (its sockets are shut down, so that even a peer that never answers lets go)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._aborted = False
-        self._sockets: list[AssociationSocket] = []
-        self._lock = threading.Lock()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def request(self) -> None:
-        self._event.set()
-
-    def abort(self) -> None:
-        self._event.set()
-        with self._lock:
-            self._aborted = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shutdown(sock)
-
-    def track(self, sock: AssociationSocket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            aborted = self._aborted
-        if aborted:
-            _shutdown(sock)
-
-
-def _shutdown(sock: AssociationSocket) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        sock.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
-
-
-class _AE(AE):
-    def __init__(self, ae_title: str, cancel: Cancel | None) -> None:
-        super().__init__(ae_title=ae_title)
-        self._cancel = cancel
-
-    def _create_socket(self, assoc, address, tls_args) -> AssociationSocket:
-        sock = _Socket(assoc, address=address)
-        sock.tls_args = tls_args
-        if self._cancel is not None:
-            self._cancel.track(sock)
-        return sock
-
-
 def _associate(
     destination: Destination,
     contexts: Sequence[tuple[str, Sequence[str]]],
     cancel: Cancel | None = None,
 ):
-    ae = _AE(destination.calling_ae_title, cancel)
-    ae.connection_timeout = destination.connection_timeout
-    ae.acse_timeout = destination.acse_timeout
-    ae.dimse_timeout = destination.dimse_timeout
-    ae.network_timeout = destination.network_timeout
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, list(syntaxes))
     context = destination.ssl_context()
-    tls_args = (context, destination.tls_server_name or destination.host) if context else None
-    peer = _Peer()
     try:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
+        return associate(
+            destination.calling_ae_title,
+            (destination.host, destination.port),
+            destination.ae_title,
+            contexts,
+            timeouts={
+                "connection_timeout": destination.connection_timeout,
+                "acse_timeout": destination.acse_timeout,
+                "dimse_timeout": destination.dimse_timeout,
+                "network_timeout": destination.network_timeout,
+            },
             max_pdu=destination.max_pdu,
-            tls_args=tls_args,
-            evt_handlers=[(evt.EVT_ACSE_RECV, peer.on_acse)],
+            tls_args=(context, destination.tls_server_name or destination.host)
+            if context
+            else None,
+            cancel=cancel,
         )
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, AssociationFailed) as exc:
         raise TransientExportError(f"{destination.describe()}: {exc}") from None
-    if not assoc.is_established:
-        why = peer.reason or (
-            "association aborted or timed out" if assoc.is_aborted else "no association"
-        )
-        if not peer.reason and not assoc.accepted_contexts and assoc.rejected_contexts:
-            why = "no presentation context accepted"
-        raise TransientExportError(f"{destination.describe()}: {why} (connection refused?)")
-    return assoc
 
 
 def echo(destination: Destination) -> EchoResult:
@@ -300,8 +217,10 @@ def echo(destination: Destination) -> EchoResult:
     except TransientExportError as exc:
         return EchoResult(False, None, str(exc))
     try:
+        pause_reactor(assoc)
         status = assoc.send_c_echo()
     finally:
+        pause_reactor(assoc)
         assoc.release()
     code = int(status.Status) if "Status" in status else None
     if code == 0x0000:
@@ -329,7 +248,8 @@ def plan_contexts(
 
 
 def _prepare(assoc, info: FileInfo, preference: str):
-    """The dataset to send (decompressed if needed), or a FileResult saying why not."""
+    """What to send: the file's path (as stored) or its dataset (decompressed, or to be
+    converted between uncompressed syntaxes by pynetdicom); a string says why not."""
     accepted = {
         str(cx.transfer_syntax[0])
         for cx in assoc.accepted_contexts
@@ -337,13 +257,13 @@ def _prepare(assoc, info: FileInfo, preference: str):
     }
     if not accepted:
         return "SOP class not accepted by the peer"
+    ts = UID(info.transfer_syntax)
+    if info.transfer_syntax in accepted and (preference == "stored" or not ts.is_compressed):
+        return info.path  # sent as stored: pynetdicom streams the file's bytes
     try:
         ds = dcmread(info.path)
     except Exception as exc:  # pydicom raises many kinds on a broken file
         return f"unreadable file: {type(exc).__name__}: {exc}"
-    ts = UID(info.transfer_syntax)
-    if info.transfer_syntax in accepted and (preference == "stored" or not ts.is_compressed):
-        return ds
     if not ts.is_compressed:
         return ds  # pynetdicom converts between uncompressed syntaxes
     if not accepted.intersection(UNCOMPRESSED):
@@ -383,9 +303,10 @@ def send_files(
                 if isinstance(prepared, str):
                     on_result(FileResult(index, "permanent", None, prepared))
                     continue
+                pause_reactor(assoc)
                 try:
                     status = assoc.send_c_store(prepared, msg_id=index % 65535 + 1)
-                except (ValueError, AttributeError) as exc:
+                except (ValueError, AttributeError, InvalidDicomError, OSError) as exc:
                     on_result(FileResult(index, "permanent", None, f"cannot send: {exc}"))
                     continue
                 if "Status" not in status:
@@ -401,4 +322,5 @@ def send_files(
                 on_result(FileResult(index, outcome, code, error))
         finally:
             if assoc.is_established:
+                pause_reactor(assoc)
                 assoc.release()
