@@ -1,8 +1,21 @@
 import json
+import logging
 
+import pytest
 import structlog
 
 from dataflow.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """configure_logging binds to the sys.stderr of the moment: capsys's, closed after the
+    test. Put back the defaults, or later tests log into a closed file."""
+    handlers, level = list(logging.root.handlers), logging.root.level
+    yield
+    structlog.reset_defaults()
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 def test_patient_identifiers_are_redacted_by_default(capsys):
