@@ -280,14 +280,7 @@ class DicomConnector:
         self._by_name[receiver].mark_dispatched(group.id)
 
     def export(self, task_dir: Path, task: Mapping[str, Any], job: Any) -> None:
-        names = task.get("destinations") or []
-        if not names:
-            raise DicomConfigError(f"{task_dir}: the registered result names no destination")
-        for name in names:
-            task_id = f"{task['taskId']}-{name}"
-            if self.outbox.get(task_id) is not None:
-                continue  # handed over before a restart
-            queued = self.outbox.enqueue(task_dir, name, job_id=job.id, task_id=task_id)
-            self.exporter._check_destination(queued)
-            log.info("export_queued", job_id=job.id, destination=name, files=queued.files)
-        self.exporter._wake.set()
+        """One outbox task per destination (idempotent: ``<taskId>-<destination>``)."""
+        for queued in self.exporter.enqueue_registered(task_dir, job_id=job.id):
+            log.info("export_queued", job_id=job.id, destination=queued.destination,
+                     files=queued.files, state=queued.state)  # fmt: skip
