@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 
+from connectors.dicom.association import _Checkpoint, associate, pause_reactor
 from connectors.dicom.export import Destination, Exporter, Outbox, RetryPolicy, echo
 from connectors.dicom.sender import FileResult
 from operators.dicom.phantom import write_ct_series
@@ -304,3 +305,39 @@ def test_tls_to_storescp(private_network, tmp_path, certificate):
         exporter.outbox.close()
         plain = echo(destination("sink", sink.port))
         assert not plain.ok
+
+
+class SlowWaking(_Checkpoint):
+    """The reactor descheduled for 20 ms each time its wait returns (as under CPU load)."""
+
+    def wait(self, timeout=None):
+        woke = super().wait(timeout)
+        time.sleep(0.02)
+        return woke
+
+
+def test_the_reactor_is_parked_before_each_request(tmp_path):
+    """pynetdicom pauses the reactor on a flag that stays True for a moment after the reactor
+    wakes; under CPU load the reactor then took C-STORE responses off the queue (seen here:
+    'Received unexpected C-STORE service message', then a DIMSE timeout). pause_reactor waits
+    until the reactor is really blocked."""
+    series = write_ct_series(tmp_path / "series", slices=6, size=16, seed=12)
+    counter = CountingSCP(delay=0)
+    contexts = [(CTImageStorage, [ExplicitVRLittleEndian])]
+    assoc = associate(
+        "DATAFLOW", ("127.0.0.1", counter.port), "COUNTER", contexts, timeouts={"dimse_timeout": 5}
+    )
+    try:
+        assert isinstance(assoc._reactor_checkpoint, _Checkpoint)
+        assoc._reactor_checkpoint = SlowWaking()
+        for path in series.files:
+            pause_reactor(assoc)
+            assert assoc._reactor_checkpoint.parked and not assoc._reactor_checkpoint.is_set()
+            assert assoc.send_c_store(path).Status == 0x0000
+            assert assoc._reactor_checkpoint.is_set()  # pynetdicom resumed it
+        assert counter.stored == 6
+    finally:
+        if assoc.is_established:
+            pause_reactor(assoc)
+            assoc.release()
+        counter.close()
