@@ -254,8 +254,11 @@ def connected_components(
     src = c.host_mask(mask)
     res = _out(out, src.shape, np.uint8)
     labels, count = label(src, connectivity, device="cpu")
-    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)
-    np.take(c.keep_table(sizes, keep_largest, min_size), labels, out=res)
+    from . import cpu
+
+    flat = labels.reshape(-1)
+    sizes = cpu.label_sizes(flat, count)  # threads x labels: fine up to millions of labels
+    cpu.apply_table(flat, c.keep_table(sizes, keep_largest, min_size), res.reshape(-1))
     return res
 
 
@@ -272,7 +275,9 @@ def fill_holes(mask: Any, connectivity: int = 6, *, out: Any = None, device: str
     background = (src == 0).view(np.uint8)
     labels, count = label(background, connectivity, device="cpu")
     holes = c.hole_table(count, c.border_labels(labels))
-    np.maximum(src != 0, np.take(holes, labels), out=res, casting="unsafe")
+    from . import cpu
+
+    cpu.fill_from_table(src.reshape(-1), labels.reshape(-1), holes, res.reshape(-1))
     return res
 
 

@@ -19,10 +19,13 @@ from numba import njit, prange
 
 __all__ = [
     "affine",
+    "apply_table",
     "ccl_labels",
+    "fill_from_table",
     "gaussian_axis0",
     "gaussian_axis1",
     "gaussian_axis2",
+    "label_sizes",
     "minmax",
     "resample",
     "squared_deviation",
@@ -257,3 +260,37 @@ def ccl_labels(mask: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> int:
     parent = np.empty(mask.size, np.int32)
     _ccl_slabs(mask, offsets, parent, slabs)
     return int(_ccl_seams_and_number(mask, offsets, parent, slabs, out.reshape(-1)))
+
+
+# ------------------------------------------------------------------ per-label tables
+
+
+@njit(**_PAR)
+def label_sizes(labels, count):
+    """Voxels per label 0..count of a flat int32 label array (per-thread histograms)."""
+    n = labels.size
+    threads = numba.get_num_threads()
+    chunk = (n + threads - 1) // threads
+    partial = np.zeros((threads, count + 1), np.int64)
+    for t in prange(threads):
+        row = partial[t]
+        for i in range(t * chunk, min(n, (t + 1) * chunk)):
+            row[labels[i]] += 1
+    sizes = np.zeros(count + 1, np.int64)
+    for t in range(threads):
+        sizes += partial[t]
+    return sizes
+
+
+@njit(**_PAR)
+def apply_table(labels, table, out):
+    """``out[i] = table[labels[i]]`` over flat arrays."""
+    for i in prange(labels.size):
+        out[i] = table[labels[i]]
+
+
+@njit(**_PAR)
+def fill_from_table(mask, labels, table, out):
+    """``out[i] = 1`` where ``mask`` is set, else ``table[labels[i]]`` (flat arrays)."""
+    for i in prange(labels.size):
+        out[i] = 1 if mask[i] != 0 else table[labels[i]]
