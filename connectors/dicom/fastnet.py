@@ -8,8 +8,8 @@ with a 1-process GIL and other associations, more. And ``AssociationSocket.recv`
 PDU in 4096-byte ``recv`` calls appended to a ``bytearray``.
 
 :func:`install` (idempotent; called when ``connectors.dicom.receiver`` is imported, so in
-``dataflow serve`` it also applies to the exporter's associations) changes two things,
-leaving every decision of pynetdicom's state machines as it was:
+``dataflow serve`` it also applies to the exporter's associations) changes three things in
+pynetdicom's behaviour, leaving every decision of its state machines as it was:
 
 1. ``time.sleep`` as seen by ``pynetdicom.dul`` and ``pynetdicom.association`` becomes
    :func:`_sleep`. For the short polling sleeps (at most 10 ms) of a DUL thread it waits on
@@ -23,6 +23,17 @@ leaving every decision of pynetdicom's state machines as it was:
 2. ``AssociationSocket.recv(n)`` reads into one preallocated buffer with ``recv_into`` in
    chunks of up to 4 MiB (same result: the bytes read, fewer on EOF; same exceptions).
 
+3. ``DIMSEServiceProvider.send_msg`` encodes a plain C-STORE response (Status, the two
+   UIDs, no error comment or offending element, nobody bound to ``EVT_DIMSE_SENT``) directly
+   into its one P-DATA (:func:`c_store_rsp_bytes`, the same bytes as pynetdicom's
+   ``C_STORE_RSP.encode_msg``), instead of building and twice encoding a pydicom Dataset:
+   1.4 ms of CPU per instance. Anything else goes through pynetdicom as before.
+
+And it sets pynetdicom's documented ``_config.LOG_HANDLER_LEVEL = "none"`` unless the
+``pynetdicom`` logger is enabled for DEBUG: its standard handlers format a description of
+every PDU and DIMSE message (and log an INFO line per C-STORE) on every association, a
+fifth of the receiver's CPU per instance; the receiver logs its own events.
+
 Socket buffer sizes are left alone on purpose: setting ``SO_RCVBUF`` turns off Linux's
 autotuning, which here already grows a connection's buffer up to ``tcp_rmem``'s 32 MiB.
 
@@ -33,7 +44,9 @@ returns False. Tested in ``tests/unit/test_dicom_fastnet.py``.
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 import threading
 import time
 import types
@@ -42,11 +55,15 @@ from typing import Any
 import pynetdicom
 import pynetdicom.association
 import pynetdicom.dul
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["install", "installed"]
+__all__ = ["c_store_rsp_bytes", "install", "installed"]
 
 RECV_CHUNK = 4 * 1024 * 1024
 
@@ -130,6 +147,54 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
+def _element(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def c_store_rsp_bytes(primitive: C_STORE) -> bytes | None:
+    """The command set (Implicit VR Little Endian) of a plain C-STORE response, or None when
+    the primitive carries more than Status, the two UIDs and the message ID."""
+    p = primitive
+    if p.ErrorComment is not None or p.OffendingElement is not None:
+        return None
+    sop_class, sop_instance, status = p.AffectedSOPClassUID, p.AffectedSOPInstanceUID, p.Status
+    if sop_class is None or sop_instance is None or not isinstance(status, int):
+        return None
+    if not isinstance(p.MessageIDBeingRespondedTo, int):
+        return None
+    body = b"".join((
+        _element(0x00000002, _uid(sop_class)),
+        _element(0x00000100, struct.pack("<H", 0x8001)),
+        _element(0x00000120, struct.pack("<H", p.MessageIDBeingRespondedTo)),
+        _element(0x00000800, struct.pack("<H", 0x0101)),
+        _element(0x00000900, struct.pack("<H", status)),
+        _element(0x00001000, _uid(sop_instance)),
+    ))  # fmt: skip
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _fast_send_msg(self: DIMSEServiceProvider, primitive, context_id: int) -> None:
+    """``send_msg`` with the fast path for plain C-STORE responses (see the docstring)."""
+    if type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None:
+        encoded = c_store_rsp_bytes(primitive)
+        limit = self.maximum_pdu_size
+        fits = encoded is not None and (not limit or len(encoded) + 6 <= limit)
+        if fits and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list = [[context_id, b"\x03" + encoded]]
+            self.dul.send_pdu(pdata)
+            return
+    _send_msg(self, primitive, context_id)
+
+
 def install() -> bool:
     """Patch pynetdicom 3.0.x in this process (idempotent); False if not applicable."""
     with _lock:
@@ -145,5 +210,8 @@ def install() -> bool:
             pynetdicom.dul.time = shim  # type: ignore[attr-defined]
             pynetdicom.association.time = shim  # type: ignore[attr-defined]
             AssociationSocket.recv = _recv  # type: ignore[method-assign]
+            DIMSEServiceProvider.send_msg = _fast_send_msg  # type: ignore[method-assign]
+            if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+                _config.LOG_HANDLER_LEVEL = "none"
         _installed.append(ok)
         return ok

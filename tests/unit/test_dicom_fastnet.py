@@ -12,6 +12,7 @@ import pynetdicom.dul
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AssociationSocket
 
 from connectors.dicom import fastnet
@@ -25,6 +26,7 @@ def test_installed_on_pynetdicom_3_0():
     assert pynetdicom.association.time.sleep is fastnet._sleep
     assert pynetdicom.dul.time.monotonic is __import__("time").monotonic  # the rest as is
     assert AssociationSocket.recv is fastnet._recv
+    assert DIMSEServiceProvider.send_msg is fastnet._fast_send_msg
 
 
 class _Holder:
@@ -97,3 +99,28 @@ def test_context_copies_are_independent_and_equal():
     copies[0]._transfer_syntax.append("1.2.3")
     copies[0].context_id = 7
     assert "1.2.3" not in contexts[0].transfer_syntax and contexts[0].context_id is None
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "message_id", "status"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 5, 0x0000),
+        ("1.2.3", "1.2.3.45", 65535, 0xA700),
+        ("1.2.840.10008.5.1.4.1.1.4", "9" * 64, 1, 0x0111),
+    ],
+)
+def test_c_store_response_bytes_are_pynetdicoms(sop_class, sop_instance, message_id, status):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    expected = [p.presentation_data_value_list for p in message.encode_msg(3, 16384)]
+    assert expected == [[(3, b"\x03" + fastnet.c_store_rsp_bytes(rsp))]]  # pynetdicom: tuples
+    rsp.ErrorComment = "disk reserve reached"  # anything more: pynetdicom's own path
+    assert fastnet.c_store_rsp_bytes(rsp) is None
