@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import threading
@@ -36,6 +37,9 @@ from .sender import ExportError, FileInfo, FileResult, describe_file
 __all__ = ["STATES", "FileRecord", "Outbox", "RetryPolicy", "Task"]
 
 STATES = ("pending", "in-progress", "succeeded", "dead")
+INSERT_TASK = "INSERT INTO tasks VALUES (?, ?, ?, 'pending', 0, ?, '', ?, ?, ?)"
+INSERT_FILE = "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, 'pending', NULL, '')"
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also the name of its folder
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -147,7 +151,6 @@ class Outbox:
         self._db.executescript(SCHEMA)
         self.recover()
 
-    # -- transactions ----------------------------------------------------------------
     def _write(self, sql: str, args: tuple = (), *, full: bool = True) -> None:
         self._transaction([(sql, args)], full=full)
 
@@ -188,7 +191,6 @@ class Outbox:
             )
         return count
 
-    # -- enqueue ---------------------------------------------------------------------
     def enqueue(
         self,
         source: str | Path | Iterable[str | Path],
@@ -202,6 +204,8 @@ class Outbox:
         seconds from now overrides the policy's. Raises :class:`ExportError` on a file that is
         not DICOM (nothing is queued then)."""
         task_id = task_id or uuid.uuid4().hex
+        if not TASK_ID.match(task_id) or task_id.endswith(".partial"):
+            raise ExportError(f"task ID {task_id!r}: 1-128 letters, digits, '.', '_' or '-'")
         if self.get(task_id) is not None:
             raise ExportError(f"outbox task {task_id!r} exists already")
         sources = _sources(source)
@@ -223,17 +227,9 @@ class Outbox:
         _fsync(self.folder)
         now = self.clock()
         limit = now + (self.policy.deadline if deadline is None else deadline)
-        insert_files = "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, 'pending', NULL, '')"
+        task_row = (task_id, job_id, destination, now, now, now, limit)
         try:
-            self._transaction(
-                [
-                    (
-                        "INSERT INTO tasks VALUES (?, ?, ?, 'pending', 0, ?, '', ?, ?, ?)",
-                        (task_id, job_id, destination, now, now, now, limit),
-                    ),
-                    *((insert_files, row) for row in rows),
-                ]
-            )
+            self._transaction([(INSERT_TASK, task_row), *((INSERT_FILE, row) for row in rows)])
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
@@ -246,7 +242,6 @@ class Outbox:
             (reason, self.clock(), task_id),
         )
 
-    # -- the sender's side -----------------------------------------------------------
     def claim(self, destination: str | None = None, exclude: Iterable[str] = ()) -> Task | None:
         """The next due pending task (of ``destination``, not in ``exclude``), now
         in-progress; None if there is none."""
@@ -255,10 +250,8 @@ class Outbox:
             args: tuple = (self.clock(),)
             if destination is not None:
                 where, args = where + " AND destination=?", (*args, destination)
-            skip = list(exclude)
-            if skip:
-                where += f" AND id NOT IN ({','.join('?' * len(skip))})"
-                args = (*args, *skip)
+            if skip := list(exclude):
+                where, args = f"{where} AND id NOT IN ({','.join('?' * len(skip))})", (*args, *skip)
             row = self._rows(
                 f"SELECT id FROM tasks WHERE {where} ORDER BY next_attempt, created LIMIT 1", args
             )
@@ -337,7 +330,6 @@ class Outbox:
         more = f" (+{len(rows) - 3} more)" if len(rows) > 3 else ""
         return f"{len(rows)} of {task.files} instance(s) refused: {shown}{more}"
 
-    # -- inspection and repair -------------------------------------------------------
     def get(self, task_id: str) -> Task | None:
         rows = self._select("WHERE t.id=?", (task_id,))
         return rows[0] if rows else None
@@ -398,6 +390,19 @@ class Outbox:
             ]
         )
         shutil.rmtree(self.folder / task_id, ignore_errors=True)
+
+    def prune(self, older_than: float) -> int:
+        """Forget succeeded tasks finished more than ``older_than`` seconds ago; how many."""
+        limit = self.clock() - older_than
+        old = "SELECT id FROM tasks WHERE state='succeeded' AND updated<?"
+        count = len(self._rows(old, (limit,)))
+        self._transaction(
+            [
+                (f"DELETE FROM files WHERE task_id IN ({old})", (limit,)),
+                (f"DELETE FROM tasks WHERE id IN ({old})", (limit,)),
+            ]
+        )
+        return count
 
     def _select(self, where: str, args: tuple) -> list[Task]:
         rows = self._rows(

@@ -247,6 +247,11 @@ def plan_contexts(
     return [group for group in groups if group]
 
 
+def _scrub(message: str, info: FileInfo) -> str:
+    """No file path or name in an error (names may hold UIDs; errors end up in logs)."""
+    return message.replace(str(info.path), "<file>").replace(info.path.name, "<file>")
+
+
 def _prepare(assoc, info: FileInfo, preference: str):
     """What to send: the file's path (as stored) or its dataset (decompressed, or to be
     converted between uncompressed syntaxes by pynetdicom); a string says why not."""
@@ -263,7 +268,7 @@ def _prepare(assoc, info: FileInfo, preference: str):
     try:
         ds = dcmread(info.path)
     except Exception as exc:  # pydicom raises many kinds on a broken file
-        return f"unreadable file: {type(exc).__name__}: {exc}"
+        return _scrub(f"unreadable file: {type(exc).__name__}: {exc}", info)
     if not ts.is_compressed:
         return ds  # pynetdicom converts between uncompressed syntaxes
     if not accepted.intersection(UNCOMPRESSED):
@@ -271,7 +276,7 @@ def _prepare(assoc, info: FileInfo, preference: str):
     try:
         ds.decompress(generate_instance_uid=False)  # lossless: the same instance
     except Exception as exc:  # no codec, corrupt fragments...
-        return f"cannot decompress {ts.name}: {type(exc).__name__}: {exc}"
+        return _scrub(f"cannot decompress {ts.name}: {type(exc).__name__}: {exc}", info)
     return ds
 
 
@@ -307,7 +312,8 @@ def send_files(
                 try:
                     status = assoc.send_c_store(prepared, msg_id=index % 65535 + 1)
                 except (ValueError, AttributeError, InvalidDicomError, OSError) as exc:
-                    on_result(FileResult(index, "permanent", None, f"cannot send: {exc}"))
+                    error = _scrub(f"cannot send: {exc}", info)
+                    on_result(FileResult(index, "permanent", None, error))
                     continue
                 if "Status" not in status:
                     on_result(FileResult(index, "transient", None, "no C-STORE response"))

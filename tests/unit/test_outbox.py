@@ -155,6 +155,8 @@ def test_progress_per_file_then_success_removes_the_files(series, outbox, clock)
     task = outbox.finish_attempt(task.id)
     assert (task.state, task.delivered, task.last_error) == ("succeeded", 3, "")
     assert not (outbox.folder / task.id).exists()
+    clock.t += 100
+    assert outbox.prune(older_than=50) == 1 and outbox.tasks() == []
 
 
 def test_a_refused_instance_dead_letters_the_task_and_requeue_retries_it(series, outbox):
@@ -233,3 +235,10 @@ def test_registered_results_one_task_per_destination_once(tmp_path, series, outb
     assert unknown.state == "dead"
     assert exporter.enqueue_registered(tmp_path / "task") == [pacs, unknown]  # not twice
     assert len(outbox.tasks()) == 2
+
+
+@pytest.mark.parametrize("task_id", ["../x", "a/b", ".hidden", "x.partial"])
+def test_task_ids_are_folder_names_and_checked(series, outbox, task_id):
+    with pytest.raises(ExportError, match="task ID"):
+        outbox.enqueue(series, "pacs", task_id=task_id)
+    assert outbox.tasks() == []
