@@ -91,6 +91,7 @@ GOALS = (  # (case kind, ours vs this system, at least)
     ("export", "storescu", 0.5),
 )
 AET = "BENCH"
+DCMTK_MAX_PDU = 131072  # storescp's and Orthanc's maximum receive PDU: dcmtk's largest
 
 # ------------------------------------------------------------------------ the private network
 
@@ -155,7 +156,8 @@ class Server:
             proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=self.log)
         elif s == "storescp":
             fork = ["--fork"] if concurrency > 1 else []
-            args = [str(STORESCP), "-aet", AET, "-od", str(folder), "-pm", "+xa", *fork, port]
+            args = [str(STORESCP), "-aet", AET, "-od", str(folder), "-pm", "+xa",
+                    "--max-pdu", str(DCMTK_MAX_PDU), *fork, port]  # fmt: skip
             proc = subprocess.Popen(args, env=DCMTK_ENV, stdout=self.log, stderr=self.log)
         elif s == "orthanc":
             self.http = free_port()
@@ -164,6 +166,7 @@ class Server:
                 "IndexDirectory": str(folder / "index"), "DicomAet": AET,
                 "DicomPort": self.port, "HttpPort": self.http, "RemoteAccessAllowed": False,
                 "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+                "MaximumPduLength": DCMTK_MAX_PDU,
             }  # fmt: skip
             (folder / "orthanc.json").write_text(json.dumps(settings))
             args = [str(ORTHANC), str(folder / "orthanc.json")]
@@ -278,7 +281,10 @@ def export_once(system: str, files: list[Path], tmp: Path) -> dict:
 
 
 def _destination(port: int):
+    from connectors.dicom import fastnet
     from connectors.dicom.sender import Destination
+
+    fastnet.install()  # as in `dataflow serve`, which imports the receiver (no-op if =0)
 
     return Destination(name="sink", ae_title=AET, host="127.0.0.1", port=port)
 
@@ -424,10 +430,15 @@ def provenance(args, count: int, nbytes: int) -> dict[str, Any]:
             "TCP_NODELAY": "1 for storescu, storescp, Orthanc",
             "ours": "connectors.dicom.receiver defaults (max_pdu_size 4 MiB, fsync on)",
             "ours-2p": "the same with processes: 2",
-            "storescp": "-pm +xa, --fork with 4 associations, no fsync",
-            "orthanc": "package defaults (SQLite index, files, no compression)",
+            "storescp": f"-pm +xa --max-pdu {DCMTK_MAX_PDU}, --fork with 4 associations, "
+            "no fsync",
+            "orthanc": f"package defaults (SQLite index, files, no compression, fsync), "
+            f"MaximumPduLength {DCMTK_MAX_PDU}",
             "pynetdicom": "benchmarks/dicom_scp.py: pynetdicom's default maximum_pdu_size",
             "storescu": "-R (only the needed contexts), its default PDU sizes",
+            "export": "ours: send_files / Exporter with connectors.dicom.fastnet installed "
+            "(as in dataflow serve); sink: storescp as above",
+            "fastnet": os.environ.get("DATAFLOW_DICOM_FASTNET", "1") != "0",
         },
     }  # fmt: skip
 
