@@ -34,6 +34,13 @@ And it sets pynetdicom's documented ``_config.LOG_HANDLER_LEVEL = "none"`` unles
 every PDU and DIMSE message (and log an INFO line per C-STORE) on every association, a
 fifth of the receiver's CPU per instance; the receiver logs its own events.
 
+:func:`tune_malloc` (called by ``Receiver.start``) keeps freed memory in the process: glibc
+maps every allocation of 128 KiB or more (each PDU, each reassembled dataset) afresh from
+the kernel and unmaps it when freed, and first-touching fresh pages is slow on these VMs
+(~0.4 GiB/s, machine notes). With the mmap threshold at 32 MiB and the trim threshold at
+64 MiB, the receiver's CPU per 525 kB instance fell from about 10.7 to 7.7 ms. It keeps up
+to 64 MiB of freed memory per malloc arena instead of returning it at once.
+
 Socket buffer sizes are left alone on purpose: setting ``SO_RCVBUF`` turns off Linux's
 autotuning, which here already grows a connection's buffer up to ``tcp_rmem``'s 32 MiB.
 
@@ -44,6 +51,7 @@ returns False. Tested in ``tests/unit/test_dicom_fastnet.py``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
@@ -63,7 +71,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["c_store_rsp_bytes", "install", "installed"]
+__all__ = ["c_store_rsp_bytes", "install", "installed", "tune_malloc"]
 
 RECV_CHUNK = 4 * 1024 * 1024
 
@@ -193,6 +201,26 @@ def _fast_send_msg(self: DIMSEServiceProvider, primitive, context_id: int) -> No
             self.dul.send_pdu(pdata)
             return
     _send_msg(self, primitive, context_id)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit
+TRIM_THRESHOLD = 64 * 1024 * 1024
+
+
+def tune_malloc() -> bool:
+    """Keep freed blocks below 32 MiB in the heap (glibc ``mallopt``); False where there is
+    no glibc, or with ``DATAFLOW_DICOM_FASTNET=0``."""
+    if os.environ.get("DATAFLOW_DICOM_FASTNET", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def install() -> bool:

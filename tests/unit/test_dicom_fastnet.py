@@ -124,3 +124,9 @@ def test_c_store_response_bytes_are_pynetdicoms(sop_class, sop_instance, message
     assert expected == [[(3, b"\x03" + fastnet.c_store_rsp_bytes(rsp))]]  # pynetdicom: tuples
     rsp.ErrorComment = "disk reserve reached"  # anything more: pynetdicom's own path
     assert fastnet.c_store_rsp_bytes(rsp) is None
+
+
+def test_tune_malloc_on_glibc(monkeypatch):
+    assert fastnet.tune_malloc() is True  # these machines run glibc
+    monkeypatch.setenv("DATAFLOW_DICOM_FASTNET", "0")
+    assert fastnet.tune_malloc() is False
