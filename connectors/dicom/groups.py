@@ -16,6 +16,8 @@ a transaction) can never race with an instance half-placed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -110,12 +112,28 @@ class GroupStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        with self._lock:
+        self._lock_fd = os.open(self.spool / "receiver.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        with self._writing():
             self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the spool's write lock: this store's lock, then ``flock`` on
+        ``receiver.lock`` against the other processes of the spool. Every write transaction
+        takes it first, so SQLite's own lock is never contended: its busy handler sleeps
+        1-100 ms per retry, while a process waiting in ``flock`` runs the moment the lock is
+        free. Not re-entrant across methods (none of them nests)."""
+        with self._lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # -- placing instances ------------------------------------------------------------------
 
@@ -126,7 +144,7 @@ class GroupStore:
         dirs: set[Path] = set()
         placed: list[Path] = []
         now = time.time()
-        with self._lock:
+        with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for item in batch:
@@ -253,7 +271,7 @@ class GroupStore:
     def complete_due(self, now: float, not_before: float) -> list[int]:
         """Complete the pending groups quiet for their timeout (the quiet time counting from
         ``not_before`` at the earliest: the service's start); returns their ids."""
-        with self._lock:
+        with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self._db.execute(
@@ -275,7 +293,7 @@ class GroupStore:
     def complete(self, group_ids: list[int]) -> list[int]:
         """Complete these groups now if still pending (association released)."""
         done = []
-        with self._lock:
+        with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for group_id in group_ids:
@@ -293,7 +311,7 @@ class GroupStore:
 
     def mark_dispatched(self, group_id: int) -> bool:
         """The service recorded its jobs: the group is never handed over again."""
-        with self._lock:
+        with self._writing():
             cur = self._db.execute(
                 "UPDATE groups SET state = 'dispatched', dispatched_at = ?"
                 " WHERE id = ? AND state = 'complete'",
