@@ -112,7 +112,8 @@ class GroupStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._lock_fd = os.open(self.spool / "receiver.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        lock = self.spool / "receiver.sqlite-lock"
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
         with self._writing():
             self._db.executescript(SCHEMA)
 
@@ -124,7 +125,7 @@ class GroupStore:
     @contextlib.contextmanager
     def _writing(self):
         """Hold the spool's write lock: this store's lock, then ``flock`` on
-        ``receiver.lock`` against the other processes of the spool. Every write transaction
+        ``receiver.sqlite-lock`` against the other processes of the spool. Every write transaction
         takes it first, so SQLite's own lock is never contended: its busy handler sleeps
         1-100 ms per retry, while a process waiting in ``flock`` runs the moment the lock is
         free. Not re-entrant across methods (none of them nests)."""
