@@ -58,6 +58,9 @@ _SECTION_KEYS = {
 }
 
 
+_RECEIVER_KEYS = {"name", "enabled", "host", "port", "tls", "reuse-port", "processes"}
+
+
 class DicomConfigError(DataflowError, ValueError):
     """The ``dicom`` section of the service configuration is wrong (the key is named)."""
 
@@ -140,7 +143,7 @@ def parse_section(
     receivers = []
     for i, entry in enumerate(section.get("receivers") or []):
         where = f"receivers[{i}]"
-        entry = _keys(entry, {"name", "enabled", "host", "port", "tls", "reuse-port"}, where)
+        entry = _keys(entry, _RECEIVER_KEYS, where)
         if not entry.get("enabled", True):
             continue
         name = str(entry.get("name") or f"receiver-{i}")
@@ -170,6 +173,7 @@ def parse_section(
             min_free_percent=float(limits.get("disk-reserve-percent", 0)),
             tls=tls,
             reuse_port=bool(entry.get("reuse-port", False)),
+            processes=int(entry.get("processes", 1)),
         )
         try:
             receivers.append(config.validate())

@@ -25,6 +25,7 @@ def test_the_example_maps_onto_receivers_destinations_and_retries(tmp_path, monk
     )  # fmt: skip
     (plain,) = receivers  # the TLS listener is off by default
     assert plain.port == 4104 and plain.host == "127.0.0.1" and plain.tls is None
+    assert plain.processes == 1
     assert plain.spool == tmp_path / "dicom" / "spool" / "plain"
     seg = plain.called("DATAFLOW-SEG")
     assert seg.routes == ["ct-segmentation"] and seg.group_by == "study" and seg.timeout == 5
