@@ -29,6 +29,7 @@ from pathlib import Path
 
 import structlog
 
+from . import fastnet
 from .outbox import Outbox, RetryPolicy, Task
 from .sender import (
     Cancel,
@@ -53,6 +54,8 @@ __all__ = [
     "TransientExportError",
     "echo",
 ]
+
+fastnet.install()  # as the receiver does: also when the exporter runs without it
 
 log = structlog.get_logger("connectors.dicom.export")
 
