@@ -10,19 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import dataflow
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
 SAMPLES = ROOT / "pipelines" / "samples" / "volumes"
-
-
-def dataflow(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "dataflow.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
-        env={"DATAFLOW_CONTAINER_ENGINE": "none", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
 
 
 def test_validate_accepts_a_good_file_and_rejects_a_bad_one_with_its_line(tmp_path):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from cli import dataflow
 
 from dataflow.stage import ParameterError
 from dataflow.testing import run_stage
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
 PIPELINE = ROOT / "pipelines" / "series-selection.yaml"
-
-
-def dataflow(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "dataflow.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
-        env={"DATAFLOW_CONTAINER_ENGINE": "none", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
 
 
 def make_study(folder: Path) -> dict[str, str]:
