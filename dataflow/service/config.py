@@ -57,11 +57,6 @@ class ServiceConfig:
     log_level: str = "info"
     log_format: str = "console"
 
-    def relative(self, value: str | os.PathLike[str]) -> Path:
-        """A path from the configuration, relative to the configuration file's folder."""
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.path.parent / path).resolve()
-
 
 def _expand(value: Any, where: str) -> Any:
     if isinstance(value, dict):
