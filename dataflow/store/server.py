@@ -110,7 +110,7 @@ class _Waiter:
     deadline: float
     client: _Client
     request: tuple
-    started: float
+    timeout: float = 0.0  # what the caller asked for: errors name it, not the jittery wait
     done: bool = False
 
 
@@ -333,7 +333,7 @@ class StoreServer:
     def op_create(self, client, oid, kind, nbytes, dtype, shape, metadata, timeout) -> object:
         self._check_new(oid, nbytes)
         obj = _Object(oid, kind, nbytes, dtype, shape, metadata, creator=client)
-        waiter = _Waiter(self._deadline(timeout), client, ("create", obj), time.monotonic())
+        waiter = self._waiter(timeout, client, ("create", obj))
         if not self.create_waiters and self._try_create(waiter):
             return _DEFERRED
         self._wait(waiter, self.create_waiters)
@@ -350,7 +350,7 @@ class StoreServer:
             raise StoreValueError(f"inline object {oid!r}: {len(data)} bytes, expected {nbytes}")
         obj = _Object(oid, kind, nbytes, dtype, shape, metadata, data=bytes(data))
         obj.transfer_to = transfer_to
-        waiter = _Waiter(self._deadline(timeout), client, ("create", obj), time.monotonic())
+        waiter = self._waiter(timeout, client, ("create", obj))
         if not self.create_waiters and self._try_create(waiter):
             return _DEFERRED
         self._wait(waiter, self.create_waiters)
@@ -399,7 +399,7 @@ class StoreServer:
             return self._hand_out(client, obj, reply=False)
         if timeout is not None and timeout <= 0:
             raise ObjectNotFound(self._missing(oid, obj, 0.0))
-        waiter = _Waiter(self._deadline(timeout), client, ("get", oid), time.monotonic())
+        waiter = self._waiter(timeout, client, ("get", oid))
         self._wait(waiter, self.get_waiters[oid])
         return _DEFERRED
 
@@ -536,8 +536,12 @@ class StoreServer:
             raise StoreError(f"cannot {verb} object {oid!r}: it was created by another client")
         return obj
 
-    def _deadline(self, timeout: float | None) -> float:
-        return float("inf") if timeout is None else time.monotonic() + max(0.0, timeout)
+    def _waiter(self, timeout: float | None, client: _Client, request: tuple) -> _Waiter:
+        now = time.monotonic()
+        if timeout is None:
+            return _Waiter(float("inf"), client, request)
+        timeout = max(0.0, timeout)
+        return _Waiter(now + timeout, client, request, timeout)
 
     def _wait(self, waiter: _Waiter, queue) -> None:
         queue.append(waiter)
@@ -551,7 +555,7 @@ class StoreServer:
             if waiter.done:
                 continue
             waiter.done = True
-            waited = now - waiter.started
+            waited = waiter.timeout
             kind, arg = waiter.request
             if kind == "get":
                 exc: StoreError = ObjectNotFound(self._missing(arg, self.objects.get(arg), waited))

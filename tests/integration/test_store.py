@@ -514,7 +514,7 @@ def test_concurrent_processes_keep_every_object_intact():
 
 
 def test_misuse_gets_clear_errors(store):
-    with pytest.raises(ObjectNotFound, match="'nope' is not in the store \\(waited 0.2"):
+    with pytest.raises(ObjectNotFound, match="'nope' is not in the store \\(waited 0.2 s\\)"):
         store.get("nope", timeout=0.2)
     unsealed = store.create((MiB,), "uint8", object_id="big")
     with pytest.raises(ObjectNotFound, match="'big' exists but was not sealed within 0.1 s"):
