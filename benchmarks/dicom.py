@@ -284,7 +284,8 @@ def _destination(port: int):
     from connectors.dicom import fastnet
     from connectors.dicom.sender import Destination
 
-    fastnet.install()  # as in `dataflow serve`, which imports the receiver (no-op if =0)
+    fastnet.install()  # as in `dataflow serve` (no-op with DATAFLOW_DICOM_FASTNET=0)
+    fastnet.tune_malloc()  # as the receiver and the Exporter do
 
     return Destination(name="sink", ae_title=AET, host="127.0.0.1", port=port)
 

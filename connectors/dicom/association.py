@@ -1,8 +1,11 @@
-"""Requesting associations with pynetdicom, with fixes for three things it does not do well
+"""Requesting associations with pynetdicom, with fixes for four things it does not do well
 for a long-running sender:
 
 - **Cancelling**: :class:`Cancel` shuts down the sockets of a send in progress, so that even an
   association still waiting for an A-ASSOCIATE answer ends at once (a bounded stop).
+- **Nagle's algorithm**: pynetdicom leaves it on, so the last, short PDU of a C-STORE waits
+  for the peer's delayed ACK: about 7 ms per instance (80/s instead of 240/s into a dcmtk
+  ``storescp`` on loopback). :class:`_Socket` sets ``TCP_NODELAY``, as ``storescu`` does.
 - **Refused connections**: pynetdicom 3.0 calls ``shutdown`` before ``close`` on a socket that
   never connected; ``shutdown`` raises and the socket leaks (a ResourceWarning per attempt).
   :class:`_Socket` always closes it.
@@ -73,6 +76,11 @@ def _shutdown(sock: AssociationSocket) -> None:
 
 
 class _Socket(AssociationSocket):
+    def _create_socket(self, address) -> socket.socket:
+        sock = super()._create_socket(address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     def _shutdown_socket(self) -> None:
         sock = self.socket
         with contextlib.suppress(OSError):

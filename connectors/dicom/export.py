@@ -78,6 +78,7 @@ class Exporter:
             self.destinations[destination.name] = destination
         self.outbox = outbox
         self.poll_interval = poll_interval
+        fastnet.tune_malloc()  # as the receiver does: reused pages for every file sent
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()

@@ -7,9 +7,10 @@ milliseconds between "the last PDU arrived", "the handler runs" and "the respons
 with a 1-process GIL and other associations, more. And ``AssociationSocket.recv`` reads a
 PDU in 4096-byte ``recv`` calls appended to a ``bytearray``.
 
-:func:`install` (idempotent; called when ``connectors.dicom.receiver`` is imported, so in
-``dataflow serve`` it also applies to the exporter's associations) changes three things in
-pynetdicom's behaviour, leaving every decision of its state machines as it was:
+:func:`install` (idempotent; called when ``connectors.dicom.receiver`` or
+``connectors.dicom.export`` is imported) changes three things in
+pynetdicom's behaviour, leaving every decision of its state machines as it was, and adds
+two hooks:
 
 1. ``time.sleep`` as seen by ``pynetdicom.dul`` and ``pynetdicom.association`` becomes
    :func:`_sleep`. For the short polling sleeps (at most 10 ms) of a DUL thread it waits on
@@ -28,6 +29,11 @@ pynetdicom's behaviour, leaving every decision of its state machines as it was:
    into its one P-DATA (:func:`c_store_rsp_bytes`, the same bytes as pynetdicom's
    ``C_STORE_RSP.encode_msg``), instead of building and twice encoding a pydicom Dataset:
    1.4 ms of CPU per instance. Anything else goes through pynetdicom as before.
+
+4. Two hooks for :mod:`connectors.dicom.direct` (the exporter's C-STORE path): a DUL
+   thread can be parked in its idle wait (:func:`waker`, :meth:`_Waker.hold`), and bytes
+   read off an ``AssociationSocket`` by someone else can be given back (:func:`push_back`):
+   ``recv`` returns them first and ``ready`` is True while there are any.
 
 And it sets pynetdicom's documented ``_config.LOG_HANDLER_LEVEL = "none"`` unless the
 ``pynetdicom`` logger is enabled for DEBUG: its standard handlers format a description of
@@ -71,7 +77,15 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["c_store_rsp_bytes", "install", "installed", "tune_malloc"]
+__all__ = [
+    "c_store_rq_bytes",
+    "c_store_rsp_bytes",
+    "install",
+    "installed",
+    "push_back",
+    "tune_malloc",
+    "waker",
+]
 
 RECV_CHUNK = 4 * 1024 * 1024
 
@@ -102,6 +116,8 @@ class _Waker:
 
     def __init__(self, thread: DULServiceProvider | Association) -> None:
         self.event = threading.Event()
+        self._cond = threading.Condition()
+        self.held = self.parked = False
         if isinstance(thread, DULServiceProvider):
             _notify_after(thread.to_provider_queue, self.event.set)
             kill = thread.kill_dul
@@ -116,8 +132,40 @@ class _Waker:
             _notify_after(thread.dul.to_user_queue, self.event.set)
 
     def wait(self, seconds: float) -> None:
+        if self.held:
+            with self._cond:
+                self.parked = True
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: not self.held)
+                self.parked = False
+            return
         self.event.wait(seconds)
         self.event.clear()
+
+    def hold(self, timeout: float) -> bool:
+        """Keep the thread in its next wait until :meth:`release`; True once it is there."""
+        with self._cond:
+            self.held = True
+        self.event.set()
+        with self._cond:
+            if self._cond.wait_for(lambda: self.parked, timeout):
+                return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        with self._cond:
+            self.held = False
+            self._cond.notify_all()
+
+
+def waker(thread: DULServiceProvider) -> _Waker:
+    """``thread``'s waker (made once), for :meth:`_Waker.hold` from another thread."""
+    with _lock:
+        found = thread.__dict__.get("_fastnet_waker")
+        if found is None:
+            found = thread.__dict__["_fastnet_waker"] = _Waker(thread)
+        return found
 
 
 def _sleep(seconds: float) -> None:
@@ -127,12 +175,25 @@ def _sleep(seconds: float) -> None:
         _real_sleep(seconds)
         return
     if isinstance(me, (DULServiceProvider, Association)):
-        waker = me.__dict__.get("_fastnet_waker")
-        if waker is None:
-            waker = me.__dict__["_fastnet_waker"] = _Waker(me)
-        waker.wait(seconds)
+        found = me.__dict__.get("_fastnet_waker")
+        if found is None:
+            found = me.__dict__["_fastnet_waker"] = _Waker(me)
+        found.wait(seconds)
         return
     _real_sleep(seconds)
+
+
+def push_back(sock: AssociationSocket, data: bytes) -> None:
+    """Put ``data`` (read off ``sock`` by someone else) back in front of what pynetdicom reads
+    next: the DUL thread sees it as still unread (``ready`` is True until it is read)."""
+    sock.__dict__["_fastnet_pushback"] = bytes(data) + sock.__dict__.get("_fastnet_pushback", b"")
+
+
+_ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
+
+
+def _ready_or_pushed_back(self: AssociationSocket) -> bool:
+    return bool(self.__dict__.get("_fastnet_pushback")) or _ready(self)
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -141,6 +202,12 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)
     nr_read = 0
+    pushed = self.__dict__.pop("_fastnet_pushback", b"")
+    if pushed:
+        nr_read = min(len(pushed), nr_bytes)
+        view[:nr_read] = pushed[:nr_read]
+        if pushed[nr_read:]:
+            self.__dict__["_fastnet_pushback"] = pushed[nr_read:]
     try:
         while nr_read < nr_bytes:
             chunk = min(nr_bytes - nr_read, RECV_CHUNK)
@@ -181,6 +248,26 @@ def c_store_rsp_bytes(primitive: C_STORE) -> bytes | None:
         _element(0x00000120, struct.pack("<H", p.MessageIDBeingRespondedTo)),
         _element(0x00000800, struct.pack("<H", 0x0101)),
         _element(0x00000900, struct.pack("<H", status)),
+        _element(0x00001000, _uid(sop_instance)),
+    ))  # fmt: skip
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def c_store_rq_bytes(primitive: C_STORE) -> bytes | None:
+    """The command set of a C-STORE request whose dataset follows (pynetdicom's bytes), or
+    None when it names a move originator (pynetdicom encodes those)."""
+    p = primitive
+    if p.MoveOriginatorApplicationEntityTitle or p.MoveOriginatorMessageID is not None:
+        return None
+    sop_class, sop_instance = p.AffectedSOPClassUID, p.AffectedSOPInstanceUID
+    if sop_class is None or sop_instance is None or not isinstance(p.MessageID, int):
+        return None
+    body = b"".join((
+        _element(0x00000002, _uid(sop_class)),
+        _element(0x00000100, struct.pack("<H", 0x0001)),
+        _element(0x00000110, struct.pack("<H", p.MessageID)),
+        _element(0x00000700, struct.pack("<H", p.Priority)),
+        _element(0x00000800, struct.pack("<H", 0x0001)),
         _element(0x00001000, _uid(sop_instance)),
     ))  # fmt: skip
     return _element(0x00000000, struct.pack("<I", len(body))) + body
@@ -238,6 +325,7 @@ def install() -> bool:
             pynetdicom.dul.time = shim  # type: ignore[attr-defined]
             pynetdicom.association.time = shim  # type: ignore[attr-defined]
             AssociationSocket.recv = _recv  # type: ignore[method-assign]
+            AssociationSocket.ready = property(_ready_or_pushed_back)  # type: ignore[method-assign]
             DIMSEServiceProvider.send_msg = _fast_send_msg  # type: ignore[method-assign]
             if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
                 _config.LOG_HANDLER_LEVEL = "none"

@@ -3,7 +3,9 @@
 For each SOP class of a batch two kinds of presentation context are proposed: one per stored
 (compressed) transfer syntax, and one offering Explicit and Implicit VR Little Endian. A file
 goes out as stored when the peer accepted its syntax; otherwise, when the peer accepted only
-uncompressed, it is decompressed with pydicom first. Each response is classified:
+uncompressed, it is decompressed with pydicom first. A file sent as stored goes over
+:class:`~connectors.dicom.direct.DirectStore` where it applies (plain TCP, ``fastnet`` on):
+about twice pynetdicom's rate. Each response is classified:
 
 - ``delivered``: Success (0x0000) or a Warning (0x0001, 0xBxxx);
 - ``permanent``: the peer refuses that instance for good (0xA9xx, 0xCxxx, 0x01xx/0x02xx
@@ -31,6 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dataflow.errors import DataflowError
 
 from .association import AssociationFailed, Cancel, associate, pause_reactor
+from .direct import DirectStore, ProtocolSurprise
 
 __all__ = [
     "UNCOMPRESSED",
@@ -280,6 +283,29 @@ def _prepare(assoc, info: FileInfo, preference: str):
     return ds
 
 
+def _store(assoc, direct: DirectStore | None, prepared, info: FileInfo, msg_id: int) -> int | None:
+    """One C-STORE: a file as stored over ``direct`` where it can, else by pynetdicom; the
+    response's status, None without one."""
+    if not assoc.is_established:
+        return None
+    if direct is not None and isinstance(prepared, Path):
+        context_id = next(
+            cx.context_id
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == info.sop_class
+            and cx.transfer_syntax[0] == info.transfer_syntax
+        )
+        try:
+            return direct.store(prepared, info.sop_class, info.sop_instance, context_id, msg_id)
+        except ProtocolSurprise:
+            pass  # nothing was sent: pynetdicom sends this one
+    if direct is not None:
+        direct.release()
+    pause_reactor(assoc)
+    status = assoc.send_c_store(prepared, msg_id=msg_id)
+    return int(status.Status) if "Status" in status else None
+
+
 def send_files(
     destination: Destination,
     files: Sequence[tuple[int, FileInfo]],
@@ -298,6 +324,7 @@ def send_files(
         if cancel is not None and cancel.is_set():
             return
         assoc = _associate(destination, group, cancel)
+        direct = DirectStore.open(assoc)
         try:
             for index, info in files:
                 if info.sop_class not in classes:
@@ -308,25 +335,25 @@ def send_files(
                 if isinstance(prepared, str):
                     on_result(FileResult(index, "permanent", None, prepared))
                     continue
-                pause_reactor(assoc)
                 try:
-                    status = assoc.send_c_store(prepared, msg_id=index % 65535 + 1)
+                    code = _store(assoc, direct, prepared, info, index % 65535 + 1)
                 except (ValueError, AttributeError, InvalidDicomError, OSError) as exc:
                     error = _scrub(f"cannot send: {exc}", info)
                     on_result(FileResult(index, "permanent", None, error))
                     continue
-                if "Status" not in status:
+                if code is None:
                     on_result(FileResult(index, "transient", None, "no C-STORE response"))
                     if not assoc.is_established:
                         raise TransientExportError(
                             f"{destination.describe()}: association broke off during C-STORE"
                         )
                     continue
-                code = int(status.Status)
                 outcome = classify_status(code)
                 error = "" if outcome == "delivered" else f"C-STORE status 0x{code:04X}"
                 on_result(FileResult(index, outcome, code, error))
         finally:
+            if direct is not None:
+                direct.release()
             if assoc.is_established:
                 pause_reactor(assoc)
                 assoc.release()

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -19,8 +20,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE, evt
 
 from connectors.dicom.association import _Checkpoint, associate, pause_reactor
+from connectors.dicom.direct import DirectStore, _status_of, dataset_offset
 from connectors.dicom.export import Destination, Exporter, Outbox, RetryPolicy, echo
-from connectors.dicom.sender import FileResult
+from connectors.dicom.sender import FileResult, TransientExportError, describe_file, send_files
 from operators.dicom.phantom import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -170,9 +172,10 @@ def test_restarted_outbox_resumes_without_resending(private_network, tmp_path):
 class CountingSCP:
     """A pynetdicom storage SCP on 127.0.0.1 that counts simultaneous associations."""
 
-    def __init__(self, delay: float = 0.15, statuses=None) -> None:
+    def __init__(self, delay: float = 0.15, statuses=None, abort_on=()) -> None:
         self.open = self.most = self.stored = 0
         self.statuses = statuses  # SOP Instance UID -> the statuses to answer, in turn
+        self.abort_on = set(abort_on)  # SOP Instance UIDs: A-ABORT instead of answering (once)
         self._lock = threading.Lock()
         self.delay = delay
         ae = AE(ae_title="COUNTER")
@@ -197,6 +200,10 @@ class CountingSCP:
     def _store(self, event) -> int:
         time.sleep(self.delay)
         with self._lock:
+            if event.request.AffectedSOPInstanceUID in self.abort_on:
+                self.abort_on.discard(event.request.AffectedSOPInstanceUID)
+                event.assoc.abort()
+                return 0x0000
             answers = (self.statuses or {}).get(event.request.AffectedSOPInstanceUID)
             if answers:
                 return answers.pop(0)
@@ -341,3 +348,108 @@ def test_the_reactor_is_parked_before_each_request(tmp_path):
             pause_reactor(assoc)
             assoc.release()
         counter.close()
+
+
+# ------------------------------------------------------------------ the direct C-STORE path
+
+
+def dataset_bytes(path) -> bytes:
+    return Path(path).read_bytes()[dataset_offset(path) :]
+
+
+def test_files_as_stored_go_direct_and_the_rest_through_pynetdicom(
+    private_network, tmp_path, monkeypatch
+):
+    """A batch into a PACS that takes only uncompressed: the uncompressed files go over the
+    direct path byte for byte, the RLE ones are decompressed and sent by pynetdicom, on the
+    same association, in their order."""
+    series = write_ct_series(tmp_path / "series", slices=6, size=600, seed=13)  # 2 PDUs each
+    files = list(series.files)
+    for k in (1, 4):
+        ds = pydicom.dcmread(files[k])
+        ds.compress(RLELossless, generate_instance_uid=False)
+        files[k] = tmp_path / f"rle{k}.dcm"
+        ds.save_as(files[k], enforce_file_format=True)
+    direct, real_store = [], DirectStore.store
+    monkeypatch.setattr(
+        DirectStore,
+        "store",
+        lambda self, path, *a: direct.append(path) or real_store(self, path, *a),
+    )
+    results: list[FileResult] = []
+    with start_storescp(tmp_path / "sink", compressed=False, extra=["--max-pdu", "65536"]) as sink:
+        infos = [(i, describe_file(p)) for i, p in enumerate(files)]
+        send_files(destination("sink", sink.port), infos, results.append)
+        received = {pydicom.dcmread(p).SOPInstanceUID: p for p in sink.files()}
+    assert [(r.index, r.outcome) for r in results] == [(i, "delivered") for i in range(6)]
+    assert direct == [files[k] for k in (0, 2, 3, 5)]
+    for k, path in enumerate(series.files):
+        got = received[series.sop_instance_uids[k]]
+        if k in (1, 4):
+            np.testing.assert_array_equal(pixels(got), pixels(path))
+        else:
+            assert dataset_bytes(got) == dataset_bytes(path)
+
+
+def test_a_peer_that_aborts_mid_run_leaves_the_rest_for_the_next_attempt(tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=5, size=16, seed=14)
+    counter = CountingSCP(delay=0, abort_on={series.sop_instance_uids[2]})
+    infos = [(i, describe_file(p)) for i, p in enumerate(series.files)]
+    results: list[FileResult] = []
+    try:
+        with pytest.raises(TransientExportError, match="broke off during C-STORE"):
+            send_files(destination("counted", counter.port, "COUNTER"), infos, results.append)
+        assert [r.outcome for r in results] == ["delivered", "delivered", "transient"]
+        assert results[2].error == "no C-STORE response"
+        results.clear()
+        send_files(destination("counted", counter.port, "COUNTER"), infos[2:], results.append)
+        assert [r.outcome for r in results] == ["delivered"] * 3
+        assert counter.stored == 5
+    finally:
+        counter.close()
+
+
+def test_no_response_within_the_dimse_timeout_aborts_the_association(tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=2, size=16, seed=15)
+    counter = CountingSCP(delay=3)
+    results: list[FileResult] = []
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransientExportError, match="broke off during C-STORE"):
+            send_files(
+                destination("slow", counter.port, "COUNTER", dimse_timeout=0.5),
+                [(i, describe_file(p)) for i, p in enumerate(series.files)],
+                results.append,
+            )
+        assert time.monotonic() - started < 2.5
+        assert [(r.index, r.outcome) for r in results] == [(0, "transient")]
+    finally:
+        counter.close()
+
+
+def test_status_of_a_response_and_where_a_dataset_starts(tmp_path):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0xA700
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3"
+    rsp.ErrorComment = "disk reserve reached"
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = message.encode_msg(1, 16384)
+    command = pdata.presentation_data_value_list[0][1][1:]
+    assert _status_of(command, 7) == 0xA700
+    assert _status_of(command, 8) is None  # another request's
+    assert _status_of(command[:-3], 7) is None  # cut off
+    series = write_ct_series(tmp_path / "series", slices=1, size=16, seed=16)
+    path = series.files[0]
+    data = path.read_bytes()
+    assert (
+        pydicom.dcmread(path).file_meta and data[dataset_offset(path) :][:4] == b"\x08\x00\x05\x00"
+    )
+    no_length = tmp_path / "no-group-length.dcm"  # (0002,0000) missing: pydicom finds the end
+    ds = pydicom.dcmread(path)
+    del ds.file_meta.FileMetaInformationGroupLength
+    ds.save_as(no_length, enforce_file_format=False)
+    assert dataset_bytes(no_length) == data[dataset_offset(path) :]

@@ -26,6 +26,7 @@ def test_installed_on_pynetdicom_3_0():
     assert pynetdicom.association.time.sleep is fastnet._sleep
     assert pynetdicom.dul.time.monotonic is __import__("time").monotonic  # the rest as is
     assert AssociationSocket.recv is fastnet._recv
+    assert AssociationSocket.ready.fget is fastnet._ready_or_pushed_back
     assert DIMSEServiceProvider.send_msg is fastnet._fast_send_msg
 
 
@@ -130,3 +131,67 @@ def test_tune_malloc_on_glibc(monkeypatch):
     assert fastnet.tune_malloc() is True  # these machines run glibc
     monkeypatch.setenv("DATAFLOW_DICOM_FASTNET", "0")
     assert fastnet.tune_malloc() is False
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "message_id"),
+    [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 5), ("1.2.3", "9" * 64, 65535)],
+)
+def test_c_store_request_bytes_are_pynetdicoms(sop_class, sop_instance, message_id):
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID, req.Priority = message_id, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_instance
+    req.DataSet = __import__("io").BytesIO(b"\x08\x00\x16\x00" + b"\x00" * 4)  # a dataset follows
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    command = next(message.encode_msg(1, 16384)).presentation_data_value_list
+    assert command == [(1, b"\x03" + fastnet.c_store_rq_bytes(req))]
+    req.MoveOriginatorApplicationEntityTitle = "MOVER"  # pynetdicom's path
+    assert fastnet.c_store_rq_bytes(req) is None
+
+
+def test_pushed_back_bytes_are_read_first_and_make_the_socket_ready():
+    fastnet.install()
+    a, b = socket.socketpair()
+    try:
+        sock = AssociationSocket(Association(AE(), "requestor"), client_socket=a)
+        assert not sock.ready
+        fastnet.push_back(sock, b"\x07\x00")
+        assert sock.ready  # nothing on the wire, but something to read
+        b.sendall(b"\x00\x00\x00\x04rest")
+        assert bytes(sock.recv(1)) == b"\x07"
+        assert bytes(sock.recv(9)) == b"\x00\x00\x00\x00\x04rest"
+        assert not sock.ready
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_held_waker_parks_its_thread_until_released():
+    assoc = Association(AE(), "requestor")
+    waker = fastnet.waker(assoc.dul)
+    assert fastnet.waker(assoc.dul) is waker  # one per thread
+    done = threading.Event()
+
+    def loop():  # a DUL-like loop: short waits until told to stop
+        while not done.is_set():
+            waker.wait(0.001)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        assert waker.hold(timeout=2) and waker.parked
+        done.set()
+        thread.join(0.1)
+        assert thread.is_alive()  # parked: it does not see `done`
+        waker.release()
+        thread.join(2)
+        assert not thread.is_alive()
+    finally:
+        done.set()
+        waker.release()
+    assert not fastnet.waker(assoc.dul).hold(timeout=0.05)  # nobody waits: not parked
+    assert not waker.held
