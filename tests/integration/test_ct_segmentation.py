@@ -61,6 +61,7 @@ def seg_dice(seg_path: Path, study: Path) -> dict[str, float]:
     sizes = dict.fromkeys(names, 0)
     for ds in sources:
         key = tuple(round(float(v), 2) for v in ds.ImagePositionPatient)
+        assert spacing == pytest.approx([float(v) for v in ds.PixelSpacing])  # the same grid
         points = pixel_points(key, orientation, ds.PixelSpacing, ds.Rows, ds.Columns)
         labels = labels_at(points)
         for number, name in names.items():
