@@ -83,6 +83,7 @@ __all__ = [
     "install",
     "installed",
     "push_back",
+    "store_rsp_command",
     "tune_malloc",
     "waker",
 ]
@@ -112,43 +113,68 @@ def _notify_after(queue_obj: Any, notify) -> None:
 
 class _Waker:
     """What a DUL or association thread waits on instead of sleeping: an event set when
-    one of its input queues grows (or, for a DUL, when it is told to stop)."""
+    one of its input queues grows (or, for a DUL, when it is told to stop).
+
+    A DUL thread's waker can also be *held* (:meth:`hold`, for :mod:`.direct` and
+    :mod:`.intake`): the thread then parks in its idle wait and in ``AssociationSocket.ready``
+    (so it reads nothing) until :meth:`release`, except to send what is queued for it."""
 
     def __init__(self, thread: DULServiceProvider | Association) -> None:
         self.event = threading.Event()
         self._cond = threading.Condition()
         self.held = self.parked = False
+        self._outgoing = None
         if isinstance(thread, DULServiceProvider):
-            _notify_after(thread.to_provider_queue, self.event.set)
+            self._outgoing = thread.to_provider_queue
+            _notify_after(thread.to_provider_queue, self.poke)
             kill = thread.kill_dul
 
             def kill_and_notify() -> None:
                 kill()
-                self.event.set()
+                self.poke()
 
             thread.kill_dul = kill_and_notify  # type: ignore[method-assign]
         else:
             _notify_after(thread.dimse.msg_queue, self.event.set)
             _notify_after(thread.dul.to_user_queue, self.event.set)
 
-    def wait(self, seconds: float) -> None:
+    def poke(self) -> None:
+        self.event.set()
         if self.held:
             with self._cond:
-                self.parked = True
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: not self.held)
-                self.parked = False
+
+    def _sending(self) -> bool:
+        return self._outgoing is not None and not self._outgoing.empty()
+
+    def park(self) -> bool:
+        """In the DUL thread: wait while held and nothing is queued to send; True if it did."""
+        if not self.held:
+            return False
+        with self._cond:
+            if not self.held or self._sending():
+                return False
+            self.parked = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self.held or self._sending())
+            self.parked = False
+            self._cond.notify_all()
+        return True
+
+    def wait(self, seconds: float) -> None:
+        if self.park():
             return
         self.event.wait(seconds)
         self.event.clear()
 
-    def hold(self, timeout: float) -> bool:
-        """Keep the thread in its next wait until :meth:`release`; True once it is there."""
+    def hold(self, timeout: float, ready=None) -> bool:
+        """Keep the thread parked until :meth:`release`; True once it is (and ``ready()``,
+        checked while it is parked, is true)."""
         with self._cond:
             self.held = True
         self.event.set()
         with self._cond:
-            if self._cond.wait_for(lambda: self.parked, timeout):
+            if self._cond.wait_for(lambda: self.parked and (ready is None or ready()), timeout):
                 return True
         self.release()
         return False
@@ -159,8 +185,11 @@ class _Waker:
             self._cond.notify_all()
 
 
-def waker(thread: DULServiceProvider) -> _Waker:
-    """``thread``'s waker (made once), for :meth:`_Waker.hold` from another thread."""
+def waker(thread: DULServiceProvider | Association) -> _Waker:
+    """``thread``'s waker (made once)."""
+    found = thread.__dict__.get("_fastnet_waker")
+    if found is not None:
+        return found
     with _lock:
         found = thread.__dict__.get("_fastnet_waker")
         if found is None:
@@ -175,10 +204,7 @@ def _sleep(seconds: float) -> None:
         _real_sleep(seconds)
         return
     if isinstance(me, (DULServiceProvider, Association)):
-        found = me.__dict__.get("_fastnet_waker")
-        if found is None:
-            found = me.__dict__["_fastnet_waker"] = _Waker(me)
-        found.wait(seconds)
+        waker(me).wait(seconds)
         return
     _real_sleep(seconds)
 
@@ -193,6 +219,11 @@ _ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
 
 
 def _ready_or_pushed_back(self: AssociationSocket) -> bool:
+    dul = self.assoc.dul
+    held = dul.__dict__.get("_fastnet_waker")
+    in_dul = held is not None and held.held and threading.current_thread() is dul
+    if in_dul and held.park() and held.held:  # woken to send something: read nothing yet
+        return False
     return bool(self.__dict__.get("_fastnet_pushback")) or _ready(self)
 
 
@@ -242,12 +273,25 @@ def c_store_rsp_bytes(primitive: C_STORE) -> bytes | None:
         return None
     if not isinstance(p.MessageIDBeingRespondedTo, int):
         return None
+    return store_rsp_command(sop_class, sop_instance, p.MessageIDBeingRespondedTo, status)
+
+
+def store_rsp_command(
+    sop_class: str, sop_instance: str, msg_id: int, status: int, comment: str | None = None
+) -> bytes:
+    """A C-STORE response's command set, with an Error Comment (0000,0902) if given (ASCII,
+    at most 64 characters: LO)."""
+    note = b""
+    if comment:
+        text = comment.encode("ascii", "replace")[:64]
+        note = _element(0x00000902, text + b" " if len(text) % 2 else text)
     body = b"".join((
         _element(0x00000002, _uid(sop_class)),
         _element(0x00000100, struct.pack("<H", 0x8001)),
-        _element(0x00000120, struct.pack("<H", p.MessageIDBeingRespondedTo)),
+        _element(0x00000120, struct.pack("<H", msg_id)),
         _element(0x00000800, struct.pack("<H", 0x0101)),
         _element(0x00000900, struct.pack("<H", status)),
+        note,
         _element(0x00001000, _uid(sop_instance)),
     ))  # fmt: skip
     return _element(0x00000000, struct.pack("<I", len(body))) + body

@@ -52,7 +52,15 @@ from dataflow.logs import configure_logging
 from . import fastnet
 from .config import CalledAE, ReceiverConfig
 from .groups import Group, GroupStore, Placement
-from .spool import PREAMBLE, BadInstance, file_meta_bytes, free_bytes, parse_header, write_temp
+from .spool import (
+    PREAMBLE,
+    BadInstance,
+    Header,
+    file_meta_bytes,
+    free_bytes,
+    parse_header,
+    write_temp,
+)
 
 __all__ = ["Receiver", "main"]
 
@@ -419,11 +427,22 @@ class Receiver:
         self._finished(event, "aborted")
 
     def _on_store(self, event) -> int | Dataset:
-        assoc = event.assoc
+        called = self.config.called(event.assoc.acceptor.ae_title)
+        status, note = self.answer(event.assoc, lambda: self._store(event, called))
+        if status == SUCCESS:
+            return SUCCESS
+        reply = Dataset()
+        reply.Status = status
+        reply.ErrorComment = note[:64]
+        return reply
+
+    def answer(self, assoc, store: Callable[[], tuple[int, str, int | None]]) -> tuple[int, str]:
+        """Run ``store`` (one C-STORE: status, note, group), count and log its outcome; the
+        status and note to answer. Shared by pynetdicom's path and :mod:`.intake`."""
         stats = self._assocs.setdefault(id(assoc), {"stored": 0, "failed": 0, "groups": set()})
         calling, host = assoc.requestor.ae_title, assoc.requestor.address
         try:
-            status, note, group_id = self._store(event, self.config.called(assoc.acceptor.ae_title))
+            status, note, group_id = store()
         except BadInstance as exc:
             status, note, group_id = exc.status, str(exc), None
         except Exception as exc:
@@ -434,14 +453,11 @@ class Receiver:
             stats["groups"].add(group_id)
             if note:
                 log.info("store_note", calling_ae=calling, peer_host=host, note=note)
-            return SUCCESS
+            return SUCCESS, ""
         stats["failed"] += 1
         log.warning("store_refused", calling_ae=calling, peer_host=host,
                     status=f"0x{status:04X}", reason=note)  # fmt: skip
-        reply = Dataset()
-        reply.Status = status
-        reply.ErrorComment = note[:64]
-        return reply
+        return status, note
 
     def _store(self, event, called: CalledAE | None) -> tuple[int, str, int | None]:
         if called is None:  # cannot happen: the ACSE rejected the association
@@ -452,19 +468,15 @@ class Receiver:
         if self.config.max_instance_size and size > self.config.max_instance_size:
             return TOO_LARGE, f"instance larger than {self.config.max_instance_size} bytes", None
         syntax = str(event.context.transfer_syntax)
-        header = parse_header(stream, syntax)
-        if header.sop_class_uid != str(request.AffectedSOPClassUID):
-            return NOT_MATCHING, "SOPClassUID differs from the request's", None
-        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
-            return NOT_MATCHING, "SOPInstanceUID differs from the request's", None
+        header = self.checked_header(
+            stream, syntax, 0, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+        )
         meta = file_meta_bytes(
             header.sop_class_uid, header.sop_instance_uid, syntax,
             PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
         )  # fmt: skip
-        available, total = free_bytes(self.spool)
-        reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
         needed = size + len(meta) + len(PREAMBLE)
-        if available - needed < reserve:
+        if self.below_reserve(needed, free_bytes(self.spool)):
             return OUT_OF_RESOURCES, "disk reserve reached", None
         view = stream.getbuffer()
         try:
@@ -475,10 +487,37 @@ class Receiver:
             raise
         finally:
             view.release()
+        return self.place(event.assoc, called, header, temp, needed)
+
+    # -- the steps of a C-STORE, shared with .intake -----------------------------------------
+
+    @staticmethod
+    def checked_header(fp, syntax: str, offset: int, sop_class: str, sop_instance: str) -> Header:
+        """The dataset's UIDs (at ``offset`` in ``fp``); :class:`BadInstance` if they are
+        missing or not the request's."""
+        header = parse_header(fp, syntax, offset)
+        if header.sop_class_uid != sop_class:
+            raise BadInstance(NOT_MATCHING, "SOPClassUID differs from the request's")
+        if header.sop_instance_uid != sop_instance:
+            raise BadInstance(NOT_MATCHING, "SOPInstanceUID differs from the request's")
+        return header
+
+    def below_reserve(self, needed: int, free: tuple[int, int]) -> bool:
+        """Whether storing ``needed`` bytes would go below the disk reserve, ``free`` being
+        :func:`free_bytes` of the spool (available, total)."""
+        available, total = free
+        reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
+        return available - needed < reserve
+
+    def place(
+        self, assoc, called: CalledAE, header: Header, temp: Path, needed: int
+    ) -> tuple[int, str, int | None]:
+        """Hand the fsynced ``temp`` file to the committer: status, note and group once its
+        record is durable."""
         log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
                   study_instance_uid=header.study_uid, size=needed)  # fmt: skip
-        item = Placement(header, temp, needed, called, event.assoc.requestor.ae_title,
-                         event.assoc.requestor.address)  # fmt: skip
+        item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
+                         assoc.requestor.address)  # fmt: skip
         assert self._committer is not None
         self._committer.submit(item)
         return item.status, item.note, item.group_id

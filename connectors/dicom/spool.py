@@ -186,16 +186,16 @@ def _text(elem) -> str:
     return str(value).rstrip("\x00 ").strip()
 
 
-def parse_header(fp: BinaryIO, transfer_syntax: str) -> Header:
+def parse_header(fp: BinaryIO, transfer_syntax: str, offset: int = 0) -> Header:
     """Read SOP Class/Instance, Study and Series Instance UIDs from an encoded dataset in
-    ``fp`` (from its start; the position is restored).
+    ``fp`` (starting at ``offset``; the position is restored).
 
     Only elements up to (0020,000E) are parsed (the pixel data is never read). Raises
     :class:`BadInstance` with 0xC000 (Cannot understand) for an undecodable dataset and
     0xA900 (Data Set does not match SOP Class) for missing or malformed UIDs.
     """
     start = fp.tell()
-    fp.seek(0)
+    fp.seek(offset)
     try:
         if transfer_syntax in _DEFLATED:
             import zlib
