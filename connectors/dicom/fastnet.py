@@ -169,10 +169,18 @@ class _Waker:
 
     def hold(self, timeout: float, ready=None) -> bool:
         """Keep the thread parked until :meth:`release`; True once it is (and ``ready()``,
-        checked while it is parked, is true)."""
+        checked while it is parked, is true). False, and released, after ``timeout``."""
+        self.hold_soon()
+        return self.wait_parked(timeout, ready)
+
+    def hold_soon(self) -> None:
+        """From now on the thread parks at its next wait or read (and stays parked)."""
         with self._cond:
             self.held = True
         self.event.set()
+
+    def wait_parked(self, timeout: float, ready=None) -> bool:
+        """After :meth:`hold_soon`: wait until the thread is parked (and ``ready()``)."""
         with self._cond:
             if self._cond.wait_for(lambda: self.parked and (ready is None or ready()), timeout):
                 return True
@@ -221,9 +229,10 @@ _ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
 def _ready_or_pushed_back(self: AssociationSocket) -> bool:
     dul = self.assoc.dul
     held = dul.__dict__.get("_fastnet_waker")
-    in_dul = held is not None and held.held and threading.current_thread() is dul
-    if in_dul and held.park() and held.held:  # woken to send something: read nothing yet
-        return False
+    if held is not None and held.held and threading.current_thread() is dul:
+        held.park()
+        if held.held:  # woken (or not parked) to send something: read nothing yet
+            return False
     return bool(self.__dict__.get("_fastnet_pushback")) or _ready(self)
 
 

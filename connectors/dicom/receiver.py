@@ -52,6 +52,7 @@ from dataflow.logs import configure_logging
 from . import fastnet
 from .config import CalledAE, ReceiverConfig
 from .groups import Group, GroupStore, Placement
+from .intake import Intake
 from .spool import (
     PREAMBLE,
     BadInstance,
@@ -307,6 +308,10 @@ class Receiver:
         return int(self._server.server_address[1])
 
     @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
     def worker_pids(self) -> list[int]:
         """The process IDs of the running worker listeners (``processes - 1`` of them)."""
         return self._workers.pids if self._workers is not None else []
@@ -549,7 +554,10 @@ class _CheckingACSE(ACSE):
             self.assoc.kill()
             return
         self.acceptor.ae_title = called
+        intake = Intake.prepare(receiver, self.assoc)
         super()._negotiate_as_acceptor()
+        if intake is not None:
+            intake.run()  # C-STOREs off the socket; pynetdicom's reactor takes the rest
 
 
 class _Handler(RequestHandler):
