@@ -52,7 +52,8 @@ log = structlog.get_logger("connectors.dicom")
 
 PARK_TIMEOUT = 5.0
 POLL = 0.5  # how often a read looks at the association and the receiver
-MAX_PDU_BODY = 64 * 1024 * 1024  # beyond anything negotiated: a broken peer
+MAX_COMMAND = 1024 * 1024  # a command set (or a PDU that is not P-DATA) beyond this: broken
+CHUNK = 1024 * 1024  # dataset bytes read and written at a time
 _EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
            evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)  # fmt: skip
 SUCCESS, OUT_OF_RESOURCES, TOO_LARGE, FAILURE = 0x0000, 0xA700, 0xA701, 0x0110
@@ -60,6 +61,10 @@ SUCCESS, OUT_OF_RESOURCES, TOO_LARGE, FAILURE = 0x0000, 0xA700, 0xA701, 0x0110
 
 class _GiveBack(Exception):
     """Stop here: pynetdicom serves the association from now on."""
+
+
+class _Malformed(Exception):
+    """A protocol error in the middle of a message: the association is aborted."""
 
 
 class _Stop(Exception):
@@ -213,6 +218,11 @@ class Intake:
             self._serve()
         except (_GiveBack, _Stop):
             pass
+        except _Malformed as exc:
+            log.warning("association_aborted", reason=f"protocol error: {exc}",
+                        calling_ae=self.assoc.requestor.ae_title,
+                        peer_host=self.assoc.requestor.address)  # fmt: skip
+            self._abort()
         except Exception:
             log.exception("intake_failed", calling_ae=self.assoc.requestor.ae_title,
                           peer_host=self.assoc.requestor.address)  # fmt: skip
@@ -281,70 +291,77 @@ class Intake:
         contexts = {cx.context_id: cx for cx in self.assoc.accepted_contexts}
         item: _Instance | None = None
         command = bytearray()
-        pieces: list[bytes] = []  # the command's PDVs so far, to give back as P-DATA
+        pieces: list[bytes] = []  # the command's PDVs so far, to give back
         try:
             while True:
                 header = bytes(self._read(6))
-                kind, length = header[0], struct.unpack(">I", header[2:6])[0]
-                if length > MAX_PDU_BODY:
-                    raise ValueError(f"a PDU of {length} bytes")
+                kind, left = header[0], struct.unpack(">I", header[2:6])[0]
                 if kind != 0x04:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's
                     if item is not None:
                         item.discard()
                         item = None
-                    self._give_back(pieces, header + bytes(self._read(length)))
-                body = self._read(length)
-                pos = 0
-                while pos + 6 <= length:
-                    size = struct.unpack_from(">I", body, pos)[0]
-                    if size < 2 or pos + 4 + size > length:
-                        raise ValueError("malformed PDV item")
-                    context_id, control = body[pos + 4], body[pos + 5]
-                    data = body[pos + 6 : pos + 4 + size]
+                    if left > MAX_COMMAND:
+                        raise _Malformed(f"a PDU of type 0x{kind:02X} and {left} bytes")
+                    self._give_back(pieces, header + bytes(self._read(left)))
+                while left > 0:  # the PDVs of a P-DATA-TF, read one by one
+                    if left < 6:
+                        raise _Malformed("malformed P-DATA-TF")
+                    head = bytes(self._read(6))
+                    size, context_id, control = struct.unpack(">IBB", head)
+                    if size < 2 or size - 2 > left - 6:
+                        raise _Malformed("malformed PDV item")
+                    left -= 4 + size
+                    count = size - 2
                     if control & 0x01:  # a command fragment
                         if item is not None:
-                            raise ValueError("a command inside a dataset")
-                        if not command:
-                            pieces.append(bytes(body[pos:]))
-                        elif pos == 0:
-                            pieces.append(bytes(body))
+                            raise _Malformed("a command inside a dataset")
+                        if len(command) + count > MAX_COMMAND:
+                            raise _Malformed(f"a command set over {MAX_COMMAND} bytes")
+                        data = bytes(self._read(count))
                         command += data
+                        pieces.append(head + data)
                         if control & 0x02:
-                            item = self._start(bytes(command), context_id, contexts, pieces)
+                            item = self._start(bytes(command), context_id, contexts, pieces, left)
                             command.clear()
                             pieces.clear()
-                    else:  # a dataset fragment
-                        if item is None or context_id != item.context_id:
-                            raise ValueError("a dataset fragment without its C-STORE-RQ")
-                        item.add(data)
-                        if control & 0x02:
-                            status, note = self.receiver.answer(
-                                self.assoc, lambda it=item: it.finish(self.receiver, self.assoc)
-                            )
-                            self._send_response(item, status, note)
-                            item = None
-                    pos += 4 + size
-                if pos != length:
-                    raise ValueError("malformed P-DATA-TF")
+                        continue
+                    if item is None or context_id != item.context_id:
+                        raise _Malformed("a dataset fragment without its C-STORE-RQ")
+                    while count > 0:  # streamed to the file: memory stays bounded
+                        chunk = self._read(min(count, CHUNK))
+                        item.add(chunk)
+                        count -= len(chunk)
+                    if control & 0x02:
+                        status, note = self.receiver.answer(
+                            self.assoc, lambda it=item: it.finish(self.receiver, self.assoc)
+                        )
+                        self._send_response(item, status, note)
+                        item = None
         finally:
             if item is not None:
                 item.discard()  # never acknowledged: nothing half-written stays
 
-    def _start(self, command: bytes, context_id: int, contexts: dict, pieces: list[bytes]):
-        """A complete command: a C-STORE-RQ we take, or everything given back to pynetdicom."""
+    def _start(self, command: bytes, context_id: int, contexts: dict, pieces, left: int):
+        """A complete command: a C-STORE-RQ we take, or everything given back to pynetdicom
+        (with the ``left`` bytes still unread in the current P-DATA-TF)."""
         fields = parse_command(command)
         context = contexts.get(context_id)
         is_store = fields is not None and _us(fields.get(0x00000100)) == 0x0001
-        if not is_store or context is None or _us(fields.get(0x00000800)) == 0x0101:
-            self._give_back(pieces)
+        has_data = fields is not None and _us(fields.get(0x00000800)) != 0x0101
+        if not is_store or not has_data or context is None:
+            self._give_back(pieces, rest=left)
         assert fields is not None and context is not None
         if _ui(fields.get(0x00000002)) != str(context.abstract_syntax):
-            self._give_back(pieces)  # pynetdicom answers a mismatched SOP class
+            self._give_back(pieces, rest=left)  # pynetdicom answers a mismatched SOP class
         return _Instance(self.receiver, fields, context)
 
-    def _give_back(self, pieces: list[bytes], tail: bytes = b"") -> None:
-        """Give the unserved PDVs (as P-DATA PDUs) and ``tail`` back to pynetdicom."""
-        data = b"".join(struct.pack(">BBI", 0x04, 0, len(p)) + p for p in pieces) + tail
+    def _give_back(self, pieces: list[bytes], tail: bytes = b"", rest: int = 0) -> None:
+        """Give the unserved PDVs (and the ``rest`` bytes left in the current P-DATA-TF) as
+        one P-DATA PDU, then ``tail``, back to pynetdicom."""
+        if rest > MAX_COMMAND:
+            raise _Malformed(f"{rest} bytes after a command we do not serve")
+        body = b"".join(pieces) + (bytes(self._read(rest)) if rest else b"")
+        data = (struct.pack(">BBI", 0x04, 0, len(body)) + body if body else b"") + tail
         if data:
             fastnet.push_back(self.dul.socket, data)
         raise _GiveBack

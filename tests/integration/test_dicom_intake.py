@@ -1,0 +1,185 @@
+"""The receiver's direct C-STORE path (``connectors.dicom.intake``) where a peer does what
+dcmtk's storescu never does: mixes a C-ECHO into C-STOREs, puts a whole message in one PDU,
+breaks off in the middle of a dataset, sends a malformed PDU. The SCU side is pynetdicom's
+association (negotiation) with its socket taken over by the test, as ``DirectStore`` does."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from test_dicom_receiver import AET, HOST, config, ct, part10, receiving, sop_uid, stored, wait_for
+
+from connectors.dicom import fastnet
+from connectors.dicom.association import associate, pause_reactor
+from connectors.dicom.config import Peer
+from connectors.dicom.direct import DirectStore, dataset_offset
+from connectors.dicom.receiver import Receiver
+
+pytestmark = pytest.mark.integration
+
+CONTEXTS = [(CTImageStorage, [ExplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian])]
+
+
+def peer_config(tmp_path: Path):
+    return config(tmp_path, peers=[Peer("SCU")])
+
+
+def connect(port: int, contexts=CONTEXTS):
+    return associate("SCU", (HOST, port), AET, contexts, timeouts={"dimse_timeout": 10})
+
+
+def command_pdv(info_class: str, info_instance: str, msg_id: int) -> bytes:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    request = C_STORE()
+    request.MessageID, request.Priority = msg_id, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = info_class, info_instance
+    return fastnet.c_store_rq_bytes(request)
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def pdata(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBI", 0x04, 0, len(body)) + body
+
+
+def ct_context(assoc) -> int:
+    return next(
+        cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage
+    )
+
+
+def read_response(sock) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
+        data += sock.recv(65536)
+    return data
+
+
+def counting(monkeypatch) -> dict[str, int]:
+    """How many C-STOREs each path served."""
+    counts = {"intake": 0, "pynetdicom": 0}
+    real_answer, real_on_store = Receiver.answer, Receiver._on_store
+
+    def answer(self, assoc, store):
+        counts["intake"] += 1
+        return real_answer(self, assoc, store)
+
+    def on_store(self, event):
+        counts["pynetdicom"] += 1
+        counts["intake"] -= 1  # _on_store goes through answer() too
+        return real_on_store(self, event)
+
+    monkeypatch.setattr(Receiver, "answer", answer)
+    monkeypatch.setattr(Receiver, "_on_store", on_store)
+    return counts
+
+
+def test_a_c_echo_among_c_stores_is_pynetdicoms_and_the_rest_still_stored(tmp_path, monkeypatch):
+    files = ct(tmp_path / "ct", 4, seed=21)
+    counts = counting(monkeypatch)
+    with receiving(peer_config(tmp_path)) as rx:
+        assoc = connect(rx.port)
+        try:
+            for path in files[:2]:
+                pause_reactor(assoc)
+                assert assoc.send_c_store(path).Status == 0x0000
+            pause_reactor(assoc)
+            assert assoc.send_c_echo().Status == 0x0000
+            for path in files[2:]:
+                pause_reactor(assoc)
+                assert assoc.send_c_store(path).Status == 0x0000
+        finally:
+            pause_reactor(assoc)
+            assoc.release()
+        assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
+        for path in files:
+            assert part10(stored(rx)[sop_uid(path)]) == part10(path)  # byte for byte
+        # pynetdicom's SCU sends the dataset in the PDUs after the command's: the intake path
+        # served the first two; after the C-ECHO was given back, pynetdicom served the rest
+        assert counts == {"intake": 2, "pynetdicom": 2}
+
+
+def test_a_whole_message_in_one_pdu_and_several_in_a_row(tmp_path, monkeypatch):
+    files = ct(tmp_path / "ct", 3, seed=22)
+    counts = counting(monkeypatch)
+    with receiving(peer_config(tmp_path)) as rx:
+        assoc = connect(rx.port)
+        direct = DirectStore.open(assoc)
+        assert direct is not None and direct.hold()
+        try:
+            cx = ct_context(assoc)
+            for msg_id, path in enumerate(files, 1):
+                data = path.read_bytes()[dataset_offset(path) :]
+                half = len(data) // 2
+                command = command_pdv(CTImageStorage, sop_uid(path), msg_id)
+                # command and both dataset fragments in a single P-DATA-TF
+                direct.sock.sendall(
+                    pdata(
+                        pdv(cx, 0x03, command),
+                        pdv(cx, 0x00, data[:half]),
+                        pdv(cx, 0x02, data[half:]),
+                    )
+                )
+                assert direct._response(msg_id, cx) == 0x0000
+        finally:
+            direct.release()
+            pause_reactor(assoc)
+            assoc.release()
+        assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
+        assert part10(stored(rx)[sop_uid(files[1])]) == part10(files[1])
+    assert counts == {"intake": 3, "pynetdicom": 0}
+
+
+def test_an_association_broken_off_mid_dataset_leaves_nothing(tmp_path):
+    files = ct(tmp_path / "ct", 2, seed=23)
+    with receiving(peer_config(tmp_path)) as rx:
+        assoc = connect(rx.port)
+        direct = DirectStore.open(assoc)
+        assert direct is not None and direct.hold()
+        cx = ct_context(assoc)
+        data = files[0].read_bytes()[dataset_offset(files[0]) :]
+        direct.sock.sendall(pdata(pdv(cx, 0x03, command_pdv(CTImageStorage, sop_uid(files[0]), 1))))
+        direct.sock.sendall(pdata(pdv(cx, 0x00, data[:1000])))  # the rest never comes
+        wait_for(lambda: list((rx.spool / ".incoming").glob("*.part")))  # being written
+        direct.release()
+        assoc.abort()
+        wait_for(lambda: not list((rx.spool / ".incoming").glob("*.part")))
+        assert stored(rx) == {}
+        assoc = connect(rx.port)  # the receiver goes on
+        try:
+            pause_reactor(assoc)
+            assert assoc.send_c_store(files[1]).Status == 0x0000
+        finally:
+            pause_reactor(assoc)
+            assoc.release()
+        assert list(stored(rx)) == [sop_uid(files[1])]
+
+
+def test_a_malformed_pdu_aborts_that_association_only(tmp_path):
+    files = ct(tmp_path / "ct", 1, seed=24)
+    with receiving(peer_config(tmp_path)) as rx:
+        bad = connect(rx.port)
+        direct = DirectStore.open(bad)
+        assert direct is not None and direct.hold()
+        body = struct.pack(">IBB", 1, ct_context(bad), 0x03)  # an item length of 1: impossible
+        direct.sock.sendall(struct.pack(">BBI", 0x04, 0, len(body)) + body)
+        reply = read_response(direct.sock)
+        assert reply[0] == 0x07  # A-ABORT
+        direct.release()
+        wait_for(lambda: not bad.is_established)
+        good = connect(rx.port)
+        try:
+            pause_reactor(good)
+            assert good.send_c_store(files[0]).Status == 0x0000
+        finally:
+            pause_reactor(good)
+            good.release()
