@@ -16,3 +16,37 @@ def dataflow(*args, cwd: str | Path = ROOT, timeout: float = 300) -> subprocess.
         capture_output=True, text=True, cwd=cwd, timeout=timeout,
         env={"DATAFLOW_CONTAINER_ENGINE": "none", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
+
+
+def jobs(config: str | Path) -> list[dict]:
+    """``dataflow jobs CONFIG --json``: every job record, newest first."""
+    import json
+
+    out = dataflow("jobs", config, "--json")
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def wait_serving(predicate, timeout: float, what: str, proc: subprocess.Popen):
+    """Poll ``predicate`` until it is truthy (returned), while ``proc`` (``dataflow serve``)
+    runs; AssertionError if it exits first or ``timeout`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"dataflow serve exited ({proc.returncode}) before {what}")
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def serve(config: str | Path, log: str | Path, *args: str) -> subprocess.Popen:
+    """``dataflow serve CONFIG ARGS`` in the background, its output appended to ``log``."""
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dataflow.cli", "serve", str(config), *args],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 """
 
-STATES = ("pending", "complete", "dispatched", "ignored")
+STATES = ("pending", "complete", "dispatched", "ignored", "reclaimed")
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class GroupStore:
             return row
         prev = self._db.execute(
             "SELECT id FROM groups WHERE called_ae = ? AND kind = ? AND uid = ?"
-            " AND state IN ('complete', 'dispatched') ORDER BY id DESC LIMIT 1",
+            " AND state IN ('complete', 'dispatched', 'reclaimed') ORDER BY id DESC LIMIT 1",
             (called.ae_title, called.group_by, key),
         ).fetchone()
         late_of = prev[0] if prev else None
@@ -345,10 +346,39 @@ class GroupStore:
             ).fetchall()
         return [(sop, self.spool / path) for sop, path in rows]
 
+    def reclaim(self, group_id: int) -> bool:
+        """The service needs a dispatched group no more (retention): it becomes ``reclaimed``,
+        its instance records go, then its folder. False (nothing done) if not dispatched."""
+        with self._writing():
+            row = self._db.execute(
+                "SELECT folder FROM groups WHERE id = ? AND state = 'dispatched'", (group_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("UPDATE groups SET state = 'reclaimed' WHERE id = ?", (group_id,))
+                self._db.execute("DELETE FROM instances WHERE group_id = ?", (group_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self._remove_folder(row[0])
+        return True
+
+    def _remove_folder(self, folder: str) -> None:
+        path = (self.spool / folder).resolve()
+        if path.parent.parent == self.spool.resolve():  # <spool>/<called-ae>/<group>: no other
+            shutil.rmtree(path, ignore_errors=True)
+
     def sweep_pending(self) -> int:
         """After a crash: remove files in open group folders that were never recorded (moved
-        in, then the process died before the commit: never acknowledged). Returns the count."""
+        in, then the process died before the commit: never acknowledged), and the folders of
+        reclaimed groups that are still there. Returns how many files were removed."""
         removed = 0
+        for group in self.groups("reclaimed"):
+            if group.folder.is_dir():
+                self._remove_folder(str(group.folder.relative_to(self.spool)))
         for group in self.groups("pending") + self.groups("ignored"):
             known = {path for _, path in self.instances(group.id)}
             if not group.folder.is_dir():

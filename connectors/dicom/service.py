@@ -283,6 +283,15 @@ class DicomConnector:
             )
         self._by_name[receiver].mark_dispatched(group.id)
 
+    def release(self, payload: Path, source: Mapping[str, Any]) -> None:
+        """Every job over a group is past its retention: the group's files go."""
+        receiver = self._by_name.get(str(source.get("receiver")))
+        group = source.get("group")
+        if receiver is None or not isinstance(group, int) or receiver.stopping:
+            log.warning("release_unknown_group", receiver=source.get("receiver"), group=group)
+            return
+        receiver.reclaim(group)
+
     def export(self, task_dir: Path, task: Mapping[str, Any], job: Any) -> None:
         """One outbox task per destination (idempotent: ``<taskId>-<destination>``)."""
         for queued in self.exporter.enqueue_registered(task_dir, job_id=job.id):

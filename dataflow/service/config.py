@@ -7,6 +7,7 @@ A YAML mapping::
       ct-segmentation: ../pipelines/ct-segmentation.yaml
       ct-filter: {file: ../pipelines/ct-filter.yaml, params: {sigma: "2"}, replicas: {smooth: 2}}
     log: {level: info, format: json}
+    retention: {succeeded: 8h, failed: 7d}   # then a job's outputs and its payload are removed
     dicom: {...}                    # a connector's own section (connectors.dicom)
 
 Every other top-level key names a *connector* (found through the ``dataflow.connectors``
@@ -30,10 +31,19 @@ import yaml
 
 from dataflow.errors import DataflowError
 
-__all__ = ["ConfigError", "PipelineEntry", "ServiceConfig", "load_config"]
+__all__ = [
+    "ConfigError",
+    "PipelineEntry",
+    "Retention",
+    "ServiceConfig",
+    "load_config",
+    "parse_duration",
+]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_CORE_KEYS = {"state", "pipelines", "log"}
+_CORE_KEYS = {"state", "pipelines", "log", "retention"}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
+_UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
 class ConfigError(DataflowError, ValueError):
@@ -49,6 +59,19 @@ class PipelineEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Retention:
+    """How long a finished job's outputs and payload are kept (seconds; None = for ever),
+    and how often the service looks (``interval``)."""
+
+    succeeded: float | None = None
+    failed: float | None = None
+    interval: float = 600.0
+
+    def keep(self, state: str) -> float | None:
+        return self.succeeded if state == "succeeded" else self.failed
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceConfig:
     path: Path
     state: Path
@@ -56,6 +79,48 @@ class ServiceConfig:
     connectors: dict[str, dict[str, Any]]  # connector name -> its section
     log_level: str = "info"
     log_format: str = "console"
+    retention: Retention = Retention()
+
+
+def parse_duration(value: Any, where: str) -> float | None:
+    """Seconds from ``90``, ``"30s"``, ``"10m"``, ``"8h"``, ``"7d"``; None for ``null`` or
+    ``"never"``; ConfigError naming ``where`` otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "never"):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not a duration (e.g. 90, 30s, 10m, 8h, 7d)")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ConfigError(
+                f"{where}: {value!r} is not a duration (e.g. 90, 30s, 10m, 8h, 7d, never)"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{where}: {value!r} is negative")
+    return seconds
+
+
+def _retention(section: Any, path: Path) -> Retention:
+    if section is None:
+        return Retention()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'retention' must be a mapping (succeeded, failed, interval)")
+    unknown = set(section) - {"succeeded", "failed", "interval"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: retention: unknown key(s) {sorted(unknown)} (succeeded, failed, interval)"
+        )
+    interval = parse_duration(section.get("interval", 600), f"{path}: retention.interval")
+    if not interval:
+        raise ConfigError(f"{path}: retention.interval must be a positive duration")
+    return Retention(
+        succeeded=parse_duration(section.get("succeeded"), f"{path}: retention.succeeded"),
+        failed=parse_duration(section.get("failed"), f"{path}: retention.failed"),
+        interval=interval,
+    )
 
 
 def _expand(value: Any, where: str) -> Any:
@@ -139,6 +204,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         connectors=connectors,
         log_level=str(log.get("level", "info")),
         log_format=str(log.get("format", "console")),
+        retention=_retention(data.get("retention"), path),
     )
 
 

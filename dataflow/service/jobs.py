@@ -8,7 +8,8 @@ plus, per registered result of a succeeded job, an *export* row handed to the co
 serves its agent (``handed``), or ``no-agent`` when no connector does. Every transition is
 committed (WAL, ``synchronous=FULL``) before it is acted on, so a restart knows exactly what
 to do: ``queued`` and ``running`` jobs run again; exports not yet ``handed`` are handed again
-(connectors deduplicate by task id).
+(connectors deduplicate by task id). ``reaped`` records when retention removed a finished
+job's outputs (the record itself stays).
 
 ``key`` makes submission idempotent: a source that hands the same work twice (a receiver
 restarted between recording a job and marking its group dispatched) gets the same job back.
@@ -43,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     stage TEXT,
-    error TEXT
+    error TEXT,
+    reaped REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS exports (
@@ -71,6 +73,7 @@ class JobRecord:
     attempts: int
     stage: str | None
     error: str | None
+    reaped: float | None = None  # when retention removed its outputs
 
     @property
     def seconds(self) -> float | None:
@@ -92,6 +95,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "reaped" not in columns:  # a jobs.db from before retention
+            self._db.execute("ALTER TABLE jobs ADD COLUMN reaped REAL")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -163,6 +169,34 @@ class JobStore:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return dict(rows)
 
+    # ------------------------------------------------------------ retention
+
+    def due_for_reaping(self, now: float, keep: dict[str, float | None]) -> list[JobRecord]:
+        """Finished jobs not reaped yet, finished longer ago than ``keep[state]`` (None:
+        kept for ever), none of whose registered results still waits to be handed over."""
+        due = []
+        for state, seconds in keep.items():
+            if seconds is None:
+                continue
+            due += self._rows(
+                "SELECT * FROM jobs WHERE state = ? AND reaped IS NULL AND finished <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM exports e WHERE e.job_id = jobs.id"
+                " AND e.state = 'new') ORDER BY finished",
+                (state, now - seconds),
+            )
+        return due
+
+    def mark_reaped(self, job_id: str) -> None:
+        self._write("UPDATE jobs SET reaped = ? WHERE id = ?", (time.time(), job_id))
+
+    def payload_in_use(self, payload: str) -> bool:
+        """Whether a job over ``payload`` is not reaped yet (it still needs its input)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM jobs WHERE payload = ? AND reaped IS NULL LIMIT 1", (payload,)
+            ).fetchone()
+        return row is not None
+
     # -------------------------------------------------------------- exports
 
     def add_export(self, task_id: str, job_id: str, agent: str, task_dir: Path) -> None:
@@ -193,8 +227,8 @@ class JobStore:
 
 def _record(row: tuple) -> JobRecord:
     (job_id, key, pipeline, payload, source, state, created, started, finished, attempts,
-     stage, error) = row  # fmt: skip
+     stage, error, reaped) = row  # fmt: skip
     return JobRecord(
         job_id, key, pipeline, payload, json.loads(source), state, created, started, finished,
-        attempts, stage, error,
+        attempts, stage, error, reaped,
     )  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -57,6 +58,10 @@ class Connector(Protocol):
         """Take the registered result durably (return only once it survives a crash). May
         be called before ``start`` (results of jobs resumed at start) and from any thread."""
 
+    # optional: def release(self, payload: Path, source: Mapping[str, Any]) -> None
+    #   every job over ``payload`` (which this connector submitted) is finished and past its
+    #   retention: the connector may remove it (the DICOM connector deletes the group).
+
 
 def load_connector(name: str) -> Callable[[dict[str, Any], ServiceHost], Connector]:
     """The factory registered under ``name`` in the ``dataflow.connectors`` entry points."""
@@ -86,6 +91,7 @@ class ServiceHost:
     ) -> JobRecord:
         """Record a job for ``pipeline`` over the folder ``payload`` and queue it; returns
         once the record is durable. The same ``key`` twice gives the same job."""
+        source = {**source, "connector": self.name}  # whose payload: released to it later
         return self._service.submit(pipeline, payload, source=source, key=key)
 
 
@@ -104,6 +110,8 @@ class Service:
         self._agents: dict[str, Connector] = {}
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -150,6 +158,10 @@ class Service:
         for name, connector in self.connectors.items():
             connector.start()
             log.info("connector_started", connector=name)
+        retention = self.config.retention
+        if retention.succeeded is not None or retention.failed is not None:
+            self._reaper = threading.Thread(target=self._reap_loop, name="retention", daemon=True)
+            self._reaper.start()
         log.info("service_started", pipelines=list(self.executors), state=str(self.config.state))
 
     def _serve(self, name: str, executor: LocalExecutor, feed: JobFeed, ready) -> None:
@@ -168,6 +180,10 @@ class Service:
     def stop(self) -> None:
         """Connectors stop taking work, each pipeline finishes its jobs in flight (their
         results are handed to export), then the connectors stop."""
+        self._stopping.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=60)
+            self._reaper = None
         connectors = list(reversed(list(self.connectors.items())))
         for step in ("stop_intake", "stop"):
             for name, connector in connectors:
@@ -265,3 +281,44 @@ class Service:
             log.error("export_handover_failed", job_id=job.id, agent=agent, error=repr(exc))
             return
         self.jobs.export_state(task["taskId"], "handed")
+
+    # ------------------------------------------------------------------ retention
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.reap()
+            except Exception:
+                log.exception("retention_failed")
+            self._stopping.wait(self.config.retention.interval)
+
+    def reap(self, now: float | None = None) -> int:
+        """Remove the outputs of finished jobs past their retention (``retention`` in the
+        configuration), and hand each payload no job needs any more back to the connector
+        that submitted it (``release``). Returns how many jobs were reaped."""
+        assert self.jobs is not None
+        retention = self.config.retention
+        keep = {"succeeded": retention.succeeded, "failed": retention.failed}
+        reaped = 0
+        for job in self.jobs.due_for_reaping(time.time() if now is None else now, keep):
+            if self._stopping.is_set() and now is None:
+                break
+            outputs = self.jobs_dir / job.id
+            if outputs.parent == self.jobs_dir and outputs.name == job.id:  # never elsewhere
+                shutil.rmtree(outputs, ignore_errors=True)
+            self.jobs.mark_reaped(job.id)
+            reaped += 1
+            log.info("job_reaped", job_id=job.id, pipeline=job.pipeline, state=job.state)
+            if not self.jobs.payload_in_use(job.payload):
+                self._release(job)
+        return reaped
+
+    def _release(self, job: JobRecord) -> None:
+        connector = self.connectors.get(str(job.source.get("connector", "")))
+        release = getattr(connector, "release", None)
+        if release is None:
+            return  # submitted by hand, or by a connector that keeps its payloads
+        try:
+            release(Path(job.payload), job.source)
+        except Exception as exc:
+            log.error("payload_release_failed", job_id=job.id, error=repr(exc))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli import serve
 from dicom_peers import DCMTK_ENV, dcmtk, free_port, wait_for_port
 
 from operators.dicom.phantom import write_ct_series
@@ -19,14 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
 DATA = Path(__file__).parent / "service_data"
-
-
-def start_service(config: Path, log: Path) -> subprocess.Popen:
-    with open(log, "a") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dataflow.cli", "serve", str(config)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
 
 
 def processed(state: Path) -> set[str]:
@@ -51,7 +43,7 @@ dicom:
   allow-unknown-peers: true
 """)
     log = tmp_path / "serve.log"
-    proc = start_service(config, log)
+    proc = serve(config, log)
     try:
         wait_for_port(port, proc=proc, timeout=120)
         args = [dcmtk("storescu"), "-v", "-aet", "SCANNER", "-aec", "INVENTORY",
@@ -73,7 +65,7 @@ dicom:
         scu.stdout.close()
         assert proc.wait(timeout=30) == -signal.SIGKILL
         assert 50 <= len(acked) < len(series.files), "the service died in the middle"
-        proc = start_service(config, log)  # the restart
+        proc = serve(config, log)  # the restart
         deadline = time.monotonic() + 180
         while not set(acked) <= processed(tmp_path / "state"):
             assert proc.poll() is None, log.read_text()[-3000:]

@@ -4,15 +4,12 @@ the resulting SEG arrives in Orthanc; `dataflow jobs` lists the jobs; SIGTERM st
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from cli import jobs, serve, wait_serving
 from dicom_peers import free_port, start_orthanc, storescu, wait_for_port
 
 from operators.dicom.phantom import write_ct_series
@@ -43,29 +40,9 @@ dicom:
     return path
 
 
-def jobs(config: Path) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "dataflow.cli", "jobs", str(config), "--json"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
 def segs_in(orthanc) -> list[dict]:
     tags = [orthanc.rest("GET", f"/instances/{i}/simplified-tags") for i in orthanc.instances()]
     return [t for t in tags if t.get("Modality") == "SEG"]
-
-
-def wait_for(predicate, timeout: float, what: str, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"dataflow serve exited ({proc.returncode}) before {what}")
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs(
@@ -77,23 +54,19 @@ def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs
     modalities = {"dataflow": ("DATAFLOW-SEG", "127.0.0.1", port)}
     with start_orthanc(tmp_path / "orthanc", modalities=modalities) as orthanc:
         config = service_yaml(tmp_path, port, orthanc)
-        log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dataflow.cli", "serve", str(config),
-             "--set", f"dicom.receivers=[{{name: plain, host: 127.0.0.1, port: {port}}}]"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        receivers = f"dicom.receivers=[{{name: plain, host: 127.0.0.1, port: {port}}}]"
+        proc = serve(config, tmp_path / "serve.log", "--set", receivers)
         try:
             wait_for_port(port, proc=proc, timeout=120)
             # 1. a modality pushes a study with dcmtk's storescu
             sent = storescu("127.0.0.1", port, first.files, called="DATAFLOW-SEG")
             assert sent.returncode == 0, sent.stdout + sent.stderr
-            seg = wait_for(lambda: segs_in(orthanc), 180, "the first SEG in Orthanc", proc)
+            seg = wait_serving(lambda: segs_in(orthanc), 180, "the first SEG in Orthanc", proc)
             assert seg[0]["StudyInstanceUID"] == first.study_instance_uid
             # 2. Orthanc, as a PACS, sends a study it holds
             ids = [orthanc.upload(p)["ID"] for p in second.files]
             orthanc.store_to("dataflow", ids)
-            segs = wait_for(lambda: len(segs_in(orthanc)) == 2 and segs_in(orthanc), 180,
+            segs = wait_serving(lambda: len(segs_in(orthanc)) == 2 and segs_in(orthanc), 180,
                             "the second SEG in Orthanc", proc)  # fmt: skip
             assert {s["StudyInstanceUID"] for s in segs} == {
                 first.study_instance_uid, second.study_instance_uid,
@@ -105,7 +78,6 @@ def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=120)
-            log.close()
         output = (tmp_path / "serve.log").read_text()
         assert code == 0, output[-5000:]
         assert "service_stopped" in output

@@ -105,3 +105,62 @@ def test_dataflow_serve_stops_cleanly_on_sigterm_and_jobs_lists_records(config_p
     )  # fmt: skip
     assert job.id in listing.stdout and "succeeded" in listing.stdout
     assert shutil.which("true")  # nothing else left running: the leak check covers stores
+
+
+def test_retention_removes_outputs_of_finished_jobs_never_unhanded_results(tmp_path):
+    """A succeeded job past its retention loses its outputs (the record stays, with when);
+    one whose registered result was not handed over yet keeps them; a failed job is kept
+    longer. The payload is released to its connector once no job needs it (none here: the
+    jobs were submitted directly, so nothing is asked of a connector)."""
+    path = tmp_path / "service.yaml"
+    path.write_text(
+        f"state: {tmp_path / 'state'}\n"
+        f"pipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+        "retention: {succeeded: 1h, failed: 2h, interval: 1h}\n"
+    )
+    service = Service(load_config(path))
+    service.start()
+    try:
+        done = service.submit("passthrough", SAMPLES / "study-a", source={}, key="a")
+        waiting = service.submit("passthrough", SAMPLES / "study-b", source={}, key="b")
+        wait_for(lambda: service.jobs.counts().get("succeeded") == 2)
+        outputs = tmp_path / "state" / "jobs"
+        task = outputs / waiting.id / "register"
+        task.mkdir(parents=True)
+        service.jobs.add_export("task-1", waiting.id, "ClaraSCU", task)  # not handed yet
+        failed, _ = service.jobs.create("passthrough", SAMPLES / "study-c", key="c")
+        service.jobs.finished(failed.id, False, error="boom")
+        (outputs / failed.id).mkdir()
+        now = time.time()
+        assert service.reap(now) == 0  # nothing is an hour old
+        assert service.reap(now + 3601) == 1
+        assert not (outputs / done.id).exists() and (outputs / waiting.id).is_dir()
+        assert service.jobs.get(done.id).reaped is not None
+        assert service.jobs.get(done.id).state == "succeeded"  # the record stays
+        service.jobs.export_state("task-1", "handed")
+        assert service.reap(now + 3601) == 1 and not (outputs / waiting.id).exists()
+        assert (outputs / failed.id).is_dir()  # failed: kept 2 h
+        assert service.reap(now + 7201) == 1 and not (outputs / failed.id).exists()
+        assert service.reap(now + 99999) == 0  # each job once
+        assert (SAMPLES / "study-a").is_dir()  # a payload nobody released stays
+    finally:
+        service.stop()
+
+
+def test_a_jobs_db_from_before_retention_opens(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, key TEXT UNIQUE, pipeline TEXT NOT NULL,"
+        " payload TEXT NOT NULL, source TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL,"
+        " created REAL NOT NULL, started REAL, finished REAL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, stage TEXT, error TEXT);"
+        "INSERT INTO jobs (id, pipeline, payload, state, created)"
+        " VALUES ('j', 'p', 'x', 'queued', 1);"
+    )
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path / "jobs.db")
+    assert store.get("j").reaped is None and store.unfinished()[0].id == "j"
+    store.close()

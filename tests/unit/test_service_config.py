@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflow.service.config import ConfigError, load_config
+from dataflow.service.config import ConfigError, Retention, load_config, parse_duration
 
 ROOT = Path(__file__).parents[2]
 
@@ -61,6 +61,15 @@ dicom:
         ("state: s\npipelines: {a: p.yaml}\n", ["justakey"], "expected dotted.path=value"),
         ("state: s\npipelines: {a: p.yaml}\n", ["state.x=1"], "state in"),
         ("state: [\n", [], "not valid YAML"),
+        ("state: s\npipelines: {a: p.yaml}\nretention: 8h\n", [], "'retention' must be a mapping"),
+        ("state: s\npipelines: {a: p.yaml}\nretention: {keep: 1}\n", [], "unknown key.*keep"),
+        (
+            "state: s\npipelines: {a: p.yaml}\nretention: {succeeded: soon}\n",
+            [],
+            "retention.succeeded: 'soon' is not a duration",
+        ),
+        ("state: s\npipelines: {a: p.yaml}\nretention: {failed: -5}\n", [], "negative"),
+        ("state: s\npipelines: {a: p.yaml}\nretention: {interval: 0}\n", [], "positive"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, text, overrides, message):
@@ -73,3 +82,25 @@ def test_the_example_configuration_loads():
     config = load_config(ROOT / "examples" / "service.yaml")
     assert set(config.pipelines) >= {"ct-segmentation"}
     assert "dicom" in config.connectors
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(90, 90.0), ("30s", 30.0), ("10m", 600.0), ("1.5h", 5400.0), ("7d", 604800.0),
+     ("45", 45.0), (None, None), ("never", None), (0, 0.0)],
+)  # fmt: skip
+def test_durations(value, seconds):
+    assert parse_duration(value, "here") == seconds
+
+
+def test_retention_defaults_keep_everything_and_the_example_sets_it(tmp_path):
+    (tmp_path / "p.yaml").write_text("api-version: 0.5.0\n")
+    assert load_config(write(tmp_path, "state: s\npipelines: {a: p.yaml}\n")).retention == (
+        Retention(None, None, 600.0)
+    )
+    text = "state: s\npipelines: {a: p.yaml}\nretention: {succeeded: 8h, interval: 1m}\n"
+    retention = load_config(write(tmp_path, text), ["retention.failed=never"]).retention
+    assert retention == Retention(8 * 3600.0, None, 60.0)
+    assert "retention" not in load_config(write(tmp_path, text)).connectors
+    example = load_config(ROOT / "examples" / "service.yaml").retention
+    assert example.succeeded == 8 * 3600 and example.failed == 7 * 86400
