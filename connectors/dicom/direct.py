@@ -43,6 +43,7 @@ __all__ = ["DirectStore", "ProtocolSurprise"]
 
 SEND_PDU = 4 * 1024 * 1024  # the largest P-DATA we send to a peer that sets no limit
 PARK_TIMEOUT = 5.0
+MAX_RESPONSE = 1024 * 1024
 _EVENTS = (
     evt.EVT_DIMSE_SENT,
     evt.EVT_DIMSE_RECV,
@@ -217,6 +218,8 @@ class DirectStore:
         while True:
             header = self._read(6, deadline)
             kind, length = header[0], struct.unpack(">I", header[2:6])[0]
+            if length > MAX_RESPONSE:  # no C-STORE response is that long: a broken peer
+                raise ProtocolSurprise(f"a PDU of {length} bytes instead of a response")
             body = self._read(length, deadline)
             last = self._command_fragments(body, context_id)
             if kind != 0x04 or last is None:

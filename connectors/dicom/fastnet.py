@@ -124,8 +124,10 @@ class _Waker:
         self._cond = threading.Condition()
         self.held = self.parked = False
         self._outgoing = None
+        self._dul: DULServiceProvider | None = None
         if isinstance(thread, DULServiceProvider):
             self._outgoing = thread.to_provider_queue
+            self._dul = thread
             _notify_after(thread.to_provider_queue, self.poke)
             kill = thread.kill_dul
 
@@ -145,10 +147,19 @@ class _Waker:
                 self._cond.notify_all()
 
     def _sending(self) -> bool:
-        return self._outgoing is not None and not self._outgoing.empty()
+        """Something to do that parking must not delay: a primitive to send, the thread told
+        to stop, or an association no longer established or being set up (rejected, aborted,
+        released: the DUL's timers and state machine must run to close it)."""
+        dul = self._dul
+        if dul is None:
+            return False
+        if not self._outgoing.empty() or dul._kill_thread:  # type: ignore[union-attr]
+            return True
+        return dul.state_machine.current_state not in ("Sta3", "Sta6")
 
     def park(self) -> bool:
-        """In the DUL thread: wait while held and nothing is queued to send; True if it did."""
+        """In the DUL thread: wait while held and nothing else is to be done (``_sending``);
+        True if it did."""
         if not self.held:
             return False
         with self._cond:
@@ -156,7 +167,8 @@ class _Waker:
                 return False
             self.parked = True
             self._cond.notify_all()
-            self._cond.wait_for(lambda: not self.held or self._sending())
+            while self.held and not self._sending():
+                self._cond.wait(0.05)  # the state can change without a notification
             self.parked = False
             self._cond.notify_all()
         return True
@@ -267,7 +279,7 @@ def _element(tag: int, value: bytes) -> bytes:
 
 
 def _uid(value: str) -> bytes:
-    data = value.encode("ascii")
+    data = value.encode("latin-1")  # a request's bytes as received (decoded as latin-1)
     return data + b"\0" if len(data) % 2 else data
 
 

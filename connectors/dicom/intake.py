@@ -41,7 +41,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.association import Association
 
 from . import fastnet
-from .spool import PREAMBLE, file_meta_bytes, free_bytes
+from .spool import PREAMBLE, file_meta_bytes, free_bytes, valid_uid
 
 if TYPE_CHECKING:
     from .receiver import Receiver
@@ -57,6 +57,8 @@ CHUNK = 1024 * 1024  # dataset bytes read and written at a time
 _EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
            evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)  # fmt: skip
 SUCCESS, OUT_OF_RESOURCES, TOO_LARGE, FAILURE = 0x0000, 0xA700, 0xA701, 0x0110
+NOT_MATCHING = 0xA900
+RECHECK_FREE = 16 * 1024 * 1024  # bytes written between two reads of the free space
 
 
 class _GiveBack(Exception):
@@ -90,13 +92,14 @@ def _us(value: bytes | None) -> int | None:
 
 
 def _ui(value: bytes | None) -> str:
-    return value.decode("ascii", "replace").rstrip("\x00 ") if value else ""
+    return value.decode("latin-1").rstrip("\x00 ") if value else ""  # bytes kept as received
 
 
 class _Instance:
     """A C-STORE being received: its request and its temp file."""
 
     def __init__(self, receiver: Receiver, fields: dict[int, bytes], context) -> None:
+        self.receiver = receiver
         self.msg_id = _us(fields.get(0x00000110)) or 0
         self.sop_class = _ui(fields.get(0x00000002))
         self.sop_instance = _ui(fields.get(0x00001000))
@@ -106,11 +109,20 @@ class _Instance:
         self.refusal: tuple[int, str] | None = None
         self.limit = receiver.config.max_instance_size
         self.free = free_bytes(receiver.spool)
+        self._checked_at = 0  # bytes written when the free space was last read
+        self.meta = b""
+        self.path: Path | None = None
+        self.fd: int | None = None
+        if not (valid_uid(self.sop_class) and valid_uid(self.sop_instance)):
+            self.refuse(NOT_MATCHING, "the request's SOP Class or Instance UID is not a UID")
+            return
         self.meta = file_meta_bytes(self.sop_class, self.sop_instance, self.syntax,
                                     PYNETDICOM_IMPLEMENTATION_UID,
                                     PYNETDICOM_IMPLEMENTATION_VERSION)  # fmt: skip
-        self.path: Path | None = receiver.incoming / f"{uuid.uuid4().hex}.part"
-        self.fd: int | None = None
+        if receiver.below_reserve(len(PREAMBLE) + len(self.meta), self.free):
+            self.refuse(OUT_OF_RESOURCES, "disk reserve reached")
+            return
+        self.path = receiver.incoming / f"{uuid.uuid4().hex}.part"
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             self._write(PREAMBLE + self.meta)
@@ -138,6 +150,14 @@ class _Instance:
         if self.limit and self.size > self.limit:
             self.refuse(TOO_LARGE, f"instance larger than {self.limit} bytes")
             return
+        if self.size - self._checked_at >= RECHECK_FREE:  # others write to the disk too
+            self.free, self._checked_at = free_bytes(self.receiver.spool), self.size
+        needed = self.size - self._checked_at  # since the free space was read
+        if not self._checked_at:
+            needed += len(PREAMBLE) + len(self.meta)
+        if self.receiver.below_reserve(needed, self.free):
+            self.refuse(OUT_OF_RESOURCES, "disk reserve reached")
+            return
         try:
             self._write(fragment)
         except OSError as exc:
@@ -164,8 +184,6 @@ class _Instance:
         try:
             if called is None:  # cannot happen: the ACSE rejected the association
                 return FAILURE, "called AE title not configured", None
-            if receiver.below_reserve(needed, self.free):
-                return OUT_OF_RESOURCES, "disk reserve reached", None
             assert self.fd is not None and self.path is not None
             try:
                 os.fsync(self.fd)
@@ -248,30 +266,38 @@ class Intake:
 
     def _ended(self) -> bool:
         a = self.assoc
-        return self.receiver.stopping or not a.is_established or a.is_aborted or a._kill
+        if self.receiver.stopping or not a.is_established or a.is_aborted or a._kill:
+            return True
+        return self.dul.state_machine.current_state != "Sta6"  # an A-ABORT went out, say
 
     def _read(self, n: int) -> memoryview:
         """Exactly ``n`` bytes (in :attr:`buffer`); :class:`_Stop` when the association ends
-        or stays idle past the network timeout."""
+        (checked before every read), the connection breaks, or nothing arrives within the
+        network timeout."""
         if len(self.buffer) < n:
             self.buffer = bytearray(n)
         view = memoryview(self.buffer)
         got = 0
         idle_until = None if self.timeout is None else time.monotonic() + self.timeout
         while got < n:
-            if not select.select([self.sock], [], [], POLL)[0]:
-                if self._ended():
-                    raise _Stop
-                if idle_until is not None and time.monotonic() > idle_until:
-                    log.info("association_idle", calling_ae=self.assoc.requestor.ae_title,
-                             peer_host=self.assoc.requestor.address)  # fmt: skip
-                    self._abort()
-                    raise _Stop
-                continue
-            count = self.sock.recv_into(view[got:n], n - got)
+            if self._ended():
+                raise _Stop
+            try:
+                if not select.select([self.sock], [], [], POLL)[0]:
+                    if idle_until is not None and time.monotonic() > idle_until:
+                        log.info("association_idle", calling_ae=self.assoc.requestor.ae_title,
+                                 peer_host=self.assoc.requestor.address)  # fmt: skip
+                        self._abort()
+                        raise _Stop
+                    continue
+                count = self.sock.recv_into(view[got:n], n - got)
+            except (OSError, ValueError):  # reset by the peer, closed under us
+                raise _Stop from None
             if not count:
                 raise _Stop  # closed: the DUL thread sees it too once released
             got += count
+            if idle_until is not None:
+                idle_until = time.monotonic() + self.timeout
         return view[:n]
 
     def _send_response(self, item: _Instance, status: int, note: str) -> None:
@@ -296,13 +322,11 @@ class Intake:
             while True:
                 header = bytes(self._read(6))
                 kind, left = header[0], struct.unpack(">I", header[2:6])[0]
-                if kind != 0x04:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's
+                if kind != 0x04:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's, body unread
                     if item is not None:
                         item.discard()
                         item = None
-                    if left > MAX_COMMAND:
-                        raise _Malformed(f"a PDU of type 0x{kind:02X} and {left} bytes")
-                    self._give_back(pieces, header + bytes(self._read(left)))
+                    self._give_back(pieces, header)
                 while left > 0:  # the PDVs of a P-DATA-TF, read one by one
                     if left < 6:
                         raise _Malformed("malformed P-DATA-TF")
@@ -332,9 +356,14 @@ class Intake:
                         item.add(chunk)
                         count -= len(chunk)
                     if control & 0x02:
+                        if self._ended():
+                            raise _Stop  # aborted meanwhile: nothing is acknowledged
                         status, note = self.receiver.answer(
                             self.assoc, lambda it=item: it.finish(self.receiver, self.assoc)
                         )
+                        if self._ended():  # an abort went out: no answer after it
+                            item = None
+                            raise _Stop
                         self._send_response(item, status, note)
                         item = None
         finally:
@@ -356,12 +385,11 @@ class Intake:
         return _Instance(self.receiver, fields, context)
 
     def _give_back(self, pieces: list[bytes], tail: bytes = b"", rest: int = 0) -> None:
-        """Give the unserved PDVs (and the ``rest`` bytes left in the current P-DATA-TF) as
-        one P-DATA PDU, then ``tail``, back to pynetdicom."""
-        if rest > MAX_COMMAND:
-            raise _Malformed(f"{rest} bytes after a command we do not serve")
-        body = b"".join(pieces) + (bytes(self._read(rest)) if rest else b"")
-        data = (struct.pack(">BBI", 0x04, 0, len(body)) + body if body else b"") + tail
+        """Give the unserved PDVs back to pynetdicom as one P-DATA PDU whose length also
+        covers the ``rest`` bytes of the current PDU still on the socket (the DUL reads them
+        after what is given back), then ``tail``."""
+        body = b"".join(pieces)
+        data = (struct.pack(">BBI", 0x04, 0, len(body) + rest) + body if body else b"") + tail
         if data:
             fastnet.push_back(self.dul.socket, data)
         raise _GiveBack

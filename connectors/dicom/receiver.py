@@ -76,6 +76,7 @@ NOT_MATCHING = 0xA900  # UIDs missing, malformed, or not those of the request
 CANNOT_UNDERSTAND = 0xC000  # undecodable dataset
 DUPLICATE = 0x0111  # duplicate SOP instance, under duplicates="reject"
 PROCESSING_FAILURE = 0x0110  # anything unexpected (logged with the exception)
+ABORT_GRACE = 2.0  # seconds a peer has to close after our A-ABORT when the receiver stops
 
 
 class _Committer(threading.Thread):
@@ -285,8 +286,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            for assoc in self._server.active_associations:
-                assoc.abort()
+            _abort_all(self._server.active_associations)
         if self._committer is not None:
             self._committer.stop()
         if self._completer is not None:
@@ -319,8 +319,16 @@ class Receiver:
     # -- for the service --------------------------------------------------------------------
 
     def groups(self, state: str | None = None) -> list[Group]:
-        """Groups in the spool (``pending``, ``complete``, ``dispatched``, ``ignored``)."""
+        """Groups in the spool (``pending``, ``complete``, ``dispatched``, ``ignored``,
+        ``reclaimed``)."""
         return self.store.groups(state)
+
+    def reclaim(self, group_id: int) -> bool:
+        """Delete a dispatched group the service needs no more (its retention is over)."""
+        done = self.store.reclaim(group_id)
+        if done:
+            log.info("group_reclaimed", group=group_id)
+        return done
 
     def mark_dispatched(self, group_id: int) -> bool:
         """The service recorded the group's jobs: never hand it over again."""
@@ -524,8 +532,31 @@ class Receiver:
         item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
                          assoc.requestor.address)  # fmt: skip
         assert self._committer is not None
-        self._committer.submit(item)
+        try:
+            self._committer.submit(item)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # not acknowledged (stopping, or the commit failed)
+            raise
         return item.status, item.note, item.group_id
+
+
+def _abort_all(assocs, grace: float = ABORT_GRACE) -> None:
+    """A-ABORT every association at once. pynetdicom then waits for the peer to close (or its
+    ARTIM timer); a peer that goes on sending keeps it waiting: after ``grace`` seconds the
+    connection is shut down under it."""
+    aborting = [threading.Thread(target=a.abort, name="dicom-abort", daemon=True) for a in assocs]
+    for thread in aborting:
+        thread.start()
+    deadline = time.monotonic() + grace
+    for thread in aborting:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for assoc, thread in zip(assocs, aborting):
+        if thread.is_alive():
+            sock = getattr(assoc.dul.socket, "socket", None)
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    for thread in aborting:
+        thread.join(5.0)
 
 
 class _CheckingACSE(ACSE):
@@ -555,7 +586,12 @@ class _CheckingACSE(ACSE):
             return
         self.acceptor.ae_title = called
         intake = Intake.prepare(receiver, self.assoc)
-        super()._negotiate_as_acceptor()
+        try:
+            super()._negotiate_as_acceptor()
+        except BaseException:
+            if intake is not None:
+                intake.waker.release()
+            raise
         if intake is not None:
             intake.run()  # C-STOREs off the socket; pynetdicom's reactor takes the rest
 

@@ -201,7 +201,13 @@ def parse_header(fp: BinaryIO, transfer_syntax: str, offset: int = 0) -> Header:
             import zlib
 
             try:
-                inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read(), 1 << 20)
+                inflater, inflated, tail = zlib.decompressobj(-zlib.MAX_WBITS), b"", b""
+                while len(inflated) < 1 << 20 and not inflater.eof:  # the header is in there
+                    chunk = tail or fp.read(64 * 1024)
+                    if not chunk:
+                        break
+                    inflated += inflater.decompress(chunk, (1 << 20) - len(inflated))
+                    tail = inflater.unconsumed_tail
             except zlib.error as exc:
                 raise BadInstance(0xC000, f"cannot inflate the dataset: {exc}") from exc
             source: BinaryIO = io.BytesIO(inflated)

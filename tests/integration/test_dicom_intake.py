@@ -5,7 +5,9 @@ association (negotiation) with its socket taken over by the test, as ``DirectSto
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +185,147 @@ def test_a_malformed_pdu_aborts_that_association_only(tmp_path):
         finally:
             pause_reactor(good)
             good.release()
+
+
+def test_a_rejected_association_does_not_keep_its_slot(tmp_path):
+    """pynetdicom rejects past max_associations after the intake parked the DUL thread: the
+    DUL must still send the A-ASSOCIATE-RJ and close, or the slot stays taken for good."""
+    from connectors.dicom.association import AssociationFailed
+
+    with receiving(config(tmp_path, peers=[Peer("SCU")], max_associations=1)) as rx:
+        first = connect(rx.port)
+        with pytest.raises(AssociationFailed, match="rejected"):
+            connect(rx.port)
+        pause_reactor(first)
+        first.release()
+        wait_for(lambda: not rx._server.active_associations, timeout=10)
+        again = connect(rx.port)
+        pause_reactor(again)
+        again.release()
+
+
+def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abort(tmp_path):
+    import threading
+
+    files = ct(tmp_path / "ct", 1, seed=25, size=128)
+    rx = Receiver(peer_config(tmp_path)).start()
+    assoc = connect(rx.port)
+    direct = DirectStore.open(assoc)
+    assert direct is not None and direct.hold()
+    cx = ct_context(assoc)
+    data = files[0].read_bytes()[dataset_offset(files[0]) :]
+    direct.sock.sendall(pdata(pdv(cx, 0x03, command_pdv(CTImageStorage, sop_uid(files[0]), 1))))
+    stop = threading.Event()
+
+    def trickle():  # a slow peer: a fragment every 50 ms, never the last
+        for k in range(0, len(data) - 100, 100):
+            if stop.wait(0.05):
+                return
+            try:
+                direct.sock.sendall(pdata(pdv(cx, 0x00, data[k : k + 100])))
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        rx.stop()
+        assert time.monotonic() - started < 6  # the A-ABORT, then 2 s of grace at most
+        replies = b""
+        direct.sock.settimeout(2)
+        with contextlib.suppress(OSError):
+            while chunk := direct.sock.recv(65536):
+                replies += chunk
+        kinds, pos = [], 0
+        while pos + 6 <= len(replies):
+            kinds.append(replies[pos])
+            pos += 6 + struct.unpack(">I", replies[pos + 2 : pos + 6])[0]
+        assert kinds and set(kinds) == {0x07}  # A-ABORTs (one per PDU it got), no answer
+        assert not list((tmp_path / "spool" / ".incoming").glob("*.part"))
+    finally:
+        stop.set()
+        sender.join(5)
+        direct.release()
+        assoc.abort()
+
+
+def test_a_slow_but_steady_peer_is_not_idle(tmp_path):
+    files = ct(tmp_path / "ct", 1, seed=26)
+    with receiving(config(tmp_path, peers=[Peer("SCU")], network_timeout=1.0)) as rx:
+        assoc = connect(rx.port)
+        direct = DirectStore.open(assoc)
+        assert direct is not None and direct.hold()
+        try:
+            cx = ct_context(assoc)
+            data = files[0].read_bytes()[dataset_offset(files[0]) :]
+            command = command_pdv(CTImageStorage, sop_uid(files[0]), 1)
+            direct.sock.sendall(pdata(pdv(cx, 0x03, command)))
+            third = len(data) // 3
+            for part in (data[:third], data[third : 2 * third]):  # 0.6 s apart: < 1 s each
+                direct.sock.sendall(pdata(pdv(cx, 0x00, part)))
+                time.sleep(0.6)
+            direct.sock.sendall(pdata(pdv(cx, 0x02, data[2 * third :])))
+            assert direct._response(1, cx) == 0x0000
+        finally:
+            direct.release()
+            pause_reactor(assoc)
+            assoc.release()
+        assert list(stored(rx)) == [sop_uid(files[0])]
+
+
+def test_a_request_with_a_uid_that_is_not_one_is_refused_and_the_association_goes_on(tmp_path):
+    files = ct(tmp_path / "ct", 1, seed=27)
+    with receiving(peer_config(tmp_path)) as rx:
+        assoc = connect(rx.port)
+        direct = DirectStore.open(assoc)
+        assert direct is not None and direct.hold()
+        try:
+            cx = ct_context(assoc)
+            data = files[0].read_bytes()[dataset_offset(files[0]) :]
+            bad = command_pdv(CTImageStorage, "1.2.3", 1).replace(
+                b"1.2.3\0", "1.2.\u00e9".encode("latin-1") + b"\0"
+            )
+            direct.sock.sendall(pdata(pdv(cx, 0x03, bad), pdv(cx, 0x02, data)))
+            assert direct._response(1, cx) == 0xA900
+            direct.sock.sendall(
+                pdata(
+                    pdv(cx, 0x03, command_pdv(CTImageStorage, sop_uid(files[0]), 2)),
+                    pdv(cx, 0x02, data),
+                )
+            )
+            assert direct._response(2, cx) == 0x0000
+        finally:
+            direct.release()
+            pause_reactor(assoc)
+            assoc.release()
+        assert list(stored(rx)) == [sop_uid(files[0])]
+        assert not list((tmp_path / "spool" / ".incoming").glob("*.part"))
+
+
+def test_a_store_on_another_sop_classs_context_is_given_back_with_its_data_unread(tmp_path):
+    """The command names MR on the CT context, with the dataset in the same PDU: pynetdicom
+    answers it (the DUL reads the rest of that PDU off the socket) and the association goes
+    on with the direct path's successor, pynetdicom."""
+    files = ct(tmp_path / "ct", 1, seed=28)
+    with receiving(peer_config(tmp_path)) as rx:
+        assoc = connect(rx.port)
+        direct = DirectStore.open(assoc)
+        assert direct is not None and direct.hold()
+        cx = ct_context(assoc)
+        data = files[0].read_bytes()[dataset_offset(files[0]) :]
+        mr = "1.2.840.10008.5.1.4.1.1.4"
+        direct.sock.sendall(
+            pdata(pdv(cx, 0x03, command_pdv(mr, sop_uid(files[0]), 1)), pdv(cx, 0x02, data))
+        )
+        status = direct._response(1, cx)
+        direct.release()
+        try:
+            assert status != 0x0000
+            pause_reactor(assoc)
+            assert assoc.send_c_store(files[0]).Status == 0x0000
+        finally:
+            pause_reactor(assoc)
+            assoc.release()
+        assert list(stored(rx)) == [sop_uid(files[0])]

@@ -172,6 +172,7 @@ def test_pushed_back_bytes_are_read_first_and_make_the_socket_ready():
 
 def test_a_held_waker_parks_its_thread_until_released():
     assoc = Association(AE(), "requestor")
+    assoc.dul.state_machine.current_state = "Sta6"  # established: parking is allowed
     waker = fastnet.waker(assoc.dul)
     assert fastnet.waker(assoc.dul) is waker  # one per thread
     done = threading.Event()
@@ -195,3 +196,34 @@ def test_a_held_waker_parks_its_thread_until_released():
         waker.release()
     assert not fastnet.waker(assoc.dul).hold(timeout=0.05)  # nobody waits: not parked
     assert not waker.held
+
+
+@pytest.mark.parametrize("event", ["aborted", "killed", "queued"])
+def test_a_parked_thread_goes_on_when_its_association_needs_it(event):
+    """Held, a DUL thread still sends what is queued, runs when told to stop, and runs when
+    the association leaves Sta6 (an A-ABORT or A-ASSOCIATE-RJ went out: its timers must run)."""
+    assoc = Association(AE(), "requestor")
+    assoc.dul.state_machine.current_state = "Sta6"
+    waker = fastnet.waker(assoc.dul)
+    woke = threading.Event()
+
+    def dul_thread():
+        waker.park()
+        woke.set()
+
+    thread = threading.Thread(target=dul_thread)
+    waker.hold_soon()
+    thread.start()
+    try:
+        assert waker.wait_parked(2) and not woke.wait(0.1)
+        if event == "aborted":
+            assoc.dul.state_machine.current_state = "Sta13"
+        elif event == "killed":
+            assoc.dul.kill_dul()
+        else:
+            assoc.dul.to_provider_queue.put("A-ABORT")
+        assert woke.wait(2)
+        assert not waker.park()  # and it does not park again while that lasts
+    finally:
+        waker.release()
+        thread.join(2)

@@ -80,6 +80,21 @@ def test_parse_header_refuses_missing_uids(missing):
     assert err.value.status == 0xA900 and missing in str(err.value)
 
 
+@pytest.mark.parametrize("padding", [0, 300_000])  # compressed beyond one 64 KiB read
+def test_parse_header_of_a_deflated_dataset_at_an_offset(padding):
+    import zlib
+
+    # the UIDs come first; random bytes after them do not compress: many reads of the file
+    raw = _encoded(
+        **UIDS, EncapsulatedDocument=os.urandom(padding) + b"\0" * (padding % 2)
+    ).getvalue()
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(raw) + packer.flush()
+    fp = io.BytesIO(b"x" * 132 + deflated)
+    header = parse_header(fp, "1.2.840.10008.1.2.1.99", offset=132)
+    assert header == Header(*UIDS.values()) and fp.tell() == 0
+
+
 def test_parse_header_refuses_garbage():
     with pytest.raises(BadInstance) as err:
         parse_header(io.BytesIO(b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 10), EXPLICIT)
@@ -241,3 +256,33 @@ def test_file_meta_bytes_are_those_pydicom_writes(sop_class, sop_instance, synta
     assert file_meta_bytes(sop_class, sop_instance, syntax, PYNETDICOM_IMPLEMENTATION_UID,
                            PYNETDICOM_IMPLEMENTATION_VERSION) == expected  # fmt: skip
     assert file_meta_bytes(sop_class, sop_instance, syntax, "1.2.3", "ODD") != expected
+
+
+def test_reclaim_removes_a_dispatched_group_and_a_late_instance_stays_late(tmp_path):
+    spool = Spool(tmp_path, late="new-job")
+    spool.put(sop="1.1.1")
+    first = _complete_first(spool)
+    folder = spool.store.groups("complete")[0].folder
+    assert not spool.store.reclaim(first)  # complete, not dispatched: still to be handed over
+    assert spool.store.mark_dispatched(first)
+    assert spool.store.reclaim(first) and not spool.store.reclaim(first)
+    assert not folder.exists() and folder.parent.is_dir()  # only the group's own folder
+    assert spool.store.instances(first) == []
+    assert [g.id for g in spool.store.groups("reclaimed")] == [first]
+    spool.put(sop="1.1.2")  # the same study again, after its group was reclaimed
+    (late,) = spool.store.groups("pending")
+    assert late.late_of == first
+
+
+def test_a_reclaimed_groups_folder_left_by_a_crash_is_swept(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put()
+    group = _complete_first(spool)
+    spool.store.mark_dispatched(group)
+    folder = spool.store.groups("dispatched")[0].folder
+    kept = tmp_path / "kept"
+    folder.rename(kept)  # as if the process died between the commit and the deletion
+    assert spool.store.reclaim(group)
+    kept.rename(folder)
+    spool.store.sweep_pending()
+    assert not folder.exists()
