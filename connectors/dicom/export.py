@@ -41,6 +41,7 @@ from .sender import (
     echo,
     send_files,
 )
+from .stow import WebDestination, stow_echo, stow_files
 
 __all__ = [
     "Destination",
@@ -52,6 +53,7 @@ __all__ = [
     "RetryPolicy",
     "Task",
     "TransientExportError",
+    "WebDestination",
     "echo",
 ]
 
@@ -66,12 +68,13 @@ class Exporter:
     def __init__(
         self,
         outbox: Outbox,
-        destinations: Iterable[Destination] | Mapping[str, Destination],
+        destinations: Iterable[Destination | WebDestination]
+        | Mapping[str, Destination | WebDestination],
         *,
         poll_interval: float = 1.0,
     ) -> None:
         values = destinations.values() if isinstance(destinations, Mapping) else destinations
-        self.destinations: dict[str, Destination] = {}
+        self.destinations: dict[str, Destination | WebDestination] = {}
         for destination in values:
             if destination.name in self.destinations:
                 raise DestinationError(f"destination {destination.name!r} is configured twice")
@@ -154,7 +157,10 @@ class Exporter:
         """C-ECHO the destination called ``name``."""
         if name not in self.destinations:
             raise DestinationError(f"no destination {name!r}")
-        return echo(self.destinations[name])
+        destination = self.destinations[name]
+        if isinstance(destination, WebDestination):
+            return stow_echo(destination)
+        return echo(destination)
 
     # -- the worker --------------------------------------------------------------------
     def _dispatch(self, exclude: set[str] | None = None) -> list[str]:
@@ -179,16 +185,17 @@ class Exporter:
                 started.append(task.id)
         return started
 
-    def _attempt(self, task: Task, destination: Destination) -> None:
+    def _attempt(self, task: Task, destination: Destination | WebDestination) -> None:
         started, error = time.monotonic(), ""
         with self._lock:
             cancel = self._cancels[task.id]
             if self._stopping.is_set():
                 cancel.request()
         files = self.outbox.pending_files(task.id)
+        send = stow_files if isinstance(destination, WebDestination) else send_files
         try:
-            send_files(
-                destination,
+            send(
+                destination,  # type: ignore[arg-type]
                 files,
                 lambda result: self.outbox.record(task.id, result),
                 cancel=cancel,

@@ -27,6 +27,7 @@ from connectors.dicom.groups import Group
 from connectors.dicom.outbox import Outbox, RetryPolicy
 from connectors.dicom.receiver import Receiver
 from connectors.dicom.sender import Destination
+from connectors.dicom.stow import WebDestination
 from dataflow.errors import DataflowError
 
 __all__ = ["DicomConfigError", "DicomConnector", "parse_section"]
@@ -119,6 +120,29 @@ def _called_aes(section: Mapping[str, Any], pipelines: tuple[str, ...]) -> list[
     return out
 
 
+def _web_destination(name: str, entry: Mapping[str, Any], base: Path, where: str):
+    """A DICOMweb (STOW-RS) destination: ``url`` and its options."""
+    keys = {"url", "username", "password", "token", "max-associations", "batch-files",
+            "batch-size", "timeout", "tls"}  # fmt: skip
+    entry = _keys(entry, keys, where)
+    t = _keys(entry.get("tls") or {}, {"ca"}, f"{where}.tls")
+    try:
+        return WebDestination(
+            name=name,
+            url=str(entry["url"]),
+            username=str(entry["username"]) if entry.get("username") else None,
+            password=str(entry["password"]) if entry.get("password") else None,
+            token=str(entry["token"]) if entry.get("token") else None,
+            tls_ca=str(base / t["ca"]) if t.get("ca") else None,
+            max_associations=int(entry.get("max-associations", 1)),
+            batch_files=int(entry.get("batch-files", 50)),
+            batch_bytes=_size(entry.get("batch-size", "64MiB"), f"{where}.batch-size"),
+            timeout=float(entry.get("timeout", 120)),
+        )
+    except ValueError as exc:
+        raise DicomConfigError(f"dicom.{where}: {exc}") from None
+
+
 def parse_section(
     section: Mapping[str, Any], *, pipelines: tuple[str, ...], state: Path, base: Path
 ) -> tuple[list[ReceiverConfig], dict[str, Destination], RetryPolicy]:
@@ -184,6 +208,9 @@ def parse_section(
     destinations = {}
     for name, entry in (section.get("destinations") or {}).items():
         where = f"destinations.{name}"
+        if isinstance(entry, Mapping) and "url" in entry:
+            destinations[str(name)] = _web_destination(str(name), entry, base, where)
+            continue
         entry = _keys(
             entry,
             {"ae", "host", "port", "calling-ae", "max-associations", "transfer-syntax", "tls"},

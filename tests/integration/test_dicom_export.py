@@ -3,6 +3,8 @@ associations. Backoffs are short here (0.2 s doubling, capped at 0.5 s)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -23,6 +25,7 @@ from connectors.dicom.association import _Checkpoint, associate, pause_reactor
 from connectors.dicom.direct import DirectStore, _status_of, dataset_offset
 from connectors.dicom.export import Destination, Exporter, Outbox, RetryPolicy, echo
 from connectors.dicom.sender import FileResult, TransientExportError, describe_file, send_files
+from connectors.dicom.stow import WebDestination, stow_echo, stow_files
 from operators.dicom.phantom import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -453,3 +456,145 @@ def test_status_of_a_response_and_where_a_dataset_starts(tmp_path):
     del ds.file_meta.FileMetaInformationGroupLength
     ds.save_as(no_length, enforce_file_format=False)
     assert dataset_bytes(no_length) == data[dataset_offset(path) :]
+
+
+# ------------------------------------------------------------------ DICOMweb STOW-RS
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def start_orthanc_dicomweb(folder, lua: str | None = None):
+    """Orthanc with its DICOMweb plugin (Debian's orthanc-dicomweb), optionally a Lua script."""
+    if not DICOMWEB_PLUGIN.exists():
+        if os.environ.get("CI"):
+            pytest.fail("orthanc-dicomweb is not installed (.ci/run installs it)")
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    config = {
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    if lua is not None:
+        script = Path(folder) / "filter.lua"
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        script.write_text(lua)
+        config["LuaScripts"] = [str(script)]
+    return start_orthanc(folder, config=config)
+
+
+def web(orthanc, **kwargs) -> WebDestination:
+    return WebDestination("web", f"{orthanc.url}/dicom-web", **kwargs)
+
+
+def test_stow_rs_to_orthanc_as_stored_through_the_exporter(private_network, tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=5, size=64, seed=17)
+    files = list(series.files)
+    ds = pydicom.dcmread(files[2])
+    ds.compress(RLELossless, generate_instance_uid=False)
+    files[2] = tmp_path / "rle.dcm"
+    ds.save_as(files[2], enforce_file_format=True)
+    with start_orthanc_dicomweb(tmp_path / "orthanc") as orthanc:
+        assert stow_echo(web(orthanc)).ok
+        exporter = exporter_for(tmp_path, web(orthanc, batch_files=2))  # 3 requests
+        task = exporter.enqueue(files, "web")
+        exporter.run_once(timeout=60)
+        done = exporter.outbox.get(task.id)
+        assert (done.state, done.delivered) == ("succeeded", 5)
+        assert orthanc.sop_instance_uids() == set(series.sop_instance_uids)
+        for i in orthanc.instances():
+            tags = orthanc.rest("GET", f"/instances/{i}/simplified-tags")
+            with urllib.request.urlopen(
+                f"{orthanc.url}/instances/{i}/metadata/TransferSyntax"
+            ) as r:
+                syntax = r.read().decode()
+            rle = tags["SOPInstanceUID"] == series.sop_instance_uids[2]
+            assert (syntax == RLELossless) == rle  # each as it was stored
+        exporter.outbox.close()
+
+
+class FakeStowServer:
+    """A STOW-RS endpoint that answers with a chosen status and per-instance outcomes. A fake,
+    because no server that can run here refuses single instances: Orthanc 1.10 acknowledges
+    (HTTP 200, Referenced SOP Sequence) even the instances its Lua filter drops."""
+
+    def __init__(self, status: int, failed: dict[str, int], referenced: set[str]) -> None:
+        import http.server
+
+        outer = self
+        self.requests: list[bytes] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.requests.append(self.rfile.read(int(self.headers["Content-Length"])))
+                item = lambda uid, extra: {"00081155": {"vr": "UI", "Value": [uid]}, **extra}  # noqa: E731
+                body = {
+                    "00081198": {"vr": "SQ", "Value": [
+                        item(u, {"00081197": {"vr": "US", "Value": [r]}}) for u, r in failed.items()
+                    ]},
+                    "00081199": {"vr": "SQ", "Value": [item(u, {}) for u in referenced]},
+                }  # fmt: skip
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_stow_rs_outcomes_per_instance(tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=5, size=16, seed=18)
+    uids = series.sop_instance_uids
+    infos = [(i, describe_file(p)) for i, p in enumerate(series.files)]
+    fake = FakeStowServer(202, {uids[1]: 0xA900, uids[2]: 0xA700}, {uids[0], uids[4]})
+    try:
+        results: list[FileResult] = []
+        stow_files(WebDestination("web", fake.url, username="dataflow", password="s3cret"),
+                   infos, results.append)  # fmt: skip
+        outcomes = [(r.index, r.outcome, r.error) for r in results]
+        assert outcomes == [
+            (0, "delivered", ""),
+            (1, "permanent", "STOW-RS failure 0xA900"),
+            (2, "transient", "STOW-RS failure 0xA700"),
+            (3, "permanent", "HTTP 202: not acknowledged"),
+            (4, "delivered", ""),
+        ]
+        (request,) = fake.requests  # one multipart request, the files' own bytes in it
+        assert all(path.read_bytes() in request for path in series.files)
+    finally:
+        fake.close()
+    conflict = FakeStowServer(409, {uids[1]: 0xC000}, set())
+    try:
+        results = []
+        stow_files(WebDestination("web", conflict.url), infos[:3], results.append)
+        assert [r.outcome for r in results] == ["transient", "permanent", "transient"]
+    finally:
+        conflict.close()
+
+
+def test_stow_rs_to_a_server_that_is_down_or_a_wrong_url(private_network, tmp_path):
+    series = write_ct_series(tmp_path / "series", slices=1, size=16, seed=19)
+    infos = [(0, describe_file(series.files[0]))]
+    down = WebDestination("web", f"http://127.0.0.1:{free_port()}/dicom-web")
+    with pytest.raises(TransientExportError, match="ConnectionRefused"):
+        stow_files(down, infos, lambda r: None)
+    assert not stow_echo(down).ok
+    with start_orthanc_dicomweb(tmp_path / "orthanc") as orthanc:
+        wrong = WebDestination("web", f"{orthanc.url}/no-such-root")
+        with pytest.raises(TransientExportError, match="HTTP 404"):
+            stow_files(wrong, infos, lambda r: None)
+        exporter = exporter_for(tmp_path, down)
+        task = exporter.enqueue(series.files, "web")
+        exporter.run_once(timeout=30)
+        pending = exporter.outbox.get(task.id)
+        assert pending.state == "pending" and "ConnectionRefused" in pending.last_error
+        exporter.outbox.close()

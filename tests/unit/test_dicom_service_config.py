@@ -55,8 +55,38 @@ def test_the_example_maps_onto_receivers_destinations_and_retries(tmp_path, monk
           "destinations": {"PACS": {"ae": "X", "host": "h"}}}, "destinations.PACS: 'port'"),
         ({"ae-titles": {"A": {"pipelines": ["seg"]}},
           "receivers": [{"tls": {"cert": "no.pem", "key": "no.key"}}]}, "no.pem does not exist"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+          "destinations": {"WEB": {"url": "ftp://pacs/dicom-web"}}}, "WEB: .* must be http"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+          "destinations": {"WEB": {"url": "http://u:p@pacs/dicom-web"}}}, "not the url"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+          "destinations": {"WEB": {"url": "http://pacs/x", "ae": "X"}}}, "WEB: unknown key"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+          "destinations": {"WEB": {"url": "http://pacs/x", "username": "u"}}}, "needs a password"),
     ],
 )  # fmt: skip
 def test_mistakes_are_named(tmp_path, section, message):
     with pytest.raises(DicomConfigError, match=message):
         parse(section, tmp_path)
+
+
+def test_a_destination_with_a_url_is_dicomweb(tmp_path):
+    from connectors.dicom.stow import WebDestination
+
+    section = {
+        "ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
+        "destinations": {
+            "PACS": {"ae": "PACS", "host": "10.0.0.5", "port": 104},
+            "WEB": {"url": "https://pacs.example/dicom-web", "token": "abc", "batch-files": 10,
+                    "batch-size": "16MiB", "max-associations": 2, "tls": {"ca": "ca.pem"}},
+        },
+    }  # fmt: skip
+    _, destinations, _ = parse(section, tmp_path)
+    web = destinations["WEB"]
+    assert isinstance(web, WebDestination) and not isinstance(destinations["PACS"], WebDestination)
+    assert (web.url, web.token, web.batch_files, web.batch_bytes, web.max_associations) == (
+        "https://pacs.example/dicom-web", "abc", 10, 16 * 1024**2, 2,
+    )  # fmt: skip
+    assert web.tls_ca == str(tmp_path / "ca.pem")
+    assert web._headers()["Authorization"] == "Bearer abc"
+    assert "abc" not in web.describe()
