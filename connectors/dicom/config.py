@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from dataflow.errors import DataflowError
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
 __all__ = [
     "CalledAE",
     "Peer",
@@ -63,6 +65,9 @@ class CalledAE:
             acknowledged and recorded in a group of state ``ignored`` that is never handed
             over) or ``"rerun"`` (a new group holding the completed group's instances plus the
             late ones, so the pipeline runs again on the whole).
+        ignored_sop_classes: SOP Class UIDs whose instances are acknowledged (Success) and
+            dropped: neither stored nor grouped (Clara's ``ignoredSopClasses``; e.g. the
+            secondary captures or structured reports a modality sends along with images).
     """
 
     ae_title: str
@@ -71,6 +76,10 @@ class CalledAE:
     timeout: float = 5.0
     complete_on_release: bool = False
     late: LatePolicy = "new-job"
+    ignored_sop_classes: list[str] = field(default_factory=list)
+
+    def ignores(self, sop_class: str) -> bool:
+        return sop_class in self.ignored_sop_classes
 
 
 @dataclass
@@ -167,6 +176,10 @@ class ReceiverConfig:
                 raise ReceiverConfigError(f"{where}.timeout must be > 0 seconds")
             if not all(isinstance(r, str) and r for r in called.routes):
                 raise ReceiverConfigError(f"{where}.routes must be pipeline names")
+            bad = [u for u in called.ignored_sop_classes if not _UID.match(str(u))]
+            if bad:
+                raise ReceiverConfigError(f"{where}.ignored_sop_classes: {bad} are not UIDs")
+            called.ignored_sop_classes = [str(u) for u in called.ignored_sop_classes]
         for i, peer in enumerate(self.peers):
             peer.ae_title = _check_ae(peer.ae_title, f"peers[{i}]")
         if self.duplicates not in ("overwrite", "keep-first", "reject"):

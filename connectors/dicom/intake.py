@@ -98,7 +98,7 @@ def _ui(value: bytes | None) -> str:
 class _Instance:
     """A C-STORE being received: its request and its temp file."""
 
-    def __init__(self, receiver: Receiver, fields: dict[int, bytes], context) -> None:
+    def __init__(self, receiver: Receiver, fields: dict[int, bytes], context, called) -> None:
         self.receiver = receiver
         self.msg_id = _us(fields.get(0x00000110)) or 0
         self.sop_class = _ui(fields.get(0x00000002))
@@ -115,6 +115,9 @@ class _Instance:
         self.fd: int | None = None
         if not (valid_uid(self.sop_class) and valid_uid(self.sop_instance)):
             self.refuse(NOT_MATCHING, "the request's SOP Class or Instance UID is not a UID")
+            return
+        if called is not None and called.ignores(self.sop_class):
+            self.refusal = (SUCCESS, "ignored")  # acknowledged, read and dropped
             return
         self.meta = file_meta_bytes(self.sop_class, self.sop_instance, self.syntax,
                                     PYNETDICOM_IMPLEMENTATION_UID,
@@ -382,7 +385,8 @@ class Intake:
         assert fields is not None and context is not None
         if _ui(fields.get(0x00000002)) != str(context.abstract_syntax):
             self._give_back(pieces, rest=left)  # pynetdicom answers a mismatched SOP class
-        return _Instance(self.receiver, fields, context)
+        called = self.receiver.config.called(self.assoc.acceptor.ae_title)
+        return _Instance(self.receiver, fields, context, called)
 
     def _give_back(self, pieces: list[bytes], tail: bytes = b"", rest: int = 0) -> None:
         """Give the unserved PDVs back to pynetdicom as one P-DATA PDU whose length also

@@ -76,6 +76,7 @@ NOT_MATCHING = 0xA900  # UIDs missing, malformed, or not those of the request
 CANNOT_UNDERSTAND = 0xC000  # undecodable dataset
 DUPLICATE = 0x0111  # duplicate SOP instance, under duplicates="reject"
 PROCESSING_FAILURE = 0x0110  # anything unexpected (logged with the exception)
+IGNORED = "ignored: its SOP class is in ignored_sop_classes"  # Success, nothing stored
 ABORT_GRACE = 2.0  # seconds a peer has to close after our A-ABORT when the receiver stops
 
 
@@ -425,7 +426,8 @@ class Receiver:
         stats = self._assocs.pop(id(event.assoc), {"stored": 0, "failed": 0, "groups": set()})
         r = event.assoc.requestor
         log.info(f"association_{how}", calling_ae=r.ae_title, peer_host=r.address,
-                 stored=stats["stored"], failed=stats["failed"])  # fmt: skip
+                 stored=stats["stored"], failed=stats["failed"],
+                 ignored=stats.get("ignored", 0))  # fmt: skip
         return stats
 
     def _on_released(self, event) -> None:
@@ -461,6 +463,9 @@ class Receiver:
         except Exception as exc:
             log.exception("store_failed", calling_ae=calling, peer_host=host)
             status, note, group_id = PROCESSING_FAILURE, type(exc).__name__, None
+        if status == SUCCESS and group_id is None:  # its SOP class is ignored: dropped
+            stats["ignored"] = stats.get("ignored", 0) + 1
+            return SUCCESS, ""
         if status == SUCCESS:
             stats["stored"] += 1
             stats["groups"].add(group_id)
@@ -476,6 +481,8 @@ class Receiver:
         if called is None:  # cannot happen: the ACSE rejected the association
             return PROCESSING_FAILURE, "called AE title not configured", None
         request = event.request
+        if called.ignores(str(request.AffectedSOPClassUID)):
+            return SUCCESS, IGNORED, None
         stream = request.DataSet
         size = stream.getbuffer().nbytes
         if self.config.max_instance_size and size > self.config.max_instance_size:

@@ -88,6 +88,10 @@ def _keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
     return dict(data)
 
 
+def _list(value: Any) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 def _called_aes(section: Mapping[str, Any], pipelines: tuple[str, ...]) -> list[CalledAE]:
     titles = section.get("ae-titles")
     if not isinstance(titles, Mapping) or not titles:
@@ -95,9 +99,9 @@ def _called_aes(section: Mapping[str, Any], pipelines: tuple[str, ...]) -> list[
     out = []
     for title, entry in titles.items():
         where = f"ae-titles.{title}"
-        entry = _keys(
-            entry or {}, {"pipelines", "group-by", "timeout", "complete-on-release", "late"}, where
-        )
+        keys = {"pipelines", "group-by", "timeout", "complete-on-release", "late",
+                "ignored-sop-classes"}  # fmt: skip
+        entry = _keys(entry or {}, keys, where)
         routes = entry.get("pipelines") or []
         if isinstance(routes, str):
             routes = [routes]
@@ -115,6 +119,7 @@ def _called_aes(section: Mapping[str, Any], pipelines: tuple[str, ...]) -> list[
                 timeout=float(entry.get("timeout", 5)),
                 complete_on_release=bool(entry.get("complete-on-release", False)),
                 late=entry.get("late", "new-job"),
+                ignored_sop_classes=_list(entry.get("ignored-sop-classes")),
             )
         )
     return out

@@ -329,3 +329,33 @@ def test_a_store_on_another_sop_classs_context_is_given_back_with_its_data_unrea
             pause_reactor(assoc)
             assoc.release()
         assert list(stored(rx)) == [sop_uid(files[0])]
+
+
+def test_ignored_sop_classes_on_pynetdicoms_path_too(tmp_path, monkeypatch):
+    """After a C-ECHO pynetdicom serves the association: an ignored SOP class is dropped there
+    as on the direct path."""
+    from test_dicom_receiver import SECONDARY_CAPTURE, secondary_capture
+
+    from connectors.dicom.config import CalledAE
+
+    files = ct(tmp_path / "ct", 2, seed=29)
+    sc = secondary_capture(files[0], tmp_path / "sc.dcm")
+    called = [CalledAE(AET, routes=["ct"], timeout=30, ignored_sop_classes=[SECONDARY_CAPTURE])]
+    counts = counting(monkeypatch)
+    contexts = [*CONTEXTS, (SECONDARY_CAPTURE, [ExplicitVRLittleEndian])]
+    with receiving(config(tmp_path, called=called, peers=[Peer("SCU")])) as rx:
+        assoc = connect(rx.port, contexts)
+        try:
+            for path in (sc, files[0]):  # the direct path
+                pause_reactor(assoc)
+                assert assoc.send_c_store(path).Status == 0x0000
+            pause_reactor(assoc)
+            assert assoc.send_c_echo().Status == 0x0000
+            for path in (sc, files[1]):  # pynetdicom's
+                pause_reactor(assoc)
+                assert assoc.send_c_store(path).Status == 0x0000
+        finally:
+            pause_reactor(assoc)
+            assoc.release()
+        assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
+    assert counts == {"intake": 2, "pynetdicom": 2}

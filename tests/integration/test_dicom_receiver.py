@@ -479,3 +479,31 @@ def test_workers_stop_when_the_main_receiver_is_killed(tmp_path):
 def test_threads_left_behind_are_ours_only():
     names = [t.name for t in threading.enumerate()]
     assert not [n for n in names if n.startswith(("dicom-", "AcceptorThread"))]
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def secondary_capture(source: Path, target: Path) -> Path:
+    """A copy of ``source`` as a Secondary Capture instance (what a modality sends along)."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_ignored_sop_classes_are_acknowledged_and_dropped(tmp_path):
+    files = ct(tmp_path / "ct", 2, seed=41)
+    sc = secondary_capture(files[0], tmp_path / "sc.dcm")
+    called = [CalledAE(AET, routes=["ct"], timeout=30, complete_on_release=True,
+                       ignored_sop_classes=[SECONDARY_CAPTURE])]  # fmt: skip
+    with receiving(config(tmp_path, called=called)) as rx:
+        result = storescu(HOST, rx.port, [files[0], sc, files[1]], called=AET, extra=["-v"])
+        assert statuses(result.stdout + result.stderr) == ["Success"] * 3
+        assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
+        (group,) = wait_for(lambda: rx.got)  # completed on release, the SC not in it
+        assert group.instances == 2
+        assert not list(rx.spool.rglob("*.part"))

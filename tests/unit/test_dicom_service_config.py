@@ -90,3 +90,17 @@ def test_a_destination_with_a_url_is_dicomweb(tmp_path):
     assert web.tls_ca == str(tmp_path / "ca.pem")
     assert web._headers()["Authorization"] == "Bearer abc"
     assert "abc" not in web.describe()
+
+
+def test_ignored_sop_classes_per_ae_title(tmp_path):
+    section = {"receivers": [{}], "ae-titles": {
+        "A": {"pipelines": ["seg"], "ignored-sop-classes": ["1.2.840.10008.5.1.4.1.1.7"]},
+        "B": {"pipelines": ["seg"], "ignored-sop-classes": "1.2.840.10008.5.1.4.1.1.88.11"},
+    }}  # fmt: skip
+    (receiver,), _, _ = parse(section, tmp_path)
+    assert receiver.called("A").ignores("1.2.840.10008.5.1.4.1.1.7")
+    assert not receiver.called("A").ignores("1.2.840.10008.5.1.4.1.1.2")
+    assert receiver.called("B").ignored_sop_classes == ["1.2.840.10008.5.1.4.1.1.88.11"]
+    section["ae-titles"]["A"]["ignored-sop-classes"] = ["SC"]
+    with pytest.raises(DicomConfigError, match=r"ignored_sop_classes: \['SC'\] are not UIDs"):
+        parse(section, tmp_path)
