@@ -212,10 +212,17 @@ def jobs(
     state: str = typer.Option(None, help="Only jobs in this state (queued, running, ...)."),
     limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
     as_json: bool = typer.Option(False, "--json", help="One JSON record per line."),
+    retry: list[str] = typer.Option(
+        None,
+        "--retry",
+        metavar="JOB_ID",
+        help="Queue this failed job again (repeatable); a running service picks it up.",
+    ),
 ) -> None:
-    """List the service's job records, newest first."""
+    """List the service's job records, newest first; or, with --retry, queue failed jobs again."""
     from dataflow.errors import DataflowError
-    from dataflow.service.main import format_jobs, open_jobs
+    from dataflow.service.jobs import RetryRefused
+    from dataflow.service.main import format_jobs, format_retried, open_jobs
 
     try:
         store = open_jobs(target)
@@ -223,7 +230,18 @@ def jobs(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
-        typer.echo(format_jobs(store.list(state=state, limit=limit), as_json=as_json))
+        if not retry:
+            typer.echo(format_jobs(store.list(state=state, limit=limit), as_json=as_json))
+            return
+        refused = 0
+        for job_id in retry:
+            try:
+                typer.echo(format_retried(store.retry(job_id), as_json=as_json))
+            except RetryRefused as exc:
+                typer.echo(f"error: {exc}", err=True)
+                refused += 1
+        if refused:
+            raise typer.Exit(1)
     finally:
         store.close()
 

@@ -11,6 +11,11 @@ to do: ``queued`` and ``running`` jobs run again; exports not yet ``handed`` are
 (connectors deduplicate by task id). ``reaped`` records when retention removed a finished
 job's outputs (the record itself stays).
 
+A ``failed`` job can be put back to ``queued`` (:meth:`JobStore.retry`, ``dataflow jobs
+--retry``, from another process while the service runs); ``last_error`` keeps what it failed
+with. Taking a queued job is one conditional update (:meth:`JobStore.started`), so a job
+queued by two threads or processes at once runs once.
+
 ``key`` makes submission idempotent: a source that hands the same work twice (a receiver
 restarted between recording a job and marking its group dispatched) gets the same job back.
 """
@@ -27,7 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JOB_STATES", "JobRecord", "JobStore"]
+from dataflow.errors import DataflowError
+
+__all__ = ["JOB_STATES", "JobRecord", "JobStore", "RetryRefused"]
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 
@@ -45,7 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     stage TEXT,
     error TEXT,
-    reaped REAL
+    reaped REAL,
+    last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS exports (
@@ -74,6 +82,7 @@ class JobRecord:
     stage: str | None
     error: str | None
     reaped: float | None = None  # when retention removed its outputs
+    last_error: str | None = None  # "STAGE: ERROR" of the failed attempt last retried
 
     @property
     def seconds(self) -> float | None:
@@ -83,6 +92,10 @@ class JobRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "seconds": self.seconds}
+
+
+class RetryRefused(DataflowError):
+    """A job cannot be retried (the message names the job and says why)."""
 
 
 class JobStore:
@@ -96,8 +109,10 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "reaped" not in columns:  # a jobs.db from before retention
-            self._db.execute("ALTER TABLE jobs ADD COLUMN reaped REAL")
+        # a jobs.db from before retention, or before retries: added in the schema's order
+        for column, kind in (("reaped", "REAL"), ("last_error", "TEXT")):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -137,11 +152,16 @@ class JobStore:
             raise KeyError(f"no job {job_id!r} in {self.path}")
         return rows[0]
 
-    def started(self, job_id: str) -> None:
-        self._write(
-            "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE id = ?",
-            (time.time(), job_id),
+    def started(self, job_id: str, *, was: tuple[str, ...] = ("queued",)) -> bool:
+        """Mark a job ``running`` (one attempt more) if its state is one of ``was``; returns
+        whether it was. Of two takers of one queued job (the thread that submitted it and the
+        service's watcher, or two processes), only one gets it."""
+        cursor = self._write(
+            "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1"
+            f" WHERE id = ? AND state IN ({', '.join('?' * len(was))})",
+            (time.time(), job_id, *was),
         )
+        return cursor.rowcount == 1
 
     def finished(
         self, job_id: str, ok: bool, *, stage: str | None = None, error: str | None = None
@@ -151,11 +171,47 @@ class JobStore:
             ("succeeded" if ok else "failed", time.time(), stage, error, job_id),
         )
 
-    def unfinished(self) -> list[JobRecord]:
-        """Jobs to run (again) at start: queued, or running when the service stopped."""
+    def unfinished(self, states: tuple[str, ...] = ("queued", "running")) -> list[JobRecord]:
+        """Jobs to run (again), oldest first: at start, queued or running when the service
+        stopped; while it runs, ``("queued",)``: those recorded by another process (a retry)."""
         return self._rows(
-            "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created"
+            f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))}) ORDER BY created",
+            states,
         )
+
+    def retry(self, job_id: str) -> JobRecord:
+        """Put a failed job back to ``queued``: a running service picks it up within seconds,
+        a stopped one at its next start. Its stage, error, start and end are cleared,
+        ``attempts`` is kept and ``last_error`` keeps what it failed with. Refused
+        (:class:`RetryRefused`, saying why) for an unknown job, one that is not ``failed``,
+        one whose outputs retention removed (``reaped``: its study may be gone too) and one
+        whose payload folder no longer exists."""
+        try:
+            job = self.get(job_id)
+        except KeyError as exc:
+            raise RetryRefused(exc.args[0]) from None
+        if job.state != "failed":
+            raise RetryRefused(f"job {job_id} is {job.state}: only a failed job can be retried")
+        if job.reaped is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.reaped))
+            raise RetryRefused(
+                f"job {job_id}: retention removed its outputs at {when} (its study may be gone "
+                "too): re-send the study"
+            )
+        if not Path(job.payload).is_dir():
+            raise RetryRefused(
+                f"job {job_id}: its payload folder {job.payload} no longer exists: re-send the "
+                "study"
+            )
+        error = f"{job.stage}: {job.error}" if job.stage else job.error
+        cursor = self._write(
+            "UPDATE jobs SET state = 'queued', started = NULL, finished = NULL, stage = NULL,"
+            " error = NULL, last_error = ? WHERE id = ? AND state = 'failed' AND reaped IS NULL",
+            (error, job_id),
+        )
+        if cursor.rowcount != 1:  # retried or reaped meanwhile, by another process
+            raise RetryRefused(f"job {job_id} changed while it was retried: try again")
+        return self.get(job_id)
 
     def list(self, *, state: str | None = None, limit: int = 100) -> list[JobRecord]:
         if state is not None:
@@ -186,8 +242,14 @@ class JobStore:
             )
         return due
 
-    def mark_reaped(self, job_id: str) -> None:
-        self._write("UPDATE jobs SET reaped = ? WHERE id = ?", (time.time(), job_id))
+    def mark_reaped(self, job_id: str, state: str) -> bool:
+        """Record that retention removes the job's outputs, if it is still ``state`` and not
+        reaped; returns whether it was (a job retried meanwhile is not reaped)."""
+        cursor = self._write(
+            "UPDATE jobs SET reaped = ? WHERE id = ? AND state = ? AND reaped IS NULL",
+            (time.time(), job_id, state),
+        )
+        return cursor.rowcount == 1
 
     def payload_in_use(self, payload: str) -> bool:
         """Whether a job over ``payload`` is not reaped yet (it still needs its input)."""
@@ -227,8 +289,8 @@ class JobStore:
 
 def _record(row: tuple) -> JobRecord:
     (job_id, key, pipeline, payload, source, state, created, started, finished, attempts,
-     stage, error, reaped) = row  # fmt: skip
+     stage, error, reaped, last_error) = row  # fmt: skip
     return JobRecord(
         job_id, key, pipeline, payload, json.loads(source), state, created, started, finished,
-        attempts, stage, error, reaped,
+        attempts, stage, error, reaped, last_error,
     )  # fmt: skip

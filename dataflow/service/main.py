@@ -1,4 +1,4 @@
-"""``dataflow serve`` and ``dataflow jobs``: the service's process and its job listing."""
+"""``dataflow serve`` and ``dataflow jobs``: the service's process, its job listing and retries."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataflow.service.config import load_config
 from dataflow.service.jobs import JobRecord, JobStore
 from dataflow.service.service import Service
 
-__all__ = ["format_jobs", "open_jobs", "serve_forever"]
+__all__ = ["format_jobs", "format_retried", "open_jobs", "serve_forever"]
 
 log = structlog.get_logger("dataflow.service")
 
@@ -80,5 +80,16 @@ def format_jobs(jobs: Sequence[JobRecord], *, as_json: bool = False) -> str:
         line = f"{job.id:<24} {job.pipeline:<18} {job.state:<10} {ae:<16} {created:<20} {seconds}"
         if job.error:
             line += f"\n    {job.stage or '?'}: {job.error}"
+        elif job.last_error:
+            line += f"\n    retried after {job.last_error}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def format_retried(job: JobRecord, *, as_json: bool = False) -> str:
+    """One line for a job put back to ``queued`` by ``dataflow jobs --retry``."""
+    if as_json:
+        return json.dumps(job.as_dict())
+    tries = f"{job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+    error = next(iter((job.last_error or "").splitlines()), "no error recorded")
+    return f"{job.id} queued again ({job.pipeline}; {tries} so far, the last failed: {error})"

@@ -9,6 +9,8 @@
 - Job records live in ``STATE/jobs.db`` (:mod:`dataflow.service.jobs`); a job is recorded
   before it runs, and its end before its results are exported, so a restart resumes: jobs
   that were queued or running run again, exports not yet handed over are handed over.
+- A watcher thread takes ``queued`` jobs another process recorded while the service runs
+  (``dataflow jobs --retry``): each is taken once, by a conditional update of its record.
 
 ``dataflow/`` never imports ``connectors/``: connectors are found by entry point name.
 """
@@ -111,6 +113,8 @@ class Service:
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self.watch_interval = 1.0  # seconds between looks for jobs queued by another process
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ life cycle
@@ -162,6 +166,8 @@ class Service:
         if retention.succeeded is not None or retention.failed is not None:
             self._reaper = threading.Thread(target=self._reap_loop, name="retention", daemon=True)
             self._reaper.start()
+        self._watcher = threading.Thread(target=self._watch_loop, name="job watcher", daemon=True)
+        self._watcher.start()
         log.info("service_started", pipelines=list(self.executors), state=str(self.config.state))
 
     def _serve(self, name: str, executor: LocalExecutor, feed: JobFeed, ready) -> None:
@@ -181,9 +187,10 @@ class Service:
         """Connectors stop taking work, each pipeline finishes its jobs in flight (their
         results are handed to export), then the connectors stop."""
         self._stopping.set()
-        if self._reaper is not None:
-            self._reaper.join(timeout=60)
-            self._reaper = None
+        for thread in (self._reaper, self._watcher):
+            if thread is not None:
+                thread.join(timeout=60)
+        self._reaper = self._watcher = None
         connectors = list(reversed(list(self.connectors.items())))
         for step in ("stop_intake", "stop"):
             for name, connector in connectors:
@@ -205,14 +212,28 @@ class Service:
         log.info("service_stopped")
 
     def _resume(self) -> None:
+        self._take_unfinished(("queued", "running"), "job_resumed")
+
+    def _watch_loop(self) -> None:
+        """Take the jobs queued by another process (``dataflow jobs --retry``) while we run."""
+        while not self._stopping.wait(self.watch_interval):
+            try:
+                self._take_unfinished(("queued",), "job_picked_up")
+            except Exception:
+                log.exception("job_watch_failed")
+
+    def _take_unfinished(self, states: tuple[str, ...], event: str) -> None:
+        """Queue every job in one of ``states`` (oldest first) that nobody took meanwhile;
+        one whose pipeline is no longer configured fails."""
         assert self.jobs is not None
-        for job in self.jobs.unfinished():
+        for job in self.jobs.unfinished(states):
             if job.pipeline not in self.feeds:
                 self.jobs.finished(job.id, False, error=f"pipeline {job.pipeline!r} is no "
                                    "longer configured")  # fmt: skip
                 continue
-            log.info("job_resumed", job_id=job.id, pipeline=job.pipeline, was=job.state)
-            self._queue(job)
+            if self._queue(job, was=states):
+                log.info(event, job_id=job.id, pipeline=job.pipeline, was=job.state,
+                         attempts=job.attempts)  # fmt: skip
 
     def resume_exports(self) -> int:
         """Hand over again every export recorded but not handed (after connectors start)."""
@@ -242,15 +263,30 @@ class Service:
             self._queue(job)
         return job
 
-    def _queue(self, job: JobRecord) -> None:
+    def _queue(self, job: JobRecord, *, was: tuple[str, ...] = ("queued",)) -> bool:
+        """Hand the job to its pipeline, unless it is no longer in a state of ``was`` (taken
+        already: by :meth:`submit` or by the watcher). Every attempt starts without outputs:
+        those of an attempt that failed or was cut short are removed first."""
         assert self.jobs is not None
-        self.jobs.started(job.id)
+        if not self.jobs.started(job.id, was=was):
+            return False
+        self._remove_outputs(job)
         self.feeds[job.pipeline].put(job.id, job.payload)
+        return True
+
+    def _remove_outputs(self, job: JobRecord) -> None:
+        outputs = self.jobs_dir / job.id
+        if outputs.parent == self.jobs_dir and outputs.name == job.id:  # never elsewhere
+            shutil.rmtree(outputs, ignore_errors=True)
 
     def _finished(self, pipeline: str, result: JobResult) -> None:
         from dataflow.run import write_result
 
         assert self.jobs is not None
+        # The executor refuses a job id it has seen; this one is retired (its result is
+        # reported), and the job records guard against duplicates, so let it run the id again
+        # (a retry). In the pipeline's own thread, before the record says the job ended.
+        self.executors[pipeline].core.submitted.discard(result.job)
         try:
             write_result(self.jobs_dir, result)
         except OSError as exc:
@@ -303,10 +339,9 @@ class Service:
         for job in self.jobs.due_for_reaping(time.time() if now is None else now, keep):
             if self._stopping.is_set() and now is None:
                 break
-            outputs = self.jobs_dir / job.id
-            if outputs.parent == self.jobs_dir and outputs.name == job.id:  # never elsewhere
-                shutil.rmtree(outputs, ignore_errors=True)
-            self.jobs.mark_reaped(job.id)
+            if not self.jobs.mark_reaped(job.id, job.state):
+                continue  # retried meanwhile (dataflow jobs --retry): it needs its payload
+            self._remove_outputs(job)  # after the record says so: a retry is refused now
             reaped += 1
             log.info("job_reaped", job_id=job.id, pipeline=job.pipeline, state=job.state)
             if not self.jobs.payload_in_use(job.payload):

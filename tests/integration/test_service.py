@@ -164,3 +164,103 @@ def test_a_jobs_db_from_before_retention_opens(tmp_path):
     store = JobStore(tmp_path / "jobs.db")
     assert store.get("j").reaped is None and store.unfinished()[0].id == "j"
     store.close()
+
+
+def test_a_failed_job_retried_through_the_cli_runs_again_in_the_running_service(
+    config_path, tmp_path
+):
+    """A study whose folder was not there yet fails; once it is, `dataflow jobs --retry`
+    (another process) queues the job again and the running service picks it up by itself:
+    the same job id, its attempts counted, what it failed with kept in last_error."""
+    from cli import dataflow
+
+    payload = tmp_path / "late-study"
+    service = Service(load_config(config_path))
+    service.start()
+    try:
+        job = service.submit("passthrough", payload, source={}, key="late")
+        wait_for(lambda: service.jobs.get(job.id).state == "failed")
+        refused = dataflow("jobs", config_path, "--retry", job.id)
+        assert refused.returncode == 1
+        assert f"{payload} no longer exists" in refused.stderr
+        payload.mkdir()
+        shutil.copy(SAMPLES / "study-a" / "volume.npy", payload)
+        (tmp_path / "state" / "jobs" / job.id).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "state" / "jobs" / job.id / "stale.txt").write_text("first attempt")
+        out = dataflow("jobs", config_path, "--retry", job.id)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"{job.id} queued again (passthrough; 1 attempt so far")
+        wait_for(lambda: service.jobs.get(job.id).state == "succeeded", timeout=30)
+        again = dataflow("jobs", config_path, "--retry", job.id)
+        assert again.returncode == 1
+        assert f"job {job.id} is succeeded: only a failed job" in again.stderr
+    finally:
+        service.stop()
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    record = store.get(job.id)
+    store.close()
+    assert record.state == "succeeded" and record.attempts == 2 and not record.error
+    assert record.last_error.startswith("npy-to-array: ") and "found 0" in record.last_error
+    outputs = tmp_path / "state" / "jobs" / job.id
+    assert (outputs / "compare" / "report" / "comparison.json").is_file()
+    assert not (outputs / "stale.txt").exists()  # the retry started without old outputs
+    listing = dataflow("jobs", config_path)
+    assert "retried after npy-to-array: " in listing.stdout
+
+
+def test_retry_refuses_unknown_unfailed_reaped_and_payload_less_jobs(config_path, tmp_path):
+    """Each refusal names the job and why, and exits 1; the one retryable job among them is
+    queued again (stage, error, start and end cleared, attempts kept) and runs at the next
+    start of the service."""
+    from cli import dataflow
+
+    store = JobStore(tmp_path / "state" / "jobs.db")
+
+    def job(key: str, payload: Path, ok: bool | None) -> str:
+        record, _ = store.create("passthrough", payload, key=key)
+        if ok is not None:
+            store.started(record.id)
+            store.finished(record.id, ok, stage="compare", error=None if ok else "boom")
+        return record.id
+
+    queued = job("queued", SAMPLES / "study-a", None)
+    succeeded = job("succeeded", SAMPLES / "study-a", True)
+    reaped = job("reaped", SAMPLES / "study-b", False)
+    assert store.mark_reaped(reaped, "failed")
+    gone = job("gone", tmp_path / "gone", False)
+    failed = job("failed", SAMPLES / "study-b", False)
+    store.close()
+    out = dataflow(
+        "jobs", tmp_path / "state",
+        *("--retry", "nope", "--retry", queued, "--retry", succeeded, "--retry", reaped),
+        *("--retry", gone, "--retry", failed),
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        f"{failed} queued again (passthrough; 1 attempt so far, the last failed: compare: boom)"
+    ]
+    errors = out.stderr.splitlines()
+    assert errors[0].startswith("error: no job 'nope' in ")
+    assert errors[1] == f"error: job {queued} is queued: only a failed job can be retried"
+    assert errors[2] == f"error: job {succeeded} is succeeded: only a failed job can be retried"
+    assert errors[3].startswith(f"error: job {reaped}: retention removed its outputs at ")
+    assert errors[4] == (
+        f"error: job {gone}: its payload folder {tmp_path / 'gone'} no longer exists: "
+        "re-send the study"
+    )
+    assert len(errors) == 5
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    record = store.get(failed)
+    assert (record.state, record.stage, record.error, record.started, record.finished) == (
+        "queued", None, None, None, None,
+    )  # fmt: skip
+    assert record.attempts == 1 and record.last_error == "compare: boom"
+    assert store.get(reaped).state == "failed" and store.get(gone).state == "failed"
+    store.close()
+    service = Service(load_config(config_path))  # not running when retried: runs at start
+    service.start()
+    try:
+        wait_for(lambda: service.jobs.get(failed).state == "succeeded")
+        assert service.jobs.get(failed).attempts == 2
+    finally:
+        service.stop()
