@@ -502,6 +502,13 @@ class Core:
         w.state, w.deadline, w.started_at = "starting", None, now
         return [KillWorker(w.id, reason), StartWorker(w.id, w.stage, w.replica)]
 
+    def forget(self, job_id: str) -> None:
+        """Let ``job_id`` be submitted again once it is retired (a long-running service that
+        retries a failed job, its own records refusing real duplicates). Without this an id
+        is refused for the core's life; a job still in flight stays refused."""
+        if job_id not in self.jobs:
+            self.submitted.discard(job_id)
+
     def _retire(self, job: _Job) -> None:
         self.jobs.pop(job.id, None)
 

@@ -284,9 +284,10 @@ class Service:
 
         assert self.jobs is not None
         # The executor refuses a job id it has seen; this one is retired (its result is
-        # reported), and the job records guard against duplicates, so let it run the id again
-        # (a retry). In the pipeline's own thread, before the record says the job ended.
-        self.executors[pipeline].core.submitted.discard(result.job)
+        # reported) and the job records guard against duplicates, so the id may run again (a
+        # retry), and the core forgets it (no set growing for the service's life). In the
+        # pipeline's own thread, before the record says the job ended.
+        self.executors[pipeline].core.forget(result.job)
         try:
             write_result(self.jobs_dir, result)
         except OSError as exc:

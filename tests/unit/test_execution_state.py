@@ -254,6 +254,11 @@ def test_the_next_hop_is_dispatched_before_consumed_values_are_freed():
 def test_a_job_id_is_refused_twice_even_after_it_finished():
     h = Harness(linear_graph(["a"]))
     h.submit("j1")
+    h.core.forget("j1")  # in flight: still refused
+    with pytest.raises(ValueError, match="already submitted"):
+        h.submit("j1")
     h.finish("a#0")
     with pytest.raises(ValueError, match="already submitted"):
         h.submit("j1")
+    h.core.forget("j1")  # retired, and the caller says it may run again (a service's retry)
+    h.submit("j1")
