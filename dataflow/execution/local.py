@@ -224,7 +224,7 @@ class LocalExecutor:
         results: list[JobResult] = []
         started: dict[str, float] = {}
         self.store = Store.start(budget=self.store_budget, name="coordinator")
-        self.core = state.Core(self.graph, self.limits)
+        self.core = state.Core(self.graph, self.limits, ordered=False)  # each as it is known
         interrupted = False
         try:
             self._do(self.core.start(time.monotonic()))

@@ -14,7 +14,9 @@ Rules:
 - Backpressure: a stage gets no new job while any of its output edges holds ``edge_items``
   values (or ``edge_bytes`` bytes) that the consumer has not finished with — counting the jobs
   the stage is running now. At most ``max_jobs`` jobs are in flight; the rest wait.
-- Results are reported in submission order, whatever order replicas finish in.
+- Results are reported in submission order, whatever order replicas finish in (a batch run
+  lists them as its inputs came); with ``ordered=False`` (a long-running service, where a
+  slow study must not hold back the results of the fast ones after it) as each is known.
 - A job's timeout counts from its first dispatch, waits between stages included (waiting to be
   admitted is not counted).
 - A failure (exception, worker death, stage timeout, job timeout, cancellation) fails that job
@@ -186,9 +188,10 @@ class _Worker:
 
 
 class Core:
-    def __init__(self, graph: Graph, limits: Limits | None = None) -> None:
+    def __init__(self, graph: Graph, limits: Limits | None = None, *, ordered: bool = True) -> None:
         self.graph = graph
         self.limits = limits or Limits()
+        self.ordered = ordered
         self.workers: dict[str, _Worker] = {}
         self.jobs: dict[str, _Job] = {}
         self.backlog: collections.deque[_Job] = collections.deque()  # submitted, not admitted
@@ -513,6 +516,8 @@ class Core:
         self.jobs.pop(job.id, None)
 
     def _report(self, job: _Job, result: Action) -> list[Action]:
+        if not self.ordered:
+            return [result]
         self.results[job.seq] = result
         out: list[Action] = []
         while self.next_report in self.results:

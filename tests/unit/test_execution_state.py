@@ -26,8 +26,8 @@ def of(actions, kind):
 class Harness:
     """Drives a Core like the process layer would, with a fake clock."""
 
-    def __init__(self, graph, **limits):
-        self.core = Core(graph, Limits(**limits))
+    def __init__(self, graph, ordered=True, **limits):
+        self.core = Core(graph, Limits(**limits), ordered=ordered)
         self.now = 0.0
         self.log = []
         self.record(self.core.start(self.now))
@@ -262,3 +262,16 @@ def test_a_job_id_is_refused_twice_even_after_it_finished():
         h.submit("j1")
     h.core.forget("j1")  # retired, and the caller says it may run again (a service's retry)
     h.submit("j1")
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_results_in_submission_order_or_as_they_are_known(ordered):
+    h = Harness(linear_graph(["a"], replicas=2), ordered=ordered)
+    h.submit("slow", "fast")
+    assert h.running() == {"a#0": "slow", "a#1": "fast"}
+    h.finish("a#1")
+    assert h.results() == ([] if ordered else [("fast", "JobSucceeded")])
+    h.finish("a#0")
+    expected = ["slow", "fast"] if ordered else ["fast", "slow"]
+    assert [job for job, _ in h.results()] == expected
+    assert h.core.idle()
