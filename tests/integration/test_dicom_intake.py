@@ -66,6 +66,41 @@ def read_response(sock) -> bytes:
     return data
 
 
+def release(assoc) -> None:
+    if assoc.is_established:
+        pause_reactor(assoc)
+        assoc.release()
+
+
+def stores_around_an_echo(assoc, before, after) -> None:
+    """C-STORE ``before``, C-ECHO (given back to pynetdicom), C-STORE ``after``: all Success."""
+    try:
+        for path in before:
+            pause_reactor(assoc)
+            assert assoc.send_c_store(path).Status == 0x0000
+        pause_reactor(assoc)
+        assert assoc.send_c_echo().Status == 0x0000
+        for path in after:
+            pause_reactor(assoc)
+            assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        release(assoc)
+
+
+@contextlib.contextmanager
+def driven(port: int, contexts=CONTEXTS):
+    """An association whose socket the test drives (DUL parked, as DirectStore does):
+    (association, DirectStore, the CT context's id); released at the end."""
+    assoc = connect(port, contexts)
+    direct = DirectStore.open(assoc)
+    assert direct is not None and direct.hold()
+    try:
+        yield assoc, direct, ct_context(assoc)
+    finally:
+        direct.release()
+        release(assoc)
+
+
 def counting(monkeypatch) -> dict[str, int]:
     """How many C-STOREs each path served."""
     counts = {"intake": 0, "pynetdicom": 0}
@@ -89,19 +124,7 @@ def test_a_c_echo_among_c_stores_is_pynetdicoms_and_the_rest_still_stored(tmp_pa
     files = ct(tmp_path / "ct", 4, seed=21)
     counts = counting(monkeypatch)
     with receiving(peer_config(tmp_path)) as rx:
-        assoc = connect(rx.port)
-        try:
-            for path in files[:2]:
-                pause_reactor(assoc)
-                assert assoc.send_c_store(path).Status == 0x0000
-            pause_reactor(assoc)
-            assert assoc.send_c_echo().Status == 0x0000
-            for path in files[2:]:
-                pause_reactor(assoc)
-                assert assoc.send_c_store(path).Status == 0x0000
-        finally:
-            pause_reactor(assoc)
-            assoc.release()
+        stores_around_an_echo(connect(rx.port), files[:2], files[2:])
         assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
         for path in files:
             assert part10(stored(rx)[sop_uid(path)]) == part10(path)  # byte for byte
@@ -114,11 +137,7 @@ def test_a_whole_message_in_one_pdu_and_several_in_a_row(tmp_path, monkeypatch):
     files = ct(tmp_path / "ct", 3, seed=22)
     counts = counting(monkeypatch)
     with receiving(peer_config(tmp_path)) as rx:
-        assoc = connect(rx.port)
-        direct = DirectStore.open(assoc)
-        assert direct is not None and direct.hold()
-        try:
-            cx = ct_context(assoc)
+        with driven(rx.port) as (_, direct, cx):
             for msg_id, path in enumerate(files, 1):
                 data = path.read_bytes()[dataset_offset(path) :]
                 half = len(data) // 2
@@ -132,10 +151,6 @@ def test_a_whole_message_in_one_pdu_and_several_in_a_row(tmp_path, monkeypatch):
                     )
                 )
                 assert direct._response(msg_id, cx) == 0x0000
-        finally:
-            direct.release()
-            pause_reactor(assoc)
-            assoc.release()
         assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
         assert part10(stored(rx)[sop_uid(files[1])]) == part10(files[1])
     assert counts == {"intake": 3, "pynetdicom": 0}
@@ -254,11 +269,7 @@ def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abo
 def test_a_slow_but_steady_peer_is_not_idle(tmp_path):
     files = ct(tmp_path / "ct", 1, seed=26)
     with receiving(config(tmp_path, peers=[Peer("SCU")], network_timeout=1.0)) as rx:
-        assoc = connect(rx.port)
-        direct = DirectStore.open(assoc)
-        assert direct is not None and direct.hold()
-        try:
-            cx = ct_context(assoc)
+        with driven(rx.port) as (_, direct, cx):
             data = files[0].read_bytes()[dataset_offset(files[0]) :]
             command = command_pdv(CTImageStorage, sop_uid(files[0]), 1)
             direct.sock.sendall(pdata(pdv(cx, 0x03, command)))
@@ -268,21 +279,13 @@ def test_a_slow_but_steady_peer_is_not_idle(tmp_path):
                 time.sleep(0.6)
             direct.sock.sendall(pdata(pdv(cx, 0x02, data[2 * third :])))
             assert direct._response(1, cx) == 0x0000
-        finally:
-            direct.release()
-            pause_reactor(assoc)
-            assoc.release()
         assert list(stored(rx)) == [sop_uid(files[0])]
 
 
 def test_a_request_with_a_uid_that_is_not_one_is_refused_and_the_association_goes_on(tmp_path):
     files = ct(tmp_path / "ct", 1, seed=27)
     with receiving(peer_config(tmp_path)) as rx:
-        assoc = connect(rx.port)
-        direct = DirectStore.open(assoc)
-        assert direct is not None and direct.hold()
-        try:
-            cx = ct_context(assoc)
+        with driven(rx.port) as (_, direct, cx):
             data = files[0].read_bytes()[dataset_offset(files[0]) :]
             bad = command_pdv(CTImageStorage, "1.2.3", 1).replace(
                 b"1.2.3\0", "1.2.\u00e9".encode("latin-1") + b"\0"
@@ -296,10 +299,6 @@ def test_a_request_with_a_uid_that_is_not_one_is_refused_and_the_association_goe
                 )
             )
             assert direct._response(2, cx) == 0x0000
-        finally:
-            direct.release()
-            pause_reactor(assoc)
-            assoc.release()
         assert list(stored(rx)) == [sop_uid(files[0])]
         assert not list((tmp_path / "spool" / ".incoming").glob("*.part"))
 
@@ -344,18 +343,7 @@ def test_ignored_sop_classes_on_pynetdicoms_path_too(tmp_path, monkeypatch):
     counts = counting(monkeypatch)
     contexts = [*CONTEXTS, (SECONDARY_CAPTURE, [ExplicitVRLittleEndian])]
     with receiving(config(tmp_path, called=called, peers=[Peer("SCU")])) as rx:
-        assoc = connect(rx.port, contexts)
-        try:
-            for path in (sc, files[0]):  # the direct path
-                pause_reactor(assoc)
-                assert assoc.send_c_store(path).Status == 0x0000
-            pause_reactor(assoc)
-            assert assoc.send_c_echo().Status == 0x0000
-            for path in (sc, files[1]):  # pynetdicom's
-                pause_reactor(assoc)
-                assert assoc.send_c_store(path).Status == 0x0000
-        finally:
-            pause_reactor(assoc)
-            assoc.release()
+        # the direct path, then pynetdicom's
+        stores_around_an_echo(connect(rx.port, contexts), (sc, files[0]), (sc, files[1]))
         assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
     assert counts == {"intake": 2, "pynetdicom": 2}
