@@ -5,7 +5,8 @@ A job is one run of one pipeline over one payload folder (a completed DICOM grou
     queued -> running -> succeeded | failed
 
 plus, per registered result of a succeeded job, an *export* row handed to the connector that
-serves its agent (``handed``), or ``no-agent`` when no connector does. Every transition is
+serves its agent (``handed``), or ``no-agent`` when no connector does (handed at a later start
+if one does then), or ``missing`` when its task folder was gone by then. Every transition is
 committed (WAL, ``synchronous=FULL``) before it is acted on, so a restart knows exactly what
 to do: ``queued`` and ``running`` jobs run again; exports not yet ``handed`` are handed again
 (connectors deduplicate by task id). ``reaped`` records when retention removed a finished

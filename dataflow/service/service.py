@@ -236,12 +236,22 @@ class Service:
                          attempts=job.attempts)  # fmt: skip
 
     def resume_exports(self) -> int:
-        """Hand over again every export recorded but not handed (after connectors start)."""
+        """Hand over again every export recorded but not handed (at start), and those that
+        found no connector for their agent when one serves it now (added to the file since).
+        An export whose task folder is gone (retention, a hand) is marked ``missing``."""
         assert self.jobs is not None
+        waiting = list(self.jobs.exports(state="new"))
+        waiting += [
+            e for e in self.jobs.exports(state="no-agent") if e["agent"].lower() in self._agents
+        ]
         count = 0
-        for export in list(self.jobs.exports(state="new")):
-            job = self.jobs.get(export["job_id"])
+        for export in waiting:
             task_dir = Path(export["task_dir"])
+            if not (task_dir / "task.json").is_file():
+                log.error("export_task_missing", job_id=export["job_id"], task=export["task_id"])
+                self.jobs.export_state(export["task_id"], "missing")
+                continue
+            job = self.jobs.get(export["job_id"])
             self._hand(job, task_dir, json.loads((task_dir / "task.json").read_text()))
             count += 1
         return count

@@ -264,3 +264,49 @@ def test_retry_refuses_unknown_unfailed_reaped_and_payload_less_jobs(config_path
         assert service.jobs.get(failed).attempts == 2
     finally:
         service.stop()
+
+
+def test_results_without_a_connector_are_exported_once_one_serves_their_agent(tmp_path):
+    """A result registered for ClaraSCU while no DICOM connector was configured waits as
+    ``no-agent``; after the DICOM section is added, the next start hands it over (its files
+    into the outbox); one whose task folder is gone meanwhile is marked ``missing``."""
+    from operators.dicom.phantom import write_ct_series
+    from operators.register import register_files
+
+    state = tmp_path / "state"
+    write_ct_series(tmp_path / "seg", slices=1, size=16, seed=5)  # what a pipeline registered
+    store = JobStore(state / "jobs.db")
+    tasks, ids = {}, {}
+    for name in ("kept", "gone"):
+        job, _ = store.create("passthrough", SAMPLES / "study-a", key=name)
+        store.finished(job.id, True)
+        task = state / "jobs" / job.id / "register" / "task"
+        record = register_files(
+            tmp_path / "seg", task, agent="ClaraSCU", destinations=["PACS"], job_id=job.id
+        )
+        ids[name] = record["taskId"]
+        store.add_export(ids[name], job.id, "ClaraSCU", task)
+        store.export_state(ids[name], "no-agent")
+        tasks[name] = task
+    store.close()
+    shutil.rmtree(tasks["gone"])
+    path = tmp_path / "service.yaml"
+    path.write_text(
+        f"state: {state}\n"
+        f"pipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+        "dicom:\n"
+        "  receivers: [{name: plain, host: 127.0.0.1, port: 0}]\n"
+        "  ae-titles: {DATAFLOW: {pipelines: [passthrough]}}\n"
+        "  destinations: {PACS: {ae: PACS, host: 127.0.0.1, port: 9}}\n"  # nobody: it waits
+        "  export: {retry-initial: 60, retry-max: 60}\n"
+    )
+    service = Service(load_config(path))
+    service.start()
+    try:
+        states = {e["task_id"]: e["state"] for e in service.jobs.exports()}
+        assert states == {ids["kept"]: "handed", ids["gone"]: "missing"}
+        exporter = service.connectors["dicom"].exporter
+        (queued,) = exporter.tasks()
+        assert queued.id == f"{ids['kept']}-PACS" and queued.files == 1
+    finally:
+        service.stop()
