@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,65 @@ def test_a_reclaimed_groups_folder_left_by_a_crash_is_swept(tmp_path):
     kept.rename(folder)
     spool.store.sweep_pending()
     assert not folder.exists()
+
+
+def _pydicom_uids(data: bytes, implicit: bool) -> list[str]:
+    from pydicom.filereader import read_dataset
+
+    from connectors.dicom.spool import _TAG_SERIES, _WANTED, _text
+
+    ds = read_dataset(io.BytesIO(data), implicit, True, stop_when=lambda t, v, n: t > _TAG_SERIES)
+    return [_text(ds.get_item(tag)) for tag in _WANTED]
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"PatientName": "Doe^John", "Rows": 4, "ImageComments": "x" * 301},  # after the UIDs
+        {"ImageType": ["ORIGINAL", "PRIMARY"], "SpecificCharacterSet": "ISO_IR 100"},  # before
+        {"StudyInstanceUID": "1.2.3 ", "SeriesInstanceUID": "1.2.3.5\0"},  # padding cleaned
+        {"SOPInstanceUID": "1.2.x.4"},  # not a UID: both see it, the check refuses it
+    ],
+)
+def test_the_quick_header_walk_reads_what_pydicom_reads(implicit, extra):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from connectors.dicom.spool import quick_uids
+
+    ds = Dataset()
+    with warnings.catch_warnings():  # pydicom warns about the padded and the bad UID
+        warnings.simplefilter("ignore")
+        for name, value in {**UIDS, **extra}.items():
+            setattr(ds, name, value)
+    item = Dataset()
+    item.CodeValue = "121"
+    ds.ReferencedPatientSequence = Sequence([item])  # (0008,1120): a defined-length sequence
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+    write_dataset(buffer, ds)
+    data = buffer.getvalue()
+    quick = quick_uids(data, implicit, complete=True)
+    assert quick is not None and quick == _pydicom_uids(data, implicit)
+    syntax = "1.2.840.10008.1.2" if implicit else EXPLICIT
+    if "x" in quick[1]:
+        with pytest.raises(BadInstance, match="SOPInstanceUID is not a valid UID"):
+            parse_header(io.BytesIO(data), syntax)
+    else:
+        assert parse_header(io.BytesIO(data), syntax) == Header(*quick)
+
+
+def test_the_quick_header_walk_leaves_what_it_cannot_read_to_pydicom():
+    from connectors.dicom.spool import quick_uids
+
+    data = _encoded(**UIDS).getvalue()
+    assert quick_uids(data[:20], False) is None  # cut off
+    undefined = b"\x08\x00\x05\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1105) of undefined length
+    assert quick_uids(undefined + data, False) is None
+    assert quick_uids(b"\x08\x00\x05\x00\x01\x02" + data, False) is None  # no VR there
+    ended = data + b"\x28\x00\x10\x00US\x02\x00\x04\x00"  # past (0020,000E): done
+    assert quick_uids(ended, False) == [*UIDS.values()]
+    assert quick_uids(data, False, complete=True) == [*UIDS.values()]
+    assert quick_uids(data, False) is None  # it may go on past what was read: pydicom decides
