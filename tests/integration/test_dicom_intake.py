@@ -87,17 +87,33 @@ def stores_around_an_echo(assoc, before, after) -> None:
         release(assoc)
 
 
-@contextlib.contextmanager
-def driven(port: int, contexts=CONTEXTS):
-    """An association whose socket the test drives (DUL parked, as DirectStore does):
-    (association, DirectStore, the CT context's id); released at the end."""
-    assoc = connect(port, contexts)
+def take_over(assoc) -> tuple[DirectStore, int]:
+    """Drive ``assoc``'s socket from the test (its DUL parked, as DirectStore does): the
+    DirectStore and the CT context's id. ``direct.release()`` gives it back."""
     direct = DirectStore.open(assoc)
     assert direct is not None and direct.hold()
+    return direct, ct_context(assoc)
+
+
+@contextlib.contextmanager
+def driven(port: int, contexts=CONTEXTS):
+    """An association whose socket the test drives: (association, DirectStore, the CT
+    context's id); released at the end."""
+    assoc = connect(port, contexts)
+    direct, cx = take_over(assoc)
     try:
-        yield assoc, direct, ct_context(assoc)
+        yield assoc, direct, cx
     finally:
         direct.release()
+        release(assoc)
+
+
+def store_then_release(assoc, path) -> None:
+    """One C-STORE by pynetdicom (Success), then the release."""
+    try:
+        pause_reactor(assoc)
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
         release(assoc)
 
 
@@ -160,9 +176,7 @@ def test_an_association_broken_off_mid_dataset_leaves_nothing(tmp_path):
     files = ct(tmp_path / "ct", 2, seed=23)
     with receiving(peer_config(tmp_path)) as rx:
         assoc = connect(rx.port)
-        direct = DirectStore.open(assoc)
-        assert direct is not None and direct.hold()
-        cx = ct_context(assoc)
+        direct, cx = take_over(assoc)
         data = files[0].read_bytes()[dataset_offset(files[0]) :]
         direct.sock.sendall(pdata(pdv(cx, 0x03, command_pdv(CTImageStorage, sop_uid(files[0]), 1))))
         direct.sock.sendall(pdata(pdv(cx, 0x00, data[:1000])))  # the rest never comes
@@ -171,13 +185,7 @@ def test_an_association_broken_off_mid_dataset_leaves_nothing(tmp_path):
         assoc.abort()
         wait_for(lambda: not list((rx.spool / ".incoming").glob("*.part")))
         assert stored(rx) == {}
-        assoc = connect(rx.port)  # the receiver goes on
-        try:
-            pause_reactor(assoc)
-            assert assoc.send_c_store(files[1]).Status == 0x0000
-        finally:
-            pause_reactor(assoc)
-            assoc.release()
+        store_then_release(connect(rx.port), files[1])  # the receiver goes on
         assert list(stored(rx)) == [sop_uid(files[1])]
 
 
@@ -185,21 +193,14 @@ def test_a_malformed_pdu_aborts_that_association_only(tmp_path):
     files = ct(tmp_path / "ct", 1, seed=24)
     with receiving(peer_config(tmp_path)) as rx:
         bad = connect(rx.port)
-        direct = DirectStore.open(bad)
-        assert direct is not None and direct.hold()
-        body = struct.pack(">IBB", 1, ct_context(bad), 0x03)  # an item length of 1: impossible
+        direct, cx = take_over(bad)
+        body = struct.pack(">IBB", 1, cx, 0x03)  # an item length of 1: impossible
         direct.sock.sendall(struct.pack(">BBI", 0x04, 0, len(body)) + body)
         reply = read_response(direct.sock)
         assert reply[0] == 0x07  # A-ABORT
         direct.release()
         wait_for(lambda: not bad.is_established)
-        good = connect(rx.port)
-        try:
-            pause_reactor(good)
-            assert good.send_c_store(files[0]).Status == 0x0000
-        finally:
-            pause_reactor(good)
-            good.release()
+        store_then_release(connect(rx.port), files[0])
 
 
 def test_a_rejected_association_does_not_keep_its_slot(tmp_path):
@@ -225,9 +226,7 @@ def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abo
     files = ct(tmp_path / "ct", 1, seed=25, size=128)
     rx = Receiver(peer_config(tmp_path)).start()
     assoc = connect(rx.port)
-    direct = DirectStore.open(assoc)
-    assert direct is not None and direct.hold()
-    cx = ct_context(assoc)
+    direct, cx = take_over(assoc)
     data = files[0].read_bytes()[dataset_offset(files[0]) :]
     direct.sock.sendall(pdata(pdv(cx, 0x03, command_pdv(CTImageStorage, sop_uid(files[0]), 1))))
     stop = threading.Event()
@@ -310,9 +309,7 @@ def test_a_store_on_another_sop_classs_context_is_given_back_with_its_data_unrea
     files = ct(tmp_path / "ct", 1, seed=28)
     with receiving(peer_config(tmp_path)) as rx:
         assoc = connect(rx.port)
-        direct = DirectStore.open(assoc)
-        assert direct is not None and direct.hold()
-        cx = ct_context(assoc)
+        direct, cx = take_over(assoc)
         data = files[0].read_bytes()[dataset_offset(files[0]) :]
         mr = "1.2.840.10008.5.1.4.1.1.4"
         direct.sock.sendall(
@@ -320,13 +317,8 @@ def test_a_store_on_another_sop_classs_context_is_given_back_with_its_data_unrea
         )
         status = direct._response(1, cx)
         direct.release()
-        try:
-            assert status != 0x0000
-            pause_reactor(assoc)
-            assert assoc.send_c_store(files[0]).Status == 0x0000
-        finally:
-            pause_reactor(assoc)
-            assoc.release()
+        assert status != 0x0000
+        store_then_release(assoc, files[0])  # the same association goes on
         assert list(stored(rx)) == [sop_uid(files[0])]
 
 
