@@ -142,15 +142,22 @@ class GroupStore:
     def place(self, batch: list[Placement]) -> None:
         """Move each fsynced temp file into its group folder and record it, all in one
         transaction; the touched directories are fsynced before the commit. Sets each item's
-        ``status``/``group_id``. On failure nothing of the batch stays recorded or placed."""
+        ``status``/``group_id``. On failure nothing of the batch stays recorded or placed.
+
+        A copy that replaces a recorded one (``duplicates: overwrite``, also from another
+        series) is placed under a name of its own (:meth:`_free_name`): the record switches
+        to it at the commit, and the replaced file is removed only after the commit. Until
+        then the acknowledged copy stays where its record says; a crash in between leaves a
+        file no record names, which :meth:`sweep_pending` removes at the next start."""
         dirs: set[Path] = set()
         placed: list[Path] = []
+        replaced: list[Path] = []
         now = time.time()
         with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for item in batch:
-                    self._place_one(item, now, dirs, placed)
+                    self._place_one(item, now, dirs, placed, replaced)
                 for directory in sorted(dirs):
                     fsync_dir(directory)
                 self._db.execute("COMMIT")
@@ -162,6 +169,8 @@ class GroupStore:
             finally:
                 for item in batch:
                     item.temp.unlink(missing_ok=True)  # consumed, or refused
+            for path in replaced:  # committed: no record names them any more
+                path.unlink(missing_ok=True)
 
     def _mkdirs(self, path: Path, dirs: set[Path]) -> None:
         missing = []
@@ -236,13 +245,12 @@ class GroupStore:
             count += 1
         self._db.execute("UPDATE groups SET instances = ? WHERE id = ?", (count, group_id))
 
-    def _place_one(self, item: Placement, now: float, dirs: set[Path], placed: list[Path]):
+    def _place_one(self, item: Placement, now: float, dirs, placed, replaced) -> None:
         h = item.header
         group_id, folder = self._open_group(item, now, dirs, placed)
         item.group_id = group_id
-        rel = f"{folder}/{uid_component(h.series_uid)}/{uid_component(h.sop_instance_uid)}.dcm"
         existing = self._db.execute(
-            "SELECT 1 FROM instances WHERE group_id = ? AND sop_uid = ?",
+            "SELECT path FROM instances WHERE group_id = ? AND sop_uid = ?",
             (group_id, h.sop_instance_uid),
         ).fetchone()
         if existing and self.duplicates == "keep-first":
@@ -251,12 +259,15 @@ class GroupStore:
         if existing and self.duplicates == "reject":
             item.status, item.note = 0x0111, "duplicate SOP Instance UID"
             return
+        series = f"{folder}/{uid_component(h.series_uid)}"
+        rel = self._free_name(series, uid_component(h.sop_instance_uid), existing)
         target = self.spool / rel
         self._mkdirs(target.parent, dirs)
-        os.replace(item.temp, target)
-        if not existing:
-            placed.append(target)
+        os.replace(item.temp, target)  # a free name: never over an acknowledged copy
+        placed.append(target)
         dirs.add(target.parent)
+        if existing:
+            replaced.append(self.spool / existing[0])
         values = (h.sop_class_uid, h.study_uid, h.series_uid, rel, item.size, item.calling_ae)
         self._db.execute(
             "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -267,6 +278,16 @@ class GroupStore:
             (0 if existing else 1, now, group_id),
         )
         item.status, item.note = 0x0000, "duplicate overwritten" if existing else ""
+
+    def _free_name(self, series: str, sop: str, existing) -> str:
+        """``<series>/<sop>.dcm``, or for a copy replacing a recorded one, the first of
+        ``<sop>.dcm``, ``<sop>.v1.dcm``, ``<sop>.v2.dcm``... that is neither the recorded file
+        nor on disk ("v" is in no UID and no hashed component: no other instance's name)."""
+        rel, version = f"{series}/{sop}.dcm", 0
+        while existing and (rel == existing[0] or (self.spool / rel).exists()):
+            version += 1
+            rel = f"{series}/{sop}.v{version}.dcm"
+        return rel
 
     # -- completion and hand-over -----------------------------------------------------------
 

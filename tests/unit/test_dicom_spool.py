@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -162,6 +166,77 @@ def test_duplicates(tmp_path, policy, status, content):
     ((_, path),) = spool.store.instances(group.id)
     assert group.instances == 1 and path.read_bytes() == content
     assert len(list(group.folder.rglob("*.dcm"))) == 1
+
+
+def _only_copy(store: GroupStore, group_id: int) -> bytes:
+    """The bytes of the group's one instance, checked to be its one file on disk."""
+    ((_, path),) = store.instances(group_id)
+    (group,) = [g for g in store.groups() if g.id == group_id]
+    assert list(group.folder.rglob("*.dcm")) == [path] and group.instances == 1
+    return path.read_bytes()
+
+
+def test_a_failed_commit_keeps_the_acknowledged_copy(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    first = spool.put(data=b"acknowledged")
+
+    def broken_fsync(directory):
+        raise OSError(5, "directory fsync failed (injected)")
+
+    monkeypatch.setattr("connectors.dicom.groups.fsync_dir", broken_fsync)
+    with pytest.raises(OSError, match="injected"):
+        spool.put(data=b"never acknowledged")
+    assert _only_copy(spool.store, first.group_id) == b"acknowledged"
+    monkeypatch.undo()
+    spool.store.close()
+    store = GroupStore(tmp_path)  # the restart's sweep keeps the acknowledged copy
+    store.sweep_pending()
+    assert _only_copy(store, first.group_id) == b"acknowledged"
+
+
+KILLED_IN_PLACE = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{tests!r}]
+from test_dicom_spool import Spool
+import connectors.dicom.groups as groups
+spool = Spool(Path({root!r}))
+spool.put(data=b"acknowledged")
+groups.fsync_dir = lambda directory: os.kill(os.getpid(), signal.SIGKILL)
+spool.put(data=b"never acknowledged")  # killed after the file is placed, before the commit
+"""
+
+
+def test_kill_9_between_placement_and_commit_keeps_the_acknowledged_copy(tmp_path):
+    script = KILLED_IN_PLACE.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    store = GroupStore(tmp_path)
+    (group,) = store.groups("pending")
+    store.sweep_pending()  # what the receiver does at start
+    assert _only_copy(store, group.id) == b"acknowledged"
+
+
+def test_the_same_sop_instance_in_another_series_leaves_one_file(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put(sop="1.1.7", series="1.3.1", data=b"old")
+    spool.put(sop="1.1.8", series="1.3.1", data=b"other")
+    newer = spool.put(sop="1.1.7", series="1.3.2", data=b"new")
+    assert newer.status == 0 and newer.note == "duplicate overwritten"
+    (group,) = spool.store.groups("pending")
+    got = {sop: p.read_bytes() for sop, p in spool.store.instances(group.id)}
+    assert got == {"1.1.7": b"new", "1.1.8": b"other"} and group.instances == 2
+    assert sorted(p.read_bytes() for p in group.folder.rglob("*.dcm")) == [b"new", b"other"]
+
+
+def test_overwriting_again_and_again_leaves_the_last_copy_only(tmp_path):
+    spool = Spool(tmp_path)
+    for k in range(4):
+        spool.put(data=f"copy {k}".encode())
+    (group,) = spool.store.groups("pending")
+    assert _only_copy(spool.store, group.id) == b"copy 3"
 
 
 def test_quiet_timeout_and_restart_timer(tmp_path):
