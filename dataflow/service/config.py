@@ -8,6 +8,8 @@ A YAML mapping::
       ct-filter: {file: ../pipelines/ct-filter.yaml, params: {sigma: "2"}, replicas: {smooth: 2}}
     log: {level: info, format: json}
     retention: {succeeded: 8h, failed: 7d}   # then a job's outputs and its payload are removed
+    limits: {stage-timeout: 10m, job-timeout: 30m, worker-memory: 4GiB, max-attempts: 3,
+             shutdown-grace: 30s}   # the defaults; per pipeline: pipelines.NAME.limits
     dicom: {...}                    # a connector's own section (connectors.dicom)
 
 Every other top-level key names a *connector* (found through the ``dataflow.connectors``
@@ -30,9 +32,11 @@ from typing import Any
 import yaml
 
 from dataflow.errors import DataflowError
+from dataflow.units import parse_bytes
 
 __all__ = [
     "ConfigError",
+    "JobLimits",
     "PipelineEntry",
     "Retention",
     "ServiceConfig",
@@ -41,7 +45,8 @@ __all__ = [
 ]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_CORE_KEYS = {"state", "pipelines", "log", "retention"}
+_CORE_KEYS = {"state", "pipelines", "log", "retention", "limits"}
+_LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -51,11 +56,24 @@ class ConfigError(DataflowError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class JobLimits:
+    """What one job may take before the service stops it (``limits:`` in the service file,
+    overridden per pipeline by ``pipelines.NAME.limits``). None: no limit."""
+
+    stage_timeout: float | None = 600.0  # seconds one stage may take over one job
+    job_timeout: float | None = 1800.0  # seconds from a job's first stage to its result
+    worker_memory: int | None = 4 * 1024**3  # bytes per worker when a stage declares none
+    max_attempts: int = 3  # attempts cut short (shutdown, crash) before a job is failed
+    shutdown_grace: float = 30.0  # seconds jobs in flight get to finish on SIGTERM
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineEntry:
     name: str
     file: Path
     params: dict[str, str]
     replicas: dict[str, int]
+    limits: JobLimits = JobLimits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +98,13 @@ class ServiceConfig:
     log_level: str = "info"
     log_format: str = "console"
     retention: Retention = Retention()
+    limits: JobLimits = JobLimits()
 
 
 def parse_duration(value: Any, where: str) -> float | None:
     """Seconds from ``90``, ``"30s"``, ``"10m"``, ``"8h"``, ``"7d"``; None for ``null`` or
     ``"never"``; ConfigError naming ``where`` otherwise."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "never"):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("never", "none")):
         return None
     if isinstance(value, bool):
         raise ConfigError(f"{where}: {value!r} is not a duration (e.g. 90, 30s, 10m, 8h, 7d)")
@@ -121,6 +140,49 @@ def _retention(section: Any, path: Path) -> Retention:
         failed=parse_duration(section.get("failed"), f"{path}: retention.failed"),
         interval=interval,
     )
+
+
+def _limits(section: Any, where: str, base: JobLimits, *, service_wide: bool) -> JobLimits:
+    """``base`` with the keys of a ``limits`` section applied (``where`` names it in errors)."""
+    if section is None:
+        return base
+    allowed = _LIMIT_KEYS if service_wide else _LIMIT_KEYS[:-1]
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: must be a mapping ({', '.join(allowed)})")
+    unknown = set(section) - set(allowed)
+    if unknown:
+        hint = " (shutdown-grace is service-wide: set it under the top-level limits)" if (
+            "shutdown-grace" in unknown and not service_wide) else ""  # fmt: skip
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} ({', '.join(allowed)}){hint}")
+    changes: dict[str, Any] = {}
+    for key in ("stage-timeout", "job-timeout", "shutdown-grace"):
+        if key in section:
+            seconds = parse_duration(section[key], f"{where}.{key}")
+            if seconds == 0 or (seconds is None and key == "shutdown-grace"):
+                raise ConfigError(f"{where}.{key}: {section[key]!r}: give a positive duration"
+                                  + ("" if key == "shutdown-grace" else " or never"))  # fmt: skip
+            changes[key.replace("-", "_")] = seconds
+    if "worker-memory" in section:
+        value = section["worker-memory"]
+        if value is None or str(value).strip().lower() in ("none", "never"):
+            changes["worker_memory"] = None
+        else:
+            try:
+                size = parse_bytes(value) if not isinstance(value, bool) else -1
+            except ValueError:
+                size = -1
+            if size < 1024**2:
+                raise ConfigError(
+                    f"{where}.worker-memory: {value!r} is not a memory size of at least 1 MiB "
+                    "(e.g. 4GiB, 512MiB, none)"
+                )
+            changes["worker_memory"] = size
+    if "max-attempts" in section:
+        value = section["max-attempts"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.max-attempts: {value!r} is not a whole number >= 1")
+        changes["max_attempts"] = value
+    return dataclasses.replace(base, **changes)
 
 
 def _expand(value: Any, where: str) -> Any:
@@ -186,7 +248,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
                           "is missing")  # fmt: skip
     state = Path(str(data["state"])).expanduser()
     state = state if state.is_absolute() else (base / state).resolve()
-    pipelines = _pipelines(data.get("pipelines"), base, path)
+    limits = _limits(data.get("limits"), f"{path}: limits", JobLimits(), service_wide=True)
+    pipelines = _pipelines(data.get("pipelines"), base, path, limits)
     log = data.get("log") or {}
     if not isinstance(log, dict):
         raise ConfigError(f"{path}: 'log' must be a mapping (level, format)")
@@ -205,10 +268,11 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         log_level=str(log.get("level", "info")),
         log_format=str(log.get("format", "console")),
         retention=_retention(data.get("retention"), path),
+        limits=limits,
     )
 
 
-def _pipelines(section: Any, base: Path, path: Path) -> dict[str, PipelineEntry]:
+def _pipelines(section: Any, base: Path, path: Path, limits: JobLimits) -> dict[str, PipelineEntry]:
     if not isinstance(section, dict) or not section:
         raise ConfigError(f"{path}: 'pipelines' must map at least one name to a pipeline file")
     out = {}
@@ -218,9 +282,11 @@ def _pipelines(section: Any, base: Path, path: Path) -> dict[str, PipelineEntry]
             entry = {"file": entry}
         if not isinstance(entry, dict) or "file" not in entry:
             raise ConfigError(f"{where}: expected a file name or a mapping with 'file'")
-        unknown = set(entry) - {"file", "params", "replicas"}
+        unknown = set(entry) - {"file", "params", "replicas", "limits"}
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (file, params, replicas)")
+            raise ConfigError(
+                f"{where}: unknown key(s) {sorted(unknown)} (file, params, replicas, limits)"
+            )
         file = Path(str(entry["file"])).expanduser()
         file = file if file.is_absolute() else (base / file).resolve()
         if not file.is_file():
@@ -233,6 +299,7 @@ def _pipelines(section: Any, base: Path, path: Path) -> dict[str, PipelineEntry]
         except (TypeError, ValueError):
             raise ConfigError(f"{where}.replicas: counts must be whole numbers") from None
         out[str(name)] = PipelineEntry(
-            str(name), file, {str(k): str(v) for k, v in params.items()}, counts
-        )
+            str(name), file, {str(k): str(v) for k, v in params.items()}, counts,
+            _limits(entry.get("limits"), f"{where}.limits", limits, service_wide=False),
+        )  # fmt: skip
     return out

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from dataflow.service.config import ConfigError, Retention, load_config, parse_duration
+from dataflow.service.config import (
+    ConfigError,
+    JobLimits,
+    Retention,
+    load_config,
+    parse_duration,
+)
 
 ROOT = Path(__file__).parents[2]
 
@@ -104,3 +110,57 @@ def test_retention_defaults_keep_everything_and_the_example_sets_it(tmp_path):
     assert "retention" not in load_config(write(tmp_path, text)).connectors
     example = load_config(ROOT / "examples" / "service.yaml").retention
     assert example.succeeded == 8 * 3600 and example.failed == 7 * 86400
+
+
+def test_limits_default_and_are_set_service_wide_and_per_pipeline(tmp_path):
+    """Every job has time-outs and a memory limit unless the file says otherwise; a pipeline's
+    own limits override the service's, key by key."""
+    (tmp_path / "p.yaml").write_text("api-version: 0.5.0\n")
+    defaults = load_config(write(tmp_path, "state: s\npipelines: {a: p.yaml}\n"))
+    assert defaults.limits == JobLimits(600.0, 1800.0, 4 * 1024**3, 3, 30.0)
+    assert defaults.pipelines["a"].limits == defaults.limits
+    config = load_config(
+        write(
+            tmp_path,
+            "state: s\n"
+            "limits: {stage-timeout: 2m, job-timeout: never, worker-memory: 512MiB,"
+            " max-attempts: 5, shutdown-grace: 10s}\n"
+            "pipelines:\n  a: p.yaml\n"
+            "  b: {file: p.yaml, limits: {stage-timeout: 1h, worker-memory: none}}\n",
+        )
+    )
+    assert config.limits == JobLimits(120.0, None, 512 * 1024**2, 5, 10.0)
+    assert config.pipelines["a"].limits == config.limits
+    assert config.pipelines["b"].limits == JobLimits(3600.0, None, None, 5, 10.0)
+    assert "limits" not in config.connectors
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ("limits: 10m", r"service.yaml: limits: must be a mapping"),
+        ("limits: {stage-timout: 1m}", r"limits: unknown key\(s\) \['stage-timout'\]"),
+        ("limits: {stage-timeout: soon}", r"limits.stage-timeout: 'soon' is not a duration"),
+        ("limits: {job-timeout: 0}", r"limits.job-timeout: 0: give a positive duration"),
+        ("limits: {shutdown-grace: never}", r"limits.shutdown-grace: 'never': give a positive"),
+        ("limits: {worker-memory: lots}", r"limits.worker-memory: 'lots' is not a memory size"),
+        ("limits: {worker-memory: 100}", r"limits.worker-memory: 100 is not a memory size"),
+        ("limits: {max-attempts: 0}", r"limits.max-attempts: 0 is not a whole number"),
+        ("limits: {max-attempts: two}", r"limits.max-attempts: 'two' is not a whole number"),
+        (
+            "pipelines: {b: {file: p.yaml, limits: {shutdown-grace: 5s}}}",
+            r"pipelines.b.limits: unknown key.*shutdown-grace is service-wide",
+        ),
+        (
+            "pipelines: {b: {file: p.yaml, limits: {stage-timeout: -1}}}",
+            r"pipelines.b.limits.stage-timeout: -1 is negative",
+        ),
+    ],
+)
+def test_limit_errors_name_the_file_and_key(tmp_path, limits, message):
+    (tmp_path / "p.yaml").write_text("api-version: 0.5.0\n")
+    text = "state: s\n" + limits + "\n"
+    if not limits.startswith("pipelines"):
+        text += "pipelines: {a: p.yaml}\n"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
