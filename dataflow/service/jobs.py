@@ -17,6 +17,17 @@ A ``failed`` job can be put back to ``queued`` (:meth:`JobStore.retry`, ``datafl
 with. Taking a queued job is one conditional update (:meth:`JobStore.started`), so a job
 queued by two threads or processes at once runs once.
 
+A job's record keeps the ``details`` of its failure (the traceback, scrubbed of patient data
+by the service) and its ``history``: one entry per attempt that did not end by itself (cut
+short by a shutdown, the service died while it ran, not resumed, retried by hand), each
+``{"attempt", "at", "event", "stage", "what"}``. :meth:`JobStore.interrupted` counts the
+attempts cut short since the last retry by hand: the service fails a job at start rather than
+resume it once that count reaches ``max-attempts``.
+
+*Deliveries* are where each registered result stands per destination, as the connector that
+exports it reports (``pending``, ``sent``, ``dead``; :meth:`JobStore.delivery`): ``dataflow
+jobs`` shows them, so a job whose result was dead-lettered does not look simply succeeded.
+
 ``key`` makes submission idempotent: a source that hands the same work twice (a receiver
 restarted between recording a job and marking its group dispatched) gets the same job back.
 """
@@ -54,7 +65,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     stage TEXT,
     error TEXT,
     reaped REAL,
-    last_error TEXT
+    last_error TEXT,
+    details TEXT,
+    history TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS exports (
@@ -65,7 +78,19 @@ CREATE TABLE IF NOT EXISTS exports (
     state TEXT NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    task_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    job_id TEXT,
+    state TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL,
+    PRIMARY KEY (task_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id);
 """
+#: history events that count as an attempt cut short (towards ``max-attempts``)
+INTERRUPTED = ("cut_short", "service_died")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +109,8 @@ class JobRecord:
     error: str | None
     reaped: float | None = None  # when retention removed its outputs
     last_error: str | None = None  # "STAGE: ERROR" of the failed attempt last retried
+    details: str | None = None  # a failure's traceback, scrubbed of patient data
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def seconds(self) -> float | None:
@@ -110,8 +137,10 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        # a jobs.db from before retention, or before retries: added in the schema's order
-        for column, kind in (("reaped", "REAL"), ("last_error", "TEXT")):
+        # a jobs.db from before retention, retries, details: added in the schema's order
+        added = (("reaped", "REAL"), ("last_error", "TEXT"), ("details", "TEXT"),
+                 ("history", "TEXT"))  # fmt: skip
+        for column, kind in added:
             if column not in columns:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
@@ -165,12 +194,58 @@ class JobStore:
         return cursor.rowcount == 1
 
     def finished(
-        self, job_id: str, ok: bool, *, stage: str | None = None, error: str | None = None
+        self,
+        job_id: str,
+        ok: bool,
+        *,
+        stage: str | None = None,
+        error: str | None = None,
+        details: str | None = None,
     ) -> None:
         self._write(
-            "UPDATE jobs SET state = ?, finished = ?, stage = ?, error = ? WHERE id = ?",
-            ("succeeded" if ok else "failed", time.time(), stage, error, job_id),
+            "UPDATE jobs SET state = ?, finished = ?, stage = ?, error = ?, details = ?"
+            " WHERE id = ?",
+            ("succeeded" if ok else "failed", time.time(), stage, error, details or None, job_id),
         )
+
+    def note(self, job_id: str, event: str, what: str, *, stage: str | None = None) -> JobRecord:
+        """Add a history entry for the job's current attempt (see the module docstring)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT attempts, history FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id!r} in {self.path}")
+            history = json.loads(row[1] or "[]")
+            history.append(
+                {"attempt": row[0], "at": time.time(), "event": event, "stage": stage,
+                 "what": what}
+            )  # fmt: skip
+            self._db.execute(
+                "UPDATE jobs SET history = ? WHERE id = ?", (json.dumps(history), job_id)
+            )
+        return self.get(job_id)
+
+    @staticmethod
+    def interrupted(job: JobRecord) -> list[dict[str, Any]]:
+        """The job's attempts cut short (shutdown, the service died) since it was last
+        retried by hand, oldest first."""
+        out: list[dict[str, Any]] = []
+        for entry in job.history:
+            if entry.get("event") == "retried":
+                out.clear()
+            elif entry.get("event") in INTERRUPTED:
+                out.append(entry)
+        return out
+
+    def fail(self, job_id: str, error: str, *, was: tuple[str, ...]) -> bool:
+        """Fail a job that is still in one of ``was`` (a job not resumed); whether it was."""
+        cursor = self._write(
+            "UPDATE jobs SET state = 'failed', finished = ?, error = ?"
+            f" WHERE id = ? AND state IN ({', '.join('?' * len(was))})",
+            (time.time(), error, job_id, *was),
+        )
+        return cursor.rowcount == 1
 
     def unfinished(self, states: tuple[str, ...] = ("queued", "running")) -> list[JobRecord]:
         """Jobs to run (again), oldest first: at start, queued or running when the service
@@ -207,12 +282,13 @@ class JobStore:
         error = f"{job.stage}: {job.error}" if job.stage else job.error
         cursor = self._write(
             "UPDATE jobs SET state = 'queued', started = NULL, finished = NULL, stage = NULL,"
-            " error = NULL, last_error = ? WHERE id = ? AND state = 'failed' AND reaped IS NULL",
+            " error = NULL, details = NULL, last_error = ?"
+            " WHERE id = ? AND state = 'failed' AND reaped IS NULL",
             (error, job_id),
         )
         if cursor.rowcount != 1:  # retried or reaped meanwhile, by another process
             raise RetryRefused(f"job {job_id} changed while it was retried: try again")
-        return self.get(job_id)
+        return self.note(job_id, "retried", f"retried by hand after: {error}")
 
     def list(self, *, state: str | None = None, limit: int = 100) -> list[JobRecord]:
         if state is not None:
@@ -275,6 +351,51 @@ class JobStore:
             (state, time.time(), task_id),
         )
 
+    def delivery(self, task_id: str, destination: str, state: str, detail: str = "") -> None:
+        """Where a registered result stands at one destination (``pending``, ``sent``,
+        ``dead``), as its connector reports it. ``task_id`` is the registration's task id
+        (or the connector's ``TASKID-DESTINATION``): the job is found through its export."""
+        with self._lock:
+            job = None
+            for candidate in (task_id, task_id.removesuffix(f"-{destination}")):
+                row = self._db.execute(
+                    "SELECT job_id FROM exports WHERE task_id = ?", (candidate,)
+                ).fetchone()
+                if row is not None:
+                    job, task_id = row[0], candidate
+                    break
+            self._db.execute(
+                "INSERT INTO deliveries (task_id, destination, job_id, state, detail, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (task_id, destination) DO UPDATE SET"
+                " state = excluded.state, detail = excluded.detail, updated = excluded.updated",
+                (task_id, destination, job, state, detail, time.time()),
+            )
+
+    def deliveries(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        """Every delivery (of one job), by task and destination."""
+        sql = "SELECT task_id, destination, job_id, state, detail, updated FROM deliveries"
+        args: tuple = ()
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id = ?", (job_id,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY task_id, destination", args).fetchall()
+        keys = ("task_id", "destination", "job_id", "state", "detail", "updated")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """``{(destination, state): count}`` over every delivery."""
+        return self._counts("deliveries", "destination")
+
+    def pipeline_counts(self) -> dict[tuple[str, str], int]:
+        """``{(pipeline, state): count}`` over every job."""
+        return self._counts("jobs", "pipeline")
+
+    def _counts(self, table: str, column: str) -> dict[tuple[str, str], int]:
+        sql = f"SELECT {column}, state, COUNT(*) FROM {table} GROUP BY {column}, state"
+        with self._lock:
+            rows = self._db.execute(sql).fetchall()
+        return {(key, state): n for key, state, n in rows}
+
     def exports(self, *, state: str | None = None) -> Iterator[dict[str, Any]]:
         sql = "SELECT task_id, job_id, agent, task_dir, state, updated FROM exports"
         with self._lock:
@@ -290,8 +411,8 @@ class JobStore:
 
 def _record(row: tuple) -> JobRecord:
     (job_id, key, pipeline, payload, source, state, created, started, finished, attempts,
-     stage, error, reaped, last_error) = row  # fmt: skip
+     stage, error, reaped, last_error, details, history) = row  # fmt: skip
     return JobRecord(
         job_id, key, pipeline, payload, json.loads(source), state, created, started, finished,
-        attempts, stage, error, reaped, last_error,
+        attempts, stage, error, reaped, last_error, details, json.loads(history or "[]"),
     )  # fmt: skip

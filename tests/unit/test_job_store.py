@@ -90,3 +90,59 @@ def test_a_jobs_db_from_before_retries_opens(tmp_path):
     job = store.get("j")
     assert (job.error, job.reaped, job.last_error) == ("boom", 5, None)
     store.close()
+
+
+def test_a_jobs_db_from_before_details_and_history_opens(tmp_path):
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, key TEXT UNIQUE, pipeline TEXT NOT NULL,"
+        " payload TEXT NOT NULL, source TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL,"
+        " created REAL NOT NULL, started REAL, finished REAL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, stage TEXT, error TEXT, reaped REAL,"
+        " last_error TEXT);"
+        "INSERT INTO jobs (id, pipeline, payload, state, created) VALUES ('j', 'p', 'x',"
+        " 'running', 1);"
+    )
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path / "jobs.db")
+    job = store.get("j")
+    assert (job.details, job.history) == (None, [])
+    store.finished("j", False, stage="s", error="boom", details="Traceback ...")
+    assert store.get("j").details == "Traceback ..."
+    store.close()
+
+
+def test_history_counts_attempts_cut_short_since_the_last_retry(store, tmp_path):
+    job_id = failed_job(store, tmp_path)
+    store.note(job_id, "cut_short", "cut short by shutdown at stage s", stage="s")
+    assert len(store.interrupted(store.get(job_id))) == 1
+    store.retry(job_id)  # by hand: the count starts again
+    job = store.get(job_id)
+    assert [e["event"] for e in job.history] == ["cut_short", "retried"]
+    assert job.history[1]["what"] == "retried by hand after: s: boom\ntraceback"
+    assert store.interrupted(job) == []
+    store.started(job_id)
+    store.note(job_id, "service_died", "service died while running")
+    entry = store.interrupted(store.get(job_id))[0]
+    assert (entry["attempt"], entry["event"]) == (2, "service_died")
+    assert store.fail(job_id, "not resumed", was=("running",))
+    assert not store.fail(job_id, "again", was=("running",))
+    assert store.get(job_id).error == "not resumed"
+
+
+def test_deliveries_are_found_by_task_and_destination(store, tmp_path):
+    job, _ = store.create("p", tmp_path, key="k")
+    store.add_export("task-1", job.id, "ClaraSCU", tmp_path)
+    store.delivery("task-1", "PACS", "pending")
+    store.delivery("task-1-PACS", "PACS", "dead", "deadline passed")  # the outbox's own id
+    store.delivery("task-1", "WEB", "sent")
+    store.delivery("unknown", "PACS", "sent")  # no such export: kept, with no job
+    rows = store.deliveries(job.id)
+    assert [(r["destination"], r["state"], r["detail"]) for r in rows] == [
+        ("PACS", "dead", "deadline passed"),
+        ("WEB", "sent", ""),
+    ]
+    assert store.delivery_counts() == {("PACS", "dead"): 1, ("WEB", "sent"): 1,
+                                       ("PACS", "sent"): 1}  # fmt: skip
+    assert store.pipeline_counts() == {("p", "queued"): 1}

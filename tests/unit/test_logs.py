@@ -41,3 +41,38 @@ def test_level_filters(capsys):
     err = capsys.readouterr().err
     assert "loud" in err and "quiet" not in err
     configure_logging("INFO")
+
+
+TRACEBACK = """Traceback (most recent call last):
+  File "stage.py", line 12, in execute
+    raise ValueError(f"bad dataset {ds}")
+ValueError: bad dataset (0010,0010) Patient's Name                      PN: 'DOE^JANE'
+(0010,0020) Patient ID                          LO: 'PAT-0042'
+(0010,0030) Patient's Birth Date                DA: '19700101'
+(0008,0050) Accession Number                    SH: 'ACC-77'
+(0028,0010) Rows                                US: 512
+Dataset.PatientName='DOE^JANE' PatientID=PAT-0042, OtherPatientIDs: ['X1', 'X2']
+AccessionNumber ACC-77
+AttributeError: 'FileDataset' object has no attribute 'PatientBirthDate'
+invalid value 'Smith' for (0x00100010) in /spool/MR.12.dcm; the patient 'Smith' again
+"""
+
+
+def test_scrub_removes_patient_identifiers_by_element_and_by_value():
+    from dataflow.logs import scrub
+
+    text = scrub(TRACEBACK, values=["Smith"])
+    for secret in ("DOE^JANE", "PAT-0042", "19700101", "ACC-77", "X1", "Smith"):
+        assert secret not in text, secret
+    lines = text.splitlines()
+    assert lines[3] == "ValueError: bad dataset (0010,0010) <redacted>"
+    assert lines[4] == "(0010,0020) <redacted>"
+    assert "(0028,0010) Rows                                US: 512" in lines  # kept
+    assert 'File "stage.py", line 12, in execute' in text  # where it failed stays
+    assert lines[8] == "Dataset.PatientName <redacted>"
+    assert lines[9] == "AccessionNumber <redacted>"
+    # an element named without a value (a missing attribute) keeps its sentence
+    assert lines[10] == "AttributeError: 'FileDataset' object has no attribute 'PatientBirthDate'"
+    assert lines[11].startswith("invalid value '<redacted>' for (0x00100010) <redacted>")
+    assert scrub("Rows 512, PatientAge 040Y") == "Rows 512, PatientAge 040Y"
+    assert scrub(None) is None and scrub("") == ""
