@@ -85,6 +85,7 @@ def _replicas(values: list[str] | None) -> dict[str, int]:
 
 PARAM = typer.Option(None, "--param", "-p", help="Pipeline parameter NAME=VALUE (repeatable).")
 REPLICAS = typer.Option(None, "--replicas", "-r", help="Replicas STAGE=N (repeatable).")
+AS_JSON = typer.Option(False, "--json", help="One JSON record per line.")
 
 
 @app.command()
@@ -211,18 +212,22 @@ def jobs(
     target: Path = typer.Argument(..., help="The service's configuration file or state folder."),
     state: str = typer.Option(None, help="Only jobs in this state (queued, running, ...)."),
     limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON record per line."),
+    as_json: bool = AS_JSON,
     retry: list[str] = typer.Option(
         None,
         "--retry",
         metavar="JOB_ID",
         help="Queue this failed job again (repeatable); a running service picks it up.",
     ),
+    show: str = typer.Option(
+        None, "--show", metavar="JOB_ID", help="One job: its history, exports and details."
+    ),
 ) -> None:
-    """List the service's job records, newest first; or, with --retry, queue failed jobs again."""
+    """List the service's job records, newest first, with each result's export state per
+    destination; --show one job; or, with --retry, queue failed jobs again."""
     from dataflow.errors import DataflowError
     from dataflow.service.jobs import RetryRefused
-    from dataflow.service.main import format_jobs, format_retried, open_jobs
+    from dataflow.service.main import format_job, format_jobs, format_retried, open_jobs
 
     try:
         store = open_jobs(target)
@@ -230,8 +235,22 @@ def jobs(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
+        if show:
+            try:
+                job = store.get(show)
+            except KeyError as exc:
+                typer.echo(f"error: {exc.args[0]}", err=True)
+                raise typer.Exit(1) from None
+            rows = store.deliveries(job.id)
+            if as_json:
+                typer.echo(format_jobs([job], as_json=True, deliveries={job.id: rows}))
+            else:
+                typer.echo(format_job(job, rows))
+            return
         if not retry:
-            typer.echo(format_jobs(store.list(state=state, limit=limit), as_json=as_json))
+            records = store.list(state=state, limit=limit)
+            rows = {job.id: store.deliveries(job.id) for job in records}
+            typer.echo(format_jobs(records, as_json=as_json, deliveries=rows))
             return
         refused = 0
         for job_id in retry:
@@ -244,6 +263,79 @@ def jobs(
             raise typer.Exit(1)
     finally:
         store.close()
+
+
+@app.command()
+def health(
+    target: Path = typer.Argument(..., help="The service's configuration file or state folder."),
+    as_json: bool = typer.Option(False, "--json", help="The whole health report as JSON."),
+    max_age: float = typer.Option(
+        30.0, min=1, help="Seconds after which an unchanged health file means a hung service."
+    ),
+) -> None:
+    """Say how the running service is: exit 0 healthy, 1 problems (a stage broken or
+    degraded, dead letters, connector problems), 2 not running or not answering."""
+    from dataflow.errors import DataflowError
+    from dataflow.service.health import check
+    from dataflow.service.main import format_health, state_folder
+
+    try:
+        code, report, summary = check(state_folder(target), max_age=max_age)
+    except (DataflowError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps({"exit": code, "summary": summary, **report}, indent=1))
+    else:
+        typer.echo(format_health(code, report, summary))
+    raise typer.Exit(code)
+
+
+@app.command()
+def exports(
+    config: Path = typer.Argument(..., help="The service's configuration file."),
+    state: str = typer.Option(
+        None, help="Only tasks in this state (pending, sending, sent, dead)."
+    ),
+    as_json: bool = AS_JSON,
+    resend: list[str] = typer.Option(
+        None,
+        "--resend",
+        metavar="TASK_ID",
+        help="Send this dead letter again (repeatable); a running service is asked to.",
+    ),
+) -> None:
+    """List the export outbox (results waiting, sent, dead-lettered); or re-send dead letters."""
+    from dataflow.errors import DataflowError
+    from dataflow.service.config import load_config
+    from dataflow.service.main import format_exports, open_admins
+
+    try:
+        admins = open_admins(load_config(config))
+    except (DataflowError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not admins:
+        typer.echo(f"error: {config}: no configured connector keeps an outbox", err=True)
+        raise typer.Exit(2)
+    if not resend:
+        rows = [row for admin in admins.values() for row in admin.exports(state)]
+        typer.echo(format_exports(rows, as_json=as_json))
+        return
+    refused = 0
+    for task_id in resend:
+        reasons = []
+        for name, admin in admins.items():
+            try:
+                typer.echo(admin.resend(task_id))
+                break
+            except DataflowError as exc:
+                reasons.append(f"{name}: {exc}" if len(admins) > 1 else str(exc))
+        else:
+            typer.echo(f"error: {'; '.join(reasons)}", err=True)
+            refused += 1
+    if refused:
+        raise typer.Exit(1)
 
 
 class _Display:

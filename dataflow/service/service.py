@@ -11,6 +11,16 @@
   that were queued or running run again, exports not yet handed over are handed over.
 - A watcher thread takes ``queued`` jobs another process recorded while the service runs
   (``dataflow jobs --retry``): each is taken once, by a conditional update of its record.
+- Limits (``limits:``, per pipeline ``pipelines.NAME.limits``): every stage and job has a
+  time-out and every worker a memory limit by default. On :meth:`Service.stop` the jobs in
+  flight get ``shutdown-grace`` seconds, then are cut short (they stay ``running``: resumed at
+  the next start, with a history entry saying where they were). A job found ``running`` at
+  start that no shutdown accounted for gets "service died while running"; one whose attempts
+  cut short reached ``max-attempts`` is failed with its history instead of resumed.
+- A failed job's details (the traceback) are kept with its record, scrubbed of patient data.
+- ``STATE/health.json`` and ``STATE/metrics.prom`` (:mod:`dataflow.service.health`) say how
+  the service is, every few seconds and at each change; ``STATE/service.lock`` is held while
+  it runs (one service per state folder).
 
 ``dataflow/`` never imports ``connectors/``: connectors are found by entry point name.
 """
@@ -18,8 +28,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +42,9 @@ import structlog
 
 from dataflow.errors import DataflowError
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
-from dataflow.service.config import ServiceConfig
+from dataflow.logs import scrub
+from dataflow.service.config import JobLimits, ServiceConfig
+from dataflow.service.health import HealthWriter, ServiceLock, read_previous
 from dataflow.service.jobs import JobRecord, JobStore
 
 __all__ = ["Connector", "Service", "ServiceError", "ServiceHost", "load_connector"]
@@ -96,6 +110,12 @@ class ServiceHost:
         source = {**source, "connector": self.name}  # whose payload: released to it later
         return self._service.submit(pipeline, payload, source=source, key=key)
 
+    def export_progress(self, task_id: str, destination: str, state: str, detail: str = "") -> None:
+        """A registered result's export to ``destination`` moved on (``pending``, ``sent``,
+        ``dead``; ``detail``: why, for a dead letter). Thread-safe; ``dataflow jobs`` shows
+        it with the job, and the metrics count it."""
+        self._service.export_progress(task_id, destination, state, detail)
+
 
 class Service:
     """Start with :meth:`start`, stop with :meth:`stop` (clean: jobs in flight finish)."""
@@ -115,19 +135,38 @@ class Service:
         self._reaper: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self.watch_interval = 1.0  # seconds between looks for jobs queued by another process
+        self.health_interval = 2.0  # seconds between writes of health.json and metrics.prom
+        self.health: HealthWriter | None = None
+        self._lockfile = ServiceLock(config.state)
         self._stopping = threading.Event()
+        self._aborted = self._stopped = False
+        self._cut_short: dict[str, list[str] | None] = {}  # job -> its stages when aborted
 
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
+        self.config.state.mkdir(parents=True, exist_ok=True)
+        if not self._lockfile.acquire():
+            raise ServiceError(
+                f"{self.config.state}: another dataflow serve (pid "
+                f"{ServiceLock.holder(self.config.state)}) runs on this state folder"
+            )
+        try:
+            self._start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+
+    def _start(self) -> None:
         from dataflow.run import build_executor
 
-        self.config.state.mkdir(parents=True, exist_ok=True)
+        previous = read_previous(self.config.state)  # before this run overwrites it
         self.jobs = JobStore(self.config.state / "jobs.db")
         for name, entry in self.config.pipelines.items():
             _, executor = build_executor(
                 entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
                 log_format="json" if self.config.log_format == "json" else "console",
+                **_limit_options(build_executor, entry.limits),
             )  # fmt: skip
             self.executors[name] = executor
         ready = {name: threading.Event() for name in self.executors}
@@ -143,10 +182,8 @@ class Service:
         for name, event in ready.items():
             while not event.wait(0.2):
                 if self._errors or not self.threads[name].is_alive():
-                    self.stop()
                     raise ServiceError(f"pipeline {name!r} failed to start: {self._errors}")
                 if time.monotonic() > deadline:
-                    self.stop()
                     raise ServiceError(
                         f"pipeline {name!r}: its workers were not ready after "
                         f"{self.startup_timeout:.0f} s (see worker_failed_to_start in the log)"
@@ -157,11 +194,13 @@ class Service:
             self.connectors[name] = connector
             for agent in connector.agents:
                 self._agents[agent.lower()] = connector
-        self._resume()
+        self._resume(previous)
         self.resume_exports()
         for name, connector in self.connectors.items():
             connector.start()
             log.info("connector_started", connector=name)
+        self.health = HealthWriter(self.config.state, self._gather, interval=self.health_interval)
+        self.health.start()
         retention = self.config.retention
         if retention.succeeded is not None or retention.failed is not None:
             self._reaper = threading.Thread(target=self._reap_loop, name="retention", daemon=True)
@@ -179,13 +218,31 @@ class Service:
 
     def abort(self) -> None:
         """Stop the pipelines at once (from a signal handler, during or before :meth:`stop`):
-        busy workers are killed; their jobs stay ``running`` and run again at the next start."""
+        busy workers are killed; their jobs stay ``running`` and run again at the next start
+        (:meth:`stop` adds to each record's history where it was cut short)."""
+        if self._aborted:
+            return
+        self._aborted = True
+        for name, executor in self.executors.items():
+            in_flight = getattr(executor, "in_flight", None)
+            try:
+                stages = in_flight() if callable(in_flight) else None
+            except Exception:  # the executor is stopping too: where is unknown
+                stages = None
+            if stages is None:
+                self._cut_short[name] = None
+            else:
+                self._cut_short.update({job: list(at) for job, at in stages.items()})
         for feed in self.feeds.values():
             feed.abort()
 
-    def stop(self) -> None:
+    def stop(self, grace: float | None = None) -> None:
         """Connectors stop taking work, each pipeline finishes its jobs in flight (their
-        results are handed to export), then the connectors stop."""
+        results are handed to export) within ``grace`` seconds (``limits.shutdown-grace``),
+        then those still in flight are cut short; then the connectors stop."""
+        if self._stopped:
+            return
+        grace = self.config.limits.shutdown_grace if grace is None else grace
         self._stopping.set()
         for thread in (self._reaper, self._watcher):
             if thread is not None:
@@ -200,19 +257,80 @@ class Service:
                     log.error("connector_stop_failed", connector=name, step=step,
                               error=repr(exc))  # fmt: skip
             if step == "stop_intake":
-                for feed in self.feeds.values():
-                    feed.close()
-                for thread in self.threads.values():
-                    thread.join()
-                self.threads.clear()
+                self._stop_pipelines(grace)
         self.connectors.clear()
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         if self.jobs is not None:
             self.jobs.close()
             self.jobs = None
+        self._lockfile.release()
+        self._stopped = True
         log.info("service_stopped")
 
-    def _resume(self) -> None:
+    def _stop_pipelines(self, grace: float) -> None:
+        for feed in self.feeds.values():
+            feed.close()
+        deadline = time.monotonic() + grace
+        for thread in self.threads.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self.threads.values()):
+            log.warning("shutdown_grace_passed", grace=grace)
+            self.abort()
+        for thread in self.threads.values():
+            thread.join()
+        self.threads.clear()
+        if self._aborted and self.jobs is not None:
+            self._note_cut_short()
+
+    def _note_cut_short(self) -> None:
+        """Each job an abort left ``running``: where it was, in its history (it resumes at
+        the next start; an attempt cut short at a stage counts towards ``max-attempts``)."""
+        assert self.jobs is not None
+        for job in self.jobs.unfinished(("running",)):
+            if job.pipeline in self._cut_short:  # that executor cannot say where its jobs are
+                event, stages, what = "cut_short", None, "cut short by shutdown"
+            elif self._cut_short.get(job.id):
+                stages = self._cut_short[job.id]
+                event, what = "cut_short", f"cut short by shutdown at stage {', '.join(stages)}"
+            else:
+                event, stages = "stopped_waiting", None
+                what = "stopped by shutdown before it reached a stage"
+            self.jobs.note(job.id, event, what, stage=stages[0] if stages else None)
+            log.warning("job_cut_short", job_id=job.id, pipeline=job.pipeline,
+                        attempt=job.attempts, what=what)  # fmt: skip
+
+    def _resume(self, previous: dict[str, Any]) -> None:
+        """Run again the jobs a stop or a crash left queued or running, except those whose
+        attempts cut short reached ``max-attempts``: those fail, with their history."""
+        assert self.jobs is not None
+        seen = {}  # job -> the stages it was at, when the last health file was written
+        for entry in previous.get("pipelines", {}).values():
+            seen.update(entry.get("in_flight") or {})
+        for job in self.jobs.unfinished(("queued", "running")):
+            if job.state == "running" and not any(
+                entry["attempt"] == job.attempts for entry in job.history
+            ):  # no shutdown accounted for this attempt: the service died
+                stages = seen.get(job.id)
+                where = f" (last seen at stage {', '.join(stages)})" if stages else ""
+                job = self.jobs.note(job.id, "service_died", f"service died while running{where}",
+                                     stage=stages[0] if stages else None)  # fmt: skip
+            cut = self.jobs.interrupted(job)
+            limits = self._limits(job.pipeline)
+            if len(cut) < limits.max_attempts:
+                continue
+            story = "; ".join(f"attempt {e['attempt']}: {e['what']}" for e in cut)
+            error = f"not resumed: {len(cut)} attempts were cut short ({story})"
+            if self.jobs.fail(job.id, error, was=(job.state,)):
+                self.jobs.note(job.id, "not_resumed", error)
+                log.error("job_not_resumed", job_id=job.id, pipeline=job.pipeline,
+                          max_attempts=limits.max_attempts, error=error)  # fmt: skip
         self._take_unfinished(("queued", "running"), "job_resumed")
+
+    def _limits(self, pipeline: str) -> JobLimits:
+        entry = self.config.pipelines.get(pipeline)
+        return entry.limits if entry is not None else self.config.limits
 
     def _watch_loop(self) -> None:
         """Take the jobs queued by another process (``dataflow jobs --retry``) while we run."""
@@ -271,6 +389,7 @@ class Service:
         if created:
             log.info("job_queued", job_id=job.id, pipeline=pipeline)
             self._queue(job)
+            self._poke()
         return job
 
     def _queue(self, job: JobRecord, *, was: tuple[str, ...] = ("queued",)) -> bool:
@@ -302,11 +421,19 @@ class Service:
             write_result(self.jobs_dir, result)
         except OSError as exc:
             log.error("job_results_not_written", job_id=result.job, error=str(exc))
-        self.jobs.finished(result.job, result.ok, stage=result.stage, error=result.reason)
-        log.info("job_finished", job_id=result.job, pipeline=pipeline, ok=result.ok,
-                 stage=result.stage, seconds=round(result.seconds, 3))  # fmt: skip
+        if not result.ok and self._aborted:
+            return  # cut short by the shutdown: stays running, resumed at the next start
+        error = scrub(result.reason) if not result.ok else None
+        self.jobs.finished(result.job, result.ok, stage=result.stage, error=error,
+                           details=scrub(result.details) if not result.ok else None)  # fmt: skip
+        self._poke()
         if not result.ok:
+            log.error("job_finished", job_id=result.job, pipeline=pipeline, ok=False,
+                      stage=result.stage, error=error,
+                      seconds=round(result.seconds, 3))  # fmt: skip
             return
+        log.info("job_finished", job_id=result.job, pipeline=pipeline, ok=True,
+                 seconds=round(result.seconds, 3))  # fmt: skip
         job = self.jobs.get(result.job)
         for value in result.outputs.values():
             if isinstance(value, Path) and (value / "task.json").is_file():
@@ -328,6 +455,65 @@ class Service:
             log.error("export_handover_failed", job_id=job.id, agent=agent, error=repr(exc))
             return
         self.jobs.export_state(task["taskId"], "handed")
+
+    def export_progress(self, task_id: str, destination: str, state: str, detail: str = "") -> None:
+        """See :meth:`ServiceHost.export_progress`."""
+        jobs = self.jobs
+        if jobs is None:
+            return  # stopped: the connector reports it again at the next start
+        try:
+            jobs.delivery(task_id, destination, state, scrub(detail) or "")
+        except sqlite3.ProgrammingError:  # closed between the look and the write
+            return
+        self._poke()
+
+    # ------------------------------------------------------------------ health
+
+    def _poke(self) -> None:
+        if self.health is not None:
+            self.health.poke()
+
+    def _gather(self) -> dict[str, Any]:
+        """The parts of ``health.json`` (:mod:`dataflow.service.health`)."""
+        jobs = self.jobs
+        if jobs is None:
+            raise ServiceError("the service is stopping")
+        pipelines: dict[str, Any] = {}
+        for name, executor in self.executors.items():
+            entry: dict[str, Any] = {"stages": {}, "counters": dict(executor.counters)}
+            for part in ("health", "in_flight"):
+                method = getattr(executor, part, None)
+                try:
+                    value = method() if callable(method) else None
+                except Exception as exc:  # not serving yet, or stopping
+                    log.debug("executor_health_unknown", pipeline=name, error=repr(exc))
+                    value = None
+                if part == "health" and value is not None:
+                    entry.update(value)
+                elif part == "in_flight":
+                    entry["in_flight"] = value
+            thread = self.threads.get(name)
+            if thread is not None and not thread.is_alive() and not self._stopping.is_set():
+                entry["error"] = "its executor thread ended (see pipeline_stopped_by_error)"
+            pipelines[name] = entry
+        connectors = {}
+        for name, connector in list(self.connectors.items()):
+            method = getattr(connector, "health", None)
+            try:
+                value = method() if callable(method) else {}
+            except Exception as exc:
+                value = {"problems": [f"its health could not be read: {exc!r}"]}
+            connectors[name] = {"problems": list(value.get("problems", [])),
+                                "metrics": list(value.get("metrics", []))}  # fmt: skip
+        return {
+            "state": str(self.config.state),
+            "pipelines": pipelines,
+            "jobs": [{"pipeline": p, "state": s, "count": n}
+                     for (p, s), n in sorted(jobs.pipeline_counts().items())],
+            "deliveries": [{"destination": d, "state": s, "count": n}
+                           for (d, s), n in sorted(jobs.delivery_counts().items())],
+            "connectors": connectors,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ retention
 
@@ -368,3 +554,18 @@ class Service:
             release(Path(job.payload), job.source)
         except Exception as exc:
             log.error("payload_release_failed", job_id=job.id, error=repr(exc))
+
+
+def _limit_options(build: Callable[..., Any], limits: JobLimits) -> dict[str, Any]:
+    """The service's limits as ``build_executor`` takes them."""
+    accepted = inspect.signature(build).parameters
+    if "stage_timeout" not in accepted:  # an executor without per-stage defaults
+        from dataflow.execution.state import Limits
+
+        return {"limits": Limits(job_timeout=limits.job_timeout)}
+    options = {
+        "stage_timeout": limits.stage_timeout,
+        "job_timeout": limits.job_timeout,
+        "memory_limit": limits.worker_memory,
+    }
+    return {key: value for key, value in options.items() if key in accepted}

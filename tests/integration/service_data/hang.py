@@ -1,0 +1,29 @@
+"""A test stage that does what its job folder tells it: a file ``hang`` makes it sleep until
+the file is gone (a hung stage), ``fail`` makes it raise an error quoting a dataset's patient
+elements (what a traceback may carry); otherwise it writes ``done.txt``. Each attempt leaves
+``started-N`` in the job folder first, so a test can wait for the stage to be running."""
+
+import time
+from pathlib import Path
+
+from dataflow.stage import Port, Stage
+
+
+class Hang(Stage):
+    inputs = {"job": Port("stream", element_type="folder")}
+    outputs = {"done": Port("stream", element_type="text")}
+
+    def execute(self, ctx, job: Path) -> Path:
+        job = Path(job)
+        attempt = len(list(job.glob("started-*"))) + 1
+        (job / f"started-{attempt}").touch()
+        while (job / "hang").exists():
+            time.sleep(0.05)
+        if (job / "fail").exists():
+            raise ValueError(
+                "cannot read (0010,0010) Patient's Name PN: 'DOE^JANE' in "
+                f"{job.name}/1.dcm; PatientID=PAT-0042"
+            )
+        out = ctx.output_dir("done")
+        (out / "done.txt").write_text(job.name)
+        return out

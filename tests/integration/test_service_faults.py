@@ -1,0 +1,122 @@
+"""`dataflow serve` against a stage that hangs or fails: SIGTERM stops the service within its
+shutdown grace and the job cut short stays resumable (with its history) until max-attempts,
+a stage time-out fails the hung job and the one behind it runs, and a failure's traceback is
+kept with its job, free of patient identifiers."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from cli import dataflow, jobs, serve, wait_serving
+
+from dataflow.service import JobStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DATA = Path(__file__).parent / "service_data"
+PHI = ("DOE^JANE", "PAT-0042")
+
+
+def setup(tmp_path: Path, limits: str, *folders: tuple[str, str]) -> tuple[Path, dict]:
+    """A service file for the hang pipeline, and a queued job per (name, marker) folder."""
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        f"state: {tmp_path / 'state'}\n"
+        f"pipelines: {{hang: {DATA / 'hang.yaml'}}}\n"
+        f"limits: {limits}\n"
+        "log: {format: json}\n"
+    )
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    ids = {}
+    for name, marker in folders:
+        folder = tmp_path / name
+        folder.mkdir()
+        if marker:
+            (folder / marker).touch()
+        ids[name] = store.create("hang", folder, key=name)[0].id
+    store.close()
+    return config, ids
+
+
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=180)  # the grace is 1 s: this only catches a hang
+
+
+def record(config: Path, job_id: str) -> dict:
+    return next(job for job in jobs(config) if job["id"] == job_id)
+
+
+def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_path):
+    config, ids = setup(tmp_path, "{shutdown-grace: 1s, max-attempts: 2}", ("stuck", "hang"))
+    log, stuck = tmp_path / "serve.log", tmp_path / "stuck"
+    for attempt in (1, 2):
+        proc = serve(config, log)
+        try:
+            wait_serving(lambda a=attempt: (stuck / f"started-{a}").exists(), 120,
+                         f"attempt {attempt} running", proc)  # fmt: skip
+            if attempt == 1:
+                health = dataflow("health", config)
+                assert health.returncode == 0, health.stdout + health.stderr
+                assert health.stdout.startswith("healthy")
+                metrics = (tmp_path / "state" / "metrics.prom").read_text()
+                assert 'dataflow_jobs{pipeline="hang",state="running"} 1.0' in metrics
+        finally:
+            code = stop(proc)
+        assert code == 0, log.read_text()[-3000:]
+        job = record(config, ids["stuck"])
+        assert job["state"] == "running" and job["attempts"] == attempt  # resumable
+        assert [e["event"] for e in job["history"]] == ["cut_short"] * attempt
+        assert job["history"][-1]["what"].startswith("cut short by shutdown")
+    assert dataflow("health", config).returncode == 2  # not running
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(line["event"] == "shutdown_grace_passed" for line in lines)
+    proc = serve(config, log)  # the third start: two attempts were cut short, it fails
+    try:
+        wait_serving(lambda: record(config, ids["stuck"])["state"] == "failed", 120,
+                     "the job failed at start", proc)  # fmt: skip
+    finally:
+        assert stop(proc) == 0
+    job = record(config, ids["stuck"])
+    assert job["error"].startswith(
+        "not resumed: 2 attempts were cut short (attempt 1: cut short by shutdown"
+    )
+    assert [e["event"] for e in job["history"]] == ["cut_short", "cut_short", "not_resumed"]
+    assert not (stuck / "started-3").exists()
+    shown = dataflow("jobs", config, "--show", ids["stuck"])
+    assert "attempt 2: cut short by shutdown" in shown.stdout, shown.stdout
+
+
+def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_path):
+    """The hung job fails when the stage time-out set in the service file passes; the job
+    behind it on the same worker succeeds; a job whose stage raised keeps its traceback with
+    its record, and neither the record nor the log carries the patient's name or ID."""
+    config, ids = setup(
+        tmp_path, "{stage-timeout: 2s}", ("stuck", "hang"), ("innocent", ""), ("phi", "fail")
+    )
+    log = tmp_path / "serve.log"
+    proc = serve(config, log)
+    try:
+        wait_serving(
+            lambda: all(job["state"] in ("succeeded", "failed") for job in jobs(config)),
+            180, "every job finished", proc,
+        )  # fmt: skip
+    finally:
+        assert stop(proc) == 0
+    stuck, innocent, phi = (record(config, ids[name]) for name in ("stuck", "innocent", "phi"))
+    assert stuck["state"] == "failed" and "timed out" in stuck["error"], stuck
+    assert innocent["state"] == "succeeded", innocent
+    assert phi["state"] == "failed" and phi["stage"] == "hang"
+    assert "Traceback" in phi["details"] and "raise ValueError(" in phi["details"]
+    assert "(0010,0010) <redacted>" in phi["error"] + phi["details"]
+    text = log.read_text() + json.dumps(jobs(config))
+    assert not any(secret in text for secret in PHI)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line["event"] == "job_finished" and not line["ok"]]
+    assert {line["job_id"] for line in failed} == {ids["stuck"], ids["phi"]}
+    assert all(line["level"] == "error" and line["error"] for line in failed)
+    shown = dataflow("jobs", config, "--show", ids["phi"])
+    assert "details:" in shown.stdout and "Traceback" in shown.stdout
