@@ -18,11 +18,22 @@ Rules:
   lists them as its inputs came); with ``ordered=False`` (a long-running service, where a
   slow study must not hold back the results of the fast ones after it) as each is known.
 - A job's timeout counts from its first dispatch, waits between stages included (waiting to be
-  admitted is not counted).
+  admitted is not counted). A stage without a timeout of its own takes ``Limits.stage_timeout``.
 - A failure (exception, worker death, stage timeout, job timeout, cancellation) fails that job
-  only; its values are discarded; the worker (restarted if it died) takes the next job.
-- A worker that keeps dying before it ever finishes a job (``max_restarts`` times in a row)
-  marks its stage broken: the jobs that need it fail with the reason.
+  only; its values are discarded; the worker (restarted if it died) takes the next job. No job
+  is ever retried here: a job that kills its worker fails (the caller decides about retries).
+- Self-healing. A worker that dies is restarted at once the first time; each further death in
+  a row waits ``restart_backoff`` seconds, doubling, at most ``restart_backoff_max``. A death
+  counts "in a row" until the worker finishes a job (done or failed) or stays up (ready)
+  for ``healthy_after`` seconds. When every worker of a stage is down and has died more than
+  ``max_restarts`` times in a row, the stage is *broken*: the jobs in flight that still need it
+  fail, and so does every job admitted while it is broken (fast, with the reason: work is
+  refused rather than hoarded). Its workers keep being restarted after their backoff; the
+  first that becomes ready again *recovers* the stage (``StageRecovered``) and jobs flow again.
+  Nothing needs a restart of the process.
+- A worker that cannot start at all (the stage cannot be constructed, or ``prepare`` raised:
+  ``fatal``) is not a crash to retry quickly: its stage is broken at once with that reason (if
+  no other replica is up), and the worker is tried again only every ``restart_backoff_max``.
 """
 
 from __future__ import annotations
@@ -44,7 +55,9 @@ __all__ = [
     "JobSucceeded",
     "KillWorker",
     "Limits",
+    "StageBroken",
     "StageNode",
+    "StageRecovered",
     "Stalled",
     "StartWorker",
     "Value",
@@ -90,9 +103,17 @@ class Limits:
     max_jobs: int = 8
     edge_items: int = 4
     edge_bytes: int = 1 << 30
+    #: deaths in a row a worker may have before its stage counts as broken
     max_restarts: int = 3
+    #: wait before the second restart in a row (the first is at once); doubles each time
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 60.0
+    #: a worker up (ready) this long has its deaths in a row forgotten
+    healthy_after: float = 60.0
     stall_seconds: float = 30.0
     job_timeout: float | None = None
+    #: the timeout of a stage that sets none (None: no timeout)
+    stage_timeout: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +179,22 @@ class Stalled(Action):
     report: str
 
 
+@dataclasses.dataclass(frozen=True)
+class StageBroken(Action):
+    """No worker of ``stage`` can run now; its next try is in ``retry_in`` seconds."""
+
+    stage: str
+    reason: str
+    retry_in: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecovered(Action):
+    """A worker of a broken stage is ready again: jobs are accepted again."""
+
+    stage: str
+
+
 # ------------------------------------------------------------------------------- state
 
 
@@ -180,11 +217,19 @@ class _Worker:
     id: str
     stage: str
     replica: int
-    state: str = "starting"  # starting | idle | busy | dead | broken
+    state: str = "starting"  # starting | idle | busy | waiting (to be restarted at restart_at)
     job: _Job | None = None
     deadline: float | None = None
     started_at: float = 0.0
     failures_in_a_row: int = 0
+    up_since: float | None = None  # ready since (None while starting or waiting)
+    restart_at: float | None = None
+    restarts: int = 0  # deaths since the start (each followed by a restart)
+    last_death: str | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state in ("idle", "busy")
 
 
 class Core:
@@ -211,6 +256,10 @@ class Core:
         # values on each edge not yet consumed: (stage, port) -> {job: nbytes}
         self.on_edge: dict[tuple[str, str], dict[str, int]] = {}
         self.peak_on_edge: dict[tuple[str, str], int] = {}  # high-water marks, for reports
+        #: monotonic counts since the start (health checks and metrics)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("worker_died", "stage_broken", "stage_recovered", "stage_timeouts", "job_timeouts"), 0
+        )
 
     # ---------------------------------------------------------------------- events
 
@@ -236,8 +285,12 @@ class Core:
 
     def worker_ready(self, worker: str, now: float) -> list[Action]:
         w = self.workers[worker]
-        w.state = "idle"
-        return self._schedule(now)
+        w.state, w.up_since, w.restart_at = "idle", now, None
+        actions: list[Action] = []
+        if self.broken.pop(w.stage, None) is not None:
+            self.counters["stage_recovered"] += 1
+            actions.append(StageRecovered(w.stage))
+        return actions + self._schedule(now)
 
     def job_done(
         self, worker: str, job_id: str, outputs: Mapping[str, Value], now: float
@@ -285,28 +338,43 @@ class Core:
         actions = self._fail(job, w.stage, reason, details, now) if job else []
         return actions + self._schedule(now)
 
-    def worker_died(self, worker: str, reason: str, now: float) -> list[Action]:
+    def worker_died(
+        self, worker: str, reason: str, now: float, *, fatal: bool = False
+    ) -> list[Action]:
+        """``worker`` exited (or was found dead). ``fatal``: it reported that it cannot start
+        (the stage cannot be constructed, ``prepare`` raised) — a deterministic failure."""
         w = self.workers[worker]
+        fatal = fatal and not w.up  # a worker that was serving crashed: not a start failure
         actions: list[Action] = []
         job, w.job = w.job, None
         if job is not None:
             job.running.discard(w.stage)
             actions += self._fail(job, w.stage, f"worker {worker} died: {reason}", "", now)
-        if w.state == "broken":
-            return actions + self._schedule(now)
+        self.counters["worker_died"] += 1
         w.failures_in_a_row += 1
-        if w.failures_in_a_row > self.limits.max_restarts:
-            w.state = "broken"
-            if all(x.state == "broken" for x in self.workers.values() if x.stage == w.stage):
-                self.broken[w.stage] = (
-                    f"stage {w.stage!r} is broken: its workers died {w.failures_in_a_row} "
+        if fatal:
+            w.failures_in_a_row = max(w.failures_in_a_row, self.limits.max_restarts + 1)
+        w.restarts += 1
+        w.last_death = reason
+        w.deadline = w.up_since = None
+        delay = self._backoff(w, fatal)
+        if delay > 0:
+            w.state, w.restart_at = "waiting", now + delay
+        else:
+            w.state, w.started_at = "starting", now
+            actions.append(StartWorker(w.id, w.stage, w.replica))
+        if w.stage not in self.broken and self._stage_down(w.stage):
+            if fatal:
+                why = f"stage {w.stage!r} is broken: it cannot start: {reason}"
+            else:
+                why = (
+                    f"stage {w.stage!r} is broken: its worker died {w.failures_in_a_row} "
                     f"times in a row (last: {reason})"
                 )
-                actions += self._fail_stage_jobs(w.stage, now)
-            return actions + self._schedule(now)
-        w.state = "starting"
-        w.started_at = now
-        actions.append(StartWorker(w.id, w.stage, w.replica))
+            self.broken[w.stage] = why
+            self.counters["stage_broken"] += 1
+            actions.append(StageBroken(w.stage, why, delay))
+            actions += self._fail_stage_jobs(w.stage, now)
         return actions + self._schedule(now)
 
     def cancel(self, job_id: str, reason: str, now: float) -> list[Action]:
@@ -320,10 +388,16 @@ class Core:
         """Time passed: stage and job timeouts, and the watchdog."""
         actions: list[Action] = []
         for w in self.workers.values():
+            if w.state == "waiting" and w.restart_at is not None and now >= w.restart_at:
+                w.state, w.restart_at, w.started_at = "starting", None, now
+                actions.append(StartWorker(w.id, w.stage, w.replica))
+            elif w.up and w.failures_in_a_row and self._healthy_at(w) <= now:
+                w.failures_in_a_row = 0  # it stayed up: its past deaths are forgiven
             if w.state == "busy" and w.deadline is not None and now >= w.deadline:
                 job = w.job
-                timeout = self.graph.stages[w.stage].timeout
+                timeout = self._stage_timeout(w.stage)
                 reason = f"stage {w.stage!r} timed out after {timeout:g} s"
+                self.counters["stage_timeouts"] += 1
                 actions += self._kill(w, reason, now)
                 if job is not None:
                     actions += self._fail(job, w.stage, reason, "", now)
@@ -336,6 +410,7 @@ class Core:
                     and (now - started >= self.limits.job_timeout)
                 ):
                     reason = f"job timed out after {self.limits.job_timeout:g} s"
+                    self.counters["job_timeouts"] += 1
                     actions += self._fail(job, None, reason, "", now)
         if self.jobs and now - self.last_progress >= self.limits.stall_seconds:
             actions.append(Stalled(self.stall_report(now)))
@@ -350,6 +425,10 @@ class Core:
 
     def next_deadline(self) -> float | None:
         times = [w.deadline for w in self.workers.values() if w.deadline is not None]
+        times += [w.restart_at for w in self.workers.values() if w.restart_at is not None]
+        times += [
+            self._healthy_at(w) for w in self.workers.values() if w.up and w.failures_in_a_row
+        ]
         if self.limits.job_timeout is not None:
             times += [
                 j.started_at + self.limits.job_timeout
@@ -360,6 +439,38 @@ class Core:
             times.append(self.last_progress + self.limits.stall_seconds)
         return min(times, default=None)
 
+    def health(self, now: float) -> dict[str, dict[str, Any]]:
+        """Per stage: ``state`` (``ok``: every worker up; ``starting``: first start under way;
+        ``degraded``: some worker down or waiting to restart, jobs still accepted; ``broken``:
+        jobs refused until a worker is up again), ``reason``, ``workers``, ``live`` (up now),
+        ``restarts`` (deaths since the start)."""
+        report: dict[str, dict[str, Any]] = {}
+        for name in self.graph.stages:
+            workers = [w for w in self.workers.values() if w.stage == name]
+            live = sum(w.up for w in workers)
+            down = [w for w in workers if not w.up]
+            retry = min((w.restart_at for w in down if w.restart_at is not None), default=None)
+            later = "" if retry is None else f"; next try in {max(0.0, retry - now):.0f} s"
+            reason: str | None = None
+            if name in self.broken:
+                state, reason = "broken", self.broken[name] + later
+            elif not down:
+                state = "ok"
+            elif all(w.state == "starting" and not w.restarts for w in down):
+                state = "starting"
+            else:
+                state = "degraded"
+                w = next(w for w in down if w.last_death is not None)
+                reason = f"worker {w.id} died: {w.last_death}{later}"
+            report[name] = {
+                "state": state,
+                "reason": reason,
+                "workers": len(workers),
+                "live": live,
+                "restarts": sum(w.restarts for w in workers),
+            }
+        return report
+
     def stall_report(self, now: float) -> str:
         quiet = now - self.last_progress
         lines = [f"no progress for {quiet:.0f} s with {len(self.jobs)} job(s) in flight:"]
@@ -368,8 +479,13 @@ class Core:
                 lines.append(
                     f"  worker {w.id} busy with job {w.job.id!r} for {now - w.started_at:.0f} s"
                 )
-            elif w.state in ("starting", "broken"):
-                lines.append(f"  worker {w.id} {w.state}")
+            elif w.state == "starting":
+                lines.append(f"  worker {w.id} starting")
+            elif w.state == "waiting":
+                lines.append(
+                    f"  worker {w.id} restarts in {w.restart_at - now:.0f} s "
+                    f"(last death: {w.last_death})"
+                )
         for stage, heap in self.ready.items():
             if heap:
                 blocked = self._blocked_by(stage)
@@ -440,10 +556,35 @@ class Core:
                 idle.state, idle.job, idle.started_at = "busy", job, now
                 if job.started_at is None:
                     job.started_at = now
-                idle.deadline = None if node.timeout is None else now + node.timeout
+                timeout = self._stage_timeout(stage)
+                idle.deadline = None if timeout is None else now + timeout
                 job.running.add(stage)
-                actions.append(Dispatch(idle.id, job.id, stage, inputs, node.timeout))
+                actions.append(Dispatch(idle.id, job.id, stage, inputs, timeout))
         return actions
+
+    def _stage_timeout(self, stage: str) -> float | None:
+        own = self.graph.stages[stage].timeout
+        return own if own is not None else self.limits.stage_timeout
+
+    def _backoff(self, w: _Worker, fatal: bool) -> float:
+        """Seconds before a worker that just died is started again."""
+        if fatal:
+            return self.limits.restart_backoff_max
+        if w.failures_in_a_row <= 1:
+            return 0.0
+        delay = self.limits.restart_backoff * 2.0 ** min(w.failures_in_a_row - 2, 60)
+        return min(self.limits.restart_backoff_max, delay)
+
+    def _healthy_at(self, w: _Worker) -> float:
+        return (w.up_since if w.up_since is not None else 0.0) + self.limits.healthy_after
+
+    def _stage_down(self, stage: str) -> bool:
+        """No worker of ``stage`` is up and each has died more than max_restarts in a row."""
+        return all(
+            not w.up and w.failures_in_a_row > self.limits.max_restarts
+            for w in self.workers.values()
+            if w.stage == stage
+        )
 
     def _finish_dispatch(self, w: _Worker, job_id: str) -> _Job | None:
         job = w.job
@@ -502,7 +643,7 @@ class Core:
         job, w.job = w.job, None
         if job is not None:
             job.running.discard(w.stage)
-        w.state, w.deadline, w.started_at = "starting", None, now
+        w.state, w.deadline, w.started_at, w.up_since = "starting", None, now, None
         return [KillWorker(w.id, reason), StartWorker(w.id, w.stage, w.replica)]
 
     def forget(self, job_id: str) -> None:

@@ -11,7 +11,9 @@ from dataflow.execution.state import (
     JobSucceeded,
     KillWorker,
     Limits,
+    StageBroken,
     StageNode,
+    StageRecovered,
     Stalled,
     StartWorker,
     Value,
@@ -275,3 +277,126 @@ def test_results_in_submission_order_or_as_they_are_known(ordered):
     expected = ["slow", "fast"] if ordered else ["fast", "slow"]
     assert [job for job, _ in h.results()] == expected
     assert h.core.idle()
+
+
+# ------------------------------------------------------------------ self-healing
+
+
+def fails(h):
+    return [(a.job, a.reason) for a in of(h.log, JobFailed)]
+
+
+def test_deaths_in_a_row_back_off_break_the_stage_and_it_recovers_by_itself():
+    h = Harness(linear_graph(["a"]), max_restarts=3, restart_backoff=1, restart_backoff_max=3)
+    restarts = []
+    for n in range(4):  # four poison jobs, each killing the worker
+        h.submit(f"p{n}")
+        acts = h.record(h.core.worker_died("a#0", "killed by signal 9 (SIGKILL)", h.now))
+        restart_at = h.core.workers["a#0"].restart_at
+        restarts.append(None if restart_at is None else restart_at - h.now)
+        if of(acts, StartWorker):  # restarted at once: ready again
+            h.record(h.core.worker_ready("a#0", h.now))
+        else:
+            h.now = restart_at
+            assert of(h.record(h.core.tick(h.now)), StartWorker) == [StartWorker("a#0", "a", 0)]
+            if n < 3:
+                h.record(h.core.worker_ready("a#0", h.now))
+    assert restarts == [None, 1, 2, 3]  # at once, then 1 s, doubling, capped at 3 s
+    (broken,) = of(h.log, StageBroken)
+    assert broken.stage == "a" and "died 4 times in a row" in broken.reason
+    assert broken.retry_in == 3
+    assert h.core.health(h.now)["a"]["state"] == "broken"
+    h.submit("early")  # while broken: refused at once, with the reason
+    assert fails(h)[-1] == ("early", h.core.broken["a"])
+    h.record(h.core.worker_ready("a#0", h.now))  # the restart came up: healed
+    assert of(h.log, StageRecovered) == [StageRecovered("a")]
+    h.submit("good")
+    h.finish("a#0")
+    assert ("good", "JobSucceeded") in h.results()
+    assert h.core.counters == {
+        "worker_died": 4, "stage_broken": 1, "stage_recovered": 1,
+        "stage_timeouts": 0, "job_timeouts": 0,
+    }  # fmt: skip
+    assert h.core.health(h.now)["a"] == {
+        "state": "ok",
+        "reason": None,
+        "workers": 1,
+        "live": 1,
+        "restarts": 4,
+    }
+
+
+def test_a_worker_that_stays_up_has_its_deaths_forgotten():
+    h = Harness(linear_graph(["a"]), max_restarts=3, restart_backoff=1, healthy_after=60)
+    for _ in range(2):
+        h.record(h.core.worker_died("a#0", "killed", h.now))
+        if h.core.workers["a#0"].restart_at is not None:
+            h.now = h.core.workers["a#0"].restart_at
+            h.record(h.core.tick(h.now))
+        h.record(h.core.worker_ready("a#0", h.now))
+    assert h.core.workers["a#0"].failures_in_a_row == 2
+    assert h.core.next_deadline() == h.now + 60  # the core asks to be woken to forgive
+    h.now += 60
+    h.record(h.core.tick(h.now))
+    assert h.core.workers["a#0"].failures_in_a_row == 0
+    acts = h.record(h.core.worker_died("a#0", "killed", h.now))
+    assert of(acts, StartWorker)  # a first death again: restarted at once
+
+
+def test_a_stage_that_cannot_start_is_broken_at_once_and_tried_again_slowly():
+    h = Harness(linear_graph(["a", "b"]), restart_backoff_max=60)
+    h.record(h.core.worker_died("b#0", "killed", h.now))  # restarted at once: starting...
+    h.submit("j1")
+    reason = "failed to start: TypeError: Sink() takes no arguments"
+    acts = h.record(h.core.worker_died("b#0", reason, h.now, fatal=True))  # ...and cannot
+    assert StartWorker("b#0", "b", 0) not in acts  # no restart loop
+    (broken,) = of(acts, StageBroken)
+    assert broken.reason == (
+        "stage 'b' is broken: it cannot start: failed to start: "
+        "TypeError: Sink() takes no arguments"
+    )
+    assert fails(h) == [("j1", broken.reason)]
+    health = h.core.health(h.now)["b"]
+    assert health["state"] == "broken" and "Sink() takes no arguments" in health["reason"]
+    assert h.core.next_deadline() == h.now + 60
+    h.now += 60
+    assert of(h.record(h.core.tick(h.now)), StartWorker) == [StartWorker("b#0", "b", 0)]
+
+
+def test_one_replica_down_degrades_the_stage_and_the_other_takes_the_jobs():
+    h = Harness(linear_graph(["a"], replicas=2), max_restarts=0, restart_backoff_max=60)
+    h.record(h.core.worker_died("a#1", "killed", h.now))  # restarted...
+    h.record(h.core.worker_died("a#1", "failed to start: boom", h.now, fatal=True))  # ...fails
+    assert not of(h.log, StageBroken)
+    health = h.core.health(h.now)["a"]
+    assert health["state"] == "degraded" and health["live"] == 1
+    assert health["reason"] == "worker a#1 died: failed to start: boom; next try in 60 s"
+    h.submit("j1")
+    assert h.running() == {"a#0": "j1"}
+
+
+def test_first_start_is_starting_not_degraded():
+    core = Core(linear_graph(["a"]), Limits())
+    core.start(0.0)
+    assert core.health(0.0)["a"]["state"] == "starting"
+    core.worker_ready("a#0", 0.0)
+    assert core.health(0.0)["a"]["state"] == "ok"
+
+
+def test_a_default_stage_timeout_applies_to_stages_without_their_own():
+    graph = Graph(
+        {
+            "a": StageNode("a", {"in": None}, ("out",)),
+            "b": StageNode("b", {"in": ("a", "out")}, ("out",), timeout=100),
+        }
+    )
+    h = Harness(graph, stage_timeout=5)
+    h.submit("j1", "j2")
+    assert of(h.log, Dispatch)[0].timeout == 5
+    h.now = 5
+    h.record(h.core.tick(h.now))
+    assert fails(h) == [("j1", "stage 'a' timed out after 5 s")]
+    h.record(h.core.worker_ready("a#0", h.now))  # restarted after the kill
+    h.finish("a#0")  # j2 goes on to b, which keeps its own 100 s
+    assert of(h.log, Dispatch)[-1].stage == "b" and of(h.log, Dispatch)[-1].timeout == 100
+    assert h.core.counters["stage_timeouts"] == 1
