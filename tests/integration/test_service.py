@@ -310,3 +310,40 @@ def test_results_without_a_connector_are_exported_once_one_serves_their_agent(tm
         assert queued.id == f"{ids['kept']}-PACS" and queued.files == 1
     finally:
         service.stop()
+
+
+def test_jobs_the_service_died_under_get_history_and_fail_after_max_attempts(config_path, tmp_path):
+    """At start, a job found running that no shutdown accounted for gets "service died while
+    running" (with the stage the last health file saw it at) and runs again; one whose third
+    attempt was so cut short is failed with its history instead (max-attempts 3)."""
+    import json
+
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    poison, _ = store.create("passthrough", SAMPLES / "study-a", key="poison")
+    for _ in range(2):
+        store.started(poison.id, was=("queued", "running"))
+        store.note(poison.id, "service_died", "service died while running")
+    store.started(poison.id, was=("running",))  # the third attempt: the service died again
+    victim, _ = store.create("passthrough", SAMPLES / "study-b", key="victim")
+    store.started(victim.id)
+    store.close()
+    health = {"pipelines": {"passthrough": {"in_flight": {victim.id: ["npy-to-array"]}}}}
+    (tmp_path / "state" / "health.json").write_text(json.dumps(health))
+    service = Service(load_config(config_path))
+    service.start()
+    try:
+        wait_for(lambda: service.jobs.get(victim.id).state == "succeeded")
+        failed = service.jobs.get(poison.id)
+    finally:
+        service.stop()
+    assert failed.state == "failed" and failed.attempts == 3
+    assert failed.error == (
+        "not resumed: 3 attempts were cut short (attempt 1: service died while running; "
+        "attempt 2: service died while running; attempt 3: service died while running)"
+    )
+    assert [e["event"] for e in failed.history][-2:] == ["service_died", "not_resumed"]
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    (entry,) = store.get(victim.id).history
+    store.close()
+    assert (entry["attempt"], entry["event"], entry["stage"]) == (1, "service_died", "npy-to-array")
+    assert entry["what"] == "service died while running (last seen at stage npy-to-array)"

@@ -88,6 +88,7 @@ def test_the_example_configuration_loads():
     config = load_config(ROOT / "examples" / "service.yaml")
     assert set(config.pipelines) >= {"ct-segmentation"}
     assert "dicom" in config.connectors
+    assert config.limits == JobLimits()  # the example spells the defaults out
 
 
 @pytest.mark.parametrize(
