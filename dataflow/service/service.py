@@ -559,10 +559,14 @@ class Service:
 def _limit_options(build: Callable[..., Any], limits: JobLimits) -> dict[str, Any]:
     """The service's limits as ``build_executor`` takes them."""
     accepted = inspect.signature(build).parameters
-    if "stage_timeout" not in accepted:  # an executor without per-stage defaults
+    if "stage_timeout" not in accepted:  # the time-outs as the executor's own Limits
+        import dataclasses
+
         from dataflow.execution.state import Limits
 
-        return {"limits": Limits(job_timeout=limits.job_timeout)}
+        known = {field.name for field in dataclasses.fields(Limits)}
+        wanted = {"job_timeout": limits.job_timeout, "stage_timeout": limits.stage_timeout}
+        return {"limits": Limits(**{k: v for k, v in wanted.items() if k in known})}
     options = {
         "stage_timeout": limits.stage_timeout,
         "job_timeout": limits.job_timeout,
