@@ -9,6 +9,7 @@ then the top level (a few writers put PixelSpacing or rescale there).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from dataflow.errors import DataflowError
 
-__all__ = ["Frame", "SeriesError", "frames_of"]
+__all__ = ["Frame", "SeriesError", "element_float", "element_int", "frames_of"]
 
 
 class SeriesError(DataflowError, ValueError):
@@ -47,12 +48,64 @@ class Frame:
         return None if self.index is None else self.index + 1
 
 
+def _element(ds: Dataset, keyword: str, name: str) -> str:
+    """How a message names an element of a file: ``slice-012.dcm: (0028,0010) Rows``."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword) or 0
+    return f"{name}: ({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword}"
+
+
+def _shown(value: Any) -> str:
+    text = repr(str(value))
+    return text if len(text) <= 40 else text[:37] + "...'"
+
+
+def _value(ds: Dataset, keyword: str, name: str) -> Any:
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom raises several types on a malformed value
+        raise SeriesError(
+            f"{_element(ds, keyword, name)}: cannot be read ({type(exc).__name__})"
+        ) from None
+    return None if value is None or value == "" else value
+
+
+def element_int(ds: Dataset, keyword: str, name: str) -> int | None:
+    """``keyword`` of ``ds`` as an integer (None if absent or empty); a value that is not one
+    raises SeriesError naming the file (``name``), the element and the value."""
+    value = _value(ds, keyword, name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SeriesError(
+            f"{_element(ds, keyword, name)}: {_shown(value)} is not an integer"
+        ) from None
+
+
+def element_float(value: Any, ds: Dataset, keyword: str, name: str) -> float | None:
+    """``value`` (of element ``keyword``) as a finite float, or SeriesError naming them."""
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise SeriesError(f"{_element(ds, keyword, name)}: {_shown(value)} is not a finite number")
+    return number
+
+
 def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
         values = tuple(float(v) for v in (value if hasattr(value, "__iter__") else [value]))
     except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in values):
         return None
     return values if len(values) == count else None
 
@@ -71,7 +124,7 @@ def _group_value(groups: list[Dataset], sequence: str, keyword: str, top: Datase
 
 def frames_of(ds: Dataset, path: Path, name: str, series_uid: str) -> list[Frame]:
     """The frames of one instance (``name``: how to call the file in messages)."""
-    count = int(ds.get("NumberOfFrames") or 1)
+    count = element_int(ds, "NumberOfFrames", name) or 1
     shared = list(ds.get("SharedFunctionalGroupsSequence") or [])
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     enhanced = bool(shared or per_frame)
@@ -85,19 +138,16 @@ def frames_of(ds: Dataset, path: Path, name: str, series_uid: str) -> list[Frame
             f"series {series_uid}: {name} has {count} frames and no functional groups, so the "
             "frames' positions are unknown (only enhanced multi-frame images are supported)"
         )
-    if ds.get("SamplesPerPixel", 1) != 1 or not str(
+    if (element_int(ds, "SamplesPerPixel", name) or 1) != 1 or not str(
         ds.get("PhotometricInterpretation", "MONOCHROME2")
     ).startswith("MONOCHROME"):
         raise SeriesError(
             f"series {series_uid}: {name} is a colour image "
             f"({ds.get('PhotometricInterpretation')}); a volume needs grey-scale images"
         )
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-    except AttributeError:
-        raise SeriesError(
-            f"series {series_uid}: {name} has no Rows/Columns (not an image)"
-        ) from None
+    rows, columns = element_int(ds, "Rows", name), element_int(ds, "Columns", name)
+    if not rows or not columns:
+        raise SeriesError(f"series {series_uid}: {name} has no Rows/Columns (not an image)")
     frames = []
     for index in range(count):
         groups = ([per_frame[index]] if per_frame else []) + shared[:1]
@@ -124,10 +174,14 @@ def frames_of(ds: Dataset, path: Path, name: str, series_uid: str) -> list[Frame
                 "in the volume is unknown (a localizer, secondary capture or projection image?)"
             )
         slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope", ds)
+        slope = element_float(slope, ds, "RescaleSlope", where)
         intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept", ds)
+        intercept = element_float(intercept, ds, "RescaleIntercept", where)
         between = _group_value(groups, "PixelMeasuresSequence", "SpacingBetweenSlices", ds)
+        between = element_float(between, ds, "SpacingBetweenSlices", where)
         thickness = _group_value(groups, "PixelMeasuresSequence", "SliceThickness", ds)
-        thickness = between if between not in (None, "") else thickness
+        thickness = element_float(thickness, ds, "SliceThickness", where)
+        thickness = between if between is not None else thickness
         frames.append(
             Frame(
                 path=path,
@@ -138,9 +192,9 @@ def frames_of(ds: Dataset, path: Path, name: str, series_uid: str) -> list[Frame
                 position=np.asarray(position, dtype=np.float64),
                 orientation=np.asarray(orientation, dtype=np.float64),
                 pixel_spacing=(spacing[0], spacing[1]),
-                slope=float(slope) if slope not in (None, "") else 1.0,
-                intercept=float(intercept) if intercept not in (None, "") else 0.0,
-                thickness=float(thickness) if thickness not in (None, "") else None,
+                slope=1.0 if slope is None else slope,
+                intercept=0.0 if intercept is None else intercept,
+                thickness=thickness,
             )
         )
     return frames

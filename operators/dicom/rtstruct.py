@@ -38,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 from dataflow import __version__
 from dataflow.stage import Port, Stage, StageError
 from operators.dicom.geometry import decimal_strings, patient_points
-from operators.dicom.seg import source_datasets
+from operators.dicom.seg import check_allow_empty, refuse_empty, source_datasets
 
 __all__ = ["DEFAULT_ROIS", "ROI_TYPES", "WriteRTStruct", "make_rtstruct", "slice_contours"]
 
@@ -153,17 +153,21 @@ def make_rtstruct(
     series_description: str = "Structure set",
     series_number: int = 9100,
     tolerance: float = 0.01,
+    allow_empty: bool | Sequence[str] = (),
 ) -> Dataset:
     """An RT Structure Set of ``labels``, whose slices are ``sources`` (same order) and whose
-    geometry is ``metadata``'s (docs/tensors.md)."""
+    geometry is ``metadata``'s (docs/tensors.md). An ROI without a voxel raises
+    ``EmptySegmentError`` unless ``allow_empty`` names it (True: any)."""
     rois = check_rois(rois)
     if labels.ndim != 3 or labels.shape[0] != len(sources):
         raise StageError(
             f"label volume {list(labels.shape)} does not match the {len(sources)} source slices"
         )
-    unknown = {int(v) for v in np.unique(labels)} - {0} - {r["label"] for r in rois}
+    present = {int(v) for v in np.unique(labels)} - {0}
+    unknown = present - {r["label"] for r in rois}
     if unknown:
         raise StageError(f"label value(s) {sorted(unknown)} have no ROI description")
+    refuse_empty(rois, present, allow_empty, labels.shape[0], sources[0], "ROI")
     first = sources[0]
     frame_uid = str(metadata.get("frame_of_reference_uid") or first.FrameOfReferenceUID)
     ds = _header(first, series_number, series_description)
@@ -226,8 +230,10 @@ class WriteRTStruct(Stage):
         series_description: str = "Structure set",
         series_number: int = 9100,
         tolerance: float = 0.01,
+        allow_empty: bool | list[str] = False,
     ):
         self.rois = check_rois(rois or DEFAULT_ROIS)  # bad ROIs fail when the worker starts
+        self.allow_empty = check_allow_empty(allow_empty, self.rois, "WriteRTStruct")
         self.series_description = series_description
         self.series_number = series_number
         self.tolerance = tolerance
@@ -238,6 +244,7 @@ class WriteRTStruct(Stage):
         ds = make_rtstruct(
             labels, sources, metadata, self.rois, series_description=self.series_description,
             series_number=self.series_number, tolerance=self.tolerance,
+            allow_empty=self.allow_empty,
         )  # fmt: skip
         out = ctx.output_dir("rtstruct")
         ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)

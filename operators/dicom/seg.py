@@ -25,10 +25,25 @@ import numpy as np
 import pydicom
 
 from dataflow import __version__
-from dataflow.stage import Port, Stage, StageError
+from dataflow.errors import DataflowError
+from dataflow.stage import ParameterError, Port, Stage, StageError
+from operators.dicom.reading import read_header
 from operators.dicom.series import find_files
 
-__all__ = ["DEFAULT_SEGMENTS", "WriteSegmentation", "make_segmentation"]
+__all__ = [
+    "DEFAULT_SEGMENTS",
+    "EmptySegmentError",
+    "WriteSegmentation",
+    "check_allow_empty",
+    "check_sources",
+    "make_segmentation",
+    "refuse_empty",
+]
+
+
+class EmptySegmentError(StageError):
+    """A segment the pipeline expects has no voxel."""
+
 
 DEFAULT_SEGMENTS: tuple[Mapping[str, Any], ...] = (
     {"label": 1, "name": "Body", "category": "AnatomicalStructure",
@@ -88,12 +103,19 @@ def source_datasets(study: Path, metadata: Mapping[str, Any]) -> list[pydicom.Da
     if metadata.get("frame_numbers"):
         raise StageError("SEG from a multi-frame source is not supported yet")
     found: dict[str, pydicom.Dataset] = {}
+    wanted_set = set(wanted)
     for path in find_files(study):
+        name = path.relative_to(study).as_posix()
         try:
-            ds = pydicom.dcmread(path)
+            ds = read_header(path, name)  # bounded; the pixels are not needed
         except pydicom.errors.InvalidDicomError:
             continue
-        if ds.get("SOPInstanceUID") in wanted:
+        except DataflowError:
+            raise
+        except Exception as exc:  # pydicom raises many types on a damaged file
+            raise StageError(f"cannot read the DICOM header of {name}: {exc}") from exc
+        if ds.get("SOPInstanceUID") in wanted_set:
+            ds.filename = name  # how messages call it
             found[str(ds.SOPInstanceUID)] = ds
     missing = [uid for uid in wanted if uid not in found]
     if missing:
@@ -111,10 +133,15 @@ def make_segmentation(
     *,
     series_description: str = "Segmentation",
     series_number: int = 9000,
+    allow_empty: bool | Sequence[str] = (),
 ):
-    """A highdicom Segmentation of ``labels`` (one frame per source slice, same order)."""
+    """A highdicom Segmentation of ``labels`` (one frame per source slice, same order).
+
+    A segment without a voxel raises :class:`EmptySegmentError`, unless its name is in
+    ``allow_empty`` (True: any segment may be empty)."""
     import highdicom as hd
 
+    check_sources(sources)
     if labels.ndim != 3 or labels.shape[0] != len(sources):
         raise StageError(
             f"label volume {list(labels.shape)} does not match the {len(sources)} source slices"
@@ -124,12 +151,88 @@ def make_segmentation(
     unknown = present - known
     if unknown:
         raise StageError(f"label value(s) {sorted(unknown)} have no segment description")
+    refuse_empty(segments, present, allow_empty, labels.shape[0], sources[0], "segment")
     # highdicom numbers segments 1..n in the order given: map label values onto that.
     order = {int(s["label"]): i for i, s in enumerate(segments, 1)}
     lut = np.zeros(256, dtype=np.uint8)
     for value, number in order.items():
         lut[value] = number
     pixels = lut[labels]
+    try:
+        return _segmentation(hd, sources, pixels, segments, series_description, series_number)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        classes = sorted({_sop_class(ds) for ds in sources})
+        raise StageError(
+            f"highdicom cannot write a SEG on these sources ({', '.join(classes)}; first "
+            f"{_name(sources[0])}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def refuse_empty(items, present, allow_empty, slices, first, what) -> None:
+    """EmptySegmentError when one of ``items`` (segments or ROIs: ``label``, ``name``) has no
+    voxel (its label not in ``present``), unless ``allow_empty`` names it or is True."""
+    if allow_empty is True:
+        return
+    allowed = {str(n) for n in allow_empty or ()}
+    empty = [s for s in items if int(s["label"]) not in present and str(s["name"]) not in allowed]
+    if empty:
+        shown = ", ".join(f"{str(s['name'])!r} (label {int(s['label'])})" for s in empty)
+        raise EmptySegmentError(
+            f"{what}(s) {shown} have no voxel in the {slices}-slice label volume of series "
+            f"{first.get('SeriesInstanceUID', '?')}: refused rather than exported empty "
+            f"(allow_empty: [name] in the pipeline when an empty {what} is a valid result)"
+        )
+
+
+def check_allow_empty(allow_empty, items, where: str) -> bool | list[str]:
+    """The ``allow_empty`` parameter checked against the names of ``items``."""
+    if allow_empty is True or allow_empty is False or allow_empty is None:
+        return bool(allow_empty)
+    names = {str(s["name"]) for s in items}
+    unknown = sorted(set(map(str, allow_empty)) - names)
+    if unknown:
+        raise ParameterError(f"{where}: allow_empty names {unknown}, not in {sorted(names)}")
+    return [str(n) for n in allow_empty]
+
+
+def _name(ds: pydicom.Dataset) -> str:
+    return str(getattr(ds, "filename", None) or ds.get("SOPInstanceUID", "?"))
+
+
+def _sop_class(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    return getattr(uid, "name", None) or str(uid or "(no SOP Class UID)")
+
+
+def check_sources(sources: Sequence[pydicom.Dataset]) -> None:
+    """Refuse sources the SEG writer cannot reference: every one must be a single-frame image
+    of an IOD that has no frames (CT, MR, PET...), with the plane's position, orientation
+    and pixel spacing. The message names the file and the element."""
+    try:
+        from highdicom._standard_utils import is_multiframe_image
+    except ImportError:  # pragma: no cover - an older or newer highdicom
+
+        def is_multiframe_image(ds):
+            return "NumberOfFrames" in ds
+
+    for ds in sources:
+        if "SOPClassUID" not in ds:
+            raise StageError(f"{_name(ds)}: (0008,0016) SOPClassUID is missing")
+        if is_multiframe_image(ds) and "SharedFunctionalGroupsSequence" not in ds:
+            raise StageError(
+                f"{_name(ds)}: {_sop_class(ds)} is a multi-frame IOD without functional "
+                "groups; a SEG is written only on single-frame images (CT, MR, PET...)"
+            )
+        for keyword, tag in (
+            ("ImagePositionPatient", "(0020,0032)"),
+            ("ImageOrientationPatient", "(0020,0037)"),
+            ("PixelSpacing", "(0028,0030)"),
+        ):
+            if not ds.get(keyword):
+                raise StageError(f"{_name(ds)}: {tag} {keyword} is missing")
+
+
+def _segmentation(hd, sources, pixels, segments, series_description, series_number):
     return hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=pixels,
@@ -161,9 +264,11 @@ class WriteSegmentation(Stage):
         segments: list | None = None,
         series_description: str = "Segmentation",
         series_number: int = 9000,
+        allow_empty: bool | list[str] = False,
     ):
         self.segments = list(segments) if segments else list(DEFAULT_SEGMENTS)
         _descriptions(self.segments)  # bad codes fail when the worker starts, not per job
+        self.allow_empty = check_allow_empty(allow_empty, self.segments, "WriteSegmentation")
         self.series_description = series_description
         self.series_number = series_number
 
@@ -172,6 +277,7 @@ class WriteSegmentation(Stage):
         seg = make_segmentation(
             labels, sources, self.segments,
             series_description=self.series_description, series_number=self.series_number,
+            allow_empty=self.allow_empty,
         )  # fmt: skip
         out = ctx.output_dir("seg")
         seg.save_as(out / f"{seg.SOPInstanceUID}.dcm")

@@ -27,6 +27,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dataflow.stage import ParameterError, Port, Stage, StageError, pipeline_folder
+from operators.dicom.frames import element_int
 from operators.dicom.selector_rules import RuleError, Ruleset, load_rules
 from operators.dicom.series import _split, read_headers
 
@@ -128,10 +129,9 @@ def _study(study: str | Path | Iterable[str | Path] | Headers) -> list[tuple[Ser
     for uid, group in _split(headers).items():
         group = sorted(group, key=lambda item: str(item[0]))
         first = group[0][1]
-        number = first.get("SeriesNumber")
         info = SeriesInfo(
             uid=uid,
-            number=int(number) if number not in (None, "") else None,
+            number=element_int(first, "SeriesNumber", group[0][0].name),
             modality=str(first.get("Modality", "")),
             description=str(first.get("SeriesDescription", "")),
             instances=len(group),

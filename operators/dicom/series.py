@@ -23,21 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dataflow.stage import Port, Stage, Tensor
-from operators.dicom.frames import Frame, SeriesError, frames_of
+from dataflow.units import format_bytes
+from operators.dicom.frames import Frame, SeriesError, element_int, frames_of
+from operators.dicom.reading import decoded_size, read_header, read_instance
 
 __all__ = [
     "ORIENTATION_TOL",
     "PIXEL_SPACING_RTOL",
     "POSITION_TOL_MM",
     "SLICE_GAP_RTOL",
+    "MemoryLimitError",
     "SeriesError",
     "SeriesPlan",
     "SeriesToVolume",
+    "check_modality",
     "find_files",
     "load_series",
     "plan_series",
@@ -80,15 +83,23 @@ def _paths(files: str | Path | Iterable[str | Path]) -> list[Path]:
 def read_headers(files: str | Path | Iterable[str | Path]) -> list[tuple[Path, Dataset]]:
     """``(path, header)`` of every DICOM instance among ``files`` (pixels not read).
 
-    Files that are not DICOM Part 10 (no preamble and "DICM"), and DICOMDIRs, are skipped."""
+    Files that are not DICOM Part 10 (no preamble and "DICM"), and DICOMDIRs, are skipped.
+    Headers are read within bounds (:func:`operators.dicom.reading.read_header`): a deflated
+    file is inflated only up to its pixel data."""
     headers = []
-    for path in _paths(files):
+    paths = _paths(files)
+    names = _names(paths)
+    for path in paths:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_header(path, names[path])
         except InvalidDicomError:
             continue  # not DICOM Part 10
-        except (OSError, ValueError, KeyError, EOFError) as exc:  # a damaged DICOM file
-            raise SeriesError(f"cannot read the DICOM header of {path}: {exc}") from exc
+        except SeriesError:
+            raise
+        except Exception as exc:  # a damaged DICOM file: pydicom raises many types
+            raise SeriesError(
+                f"cannot read the DICOM header of {names[path]}: {type(exc).__name__}: {exc}"
+            ) from exc
         meta = getattr(ds, "file_meta", None)
         if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
             continue
@@ -128,6 +139,10 @@ def _fmt(values: Iterable[float]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
+class MemoryLimitError(SeriesError):
+    """A series, or one of its instances, would take more memory than the stage may use."""
+
+
 @dataclasses.dataclass
 class SeriesPlan:
     """A checked series: its frames in volume order, the volume's shape and its metadata."""
@@ -137,11 +152,53 @@ class SeriesPlan:
     shape: tuple[int, int, int]
     metadata: dict[str, Any]
     names: dict[Path, str]
+    #: Bytes each file's pixels decode to (Rows x Columns x frames x samples x bytes), from
+    #: its header; the decode of a file is bounded by it.
+    pixel_bytes: dict[Path, int] = dataclasses.field(default_factory=dict)
 
-    def read_into(self, out: np.ndarray) -> np.ndarray:
-        """Decode every frame into ``out`` (float32 ``shape``), applying the rescale (HU)."""
+    @property
+    def volume_bytes(self) -> int:
+        """What the float32 volume takes."""
+        return int(np.prod(self.shape)) * 4
+
+    def check_memory(self, limit: int | None) -> None:
+        """Refuse, before anything is decoded, a series that cannot be read within ``limit``
+        bytes: an instance whose pixels decode to more than that, a volume larger than that,
+        or an instance whose decode (its encoded and its decoded pixels) does not fit beside
+        the volume. None: no limit."""
+        if limit is None:
+            return
+        have = format_bytes(limit)
+        for path, size in self.pixel_bytes.items():
+            if size > limit:
+                raise MemoryLimitError(
+                    f"instance {self.names.get(path, path.name)} would decode to "
+                    f"{format_bytes(size)}, more than the {have} this stage may use"
+                )
+        volume = self.volume_bytes
+        if volume > limit:
+            raise MemoryLimitError(
+                f"series {self.series_uid}: the volume would take {format_bytes(volume)} "
+                f"({' x '.join(map(str, self.shape))} float32), more than the {have} this "
+                "stage may use"
+            )
+        path, size = max(self.pixel_bytes.items(), key=lambda item: item[1], default=(None, 0))
+        if path is not None and volume + 2 * size > limit:
+            raise MemoryLimitError(
+                f"instance {self.names.get(path, path.name)} would decode to "
+                f"{format_bytes(size)}: decoding it (encoded and decoded, twice that) beside "
+                f"the {format_bytes(volume)} volume needs more than the {have} this stage may use"
+            )
+
+    def read_into(self, out: np.ndarray, memory_limit: int | None = None) -> np.ndarray:
+        """Decode every frame into ``out`` (float32 ``shape``), applying the rescale (HU).
+
+        Each file is read within the size its header gave (:func:`read_instance`); after
+        :meth:`check_memory` with ``memory_limit``. Pixels that are NaN or infinite, before
+        or after the rescale, raise SeriesError naming the file."""
         if out.shape != self.shape:
             raise ValueError(f"out has shape {out.shape}; the series needs {self.shape}")
+        self.check_memory(memory_limit)
         by_file: dict[Path, list[tuple[int, Frame]]] = collections.defaultdict(list)
         for k, frame in enumerate(self.frames):
             by_file[frame.path].append((k, frame))
@@ -149,9 +206,14 @@ class SeriesPlan:
             name = self.names.get(path, str(path))
             syntax = "unknown"
             try:
-                ds = pydicom.dcmread(path)
+                size = self.pixel_bytes.get(path)
+                if size is None:
+                    size = decoded_size(read_header(path, name), name)
+                ds = read_instance(path, size, name)
                 syntax = ds.file_meta.get("TransferSyntaxUID", syntax)
                 pixels = ds.pixel_array
+            except SeriesError:
+                raise
             except Exception as exc:  # pydicom raises several types, by codec and plugin
                 raise SeriesError(
                     f"series {self.series_uid}: cannot decode the pixels of {name} "
@@ -160,7 +222,7 @@ class SeriesPlan:
                 ) from exc
             if pixels.ndim == 2:
                 pixels = pixels[None]
-            expected = (int(ds.get("NumberOfFrames") or 1), *self.shape[1:])
+            expected = (element_int(ds, "NumberOfFrames", name) or 1, *self.shape[1:])
             if pixels.shape != expected:
                 raise SeriesError(
                     f"series {self.series_uid}: {name} decodes to {pixels.shape}; "
@@ -172,7 +234,21 @@ class SeriesPlan:
                     out[k] *= np.float32(frame.slope)
                 if frame.intercept != 0.0:
                     out[k] += np.float32(frame.intercept)
+                _check_finite(out[k], self.series_uid, _where(frame, self.names), ds)
+            del ds, pixels
         return out
+
+
+def _check_finite(plane: np.ndarray, uid: str, where: str, ds: Dataset) -> None:
+    bad = plane.size - int(np.count_nonzero(np.isfinite(plane)))
+    if bad:
+        element = next(
+            (k for k in ("FloatPixelData", "DoubleFloatPixelData", "PixelData") if k in ds), "?"
+        )
+        raise SeriesError(
+            f"series {uid}: {where}: {bad} pixel value(s) are NaN or infinite ({element}, "
+            "after the rescale); a volume needs finite values"
+        )
 
 
 def _cluster(values: list[tuple[np.ndarray, Frame]], close) -> list[list[tuple[Any, Frame]]]:
@@ -264,7 +340,8 @@ def _plan(uid: str, headers: list[tuple[Path, Dataset]]) -> SeriesPlan:
     if multi:
         metadata["frame_numbers"] = [f.frame_number for f in frames]
     shape = (count, frames[0].rows, frames[0].columns)
-    return SeriesPlan(uid, frames, shape, metadata, names)
+    pixel_bytes = {path: decoded_size(ds, names[path]) for path, ds in headers}
+    return SeriesPlan(uid, frames, shape, metadata, names, pixel_bytes)
 
 
 def _check_positions(uid, frames, distance, normal, names) -> None:
@@ -333,17 +410,23 @@ def plan_series(files: str | Path | Iterable[str | Path]) -> SeriesPlan:
     return _plan(uid, group)
 
 
-def load_series(files: str | Path | Iterable[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
+def load_series(
+    files: str | Path | Iterable[str | Path], memory_limit: int | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """One series -> ``(volume, metadata)``: float32 HU ``[slice, row, column]`` and the
-    geometry and UIDs of docs/tensors.md (plus ``frame_numbers`` for multi-frame sources)."""
+    geometry and UIDs of docs/tensors.md (plus ``frame_numbers`` for multi-frame sources).
+
+    ``memory_limit`` (bytes): refuse, before allocating, a series that needs more."""
     plan = plan_series(files)
+    plan.check_memory(memory_limit)
     volume = plan.read_into(np.empty(plan.shape, dtype=np.float32))
     return volume, plan.metadata
 
 
 def _describe(uid: str, group: list[tuple[Path, Dataset]]) -> str:
     ds = group[0][1]
-    frames = sum(int(d.get("NumberOfFrames") or 1) for _, d in group)
+    names = _names([p for p, _ in group])
+    frames = sum(element_int(d, "NumberOfFrames", names[p]) or 1 for p, d in group)
     what = f"{len(group)} instance(s)" + (f", {frames} frames" if frames != len(group) else "")
     return f"{uid} ({ds.get('Modality', '?')} {str(ds.get('SeriesDescription', ''))!r}, {what})"
 
@@ -352,15 +435,19 @@ class SeriesToVolume(Stage):
     """A study folder of DICOM files (nested folders allowed) -> one series as a float32 HU
     volume ``[slice, row, column]`` with its geometry and UIDs (docs/tensors.md).
 
-    ``series_uid`` picks the series when the folder holds several image series."""
+    ``series_uid`` picks the series when the folder holds several image series. ``modality``
+    (e.g. ``CT``): the series must be of that modality, else the job fails naming what it is;
+    for CT its RescaleType, where given, must be HU. The memory the stage may use
+    (``ctx.memory_limit``) bounds every decode, checked before anything is allocated."""
 
     inputs = {"study": Port("stream", element_type="dicom", description="DICOM files")}
     outputs = {
         "volume": Port("array", element_type="float32", shape=(-1, -1, -1), description="HU, DHW")
     }
 
-    def __init__(self, series_uid: str | None = None):
+    def __init__(self, series_uid: str | None = None, modality: str | None = None):
         self.series_uid = series_uid
+        self.modality = modality.strip().upper() if modality else None
 
     def execute(self, ctx, study: Path) -> Tensor:
         groups = _split(read_headers(study))
@@ -382,7 +469,11 @@ class SeriesToVolume(Stage):
                 f"the study folder holds {len(images)} image series; choose one with the "
                 f"series_uid parameter: {listing}"
             )
+        if self.modality:
+            check_modality(uid, groups[uid], self.modality)
         plan = _plan(uid, groups[uid])
+        limit = getattr(ctx, "memory_limit", None)
+        plan.check_memory(limit)
         volume = ctx.allocate("volume", plan.shape)
         plan.read_into(volume)
         ctx.log.info(
@@ -392,3 +483,37 @@ class SeriesToVolume(Stage):
             files=len(groups[uid]),
         )
         return Tensor(volume, plan.metadata)
+
+
+def _rescale_types(ds: Dataset) -> set[str]:
+    """RescaleType values of an instance: top level and functional groups (shared, per frame)."""
+    found = {str(ds.get("RescaleType") or "")}
+    for sequence in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(sequence) or []:
+            for item in group.get("PixelValueTransformationSequence") or []:
+                found.add(str(item.get("RescaleType") or ""))
+    return found - {""}
+
+
+def check_modality(uid: str, group: list[tuple[Path, Dataset]], modality: str) -> None:
+    """Refuse a series that is not of ``modality`` (its Modality, in every instance); for CT,
+    also one whose RescaleType is given and is not HU (Hounsfield units)."""
+    names = _names([p for p, _ in group])
+    found: dict[str, list[str]] = {}
+    for path, ds in group:
+        found.setdefault(str(ds.get("Modality") or "(none)").strip(), []).append(names[path])
+    wrong = {m: files for m, files in found.items() if m.upper() != modality}
+    if wrong:
+        parts = [f"{m} ({_listing(files)})" for m, files in sorted(wrong.items())]
+        raise SeriesError(
+            f"series {uid}: Modality (0008,0060) is {'; '.join(parts)}; this stage reads "
+            f"{modality} only (its modality parameter), so the series is refused"
+        )
+    if modality == "CT":
+        for path, ds in group:
+            units = _rescale_types(ds) - {"HU"}
+            if units:
+                raise SeriesError(
+                    f"series {uid}: {names[path]}: (0028,1054) RescaleType is "
+                    f"{', '.join(sorted(units))}, not HU: the values are not Hounsfield units"
+                )
