@@ -127,9 +127,17 @@ def build_executor(
     limits: Limits | None = None,
     store_budget: str | int = "1GiB",
     log_format: str = "console",
+    stage_timeout: float | None = None,
+    job_timeout: float | None = None,
+    memory_limit: int | None = None,
 ) -> tuple[Any, LocalExecutor]:
     """Load, validate and place a pipeline; (graph, an executor for it, not yet started).
-    Raises PipelineError or PlacementError before anything starts."""
+    Raises PipelineError or PlacementError before anything starts.
+
+    Defaults a pipeline's own settings override: ``stage_timeout`` (seconds) for operators
+    without ``timeout:``, ``job_timeout`` (seconds) unless the pipeline sets ``timeout:``,
+    ``memory_limit`` (bytes) per worker of an operator without ``requests.memory``. Given
+    ``limits``, these replace its fields when not None."""
     from dataflow.pipeline import load_graph, stage_search_path
 
     # Stage classes travel to the (spawned) workers by reference, and a spawned process
@@ -139,8 +147,14 @@ def build_executor(
     graph = load_graph(str(path), dict(params or {}))  # PipelineError on any error
     graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
     output_root.mkdir(parents=True, exist_ok=True)
+    limits = limits or Limits()
+    job_timeout = graph.spec.timeout if graph.spec.timeout is not None else job_timeout
+    if job_timeout is not None:
+        limits = dataclasses.replace(limits, job_timeout=job_timeout)
+    if stage_timeout is not None:
+        limits = dataclasses.replace(limits, stage_timeout=stage_timeout)
     executor = LocalExecutor(
-        stage_defs(graph, plan),
+        stage_defs(graph, plan, memory_limit=memory_limit),
         output_root=output_root,
         limits=limits,
         store_budget=store_budget,

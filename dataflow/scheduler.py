@@ -35,6 +35,7 @@ __all__ = [
     "ReplicaRequest",
     "SchedulerError",
     "SchedulerValueError",
+    "oom_kills",
     "parse_gpus",
     "place",
     "visible_gpus",
@@ -319,6 +320,18 @@ def _cgroup_dirs(root: Path, controller: str) -> list[tuple[bool, Path]]:
         here = mount / parts[2].lstrip("/")
         dirs += [(v2, d) for d in (here, *here.parents) if d.is_relative_to(mount)]
     return dirs
+
+
+def oom_kills(root: Path = Path("/")) -> int:
+    """How many processes the kernel's out-of-memory killer has killed in the memory cgroups
+    bounding this process (``oom_kill`` of ``memory.events``, v2, or ``memory.oom_control``,
+    v1; summed over the levels, so it only says whether it rose). 0 when none is readable."""
+    total = 0
+    for v2, directory in _cgroup_dirs(root, "memory"):
+        text = _read(directory / ("memory.events" if v2 else "memory.oom_control")) or ""
+        match = re.search(r"^oom_kill (\d+)$", text, re.MULTILINE)
+        total += int(match[1]) if match else 0
+    return total
 
 
 def _int_or_none(text: str | None) -> int | None:

@@ -196,7 +196,9 @@ class StageContext:
     ``device`` (the GPU index assigned, or None), ``scratch_dir`` (a directory for this worker),
     ``payload_dir`` (this job's directory for stream ports), ``log`` (bound to job and stage),
     ``time_left`` (seconds before the stage timeout, or None), ``metadata`` (input port ->
-    metadata of array inputs).
+    metadata of array inputs), ``memory_limit`` (bytes a job may allocate in this worker beyond
+    its prepared footprint — from ``requests.memory`` or the service's default — or None when
+    unlimited: bound decodes by it before allocating).
     """
 
     def __init__(
@@ -208,10 +210,12 @@ class StageContext:
         scratch_dir: Path | None = None,
         log: Any = None,
         allocator: Callable[[str, tuple[int, ...], Any], np.ndarray] | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         import structlog
 
         self.stage = stage
+        self.memory_limit: int | None = memory_limit
         self.replica = replica
         self.device = device
         self.scratch_dir = scratch_dir

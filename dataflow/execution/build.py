@@ -13,6 +13,7 @@ from dataflow.scheduler import Inventory, PlacementError, Plan, ReplicaRequest, 
 __all__ = ["plan_pipeline", "stage_defs"]
 
 COMMAND_STAGE = "dataflow.execution.command:CommandStage"
+MIB = 1 << 20
 
 
 def _port_names(node: OperatorNode) -> tuple[dict[str, str], dict[str | None, str]]:
@@ -99,8 +100,10 @@ def _with_replicas(graph: Graph, replicas: Mapping[str, int]) -> Graph:
     return dataclasses.replace(graph, nodes=nodes)
 
 
-def stage_defs(graph: Graph, plan: Plan) -> list[StageDef]:
-    """One StageDef per operator, with each replica's CUDA_VISIBLE_DEVICES from the plan."""
+def stage_defs(graph: Graph, plan: Plan, *, memory_limit: int | None = None) -> list[StageDef]:
+    """One StageDef per operator, with each replica's CUDA_VISIBLE_DEVICES from the plan.
+    A worker's memory limit is its operator's ``requests.memory`` (MiB), else ``memory_limit``
+    (bytes: the service's ``worker-memory``), else none."""
     names = {name: _port_names(node) for name, node in graph.nodes.items()}
     defs = []
     for name, node in graph.nodes.items():
@@ -116,6 +119,10 @@ def stage_defs(graph: Graph, plan: Plan) -> list[StageDef]:
         else:
             ref, arguments = COMMAND_STAGE, _command_arguments(node, in_names, out_names)
         assignments = [plan.assignment(name, r) for r in range(node.spec.replicas)]
+        if node.requests.memory is not None:
+            limit, source = int(node.requests.memory) * MIB, "requests.memory"
+        else:
+            limit, source = memory_limit, "worker-memory"
         defs.append(
             StageDef(
                 name=name,
@@ -127,6 +134,8 @@ def stage_defs(graph: Graph, plan: Plan) -> list[StageDef]:
                 timeout=node.spec.timeout,
                 env=[{**_thread_env(a.cpu), **node.spec.variables, **a.env} for a in assignments],
                 devices=[a.gpus[0] if a.gpus else None for a in assignments],
+                memory_limit=limit,
+                memory_source=source,
             )
         )
     return defs

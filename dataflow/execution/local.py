@@ -6,6 +6,13 @@ core events, and carries out the core's actions: dispatch a job to a worker, sta
 worker, discard values (delete store objects), report results. Data never passes through the
 coordinator: workers exchange store object IDs, and the coordinator holds each in-flight
 object's reference (handed over at seal) until every consumer is done with it.
+
+A worker that dies is logged (``worker_died``, at error level, with its stage and reason) and
+handed to the core, which restarts it with a backoff and marks its stage broken and recovered
+(``stage_broken`` at error, ``stage_recovered`` at info; the rules are in ``state``). A worker
+killed by SIGKILL while the memory cgroup's ``oom_kill`` count rose is reported as killed by the
+kernel's out-of-memory killer. :meth:`LocalExecutor.health` and :meth:`LocalExecutor.in_flight`
+are snapshots the run loop refreshes, safe to read from any thread.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Any
 import structlog
 
 from dataflow.execution import state
-from dataflow.execution.worker import WorkerSpec, worker_main
+from dataflow.execution.worker import WorkerSpec, mib, worker_main
+from dataflow.scheduler import oom_kills
 from dataflow.store import Store
 
 __all__ = ["JobFeed", "JobResult", "LocalExecutor", "StageDef"]
@@ -47,6 +55,9 @@ class StageDef:
     timeout: float | None = None
     env: Sequence[Mapping[str, str]] = ()  # per replica (CUDA_VISIBLE_DEVICES...), optional
     devices: Sequence[int | None] = ()  # per replica
+    #: bytes a job may allocate in a worker beyond its footprint once prepared (None: no limit)
+    memory_limit: int | None = None
+    memory_source: str = "requests.memory"  # where the limit comes from, for messages
 
 
 @dataclasses.dataclass
@@ -169,7 +180,10 @@ class LocalExecutor:
         self.log_format, self.log_level = log_format, log_level
         self.sys_path = [*extra_sys_path, *sys.path]
         self.procs: dict[str, _Proc] = {}
-        self.counters: dict[str, int] = {}
+        self.counters: dict[str, int] = {"worker_oom": 0}
+        self._oom_kills = 0  # the memory cgroups' oom_kill count when last read
+        self._health: dict[str, Any] = self._snapshot_health(None)
+        self._in_flight: dict[str, list[str]] = {}
         self.stage_seconds: dict[str, float] = {s: 0.0 for s in self.stages}
         self.stage_jobs: dict[str, int] = {s: 0 for s in self.stages}
         self._dispatched_at: dict[str, float] = {}
@@ -189,6 +203,7 @@ class LocalExecutor:
         signal.signal(signal.SIGTERM, _raise_interrupt)
         self.store = Store.start(budget=self.store_budget, name="coordinator")
         self.core = state.Core(self.graph, self.limits)
+        self._oom_kills = oom_kills()
         try:
             self._do(self.core.start(time.monotonic()))
             for job_id, payload in jobs:
@@ -199,6 +214,7 @@ class LocalExecutor:
                 )
             while not self.core.idle():
                 self._step(results, started, on_result)
+                self._refresh()
         except KeyboardInterrupt:
             log.warning("run_interrupted", jobs_done=len(results))
             self._shutdown(interrupted=True)
@@ -225,12 +241,13 @@ class LocalExecutor:
         started: dict[str, float] = {}
         self.store = Store.start(budget=self.store_budget, name="coordinator")
         self.core = state.Core(self.graph, self.limits, ordered=False)  # each as it is known
+        self._oom_kills = oom_kills()
         interrupted = False
         try:
             self._do(self.core.start(time.monotonic()))
             while True:
-                if on_ready is not None and all(p.ready for p in self.procs.values()):
-                    on_ready()  # every worker has run prepare: warm
+                if on_ready is not None and self._settled():
+                    on_ready()  # every worker has run prepare (or failed to: see health())
                     on_ready = None
                 closing = feed.closed  # before take(): nothing is put after close()
                 for job_id, payload in feed.take():
@@ -245,6 +262,7 @@ class LocalExecutor:
                     break
                 self._step(results, started, on_result, wake=feed)
                 results.clear()
+                self._refresh()
         except BaseException:
             interrupted = True
             raise
@@ -276,15 +294,73 @@ class LocalExecutor:
                 self._on_message(wid, message, results, started, on_result)
             elif proc.process.sentinel is ready and not proc.process.is_alive():
                 proc.process.join()
-                reason = _exit_reason(proc.process.exitcode)
+                reason = self._death_reason(wid, proc.process.exitcode)
                 self._drop(wid)
-                self._do(
-                    self.core.worker_died(wid, reason, time.monotonic()),
-                    results,
-                    started,
-                    on_result,
-                )
+                actions = self.core.worker_died(wid, reason, time.monotonic())
+                self._log_death("worker_died", wid, reason)
+                self._do(actions, results, started, on_result)
         self._do(self.core.tick(time.monotonic()), results, started, on_result)
+
+    def _death_reason(self, wid: str, code: int | None) -> str:
+        reason = _exit_reason(code)
+        if code != -signal.SIGKILL:
+            return reason
+        kills, self._oom_kills = self._oom_kills, oom_kills()
+        if self._oom_kills <= kills:
+            return reason
+        self.counters["worker_oom"] += 1
+        stage = self.stages[self.core.workers[wid].stage]
+        limit = (
+            f"; stage {stage.name!r} is limited to {mib(stage.memory_limit)} "
+            f"({stage.memory_source})"
+            if stage.memory_limit is not None
+            else ""
+        )
+        return f"out of memory: killed by the kernel's OOM killer ({reason}){limit}"
+
+    def _log_death(self, event: str, wid: str, reason: str) -> None:
+        w = self.core.workers[wid]
+        restart_in = 0.0 if w.restart_at is None else w.restart_at - time.monotonic()
+        log.error(
+            event, worker=wid, stage=w.stage, reason=reason, deaths_in_a_row=w.failures_in_a_row,
+            restart_in=round(max(0.0, restart_in), 1),
+        )  # fmt: skip
+
+    def _settled(self) -> bool:
+        """Every worker has either come up or failed and waits for its restart."""
+        return all(w.up or w.state == "waiting" for w in self.core.workers.values())
+
+    def health(self) -> dict[str, Any]:
+        """Each stage's state and the counters since the start (any thread, any time):
+        ``{"stages": {name: {"state", "reason", "workers", "live", "restarts"}},
+        "counters": {"worker_died", "worker_oom", "stage_broken", "stage_recovered",
+        "stage_timeouts", "job_timeouts"}}`` (states: :meth:`state.Core.health`)."""
+        return self._health
+
+    def in_flight(self) -> dict[str, list[str]]:
+        """Job id -> the stages running it now, for every job admitted and not finished (an
+        empty list: between stages). A snapshot: safe from any thread."""
+        return self._in_flight
+
+    def _refresh(self) -> None:
+        core = self.core
+        self._in_flight = {job.id: sorted(job.running) for job in core.jobs.values()}
+        self._health = self._snapshot_health(core)
+
+    def _snapshot_health(self, core: state.Core | None) -> dict[str, Any]:
+        if core is None:
+            stages = {
+                s.name: {
+                    "state": "starting", "reason": None, "workers": s.replicas, "live": 0,
+                    "restarts": 0,
+                }
+                for s in self.stages.values()
+            }  # fmt: skip
+            counters: dict[str, int] = dict.fromkeys(state.Core.COUNTERS, 0)
+        else:
+            stages, counters = core.health(time.monotonic()), dict(core.counters)
+        counters["worker_oom"] = self.counters["worker_oom"]
+        return {"stages": stages, "counters": counters}
 
     def _on_message(self, wid, message, results, started, on_result) -> None:
         now = time.monotonic()
@@ -307,15 +383,13 @@ class LocalExecutor:
             )
         elif kind == "fatal":
             _, reason, details = message
-            log.error("worker_failed_to_start", worker=wid, reason=reason)
             self.counters["fatal"] = self.counters.get("fatal", 0) + 1
             proc = self._drop(wid)
             if proc is not None:
                 proc.process.join(5)
-            self._do(
-                self.core.worker_died(wid, f"failed to start: {reason}", now),
-                results, started, on_result,
-            )  # fmt: skip
+            actions = self.core.worker_died(wid, f"failed to start: {reason}", now, fatal=True)
+            self._log_death("worker_failed_to_start", wid, reason)
+            self._do(actions, results, started, on_result)
 
     # ------------------------------------------------------------------- actions
 
@@ -347,6 +421,13 @@ class LocalExecutor:
                 results.append(result)
             elif isinstance(action, state.Stalled):
                 log.warning("pipeline_stalled", report=action.report)
+            elif isinstance(action, state.StageBroken):
+                log.error(
+                    "stage_broken", stage=action.stage, reason=action.reason,
+                    retry_in=round(action.retry_in, 1),
+                )  # fmt: skip
+            elif isinstance(action, state.StageRecovered):
+                log.info("stage_recovered", stage=action.stage)
 
     def _result(self, action, started, copy: bool) -> JobResult:
         seconds = time.monotonic() - started.pop(action.job, time.monotonic())
@@ -389,6 +470,7 @@ class LocalExecutor:
             arguments=dict(stage.arguments), store_address=self.store.address,
             owner_id=self.store.client_id, output_root=str(self.output_root), env=env,
             device=device, log_format=self.log_format, log_level=self.log_level,
+            memory_limit=stage.memory_limit, memory_source=stage.memory_source,
         )  # fmt: skip
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()

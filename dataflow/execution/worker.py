@@ -13,13 +13,25 @@ Messages on the worker's pipe (pickled tuples):
 
 A value on an edge is a tuple: ``("obj", object_id, kind)`` for a store object (arrays, Arrow),
 ``("val", value)`` for a string or a primitive, ``("path", "/dir")`` for a stream.
+
+Memory limit (``WorkerSpec.memory_limit``, bytes): once ``prepare`` has run, the worker's
+address space is measured and ``RLIMIT_AS`` set to it plus the limit, so an allocation beyond
+fails at once (``MemoryError``) instead of spending the host's memory; the job fails with
+"out of memory: stage 'x' is limited to N MiB (requests.memory)" and the worker takes the next
+job. The store's arena, the code and the model ``prepare`` loaded are in the measured
+footprint; glibc's malloc arenas are capped at 2 so that threads do not reserve address space
+by the 64 MiB. A worker with a GPU is not limited this way (CUDA reserves far more address
+space than it uses); its stage still sees the limit as ``ctx.memory_limit``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import importlib
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -34,7 +46,10 @@ import numpy as np
 from dataflow.errors import DataflowError
 from dataflow.stage import Stage, StageContext, Tensor
 
-__all__ = ["WorkerSpec", "resolve_stage", "worker_main"]
+__all__ = ["WorkerSpec", "limit_address_space", "mib", "resolve_stage", "worker_main"]
+
+MIB = 1 << 20
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +66,8 @@ class WorkerSpec:
     device: int | None = None
     log_format: str = "console"
     log_level: str = "WARNING"
+    memory_limit: int | None = None  # bytes beyond the prepared worker's footprint
+    memory_source: str = "requests.memory"
 
 
 def resolve_stage(ref: Any) -> type[Stage]:
@@ -115,12 +132,15 @@ class Worker:
             device=spec.device,
             scratch_dir=self.scratch,
             allocator=lambda port, shape, dtype: self.job.allocate(port, shape, dtype),
+            memory_limit=spec.memory_limit,
         )
         self.ctx.output_dir = lambda port: self.job.output_dir(port)  # type: ignore[attr-defined]
         self.instance = self.stage_cls(**spec.arguments)
 
     def run(self) -> None:
         self.instance.prepare(self.ctx)
+        if self.spec.memory_limit is not None and self.spec.device is None:
+            limit_address_space(self.spec.memory_limit)
         self.conn.send(("ready",))
         try:
             while True:
@@ -158,6 +178,11 @@ class Worker:
                 if not obj.sealed:
                     obj.abort()
             reason = f"{type(exc).__name__}: {exc}"
+            if self.spec.memory_limit is not None and _out_of_memory(exc):
+                reason = (
+                    f"out of memory: stage {self.spec.stage!r} is limited to "
+                    f"{mib(self.spec.memory_limit)} ({self.spec.memory_source}); {reason}"
+                )
             return ("failed", job_id, reason, traceback.format_exc())
         finally:
             job.views.clear()
@@ -213,6 +238,44 @@ class Worker:
             if not obj.sealed:
                 obj.abort()
         return published
+
+
+def mib(nbytes: int) -> str:
+    """``512 MiB``, ``1.5 MiB``: a byte count for messages."""
+    value = nbytes / MIB
+    return f"{value:.0f} MiB" if value == int(value) else f"{value:.1f} MiB"
+
+
+def limit_address_space(limit: int) -> int:
+    """Let this process map at most ``limit`` bytes more than it has mapped now (RLIMIT_AS,
+    never raised above a limit already in force); the soft limit set. glibc's malloc arenas
+    are capped first: each thread's arena would otherwise reserve 64 MiB of address space."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # not glibc: nothing to cap
+        pass
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    wanted = mapped + limit
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            wanted = min(wanted, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (wanted, hard))
+    return wanted
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """The failure (or one it came from) is an allocation refused."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return True
+        if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def worker_main(spec: WorkerSpec, conn, sys_path: list[str]) -> None:

@@ -27,11 +27,12 @@ from dataflow.pipeline.spec import OperatorSpec, PipelineSpec
 
 __all__ = ["NAME_PATTERN", "STAGE_REF_PATTERN", "load_pipeline"]
 
-_PIPELINE_FIELDS = {"api-version", "name", "description", "parameters", "variables", "operators"}
+_PIPELINE_FIELDS = {
+    "api-version", "name", "description", "parameters", "variables", "operators", "timeout",
+}  # fmt: skip
 _PIPELINE_IGNORED = {
     "orchestrator": "accepted and ignored: dataflow is its own orchestrator",
     "pull-secrets": "accepted and ignored: dataflow pulls no images",
-    "timeout": "accepted and ignored: dataflow takes a timeout per operator ('timeout:')",
     "services": "accepted and ignored: pipeline services (deprecated in Clara 0.7.1) are not run",
 }
 _IMPORT_FIELDS = {"path", "args"}
@@ -86,6 +87,7 @@ class _Loader(OperatorReader):
         name = self.name(sub.get("name"), root.loc, operator=None, field="name", what="a pipeline")
         description = self.string(sub.get("description"), operator=None, field="description")
         variables = self.variables(sub.get("variables"), operator=None, field="variables")
+        timeout = self.timeout(sub.get("timeout"), None)
         operators = self.operator_list(fields.get("operators"), root, scope, variables, "")
         self.check_duplicates(operators)
         self.stack.pop()
@@ -97,6 +99,7 @@ class _Loader(OperatorReader):
             parameters=values,
             variables=variables,
             operators=tuple(operators),
+            timeout=timeout,
             location=root.loc,
             locations=locations(root),
             diagnostics=tuple(d for d in self.diags if d.severity != "error"),

@@ -164,6 +164,7 @@ class PipelineSpec(_Located):
     parameters: dict[str, str | None] = dataclasses.field(default_factory=dict)
     variables: dict[str, str] = dataclasses.field(default_factory=dict)
     operators: tuple[OperatorSpec, ...] = ()
+    timeout: float | None = None  # seconds per job, from its first stage to its last
     #: Warnings and notes found while loading (errors make loading fail instead).
     diagnostics: tuple[Diagnostic, ...] = dataclasses.field(default=(), compare=False)
 

@@ -571,3 +571,14 @@ def test_the_example_in_docs_pipelines_md_loads(tmp_path):
     window, threshold, report = spec.operators
     assert threshold.arguments == {"level": "0.7"} and threshold.replicas == 2  # quoted: a str
     assert report.name == "report-CT" and window.variables == {"OMP_NUM_THREADS": "1"}
+
+
+def test_a_pipeline_timeout_bounds_each_job(tmp_path):
+    text = CONTAINER_OP.replace("name: demo", "name: demo\n    timeout: 1800")
+    assert load_pipeline(write(tmp_path, text)).timeout == 1800.0
+    assert load_pipeline(write(tmp_path, CONTAINER_OP)).timeout is None
+    bad = write(tmp_path, CONTAINER_OP.replace("name: demo", "name: demo\n    timeout: never"))
+    assert (
+        f"{bad}:3:10: error: field 'timeout': must be a number of seconds greater than 0; "
+        "got the string 'never'"
+    ) in load_error(bad)

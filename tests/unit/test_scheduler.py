@@ -18,6 +18,7 @@ from dataflow.scheduler import (
     ReplicaRequest,
     SchedulerError,
     SchedulerValueError,
+    oom_kills,
     parse_gpus,
     place,
     visible_gpus,
@@ -233,6 +234,18 @@ def test_detect_honours_cgroup_v1_limits_and_meminfo(tmp_path):
     assert inventory.cpus == len(os.sched_getaffinity(0))
     unlimited = _fake_root(tmp_path / "plain", "", {})
     assert Inventory.detect({"DATAFLOW_GPUS": "none"}, root=unlimited).memory_mb == 16 * GiB
+
+
+def test_oom_kills_are_read_from_the_memory_cgroups_v2_and_v1(tmp_path):
+    events = "low 0\nhigh 0\nmax 3\noom 2\noom_kill {}\noom_group_kill 0"
+    v2 = _fake_root(tmp_path / "v2", "0::/svc\n", {"svc/memory.events": events.format(2)})
+    assert oom_kills(v2) == 2
+    (v2 / "sys/fs/cgroup/svc/memory.events").write_text(events.format(3))
+    assert oom_kills(v2) == 3  # the executor compares before and after a SIGKILL
+    control = "oom_kill_disable 0\nunder_oom 0\noom_kill 1"
+    v1 = _fake_root(tmp_path / "v1", "4:memory:/x\n", {"memory/x/memory.oom_control": control})
+    assert oom_kills(v1) == 1
+    assert oom_kills(_fake_root(tmp_path / "none", "", {})) == 0
 
 
 # -- requests ---------------------------------------------------------------------------------
