@@ -233,6 +233,8 @@ class _Worker:
 
 
 class Core:
+    COUNTERS = ("worker_died", "stage_broken", "stage_recovered", "stage_timeouts", "job_timeouts")
+
     def __init__(self, graph: Graph, limits: Limits | None = None, *, ordered: bool = True) -> None:
         self.graph = graph
         self.limits = limits or Limits()
@@ -257,9 +259,7 @@ class Core:
         self.on_edge: dict[tuple[str, str], dict[str, int]] = {}
         self.peak_on_edge: dict[tuple[str, str], int] = {}  # high-water marks, for reports
         #: monotonic counts since the start (health checks and metrics)
-        self.counters: dict[str, int] = dict.fromkeys(
-            ("worker_died", "stage_broken", "stage_recovered", "stage_timeouts", "job_timeouts"), 0
-        )
+        self.counters: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
 
     # ---------------------------------------------------------------------- events
 
