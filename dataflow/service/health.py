@@ -138,7 +138,10 @@ def _labels(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
 
 def metric_families(report: dict[str, Any]) -> list:
     """Prometheus metric families of a health report (:meth:`HealthWriter.report`)."""
-    up = GaugeMetricFamily("dataflow_up", "1 while dataflow serve runs", value=1)
+    up = GaugeMetricFamily(
+        "dataflow_up", "1 while dataflow serve runs, 0 once it stopped",
+        value=float(report.get("status") != "stopped"),
+    )  # fmt: skip
     written = GaugeMetricFamily(
         "dataflow_health_timestamp_seconds", "when these figures were taken", value=report["time"]
     )
@@ -248,9 +251,11 @@ class HealthWriter:
         report["status"] = "problems" if report["problems"] else "ok"
         return report
 
-    def write(self) -> dict[str, Any]:
+    def write(self, *, stopped: bool = False) -> dict[str, Any]:
         with self._write_lock:
             report = self.report()
+            if stopped:
+                report["status"] = "stopped"
             _write_json(self.state / HEALTH_FILE, report)
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Families(report))
@@ -265,19 +270,18 @@ class HealthWriter:
         self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
         self._thread.start()
 
-    def stop(self, *, final: dict[str, Any] | None = None) -> None:
-        """Stop writing; the last health file says the service stopped."""
+    def stop(self) -> None:
+        """Stop writing, after a last write that says the service stopped (its final
+        figures, ``dataflow_up 0``)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        path = self.state / HEALTH_FILE
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        _write_json(path, {**data, **(final or {}), "status": "stopped", "time": time.time()})
+            self.write(stopped=True)
+        except Exception:
+            log.exception("health_not_written")
 
     def _loop(self) -> None:
         last_problems: list[str] = []

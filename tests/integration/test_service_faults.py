@@ -93,10 +93,12 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
 def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_path):
     """The hung job fails when the stage time-out set in the service file passes; the job
     behind it on the same worker succeeds; a job whose stage raised keeps its traceback with
-    its record, and neither the record nor the log carries the patient's name or ID."""
+    its record, and neither the record nor the log carries the patient's name or ID; the
+    time-out and the worker killed under a job are counted in the metrics."""
     config, ids = setup(
-        tmp_path, "{stage-timeout: 2s}", ("stuck", "hang"), ("innocent", ""), ("phi", "fail")
-    )
+        tmp_path, "{stage-timeout: 2s}", ("stuck", "hang"), ("innocent", ""), ("phi", "fail"),
+        ("crash", "crash"),
+    )  # fmt: skip
     log = tmp_path / "serve.log"
     proc = serve(config, log)
     try:
@@ -106,7 +108,9 @@ def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_pat
         )  # fmt: skip
     finally:
         assert stop(proc) == 0
-    stuck, innocent, phi = (record(config, ids[name]) for name in ("stuck", "innocent", "phi"))
+    stuck, innocent, phi, crash = (
+        record(config, ids[name]) for name in ("stuck", "innocent", "phi", "crash")
+    )
     assert stuck["state"] == "failed" and "timed out" in stuck["error"], stuck
     assert innocent["state"] == "succeeded", innocent
     assert phi["state"] == "failed" and phi["stage"] == "hang"
@@ -116,7 +120,12 @@ def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_pat
     assert not any(secret in text for secret in PHI)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     failed = [line for line in lines if line["event"] == "job_finished" and not line["ok"]]
-    assert {line["job_id"] for line in failed} == {ids["stuck"], ids["phi"]}
+    assert {line["job_id"] for line in failed} == {ids["stuck"], ids["phi"], ids["crash"]}
     assert all(line["level"] == "error" and line["error"] for line in failed)
     shown = dataflow("jobs", config, "--show", ids["phi"])
     assert "details:" in shown.stdout and "Traceback" in shown.stdout
+    assert crash["state"] == "failed" and "signal 9" in crash["error"], crash
+    metrics = (tmp_path / "state" / "metrics.prom").read_text()
+    assert 'dataflow_stage_timeouts_total{pipeline="hang"} 1.0' in metrics
+    died = [line for line in metrics.splitlines() if line.startswith("dataflow_worker_died_total")]
+    assert died and float(died[0].split()[-1]) >= 1, died  # the crash (and the time-out's kill)

@@ -91,6 +91,10 @@ def test_a_broken_stage_dead_letters_and_connector_problems_are_reported(tmp_pat
     assert m[("dataflow_dicom_associations", (("receiver", "plain"),))] == 3
     assert m[("dataflow_dicom_instances_received_total", (("receiver", "plain"),))] == 120
     assert m[("dataflow_problems", ())] == 3
+    assert m[("dataflow_up", ())] == 1
+    writer.stop()  # the service stopped: its last figures stay, and say so
+    assert metrics(tmp_path)[("dataflow_up", ())] == 0
+    assert json.loads((tmp_path / "health.json").read_text())["status"] == "stopped"
 
 
 def test_health_check_exit_codes_follow_the_lock_and_the_report(tmp_path):

@@ -1,8 +1,11 @@
 """A test stage that does what its job folder tells it: a file ``hang`` makes it sleep until
 the file is gone (a hung stage), ``fail`` makes it raise an error quoting a dataset's patient
-elements (what a traceback may carry); otherwise it writes ``done.txt``. Each attempt leaves
+elements (what a traceback may carry), ``crash`` kills its worker (as the OOM killer would);
+otherwise it writes ``done.txt``. Each attempt leaves
 ``started-N`` in the job folder first, so a test can wait for the stage to be running."""
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,6 +22,8 @@ class Hang(Stage):
         (job / f"started-{attempt}").touch()
         while (job / "hang").exists():
             time.sleep(0.05)
+        if (job / "crash").exists():
+            os.kill(os.getpid(), signal.SIGKILL)
         if (job / "fail").exists():
             raise ValueError(
                 "cannot read (0010,0010) Patient's Name PN: 'DOE^JANE' in "
