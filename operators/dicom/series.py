@@ -26,6 +26,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dataflow.errors import DataflowError
 from dataflow.stage import Port, Stage, Tensor
 from dataflow.units import format_bytes
 from operators.dicom.frames import Frame, SeriesError, element_int, frames_of
@@ -161,11 +162,11 @@ class SeriesPlan:
         """What the float32 volume takes."""
         return int(np.prod(self.shape)) * 4
 
-    def check_memory(self, limit: int | None) -> None:
+    def check_memory(self, limit: int | None, *, volume: bool = False) -> None:
         """Refuse, before anything is decoded, a series that cannot be read within ``limit``
-        bytes: an instance whose pixels decode to more than that, a volume larger than that,
-        or an instance whose decode (its encoded and its decoded pixels) does not fit beside
-        the volume. None: no limit."""
+        bytes (None: no limit): an instance whose pixels decode to more than that, or whose
+        read (encoded and decoded pixels at once: twice that) does not fit. ``volume``: the
+        float32 volume is in the same memory (``load_series``), not in the store."""
         if limit is None:
             return
         have = format_bytes(limit)
@@ -175,27 +176,28 @@ class SeriesPlan:
                     f"instance {self.names.get(path, path.name)} would decode to "
                     f"{format_bytes(size)}, more than the {have} this stage may use"
                 )
-        volume = self.volume_bytes
-        if volume > limit:
+        beside = self.volume_bytes if volume else 0
+        if beside > limit:
             raise MemoryLimitError(
-                f"series {self.series_uid}: the volume would take {format_bytes(volume)} "
+                f"series {self.series_uid}: the volume would take {format_bytes(beside)} "
                 f"({' x '.join(map(str, self.shape))} float32), more than the {have} this "
                 "stage may use"
             )
         path, size = max(self.pixel_bytes.items(), key=lambda item: item[1], default=(None, 0))
-        if path is not None and volume + 2 * size > limit:
+        if path is not None and beside + 2 * size > limit:
+            where = f" beside the {format_bytes(beside)} volume" if beside else ""
             raise MemoryLimitError(
                 f"instance {self.names.get(path, path.name)} would decode to "
-                f"{format_bytes(size)}: decoding it (encoded and decoded, twice that) beside "
-                f"the {format_bytes(volume)} volume needs more than the {have} this stage may use"
+                f"{format_bytes(size)}: reading it takes twice that (its encoded and decoded "
+                f"pixels){where}, more than the {have} this stage may use"
             )
 
     def read_into(self, out: np.ndarray, memory_limit: int | None = None) -> np.ndarray:
         """Decode every frame into ``out`` (float32 ``shape``), applying the rescale (HU).
 
-        Each file is read within the size its header gave (:func:`read_instance`); after
-        :meth:`check_memory` with ``memory_limit``. Pixels that are NaN or infinite, before
-        or after the rescale, raise SeriesError naming the file."""
+        Each file is read within the size its header gave (:func:`read_instance`), after
+        :meth:`check_memory` with ``memory_limit`` (``out`` not counted). Pixels that are NaN
+        or infinite, before or after the rescale, raise SeriesError naming the file."""
         if out.shape != self.shape:
             raise ValueError(f"out has shape {out.shape}; the series needs {self.shape}")
         self.check_memory(memory_limit)
@@ -418,7 +420,7 @@ def load_series(
 
     ``memory_limit`` (bytes): refuse, before allocating, a series that needs more."""
     plan = plan_series(files)
-    plan.check_memory(memory_limit)
+    plan.check_memory(memory_limit, volume=True)
     volume = plan.read_into(np.empty(plan.shape, dtype=np.float32))
     return volume, plan.metadata
 
@@ -437,8 +439,9 @@ class SeriesToVolume(Stage):
 
     ``series_uid`` picks the series when the folder holds several image series. ``modality``
     (e.g. ``CT``): the series must be of that modality, else the job fails naming what it is;
-    for CT its RescaleType, where given, must be HU. The memory the stage may use
-    (``ctx.memory_limit``) bounds every decode, checked before anything is allocated."""
+    for CT its RescaleType, where given, must be HU. The memory a job may use in the worker
+    (``ctx.memory_limit``) bounds every decode, checked before anything is decoded; the volume
+    itself goes to the store, bounded by its budget."""
 
     inputs = {"study": Port("stream", element_type="dicom", description="DICOM files")}
     outputs = {
@@ -472,9 +475,14 @@ class SeriesToVolume(Stage):
         if self.modality:
             check_modality(uid, groups[uid], self.modality)
         plan = _plan(uid, groups[uid])
-        limit = getattr(ctx, "memory_limit", None)
-        plan.check_memory(limit)
-        volume = ctx.allocate("volume", plan.shape)
+        plan.check_memory(getattr(ctx, "memory_limit", None))
+        try:
+            volume = ctx.allocate("volume", plan.shape)
+        except (MemoryError, DataflowError) as exc:  # the store's budget, or the worker's
+            raise MemoryLimitError(
+                f"series {uid}: the volume ({format_bytes(plan.volume_bytes)}, "
+                f"{' x '.join(map(str, plan.shape))} float32) cannot be allocated: {exc}"
+            ) from exc
         plan.read_into(volume)
         ctx.log.info(
             "series_loaded",

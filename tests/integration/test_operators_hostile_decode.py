@@ -70,8 +70,7 @@ try:
     if case == "split":
         result = {k: [p.name for p in v] for k, v in split_series(study).items()}
     elif case == "stage":
-        ctx = StageContext(stage="load")
-        ctx.memory_limit = 512 << 20
+        ctx = StageContext(stage="load", memory_limit=512 << 20)
         SeriesToVolume(modality="CT").execute(ctx, study=study)
         result = "read"
     else:
