@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import inspect
 import json
 import shutil
 import sqlite3
@@ -166,7 +165,8 @@ class Service:
             _, executor = build_executor(
                 entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
                 log_format="json" if self.config.log_format == "json" else "console",
-                **_limit_options(build_executor, entry.limits),
+                stage_timeout=entry.limits.stage_timeout, job_timeout=entry.limits.job_timeout,
+                memory_limit=entry.limits.worker_memory,
             )  # fmt: skip
             self.executors[name] = executor
         ready = {name: threading.Event() for name in self.executors}
@@ -480,7 +480,7 @@ class Service:
             raise ServiceError("the service is stopping")
         pipelines: dict[str, Any] = {}
         for name, executor in self.executors.items():
-            entry: dict[str, Any] = {"stages": {}, "counters": dict(executor.counters)}
+            entry: dict[str, Any] = {"stages": {}, "counters": {}}
             for part in ("health", "in_flight"):
                 method = getattr(executor, part, None)
                 try:
@@ -554,22 +554,3 @@ class Service:
             release(Path(job.payload), job.source)
         except Exception as exc:
             log.error("payload_release_failed", job_id=job.id, error=repr(exc))
-
-
-def _limit_options(build: Callable[..., Any], limits: JobLimits) -> dict[str, Any]:
-    """The service's limits as ``build_executor`` takes them."""
-    accepted = inspect.signature(build).parameters
-    if "stage_timeout" not in accepted:  # the time-outs as the executor's own Limits
-        import dataclasses
-
-        from dataflow.execution.state import Limits
-
-        known = {field.name for field in dataclasses.fields(Limits)}
-        wanted = {"job_timeout": limits.job_timeout, "stage_timeout": limits.stage_timeout}
-        return {"limits": Limits(**{k: v for k, v in wanted.items() if k in known})}
-    options = {
-        "stage_timeout": limits.stage_timeout,
-        "job_timeout": limits.job_timeout,
-        "memory_limit": limits.worker_memory,
-    }
-    return {key: value for key, value in options.items() if key in accepted}
