@@ -387,8 +387,14 @@ class LocalExecutor:
             proc = self._drop(wid)
             if proc is not None:
                 proc.process.join(5)
-            actions = self.core.worker_died(wid, f"failed to start: {reason}", now, fatal=True)
-            self._log_death("worker_failed_to_start", wid, reason)
+            if self.core.workers[wid].up:  # it was serving: a crash (SystemExit in a job...)
+                actions = self.core.worker_died(wid, reason, now)
+                self._log_death("worker_died", wid, reason)
+            else:
+                actions = self.core.worker_died(
+                    wid, f"failed to start: {reason}", now, fatal=True, details=details
+                )
+                self._log_death("worker_failed_to_start", wid, reason)
             self._do(actions, results, started, on_result)
 
     # ------------------------------------------------------------------- actions

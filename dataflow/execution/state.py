@@ -245,6 +245,7 @@ class Core:
         self.submitted: set[str] = set()  # every job ID seen, to refuse duplicates in O(1)
         self.ready: dict[str, list[tuple[int, str]]] = {s: [] for s in graph.stages}  # heaps
         self.broken: dict[str, str] = {}  # stage -> reason
+        self.broken_details: dict[str, str] = {}  # stage -> e.g. the traceback of its start
         self.results: dict[int, Action] = {}  # seq -> result waiting to be reported in order
         self.next_report = 0
         self._seq = itertools.count()
@@ -287,6 +288,7 @@ class Core:
         w = self.workers[worker]
         w.state, w.up_since, w.restart_at = "idle", now, None
         actions: list[Action] = []
+        self.broken_details.pop(w.stage, None)
         if self.broken.pop(w.stage, None) is not None:
             self.counters["stage_recovered"] += 1
             actions.append(StageRecovered(w.stage))
@@ -339,10 +341,11 @@ class Core:
         return actions + self._schedule(now)
 
     def worker_died(
-        self, worker: str, reason: str, now: float, *, fatal: bool = False
+        self, worker: str, reason: str, now: float, *, fatal: bool = False, details: str = ""
     ) -> list[Action]:
         """``worker`` exited (or was found dead). ``fatal``: it reported that it cannot start
-        (the stage cannot be constructed, ``prepare`` raised) — a deterministic failure."""
+        (the stage cannot be constructed, ``prepare`` raised) — a deterministic failure;
+        ``details`` (its traceback) go with the failures of the jobs its stage refuses."""
         w = self.workers[worker]
         fatal = fatal and not w.up  # a worker that was serving crashed: not a start failure
         actions: list[Action] = []
@@ -372,6 +375,7 @@ class Core:
                     f"times in a row (last: {reason})"
                 )
             self.broken[w.stage] = why
+            self.broken_details[w.stage] = details
             self.counters["stage_broken"] += 1
             actions.append(StageBroken(w.stage, why, delay))
             actions += self._fail_stage_jobs(w.stage, now)
@@ -509,7 +513,8 @@ class Core:
             self.jobs[job.id] = job
             for node in self.graph.stages.values():
                 if node.name in self.broken:
-                    actions += self._fail(job, node.name, self.broken[node.name], "", now)
+                    details = self.broken_details.get(node.name, "")
+                    actions += self._fail(job, node.name, self.broken[node.name], details, now)
                     break
                 job.waiting[node.name] = {p for p, src in node.inputs.items() if src is not None}
                 if not job.waiting[node.name]:
@@ -636,7 +641,9 @@ class Core:
         actions: list[Action] = []
         for job in list(self.jobs.values()):
             if stage not in job.done:
-                actions += self._fail(job, stage, self.broken[stage], "", now)
+                actions += self._fail(
+                    job, stage, self.broken[stage], self.broken_details[stage], now
+                )
         return actions
 
     def _kill(self, w: _Worker, reason: str, now: float) -> list[Action]:

@@ -141,6 +141,7 @@ def test_a_stage_that_cannot_be_constructed_is_reported_at_once_not_restarted(tm
         result = serving.run(job_id, payload)
         assert not result.ok and result.stage == "sink"
         assert "TypeError: Sink() takes no arguments" in result.reason
+        assert "Traceback" in result.details  # the constructor's, for the job record
     (failed,) = events(logs, "worker_failed_to_start")  # once: no restart loop
     assert (failed["log_level"], failed["stage"]) == ("error", "sink")
     assert failed["reason"] == "TypeError: Sink() takes no arguments"
