@@ -147,7 +147,15 @@ def _window(source: Dataset, image: np.ndarray) -> tuple[float, float]:
                      else value)  # fmt: skip
 
     if "WindowCenter" in source and "WindowWidth" in source:
-        return first(source.WindowCenter), first(source.WindowWidth)
+        try:
+            return first(source.WindowCenter), first(source.WindowWidth)
+        except (TypeError, ValueError, IndexError):
+            name = getattr(source, "filename", None) or "the middle source slice"
+            raise StageError(
+                f"{name}: (0028,1050) WindowCenter / (0028,1051) WindowWidth "
+                f"{str(source.WindowCenter)[:20]!r} / {str(source.WindowWidth)[:20]!r} are not "
+                "numbers (give window_center and window_width)"
+            ) from None
     low, high = float(image.min()), float(image.max())
     return (low + high) / 2, max(high - low, 1e-6)
 

@@ -19,7 +19,7 @@ from pydicom.tag import Tag
 
 from dataflow.stage import ParameterError, StageError, Tensor
 from dataflow.testing import run_stage
-from operators.dicom import SeriesError, SeriesToVolume, load_series, phantom
+from operators.dicom import SeriesError, SeriesToVolume, WriteDerivedSeries, load_series, phantom
 from operators.dicom.reading import read_header
 from operators.dicom.rtstruct import WriteRTStruct
 from operators.dicom.seg import EmptySegmentError, WriteSegmentation
@@ -209,3 +209,12 @@ def test_the_bounded_header_read_equals_pydicoms_on_its_test_files():
     assert compared > 100
     deflated = read_header(TEST_FILES / "image_dfl.dcm")
     assert deflated.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+
+
+def test_a_malformed_window_names_the_file_in_the_derived_series_preview(study):
+    volume, metadata = load_series(study)
+    uid = metadata["sop_instance_uids"][3]  # the middle slice: the preview's source
+    (middle,) = [p for p in files(study) if pydicom.dcmread(p).SOPInstanceUID == uid]
+    set_raw(middle, "WindowCenter", "DS", b"abc")
+    message = refused(WriteDerivedSeries, {"volume": Tensor(volume, metadata), "study": study})
+    assert f"{middle.name}: (0028,1050) WindowCenter / (0028,1051) WindowWidth 'abc'" in message
