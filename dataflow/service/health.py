@@ -242,6 +242,7 @@ class HealthWriter:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
+        self._problems: list[str] = []  # as last logged
         self.started = time.time()
 
     def report(self) -> dict[str, Any]:
@@ -266,7 +267,7 @@ class HealthWriter:
         self._wake.set()
 
     def start(self) -> None:
-        self.write()
+        self._log_change(self.write()["problems"])
         self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
         self._thread.start()
 
@@ -284,20 +285,21 @@ class HealthWriter:
             log.exception("health_not_written")
 
     def _loop(self) -> None:
-        last_problems: list[str] = []
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                problems = self.write()["problems"]
+                self._log_change(self.write()["problems"])
             except Exception:
                 log.exception("health_not_written")
-                continue
-            if problems != last_problems:
-                (log.warning if problems else log.info)("service_health", problems=problems)
-                last_problems = problems
+
+    def _log_change(self, problems: list[str]) -> None:
+        """``service_health`` when the problems change: at error level while there are any."""
+        if problems != self._problems:
+            (log.error if problems else log.info)("service_health", problems=problems)
+            self._problems = problems
 
 
 def read_previous(state: Path) -> dict[str, Any]:

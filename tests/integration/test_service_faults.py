@@ -130,3 +130,35 @@ def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_pat
     assert 'dataflow_stage_timeouts_total{pipeline="hang"} 1.0' in metrics
     died = [line for line in metrics.splitlines() if line.startswith("dataflow_worker_died_total")]
     assert died and float(died[0].split()[-1]) >= 1, died  # the crash (and the time-out's kill)
+
+
+def test_a_stage_that_cannot_start_is_reported_by_health_and_the_other_pipeline_runs(tmp_path):
+    """The service starts with a pipeline whose stage cannot be constructed: its health file
+    and `dataflow health` (exit 1) say which stage and why,
+    its jobs fail with that reason, and the other pipeline's jobs succeed."""
+    from dataflow.service import Service, load_config
+
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        f"state: {tmp_path / 'state'}\n"
+        f"pipelines: {{hang: {DATA / 'hang.yaml'}, broken: {DATA / 'broken.yaml'}}}\n"
+    )
+    for name in ("ok", "refused"):
+        (tmp_path / name).mkdir()
+    service = Service(load_config(config))
+    service.start()
+    try:
+        health = dataflow("health", config)
+        assert health.returncode == 1, health.stdout
+        assert "problem: pipeline broken: stage broken is broken" in health.stdout
+        assert "missing.onnx" in health.stdout
+        ok = service.submit("hang", tmp_path / "ok", source={}, key="ok")
+        refused = service.submit("broken", tmp_path / "refused", source={}, key="refused")
+        wait_serving(lambda: service.jobs.get(refused.id).state == "failed", 120,
+                     "the job at the broken stage failed", None)  # fmt: skip
+        wait_serving(lambda: service.jobs.get(ok.id).state == "succeeded", 120,
+                     "the other pipeline's job", None)  # fmt: skip
+        failed = service.jobs.get(refused.id)
+        assert failed.stage == "broken" and "missing.onnx" in failed.error + failed.details
+    finally:
+        service.stop()

@@ -32,3 +32,10 @@ class Hang(Stage):
         out = ctx.output_dir("done")
         (out / "done.txt").write_text(job.name)
         return out
+
+
+class Broken(Hang):
+    """A stage that cannot start: its ``prepare`` fails the same way every time."""
+
+    def prepare(self, ctx) -> None:
+        raise RuntimeError("model file /models/missing.onnx does not exist")
