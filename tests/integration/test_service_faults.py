@@ -54,7 +54,8 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
     config, ids = setup(tmp_path, "{shutdown-grace: 1s, max-attempts: 2}", ("stuck", "hang"))
     log, stuck = tmp_path / "serve.log", tmp_path / "stuck"
     for attempt in (1, 2):
-        proc = serve(config, log)
+        # the second time the grace is an hour: a second SIGTERM cuts the job short at once
+        proc = serve(config, log, *(["--set", "limits.shutdown-grace=1h"] if attempt == 2 else []))
         try:
             wait_serving(lambda a=attempt: (stuck / f"started-{a}").exists(), 120,
                          f"attempt {attempt} running", proc)  # fmt: skip
@@ -64,6 +65,10 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
                 assert health.stdout.startswith("healthy")
                 metrics = (tmp_path / "state" / "metrics.prom").read_text()
                 assert 'dataflow_jobs{pipeline="hang",state="running"} 1.0' in metrics
+            else:
+                proc.send_signal(signal.SIGTERM)
+                wait_serving(lambda: log.read_text().count('"service_stopping"') == 2, 120,
+                             "the first signal handled", proc)  # fmt: skip
         finally:
             code = stop(proc)
         assert code == 0, log.read_text()[-3000:]
@@ -73,7 +78,8 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
         assert job["history"][-1]["what"] == "cut short by shutdown at stage hang"
     assert dataflow("health", config).returncode == 2  # not running
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    assert any(line["event"] == "shutdown_grace_passed" for line in lines)
+    events = [line["event"] for line in lines]
+    assert events.count("shutdown_grace_passed") == 1 and events.count("service_aborting") == 1
     proc = serve(config, log)  # the third start: two attempts were cut short, it fails
     try:
         wait_serving(lambda: record(config, ids["stuck"])["state"] == "failed", 120,
@@ -134,8 +140,8 @@ def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_pat
 
 def test_a_stage_that_cannot_start_is_reported_by_health_and_the_other_pipeline_runs(tmp_path):
     """The service starts with a pipeline whose stage cannot be constructed: its health file
-    and `dataflow health` (exit 1) say which stage and why,
-    its jobs fail with that reason, and the other pipeline's jobs succeed."""
+    and `dataflow health` (exit 1) say which stage and why, its jobs fail with that reason,
+    and the other pipeline's jobs succeed."""
     from dataflow.service import Service, load_config
 
     config = tmp_path / "service.yaml"
