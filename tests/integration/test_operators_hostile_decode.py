@@ -8,56 +8,22 @@ MemoryError, a wrong message) instead of eating the machine running the tests.""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import resource
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from hostile_dicom import MIB, deflated_bomb, limit_address_space
 
 from operators.dicom import phantom
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
-MIB = 1 << 20
 ADDRESS_SPACE = 1 << 30  # the child's RLIMIT_AS
-
-
-def deflated_bomb(path: Path, template: Path, *, rows: int, columns: int, pixel_bytes: int):
-    """``template``'s header with Rows x Columns changed and ``pixel_bytes`` of zero pixel
-    data, deflated. Zeros after a full flush compress to the same block every MiB, so the
-    file (about 1 KiB per MiB) is written without compressing gigabytes."""
-    ds = pydicom.dcmread(template, stop_before_pixels=True)
-    ds.Rows, ds.Columns = rows, columns
-    meta = ds.file_meta
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    del ds.file_meta
-    head = DicomBytesIO()
-    head.is_little_endian, head.is_implicit_VR = True, False
-    write_dataset(head, ds)
-    pixel_header = b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", pixel_bytes)
-    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    start = packer.compress(head.getvalue() + pixel_header) + packer.flush(zlib.Z_FULL_FLUSH)
-    block = packer.compress(bytes(MIB)) + packer.flush(zlib.Z_FULL_FLUSH)
-    whole, rest = divmod(pixel_bytes, MIB)
-    file_meta = io.BytesIO()
-    write_file_meta_info(file_meta, meta)
-    with open(path, "wb") as out:
-        out.write(b"\0" * 128 + b"DICM" + file_meta.getvalue() + start)
-        for _ in range(whole):
-            out.write(block)
-        out.write(packer.compress(bytes(rest)) + packer.flush())
-    return path
 
 
 CHILD = """
@@ -83,13 +49,11 @@ except Exception as exc:
 
 
 def read_in_child(case: str, study: Path) -> dict:
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, case, str(study)],
-        cwd=ROOT, env=env, preexec_fn=limit, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, preexec_fn=limit_address_space(ADDRESS_SPACE),
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

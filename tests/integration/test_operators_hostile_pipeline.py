@@ -1,7 +1,9 @@
 """`dataflow run pipelines/ct-segmentation.yaml` on studies that are not CT in HU, or whose
 values are not finite: each job fails with a reason naming the modality, the file and the
 element, and no SEG is registered for export (issue 9: wrong results must not reach the PACS
-as successes). The volume that cannot fit the store fails naming the series and the budget."""
+as successes). Deflate bombs fail at load without taking memory (the run is under RLIMIT_AS
+= 3 GiB: a regression fails instead of eating the machine). The volume that cannot fit the
+store fails naming the series and the budget."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from hostile_dicom import deflated_bomb, limit_address_space
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
@@ -29,6 +32,7 @@ def dataflow_run(inputs: Path, out: Path, *options: str) -> dict:
         [sys.executable, "-m", "dataflow.cli", "run", "pipelines/ct-segmentation.yaml",
          "--input", inputs, "--output", out, *options],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
+        preexec_fn=limit_address_space(3 << 30),
     )  # fmt: skip
     assert done.returncode != 0, done.stdout + done.stderr  # failed jobs: a failed run
     summary = json.loads((out / "summary.json").read_text())
@@ -46,6 +50,12 @@ def results(tmp_path_factory) -> tuple[Path, dict]:
     tag = Tag(0x00281053)  # RescaleSlope
     ds._dict[tag] = RawDataElement(tag, "DS", 4, b"NaN ", 0, False, True)
     ds.save_as(series.files[5])
+    for job, rows, pixel_bytes in (("honest", 40000, 40000 * 40000 * 2), ("liar", 64, 3 << 30)):
+        (base / "in" / job).mkdir()
+        deflated_bomb(
+            base / "in" / job / "bomb.dcm", series.files[0],
+            rows=rows, columns=rows, pixel_bytes=pixel_bytes,
+        )  # fmt: skip
     return base, dataflow_run(base / "in", base / "out")
 
 
@@ -55,6 +65,8 @@ def results(tmp_path_factory) -> tuple[Path, dict]:
         ("mr", "Modality (0008,0060) is MR (image.dcm); this stage reads CT only"),
         ("dose", "Modality (0008,0060) is RTDOSE (image.dcm); this stage reads CT only"),
         ("nan", "(0028,1053) RescaleSlope: 'NaN' is not a finite number"),
+        ("honest", "the volume (6.0 GiB, 1 x 40000 x 40000 float32) cannot be allocated"),
+        ("liar", "bomb.dcm inflates to more than 32.0 MiB though its header describes 8.0 KiB"),
     ],
 )
 def test_the_job_fails_with_the_reason_and_nothing_is_registered(results, job, reason):
