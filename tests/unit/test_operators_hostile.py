@@ -20,7 +20,7 @@ from pydicom.tag import Tag
 from dataflow.stage import ParameterError, StageError, Tensor
 from dataflow.testing import run_stage
 from operators.dicom import SeriesError, SeriesToVolume, WriteDerivedSeries, load_series, phantom
-from operators.dicom.reading import read_header
+from operators.dicom.reading import ReadError, read_header
 from operators.dicom.rtstruct import WriteRTStruct
 from operators.dicom.seg import EmptySegmentError, WriteSegmentation
 
@@ -218,3 +218,24 @@ def test_a_malformed_window_names_the_file_in_the_derived_series_preview(study):
     set_raw(middle, "WindowCenter", "DS", b"abc")
     message = refused(WriteDerivedSeries, {"volume": Tensor(volume, metadata), "study": study})
     assert f"{middle.name}: (0028,1050) WindowCenter / (0028,1051) WindowWidth 'abc'" in message
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "image_dfl.dcm"])
+def test_a_header_larger_than_the_limit_is_refused_naming_the_file(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's about CT_small's VRs
+        with pytest.raises(ReadError, match=f"^{name}: its (deflated )?header .*than 512 B"):
+            read_header(TEST_FILES / name, limit=512)
+
+
+def test_junk_after_the_file_meta_is_refused_at_once(tmp_path):
+    """64 MiB of zeros where the dataset should be: refused at its second element, not parsed
+    (8 million empty elements) up to the header limit."""
+    source = TEST_FILES / "CT_small.dcm"
+    meta_end = 132 + 12 + int.from_bytes(source.read_bytes()[140:144], "little")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(source.read_bytes()[:meta_end] + bytes(64 << 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's: zeros look like implicit VR
+        with pytest.raises(ReadError, match=r"^junk.dcm: element \(0000,0000\) follows"):
+            read_header(junk)
