@@ -426,9 +426,16 @@ def load_series(
 
 
 def _describe(uid: str, group: list[tuple[Path, Dataset]]) -> str:
+    """A series as a message lists it; never fails (a malformed NumberOfFrames counts 1)."""
     ds = group[0][1]
-    names = _names([p for p, _ in group])
-    frames = sum(element_int(d, "NumberOfFrames", names[p]) or 1 for p, d in group)
+
+    def count(d: Dataset) -> int:
+        try:
+            return element_int(d, "NumberOfFrames", "") or 1
+        except SeriesError:
+            return 1
+
+    frames = sum(count(d) for _, d in group)
     what = f"{len(group)} instance(s)" + (f", {frames} frames" if frames != len(group) else "")
     return f"{uid} ({ds.get('Modality', '?')} {str(ds.get('SeriesDescription', ''))!r}, {what})"
 

@@ -239,3 +239,16 @@ def test_junk_after_the_file_meta_is_refused_at_once(tmp_path):
         warnings.simplefilter("ignore")  # pydicom's: zeros look like implicit VR
         with pytest.raises(ReadError, match=r"^junk.dcm: element \(0000,0000\) follows"):
             read_header(junk)
+
+
+def test_a_malformed_value_in_another_series_does_not_fail_the_chosen_one(tmp_path):
+    chosen = phantom.write_ct_series(tmp_path / "study" / "a", slices=6, size=16, seed=1)
+    other = phantom.write_ct_series(tmp_path / "study" / "b", slices=6, size=16, seed=2)
+    set_raw(other.files[0], "NumberOfFrames", "IS", b"abc")
+    uid = str(pydicom.dcmread(chosen.files[0]).SeriesInstanceUID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run_stage(
+            SeriesToVolume, {"study": tmp_path / "study"}, arguments={"series_uid": uid}
+        )
+    assert out["volume"].array.shape == (6, 16, 16)
