@@ -25,7 +25,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dataflow.stage import ParameterError, Port, Stage, StageContext, Tensor, pipeline_folder
+import numpy as np
+
+from dataflow.stage import (
+    ParameterError,
+    Port,
+    Stage,
+    StageContext,
+    StageError,
+    Tensor,
+    pipeline_folder,
+)
 from operators.inference.backends import (
     Backend,
     InferenceError,
@@ -156,12 +166,28 @@ class _InferenceBase(Stage):
         if self.backend is None:  # execute without prepare (direct use): connect now
             self.prepare(ctx)
         assert self.backend is not None
-        return sliding_window_inference(volume, self.backend.infer, out=out, **self.window)
+        _check_finite(volume, f"stage {ctx.stage!r} input 'volume'")
+        scores = sliding_window_inference(volume, self.backend.infer, out=out, **self.window)
+        _check_finite(scores, f"stage {ctx.stage!r}: the model's output")
+        return scores
 
     def cleanup(self, ctx: StageContext) -> None:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+
+
+def _check_finite(array, where: str) -> None:
+    """A model fed NaN or infinite values, or giving them, segments nothing without a word:
+    StageError instead (host arrays; a device array is the kernels' business)."""
+    if not isinstance(array, np.ndarray):
+        return
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise StageError(
+            f"{where} has {bad} NaN or infinite value(s) of {array.size}: refused (a model's "
+            "result on them would look like a segmentation and be wrong)"
+        )
 
 
 class Inference(_InferenceBase):

@@ -23,6 +23,7 @@ from operators.dicom import SeriesError, SeriesToVolume, WriteDerivedSeries, loa
 from operators.dicom.reading import ReadError, read_header
 from operators.dicom.rtstruct import WriteRTStruct
 from operators.dicom.seg import EmptySegmentError, WriteSegmentation
+from operators.inference import Inference
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 PATIENT = ("Phantom", "PHANTOM-")  # the phantom's name and ID: never in a message
@@ -252,3 +253,10 @@ def test_a_malformed_value_in_another_series_does_not_fail_the_chosen_one(tmp_pa
             SeriesToVolume, {"study": tmp_path / "study"}, arguments={"series_uid": uid}
         )
     assert out["volume"].array.shape == (6, 16, 16)
+
+
+def test_inference_refuses_a_volume_with_nan(tmp_path):
+    volume = np.full((8, 32, 32), -1000.0, np.float32)
+    volume[4, 10:20, 10:20] = np.nan
+    message = refused(Inference, {"volume": volume}, model="demo", roi_size=32)
+    assert "stage 'Inference' input 'volume' has 100 NaN or infinite value(s) of 8192" in message
