@@ -116,8 +116,16 @@ class ReceiverConfig:
         duplicates: a SOP Instance UID already in the open group: ``"overwrite"`` (the new
             copy replaces the stored one), ``"keep-first"`` (Success, the new copy is
             discarded) or ``"reject"`` (failure status 0x0111 Duplicate SOP Instance).
-        max_associations: concurrent associations per listener process; more are rejected
-            (transient, "local limit exceeded").
+        max_associations: established associations per listener process; more are rejected
+            (transient, "local limit exceeded"). Connections still negotiating do not count
+            (``artim_timeout`` bounds how long they may take).
+        reserved_associations: of ``max_associations``, the slots only calling AE titles in
+            ``peers`` may take: a caller not in the list (``allow_unknown_peers``) is refused
+            once ``max_associations - reserved_associations`` (at least 1) are in use.
+        artim_timeout: seconds a connection has to complete its A-ASSOCIATE-RQ (TLS handshake
+            included), counted from the connection (DICOM's ARTIM timer); then it is closed
+            (``association_request_timeout``). A connection closed by the peer before its
+            request is let go at once.
         min_free_bytes, min_free_percent: the disk reserve of the spool's file system. When
             writing an instance would leave less free space than either, C-STORE answers
             0xA700 Refused: Out of Resources and nothing is written.
@@ -145,6 +153,8 @@ class ReceiverConfig:
     allow_unknown_peers: bool = False
     duplicates: DuplicatePolicy = "overwrite"
     max_associations: int = 25
+    reserved_associations: int = 2
+    artim_timeout: float = 10.0
     min_free_bytes: int = 0
     min_free_percent: float = 0.0
     max_pdu_size: int = 4 * 1024 * 1024
@@ -186,6 +196,10 @@ class ReceiverConfig:
             raise ReceiverConfigError("duplicates must be overwrite, keep-first or reject")
         if not 1 <= self.max_associations <= 1000:
             raise ReceiverConfigError("max_associations must be 1..1000")
+        if not 0 <= self.reserved_associations <= 1000:
+            raise ReceiverConfigError("reserved_associations must be 0..1000")
+        if not 0 < self.artim_timeout <= 3600:
+            raise ReceiverConfigError("artim_timeout must be > 0 and <= 3600 seconds")
         if self.min_free_bytes < 0 or not 0 <= self.min_free_percent < 100:
             raise ReceiverConfigError("min_free_bytes >= 0 and 0 <= min_free_percent < 100")
         if self.max_pdu_size != 0 and self.max_pdu_size < 4096:

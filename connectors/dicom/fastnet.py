@@ -53,6 +53,22 @@ autotuning, which here already grows a connection's buffer up to ``tcp_rmem``'s 
 Only pynetdicom 3.0.x is patched (the loops were read there); with any other version, or
 with ``DATAFLOW_DICOM_FASTNET=0`` in the environment, :func:`install` does nothing and
 returns False. Tested in ``tests/unit/test_dicom_fastnet.py``.
+
+**The PDU guard** (:func:`guard`, installed by :func:`install` and on its own by the receiver
+and the exporter even with ``DATAFLOW_DICOM_FASTNET=0``: it is a bound, not a speed-up).
+A PDU's length field is the peer's claim, so nothing is allocated by it:
+``DULServiceProvider._read_pdu_data`` becomes :func:`_read_pdu_guarded`, which refuses a
+PDU longer than :func:`pdu_limit` (the local maximum PDU length for a P-DATA-TF, 64 MiB
+where that is 0 = unlimited; :data:`ASSOCIATE_MAX` for any PDU before the association is
+established and for A-ASSOCIATE PDUs; 4 bytes for A-ASSOCIATE-RJ, A-RELEASE and A-ABORT)
+with a ``pdu_refused`` warning naming the peer's address (never what it sent), then does
+what pynetdicom does with an invalid PDU (A-ABORT, state machine event 19) and reads
+nothing more from that connection. What it accepts is read with :func:`read_exact`: the
+buffer grows with the bytes that actually arrive (never more than 4 MiB ahead of them), and
+a read never waits past its deadline: the association's ARTIM deadline (``artim_deadline``
+set by the receiver) before the association is established, the network timeout (counted
+from the PDU's first byte) after; then the connection is shut down (``pdu_timeout``), so
+that a peer sending part of a PDU and then nothing cannot hold a thread for ever.
 """
 
 from __future__ import annotations
@@ -60,6 +76,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
+import socket
 import struct
 import threading
 import time
@@ -69,6 +87,7 @@ from typing import Any
 import pynetdicom
 import pynetdicom.association
 import pynetdicom.dul
+import structlog
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -78,17 +97,29 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 __all__ = [
+    "ASSOCIATE_MAX",
     "c_store_rq_bytes",
     "c_store_rsp_bytes",
+    "guard",
     "install",
     "installed",
+    "pdu_limit",
     "push_back",
+    "read_exact",
+    "refused",
     "store_rsp_command",
     "tune_malloc",
     "waker",
 ]
 
 RECV_CHUNK = 4 * 1024 * 1024
+ASSOCIATE_MAX = 256 * 1024  # any PDU before the association (an A-ASSOCIATE-RQ of 128
+# contexts with many transfer syntaxes each is a few tens of KiB)
+UNLIMITED_PDATA = 64 * 1024 * 1024  # a P-DATA-TF's bound where our maximum is 0 (unlimited)
+FIXED_SIZE = {0x03: 4, 0x05: 4, 0x06: 4, 0x07: 4}  # A-ASSOCIATE-RJ, A-RELEASE-RQ/RP, A-ABORT
+POLL = 0.5  # a blocked read looks at its deadline this often
+
+log = structlog.get_logger("connectors.dicom")
 
 _real_sleep = time.sleep
 _lock = threading.Lock()
@@ -250,28 +281,165 @@ def _ready_or_pushed_back(self: AssociationSocket) -> bool:
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv``: up to ``nr_bytes`` (fewer only when the peer closed)."""
-    sock = self.socket
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    return read_exact(self, nr_bytes)
+
+
+def _raw(sock: AssociationSocket) -> socket.socket | None:
+    raw = sock.socket
+    return raw if raw is not None and raw.fileno() != -1 else None
+
+
+def read_exact(sock: AssociationSocket, nr_bytes: int, deadline: float | None = None) -> bytearray:
+    """``nr_bytes`` from ``sock`` (what was given back with :func:`push_back` first); fewer
+    when the peer closed (or reset) or ``deadline`` (``time.monotonic()``) passed. The buffer grows
+    with what arrives, at most :data:`RECV_CHUNK` ahead of it: a length claimed by the
+    peer allocates nothing by itself."""
+    buffer = bytearray(min(nr_bytes, RECV_CHUNK))
     nr_read = 0
-    pushed = self.__dict__.pop("_fastnet_pushback", b"")
+    pushed = sock.__dict__.pop("_fastnet_pushback", b"")
     if pushed:
         nr_read = min(len(pushed), nr_bytes)
-        view[:nr_read] = pushed[:nr_read]
+        buffer[:nr_read] = pushed[:nr_read]
         if pushed[nr_read:]:
-            self.__dict__["_fastnet_pushback"] = pushed[nr_read:]
-    try:
-        while nr_read < nr_bytes:
-            chunk = min(nr_bytes - nr_read, RECV_CHUNK)
-            got = sock.recv_into(view[nr_read:], chunk)  # type: ignore[union-attr]
-            if not got:
+            sock.__dict__["_fastnet_pushback"] = pushed[nr_read:]
+    raw = _raw(sock)
+    while nr_read < nr_bytes and raw is not None:
+        if nr_read == len(buffer):
+            buffer.extend(bytes(min(nr_bytes - nr_read, RECV_CHUNK, len(buffer))))
+        if deadline is not None and not _readable(raw, deadline):
+            break
+        with memoryview(buffer) as view:
+            try:
+                got = raw.recv_into(view[nr_read:], len(buffer) - nr_read)
+            except (TimeoutError, BlockingIOError):
+                continue  # the deadline decides
+            except (OSError, ValueError):  # reset by the peer, closed under us: as EOF
                 break
-            nr_read += got
-    finally:
-        view.release()
-    if nr_read < nr_bytes:
+        if not got:
+            break
+        nr_read += got
+    if nr_read < len(buffer):
         del buffer[nr_read:]
     return buffer
+
+
+def _readable(raw: socket.socket, deadline: float) -> bool:
+    """Wait until ``raw`` has something to read (True) or ``deadline`` passed (False)."""
+    pending = getattr(raw, "pending", None)  # TLS: decrypted bytes select cannot see
+    while not (pending is not None and pending()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            if select.select([raw], [], [], min(left, POLL))[0]:
+                return True
+        except (OSError, ValueError):
+            return True  # closed under us: recv says so
+    return True
+
+
+def pdu_limit(assoc: Association, pdu_type: int) -> int:
+    """The longest PDU of ``pdu_type`` this end reads on ``assoc`` (see the docstring)."""
+    if pdu_type in FIXED_SIZE:
+        return FIXED_SIZE[pdu_type]
+    if pdu_type != 0x04 or not assoc.is_established:
+        return ASSOCIATE_MAX
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    return local.maximum_length or UNLIMITED_PDATA
+
+
+def _peer(assoc: Association) -> str:
+    remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    try:
+        return str(remote.address)
+    except Exception:  # not known yet
+        return ""
+
+
+def refused(assoc: Association, pdu_type: int, length: int, limit: int) -> None:
+    """Log a PDU refused for its length (the peer's address, never its content)."""
+    log.warning("pdu_refused", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}",
+                length=length, limit=limit)  # fmt: skip
+
+
+def _shut(sock: AssociationSocket) -> None:
+    """Shut the connection down and close it (pynetdicom's own ``_shutdown_socket`` skips the
+    close when the shutdown fails, as it does on a socket already shut down)."""
+    raw = _raw(sock)
+    if raw is not None:  # socket.socket's shutdown: an SSLSocket's would unwrap it
+        try:
+            socket.socket.shutdown(raw, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raw.close()
+
+
+def _read_pdu_guarded(self: DULServiceProvider) -> None:
+    """``DULServiceProvider._read_pdu_data`` with every PDU bounded (see the docstring):
+    the same events for the state machine, the same decoding."""
+    sock = self.socket
+    assoc = self.assoc
+    if self.__dict__.get("_pdu_refused"):  # nothing more is read after a refusal
+        self.event_queue.put("Evt17")
+        return
+    artim = assoc.__dict__.get("artim_deadline")
+    timeout = self.network_timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if artim is not None and not assoc.is_established:
+        deadline = artim if deadline is None else min(deadline, artim)
+    header = read_exact(sock, 6, deadline)
+    if len(header) < 6:
+        _timed_out(self, deadline, "header")
+        self.event_queue.put("Evt17")
+        return
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        log.info("pdu_unknown", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}")
+        self.event_queue.put("Evt19")
+        return
+    limit = pdu_limit(assoc, pdu_type)
+    if length > limit:
+        refused(assoc, pdu_type, length, limit)
+        self.__dict__["_pdu_refused"] = True
+        self.event_queue.put("Evt19")  # A-ABORT, as for any invalid PDU
+        return
+    body = read_exact(sock, length, deadline)
+    if len(body) != length:
+        _timed_out(self, deadline, "body")
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(header + body)
+    except Exception:
+        log.info("pdu_undecodable", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}")
+        self.event_queue.put("Evt19")
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
+
+
+def _timed_out(dul: DULServiceProvider, deadline: float | None, part: str) -> None:
+    """A short read: if the deadline passed (rather than the peer closing), say so and shut
+    the connection down."""
+    if deadline is not None and time.monotonic() >= deadline and _raw(dul.socket) is not None:
+        log.info("pdu_timeout", peer_host=_peer(dul.assoc), part=part,
+                 established=dul.assoc.is_established)  # fmt: skip
+        _shut(dul.socket)
+
+
+_guarded: list[bool] = []
+
+
+def guard() -> bool:
+    """Install the PDU guard (idempotent; pynetdicom 3.0.x only, whatever
+    ``DATAFLOW_DICOM_FASTNET`` says); False if not applicable."""
+    with _lock:
+        if not _guarded:
+            ok = pynetdicom.__version__.startswith("3.0.")
+            if ok:
+                DULServiceProvider._read_pdu_data = _read_pdu_guarded  # type: ignore[method-assign]
+            _guarded.append(ok)
+        return _guarded[0]
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -376,7 +544,9 @@ def tune_malloc() -> bool:
 
 
 def install() -> bool:
-    """Patch pynetdicom 3.0.x in this process (idempotent); False if not applicable."""
+    """Patch pynetdicom 3.0.x in this process (idempotent); False if not applicable. The PDU
+    guard (:func:`guard`) is installed in any case."""
+    guard()
     with _lock:
         if _installed:
             return _installed[0]

@@ -318,6 +318,7 @@ class Intake:
 
     def _serve(self) -> None:
         contexts = {cx.context_id: cx for cx in self.assoc.accepted_contexts}
+        limit = fastnet.pdu_limit(self.assoc, 0x04)
         item: _Instance | None = None
         command = bytearray()
         pieces: list[bytes] = []  # the command's PDVs so far, to give back
@@ -325,6 +326,10 @@ class Intake:
             while True:
                 header = bytes(self._read(6))
                 kind, left = header[0], struct.unpack(">I", header[2:6])[0]
+                if kind == 0x04 and left > limit:  # the peer's claim: nothing allocated by it
+                    fastnet.refused(self.assoc, kind, left, limit)
+                    self.dul.__dict__["_pdu_refused"] = True  # its DUL reads no more of it
+                    raise _Malformed(f"a P-DATA-TF of {left} bytes, over the maximum {limit}")
                 if kind != 0x04:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's, body unread
                     if item is not None:
                         item.discard()

@@ -6,6 +6,13 @@ then the committer thread moves the file into its group folder, fsyncs the direc
 commits the record (``synchronous=FULL``) — several associations' instances share one
 transaction (group commit), each still durable before its own Success goes back.
 
+Hostile peers (see docs/dicom.md, "What a hostile peer gets"): every PDU is bounded before
+anything is allocated for it (:func:`fastnet.guard`); a connection must complete its
+A-ASSOCIATE-RQ within ``artim_timeout`` seconds or it is closed, and one the peer closes
+first is let go at once (:func:`_wait_for_request`); only associations admitted by the
+ACSE count against ``max_associations``, of which ``reserved_associations`` are kept for
+the calling AE titles of the allow-list (:meth:`Receiver.admit`).
+
 With ``processes: N`` the receiver starts N - 1 worker processes listening on the same port
 (SO_REUSEPORT; they only ingest), restarts one that dies, and stops them when it stops.
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import os
 import signal
@@ -67,6 +75,7 @@ __all__ = ["Receiver", "main"]
 
 log = structlog.get_logger("connectors.dicom")
 fastnet.install()  # pynetdicom without its 1 ms polling waits (see fastnet.py)
+fastnet.guard()  # every PDU bounded, also with DATAFLOW_DICOM_FASTNET=0
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C.4.2)
 SUCCESS = 0x0000
@@ -78,6 +87,9 @@ DUPLICATE = 0x0111  # duplicate SOP instance, under duplicates="reject"
 PROCESSING_FAILURE = 0x0110  # anything unexpected (logged with the exception)
 IGNORED = "ignored: its SOP class is in ignored_sop_classes"  # Success, nothing stored
 ABORT_GRACE = 2.0  # seconds a peer has to close after our A-ABORT when the receiver stops
+UNLIMITED = 1_000_000  # pynetdicom's own association limit, which counts every connection
+BACKLOG = 128  # connections the kernel queues before the server accepts them
+REQUEST_POLL = 0.1  # how often a connection awaiting its request looks at its socket
 
 
 class _Committer(threading.Thread):
@@ -241,6 +253,8 @@ class Receiver:
         self._assocs: dict[int, dict[str, Any]] = {}
         self._started = 0.0
         self._workers: _Workers | None = None
+        self._slots = threading.Lock()
+        self._admitted: list = []  # associations holding a slot (admitted by the ACSE)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -365,9 +379,10 @@ class Receiver:
         config = self.config
         ae = AE(ae_title=config.called_aes[0].ae_title)
         ae.maximum_pdu_size = config.max_pdu_size
-        ae.maximum_associations = config.max_associations
+        ae.maximum_associations = UNLIMITED  # admit() counts the associations instead
         ae.network_timeout = config.network_timeout
-        ae.acse_timeout = config.acse_timeout
+        # pynetdicom's ARTIM timer (its acse_timeout, for an acceptor): a little after ours
+        ae.acse_timeout = min(config.acse_timeout, config.artim_timeout + 1.0)
         ae.dimse_timeout = config.dimse_timeout
         ae.require_called_aet = False  # checked by _CheckingACSE, for every called AE
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -391,6 +406,7 @@ class Receiver:
             request_handler=_Handler,
             reuse_port=config.reuse_port or config.processes > 1,
         )
+        server.artim_timeout = config.artim_timeout
         ae._servers.append(server)  # so that server.shutdown() finds it
         thread = threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True)
         thread.start()
@@ -509,6 +525,23 @@ class Receiver:
             view.release()
         return self.place(event.assoc, called, header, temp, needed)
 
+    def admit(self, assoc, known: bool) -> bool:
+        """Take a slot for ``assoc`` (its request was accepted so far): False when
+        ``max_associations`` are in use, or for a caller not in the allow-list (not
+        ``known``) when all but ``reserved_associations`` are. A slot is held until the
+        association is released or aborted (or its thread ends); connections still
+        negotiating hold none."""
+        config = self.config
+        limit = config.max_associations
+        if not known:
+            limit = max(1, limit - config.reserved_associations)
+        with self._slots:
+            self._admitted = [a for a in self._admitted if _holds_slot(a)]
+            if len(self._admitted) >= limit:
+                return False
+            self._admitted.append(assoc)
+            return True
+
     # -- the steps of a C-STORE, shared with .intake -----------------------------------------
 
     @staticmethod
@@ -547,10 +580,19 @@ class Receiver:
         return item.status, item.note, item.group_id
 
 
+def _holds_slot(assoc) -> bool:
+    return assoc.is_alive() and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+
 def _abort_all(assocs, grace: float = ABORT_GRACE) -> None:
-    """A-ABORT every association at once. pynetdicom then waits for the peer to close (or its
-    ARTIM timer); a peer that goes on sending keeps it waiting: after ``grace`` seconds the
-    connection is shut down under it."""
+    """A-ABORT every association at once (a connection still awaiting its request is shut
+    down: pynetdicom has no abort before the request). pynetdicom then waits for the peer to
+    close (or its ARTIM timer); a peer that goes on sending keeps it waiting: after ``grace``
+    seconds the connection is shut down under it."""
+    for assoc in assocs:
+        if not assoc.is_established:
+            _shut_down(assoc)
+    assocs = [a for a in assocs if a.is_established]
     aborting = [threading.Thread(target=a.abort, name="dicom-abort", daemon=True) for a in assocs]
     for thread in aborting:
         thread.start()
@@ -559,11 +601,16 @@ def _abort_all(assocs, grace: float = ABORT_GRACE) -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
     for assoc, thread in zip(assocs, aborting):
         if thread.is_alive():
-            sock = getattr(assoc.dul.socket, "socket", None)
-            with contextlib.suppress(OSError, AttributeError):
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+            _shut_down(assoc)
     for thread in aborting:
         thread.join(5.0)
+
+
+def _shut_down(assoc) -> None:
+    """Shut the association's connection down (both ways), under whatever reads it."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    with contextlib.suppress(OSError, AttributeError, ValueError, TypeError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
 
 
 class _CheckingACSE(ACSE):
@@ -577,17 +624,20 @@ class _CheckingACSE(ACSE):
         rq = self.requestor.primitive
         called, calling = rq.called_ae_title.strip(), rq.calling_ae_title.strip()
         host = self.assoc.requestor.address
+        known = any(
+            p.ae_title == calling and (p.host is None or p.host == host) for p in config.peers
+        )
         reason = None
         if config.called(called) is None:
-            reason, diagnostic = "called AE title not recognised", 0x07
-        elif not config.allow_unknown_peers and not any(
-            p.ae_title == calling and (p.host is None or p.host == host) for p in config.peers
-        ):
-            reason, diagnostic = "calling AE title not recognised", 0x03
+            reason, rsd = "called AE title not recognised", (0x01, 0x01, 0x07)
+        elif not config.allow_unknown_peers and not known:
+            reason, rsd = "calling AE title not recognised", (0x01, 0x01, 0x03)
+        elif not receiver.admit(self.assoc, known):  # transient: local limit exceeded
+            reason, rsd = "local limit exceeded", (0x02, 0x03, 0x02)
         if reason is not None:
             self.assoc._called_ae, self.assoc._reject_reason = called, reason
             self.requestor.ae_title = rq.calling_ae_title
-            self.send_reject(0x01, 0x01, diagnostic)
+            self.send_reject(*rsd)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
@@ -603,18 +653,49 @@ class _CheckingACSE(ACSE):
             intake.run()  # C-STOREs off the socket; pynetdicom's reactor takes the rest
 
 
+def _wait_for_request(dul, receive, wait: bool = False, timeout: float | None = None):
+    """``dul.receive_pdu`` of an acceptor: while the association thread waits for the
+    A-ASSOCIATE-RQ, it returns None (pynetdicom then closes the connection and ends the
+    association's threads) as soon as the connection is closed with nothing queued, or once
+    the association's ``artim_deadline`` passed (the connection is shut down first, so that
+    nothing stays blocked on it). Any other call is pynetdicom's."""
+    assoc = dul.assoc
+    deadline = assoc.__dict__.get("artim_deadline")
+    if not wait or deadline is None or assoc.is_established or assoc.requestor.primitive:
+        return receive(wait=wait, timeout=timeout)
+    if timeout is not None:
+        deadline = min(deadline, time.monotonic() + timeout)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.info("association_request_timeout", peer_host=assoc.requestor.address)
+            _shut_down(assoc)
+            return None
+        primitive = receive(wait=True, timeout=min(left, REQUEST_POLL))
+        if primitive is not None:
+            return primitive
+        raw = getattr(dul.socket, "socket", None)
+        if (raw is None or raw.fileno() == -1) and dul.to_user_queue.empty():
+            return None  # closed by the peer (or refused): nothing more will come
+
+
 class _Handler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         assoc.acse = _CheckingACSE(assoc)
+        assoc.artim_deadline = self._artim_deadline  # read by fastnet's PDU guard too
+        dul = assoc.dul
+        dul.receive_pdu = functools.partial(_wait_for_request, dul, dul.receive_pdu)
         return assoc
 
     def handle(self) -> None:
+        artim = self.server.artim_timeout
+        self._artim_deadline = time.monotonic() + artim
         sock = self.request
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if isinstance(sock, ssl.SSLSocket):  # handshake here, not in the accept loop
-                sock.settimeout(self.ae.acse_timeout)
+                sock.settimeout(artim)
                 sock.do_handshake()
                 sock.settimeout(None)
         except (OSError, ssl.SSLError) as exc:
@@ -644,8 +725,12 @@ class _Contexts(list):
 
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server with SO_REUSEPORT (several listener processes on one
-    port), the TLS handshake moved out of the accepting thread, and cheap copies of the
-    supported contexts (:class:`_Contexts`)."""
+    port), the TLS handshake moved out of the accepting thread, cheap copies of the
+    supported contexts (:class:`_Contexts`), and a listen backlog of :data:`BACKLOG`
+    (socketserver's 5 overflows under a connection flood while the accepting thread waits
+    for the GIL: the kernel then drops SYNs, and a legitimate peer waits 1, 3, 7 s...)."""
+
+    request_queue_size = BACKLOG
 
     def __init__(self, *args, reuse_port: bool = False, **kwargs) -> None:
         self._reuse_port = reuse_port

@@ -148,6 +148,14 @@ def _web_destination(name: str, entry: Mapping[str, Any], base: Path, where: str
         raise DicomConfigError(f"dicom.{where}: {exc}") from None
 
 
+def _seconds(value: Any, where: str) -> float:
+    """A number of seconds, or a string like ``10s``."""
+    try:
+        return float(str(value).strip().removesuffix("s"))
+    except ValueError:
+        raise DicomConfigError(f"dicom.{where}: {value!r} is not seconds (e.g. 10s)") from None
+
+
 def parse_section(
     section: Mapping[str, Any], *, pipelines: tuple[str, ...], state: Path, base: Path
 ) -> tuple[list[ReceiverConfig], dict[str, Destination], RetryPolicy]:
@@ -162,6 +170,8 @@ def parse_section(
         section.get("limits") or {},
         {
             "max-associations",
+            "reserved-associations",
+            "artim-timeout",
             "max-pdu",
             "max-instance-size",
             "disk-reserve",
@@ -194,6 +204,8 @@ def parse_section(
             allow_unknown_peers=bool(section.get("allow-unknown-peers", False)),
             duplicates=section.get("duplicates", "overwrite"),
             max_associations=int(limits.get("max-associations", 25)),
+            reserved_associations=int(limits.get("reserved-associations", 2)),
+            artim_timeout=_seconds(limits.get("artim-timeout", 10), "limits.artim-timeout"),
             max_pdu_size=_size(limits.get("max-pdu", 4 * 1024**2), "limits.max-pdu"),
             max_instance_size=_size(
                 limits.get("max-instance-size", "2GiB"), "limits.max-instance-size"
