@@ -1,0 +1,1225 @@
+"""Chaos benchmark: the faults of issue 9 against a running ``dataflow serve``.
+
+Run from the repository root, as root (or where user namespaces are allowed)::
+
+    .venv/bin/python benchmarks/chaos.py --quick                      # about 15 minutes
+    .venv/bin/python benchmarks/chaos.py --scenario worker-kill --scenario hostile-peers
+    .venv/bin/python benchmarks/chaos.py --json benchmarks/results/chaos-$(date +%F).json
+
+Each scenario starts its own ``dataflow serve`` (a subprocess, a fresh temporary state
+folder) with a service file made from ``examples/service.yaml``: free ports, the PACS a dcmtk
+``storescp`` (``+uf``: every copy it receives is kept, so duplicates can be counted), and two
+pipelines: ``ct-segmentation`` (the reference pipeline, its ``load`` stage wrapped so that its
+worker notes its pid: the one the scenarios kill) and ``chaos-light`` (one stage that lists
+the study, or hangs while a marker file names the study). Studies are phantom CT series
+(``operators.dicom.phantom.write_ct_series``) sent with dcmtk's ``storescu``. Like
+``dicom.py``, the script first moves itself into a private network namespace with only a
+loopback interface (storescp listens on every interface); every dcmtk process gets
+``TCP_NODELAY=1``.
+
+Nothing may endanger the machine: the service's process tree runs in a memory cgroup of
+``--memory-cap`` (6 GiB; ``prlimit --as`` per process where no cgroup can be made), every wait
+has a deadline, and everything the script started is killed in ``finally`` blocks (Ctrl-C
+included). Scenarios (``--scenario NAME``, repeatable; all by default):
+
+1. ``worker-kill``: kill -9 of the ``load`` worker 5 times in a row (each new worker as soon
+   as it is up, a study in flight), then normal studies: each must succeed without a restart
+   of the service;
+2. ``poison``: a study with one deflated instance that inflates to 3 GiB of zeros, and one with
+   RescaleSlope NaN / RescaleIntercept inf, then normal studies: the poison jobs fail with a
+   reason and export nothing, the service stays within its cap, the normal studies succeed;
+3. ``hang``: a stage that hangs (under ``--stage-timeout``), the innocent study behind it; then
+   SIGTERM while a study hangs: seconds to exit, and what happens to that job at the restart;
+4. ``hostile-peers``: PDU headers claiming 0xFFFFFFFF bytes before an association and inside
+   one, idle one-byte connections, connect-and-close floods; the service's memory and threads,
+   whether a legitimate ``storescu`` gets through and how long it takes, when the idle ones
+   are closed;
+5. ``duplicates``: a study re-sent (changed bytes, same UIDs) with kill -9 of the service
+   mid-transfer, several times; on disk one file per SOP Instance UID holding a version that
+   was acknowledged; one SOP Instance UID in two series;
+6. ``dead-letter``: the PACS down past the export deadline, the dead letter listed by
+   ``dataflow exports --state dead``, the PACS up, ``--resend``: delivered once;
+7. ``service-kill``: results not yet delivered (PACS down), kill -9 of the service, PACS up,
+   restart: every result delivered once.
+
+Figures per scenario: studies sent, instances acknowledged, results at the PACS, job states
+and failure reasons, duplicates at the PACS (files received per SOP Instance UID), peak
+memory per process of the service's tree (VmHWM, sampled from ``/proc`` every 0.2 s) and of
+its cgroup, seconds to recover, and whether the guarantee held (``pass``). ``--json PATH``
+writes the records and the provenance (machine, load before and after, commit) next to it;
+``--markdown PATH`` a table. This is a benchmark, not a test: pytest does not run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != HERE), str(HERE)]
+sys.path.append(str(ROOT / "tests"))  # dicom_peers: free ports, waiting for a listener
+
+import _common as common  # noqa: E402  (benchmarks/ is not a package)
+import yaml  # noqa: E402
+from dicom import enter_private_network  # noqa: E402
+from dicom_peers import DCMTK_ENV, free_port, wait_for_port  # noqa: E402
+
+__all__ = ["main"]
+
+PYTHON = sys.executable
+STORESCU = "/usr/bin/storescu"  # dcmtk's; .venv/bin/storescu is pynetdicom's script
+STORESCP = "/usr/bin/storescp"
+SCENARIOS = (
+    "worker-kill", "poison", "hang", "hostile-peers", "duplicates", "dead-letter",
+    "service-kill",
+)  # fmt: skip
+SEG_AE, LIGHT_AE, PACS_AE, CALLING = "DATAFLOW-SEG", "CHAOS-LIGHT", "PACS", "STORESCU"
+GiB, MiB = common.GiB, common.MiB
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+# A stage module written next to the generated pipelines: ``Load`` is the reference reader
+# noting its worker's pid (so that a scenario can kill it); ``Probe`` lists a study, or hangs
+# while CHAOS_DIR/hang-<StudyInstanceUID> exists (noting started-<uid> first).
+STAGES = """
+import os, time
+from pathlib import Path
+
+import pydicom
+
+from dataflow.stage import Port, Stage
+from operators.dicom import SeriesToVolume
+
+MARKS = Path(os.environ["CHAOS_DIR"])
+
+
+class Load(SeriesToVolume):
+    def prepare(self, ctx):
+        (MARKS / f"load-{os.getpid()}").touch()
+        parent = getattr(super(), "prepare", None)
+        if parent is not None:
+            parent(ctx)
+
+
+class Probe(Stage):
+    inputs = {"study": Port("stream", element_type="dicom")}
+    outputs = {"listing": Port("stream", element_type="text")}
+
+    def execute(self, ctx, study):
+        files = sorted(Path(study).rglob("*.dcm"))
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        (MARKS / f"started-{uid}").touch()
+        while (MARKS / f"hang-{uid}").exists():
+            time.sleep(0.1)
+        out = ctx.output_dir("listing")
+        (out / "listing.txt").write_text("\\n".join(p.name for p in files))
+        return out
+"""
+
+LIGHT_PIPELINE = """api-version: 0.5.0
+name: chaos-light
+operators:
+- name: probe
+  stage: chaos_stages:Probe
+  input:
+  - name: study
+  output:
+  - name: listing
+"""
+
+
+# ------------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    quick: bool
+    work: Path
+    memory_cap: int
+    stage_timeout: str
+    slices: int = 24
+    size: int = 64
+    normal_studies: int = 4
+    kills: int = 5
+    bomb_bytes: int = 3 * GiB
+    idle_connections: int = 50
+    floods: int = 300
+    duplicate_rounds: int = 4
+    export_deadline: int = 12
+    deadline: float = 300.0  # seconds any one wait may take before the scenario gives up
+
+    @classmethod
+    def make(cls, args: argparse.Namespace, work: Path) -> Settings:
+        s = cls(args.quick, work, args.memory_cap, args.stage_timeout)
+        if args.quick:
+            s.slices, s.size, s.normal_studies, s.kills = 16, 64, 3, 5
+            s.idle_connections, s.floods, s.duplicate_rounds = 24, 300, 2
+        return s
+
+
+# ------------------------------------------------------------------------ processes
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (from ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def status_kib(pid: int, *keys: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in keys:
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def threads_of(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class MemoryCap:
+    """A memory cgroup (v1 or v2) of ``limit`` bytes for the service's tree; where none can be
+    made, ``prlimit --as`` of the same size on each process (inherited by its children)."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit, self.path, self.kind = limit, None, "prlimit --as"
+        for base in self._bases():
+            path = base / name
+            try:
+                path.mkdir()
+                limit_file = "memory.max" if (base / "cgroup.controllers").exists() else (
+                    "memory.limit_in_bytes")  # fmt: skip
+                (path / limit_file).write_text(str(limit))
+                self.path, self.kind = (
+                    path,
+                    f"cgroup {'v2' if limit_file == 'memory.max' else 'v1'}",
+                )
+                break
+            except OSError:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+
+    @staticmethod
+    def _bases() -> Iterator[Path]:
+        """Our own memory cgroup (v1) or cgroup (v2), where children can be made."""
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/cgroup").read_text().splitlines():
+                _, controllers, where = line.split(":", 2)
+                if "memory" in controllers.split(","):
+                    yield Path("/sys/fs/cgroup/memory") / where.lstrip("/")
+                elif controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+                    yield Path("/sys/fs/cgroup") / where.lstrip("/")
+
+    def preexec(self) -> Callable[[], None] | None:
+        if self.path is not None:
+            return None
+        import resource
+
+        limit = self.limit
+        return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    def add(self, pid: int) -> None:
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def peak(self) -> int | None:
+        """Peak memory of the cgroup since the last :meth:`reset` (bytes), if known."""
+        if self.path is None:
+            return None
+        for name in ("memory.max_usage_in_bytes", "memory.peak"):
+            with contextlib.suppress(OSError, ValueError):
+                return int((self.path / name).read_text())
+        return None
+
+    def oom_kills(self) -> int | None:
+        if self.path is None:
+            return None
+        for name, key in (("memory.oom_control", "oom_kill"), ("memory.events", "oom_kill")):
+            with contextlib.suppress(OSError):
+                for line in (self.path / name).read_text().splitlines():
+                    if line.startswith(key + " "):
+                        return int(line.split()[1])
+        return None
+
+    def reset(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                (self.path / "memory.max_usage_in_bytes").write_text("0")
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+                return
+            time.sleep(0.1)
+
+
+class Sampler:
+    """Samples the peak memory (VmHWM, else VmRSS) and threads of every process below a
+    root pid every ``interval`` s; a process keeps its role (from :meth:`role`) once seen."""
+
+    def __init__(self, role: Callable[[int], str], interval: float = 0.2) -> None:
+        self.role, self.interval = role, interval
+        self.roots: list[int] = []
+        self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (role, peak KiB)
+        self.max_threads: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def sample(self) -> None:
+        for root in list(self.roots):
+            if not alive(root):
+                continue
+            for pid in descendants(root):
+                kib = status_kib(pid, "VmHWM", "VmRSS")
+                peak = max(kib.values(), default=0)
+                role = self.role(pid)  # again each time: a forked child execs later
+                if role == "gone" and pid in self.peaks:
+                    role = self.peaks[pid][0]
+                old = self.peaks.get(pid, (role, 0))[1]
+                self.peaks[pid] = (role, max(old, peak))
+                if pid == root:
+                    self.max_threads["serve"] = max(self.max_threads.get("serve", 0),
+                                                    threads_of(pid))  # fmt: skip
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a process gone between two reads
+                self.sample()
+
+    def by_role(self) -> dict[str, dict[str, float]]:
+        """Per role: peak MiB of its biggest process and how many processes had it."""
+        out: dict[str, dict[str, float]] = {}
+        for role, kib in self.peaks.values():
+            entry = out.setdefault(role, {"peak_mib": 0.0, "processes": 0})
+            entry["peak_mib"] = max(entry["peak_mib"], round(kib / 1024, 1))
+            entry["processes"] += 1
+        return dict(sorted(out.items()))
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group (the service runs in a session of its own) and any
+    process left below it."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------ the PACS
+
+
+class Pacs:
+    """dcmtk ``storescp`` as the PACS: ``+uf`` keeps every copy it receives under a name of
+    its own, so that a second delivery of one SOP Instance UID shows. Stop and start it at
+    will: its port stays the same."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.proc = folder, free_port(), None
+        folder.mkdir(parents=True, exist_ok=True)
+        self._seen: dict[Path, dict[str, str]] = {}
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        args = [STORESCP, "-aet", PACS_AE, "-od", str(self.folder), "-pm", "+xa", "+uf",
+                "--fork", str(self.port)]  # fmt: skip
+        log = open(self.folder.parent / "pacs.log", "a")  # noqa: SIM115 - lives with the proc
+        self.proc = subprocess.Popen(args, env=DCMTK_ENV, stdout=log, stderr=log,
+                                     start_new_session=True)  # fmt: skip
+        log.close()
+        wait_for_port(self.port, proc=self.proc, timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc.pid)
+            self.proc.wait(10)
+            self.proc = None
+
+    def received(self) -> list[dict[str, str]]:
+        """One entry per file received: SOP class and instance, study."""
+        import pydicom
+
+        out = []
+        for path in sorted(self.folder.iterdir()):
+            if path not in self._seen:
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True)
+                    self._seen[path] = {"sop_class": str(ds.SOPClassUID),
+                                        "sop": str(ds.SOPInstanceUID),
+                                        "study": str(ds.StudyInstanceUID)}  # fmt: skip
+                except Exception:  # still being written
+                    continue
+            out.append(self._seen[path])
+        return out
+
+    def results(self) -> dict[str, Any]:
+        """SEGs at the PACS: files, distinct instances, duplicates, and distinct per study."""
+        segs = [r for r in self.received() if r["sop_class"] == SEG_SOP_CLASS]
+        distinct = {r["sop"] for r in segs}
+        per_study: dict[str, set[str]] = {}
+        for r in segs:
+            per_study.setdefault(r["study"], set()).add(r["sop"])
+        return {"files": len(segs), "distinct": len(distinct),
+                "duplicates": len(segs) - len(distinct),
+                "per_study": {k: len(v) for k, v in per_study.items()}}  # fmt: skip
+
+
+# ------------------------------------------------------------------------ the service
+
+
+class Service:
+    """``dataflow serve`` over a service file made from ``examples/service.yaml``."""
+
+    def __init__(self, settings: Settings, name: str, pacs: Pacs, **overrides: Any) -> None:
+        self.settings = settings
+        self.dir = settings.work / name
+        self.marks = self.dir / "marks"
+        self.marks.mkdir(parents=True)
+        self.state = self.dir / "state"
+        self.port = free_port()
+        self.log = self.dir / "serve.log"
+        self.config = self.dir / "service.yaml"
+        self.proc: subprocess.Popen | None = None
+        self.starts: list[float] = []
+        self.cap = MemoryCap(settings.memory_cap, f"dataflow-chaos-{os.getpid()}-{name}")
+        self.sampler = Sampler(self._role)
+        self.sampler.start()
+        self._write_files(pacs, overrides)
+
+    def _write_files(self, pacs: Pacs, overrides: dict[str, Any]) -> None:
+        (self.dir / "chaos_stages.py").write_text(STAGES)
+        reference = yaml.safe_load((ROOT / "pipelines" / "ct-segmentation.yaml").read_text())
+        for op in reference["operators"]:
+            if op["name"] == "load":
+                op["stage"] = "chaos_stages:Load"  # SeriesToVolume, noting its worker's pid
+        (self.dir / "ct-segmentation.yaml").write_text(yaml.safe_dump(reference))
+        (self.dir / "chaos-light.yaml").write_text(LIGHT_PIPELINE)
+        config = yaml.safe_load((ROOT / "examples" / "service.yaml").read_text())
+        config["state"] = str(self.state)
+        config["pipelines"] = {
+            "ct-segmentation": str(self.dir / "ct-segmentation.yaml"),
+            "chaos-light": {"file": str(self.dir / "chaos-light.yaml")},
+        }
+        config["log"] = {"level": "info", "format": "json"}
+        config.pop("retention", None)
+        limits = config.setdefault("limits", {})
+        limits["stage-timeout"] = self.settings.stage_timeout
+        dicom = config["dicom"]
+        dicom["receivers"] = [{"name": "plain", "host": "127.0.0.1", "port": self.port}]
+        ae_titles = dicom["ae-titles"]
+        seg = ae_titles.pop(SEG_AE)
+        seg["timeout"] = 2
+        light = {"pipelines": ["chaos-light"], "group-by": "study", "timeout": 2}
+        dicom["ae-titles"] = {SEG_AE: seg, LIGHT_AE: light}
+        dicom["allow"] = [{"ae": CALLING, "host": "127.0.0.1"}]
+        dicom["destinations"] = {"PACS": {"ae": PACS_AE, "host": "127.0.0.1",
+                                          "port": pacs.port, "calling-ae": "DATAFLOW",
+                                          "max-associations": 2}}  # fmt: skip
+        dicom["export"] = {"retry-initial": 1, "retry-max": 4, "deadline": 3600}
+        for dotted, value in overrides.items():
+            where = config
+            *path, last = dotted.split(".")
+            for key in path:
+                where = where.setdefault(key, {})
+            where[last] = value
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # roles of processes in the tree, for the memory figures
+    def _role(self, pid: int) -> str:
+        if self.proc is not None and pid == self.proc.pid:
+            return "serve (main)"
+        if (self.marks / f"load-{pid}").exists():
+            return "worker: load"
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return "gone"
+        if not cmd:
+            return "gone"
+        if "resource_tracker" in cmd:
+            return "resource tracker"
+        if "spawn_main" in cmd:
+            return "child (worker, receiver or store)"
+        words = cmd.split()
+        if "-m" in words[:-1]:
+            return words[words.index("-m") + 1]  # e.g. a receiver process
+        return Path(words[0]).name if words else "other"
+
+    def start(self, *, wait: bool = True) -> None:
+        env = {**os.environ, "CHAOS_DIR": str(self.marks), "DATAFLOW_CONTAINER_ENGINE": "none"}
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "dataflow.cli", "serve", str(self.config)], cwd=ROOT, env=env,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=self.cap.preexec(),
+            )  # fmt: skip
+        self.cap.add(self.proc.pid)
+        self.sampler.roots.append(self.proc.pid)
+        self.starts.append(time.monotonic())
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> float:
+        """Seconds from the start until the DICOM port accepts connections."""
+        assert self.proc is not None
+        try:
+            wait_for_port(self.port, proc=self.proc, timeout=self.settings.deadline)
+        except Exception as exc:
+            raise RuntimeError(f"dataflow serve did not start: {exc}\n{self.tail()}") from None
+        return time.monotonic() - self.starts[-1]
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> list[int]:
+        """kill -9 of the main process only (as a crash would); its children that are still
+        alive 10 s later are killed too and returned."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        below = [p for p in descendants(pid) if p != pid]
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in below):
+            time.sleep(0.2)
+        lingering = [p for p in below if alive(p)]
+        kill_tree(pid)
+        for p in lingering:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+        return lingering
+
+    def terminate(self, timeout: float = 120) -> float | None:
+        """SIGTERM; seconds until it exited (None: it did not within ``timeout``: killed)."""
+        if not self.running():
+            return 0.0
+        assert self.proc is not None
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+            return time.monotonic() - t0
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid)
+            self.proc.wait(30)
+            return None
+
+    def close(self) -> None:
+        """Stop everything this service started (SIGTERM, then SIGKILL of its whole tree)."""
+        try:
+            if self.running():
+                self.terminate(60)
+            if self.proc is not None:
+                kill_tree(self.proc.pid)
+        finally:
+            self.sampler.stop()
+
+    # what the service says
+    def health(self) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((self.state / "health.json").read_text())
+        return {}
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "-m", "dataflow.cli", *args], cwd=ROOT, capture_output=True, text=True,
+            timeout=timeout, env={**os.environ, "DATAFLOW_CONTAINER_ENGINE": "none"},
+        )  # fmt: skip
+
+    def jobs(self) -> list[dict[str, Any]]:
+        done = self.cli("jobs", str(self.config), "--json")
+        if done.returncode != 0:
+            raise RuntimeError(f"dataflow jobs failed: {done.stderr[-2000:]}")
+        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+    def exports(self, *args: str) -> list[dict[str, Any]]:
+        """``dataflow exports CONFIG --json ARGS``: the outbox's tasks ([] where the command
+        is missing or fails)."""
+        done = self.cli("exports", str(self.config), "--json", *args)
+        if done.returncode != 0:
+            self.exports_error = done.stderr.strip()[-500:]
+            return []
+        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """The outbox's tasks: ``dataflow exports``, or where that fails (the command is
+        older than the outbox's listing) the outbox's database, read only."""
+        self.exports_error = ""
+        records = self.exports()
+        if not self.exports_error:
+            return records
+        import sqlite3
+
+        db = self.state / "dicom" / "outbox" / "outbox.sqlite"
+        if not db.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute("SELECT id, job_id, destination, state, attempts, last_error "
+                                "FROM tasks").fetchall()  # fmt: skip
+        return [{**dict(row), "read_from": "outbox.sqlite"} for row in rows]
+
+    def jobs_of(self, study: str, pipeline: str | None = None) -> list[dict[str, Any]]:
+        return [j for j in self.jobs() if j["source"].get("group_uid") == study
+                and (pipeline is None or j["pipeline"] == pipeline)]  # fmt: skip
+
+    def log_events(self) -> dict[str, int]:
+        """How many times each event of interest appears in the service's JSON log."""
+        names = ("worker_died", "stage_broken", "stage_recovered", "worker_oom", "stage_timeout",
+                 "job_timeout", "job_cut_short", "shutdown_grace_passed", "job_not_resumed",
+                 "association_rejected", "artim_expired", "pdu_too_large")  # fmt: skip
+        counts = dict.fromkeys(names, 0)
+        with contextlib.suppress(OSError):
+            for line in self.log.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line).get("event")
+                    if event in counts:
+                        counts[event] += 1
+        return {k: v for k, v in counts.items() if v}
+
+    def tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-n:]
+        return ""
+
+    def load_worker(self, not_in: set[int] = frozenset()) -> int | None:
+        """The pid of a live ``load`` worker (the newest), other than ``not_in``."""
+        found = []
+        for mark in self.marks.glob("load-*"):
+            pid = int(mark.name.split("-")[1])
+            if pid not in not_in and alive(pid):
+                found.append((mark.stat().st_mtime, pid))
+        return max(found)[1] if found else None
+
+
+# ------------------------------------------------------------------------ studies and senders
+
+
+@dataclass
+class Study:
+    uid: str
+    files: list[Path]
+    sops: list[str]
+
+
+def make_study(settings: Settings, name: str, seed: int) -> Study:
+    from operators.dicom.phantom import write_ct_series
+
+    series = write_ct_series(settings.work / "studies" / name, slices=settings.slices,
+                             size=settings.size, seed=seed, oblique=True)  # fmt: skip
+    return Study(series.study_instance_uid, list(series.files), list(series.sop_instance_uids))
+
+
+@dataclass
+class Sent:
+    returncode: int
+    acknowledged: list[str]  # files answered Success, in order
+    failed: int  # responses other than Success
+    in_flight: str | None  # the file sent last without an answer
+    seconds: float
+    output: str = ""
+
+
+def storescu(port: int, files: list[Path], called: str, *, timeout: float = 300,
+             on_ack: Callable[[int], None] | None = None) -> Sent:  # fmt: skip
+    """dcmtk ``storescu -v``: which files were answered Success (``on_ack(n)`` after each)."""
+    args = [STORESCU, "-v", "-aet", CALLING, "-aec", called, "-R", "127.0.0.1", str(port),
+            *map(str, files)]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, env=DCMTK_ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    acked, failed, current, lines = [], 0, None, []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("I: Sending file: "):
+                current = line.split(": ", 2)[2].strip()
+            elif "Received Store Response" in line:
+                if "(Success)" in line and current is not None:
+                    acked.append(current)
+                    if on_ack is not None:
+                        on_ack(len(acked))
+                else:
+                    failed += 1
+                current = None
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Sent(proc.returncode, acked, failed, current, time.monotonic() - t0,
+                "".join(lines[-20:]))  # fmt: skip
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               service: Service | None = None, interval: float = 1.0) -> Any:  # fmt: skip
+    """Poll ``predicate`` until truthy (returned); TimeoutError naming ``what`` after
+    ``timeout`` s, RuntimeError if ``service`` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if service is not None and not service.running():
+            raise RuntimeError(f"dataflow serve exited while waiting for {what}\n{service.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def job_states(service: Service, studies: list[Study], pipeline: str) -> dict[str, str]:
+    """Study UID -> state of its newest job of ``pipeline`` ("none": no job yet)."""
+    by_study: dict[str, str] = {}
+    for job in reversed(service.jobs()):  # oldest first: the newest wins
+        if job["pipeline"] == pipeline:
+            by_study[job["source"].get("group_uid")] = job["state"]
+    return {s.uid: by_study.get(s.uid, "none") for s in studies}
+
+
+def wait_finished(service: Service, studies: list[Study], pipeline: str,
+                  timeout: float) -> dict[str, str]:  # fmt: skip
+    """Until every study's job has finished; returns the states."""
+
+    def done() -> dict[str, str] | None:
+        states = job_states(service, studies, pipeline)
+        return states if all(s in ("succeeded", "failed") for s in states.values()) else None
+
+    return wait_until(done, timeout, f"{len(studies)} {pipeline} jobs to finish", service, 2.0)
+
+
+def count_states(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[str(record.get("state"))] = counts.get(str(record.get("state")), 0) + 1
+    return counts
+
+
+def failures(service: Service) -> list[dict[str, Any]]:
+    return [{"job": j["id"], "pipeline": j["pipeline"], "stage": j.get("stage"),
+             "error": (j.get("error") or "")[:300]}
+            for j in service.jobs() if j["state"] == "failed"]  # fmt: skip
+
+
+# ------------------------------------------------------------------------ scenarios
+
+
+@dataclass
+class Outcome:
+    """What one scenario measured."""
+
+    scenario: str
+    guarantee: str
+    passed: bool | None = None  # None: not run to the end (see ``note``)
+    checks: dict[str, bool] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def check(self, name: str, ok: bool) -> None:
+        self.checks[name] = bool(ok)
+
+
+def run_scenario(name: str, settings: Settings) -> Outcome:
+    fn, guarantee = SCENARIO_FUNCTIONS[name]
+    outcome = Outcome(name, guarantee)
+    pacs = Pacs(settings.work / name / "pacs")
+    services: list[Service] = []
+    t0 = time.monotonic()
+    try:
+        fn(settings, pacs, services, outcome)
+    except Exception as exc:  # the scenario could not finish: recorded, the next one runs
+        outcome.note = f"{type(exc).__name__}: {exc}"[:3000]
+        outcome.figures["error_traceback"] = traceback.format_exc()[-3000:]
+    finally:
+        for service in services:
+            with contextlib.suppress(Exception):
+                service.close()
+            outcome.figures.setdefault("peak_memory", {}).update(
+                {f"{role}": v for role, v in service.sampler.by_role().items()}
+            )
+            peak = service.cap.peak()
+            if peak is not None:
+                outcome.figures["peak_memory_cgroup_mib"] = round(peak / MiB, 1)
+            oom = service.cap.oom_kills()
+            if oom:
+                outcome.figures["oom_kills_in_cgroup"] = oom
+            outcome.figures["max_threads_serve"] = service.sampler.max_threads.get("serve")
+            outcome.figures["log_events"] = service.log_events()
+            service.cap.remove()
+        pacs.stop()
+    outcome.figures["elapsed_s"] = round(time.monotonic() - t0, 1)
+    if outcome.checks and not outcome.note:
+        outcome.passed = all(outcome.checks.values())
+    elif outcome.checks and outcome.note:
+        outcome.passed = False if not all(outcome.checks.values()) else None
+    return outcome
+
+
+def new_service(settings: Settings, name: str, pacs: Pacs, services: list[Service],
+                **overrides: Any) -> Service:  # fmt: skip
+    service = Service(settings, name, pacs, **overrides)
+    services.append(service)
+    return service
+
+
+def start_service(settings: Settings, name: str, pacs: Pacs, services: list[Service], *,
+                  pacs_up: bool = True, **overrides: Any) -> Service:  # fmt: skip
+    """The PACS (unless ``pacs_up`` is false) and a new service, both started."""
+    if pacs_up:
+        pacs.start()
+    service = new_service(settings, name, pacs, services, **overrides)
+    service.start()
+    return service
+
+
+def send_and_count(service: Service, studies: list[Study], called: str) -> tuple[int, int]:
+    """Send each study (one storescu each); (instances sent, acknowledged)."""
+    sent = acked = 0
+    for study in studies:
+        result = storescu(service.port, study.files, called)
+        sent += len(study.files)
+        acked += len(result.acknowledged)
+    return sent, acked
+
+
+def scenario_worker_kill(settings: Settings, pacs: Pacs, services: list[Service],
+                         out: Outcome) -> None:  # fmt: skip
+    service = start_service(settings, "worker-kill", pacs, services)
+    first_pid = service.proc.pid
+    warm = make_study(settings, "wk-warm", 100)
+    victim = make_study(settings, "wk-victim", 101)
+    normal = [make_study(settings, f"wk-{i}", 110 + i) for i in range(settings.normal_studies)]
+    sent, acked = send_and_count(service, [warm], SEG_AE)
+    wait_finished(service, [warm], "ct-segmentation", settings.deadline)
+    # the victim's job reaches load while its worker is killed, again and again
+    s2, a2 = send_and_count(service, [victim], SEG_AE)
+    sent, acked = sent + s2, acked + a2
+    killed: set[int] = set()
+    kill_times = []
+    for _ in range(settings.kills):
+        pid = wait_until(lambda: service.load_worker(killed), settings.deadline,
+                         "a new load worker", service, 0.1)  # fmt: skip
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        kill_times.append(time.time())
+    last_kill = kill_times[-1]
+    health_after_kills = service.health()
+
+    # healed: the stage says ok again with a live worker (nobody restarted anything)
+    def healed() -> bool:
+        health = service.health()
+        return (health.get("time", 0) > last_kill + 1 and load_ok(health)
+                and service.load_worker(killed) is not None)  # fmt: skip
+
+    wait_until(healed, settings.deadline, "the load stage to heal", service, 0.5)
+    healed_s = time.time() - last_kill
+    s3, a3 = send_and_count(service, normal, SEG_AE)
+    sent, acked = sent + s3, acked + a3
+    states = wait_finished(service, normal, "ct-segmentation", settings.deadline)
+    wait_until(lambda: sum(pacs.results()["per_study"].get(s.uid, 0) > 0 for s in normal)
+               >= sum(v == "succeeded" for v in states.values()), 120,
+               "the results at the PACS", service)  # fmt: skip
+    time.sleep(3)  # a late duplicate would show
+    results = pacs.results()
+    victim_state = job_states(service, [victim], "ct-segmentation")[victim.uid]
+    out.figures.update({
+        "studies_sent": 2 + len(normal), "instances_sent": sent, "instances_acknowledged": acked,
+        "kills": len(killed), "victim_job": victim_state, "normal_jobs": list(states.values()),
+        "results_at_pacs": results["distinct"], "duplicates_at_pacs": results["duplicates"],
+        "failures": failures(service), "recover_s": round(healed_s, 1),
+        "stage_after_kills": stage_states(health_after_kills, "ct-segmentation", "load"),
+        "health_problems_after_kills": health_after_kills.get("problems", []),
+        "health_at_end": service.health().get("status"),
+        "counters": service.health().get("pipelines", {}).get("ct-segmentation", {}).get(
+            "counters"),
+    })  # fmt: skip
+    out.check("service never restarted", service.running() and service.proc.pid == first_pid)
+    out.check("every later study succeeded", all(v == "succeeded" for v in states.values()))
+    out.check("one result per later study",
+              all(results["per_study"].get(s.uid) == 1 for s in normal))  # fmt: skip
+    out.check("no duplicates at the PACS", results["duplicates"] == 0)
+
+
+def load_ok(health: dict[str, Any]) -> bool:
+    state = stage_states(health, "ct-segmentation", "load")
+    return isinstance(state, dict) and state.get("state") == "ok" and state.get("live", 1) > 0
+
+
+def stage_states(health: dict[str, Any], pipeline: str, stage: str) -> Any:
+    with contextlib.suppress(Exception):
+        stages = health["pipelines"][pipeline]["stages"]
+        return stages.get(stage, stages) if isinstance(stages, dict) else stages
+    with contextlib.suppress(Exception):
+        return health["pipelines"][pipeline]
+    return None
+
+
+def scenario_hostile_peers(settings: Settings, pacs: Pacs, services: list[Service],
+                           out: Outcome) -> None:  # fmt: skip
+    service = start_service(settings, "hostile-peers", pacs, services)
+    pid = service.proc.pid
+    studies = iter(make_study(settings, f"hp-{i}", 400 + i) for i in range(8))
+    steps: dict[str, dict[str, Any]] = {}
+
+    def main_mib() -> float:
+        return round(status_kib(pid, "VmRSS").get("VmRSS", 0) / 1024, 1)
+
+    def tree_mib() -> float:
+        return round(sum(status_kib(p, "VmRSS").get("VmRSS", 0)
+                         for p in descendants(pid)) / 1024, 1)  # fmt: skip
+
+    def legit(step: str, extra: dict[str, Any] | None = None) -> None:
+        study = next(studies)
+        before = (main_mib(), tree_mib())
+        result = storescu(service.port, study.files, LIGHT_AE, timeout=120)
+        service.sampler.sample()
+        steps[step] = {
+            "legit_acknowledged": f"{len(result.acknowledged)}/{len(study.files)}",
+            "legit_s": round(result.seconds, 2), "legit_ok": len(result.acknowledged) == len(
+                study.files), "main_rss_mib": [before[0], main_mib()],
+            "tree_rss_mib": [before[1], tree_mib()], "threads": threads_of(pid),
+            **(extra or {}),
+        }  # fmt: skip
+        if not steps[step]["legit_ok"]:
+            steps[step]["storescu"] = result.output[-600:]
+
+    legit("baseline")
+    # 1. three headers claiming 0xFFFFFFFF bytes before any association
+    hostile = [raw_connect(service.port) for _ in range(3)]
+    for sock in hostile:
+        sock.sendall(b"\x01\x00" + struct.pack(">I", 0xFFFFFFFF))
+    time.sleep(2)
+    legit("3 A-ASSOCIATE-RQ headers of 4 GiB", {"main_rss_mib_held": main_mib()})
+    close_all(hostile)
+    # 2. an association, then an A-RELEASE-RQ header claiming 0xFFFFFFFF bytes
+    sock = raw_connect(service.port)
+    accepted = associate(sock, LIGHT_AE)
+    sock.sendall(b"\x05\x00" + struct.pack(">I", 0xFFFFFFFF))
+    time.sleep(2)
+    legit("A-RELEASE-RQ header of 4 GiB inside an association",
+          {"association_accepted": accepted, "main_rss_mib_held": main_mib()})  # fmt: skip
+    close_all([sock])
+    # 3. idle one-byte connections, then a legitimate sender at once
+    idle = [raw_connect(service.port) for _ in range(settings.idle_connections)]
+    for sock in idle:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"\x01")
+    t_idle = time.monotonic()
+    legit(f"{len(idle)} idle one-byte connections")
+    closed_after = wait_closed(idle, 60)
+    steps[f"{len(idle)} idle one-byte connections"].update({
+        "idle_closed_by_service": sum(s is not None for s in closed_after),
+        "idle_closed_within_s": round(max((s for s in closed_after if s is not None),
+                                          default=0) - 0, 1) if closed_after else None,
+        "since_opened_s": round(time.monotonic() - t_idle, 1),
+    })  # fmt: skip
+    close_all(idle)
+    # 4. connect-and-close floods
+    t0 = time.monotonic()
+    for _ in range(settings.floods):
+        with contextlib.suppress(OSError):
+            raw_connect(service.port).close()
+    flood_s = time.monotonic() - t0
+    legit(
+        f"{settings.floods} connect-and-close",
+        {"flood_s": round(flood_s, 1), "threads_right_after": threads_of(pid)},
+    )
+    time.sleep(5)
+    steps[f"{settings.floods} connect-and-close"]["threads_5s_later"] = threads_of(pid)
+    base = steps["baseline"]["main_rss_mib"][1]
+    worst = max(max(s["main_rss_mib"] + [s.get("main_rss_mib_held", 0)]) for s in steps.values())
+    out.figures.update({"steps": steps, "main_rss_growth_mib": round(worst - base, 1),
+                        "studies_sent": len(steps)})  # fmt: skip
+    out.check("every legitimate sender got through", all(s["legit_ok"] for s in steps.values()))
+    out.check("the service's main process grew < 256 MiB", worst - base < 256)
+    idle_step = steps[f"{len(idle)} idle one-byte connections"]
+    out.check("idle connections closed by the service within 60 s",
+              idle_step["idle_closed_by_service"] == len(idle))  # fmt: skip
+    out.check("the service kept running", service.running())
+
+
+def raw_connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def wait_closed(socks: list[socket.socket], timeout: float) -> list[float | None]:
+    """Seconds until the service closed each connection (None: still open at ``timeout``)."""
+    import select
+
+    t0 = time.monotonic()
+    closed: list[float | None] = [None] * len(socks)
+    while time.monotonic() - t0 < timeout and None in closed:
+        waiting = [s for s, c in zip(socks, closed, strict=True) if c is None]
+        ready, _, _ = select.select(waiting, [], [], 0.5)
+        for sock in ready:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:  # EOF or reset (an A-ABORT's bytes are read first)
+                closed[socks.index(sock)] = time.monotonic() - t0
+    return closed
+
+
+def ae(title: str) -> bytes:
+    return title.encode().ljust(16)
+
+
+def item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def associate(sock: socket.socket, called: str) -> bool:
+    """A minimal A-ASSOCIATE-RQ (Verification, Implicit VR LE); whether it was accepted."""
+    context = item(0x20, b"\x01\x00\x00\x00" + item(0x30, b"1.2.840.10008.1.1")
+                   + item(0x40, b"1.2.840.10008.1.2"))  # fmt: skip
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)))
+    body = (struct.pack(">HH", 1, 0) + ae(called) + ae(CALLING) + bytes(32)
+            + item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)  # fmt: skip
+    sock.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+    header = sock.recv(6)
+    return len(header) == 6 and header[0] == 0x02
+
+
+def scenario_service_kill(settings: Settings, pacs: Pacs, services: list[Service],
+                          out: Outcome) -> None:  # fmt: skip
+    service = start_service(settings, "service-kill", pacs, services, pacs_up=False)
+    studies = [make_study(settings, f"sk-{i}", 700 + i) for i in range(settings.normal_studies)]
+    sent, acked = send_and_count(service, studies, SEG_AE)
+    states = wait_finished(service, studies, "ct-segmentation", settings.deadline)
+    outbox = wait_until(lambda: len(service.outbox()) >= len(studies) and service.outbox(), 60,
+                        "the results in the outbox", service, 2)  # fmt: skip
+    at_pacs_before = pacs.results()["distinct"]
+    lingering = service.kill9()
+    pacs.start()
+    t_restart = time.monotonic()
+    service.start()
+    ready_s = time.monotonic() - t_restart
+    succeeded = [s for s in studies if states[s.uid] == "succeeded"]
+    wait_until(lambda: all(pacs.results()["per_study"].get(s.uid) for s in succeeded),
+               settings.deadline, "every result at the PACS", service)  # fmt: skip
+    recover_s = time.monotonic() - t_restart
+    time.sleep(5)  # a second delivery would show
+    results = pacs.results()
+    out.figures.update({
+        "studies_sent": len(studies), "instances_sent": sent, "instances_acknowledged": acked,
+        "jobs": list(states.values()), "outbox_at_kill": count_states(outbox),
+        "dataflow_exports": service.exports_error or "works",
+        "children_alive_10s_after_kill": len(lingering), "restart_to_listening_s":
+        round(ready_s, 1), "recover_s": round(recover_s, 1),
+        "results_at_pacs": results["distinct"], "duplicates_at_pacs": results["duplicates"],
+        "failures": failures(service),
+    })  # fmt: skip
+    out.check(
+        "results were undelivered at the kill",
+        at_pacs_before == 0 and any(t.get("state") in ("pending", "sending") for t in outbox),
+    )
+    out.check("every study succeeded", len(succeeded) == len(studies))
+    out.check("every result delivered once",
+              all(results["per_study"].get(s.uid) == 1 for s in succeeded)
+              and results["duplicates"] == 0)  # fmt: skip
+
+
+SCENARIO_FUNCTIONS: dict[str, tuple[Callable[..., None], str]] = {
+    "worker-kill": (scenario_worker_kill, "a stage whose worker is killed again and again heals: "
+                    "every later study succeeds without a restart of the service"),
+    "hostile-peers": (scenario_hostile_peers, "a few hostile bytes or idle connections neither "
+                      "grow the service's memory nor lock a legitimate sender out"),
+    "service-kill": (scenario_service_kill, "results not yet delivered when the service is "
+                     "killed are delivered once after the restart"),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------ report
+
+
+def markdown(outcomes: list[Outcome], meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    dirty = " (with uncommitted changes)" if meta["uncommitted_changes"] else ""
+    lines = [
+        f"# Chaos benchmark: {meta['date']}",
+        "",
+        f"Commit `{meta['commit'][:12]}`{dirty}, "
+        f"{meta['mode']} mode; {m['cores']} cores ({m['cpu']}), "
+        f"{m['memory_bytes'] / GiB:.0f} GiB memory; load average {meta['loadavg_at_start'][0]:.2f} "
+        f"before, {meta['loadavg_at_end'][0]:.2f} after; the service capped at "
+        f"{meta['memory_cap'] / GiB:.0f} GiB ({meta['cap_kind']}). `{' '.join(meta['argv'])}`",
+        "",
+        "| scenario | guarantee | result | figures |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+    for o in outcomes:
+        verdict = {True: "**pass**", False: "**FAIL**", None: "not finished"}[o.passed]
+        failed = [k for k, v in o.checks.items() if not v]
+        if failed:
+            verdict += ": " + "; ".join(failed)
+        if o.note:
+            verdict += f" ({o.note.splitlines()[0][:200]})"
+        figures = {k: v for k, v in o.figures.items() if k in SUMMARY_KEYS}
+        text = "; ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in figures.items())
+        lines.append(f"| {o.scenario} | {o.guarantee} | {verdict} | {text} |")
+    lines += ["", "Peak memory (VmHWM) per process role, MiB:", ""]
+    for o in outcomes:
+        peaks = o.figures.get("peak_memory", {})
+        text = ", ".join(f"{k} {v['peak_mib']:.0f} ({v['processes']})" for k, v in peaks.items())
+        lines.append(f"- {o.scenario}: {text}; cgroup {o.figures.get('peak_memory_cgroup_mib')}")
+    return "\n".join(lines) + "\n"
+
+
+SUMMARY_KEYS = (
+    "studies_sent", "instances_acknowledged", "results_at_pacs", "duplicates_at_pacs",
+    "normal_jobs", "victim_job", "jobs", "recover_s", "main_rss_growth_mib", "kills",
+    "sigterm_exit_s", "failures",
+)  # fmt: skip
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return "; ".join(f"{v.get('pipeline')}/{v.get('stage')}: {v.get('error', '')[:80]}"
+                         for v in value)  # fmt: skip
+    if isinstance(value, list):
+        counts: dict[str, int] = {}
+        for v in value:
+            counts[str(v)] = counts.get(str(v), 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in counts.items()) or "none"
+    return str(value)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def parse_size(text: str) -> int:
+    units = {"gib": GiB, "mib": MiB, "g": GiB, "m": MiB}
+    for unit, factor in units.items():
+        if text.lower().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small studies, fewer repeats")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS,
+                        help="run only this scenario (repeatable)")  # fmt: skip
+    parser.add_argument("--memory-cap", type=parse_size, default=6 * GiB,
+                        help="memory of the service's process tree (default 6GiB)")  # fmt: skip
+    parser.add_argument("--stage-timeout", default="20s",
+                        help="limits.stage-timeout of the service (default 20s)")  # fmt: skip
+    parser.add_argument("--json", help="write the records here (and .provenance.json)")
+    parser.add_argument("--markdown", help="write the table here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    enter_private_network()
+    names = [s for s in SCENARIOS if s in (args.scenario or SCENARIOS)]
+    meta: dict[str, Any] = {**common.run_header(), **common.mode_and_argv(args),
+                            "machine": common.machine(), "loadavg_at_start": list(os.getloadavg()),
+                            "memory_cap": args.memory_cap, "scenarios": names}  # fmt: skip
+    started, busy = time.perf_counter(), common.machine_busy()
+    work = Path(tempfile.mkdtemp(prefix="dataflow-chaos-"))
+    probe = MemoryCap(args.memory_cap, f"dataflow-chaos-{os.getpid()}-probe")
+    meta["cap_kind"] = probe.kind
+    probe.remove()
+    outcomes: list[Outcome] = []
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        settings = Settings.make(args, work)
+        for name in names:
+            print(f"\n== {name}", flush=True)
+            if name not in SCENARIO_FUNCTIONS:
+                outcomes.append(Outcome(name, "", note="not written yet"))
+                continue
+            outcome = run_scenario(name, settings)
+            outcomes.append(outcome)
+            print(json.dumps({"passed": outcome.passed, "checks": outcome.checks,
+                              "note": outcome.note[:500], **{k: v for k, v in
+                              outcome.figures.items() if k != "error_traceback"}},
+                             indent=1, default=str), flush=True)  # fmt: skip
+    except KeyboardInterrupt:
+        print("interrupted: everything started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+    meta.update(common.run_footer(started, busy))
+    records = [o.__dict__ for o in outcomes]
+    print("\n" + markdown(outcomes, meta))
+    if args.json:
+        common.write_results(args.json, records, meta)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(outcomes, meta))
+    return 0 if all(o.passed for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
