@@ -21,8 +21,9 @@ two hooks:
    every wake-up, so waking early is always safe, and no signal is lost: it is given after
    the item is queued. (Waking the DUL on incoming data as well was tried: more, smaller
    reads and no gain, so the socket is still polled as pynetdicom does.)
-2. ``AssociationSocket.recv(n)`` reads into one preallocated buffer with ``recv_into`` in
-   chunks of up to 4 MiB (same result: the bytes read, fewer on EOF; same exceptions).
+2. ``AssociationSocket.recv(n)`` reads with ``recv_into`` into one buffer that grows with
+   what arrives, at most 4 MiB ahead of it (:func:`read_exact`; same result: the bytes
+   read, fewer on EOF or a reset).
 
 3. ``DIMSEServiceProvider.send_msg`` encodes a plain C-STORE response (Status, the two
    UIDs, no error comment or offending element, nobody bound to ``EVT_DIMSE_SENT``) directly
