@@ -108,6 +108,7 @@ __all__ = [
     "push_back",
     "read_exact",
     "refused",
+    "refused_count",
     "store_rsp_command",
     "tune_malloc",
     "waker",
@@ -357,8 +358,19 @@ def _peer(assoc: Association) -> str:
         return ""
 
 
+_refusals = [0]  # PDUs refused for their length in this process (refused_count)
+
+
+def refused_count() -> int:
+    """How many PDUs this process refused for their length."""
+    return _refusals[0]
+
+
 def refused(assoc: Association, pdu_type: int, length: int, limit: int) -> None:
-    """Log a PDU refused for its length (the peer's address, never its content)."""
+    """Log (and count) a PDU refused for its length (the peer's address, never its
+    content)."""
+    with _lock:
+        _refusals[0] += 1
     log.warning("pdu_refused", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}",
                 length=length, limit=limit)  # fmt: skip
 
@@ -420,11 +432,12 @@ def _read_pdu_guarded(self: DULServiceProvider) -> None:
 
 
 def _timed_out(dul: DULServiceProvider, deadline: float | None, part: str) -> None:
-    """A short read: if the deadline passed (rather than the peer closing), say so and shut
-    the connection down."""
+    """A short read: if the deadline passed (rather than the peer closing), shut the
+    connection down, and say so inside an association (before one, the receiver's ARTIM
+    wait says ``association_request_timeout``)."""
     if deadline is not None and time.monotonic() >= deadline and _raw(dul.socket) is not None:
-        log.info("pdu_timeout", peer_host=_peer(dul.assoc), part=part,
-                 established=dul.assoc.is_established)  # fmt: skip
+        if dul.assoc.is_established:
+            log.info("pdu_timeout", peer_host=_peer(dul.assoc), part=part)
         _shut(dul.socket)
 
 

@@ -255,6 +255,7 @@ class Receiver:
         self._workers: _Workers | None = None
         self._slots = threading.Lock()
         self._admitted: list = []  # associations holding a slot (admitted by the ACSE)
+        self.counts = {"association_request_timeouts": 0, "associations_over_limit": 0}
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -525,6 +526,19 @@ class Receiver:
             view.release()
         return self.place(event.assoc, called, header, temp, needed)
 
+    def stats(self) -> dict[str, int]:
+        """Figures for a health check (this listener process; counters since its start):
+        ``associations`` (holding a slot now), ``association_request_timeouts`` (closed by
+        ARTIM), ``associations_over_limit`` (refused: local limit exceeded) and
+        ``pdus_refused`` (longer than their bound)."""
+        with self._slots:
+            active = sum(_holds_slot(a) for a in self._admitted)
+            return {"associations": active, **self.counts, "pdus_refused": fastnet.refused_count()}
+
+    def _count(self, name: str) -> None:
+        with self._slots:
+            self.counts[name] += 1
+
     def admit(self, assoc, known: bool) -> bool:
         """Take a slot for ``assoc`` (its request was accepted so far): False when
         ``max_associations`` are in use, or for a caller not in the allow-list (not
@@ -538,6 +552,7 @@ class Receiver:
         with self._slots:
             self._admitted = [a for a in self._admitted if _holds_slot(a)]
             if len(self._admitted) >= limit:
+                self.counts["associations_over_limit"] += 1
                 return False
             self._admitted.append(assoc)
             return True
@@ -665,18 +680,18 @@ def _wait_for_request(dul, receive, wait: bool = False, timeout: float | None = 
         return receive(wait=wait, timeout=timeout)
     if timeout is not None:
         deadline = min(deadline, time.monotonic() + timeout)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            log.info("association_request_timeout", peer_host=assoc.requestor.address)
-            _shut_down(assoc)
-            return None
+    while (left := deadline - time.monotonic()) > 0:
         primitive = receive(wait=True, timeout=min(left, REQUEST_POLL))
         if primitive is not None:
             return primitive
         raw = getattr(dul.socket, "socket", None)
-        if (raw is None or raw.fileno() == -1) and dul.to_user_queue.empty():
+        closed = (raw is None or raw.fileno() == -1) and dul.to_user_queue.empty()
+        if closed and time.monotonic() < deadline:
             return None  # closed by the peer (or refused): nothing more will come
+    log.info("association_request_timeout", peer_host=assoc.requestor.address)
+    assoc.ae._receiver._count("association_request_timeouts")
+    _shut_down(assoc)
+    return None
 
 
 class _Handler(RequestHandler):

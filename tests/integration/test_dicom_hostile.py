@@ -173,6 +173,7 @@ def test_artim_closes_connections_that_send_no_complete_request(tmp_path):
         for sock in slow:
             assert closed_by_receiver(sock)
             sock.close()
+        assert rx.stats()["association_request_timeouts"] == len(slow)
         result = send_files(rx.port, files)
         assert result.returncode == 0, result.stdout + result.stderr
         wait_for(lambda: acceptor_threads() == 0, HANG)
@@ -201,6 +202,7 @@ def test_allowed_peers_get_in_when_strangers_hold_every_other_slot(tmp_path):
         assert stored_sops(cfg.spool) == len(files)
         mine = [hold(rx.port, "STORESCU"), hold(rx.port, "STORESCU")]
         assert [a.is_established for a in mine] == [True, False]  # 3 in use: the limit
+        assert rx.stats()["associations"] == 3 and rx.stats()["associations_over_limit"] == 2
         for assoc in strangers[:2] + mine[:1]:
             assoc.release()
         again = wait_for(lambda: established(rx.port, "STRANGER9"), HANG)  # the slots come back
