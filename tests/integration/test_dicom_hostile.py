@@ -124,6 +124,7 @@ def test_pdu_length_claims_allocate_nothing(tmp_path, fastnet):
             assoc, raw = associated(port)
             raw.sendall(pdu)
             inside.append(assoc)
+        inside.append(associated(port)[0])  # established, then silent: the idle timer
         result = send_files(port, files[1:])  # a legitimate transfer beside them
         assert result.returncode == 0, result.stdout + result.stderr
         for sock in [*claims, garbage]:
