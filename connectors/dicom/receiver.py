@@ -710,7 +710,7 @@ class _Handler(RequestHandler):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if isinstance(sock, ssl.SSLSocket):  # handshake here, not in the accept loop
-                sock.settimeout(artim)
+                sock.settimeout(artim)  # a deadline for the whole handshake (CPython's _ssl)
                 sock.do_handshake()
                 sock.settimeout(None)
         except (OSError, ssl.SSLError) as exc:

@@ -16,15 +16,16 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from dicom_peers import storescu
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
-from test_dicom_receiver import AET, HOST, config, ct, receiving, wait_for
+from test_dicom_receiver import AET, HOST, _certificate, config, ct, receiving, wait_for
 
-from connectors.dicom.config import ReceiverConfig
+from connectors.dicom.config import ReceiverConfig, TLSConfig
 
 pytestmark = pytest.mark.integration
 
@@ -178,6 +179,27 @@ def test_artim_closes_connections_that_send_no_complete_request(tmp_path):
         result = send_files(rx.port, files)
         assert result.returncode == 0, result.stdout + result.stderr
         wait_for(lambda: acceptor_threads() == 0, HANG)
+
+
+def test_artim_bounds_a_tls_handshake_that_trickles(tmp_path):
+    key, cert = _certificate(tmp_path, "server")
+    cfg = config(tmp_path, tls=TLSConfig(cert=cert, key=key), artim_timeout=1.0)
+    with receiving(cfg) as rx:
+        sock = connect(rx.port, b"\x16\x03\x01\x02\x00")  # a ClientHello's record header...
+        deadline = time.monotonic() + HANG
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"\x01")  # ... and its body, a byte every 0.2 s
+                sock.settimeout(0.2)
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+        sock.close()
+        assert closed, "the handshake was never cut off"
+        assert rx.stats()["association_request_timeouts"] == 0  # no association was created
 
 
 def hold(port: int, calling: str):
