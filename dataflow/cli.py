@@ -316,7 +316,11 @@ def exports(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if not admins:
-        typer.echo(f"error: {config}: no configured connector keeps an outbox", err=True)
+        typer.echo(
+            f"error: {config}: no configured connector can list an outbox (none of "
+            f"{', '.join(load_config(config).connectors) or 'no connector'} has admin())",
+            err=True,
+        )
         raise typer.Exit(2)
     if not resend:
         rows = [row for admin in admins.values() for row in admin.exports(state)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cli import dataflow
 
-from dataflow.service import Service, ServiceHost, load_config
+from dataflow.service import JobStore, Service, ServiceHost, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +65,67 @@ def test_a_dead_lettered_result_shows_with_its_job_in_metrics_and_health(tmp_pat
     finally:
         service.stop()
     assert dataflow("health", config).returncode == 2  # stopped
+
+
+@pytest.mark.slow
+def test_dataflow_exports_lists_a_dead_letter_and_resends_it(private_network, tmp_path):
+    """A result whose PACS stayed down past the deadline is dead-lettered: `dataflow jobs`
+    says so with its job, `dataflow exports --state dead` lists it; once the PACS is back,
+    `dataflow exports --resend` (another process, the service running) sends it, and the job
+    then shows `export PACS: sent`. An unknown task is refused with exit code 1."""
+    from dicom_peers import free_port, start_storescp
+
+    from connectors.dicom.service import DicomConnector
+
+    if not hasattr(DicomConnector, "admin"):
+        pytest.skip("the DICOM connector has no admin() (outbox listing and re-send) yet")
+
+    from operators.dicom.phantom import write_ct_series
+    from operators.register import register_files
+
+    state, port = tmp_path / "state", free_port()  # nobody listens there yet
+    write_ct_series(tmp_path / "seg", slices=2, size=16, seed=7)  # what a pipeline registered
+    store = JobStore(state / "jobs.db")
+    job, _ = store.create("passthrough", SAMPLES / "study-a", key="a")
+    store.finished(job.id, True)
+    task = state / "jobs" / job.id / "register" / "task"
+    task_id = register_files(
+        tmp_path / "seg", task, agent="ClaraSCU", destinations=["PACS"], job_id=job.id
+    )["taskId"]
+    store.add_export(task_id, job.id, "ClaraSCU", task)  # handed over at start
+    store.close()
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        f"state: {state}\n"
+        f"pipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+        "dicom:\n"
+        "  receivers: [{name: plain, host: 127.0.0.1, port: 0}]\n"
+        "  ae-titles: {DATAFLOW: {pipelines: [passthrough]}}\n"
+        f"  destinations: {{PACS: {{ae: STORESCP, host: 127.0.0.1, port: {port}}}}}\n"
+        "  export: {retry-initial: 0.2, retry-max: 0.2, deadline: 1}\n"
+    )
+
+    def export_line() -> str:
+        out = dataflow("jobs", config).stdout
+        return next(line for line in out.splitlines() if line.startswith(job.id))
+
+    service = Service(load_config(config))
+    service.start()
+    try:
+        wait_for(lambda: export_line().endswith("export PACS: dead"))
+        listed = dataflow("exports", config, "--state", "dead", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (dead,) = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert (dead["job_id"], dead["destination"], dead["state"]) == (job.id, "PACS", "dead")
+        assert dead["instances"] == 2 and dead["last_error"]
+        assert dataflow("health", config).returncode == 1  # a dead letter needs an operator
+        refused = dataflow("exports", config, "--resend", "no-such-task")
+        assert refused.returncode == 1 and "no-such-task" in refused.stderr
+        with start_storescp(tmp_path / "pacs", port=port) as pacs:  # the PACS is back
+            resent = dataflow("exports", config, "--resend", dead["task_id"])
+            assert resent.returncode == 0, resent.stderr
+            wait_for(lambda: export_line().endswith("export PACS: sent"))
+            assert len(pacs.files()) == 2
+        assert dataflow("exports", config, "--state", "dead").stdout.count("\n") == 0
+    finally:
+        service.stop()
