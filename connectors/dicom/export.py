@@ -15,6 +15,14 @@ the backoff, or dead (see :mod:`connectors.dicom.outbox`). ``stop()`` is bounded
 still sending after ``timeout / 2`` have their associations aborted; interrupted tasks go back
 to pending without counting an attempt, their delivered files remembered.
 
+The loop also carries out what other processes asked of the outbox (``Outbox.take_requests``:
+a dead letter to re-send, from ``dataflow exports --resend``), and ``on_progress(task_id,
+destination, state, detail)`` hears each task become ``pending`` (queued, or re-queued),
+``sent`` or ``dead`` (``detail``: why). A destination whose attempts keep failing (no instance
+accepted, ``DOWN_AFTER`` attempts in a row) is *down* in :meth:`Exporter.destination_status`
+until an attempt gets through. :class:`OutboxAdmin` is the outbox seen from another process:
+its listing, and re-sending a dead letter.
+
 Logs (``connectors.dicom.export``) carry task and job IDs, destination names, counts and
 status codes: no UIDs or patient data.
 """
@@ -24,13 +32,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import structlog
 
 from . import fastnet
-from .outbox import Outbox, RetryPolicy, Task
+from .outbox import Outbox, OutboxBusy, RetryPolicy, Task
 from .sender import (
     Cancel,
     Destination,
@@ -50,6 +58,9 @@ __all__ = [
     "ExportError",
     "Exporter",
     "Outbox",
+    "OutboxAdmin",
+    "OutboxBusy",
+    "ResendRefused",
     "RetryPolicy",
     "Task",
     "TransientExportError",
@@ -60,6 +71,13 @@ __all__ = [
 fastnet.install()  # as the receiver does: also when the exporter runs without it
 
 log = structlog.get_logger("connectors.dicom.export")
+
+DOWN_AFTER = 3  # failed attempts in a row after which a destination is said to be down
+# the outbox's task states as an operator reads them (dataflow exports, the metrics)
+EXPORT_STATE = {"pending": "pending", "in-progress": "sending", "succeeded": "sent",
+                "dead": "dead"}  # fmt: skip
+EXPORT_STATES = ("pending", "sending", "sent", "dead")
+Progress = Callable[[str, str, str, str], None]
 
 
 class Exporter:
@@ -72,6 +90,7 @@ class Exporter:
         | Mapping[str, Destination | WebDestination],
         *,
         poll_interval: float = 1.0,
+        on_progress: Progress | None = None,
     ) -> None:
         values = destinations.values() if isinstance(destinations, Mapping) else destinations
         self.destinations: dict[str, Destination | WebDestination] = {}
@@ -81,6 +100,11 @@ class Exporter:
             self.destinations[destination.name] = destination
         self.outbox = outbox
         self.poll_interval = poll_interval
+        self.on_progress = on_progress
+        self._failing: dict[str, dict] = {
+            name: {"attempts": 0, "since": None, "error": "", "failed_total": 0}
+            for name in self.destinations
+        }
         fastnet.tune_malloc()  # as the receiver does: reused pages for every file sent
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -112,6 +136,7 @@ class Exporter:
             files=task.files,
         )  # fmt: skip
         task = self._check_destination(task)
+        self._progress(task)
         self._wake.set()
         return task
 
@@ -152,6 +177,46 @@ class Exporter:
 
     def dead_letters(self) -> list[Task]:
         return self.outbox.dead_letters()
+
+    def destination_status(self) -> dict[str, dict]:
+        """Per destination: ``attempts`` failed in a row (0 once one gets through), ``since``
+        (clock time of the first of them), ``error`` (the last), ``failed_total``, ``down``."""
+        with self._lock:
+            return {
+                name: {**entry, "down": entry["attempts"] >= DOWN_AFTER}
+                for name, entry in self._failing.items()
+            }
+
+    def report_all(self, recent: float = 24 * 3600.0) -> None:
+        """Tell ``on_progress`` where every task stands (at a start: what a crash may have left
+        unsaid); succeeded tasks only if they finished within ``recent`` seconds."""
+        since = self.outbox.clock() - recent
+        for task in self.outbox.tasks():
+            if task.state != "succeeded" or task.updated >= since:
+                self._progress(task)
+
+    def _progress(self, task: Task) -> None:
+        if self.on_progress is None:
+            return
+        state = EXPORT_STATE[task.state] if task.state != "in-progress" else "pending"
+        detail = task.last_error if state == "dead" else ""
+        try:
+            self.on_progress(task.id, task.destination, state, detail)
+        except Exception:  # the service is stopping, say: it hears again at the next start
+            log.exception("export_progress_not_reported", task=task.id, state=state)
+
+    def serve_requests(self) -> list[Task]:
+        """Carry out what other processes asked (re-send a dead letter); the tasks requeued."""
+        if not self.outbox.owner:
+            return []
+        tasks = self.outbox.take_requests()
+        for task in tasks:
+            log.info("export_task_requeued", task=task.id, job_id=task.job_id,
+                     destination=task.destination, files=task.files, by="request")  # fmt: skip
+            self._progress(task)
+        if tasks:
+            self._wake.set()
+        return tasks
 
     def echo(self, name: str) -> EchoResult:
         """C-ECHO the destination called ``name``."""
@@ -212,6 +277,7 @@ class Exporter:
             else:
                 if not error and self._unfinished(task.id):
                     error = self._last_file_error(task.id)
+                self._count_failure(destination.name, error)
                 self._report(self.outbox.finish_attempt(task.id, error), time.monotonic() - started)
         finally:
             with self._lock:
@@ -219,6 +285,26 @@ class Exporter:
                 self._workers.pop(task.id, None)
                 self._cancels.pop(task.id, None)
             self._wake.set()
+
+    def _count_failure(self, name: str, error: str) -> None:
+        with self._lock:
+            entry = self._failing[name]
+            was_down = entry["attempts"] >= DOWN_AFTER
+            if not error:
+                entry.update(attempts=0, since=None, error="")
+        if not error:
+            if was_down:
+                log.info("export_destination_up", destination=name)
+            return
+        with self._lock:
+            entry["attempts"] += 1
+            entry["failed_total"] += 1
+            entry["error"] = error
+            if entry["since"] is None:
+                entry["since"] = self.outbox.clock()
+            down = entry["attempts"] == DOWN_AFTER
+        if down:
+            log.error("export_destination_down", destination=name, attempts=DOWN_AFTER, error=error)
 
     def _unfinished(self, task_id: str) -> bool:
         return any(record.state == "pending" for record in self.outbox.files(task_id))
@@ -235,8 +321,10 @@ class Exporter:
         )  # fmt: skip
         if task.state == "succeeded":
             log.info("export_task_succeeded", **fields)
+            self._progress(task)
         elif task.state == "dead":
             log.error("export_task_dead", reason=task.last_error, **fields)
+            self._progress(task)
         else:
             retry_in = round(max(0.0, task.next_attempt - self.outbox.clock()), 3)
             log.warning("export_attempt_failed", error=task.last_error, retry_in=retry_in, **fields)
@@ -269,6 +357,7 @@ class Exporter:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
+                self.serve_requests()
                 self._dispatch()
             except Exception:  # e.g. the database is busy: log and try again
                 log.exception("export_dispatch_error")
@@ -304,3 +393,77 @@ class Exporter:
     def _threads(self) -> list[threading.Thread]:
         with self._lock:
             return list(self._workers.values())
+
+
+class ResendRefused(ExportError):
+    """A re-send that cannot be done (unknown task, not a dead letter, destination gone)."""
+
+
+class OutboxAdmin:
+    """The outbox at ``root`` as another process (``dataflow exports``) sees it: it lists, and
+    re-sends a dead letter by asking the process that owns the outbox (the running service),
+    or, when none does, by re-queueing it itself under the outbox's lock."""
+
+    def __init__(self, root: Path, destinations: Iterable[str], policy: RetryPolicy) -> None:
+        self.root, self.destinations, self.policy = Path(root), sorted(destinations), policy
+
+    def exports(self, state: str | None = None) -> list[dict]:
+        """The tasks (oldest first), as ``task_id, job_id, destination, state`` (pending,
+        sending, sent, dead), ``attempts, instances, last_error, updated`` and
+        ``resend_requested``."""
+        if state is not None and state not in EXPORT_STATES:
+            raise ResendRefused(
+                f"unknown export state {state!r}: one of {', '.join(EXPORT_STATES)}"
+            )
+        if not (self.root / "outbox.sqlite").is_file():
+            return []
+        box = Outbox(self.root, policy=self.policy, owner=False)  # reads: never takes the lock
+        try:
+            requested = set(box.requested())
+            rows = [
+                {
+                    "task_id": t.id, "job_id": t.job_id, "destination": t.destination,
+                    "state": EXPORT_STATE[t.state], "attempts": t.attempts, "instances": t.files,
+                    "last_error": t.last_error, "updated": t.updated,
+                    "resend_requested": t.id in requested,
+                }
+                for t in box.tasks()
+            ]  # fmt: skip
+        finally:
+            box.close()
+        return [row for row in rows if state is None or row["state"] == state]
+
+    def resend(self, task_id: str) -> str:
+        """Re-send the dead letter ``task_id``; a message saying what happens. Raises
+        :class:`ResendRefused` naming the reason when it cannot be."""
+        if not (self.root / "outbox.sqlite").is_file():
+            raise ResendRefused(f"no export task {task_id!r}: the outbox {self.root} is empty")
+        box = Outbox(self.root, policy=self.policy)  # owns it only if no service does
+        try:
+            task = box.get(task_id)
+            if task is None:
+                raise ResendRefused(
+                    f"no export task {task_id!r} in {self.root} "
+                    "(dataflow exports CONFIG lists them)"
+                )
+            if task.state != "dead":
+                raise ResendRefused(
+                    f"export task {task_id!r} is {EXPORT_STATE[task.state]}: only a dead letter "
+                    "is re-sent"
+                )
+            if task.destination not in self.destinations:
+                known = ", ".join(self.destinations) or "none"
+                raise ResendRefused(
+                    f"export task {task_id!r}: its destination {task.destination!r} is not "
+                    f"configured (configured: {known})"
+                )
+            box.requeue(task_id)
+            what = f"{task_id}: {task.files} instance(s) to {task.destination}"
+            if box.owner:
+                return f"{what} queued again; no service is running: sent when it starts"
+            return (
+                f"{what}: re-send asked of the running service (process {box.owner_pid()}); "
+                "dataflow exports CONFIG shows when it is sent"
+            )
+        finally:
+            box.close()

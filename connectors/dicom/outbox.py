@@ -10,13 +10,24 @@ A task is a set of files for one destination, in one of four states::
 Each file has its own progress (``pending``, ``delivered``, ``failed``), so a retried task sends
 only what was not yet accepted. ``enqueue`` returns only once the files are linked or copied
 into the outbox folder, fsynced, and the rows committed with ``synchronous=FULL``; the job's own
-folders may then be deleted. On open, ``in-progress`` tasks (a crash or a stop mid-send) become
-``pending`` again. Dead tasks keep their files and reason until :meth:`Outbox.requeue` or
-:meth:`Outbox.delete`: nothing is dropped silently.
+folders may then be deleted. Dead tasks keep their files and reason until
+:meth:`Outbox.requeue` or :meth:`Outbox.delete`: nothing is dropped silently.
+
+One process owns an outbox: it holds an OS lock (``flock`` on ``outbox.lock``, which names its
+pid) for as long as the :class:`Outbox` is open; the kernel releases it when the process dies,
+however it dies. Only the owner recovers (on open, ``in-progress`` tasks, a crash or a stop
+mid-send, become ``pending`` again; folders of enqueues that never committed go) and claims
+tasks. Any other process that opens the outbox is a guest: it reads, and asks. Its
+:meth:`Outbox.requeue` records a request (table ``requests``) that the owner carries out at its
+next :meth:`Outbox.take_requests` (the exporter's loop polls it); when no process owns the
+outbox, ``Outbox(root)`` takes the lock and acts at once. ``Outbox(root, owner=True)`` (the
+service) waits for the lock and refuses to start as a guest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -34,7 +45,7 @@ from operators.register import link_or_copy
 
 from .sender import ExportError, FileInfo, FileResult, describe_file
 
-__all__ = ["STATES", "FileRecord", "Outbox", "RetryPolicy", "Task"]
+__all__ = ["STATES", "FileRecord", "Outbox", "OutboxBusy", "RetryPolicy", "Task"]
 
 STATES = ("pending", "in-progress", "succeeded", "dead")
 INSERT_TASK = "INSERT INTO tasks VALUES (?, ?, ?, 'pending', 0, ?, '', ?, ?, ?)"
@@ -51,7 +62,15 @@ CREATE TABLE IF NOT EXISTS files (
     task_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL, sop_class TEXT NOT NULL,
     sop_instance TEXT NOT NULL, transfer_syntax TEXT NOT NULL, state TEXT NOT NULL,
     status INTEGER, error TEXT NOT NULL, PRIMARY KEY (task_id, idx));
+CREATE TABLE IF NOT EXISTS requests (
+    task_id TEXT PRIMARY KEY, action TEXT NOT NULL, pid INTEGER NOT NULL, created REAL NOT NULL);
 """
+LOCK_FILE = "outbox.lock"
+
+
+class OutboxBusy(ExportError):
+    """Another process owns the outbox (``Outbox(root, owner=True)`` waited in vain, or a guest
+    tried what only the owner may do)."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +145,31 @@ def _sources(source: str | Path | Iterable[str | Path]) -> list[tuple[Path, str]
     return [(p, f"{k:05d}_{p.name}") for k, p in enumerate(files)]
 
 
+def _take_lock(path: Path, wait: float) -> int | None:
+    """The descriptor of ``path`` locked (``flock``, exclusive) and holding our pid; None when
+    another process holds it for ``wait`` seconds."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    end = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+
 class Outbox:
-    """Export tasks in ``root/outbox.sqlite``, their files under ``root/tasks/<id>/``."""
+    """Export tasks in ``root/outbox.sqlite``, their files under ``root/tasks/<id>/``.
+
+    ``owner``: None (the default) owns the outbox when no other process does, else opens it as
+    a guest; True waits up to ``lock_timeout`` seconds for it, then raises :class:`OutboxBusy`;
+    False is always a guest (reads and requests only)."""
 
     def __init__(
         self,
@@ -136,10 +178,20 @@ class Outbox:
         policy: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        owner: bool | None = None,
+        lock_timeout: float = 30.0,
     ) -> None:
         self.root = Path(root)
         self.folder = self.root / "tasks"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = None
+        if owner is not False:
+            self._lock_fd = _take_lock(self.root / LOCK_FILE, lock_timeout if owner else 0.0)
+            if self._lock_fd is None and owner:
+                raise OutboxBusy(
+                    f"outbox {self.root} is owned by process {self.owner_pid()} "
+                    f"(waited {lock_timeout:g} s for {LOCK_FILE})"
+                )
         self.policy = policy or RetryPolicy()
         self.clock = clock
         self.rng = rng or random.Random()
@@ -149,7 +201,26 @@ class Outbox:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
-        self.recover()
+        if self.owner:
+            self.recover()
+
+    @property
+    def owner(self) -> bool:
+        """Whether this process owns the outbox (holds its lock)."""
+        return self._lock_fd is not None
+
+    def owner_pid(self) -> str:
+        """The pid the lock file names (the owner's, or the last owner's); '?' if none."""
+        try:
+            return (self.root / LOCK_FILE).read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def _owner_only(self, what: str) -> None:
+        if not self.owner:
+            raise OutboxBusy(
+                f"outbox {self.root}: only its owner (process {self.owner_pid()}) may {what}"
+            )
 
     def _write(self, sql: str, args: tuple = (), *, full: bool = True) -> None:
         self._transaction([(sql, args)], full=full)
@@ -174,10 +245,16 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lock_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = None
 
     def recover(self) -> int:
         """In-progress tasks become pending (due now); half-written folders go. Returns how
-        many tasks were resumed."""
+        many tasks were resumed. Only the owner recovers: elsewhere, a task in progress is
+        being sent."""
+        self._owner_only("recover it")
         with self._lock:
             known = {row[0] for row in self._rows("SELECT id FROM tasks")}
             for path in self.folder.iterdir():
@@ -245,6 +322,7 @@ class Outbox:
     def claim(self, destination: str | None = None, exclude: Iterable[str] = ()) -> Task | None:
         """The next due pending task (of ``destination``, not in ``exclude``), now
         in-progress; None if there is none."""
+        self._owner_only("claim its tasks")
         with self._lock:
             where = "state='pending' AND next_attempt<=?"
             args: tuple = (self.clock(),)
@@ -358,12 +436,39 @@ class Outbox:
         return rows[0][0]
 
     def requeue(self, task_id: str, *, deadline: float | None = None) -> Task:
-        """A dead task goes back to pending: attempts 0, refused files retried, new deadline."""
+        """A dead task goes back to pending: attempts 0, refused files retried, new deadline.
+        In a guest, the owner is asked to (:meth:`take_requests`): the task is returned as it
+        is, still dead, and :meth:`requested` names it until the owner acts."""
         task = self.get(task_id)
-        if task is None or task.state != "dead":
-            raise ExportError(
-                f"only a dead task can be requeued: {task_id!r} is {task and task.state}"
+        if task is None:
+            raise ExportError(f"no outbox task {task_id!r}")
+        if task.state != "dead":
+            raise ExportError(f"only a dead task can be requeued: {task_id!r} is {task.state}")
+        if not self.owner:
+            self._write(
+                "INSERT OR REPLACE INTO requests VALUES (?, 'requeue', ?, ?)",
+                (task_id, os.getpid(), self.clock()),
             )
+            return task
+        return self._requeue(task_id, deadline)
+
+    def requested(self) -> list[str]:
+        """Task IDs whose re-send was asked for and not yet carried out."""
+        return [row[0] for row in self._rows("SELECT task_id FROM requests ORDER BY created")]
+
+    def take_requests(self) -> list[Task]:
+        """The owner carries out what guests asked (each request once): the dead tasks named
+        go back to pending. Returns them; a request for a task no longer dead is dropped."""
+        self._owner_only("carry out requests")
+        done = []
+        for (task_id,) in self._rows("SELECT task_id FROM requests ORDER BY created"):
+            task = self.get(task_id)
+            if task is not None and task.state == "dead":
+                done.append(self._requeue(task_id, None))
+            self._write("DELETE FROM requests WHERE task_id=?", (task_id,))
+        return done
+
+    def _requeue(self, task_id: str, deadline: float | None) -> Task:
         now = self.clock()
         limit = now + (self.policy.deadline if deadline is None else deadline)
         self._transaction(
@@ -403,6 +508,13 @@ class Outbox:
             ]
         )
         return count
+
+    def summary(self) -> list[tuple[str, str, int, float]]:
+        """``(destination, state, tasks, oldest created)`` for every destination and state."""
+        return self._rows(
+            "SELECT destination, state, COUNT(*), MIN(created) FROM tasks "
+            "GROUP BY destination, state"
+        )
 
     def _select(self, where: str, args: tuple) -> list[Task]:
         rows = self._rows(
