@@ -15,6 +15,7 @@ examples/service.yaml) onto the receiver's and the exporter's own configuration,
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import structlog
 
 from connectors.dicom.config import CalledAE, Peer, ReceiverConfig, TLSConfig
-from connectors.dicom.export import Exporter
+from connectors.dicom.export import EXPORT_STATE, EXPORT_STATES, Exporter, OutboxAdmin
 from connectors.dicom.groups import Group
 from connectors.dicom.outbox import Outbox, RetryPolicy
 from connectors.dicom.receiver import Receiver
@@ -280,15 +281,87 @@ class DicomConnector:
             state=host.state_dir,
             base=Path(host.config_path).parent,
         )
-        self.outbox = Outbox(host.state_dir / "outbox", policy=policy)
-        self.exporter = Exporter(self.outbox, destinations)
+        # the service owns its outbox (an OS lock): another process only reads and asks
+        self.outbox = Outbox(host.state_dir / "outbox", policy=policy, owner=True)
+        self.exporter = Exporter(self.outbox, destinations, on_progress=self._progress)
         self.receivers = [
             Receiver(config, lambda group, name=config.spool.name: self._group(name, group))
             for config in configs
         ]
         self._by_name = {r.config.spool.name: r for r in self.receivers}
 
+    @classmethod
+    def admin(cls, section: Mapping[str, Any], state_dir: Path, config_path: Path) -> OutboxAdmin:
+        """The outbox of the service whose connector state is ``state_dir``, from another
+        process (``dataflow exports``): list it, re-send a dead letter (asked of the running
+        service, or done at once when none runs)."""
+        titles = section.get("ae-titles") if isinstance(section, Mapping) else None
+        routes = {
+            str(route)
+            for entry in (titles.values() if isinstance(titles, Mapping) else ())
+            if isinstance(entry, Mapping)
+            for route in _list(entry.get("pipelines"))
+        }
+        _, destinations, policy = parse_section(
+            section, pipelines=tuple(routes), state=Path(state_dir), base=Path(config_path).parent
+        )
+        return OutboxAdmin(Path(state_dir) / "outbox", destinations, policy)
+
+    def _progress(self, task_id: str, destination: str, state: str, detail: str) -> None:
+        report = getattr(self.host, "export_progress", None)  # an older host has none
+        if report is not None:
+            report(task_id, destination, state, detail)
+
+    def health(self) -> dict[str, list]:
+        """Problems in words (a destination down) and metrics: outbox tasks by destination
+        and state, the oldest pending task's age, failed attempts, the receivers' figures."""
+        problems, metrics = [], []
+
+        def metric(name: str, help: str, value: float, kind: str = "gauge", **labels) -> None:
+            metrics.append(
+                {"name": name, "help": help, "type": kind, "labels": labels, "value": value}
+            )
+
+        summary = self.outbox.summary()
+        now = self.outbox.clock()
+        names = sorted({*self.exporter.destinations, *(row[0] for row in summary)})
+        counts = {(name, state): 0 for name in names for state in EXPORT_STATES}
+        oldest: dict[str, float] = dict.fromkeys(names, 0.0)
+        for destination, state, count, first in summary:
+            counts[destination, EXPORT_STATE[state]] += count
+            if state == "pending":
+                oldest[destination] = max(oldest[destination], now - first)
+        for (destination, state), count in counts.items():
+            metric("dataflow_dicom_outbox_tasks", "DICOM export tasks by destination and state",
+                   count, destination=destination, state=state)  # fmt: skip
+        for destination, age in oldest.items():
+            metric("dataflow_dicom_outbox_oldest_pending_seconds",
+                   "age of the oldest export task waiting for its destination", age,
+                   destination=destination)  # fmt: skip
+        for destination, status in self.exporter.destination_status().items():
+            metric("dataflow_dicom_destination_up", "0 while a destination's attempts keep "
+                   "failing", float(not status["down"]), destination=destination)  # fmt: skip
+            metric("dataflow_dicom_export_attempts_failed", "failed export attempts",
+                   status["failed_total"], "counter", destination=destination)  # fmt: skip
+            if status["down"]:
+                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status["since"]))
+                problems.append(
+                    f"destination {destination} is down: {status['attempts']} failed attempts "
+                    f"in a row since {since} (last: {status['error']})"
+                )
+        for name, receiver in self._by_name.items():
+            stats = getattr(receiver, "stats", None)
+            for key, value in (stats() if stats is not None else {}).items():
+                if key == "associations":
+                    metric("dataflow_dicom_receiver_associations",
+                           "associations holding a slot now", value, receiver=name)  # fmt: skip
+                else:
+                    metric(f"dataflow_dicom_receiver_{key}", f"receiver: {key.replace('_', ' ')}"
+                           " since its start", value, "counter", receiver=name)  # fmt: skip
+        return {"problems": problems, "metrics": metrics}
+
     def start(self) -> None:
+        self.exporter.report_all()  # what a crash may have left unsaid
         self.exporter.start()
         for receiver in self.receivers:
             receiver.start()
