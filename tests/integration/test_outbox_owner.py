@@ -33,11 +33,13 @@ box.close()
 
 
 class SlowPeer:
-    """A pynetdicom storage SCP on 127.0.0.1 that answers each C-STORE after ``delay`` seconds
-    and counts every SOP Instance UID it receives."""
+    """A pynetdicom storage SCP on 127.0.0.1 that answers each C-STORE after ``delay`` seconds,
+    holds every answer after the first ``hold_after`` until :attr:`gate` is set (so that the
+    test acts while a task is surely in progress), and counts every SOP Instance UID."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, hold_after: int) -> None:
         self.delay, self.received, self._lock = delay, Counter(), threading.Lock()
+        self.hold_after, self.gate = hold_after, threading.Event()
         ae = AE(ae_title="SLOWPEER")
         ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         handlers = [(evt.EVT_C_STORE, self._store)]
@@ -46,6 +48,8 @@ class SlowPeer:
 
     def _store(self, event) -> int:
         time.sleep(self.delay)
+        if self.total() >= self.hold_after:
+            self.gate.wait(120)
         with self._lock:
             self.received[event.request.AffectedSOPInstanceUID] += 1
         return 0x0000
@@ -65,7 +69,7 @@ def wait_until(predicate, what: str, timeout: float = 120.0) -> None:
 def test_a_second_process_neither_resends_the_running_task_nor_sends_itself(tmp_path):
     running_series = write_ct_series(tmp_path / "running", slices=24, size=16, seed=1)
     dead_series = write_ct_series(tmp_path / "dead", slices=3, size=16, seed=2)
-    peer = SlowPeer(delay=0.1)
+    peer = SlowPeer(delay=0.05, hold_after=2)
     outbox = Outbox(tmp_path / "outbox", policy=FAST)
     pacs = Destination("pacs", "SLOWPEER", "127.0.0.1", peer.port, max_associations=2)
     exporter = Exporter(outbox, [pacs], poll_interval=0.05)
@@ -79,6 +83,7 @@ def test_a_second_process_neither_resends_the_running_task_nor_sends_itself(tmp_
             [sys.executable, "-c", GUEST, str(tmp_path / "outbox"), dead.id, running.id],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
+        peer.gate.set()
         assert guest.returncode == 0, guest.stderr
         # the guest saw the task in progress, left it so, and only asked for the re-send
         assert guest.stdout.split() == ["False", "in-progress", "dead", "['dead-letter']"]
@@ -90,6 +95,7 @@ def test_a_second_process_neither_resends_the_running_task_nor_sends_itself(tmp_
         assert set(peer.received) == expected
         assert [uid for uid, n in peer.received.items() if n > 1] == []  # none sent twice
     finally:
+        peer.gate.set()
         exporter.stop()
         outbox.close()
         peer.server.shutdown()
