@@ -196,13 +196,19 @@ class Outbox:
         self.clock = clock
         self.rng = rng or random.Random()
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.root / "outbox.sqlite", isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
-        if self.owner:
-            self.recover()
+        try:
+            self._db = sqlite3.connect(
+                self.root / "outbox.sqlite", isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+            if self.owner:
+                self.recover()
+        except BaseException:
+            if self._lock_fd is not None:  # not left held by an outbox that never opened
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            raise
 
     @property
     def owner(self) -> bool:
