@@ -47,7 +47,8 @@ and failure reasons, duplicates at the PACS (files received per SOP Instance UID
 memory per process of the service's tree (VmHWM, sampled from ``/proc`` every 0.2 s) and of
 its cgroup, seconds to recover, and whether the guarantee held (``pass``). ``--json PATH``
 writes the records and the provenance (machine, load before and after, commit) next to it;
-``--markdown PATH`` a table. This is a benchmark, not a test: pytest does not run it.
+``--markdown PATH`` the report (a table, then each scenario). This is a benchmark, not a
+test: pytest does not run it.
 """
 
 from __future__ import annotations
@@ -976,6 +977,7 @@ def scenario_hostile_peers(settings: Settings, pacs: Pacs, services: list[Servic
     pid = service.proc.pid
     studies = iter(make_study(settings, f"hp-{i}", 400 + i) for i in range(8))
     steps: dict[str, dict[str, Any]] = {}
+    out.figures["steps"] = steps  # kept as far as it got, should the service die
 
     def main_mib() -> float:
         return round(status_kib(pid, "VmRSS").get("VmRSS", 0) / 1024, 1)
