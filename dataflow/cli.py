@@ -323,7 +323,11 @@ def exports(
         )
         raise typer.Exit(2)
     if not resend:
-        rows = [row for admin in admins.values() for row in admin.exports(state)]
+        try:
+            rows = [row for admin in admins.values() for row in admin.exports(state)]
+        except DataflowError as exc:  # e.g. an unknown --state
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(format_exports(rows, as_json=as_json))
         return
     refused = 0

@@ -226,4 +226,6 @@ def format_exports(rows: Sequence[Mapping[str, Any]], *, as_json: bool = False) 
         )
         if row.get("last_error") and row.get("state") != "sent":
             lines.append(f"    {row['last_error']}")
+        if row.get("resend_requested"):
+            lines.append("    re-send asked of the running service")
     return "\n".join(lines)

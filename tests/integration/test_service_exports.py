@@ -114,6 +114,8 @@ def test_dataflow_exports_lists_a_dead_letter_and_resends_it(private_network, tm
         assert (dead["job_id"], dead["destination"], dead["state"]) == (job.id, "PACS", "dead")
         assert dead["instances"] == 2 and dead["last_error"]
         assert dataflow("health", config).returncode == 1  # a dead letter needs an operator
+        wrong = dataflow("exports", config, "--state", "gone")
+        assert wrong.returncode == 2 and "unknown export state 'gone'" in wrong.stderr
         refused = dataflow("exports", config, "--resend", "no-such-task")
         assert refused.returncode == 1 and "no-such-task" in refused.stderr
         with start_storescp(tmp_path / "pacs", port=port) as pacs:  # the PACS is back
