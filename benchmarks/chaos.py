@@ -629,7 +629,9 @@ class Service:
         self.exports_error = ""
         done = self.cli("exports", str(self.config), "--json", *args)
         if done.returncode != 0:
-            self.exports_error = done.stderr.strip()[-500:]
+            lines = [line.strip(" │╭╮╰╯─") for line in done.stderr.splitlines()]
+            said = [line for line in lines if line[:1].isalnum()]
+            self.exports_error = said[-1][:300] if said else f"exit {done.returncode}"
             return []
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
