@@ -1445,7 +1445,8 @@ def scenario_dead_letter(settings: Settings, pacs: Pacs, services: list[Service]
         return
     pacs.start()
     t0 = time.monotonic()
-    resend = service.cli("exports", str(service.config), "--resend", str(listed[0]["id"]))
+    task = listed[0].get("task_id") or listed[0].get("id")
+    resend = service.cli("exports", str(service.config), "--resend", str(task))
     out.figures["resend"] = (resend.stdout + resend.stderr).strip()[-300:]
     wait_until(lambda: pacs.results()["per_study"].get(study.uid), 120, "the re-sent result",
                service)  # fmt: skip
