@@ -2,7 +2,7 @@
 
 Run from the repository root, as root (or where user namespaces are allowed)::
 
-    .venv/bin/python benchmarks/chaos.py --quick                      # about 15 minutes
+    .venv/bin/python benchmarks/chaos.py --quick                      # about 8 minutes
     .venv/bin/python benchmarks/chaos.py --scenario worker-kill --scenario hostile-peers
     .venv/bin/python benchmarks/chaos.py --json benchmarks/results/chaos-$(date +%F).json
 
