@@ -6,14 +6,15 @@ with them (internal to :mod:`dataflow.pipeline.load`).
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dataflow.pipeline._yaml import Node, Scope, substitute
 from dataflow.pipeline.diagnostics import Collector, Location
 
-__all__ = ["NAME_PATTERN", "FieldReader"]
+__all__ = ["NAME_PATTERN", "FieldReader", "suggest"]
 
 #: Clara names: 1-255 Latin letters, digits, '-' or '_'; compared case-insensitively.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}\Z")
@@ -256,16 +257,39 @@ class FieldReader:
         *,
         operator: str | None,
         prefix: str,
+        closed: bool = False,
     ) -> None:
+        """Report keys of ``node`` outside ``known``: notes for ``ignored`` ones (Clara fields
+        accepted and not acted on); errors in a ``closed`` mapping (a port, a container,
+        requests: nothing else can be meant) and for a near miss of a known key anywhere
+        (``elemnt-type``, with "did you mean"); warnings otherwise (another tool's field)."""
+        names = sorted(known | set(ignored))
         for key, child in node.value.items():
             loc = child.key_loc or child.loc
+            field = join(prefix, key)
             if key in ignored:
-                self.diags.note(loc, ignored[key], operator=operator, field=join(prefix, key))
+                self.diags.note(loc, ignored[key], operator=operator, field=field)
             elif key not in known:
-                self.diags.warning(
-                    loc,
-                    f"unknown key {key!r} is ignored (known: "
-                    f"{', '.join(sorted(known | set(ignored)))})",
-                    operator=operator,
-                    field=join(prefix, key),
-                )
+                guess = suggest(key, names)
+                if closed or guess:
+                    hint = f"did you mean {guess!r}? " if guess else ""
+                    self.diags.error(
+                        loc,
+                        f"unknown key {key!r} ({hint}known: {', '.join(names)})",
+                        operator=operator,
+                        field=field,
+                    )
+                else:
+                    self.diags.warning(
+                        loc,
+                        f"unknown key {key!r} is ignored (known: {', '.join(names)})",
+                        operator=operator,
+                        field=field,
+                    )
+
+
+def suggest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice ``word`` most likely misspells (case-insensitive), or None."""
+    by_key = {c.casefold(): c for c in choices}
+    close = difflib.get_close_matches(word.casefold(), list(by_key), n=1, cutoff=0.75)
+    return by_key[close[0]] if close else None

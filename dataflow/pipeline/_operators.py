@@ -164,7 +164,7 @@ class OperatorReader(FieldReader):
                 field="container",
             )
             return None
-        self.check_keys(node, _CONTAINER_FIELDS, {}, operator=op, prefix="container")
+        self.check_keys(node, _CONTAINER_FIELDS, {}, operator=op, prefix="container", closed=True)
         fields = node.value
         image = self.string(fields.get("image"), operator=op, field="container.image")
         tag_node = fields.get("tag")
@@ -281,6 +281,7 @@ class OperatorReader(FieldReader):
             {},
             operator=op,
             prefix=where,
+            closed=True,
         )
         fields = node.value
         errors_before = self.diags.error_count()
@@ -447,7 +448,7 @@ class OperatorReader(FieldReader):
                 field="requests",
             )
             return Requests()
-        self.check_keys(node, _REQUEST_FIELDS, {}, operator=op, prefix="requests")
+        self.check_keys(node, _REQUEST_FIELDS, {}, operator=op, prefix="requests", closed=True)
         fields = node.value
         cpu = self.number(
             fields.get("cpu"),

@@ -154,7 +154,7 @@ class _Loader(OperatorReader):
         if isinstance(spec.value, str):
             path_node, args_node = spec, None
         elif spec.is_map:
-            self.check_keys(spec, _IMPORT_FIELDS, {}, operator=None, prefix=field)
+            self.check_keys(spec, _IMPORT_FIELDS, {}, operator=None, prefix=field, closed=True)
             path_node, args_node = spec.value.get("path"), spec.value.get("args")
         else:
             self.diags.error(

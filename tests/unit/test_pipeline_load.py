@@ -288,7 +288,7 @@ def test_yaml_syntax_errors_and_duplicate_keys_have_locations(tmp_path):
     assert load_error(empty) == f"{empty}:1:1: error: the file is empty"
 
 
-def test_unknown_keys_warn_and_clara_extras_are_notes(tmp_path):
+def test_unknown_top_level_keys_warn_and_clara_extras_are_notes(tmp_path):
     path = write(
         tmp_path,
         """
@@ -309,7 +309,7 @@ def test_unknown_keys_warn_and_clara_extras_are_notes(tmp_path):
           - name: trtis
             container: {image: nvcr.io/nvidia/tensorrtserver}
           input:
-          - {path: /in, colour: red}
+          - {path: /in}
         """,
     )
     spec = load_pipeline(path)
@@ -322,7 +322,6 @@ def test_unknown_keys_warn_and_clara_extras_are_notes(tmp_path):
         ("note", "op", "container.variables"),
         ("note", "op", "models"),
         ("note", "op", "services"),
-        ("warning", "op", "input[0].colour"),
     }
     colour = found["warning", None, "colour"].format()
     assert colour.startswith(f"{path}:5:1: warning: field 'colour': unknown key 'colour' is ")
@@ -582,3 +581,61 @@ def test_a_pipeline_timeout_bounds_each_job(tmp_path):
         f"{bad}:3:10: error: field 'timeout': must be a number of seconds greater than 0; "
         "got the string 'never'"
     ) in load_error(bad)
+
+
+def test_a_misspelled_port_field_is_an_error_with_did_you_mean(tmp_path):
+    """issue 10: ``elemnt-type`` was a warning and the port silently lost its element type."""
+    path = write(
+        tmp_path,
+        """
+        api-version: 0.4.0
+        name: p
+        operators:
+        - name: reader
+          container: {image: clara/dicom-reader}
+          input:
+          - {path: /input}
+          output:
+          - path: /output
+            type: stream
+            elemnt-type: dicom
+        """,
+    )
+    message = load_error(path)
+    assert (
+        f"{path}:11:5: error: operator 'reader' field 'output[0].elemnt-type': unknown key "
+        "'elemnt-type' (did you mean 'element-type'?" in message
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "hint"),
+    [
+        ("input:\n  - {path: /in, colour: red}", "input[0].colour", "known: element-type"),
+        ("input:\n  - {path: /in, form: x}", "input[0].form", "did you mean 'from'?"),
+        ("requests: {cpu: 1, memroy: 10}", "requests.memroy", "did you mean 'memory'?"),
+        ("container: {image: x, comand: [a]}", "container.comand", "did you mean 'command'?"),
+    ],
+)
+def test_unknown_keys_of_closed_mappings_are_errors(tmp_path, entry, field, hint):
+    text = "api-version: 0.4.0\nname: p\noperators:\n- name: op\n"
+    if not entry.startswith("container"):
+        text += "  container: {image: x}\n"
+    text += f"  {entry}\n"
+    if not entry.startswith("input"):
+        text += "  input:\n  - {path: /in}\n"
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    message = load_error(path)
+    assert f"error: operator 'op' field '{field}': unknown key" in message
+    assert hint in message
+
+
+def test_a_near_miss_of_an_operator_field_is_an_error_another_key_a_warning(tmp_path):
+    near = write(tmp_path, CONTAINER_OP + "  descripton: reads\n", "near.yaml")
+    assert "field 'descripton': unknown key 'descripton' (did you mean 'description'?" in (
+        load_error(near)
+    )
+    other = write(tmp_path, CONTAINER_OP + "  x-owner: radiology\n", "other.yaml")
+    (found,) = load_pipeline(other).diagnostics
+    assert found.severity == "warning" and "unknown key 'x-owner' is ignored" in found.message
