@@ -260,12 +260,22 @@ class Stage:
     """Base class of stages. Override ``execute``; ``prepare`` and ``cleanup`` are optional.
 
     Class attributes: ``inputs`` and ``outputs`` (name -> :class:`Port`), and optionally
-    ``requests`` (``{"cpu": 1, "gpu": 0, "memory": 512}``, as in Clara, memory in MB).
+    ``requests`` (``{"cpu": 1, "gpu": 0, "memory": 512}``, as in Clara, memory in MB) and
+    ``requires``: the modules it imports beyond dataflow's own dependencies, each with what
+    installs it (``{"nibabel": "dataflow[research]"}``). Validation finds them without
+    importing them; one missing is an error naming the install. A stage whose needs depend on
+    its parameters overrides :meth:`requirements`.
     """
 
     inputs: ClassVar[Mapping[str, Port]] = {}
     outputs: ClassVar[Mapping[str, Port]] = {}
     requests: ClassVar[Mapping[str, int]] = {}
+    requires: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def requirements(cls, parameters: Mapping[str, Any]) -> Mapping[str, str]:
+        """Module -> what installs it, for these (checked) parameters; ``requires`` by default."""
+        return cls.requires
 
     def prepare(self, ctx: StageContext) -> None:
         """Once per worker, before the first job: load a model, allocate buffers."""

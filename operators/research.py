@@ -141,6 +141,7 @@ class WriteNifti(_Writer):
     inputs = _VOLUME
     outputs = {"nifti": Port("stream", element_type="nifti")}
     output = "nifti"
+    requires = {"nibabel": "dataflow[research]"}  # checked by validate, imported lazily
 
     def __init__(self, name: str = "", compress: bool = True):
         super().__init__(name)

@@ -5,6 +5,8 @@ warnings and notes, with the validated :class:`Graph` when there is no error.
 :func:`check_pipeline` loads and validates a file (what ``dataflow validate FILE`` prints);
 :func:`load_graph` is the executor's one call: load, validate, raise on errors.
 
+A module a Python stage needs (``Stage.requires``) and this machine lacks is an error naming
+what installs it (``pip install 'dataflow[onnx]'``): the stage's workers could not start.
 Warnings are for what this machine cannot run while the file stays valid: a container image
 with neither docker nor podman on PATH; more GPUs requested by one operator than available.
 """
@@ -14,10 +16,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from dataflow.pipeline.diagnostics import Collector, PipelineError, Report
 from dataflow.pipeline.graph import Graph, OperatorNode, connect, topological_order
 from dataflow.pipeline.load import load_pipeline
+from dataflow.pipeline.requirements import RequirementError, missing_message
+from dataflow.pipeline.requirements import missing as missing_requirements
 from dataflow.pipeline.spec import InputSpec, OperatorSpec, PipelineSpec, Requests
 from dataflow.pipeline.stages import (
     StageImportError,
@@ -150,6 +155,7 @@ def _node(
         loc = op.at("arguments") if "arguments" in op.locations else op.at("stage")
         diags.error(loc, str(exc), operator=op.name, field="arguments")
         arguments = dict(op.arguments)
+    _check_requirements(op, cls, arguments, diags)
     inputs, specs, outputs = bind_stage_ports(op, cls, diags)
     return OperatorNode(
         op,
@@ -160,6 +166,25 @@ def _node(
         arguments=arguments,
         requests=_requests(op.requests, cls),
     )
+
+
+def _check_requirements(
+    op: OperatorSpec, cls: type[Stage], arguments: Mapping[str, Any], diags: Collector
+) -> None:
+    """A module the stage needs and this machine lacks is an error naming what installs it:
+    its workers would fail at start, and every job routed to them."""
+    try:
+        absent = missing_requirements(cls, arguments)
+    except (RequirementError, TypeError, ValueError, KeyError) as exc:
+        diags.error(op.at("stage"), str(exc), operator=op.name, field="stage")
+        return
+    if absent:
+        diags.error(
+            op.at("stage"),
+            f"{op.stage} {missing_message(absent)}",
+            operator=op.name,
+            field="stage",
+        )
 
 
 def _check_container_inputs(op: OperatorSpec, diags: Collector) -> None:

@@ -93,6 +93,18 @@ def make_backend(
 
 class _InferenceBase(Stage):
     @classmethod
+    def requirements(cls, parameters: Mapping[str, Any]) -> Mapping[str, str]:
+        """onnx: onnxruntime (and onnx to build the demo model); triton: tritonclient with
+        its HTTP (geventhttpclient) or gRPC (grpc) transport."""
+        if parameters.get("backend", "onnx") == "triton":
+            transport = "grpc" if parameters.get("protocol") == "grpc" else "geventhttpclient"
+            return {"tritonclient": "dataflow[triton]", transport: "dataflow[triton]"}
+        needs = {"onnxruntime": "dataflow[onnx]"}
+        if parameters.get("model", "demo") == "demo":
+            needs["onnx"] = "dataflow[onnx]"
+        return needs
+
+    @classmethod
     def check_parameters(cls, values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         """The base checks; a relative ``model`` found next to the pipeline file becomes an
         absolute path (a missing one fails the job that needs it, naming the file)."""
