@@ -146,6 +146,12 @@ def run(
         ..., "--input", "-i", help="A job folder, or a folder of job folders."
     ),
     output: Path = typer.Option(Path("output"), "--output", "-o", help="Where results go."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Write into a non-empty --output that no earlier run wrote (its job folders "
+        "are replaced). A re-run into an earlier run's output needs no flag.",
+    ),
     param: list[str] = PARAM,
     replicas: list[str] = REPLICAS,
     max_jobs: int = typer.Option(8, min=1, help="Jobs in flight at once."),
@@ -153,7 +159,10 @@ def run(
     log_format: str = typer.Option("console", help="console or json (logs on stderr)."),
     progress: bool = typer.Option(None, help="Progress display (default: on a terminal)."),
 ) -> None:
-    """Run every job under --input through the pipeline; exit 1 if any job failed."""
+    """Run every job under --input through the pipeline; exit 1 if any job failed.
+
+    Each job's results go to OUTPUT/JOB/, which a re-run replaces as a whole once that job
+    is done; OUTPUT/summary.json describes the last run."""
     from dataflow.errors import DataflowError
     from dataflow.execution.state import Limits
     from dataflow.logs import configure_logging
@@ -167,7 +176,7 @@ def run(
     display = _Display(show)
     try:
         summary = run_pipeline_file(
-            file, input, output=output, params=_pairs(param, "--param"),
+            file, input, output=output, overwrite=overwrite, params=_pairs(param, "--param"),
             replicas=_replicas(replicas), limits=Limits(max_jobs=max_jobs),
             store_budget=store_budget, log_format=log_format,
             on_start=display.start, on_result=display.result,

@@ -10,13 +10,19 @@ Outputs, under ``--output`` (default ``./output``), per job ``JOB/``:
 - ``OPERATOR/OUTPUT.npy`` and ``.json`` — an array result (an output nobody consumes) and its
   metadata; strings and numbers go to ``JOB/results.json``;
 
-and ``summary.json``: every job's status, time, and the failing stage and reason.
+and ``summary.json``: every job's status, time, input (folder, number of files) and outputs
+(files, relative to ``--output``), and the failing stage and reason.
+
+A re-run replaces each job's folder as a whole once the job is done, never mixing two runs'
+files; a non-empty ``--output`` that no earlier run wrote is refused unless ``overwrite``
+(:mod:`dataflow.output`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -28,8 +34,17 @@ import numpy as np
 from dataflow.execution.build import plan_pipeline, stage_defs
 from dataflow.execution.local import JobResult, LocalExecutor
 from dataflow.execution.state import Limits
+from dataflow.output import SUMMARY, OutputError, RunOutput, count_files
 
-__all__ = ["RunSummary", "build_executor", "find_jobs", "run_pipeline_file", "write_result"]
+__all__ = [
+    "OutputError",
+    "RunSummary",
+    "build_executor",
+    "check_jobs",
+    "find_jobs",
+    "run_pipeline_file",
+    "write_result",
+]
 
 
 @dataclasses.dataclass
@@ -40,6 +55,8 @@ class RunSummary:
     seconds: float
     stage_jobs: dict[str, int]
     stage_seconds: dict[str, float]
+    inputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def failed(self) -> list[JobResult]:
@@ -55,6 +72,25 @@ def find_jobs(input_path: str | Path) -> list[tuple[str, Path]]:
     if subdirs:
         return [(p.name, p.resolve()) for p in subdirs]
     return [(root.resolve().name or "job", root.resolve())]
+
+
+def check_jobs(input_path: str | Path, jobs: list[tuple[str, Path]]) -> dict[str, int]:
+    """The number of files each job's folder holds. FileNotFoundError at once (before any
+    worker starts) when ``--input`` holds no file, or some job folders are empty (named)."""
+    counts = {name: count_files(folder) for name, folder in jobs}
+    empty = [name for name, n in counts.items() if n == 0]
+    if len(empty) == len(counts):
+        raise FileNotFoundError(
+            f"--input {input_path}: holds no files (hidden ones are skipped); give a study "
+            "folder of DICOM files, or a folder of such study folders"
+        )
+    if empty:
+        shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
+        raise FileNotFoundError(
+            f"--input {input_path}: {len(empty)} of {len(counts)} job folder(s) hold no "
+            f"files: {shown}; remove them or add their studies' files"
+        )
+    return counts
 
 
 def write_result(output: Path, result: JobResult) -> None:
@@ -81,6 +117,7 @@ def run_pipeline_file(
     input_path: str | Path,
     *,
     output: str | Path = "output",
+    overwrite: bool = False,
     params: Mapping[str, str] | None = None,
     replicas: Mapping[str, int] | None = None,
     limits: Limits | None = None,
@@ -89,32 +126,44 @@ def run_pipeline_file(
     on_start: Callable[[list[tuple[str, Path]], Any, LocalExecutor], None] | None = None,
     on_result: Callable[[JobResult], None] | None = None,
 ) -> RunSummary:
-    """Load, validate, place and run a pipeline over every job under ``input_path``."""
+    """Load, validate, place and run a pipeline over every job under ``input_path``.
+
+    Each job's folder under ``output`` is replaced by this run's once the job is done;
+    ``overwrite`` allows a non-empty ``output`` that no earlier run wrote (else OutputError)."""
     jobs = find_jobs(input_path)
-    out = Path(output).resolve()
-    graph, executor = build_executor(
-        path, out, params=params, replicas=replicas, limits=limits,
-        store_budget=store_budget, log_format=log_format,
-    )  # fmt: skip
-    if on_start is not None:
-        on_start(jobs, graph, executor)
+    files = check_jobs(input_path, jobs)
+    with RunOutput(output, overwrite=overwrite).open(Path(input_path)) as out:
+        assert out.staging is not None
+        graph, executor = build_executor(
+            path, out.staging, params=params, replicas=replicas, limits=limits,
+            store_budget=store_budget, log_format=log_format,
+        )  # fmt: skip
+        summary = RunSummary(
+            pipeline=graph.spec.name, output=out.root, results=[], seconds=0.0,
+            stage_jobs={}, stage_seconds={},
+            inputs={name: {"folder": str(folder), "files": files[name]} for name, folder in jobs},
+        )  # fmt: skip
+        if on_start is not None:
+            on_start(jobs, graph, executor)
 
-    def record(result: JobResult) -> None:
-        write_result(out, result)
-        if on_result is not None:
-            on_result(result)
+        def record(result: JobResult) -> None:
+            write_result(out.staging, result)
+            summary.outputs[result.job] = out.commit(result.job)
+            if not result.ok:  # a path in the message names where the file now is
+                staged = str(out.staging)
+                result.reason = result.reason.replace(staged, str(out.root))
+                result.details = result.details.replace(staged, str(out.root))
+            summary.results.append(result)
+            _write_summary(summary, complete=False)
+            if on_result is not None:
+                on_result(result)
 
-    t0 = time.monotonic()
-    results = executor.run(jobs, record)
-    summary = RunSummary(
-        pipeline=graph.spec.name,
-        output=out,
-        results=results,
-        seconds=time.monotonic() - t0,
-        stage_jobs=dict(executor.stage_jobs),
-        stage_seconds=dict(executor.stage_seconds),
-    )
-    _write_summary(summary)
+        t0 = time.monotonic()
+        executor.run(jobs, record)
+        summary.seconds = time.monotonic() - t0
+        summary.stage_jobs = dict(executor.stage_jobs)
+        summary.stage_seconds = dict(executor.stage_seconds)
+        _write_summary(summary)
     return summary
 
 
@@ -164,11 +213,13 @@ def build_executor(
     return graph, executor
 
 
-def _write_summary(summary: RunSummary) -> None:
+def _write_summary(summary: RunSummary, *, complete: bool = True) -> None:
+    """``summary.json`` (rewritten after each job, so an interrupted run leaves one too)."""
     data = {
         "pipeline": summary.pipeline,
+        "complete": complete,
         "seconds": round(summary.seconds, 3),
-        "jobs": len(summary.results),
+        "jobs": len(summary.inputs) or len(summary.results),
         "failed": len(summary.failed),
         "results": [
             {
@@ -176,6 +227,8 @@ def _write_summary(summary: RunSummary) -> None:
                 "ok": r.ok,
                 "seconds": round(r.seconds, 3),
                 **({} if r.ok else {"stage": r.stage, "reason": r.reason, "details": r.details}),
+                "input": summary.inputs.get(r.job, {}),
+                "outputs": summary.outputs.get(r.job, []),
             }
             for r in summary.results
         ],
@@ -187,4 +240,7 @@ def _write_summary(summary: RunSummary) -> None:
             for name in summary.stage_jobs
         },
     }
-    (summary.output / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+    target = summary.output / SUMMARY
+    partial = target.with_name(f".{SUMMARY}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, target)

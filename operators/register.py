@@ -33,12 +33,19 @@ DESTINATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (same file system), else copy it."""
+    """Hard-link ``source`` to ``target`` (same file system), else copy it. A ``target``
+    that exists (a stage run again on the same job) is replaced, atomically, even when it
+    is already a link to ``source``."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and os.path.samefile(source, target):
+        return  # already this very file (and rename() would leave the temporary link)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    temporary.unlink(missing_ok=True)
     try:
-        os.link(source, target)
+        os.link(source, temporary)
     except OSError:
-        shutil.copy2(source, target)
+        shutil.copy2(source, temporary)
+    os.replace(temporary, target)
 
 
 def register_files(
@@ -50,10 +57,14 @@ def register_files(
     job_id: str,
     job_name: str | None = None,
 ) -> dict:
-    """Write the task for every file under ``folder`` into ``out``; returns the task record."""
+    """Write the task for every file under ``folder`` into ``out``; returns the task record.
+    What ``out`` held before (an earlier attempt at the same job) is replaced: the task
+    lists exactly the files under ``folder``. Its ``taskId`` is new each time, so that the
+    export service never takes a new registration for one it has already sent."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     if not files:
         raise StageError(f"nothing to register: the input folder {folder.name!r} has no files")
+    shutil.rmtree(out / "files", ignore_errors=True)
     uris = []
     for path in files:
         relative = path.relative_to(folder)
