@@ -52,6 +52,10 @@ log = structlog.get_logger("dataflow.service")
 ENTRY_POINTS = "dataflow.connectors"
 
 
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
 class ServiceError(DataflowError):
     """The service cannot start or do what was asked (the message says what and why)."""
 
@@ -157,18 +161,10 @@ class Service:
             raise
 
     def _start(self) -> None:
-        from dataflow.run import build_executor
-
         previous = read_previous(self.config.state)  # before this run overwrites it
+        self._check()  # the whole configuration, before any worker process starts
         self.jobs = JobStore(self.config.state / "jobs.db")
-        for name, entry in self.config.pipelines.items():
-            _, executor = build_executor(
-                entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
-                log_format="json" if self.config.log_format == "json" else "console",
-                stage_timeout=entry.limits.stage_timeout, job_timeout=entry.limits.job_timeout,
-                memory_limit=entry.limits.worker_memory,
-            )  # fmt: skip
-            self.executors[name] = executor
+        log.info("pipelines_starting", pipelines=list(self.executors))
         ready = {name: threading.Event() for name in self.executors}
         for name, executor in self.executors.items():
             feed = self.feeds[name] = JobFeed()
@@ -188,12 +184,6 @@ class Service:
                         f"pipeline {name!r}: its workers were not ready after "
                         f"{self.startup_timeout:.0f} s (see worker_failed_to_start in the log)"
                     )
-        for name, section in self.config.connectors.items():
-            factory = load_connector(name)
-            connector = factory(section, ServiceHost(self, name))
-            self.connectors[name] = connector
-            for agent in connector.agents:
-                self._agents[agent.lower()] = connector
         self._resume(previous)
         self.resume_exports()
         for name, connector in self.connectors.items():
@@ -208,6 +198,45 @@ class Service:
         self._watcher = threading.Thread(target=self._watch_loop, name="job watcher", daemon=True)
         self._watcher.start()
         log.info("service_started", pipelines=list(self.executors), state=str(self.config.state))
+
+    def _check(self) -> None:
+        """Load and validate every pipeline (stages, arguments, the modules each stage needs)
+        and place it, and build every connector from its section (nothing listens yet), all
+        before anything is started: one :class:`ServiceError` lists every problem found."""
+        from dataflow.run import build_executor
+
+        problems: list[str] = []
+        for name, entry in self.config.pipelines.items():
+            try:
+                _, executor = build_executor(
+                    entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
+                    log_format="json" if self.config.log_format == "json" else "console",
+                    stage_timeout=entry.limits.stage_timeout,
+                    job_timeout=entry.limits.job_timeout, memory_limit=entry.limits.worker_memory,
+                )  # fmt: skip
+            except (DataflowError, OSError, KeyError, ValueError) as exc:
+                problems.append(f"pipeline {name!r} ({entry.file}):\n{_indent(str(exc))}")
+                continue
+            self.executors[name] = executor
+        for name, section in self.config.connectors.items():
+            try:
+                connector = load_connector(name)(section, ServiceHost(self, name))
+            except (DataflowError, OSError, ValueError, TypeError, KeyError) as exc:
+                where = f"{self.config.path}: " if self.config.path else ""
+                what = str(exc) if str(exc).startswith(name) else f"section {name!r}: {exc}"
+                problems.append(where + _indent(what).lstrip())
+                continue
+            self.connectors[name] = connector
+            for agent in connector.agents:
+                self._agents[agent.lower()] = connector
+        if problems:
+            log.error("service_refused", problems=len(problems))
+            raise ServiceError(
+                f"not started: {len(problems)} problem(s) in the configuration; nothing was "
+                "started\n" + "\n".join(problems)
+            )
+        log.info("service_checked", pipelines=list(self.executors),
+                 connectors=list(self.connectors))  # fmt: skip
 
     def _serve(self, name: str, executor: LocalExecutor, feed: JobFeed, ready) -> None:
         try:
