@@ -81,6 +81,12 @@ def import_stage(ref: str, search_path: Sequence[str] = ()) -> type[Stage]:
             raise StageImportError(
                 f"cannot import module {module_name!r}: there is no module {missing!r} ({where})"
             ) from None
+        if missing:  # the module imports another that is not installed
+            raise StageImportError(
+                f"importing module {module_name!r} failed: it imports {missing!r}, which is "
+                "not installed here (install it; a stage declares such a module in `requires` "
+                "and imports it lazily, so that validation names what installs it)"
+            ) from exc
         raise StageImportError(f"importing module {module_name!r} failed: {exc}") from exc
     except Exception as exc:  # the module's own code failed while importing
         raise StageImportError(

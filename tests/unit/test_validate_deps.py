@@ -149,3 +149,15 @@ def test_missing_groups_modules_by_what_installs_them(monkeypatch):
         requires = {"numpy": "numpy", "a_surely_absent": "x[a]", "b_surely_absent": "x[a]"}
 
     assert missing(Two, {}) == {"x[a]": ["a_surely_absent", "b_surely_absent"]}
+
+
+def test_a_stage_module_importing_an_absent_module_says_which(tmp_path):
+    (tmp_path / "eager.py").write_text(
+        "import dataflow_test_surely_absent\nfrom dataflow.stage import Stage\n"
+        "class Eager(Stage):\n    pass\n"
+    )
+    (message,) = stage_errors(check_pipeline(pipeline(tmp_path, "eager:Eager")))
+    assert "importing module 'eager' failed: it imports 'dataflow_test_surely_absent', " in (
+        message
+    )
+    assert "which is not installed here" in message
