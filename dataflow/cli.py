@@ -73,6 +73,18 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
     return out
 
 
+def _one_of(value: str | None, valid: tuple[str, ...], option: str) -> None:
+    """Exit 2 with the valid values (and the closest, if any) unless ``value`` is one."""
+    if value is None or value in valid:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    typer.echo(f"error: {option} {value!r}: expected one of {', '.join(valid)}{hint}", err=True)
+    raise typer.Exit(2)
+
+
 def _replicas(values: list[str] | None) -> dict[str, int]:
     out = {}
     for key, value in _pairs(values, "--replicas").items():
@@ -168,9 +180,7 @@ def run(
     from dataflow.logs import configure_logging
     from dataflow.run import run_pipeline_file
 
-    if log_format not in ("console", "json"):
-        typer.echo(f"error: --log-format {log_format!r}: expected console or json", err=True)
-        raise typer.Exit(2)
+    _one_of(log_format, ("console", "json"), "--log-format")
     configure_logging("INFO", json=log_format == "json")
     show = sys.stderr.isatty() if progress is None else progress
     display = _Display(show)
@@ -235,9 +245,10 @@ def jobs(
     """List the service's job records, newest first, with each result's export state per
     destination; --show one job; or, with --retry, queue failed jobs again."""
     from dataflow.errors import DataflowError
-    from dataflow.service.jobs import RetryRefused
+    from dataflow.service.jobs import JOB_STATES, RetryRefused
     from dataflow.service.main import format_job, format_jobs, format_retried, open_jobs
 
+    _one_of(state, JOB_STATES, "--state")
     try:
         store = open_jobs(target)
     except (DataflowError, FileNotFoundError, ValueError) as exc:

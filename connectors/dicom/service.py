@@ -79,12 +79,15 @@ def _size(value: Any, where: str) -> int:
 
 
 def _keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    """``data`` as a dict, after checking it is a mapping of ``allowed`` keys; ``where`` is
+    its key path inside the section ("" for the section itself)."""
+    at = f"dicom.{where}" if where else "dicom"
     if not isinstance(data, Mapping):
-        raise DicomConfigError(f"dicom.{where}: expected a mapping")
+        raise DicomConfigError(f"{at}: expected a mapping")
     unknown = set(data) - allowed
     if unknown:
         raise DicomConfigError(
-            f"dicom.{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(allowed))})"
+            f"{at}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(allowed))})"
         )
     return dict(data)
 
@@ -196,29 +199,31 @@ def parse_section(
             for path in (tls.cert, tls.key, tls.ca):
                 if path is not None and not path.is_file():
                     raise DicomConfigError(f"dicom.{where}.tls: {path} does not exist")
-        config = ReceiverConfig(
-            spool=state / "spool" / name,
-            called_aes=[CalledAE(**vars(c)) for c in called],
-            host=str(entry.get("host", "127.0.0.1")),
-            port=int(entry.get("port", 104)),
-            peers=[Peer(p.ae_title, p.host) for p in peers],
-            allow_unknown_peers=bool(section.get("allow-unknown-peers", False)),
-            duplicates=section.get("duplicates", "overwrite"),
-            max_associations=int(limits.get("max-associations", 25)),
-            reserved_associations=int(limits.get("reserved-associations", 2)),
-            artim_timeout=_seconds(limits.get("artim-timeout", 10), "limits.artim-timeout"),
-            max_pdu_size=_size(limits.get("max-pdu", 4 * 1024**2), "limits.max-pdu"),
-            max_instance_size=_size(
-                limits.get("max-instance-size", "2GiB"), "limits.max-instance-size"
-            ),
-            min_free_bytes=_size(limits.get("disk-reserve", 0), "limits.disk-reserve"),
-            min_free_percent=float(limits.get("disk-reserve-percent", 0)),
-            tls=tls,
-            reuse_port=bool(entry.get("reuse-port", False)),
-            processes=int(entry.get("processes", 1)),
-        )
-        try:
+        try:  # int('abc') and validate(): the key path in the message
+            config = ReceiverConfig(
+                spool=state / "spool" / name,
+                called_aes=[CalledAE(**vars(c)) for c in called],
+                host=str(entry.get("host", "127.0.0.1")),
+                port=int(entry.get("port", 104)),
+                peers=[Peer(p.ae_title, p.host) for p in peers],
+                allow_unknown_peers=bool(section.get("allow-unknown-peers", False)),
+                duplicates=section.get("duplicates", "overwrite"),
+                max_associations=int(limits.get("max-associations", 25)),
+                reserved_associations=int(limits.get("reserved-associations", 2)),
+                artim_timeout=_seconds(limits.get("artim-timeout", 10), "limits.artim-timeout"),
+                max_pdu_size=_size(limits.get("max-pdu", 4 * 1024**2), "limits.max-pdu"),
+                max_instance_size=_size(
+                    limits.get("max-instance-size", "2GiB"), "limits.max-instance-size"
+                ),
+                min_free_bytes=_size(limits.get("disk-reserve", 0), "limits.disk-reserve"),
+                min_free_percent=float(limits.get("disk-reserve-percent", 0)),
+                tls=tls,
+                reuse_port=bool(entry.get("reuse-port", False)),
+                processes=int(entry.get("processes", 1)),
+            )
             receivers.append(config.validate())
+        except DicomConfigError:
+            raise  # names its own key already
         except ValueError as exc:
             raise DicomConfigError(f"dicom.{where}: {exc}") from None
     if not receivers:

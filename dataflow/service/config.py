@@ -16,8 +16,9 @@ Every other top-level key names a *connector* (found through the ``dataflow.conn
 entry points; ``connectors.dicom`` registers ``dicom``), whose section only it reads.
 
 Values may use ``${NAME}`` or ``${NAME:-default}`` to read the environment, and any value can
-be overridden from the command line with ``--set dotted.path=value`` (a YAML scalar or list:
-``--set dicom.receiver.port=11112``, ``--set 'dicom.destinations.PACS.port=4242'``).
+be overridden from the command line with ``--set key.path=value`` (a YAML scalar or list;
+a list item by its index: ``--set 'dicom.receivers[0].port=11113'``,
+``--set dicom.destinations.PACS.port=4242``).
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ __all__ = [
     "PipelineEntry",
     "Retention",
     "ServiceConfig",
+    "apply_overrides",
+    "key_path",
     "load_config",
     "parse_duration",
+    "parse_key_path",
 ]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_KEY_PATH = re.compile(r"[^.\[\]=\s]+(\[\d+\])*(\.[^.\[\]=\s]+(\[\d+\])*)*")
+_KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 _CORE_KEYS = {"state", "pipelines", "log", "retention", "limits"}
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
@@ -206,22 +212,54 @@ def _expand(value: Any, where: str) -> Any:
     return yaml.safe_load(text) if whole and text.strip() else text  # ${PORT} -> an int
 
 
+def key_path(parts: Sequence[str | int]) -> str:
+    """How messages print a key path: ``dicom.receivers[0].port``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def parse_key_path(key: str) -> list[str | int]:
+    """``dicom.receivers[0].port`` -> ``["dicom", "receivers", 0, "port"]``; ValueError
+    unless it is names joined by dots, each followed by any ``[N]`` indexes."""
+    if not _KEY_PATH.fullmatch(key):
+        raise ValueError(f"{key!r} is not a key path (e.g. dicom.receivers[0].port)")
+    return [m[0] if m[0] else int(m[1]) for m in _KEY_PART.findall(key)]
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str) -> None:
-    """``dotted.path=value`` items, each value parsed as YAML, set into ``data``."""
+    """``key.path=value`` items, each value parsed as YAML, set into ``data``; a path may
+    index a list (``dicom.receivers[0].port=11113``). A missing mapping on the way is
+    made; a missing list item is an error."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.path=value")
-        parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
+        try:
+            parts = parse_key_path(key.strip())
+        except ValueError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from None
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = key_path(parts[:i])
+            if isinstance(part, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"--set {item!r}: {where} in {source} is not a list")
+                if part >= len(node):
+                    raise ConfigError(
+                        f"--set {item!r}: {where} in {source} has {len(node)} item(s): "
+                        f"[{part}] is not one of them"
+                    )
+            elif not isinstance(node, dict):
+                kind = "a list: index it, e.g. [0]" if isinstance(node, list) else "not a mapping"
+                raise ConfigError(f"--set {item!r}: {where} in {source} is {kind}")
+            if last:
+                break
+            child = node[part] if isinstance(part, int) else node.get(part)
+            if child is None and isinstance(part, str) and isinstance(parts[i + 1], str):
                 child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"--set {item!r}: {'.'.join(parts[: i + 1])} in {source} is not a mapping"
-                )
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
