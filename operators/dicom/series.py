@@ -60,6 +60,7 @@ POSITION_TOL_MM = 0.01
 SLICE_GAP_RTOL = 0.01
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
+_NOT_DICOM = "not DICOM Part 10 (no DICM preamble)"
 _SHOWN = 4  # offending items named in a message before "... and N more"
 
 
@@ -81,20 +82,26 @@ def _paths(files: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(f) for f in files]
 
 
-def read_headers(files: str | Path | Iterable[str | Path]) -> list[tuple[Path, Dataset]]:
+def read_headers(
+    files: str | Path | Iterable[str | Path], skipped: dict[str, list[str]] | None = None
+) -> list[tuple[Path, Dataset]]:
     """``(path, header)`` of every DICOM instance among ``files`` (pixels not read).
 
-    Files that are not DICOM Part 10 (no preamble and "DICM"), and DICOMDIRs, are skipped.
-    Headers are read within bounds (:func:`operators.dicom.reading.read_header`): a deflated
-    file is inflated only up to its pixel data."""
+    Files that are not DICOM Part 10 (no preamble and "DICM"), DICOMDIRs and instances
+    without a SeriesInstanceUID are skipped; given ``skipped``, the names of those files are
+    added to it under the reason. Headers are read within bounds
+    (:func:`operators.dicom.reading.read_header`): a deflated file is inflated only up to its
+    pixel data."""
     headers = []
     paths = _paths(files)
     names = _names(paths)
+    skip = skipped if skipped is not None else {}
     for path in paths:
         try:
             ds = read_header(path, names[path])
         except InvalidDicomError:
-            continue  # not DICOM Part 10
+            skip.setdefault(_NOT_DICOM, []).append(names[path])
+            continue
         except SeriesError:
             raise
         except Exception as exc:  # a damaged DICOM file: pydicom raises many types
@@ -103,9 +110,11 @@ def read_headers(files: str | Path | Iterable[str | Path]) -> list[tuple[Path, D
             ) from exc
         meta = getattr(ds, "file_meta", None)
         if meta is not None and meta.get("MediaStorageSOPClassUID") == _DICOMDIR:
-            continue
-        if "SeriesInstanceUID" in ds:
+            skip.setdefault("a DICOMDIR (an index, no image)", []).append(names[path])
+        elif "SeriesInstanceUID" in ds:
             headers.append((path, ds))
+        else:
+            skip.setdefault("no SeriesInstanceUID (0020,000E)", []).append(names[path])
     return headers
 
 
@@ -440,6 +449,29 @@ def _describe(uid: str, group: list[tuple[Path, Dataset]]) -> str:
     return f"{uid} ({ds.get('Modality', '?')} {str(ds.get('SeriesDescription', ''))!r}, {what})"
 
 
+def _no_image_series(
+    study: Path, groups: dict[str, list[tuple[Path, Dataset]]], skipped: dict[str, list[str]]
+) -> str:
+    """Why a study folder gave no image series: each reason a file was skipped, with its
+    count and a few file names (no header values that could identify a patient)."""
+    reasons = dict(skipped)
+    for group in groups.values():  # DICOM, but not images: SR, RT Structure Set, SEG...
+        for path, ds in group:
+            kind = str(ds.get("Modality") or "?").strip()
+            name = str(path.relative_to(study)) if path.is_relative_to(study) else path.name
+            reasons.setdefault(f"no pixel data ({kind})", []).append(name)
+    total = sum(len(files) for files in reasons.values())
+    if not total:
+        return "no DICOM image series in the study folder: it holds no files"
+    parts = [
+        f"{len(files)} {reason}: {_listing(sorted(files))}"
+        for reason, files in sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+    ]
+    return f"no DICOM image series in the study folder; {total} file(s) skipped: " + "; ".join(
+        parts
+    )
+
+
 class SeriesToVolume(Stage):
     """A study folder of DICOM files (nested folders allowed) -> one series as a float32 HU
     volume ``[slice, row, column]`` with its geometry and UIDs (docs/tensors.md).
@@ -460,7 +492,8 @@ class SeriesToVolume(Stage):
         self.modality = modality.strip().upper() if modality else None
 
     def execute(self, ctx, study: Path) -> Tensor:
-        groups = _split(read_headers(study))
+        skipped: dict[str, list[str]] = {}
+        groups = _split(read_headers(study, skipped))
         images = {u: g for u, g in groups.items() if all("Rows" in ds for _, ds in g)}
         listing = "; ".join(_describe(u, g) for u, g in images.items())
         if self.series_uid is not None:
@@ -473,7 +506,7 @@ class SeriesToVolume(Stage):
         elif len(images) == 1:
             uid = next(iter(images))
         elif not images:
-            raise SeriesError(f"no DICOM image series in the study folder ({len(groups)} other)")
+            raise SeriesError(_no_image_series(study, groups, skipped))
         else:
             raise SeriesError(
                 f"the study folder holds {len(images)} image series; choose one with the "
