@@ -74,6 +74,7 @@ class RunOutput:
         self.overwrite = overwrite
         self.staging: Path | None = None
         self._lock_fd: int | None = None
+        self._made = False  # open() made the folder: a run that fails before any job removes it
 
     def open(self, inputs: Path) -> RunOutput:
         """Check the folder against ``inputs`` (the ``--input`` folder), take the lock,
@@ -91,6 +92,7 @@ class RunOutput:
                 f"--input {inputs} is inside --output {root}: a run replaces its job "
                 "folders; choose an output folder that does not hold the input"
             )
+        self._made = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -154,5 +156,7 @@ class RunOutput:
     def __enter__(self) -> RunOutput:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, value, traceback) -> None:
         self.close()
+        if kind is not None and self._made and not _visible(self.root):
+            shutil.rmtree(self.root, ignore_errors=True)  # e.g. the pipeline was refused

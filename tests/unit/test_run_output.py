@@ -95,9 +95,9 @@ def test_only_a_summary_of_ours_makes_a_folder_an_earlier_run(tmp_path, content)
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(tmp_path):
     root, inputs = tmp_path / "out", tmp_path / "in"
     inputs.mkdir()
-    with RunOutput(root).open(inputs):
-        with pytest.raises(OutputError, match="another dataflow run is writing into it"):
-            RunOutput(root).open(inputs)
+    busy = pytest.raises(OutputError, match="another dataflow run is writing into it")
+    with RunOutput(root).open(inputs), busy:
+        RunOutput(root).open(inputs)
     RunOutput(root).open(inputs).close()  # free again once the first is done
 
 
@@ -134,3 +134,16 @@ def test_an_input_without_files_is_refused_at_once(tmp_path):
         check_jobs(tmp_path, find_jobs(tmp_path))
     (tmp_path / "study-1" / "IM1").write_bytes(b"x")
     assert check_jobs(tmp_path, find_jobs(tmp_path)) == {"study-1": 1, "study-2": 2}
+
+
+def test_a_run_refused_before_any_job_leaves_no_new_output_folder(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    with pytest.raises(RuntimeError), RunOutput(tmp_path / "new").open(inputs):
+        raise RuntimeError("the pipeline was refused")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    _summary(tmp_path / "kept")  # a folder that was there stays
+    with pytest.raises(RuntimeError), RunOutput(tmp_path / "kept").open(inputs):
+        raise RuntimeError("the pipeline was refused")
+    assert (tmp_path / "kept" / SUMMARY).exists()
