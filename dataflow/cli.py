@@ -209,7 +209,7 @@ def run(
 def serve(
     config: Path = typer.Argument(..., help="Service configuration (YAML)."),
     set_: list[str] = typer.Option(
-        None, "--set", help="Override a setting: dotted.path=value (repeatable)."
+        None, "--set", help="Override a setting: key.path=value, a list item by [N] (repeatable)."
     ),
 ) -> None:
     """Run the service: connectors (DICOM in and out) and warm pipelines, until SIGTERM."""
