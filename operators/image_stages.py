@@ -166,13 +166,14 @@ class Threshold(_KernelStage):
 
 class ConnectedComponents(_KernelStage):
     """Keeps the connected components of a mask that have at least ``min_size`` voxels, and of
-    those only the largest if ``keep_largest``. ``connectivity``: 6, 18 or 26."""
+    those only the largest if ``keep_largest`` (off by default: a mask of bones, or of
+    lesions, has many components that all count). ``connectivity``: 6, 18 or 26."""
 
     inputs = {"mask": MASK}
     outputs = {"mask": MASK}
     kernels = ("connected_components",)
 
-    def __init__(self, connectivity: int = 26, keep_largest: bool = True, min_size: int = 0):
+    def __init__(self, connectivity: int = 26, keep_largest: bool = False, min_size: int = 0):
         if connectivity not in CONNECTIVITIES:
             raise ParameterError(
                 f"ConnectedComponents: connectivity must be one of {CONNECTIVITIES}; "

@@ -7,9 +7,12 @@ SEG references them, belongs to the same study and frame of reference, and is a 
 
 Segments are configured as a list of mappings (YAML or Python)::
 
-    - {label: 1, name: Body, category: AnatomicalStructure,
-       type: "SCT:38266002:Entire body as a whole"}
+    - {label: 1, name: Body without lung and bone, category: Tissue, type: SoftTissue}
     - {label: 2, name: Lung, category: AnatomicalStructure, type: Lung}
+
+A label volume has one label per voxel, so segments never overlap: where labels are painted
+over others (lung and bone over the body), the segment under them holds what is left, and its
+label and code must say so (the default label 1 is soft tissue, not "Entire body").
 
 ``category`` and ``type`` are keywords of pydicom's SNOMED CT dictionary (``Lung``, ``Bone``,
 ``Tissue``...) or ``SCHEME:VALUE:MEANING`` codes.
@@ -45,9 +48,11 @@ class EmptySegmentError(StageError):
     """A segment the pipeline expects has no voxel."""
 
 
+# Label 1 of pipelines/ct-segmentation.yaml is the body with the lungs and bone painted over
+# it: coded as what it holds (SCT 87784001 Soft tissue), not as the entire body.
 DEFAULT_SEGMENTS: tuple[Mapping[str, Any], ...] = (
-    {"label": 1, "name": "Body", "category": "AnatomicalStructure",
-     "type": "SCT:38266002:Entire body as a whole"},
+    {"label": 1, "name": "Body without lung and bone", "category": "Tissue",
+     "type": "SoftTissue"},
     {"label": 2, "name": "Lung", "category": "AnatomicalStructure", "type": "Lung"},
     {"label": 3, "name": "Bone", "category": "Tissue", "type": "Bone"},
 )  # fmt: skip

@@ -18,7 +18,7 @@ from operators.dicom.series import load_series
 
 pytestmark = pytest.mark.integration
 
-# phantom labels -> our segments: 1 Body, 2 Lung (both lungs), 3 Bone
+# phantom labels -> our segments: 1 body without lung and bone, 2 Lung (both lungs), 3 Bone
 TO_SEGMENT = np.zeros(8, np.uint8)
 TO_SEGMENT[BODY], TO_SEGMENT[2], TO_SEGMENT[3], TO_SEGMENT[BONE] = 1, 2, 2, 3
 
@@ -46,7 +46,11 @@ def test_a_label_volume_becomes_a_valid_seg_of_the_same_study(study, tmp_path):
         errors = [line for line in check.stderr.splitlines() if line.startswith("Error")]
         assert errors == []
     seg = hd.seg.segread(path)
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Body", "Lung", "Bone"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "Body without lung and bone",
+        "Lung",
+        "Bone",
+    ]
     assert seg.StudyInstanceUID == meta["study_instance_uid"]
     assert seg.SeriesInstanceUID != meta["series_instance_uid"]
     assert seg.FrameOfReferenceUID == meta["frame_of_reference_uid"]

@@ -365,7 +365,9 @@ def test_threshold_and_connected_components_stages(volume):
     mask = run_stage(Threshold, {"volume": volume}, arguments={"lower": 100})["mask"]
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, (volume >= 100).astype(np.uint8))
-    out = run_stage(ConnectedComponents, {"mask": mask}, arguments={"connectivity": 6})["mask"]
+    out = run_stage(
+        ConnectedComponents, {"mask": mask}, arguments={"connectivity": 6, "keep_largest": True}
+    )["mask"]
     np.testing.assert_array_equal(out, K.connected_components(mask, 6, keep_largest=True))
     out = run_stage(
         ConnectedComponents, {"mask": mask}, arguments={"keep_largest": False, "min_size": 2}

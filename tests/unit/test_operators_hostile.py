@@ -159,7 +159,7 @@ def test_an_empty_segment_fails_the_job_unless_the_pipeline_allows_it(tmp_path):
     )
     (seg,) = out["seg"].glob("*.dcm")
     assert [s.SegmentLabel for s in pydicom.dcmread(seg).SegmentSequence] == [
-        "Body",
+        "Body without lung and bone",
         "Lung",
         "Bone",
     ]
