@@ -183,10 +183,19 @@ def _shape_fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
 
 @dataclasses.dataclass
 class Tensor:
-    """An array output together with its metadata (geometry, UIDs; see docs/tensors.md)."""
+    """An array together with its metadata (geometry, UIDs; see docs/tensors.md).
+
+    A stage returns one to give an output's metadata; a function stage gets one for each input
+    parameter annotated ``Tensor`` (see :func:`stage`)."""
 
     array: np.ndarray
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        """The voxel size in mm along each axis (``metadata["spacing"]``), or None if unknown."""
+        value = self.metadata.get("spacing")
+        return None if value is None else tuple(float(v) for v in value)
 
 
 class StageContext:
@@ -454,7 +463,13 @@ def stage(
             return (image > level).astype(np.uint8)
 
     Positional arguments receive the inputs by port name; ``ctx`` is passed if the function has
-    a parameter of that name.
+    a parameter of that name. An array input annotated :class:`Tensor` receives
+    ``Tensor(array, metadata)``, so the function can read its geometry (``.spacing`` in mm)::
+
+        @stage(inputs={"mask": Port("array", "uint8", (-1, -1, -1))},
+               outputs={"ml": Port("float64")})
+        def volume_ml(mask: Tensor):
+            return float(mask.array.sum()) * math.prod(mask.spacing) / 1000.0
     """
 
     def wrap(fn: Callable) -> type[Stage]:
@@ -471,6 +486,8 @@ def stage(
                     "keyword-only (after *)"
                 )
 
+        with_metadata = _tensor_parameters(fn, signature, dict(inputs or {}))
+
         def __init__(self, **params: Any) -> None:
             self.params = params
 
@@ -484,6 +501,8 @@ def stage(
         def execute(self, ctx: StageContext, **values: Any) -> Any:
             if wants_ctx:
                 values["ctx"] = ctx
+            for port in with_metadata:
+                values[port] = Tensor(values[port], dict(ctx.metadata.get(port, {})))
             return fn(**values, **self.params)
 
         namespace = {
@@ -500,3 +519,22 @@ def stage(
         return type(fn.__name__, (Stage,), namespace)
 
     return wrap
+
+
+def _tensor_parameters(
+    fn: Callable, signature: inspect.Signature, ports: Mapping[str, Port]
+) -> set[str]:
+    """The array input ports whose parameter is annotated ``Tensor`` (the class, or its name in
+    a string annotation under ``from __future__ import annotations``)."""
+    names = {"Tensor", "dataflow.Tensor", "dataflow.stage.Tensor"}
+    out = set()
+    for p in signature.parameters.values():
+        if p.name not in ports or not (p.annotation is Tensor or p.annotation in names):
+            continue
+        if ports[p.name].type != "array":
+            raise PortError(
+                f"stage function {fn.__name__!r}: argument {p.name!r} is annotated Tensor but "
+                f"input port {p.name!r} is {ports[p.name].type!r}, not an array"
+            )
+        out.add(p.name)
+    return out
