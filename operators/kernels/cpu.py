@@ -4,18 +4,21 @@ These are the raw kernels: arguments are already checked and converted by
 ``operators.kernels`` (C-contiguous, read-only inputs, preallocated outputs, host tables). They
 are compiled on first call (see docs/kernels.md for the times and :func:`warmup`).
 
-Caching: off by default (``cache=True`` writes next to this file, or to ``NUMBA_CACHE_DIR``, and
-fails where neither is writable). Set ``DATAFLOW_NUMBA_CACHE=1`` to turn it on where a writable
-cache directory is guaranteed.
+Caching: on by default. Compiled kernels are written to a per-user directory chosen by
+:func:`dataflow.execution.jitcache.configure_numba_cache` (``NUMBA_CACHE_DIR`` if set, else
+``$XDG_CACHE_HOME/dataflow/numba``), so the next process loads them instead of compiling; with
+nothing writable, or ``DATAFLOW_NUMBA_CACHE=0``, every process compiles.
 """
 
 from __future__ import annotations
 
-import os
+from dataflow.execution.jitcache import configure_numba_cache
 
-import numba
-import numpy as np
-from numba import njit, prange
+CACHE = configure_numba_cache()  # before numba is imported, so it reads NUMBA_CACHE_DIR
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 __all__ = [
     "affine",
@@ -34,7 +37,6 @@ __all__ = [
     "window_level",
 ]
 
-CACHE = os.environ.get("DATAFLOW_NUMBA_CACHE", "") == "1"
 _PAR = {"parallel": True, "cache": CACHE, "nogil": True, "error_model": "numpy"}
 _SER = {"cache": CACHE, "nogil": True, "error_model": "numpy"}
 
