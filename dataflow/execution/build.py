@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 
 from dataflow.execution.local import StageDef
-from dataflow.pipeline import Graph, OperatorNode
+from dataflow.pipeline import Graph, OperatorNode, images
 from dataflow.scheduler import Inventory, PlacementError, Plan, ReplicaRequest, place
 
 __all__ = ["plan_pipeline", "stage_defs"]
@@ -42,6 +42,9 @@ def replica_requests(graph: Graph) -> list[ReplicaRequest]:
     requests = []
     for node in graph.nodes.values():
         r = node.requests
+        bundled = images.bundled(node.spec.container) if node.kind == "container" else None
+        if bundled is not None and not bundled.gpu:  # the image's GPU, not its stand-in's
+            r = dataclasses.replace(r, gpu=0)
         for replica in range(node.spec.replicas):
             requests.append(
                 ReplicaRequest(
@@ -68,23 +71,30 @@ def plan_pipeline(
 
 def _refuse_unrunnable(graph: Graph) -> None:
     """A container operator with an image but no command needs a container engine: a valid
-    pipeline (``validate`` warns) that this machine cannot run; refuse before anything starts."""
+    pipeline (``validate`` warns) that this machine cannot run; refuse before anything starts.
+    So is an image the image table (``dataflow.pipeline.images``) knows cannot be had here,
+    with the table's reason; an image a bundled stage does runs without an engine."""
     from dataflow.execution.command import container_engine
 
-    blocked = [
-        node
-        for node in graph.nodes.values()
-        if node.kind == "container" and node.spec.container and not node.spec.container.command
-    ]
-    if blocked and container_engine() is None:
-        names = ", ".join(
-            f"operator {n.name!r} (image {n.spec.container.reference!r}, "
-            f"{n.spec.container.at('image')})"
-            for n in blocked
+    reasons = {}
+    for node in graph.nodes.values():
+        container = node.spec.container
+        if node.kind != "container" or container is None or images.bundled(container):
+            continue
+        known = images.lookup(container)
+        if known is not None:
+            reasons[node.name] = known.describe()
+        elif not container.command:
+            reasons[node.name] = "no command to run"
+    if reasons and container_engine() is None:
+        names = "; ".join(
+            f"operator {name!r} (image {container.reference!r}, {container.at('image')}): {why}"
+            for name, why in reasons.items()
+            if (container := graph.nodes[name].spec.container)
         )
         message = (
-            f"cannot run here: {names}: no command to run and no docker or podman daemon "
-            "answers (set DATAFLOW_CONTAINER_ENGINE, or give the operator a command)"
+            f"cannot run here: {names}; no docker or podman daemon answers (set "
+            "DATAFLOW_CONTAINER_ENGINE, or give the operator a command)"
         )
         raise PlacementError(message, [message])
 
@@ -118,6 +128,10 @@ def stage_defs(graph: Graph, plan: Plan, *, memory_limit: int | None = None) -> 
             ref, arguments = node.stage_class, dict(node.arguments)
         else:
             ref, arguments = COMMAND_STAGE, _command_arguments(node, in_names, out_names)
+            bundled = images.bundled(node.spec.container)  # a Clara image done by a stage
+            if bundled is not None:
+                ref = bundled.stage
+                arguments["ports"] = images.port_types(node, in_names, out_names)
         assignments = [plan.assignment(name, r) for r in range(node.spec.replicas)]
         if node.requests.memory is not None:
             limit, source = int(node.requests.memory) * MIB, "requests.memory"

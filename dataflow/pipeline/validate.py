@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dataflow.pipeline import images
 from dataflow.pipeline.diagnostics import Collector, PipelineError, Report
 from dataflow.pipeline.graph import Graph, OperatorNode, connect, topological_order
 from dataflow.pipeline.load import load_pipeline
@@ -216,6 +217,26 @@ def _requests(given: Requests, cls: type[Stage]) -> Requests:
 # --------------------------------------------------------------------------- environment
 
 
+def _check_bundled(op: OperatorSpec, image: images.Image, diags: Collector) -> None:
+    """A Clara image a bundled stage does (``dataflow.pipeline.images``): a note saying so,
+    an error if that stage cannot be imported or lacks a module it needs."""
+    where = {"operator": op.name, "field": "container.image"}
+    loc = op.container.at("image")
+    try:
+        cls = import_stage(image.stage, [])
+        absent = missing_requirements(cls, {})
+    except (StageImportError, RequirementError) as exc:
+        diags.error(loc, f"image {op.container.reference!r} ({image.source}): {exc}", **where)
+        return
+    if absent:
+        message = (
+            f"image {op.container.reference!r} {image.describe()}, which {missing_message(absent)}"
+        )
+        diags.error(loc, message, **where)
+        return
+    diags.note(loc, f"image {op.container.reference!r} {image.describe()}", **where)
+
+
 def _environment(nodes: list[OperatorNode], diags: Collector, available: int | None) -> None:
     if available is None:
         available, how = gpus_available()
@@ -228,12 +249,16 @@ def _environment(nodes: list[OperatorNode], diags: Collector, available: int | N
         no_runtime = "no docker or podman daemon answers"
     for node in nodes:
         op = node.spec
-        if op.container is not None and op.container.image and runtime is None:
-            instead = (
-                "its command runs as a local subprocess instead"
-                if op.container.command
-                else "it has no command to run without one"
-            )
+        known = images.lookup(op.container) if op.stage is None else None
+        if known is not None and known.stage is not None:
+            _check_bundled(op, known, diags)
+        elif op.container is not None and op.container.image and runtime is None:
+            if known is not None:
+                instead = known.describe()
+            elif op.container.command:
+                instead = "its command runs as a local subprocess instead"
+            else:
+                instead = "it has no command to run without one"
             diags.warning(
                 op.container.at("image"),
                 f"cannot run image {op.container.reference!r} here ({no_runtime}); {instead}",
@@ -241,6 +266,8 @@ def _environment(nodes: list[OperatorNode], diags: Collector, available: int | N
                 field="container.image",
             )
         per_worker = int(node.requests.gpu or 0)
+        if known is not None and known.stage is not None and not known.gpu:
+            per_worker = 0  # the image asked for a GPU; the stage doing its job needs none
         needed = per_worker * op.replicas
         if needed > available:
             if op.requests.gpu is not None:

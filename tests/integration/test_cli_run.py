@@ -100,9 +100,9 @@ def test_run_refuses_a_bad_input_folder(tmp_path):
 def test_plan_and_run_refuse_an_image_this_machine_cannot_run(tmp_path):
     out = dataflow("plan", "pipelines/clara/covid19.yaml")
     assert out.returncode == 1
-    assert (
-        "cannot run here: operator 'dicom-reader' (image 'clara/dicom-reader:latest'" in out.stderr
-    )
+    assert "cannot run here: operator 'lung-segmentation' (image 'clara/ai-lung:latest'" in (
+        out.stderr
+    )  # dicom-reader runs here as a bundled stage (tests/integration/test_clara_images.py)
     assert "covid19.yaml:" in out.stderr  # where the image is named
     ran = dataflow("run", "pipelines/clara/covid19.yaml", "--input", SAMPLES, "--output", tmp_path)
     assert ran.returncode == 2 and "cannot run here" in ran.stderr
