@@ -268,10 +268,13 @@ def ccl_labels(mask: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> int:
 
 
 @njit(**_PAR)
-def label_sizes(labels, count):
-    """Voxels per label 0..count of a flat int32 label array (per-thread histograms)."""
+def _label_sizes(labels, count, threads):
+    """Voxels per label 0..count of a flat int32 label array (one histogram per thread).
+
+    ``threads`` comes from the caller: ``numba.get_num_threads()`` inside a kernel is a dynamic
+    global, which keeps the kernel out of Numba's on-disk cache.
+    """
     n = labels.size
-    threads = numba.get_num_threads()
     chunk = (n + threads - 1) // threads
     partial = np.zeros((threads, count + 1), np.int64)
     for t in prange(threads):
@@ -282,6 +285,11 @@ def label_sizes(labels, count):
     for t in range(threads):
         sizes += partial[t]
     return sizes
+
+
+def label_sizes(labels: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per label 0..count of a flat int32 label array."""
+    return _label_sizes(labels, count, max(1, numba.get_num_threads()))
 
 
 @njit(**_PAR)

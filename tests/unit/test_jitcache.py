@@ -89,3 +89,42 @@ def test_nothing_writable_runs_without_cache(tmp_path):
     blocked = str(_blocked(tmp_path))
     out = _probe({"NUMBA_CACHE_DIR": blocked, "XDG_CACHE_HOME": blocked, "TMPDIR": blocked})
     assert out["cache"] is False and out["hits"] == 0
+
+
+_PROBE_ALL = """
+import json, warnings
+from numba.core.errors import NumbaWarning
+warnings.simplefilter("error", NumbaWarning)  # "Cannot cache compiled function ..." fails here
+from numba.core.registry import CPUDispatcher
+from operators.kernels import cpu, warmup
+warmup()
+kernels = {n: f for n, f in vars(cpu).items() if isinstance(f, CPUDispatcher)}
+print(json.dumps({"misses": {n: sum(f.stats.cache_misses.values()) for n, f in kernels.items()},
+                  "hits": {n: sum(f.stats.cache_hits.values()) for n, f in kernels.items()}}))
+"""
+
+
+def test_every_cpu_kernel_warmup_compiles_is_cached(tmp_path):
+    """A kernel Numba cannot cache (e.g. one calling numba.get_num_threads() inside) is
+    recompiled by every worker process and warns on every compile; CI caught one that way."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME",)}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
+
+    def probe() -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE_ALL],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = probe()
+    compiled = sorted(n for n, m in first["misses"].items() if m)
+    assert "_label_sizes" in compiled and "threshold" in compiled
+    second = probe()
+    assert {n: second["misses"][n] for n in compiled} == dict.fromkeys(compiled, 0)
+    assert all(second["hits"][n] >= 1 for n in compiled)
