@@ -77,10 +77,10 @@ def _one_of(value: str | None, valid: tuple[str, ...], option: str) -> None:
     """Exit 2 with the valid values (and the closest, if any) unless ``value`` is one."""
     if value is None or value in valid:
         return
-    import difflib
+    from dataflow.hints import suggest
 
-    close = difflib.get_close_matches(value, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    close = suggest(value, valid)
+    hint = f"; did you mean {close!r}?" if close else ""
     typer.echo(f"error: {option} {value!r}: expected one of {', '.join(valid)}{hint}", err=True)
     raise typer.Exit(2)
 

@@ -30,6 +30,7 @@ from connectors.dicom.receiver import Receiver
 from connectors.dicom.sender import Destination
 from connectors.dicom.stow import WebDestination
 from dataflow.errors import DataflowError
+from dataflow.hints import unknown_keys
 
 __all__ = ["DicomConfigError", "DicomConnector", "parse_section"]
 
@@ -86,9 +87,7 @@ def _keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
         raise DicomConfigError(f"{at}: expected a mapping")
     unknown = set(data) - allowed
     if unknown:
-        raise DicomConfigError(
-            f"{at}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(allowed))})"
-        )
+        raise DicomConfigError(f"{at}: {unknown_keys(unknown, allowed)}")
     return dict(data)
 
 

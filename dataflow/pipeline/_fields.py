@@ -6,11 +6,11 @@ with them (internal to :mod:`dataflow.pipeline.load`).
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from dataflow.hints import suggest
 from dataflow.pipeline._yaml import Node, Scope, substitute
 from dataflow.pipeline.diagnostics import Collector, Location
 
@@ -286,10 +286,3 @@ class FieldReader:
                         operator=operator,
                         field=field,
                     )
-
-
-def suggest(word: str, choices: Iterable[str]) -> str | None:
-    """The choice ``word`` most likely misspells (case-insensitive), or None."""
-    by_key = {c.casefold(): c for c in choices}
-    close = difflib.get_close_matches(word.casefold(), list(by_key), n=1, cutoff=0.75)
-    return by_key[close[0]] if close else None

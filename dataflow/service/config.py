@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from dataflow.errors import DataflowError
+from dataflow.hints import unknown_keys
 from dataflow.units import parse_bytes
 
 __all__ = [
@@ -51,7 +52,9 @@ __all__ = [
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _KEY_PATH = re.compile(r"[^.\[\]=\s]+(\[\d+\])*(\.[^.\[\]=\s]+(\[\d+\])*)*")
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-_CORE_KEYS = {"state", "pipelines", "log", "retention", "limits"}
+SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits")  # the rest: connectors
+_RETENTION_KEYS = ("succeeded", "failed", "interval")
+_PIPELINE_KEYS = ("file", "params", "replicas", "limits")
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -133,11 +136,9 @@ def _retention(section: Any, path: Path) -> Retention:
         return Retention()
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'retention' must be a mapping (succeeded, failed, interval)")
-    unknown = set(section) - {"succeeded", "failed", "interval"}
+    unknown = set(section) - set(_RETENTION_KEYS)
     if unknown:
-        raise ConfigError(
-            f"{path}: retention: unknown key(s) {sorted(unknown)} (succeeded, failed, interval)"
-        )
+        raise ConfigError(f"{path}: retention: {unknown_keys(unknown, _RETENTION_KEYS)}")
     interval = parse_duration(section.get("interval", 600), f"{path}: retention.interval")
     if not interval:
         raise ConfigError(f"{path}: retention.interval must be a positive duration")
@@ -159,7 +160,7 @@ def _limits(section: Any, where: str, base: JobLimits, *, service_wide: bool) ->
     if unknown:
         hint = " (shutdown-grace is service-wide: set it under the top-level limits)" if (
             "shutdown-grace" in unknown and not service_wide) else ""  # fmt: skip
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} ({', '.join(allowed)}){hint}")
+        raise ConfigError(f"{where}: {unknown_keys(unknown, allowed)}{hint}")
     changes: dict[str, Any] = {}
     for key in ("stage-timeout", "job-timeout", "shutdown-grace"):
         if key in section:
@@ -291,9 +292,13 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     log = data.get("log") or {}
     if not isinstance(log, dict):
         raise ConfigError(f"{path}: 'log' must be a mapping (level, format)")
+    if set(log) - {"level", "format"}:
+        raise ConfigError(
+            f"{path}: log: {unknown_keys(set(log) - {'level', 'format'}, ('level', 'format'))}"
+        )
     connectors = {}
     for key, section in data.items():
-        if key in _CORE_KEYS:
+        if key in SERVICE_KEYS:
             continue
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: section {key!r} must be a mapping")
@@ -320,11 +325,9 @@ def _pipelines(section: Any, base: Path, path: Path, limits: JobLimits) -> dict[
             entry = {"file": entry}
         if not isinstance(entry, dict) or "file" not in entry:
             raise ConfigError(f"{where}: expected a file name or a mapping with 'file'")
-        unknown = set(entry) - {"file", "params", "replicas", "limits"}
+        unknown = set(entry) - set(_PIPELINE_KEYS)
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {sorted(unknown)} (file, params, replicas, limits)"
-            )
+            raise ConfigError(f"{where}: {unknown_keys(unknown, _PIPELINE_KEYS)}")
         file = Path(str(entry["file"])).expanduser()
         file = file if file.is_absolute() else (base / file).resolve()
         if not file.is_file():

@@ -41,8 +41,9 @@ import structlog
 
 from dataflow.errors import DataflowError
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
+from dataflow.hints import suggest
 from dataflow.logs import scrub
-from dataflow.service.config import JobLimits, ServiceConfig
+from dataflow.service.config import SERVICE_KEYS, JobLimits, ServiceConfig
 from dataflow.service.health import HealthWriter, ServiceLock, read_previous
 from dataflow.service.jobs import JobRecord, JobStore
 
@@ -87,7 +88,12 @@ def load_connector(name: str) -> Callable[[dict[str, Any], ServiceHost], Connect
     found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
     if name not in found:
         known = ", ".join(sorted(found)) or "none installed"
-        raise ServiceError(f"configuration section {name!r} names no connector (known: {known})")
+        guess = suggest(name, [*found, *SERVICE_KEYS])
+        hint = f"did you mean {guess!r}? " if guess else ""
+        raise ServiceError(
+            f"neither a service setting nor a connector "
+            f"({hint}settings: {', '.join(sorted(SERVICE_KEYS))}; connectors: {known})"
+        )
     return found[name].load()
 
 

@@ -70,7 +70,10 @@ def test_a_typo_in_the_dicom_section_is_refused_before_any_worker_starts(folder)
         Service(load_config(config)).start()
     message = str(info.value)
     assert "nothing was started" in message
-    assert f"{config}: dicom" in message and "unknown key(s) ['recievers']" in message
+    assert (
+        f"{config}: dicom" in message
+        and "unknown key 'recievers' (did you mean 'receivers'?" in message
+    )
     assert not marker.exists()  # no worker was started, let alone warmed
     # the witness: fixed, the same service starts a worker that prepares
     service = Service(load_config(service_file(folder, {"good": good})))

@@ -66,7 +66,7 @@ def _section(**extra):
 def test_an_unknown_key_of_the_dicom_section_is_named_without_a_stray_dot(tmp_path):
     with pytest.raises(DicomConfigError) as info:
         parse_section(_section(recievers=[]), pipelines=("seg",), state=tmp_path, base=tmp_path)
-    assert str(info.value).startswith("dicom: unknown key(s) ['recievers']")
+    assert str(info.value).startswith("dicom: unknown key 'recievers' (did you mean 'receivers'?")
     assert "dicom.:" not in str(info.value)
     with pytest.raises(DicomConfigError) as info:
         parse_section([1], pipelines=("seg",), state=tmp_path, base=tmp_path)

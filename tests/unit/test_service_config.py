@@ -140,7 +140,10 @@ def test_limits_default_and_are_set_service_wide_and_per_pipeline(tmp_path):
     ("limits", "message"),
     [
         ("limits: 10m", r"service.yaml: limits: must be a mapping"),
-        ("limits: {stage-timout: 1m}", r"limits: unknown key\(s\) \['stage-timout'\]"),
+        (
+            "limits: {stage-timout: 1m}",
+            r"limits: unknown key 'stage-timout' \(did you mean 'stage-timeout'",
+        ),
         ("limits: {stage-timeout: soon}", r"limits.stage-timeout: 'soon' is not a duration"),
         ("limits: {job-timeout: 0}", r"limits.job-timeout: 0: give a positive duration"),
         ("limits: {shutdown-grace: never}", r"limits.shutdown-grace: 'never': give a positive"),
