@@ -221,6 +221,18 @@ def threshold(
     return res
 
 
+def _runs(mask: np.ndarray, connectivity: int) -> tuple:
+    from . import cpu
+
+    return cpu.runs(mask, c.row_neighbours(connectivity), _threads())
+
+
+def _threads() -> int:
+    import numba
+
+    return max(1, numba.get_num_threads())
+
+
 def label(
     mask: Any, connectivity: int = 6, *, out: Any = None, device: str = "auto"
 ) -> tuple[Any, int]:
@@ -229,12 +241,16 @@ def label(
     Labels are 1..n in raster order of each component's first voxel, as scipy.ndimage.label."""
     if _use_cuda(mask, device):
         return _cuda("label_cuda")(mask, connectivity, out=out)
-    offsets = c.neighbour_offsets(connectivity)
+    c.neighbour_offsets(connectivity)  # checks connectivity before any work
     src = c.host_mask(mask)
     res = _out(out, src.shape, np.int32)
+    if src.size == 0:
+        return res, 0
+    row_start, starts, ends, labels, count = _runs(src, connectivity)
     from . import cpu
 
-    return res, cpu.ccl_labels(src, offsets, res)
+    cpu.paint_runs(row_start, starts, ends, labels, np.int32(0), res)
+    return res, count
 
 
 def connected_components(
@@ -251,14 +267,17 @@ def connected_components(
     if _use_cuda(mask, device):
         fn = _cuda("connected_components_cuda")
         return fn(mask, connectivity, keep_largest=keep_largest, min_size=min_size, out=out)
+    c.neighbour_offsets(connectivity)
     src = c.host_mask(mask)
     res = _out(out, src.shape, np.uint8)
-    labels, count = label(src, connectivity, device="cpu")
+    if src.size == 0:
+        return res
+    row_start, starts, ends, labels, count = _runs(src, connectivity)
     from . import cpu
 
-    flat = labels.reshape(-1)
-    sizes = cpu.label_sizes(flat, count)  # threads x labels: fine up to millions of labels
-    cpu.apply_table(flat, c.keep_table(sizes, keep_largest, min_size), res.reshape(-1))
+    sizes = cpu.run_label_sizes(starts, ends, labels, count)
+    keep = c.keep_table(sizes, keep_largest, min_size)
+    cpu.paint_runs(row_start, starts, ends, keep[labels], np.uint8(0), res)
     return res
 
 
@@ -268,16 +287,18 @@ def fill_holes(mask: Any, connectivity: int = 6, *, out: Any = None, device: str
     mask. Use 6 for the background of a 26-connected object (the usual pairing)."""
     if _use_cuda(mask, device):
         return _cuda("fill_holes_cuda")(mask, connectivity, out=out)
+    c.neighbour_offsets(connectivity)
     src = c.host_mask(mask)
     res = _out(out, src.shape, np.uint8)
     if src.size == 0:
         return res
     background = (src == 0).view(np.uint8)
-    labels, count = label(background, connectivity, device="cpu")
-    holes = c.hole_table(count, c.border_labels(labels))
+    row_start, starts, ends, labels, count = _runs(background, connectivity)
     from . import cpu
 
-    cpu.fill_from_table(src.reshape(-1), labels.reshape(-1), holes, res.reshape(-1))
+    outside = cpu.border_run_labels(row_start, starts, ends, labels, src.shape, count)
+    # the background runs of components touching the border stay 0, everything else is 1
+    cpu.paint_runs(row_start, starts, ends, 1 - outside[labels], np.uint8(1), res)
     return res
 
 

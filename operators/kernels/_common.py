@@ -28,6 +28,7 @@ __all__ = [
     "readonly",
     "resample_shape",
     "resample_tables",
+    "row_neighbours",
     "threshold_bounds",
     "window_params",
 ]
@@ -198,6 +199,20 @@ def neighbour_offsets(connectivity: int) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
+def row_neighbours(connectivity: int) -> np.ndarray:
+    """The already-visited rows next to a row, for run-based labelling: (k, 3) int64
+    (dz, dy, ext) rows, ext = 1 where a neighbour one voxel away along x (the last axis) counts,
+    so runs meeting only at a corner join, else 0 (the runs must overlap).
+
+    6: (0, -1, 0), (-1, 0, 0); 18: the in-plane and through-plane rows with ext = 1, the two
+    (dz, dy) diagonals with ext = 0; 26: all four rows with ext = 1."""
+    rows: dict[tuple[int, int], int] = {}
+    for dz, dy, dx in neighbour_offsets(connectivity):
+        if (dz, dy) != (0, 0):
+            rows[(int(dz), int(dy))] = max(rows.get((int(dz), int(dy)), 0), int(dx != 0))
+    return np.array([(dz, dy, ext) for (dz, dy), ext in sorted(rows.items())], dtype=np.int64)
+
+
 def keep_table(sizes: np.ndarray, keep_largest: bool, min_size: int) -> np.ndarray:
     """uint8 per label (0 = background): components of at least ``min_size`` voxels, and of
     those only the largest if ``keep_largest`` (ties: the lowest label, first in raster order)."""
@@ -210,12 +225,6 @@ def keep_table(sizes: np.ndarray, keep_largest: bool, min_size: int) -> np.ndarr
         if candidates[best] >= 0:
             keep[best + 1] = 1
     return keep
-
-
-def border_labels(labels: np.ndarray) -> np.ndarray:
-    """The distinct labels on the six faces of a [D, H, W] label volume."""
-    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
-    return np.unique(np.concatenate([f.reshape(-1) for f in faces]))
 
 
 def hole_table(count: int, outside: np.ndarray) -> np.ndarray:

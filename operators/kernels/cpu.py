@@ -16,21 +16,20 @@ from dataflow.execution.jitcache import configure_numba_cache
 
 CACHE = configure_numba_cache()  # before numba is imported, so it reads NUMBA_CACHE_DIR
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 __all__ = [
     "affine",
-    "apply_table",
-    "ccl_labels",
-    "fill_from_table",
+    "border_run_labels",
     "gaussian_axis0",
     "gaussian_axis1",
     "gaussian_axis2",
-    "label_sizes",
     "minmax",
+    "paint_runs",
     "resample",
+    "run_label_sizes",
+    "runs",
     "squared_deviation",
     "threshold",
     "total",
@@ -178,10 +177,52 @@ def gaussian_axis2(src, w, out):
 
 
 # ------------------------------------------------------------------ connected components
-# Union-find over flat voxel indices with the invariant parent[i] <= i (a root is the first
-# voxel of its component in raster order). Slabs of planes are unioned in parallel (each
-# touches only its own entries), then the planes between slabs serially, then one raster pass
-# numbers the roots 1, 2, ... in raster order — the numbering scipy.ndimage.label uses.
+# Run-based union-find. A run is a maximal stretch of foreground along the last axis (x);
+# runs are numbered in raster order of their first voxel, row (z, y) by row. Only runs are
+# unioned, never voxels: each run with the runs of the already-visited rows next to it (the
+# rows of ``_common.row_neighbours``: (dz, dy, ext), ext = 1 where diagonal neighbours along x
+# count, so runs touching at a corner join). The forest keeps parent[r] <= r, so a root is the
+# first run of its component in raster order and holds the component's first voxel: numbering
+# the roots 1, 2, ... in run order is scipy.ndimage.label's numbering. Slabs of planes are
+# unioned in parallel (each touches only its own runs), then the planes between the slabs.
+
+
+@njit(**_PAR)
+def _count_runs(mask, counts):
+    """counts[row] = the number of runs of nonzero voxels in each row (z, y) of ``mask``."""
+    depth, height, width = mask.shape
+    for r in prange(depth * height):
+        z = r // height
+        y = r - z * height
+        n = 0
+        previous = False
+        for x in range(width):
+            v = mask[z, y, x] != 0
+            if v and not previous:
+                n += 1
+            previous = v
+        counts[r] = n
+
+
+@njit(**_PAR)
+def _fill_runs(mask, row_start, starts, ends):
+    """Each row's runs as [start, end) along x, stored from row_start[row] on."""
+    depth, height, width = mask.shape
+    for r in prange(depth * height):
+        z = r // height
+        y = r - z * height
+        k = row_start[r]
+        x = 0
+        while x < width:
+            if mask[z, y, x] != 0:
+                s = x
+                while x < width and mask[z, y, x] != 0:
+                    x += 1
+                starts[k] = s
+                ends[k] = x
+                k += 1
+            else:
+                x += 1
 
 
 @njit(inline="always")
@@ -203,104 +244,135 @@ def _union(parent, a, b):
 
 
 @njit(inline="always")
-def _union_plane(mask, offsets, parent, z, z_min):
-    _, height, width = mask.shape
+def _union_rows(parent, starts, ends, a0, a1, b0, b1, ext):
+    """Union the runs a0..a1 of one row with the runs b0..b1 of a neighbour row they touch: a
+    merge walk over two sorted lists, each pair looked at once."""
+    i = a0
+    j = b0
+    while i < a1 and j < b1:
+        if ends[j] + ext <= starts[i]:
+            j += 1
+        elif ends[i] + ext <= starts[j]:
+            i += 1
+        else:
+            _union(parent, i, j)
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+
+
+@njit(inline="always")
+def _union_plane(row_start, starts, ends, parent, neighbours, height, z, z_min):
     for y in range(height):
-        for x in range(width):
-            if mask[z, y, x] == 0:
+        r = z * height + y
+        a0 = row_start[r]
+        a1 = row_start[r + 1]
+        if a0 == a1:
+            continue
+        for k in range(neighbours.shape[0]):
+            zz = z + neighbours[k, 0]
+            yy = y + neighbours[k, 1]
+            if zz < z_min or yy < 0 or yy >= height:
                 continue
-            i = (z * height + y) * width + x
-            for k in range(offsets.shape[0]):
-                zz = z + offsets[k, 0]
-                yy = y + offsets[k, 1]
-                xx = x + offsets[k, 2]
-                if zz < z_min or yy < 0 or yy >= height or xx < 0 or xx >= width:
-                    continue
-                if mask[zz, yy, xx] != 0:
-                    _union(parent, i, (zz * height + yy) * width + xx)
+            q = zz * height + yy
+            b0 = row_start[q]
+            b1 = row_start[q + 1]
+            _union_rows(parent, starts, ends, a0, a1, b0, b1, neighbours[k, 2])
 
 
 @njit(**_PAR)
-def _ccl_slabs(mask, offsets, parent, slabs):
-    depth = mask.shape[0]
-    plane = mask.shape[1] * mask.shape[2]
+def _union_slabs(row_start, starts, ends, parent, neighbours, depth, height, slabs):
     for s in prange(slabs):
         z0 = s * depth // slabs
         z1 = (s + 1) * depth // slabs
-        for i in range(z0 * plane, z1 * plane):
+        for i in range(row_start[z0 * height], row_start[z1 * height]):
             parent[i] = i
         for z in range(z0, z1):
-            _union_plane(mask, offsets, parent, z, z0)
+            _union_plane(row_start, starts, ends, parent, neighbours, height, z, z0)
 
 
 @njit(**_SER)
-def _ccl_seams_and_number(mask, offsets, parent, slabs, out):
-    depth = mask.shape[0]
+def _join_and_number(row_start, starts, ends, parent, neighbours, depth, height, slabs):
+    """Join the slabs, then number the roots 1..n in run order (parent[r] < r is numbered
+    before r, so one pass does). Returns n; ``parent`` then holds each run's label."""
     for s in range(1, slabs):
         z = s * depth // slabs
-        _union_plane(mask, offsets, parent, z, z - 1)  # only dz = -1 rows reach z - 1
-    flat = mask.ravel()
+        _union_plane(row_start, starts, ends, parent, neighbours, height, z, z - 1)
     n = 0
-    for i in range(flat.size):
-        if flat[i] == 0:
-            out[i] = 0
-        elif parent[i] == i:
+    for r in range(parent.size):
+        p = parent[r]
+        if p == r:
             n += 1
-            out[i] = n
+            parent[r] = n
         else:
-            out[i] = out[parent[i]]  # parent[i] < i: already numbered with its root's label
+            parent[r] = parent[p]  # p < r: already replaced by its root's label
     return n
 
 
-def ccl_labels(mask: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> int:
-    """Label ``mask`` (uint8 C-contiguous 3-D) into ``out`` (int32, same shape); returns n."""
-    if mask.size == 0:
-        return 0
+def runs(mask: np.ndarray, neighbours: np.ndarray, threads: int) -> tuple:
+    """The runs of ``mask`` (uint8, C-contiguous, 3-D) and their components, using at most
+    ``threads`` slabs: (row_start int64 [rows + 1], starts int32, ends int32, label int32 per
+    run, n). Row (z, y)'s runs are row_start[z * height + y] up to the next row's start."""
     if mask.size >= 2**31:
         raise ValueError("connected components: volumes of 2**31 voxels or more are not supported")
-    slabs = max(1, min(mask.shape[0], numba.get_num_threads()))
-    parent = np.empty(mask.size, np.int32)
-    _ccl_slabs(mask, offsets, parent, slabs)
-    return int(_ccl_seams_and_number(mask, offsets, parent, slabs, out.reshape(-1)))
-
-
-# ------------------------------------------------------------------ per-label tables
+    depth, height, _ = mask.shape
+    counts = np.zeros(depth * height + 1, np.int64)
+    _count_runs(mask, counts[1:])
+    row_start = np.cumsum(counts)
+    total_runs = int(row_start[-1])
+    starts = np.empty(total_runs, np.int32)
+    ends = np.empty(total_runs, np.int32)
+    _fill_runs(mask, row_start, starts, ends)
+    labels = np.empty(total_runs, np.int32)
+    slabs = max(1, min(depth, threads))
+    _union_slabs(row_start, starts, ends, labels, neighbours, depth, height, slabs)
+    n = _join_and_number(row_start, starts, ends, labels, neighbours, depth, height, slabs)
+    return row_start, starts, ends, labels, int(n)
 
 
 @njit(**_PAR)
-def _label_sizes(labels, count, threads):
-    """Voxels per label 0..count of a flat int32 label array (one histogram per thread).
+def paint_runs(row_start, starts, ends, values, background, out):
+    """out[z, y, x] = values[run] on each run's voxels, ``background`` elsewhere."""
+    depth, height, width = out.shape
+    for r in prange(depth * height):
+        z = r // height
+        y = r - z * height
+        x = 0
+        for k in range(row_start[r], row_start[r + 1]):
+            s = starts[k]
+            while x < s:
+                out[z, y, x] = background
+                x += 1
+            v = values[k]
+            e = ends[k]
+            while x < e:
+                out[z, y, x] = v
+                x += 1
+        while x < width:
+            out[z, y, x] = background
+            x += 1
 
-    ``threads`` comes from the caller: ``numba.get_num_threads()`` inside a kernel is a dynamic
-    global, which keeps the kernel out of Numba's on-disk cache.
-    """
-    n = labels.size
-    chunk = (n + threads - 1) // threads
-    partial = np.zeros((threads, count + 1), np.int64)
-    for t in prange(threads):
-        row = partial[t]
-        for i in range(t * chunk, min(n, (t + 1) * chunk)):
-            row[labels[i]] += 1
+
+@njit(**_SER)
+def run_label_sizes(starts, ends, labels, count):
+    """Voxels per label 0..count (label 0, the background, stays 0)."""
     sizes = np.zeros(count + 1, np.int64)
-    for t in range(threads):
-        sizes += partial[t]
+    for k in range(labels.size):
+        sizes[labels[k]] += ends[k] - starts[k]
     return sizes
 
 
-def label_sizes(labels: np.ndarray, count: int) -> np.ndarray:
-    """Voxels per label 0..count of a flat int32 label array."""
-    return _label_sizes(labels, count, max(1, numba.get_num_threads()))
-
-
-@njit(**_PAR)
-def apply_table(labels, table, out):
-    """``out[i] = table[labels[i]]`` over flat arrays."""
-    for i in prange(labels.size):
-        out[i] = table[labels[i]]
-
-
-@njit(**_PAR)
-def fill_from_table(mask, labels, table, out):
-    """``out[i] = 1`` where ``mask`` is set, else ``table[labels[i]]`` (flat arrays)."""
-    for i in prange(labels.size):
-        out[i] = 1 if mask[i] != 0 else table[labels[i]]
+@njit(**_SER)
+def border_run_labels(row_start, starts, ends, labels, shape, count):
+    """uint8 per label 0..count: 1 where the component touches a face of the volume."""
+    depth, height, width = shape
+    touches = np.zeros(count + 1, np.uint8)
+    for r in range(depth * height):
+        z = r // height
+        y = r - z * height
+        edge_row = z == 0 or z == depth - 1 or y == 0 or y == height - 1
+        for k in range(row_start[r], row_start[r + 1]):
+            if edge_row or starts[k] == 0 or ends[k] == width:
+                touches[labels[k]] = 1
+    return touches

@@ -124,7 +124,7 @@ def test_every_cpu_kernel_warmup_compiles_is_cached(tmp_path):
 
     first = probe()
     compiled = sorted(n for n, m in first["misses"].items() if m)
-    assert "_label_sizes" in compiled and "threshold" in compiled
+    assert "_union_slabs" in compiled and "threshold" in compiled
     second = probe()
     assert {n: second["misses"][n] for n in compiled} == dict.fromkeys(compiled, 0)
     assert all(second["hits"][n] >= 1 for n in compiled)

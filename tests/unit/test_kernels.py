@@ -232,6 +232,82 @@ def test_label_empty_full_single_and_bool_input():
         K.label(np.ones((1, 1, 1), np.uint8), 8)
 
 
+def _body_with_lungs(rng):
+    """One giant component (a body: an elliptic cylinder through every slice) holding two
+    cavities (lungs) and a few specks, and the air around it: the shapes label, keep-largest
+    and fill_holes meet in a CT."""
+    z, y, x = np.mgrid[0:23, 0:41, 0:37]
+    body = ((y - 20) / 17.0) ** 2 + ((x - 18) / 15.0) ** 2 <= 1.0
+    for cx in (11, 25):
+        body &= ~((((y - 20) / 8.0) ** 2 + ((x - cx) / 4.5) ** 2 <= 1.0) & (z > 2) & (z < 20))
+    mask = body.astype(np.uint8)
+    mask[rng.random(mask.shape) < 0.01] ^= 1  # specks, and pinholes in the body
+    return mask
+
+
+def _shapes(rng):
+    checker = (np.indices((6, 7, 8)).sum(axis=0) % 2).astype(np.uint8)  # many tiny parts
+    diagonal = np.zeros((9, 9, 9), np.uint8)
+    diagonal[np.arange(9), np.arange(9), np.arange(9)] = 1  # joined only through corners
+    staircase = np.zeros((3, 4, 12), np.uint8)  # runs that meet end to start along x
+    for row in range(4):
+        staircase[row % 3, row, 3 * row : 3 * row + 3] = 1
+    return {
+        "body": _body_with_lungs(rng),
+        "checkerboard": checker,
+        "diagonal": diagonal,
+        "staircase": staircase,
+        "row along x": np.ones((1, 1, 50), np.uint8),
+        "column along z": np.ones((50, 1, 1), np.uint8),
+        "dashed column": (np.arange(40) % 3 != 0).astype(np.uint8).reshape(40, 1, 1),
+        "thin sheet": np.pad(np.ones((30, 1, 9), np.uint8), 1),
+        "empty": np.zeros((5, 6, 7), np.uint8),
+        "full": np.ones((5, 6, 7), np.uint8),
+    }
+
+
+SHAPES = list(_shapes(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_label_components_and_holes_match_scipy_on_shapes(shape, connectivity):
+    """Labels numbered as scipy's (raster order), connected_components' sizes and fill_holes
+    exactly as scipy's, on one giant component, many tiny ones, thin shapes, empty and full."""
+    ndi = scipy_ndimage()
+    mask = _shapes(np.random.default_rng(0))[shape]
+    labels, n = K.label(mask, connectivity)
+    expected, expected_n = scipy_label(mask, connectivity)
+    assert n == expected_n
+    np.testing.assert_array_equal(labels, expected)
+    sizes = np.bincount(expected.ravel(), minlength=n + 1)
+    if n:
+        largest = (expected == int(np.argmax(sizes[1:])) + 1).astype(np.uint8)
+        got = K.connected_components(mask, connectivity, keep_largest=True)
+        np.testing.assert_array_equal(got, largest)
+    kept = np.isin(expected, np.flatnonzero(sizes[1:] >= 2) + 1).astype(np.uint8)
+    np.testing.assert_array_equal(K.connected_components(mask, connectivity, min_size=2), kept)
+    structure = ndi.generate_binary_structure(3, STRUCTURE[connectivity])
+    want = ndi.binary_fill_holes(mask, structure=structure).astype(np.uint8)
+    np.testing.assert_array_equal(K.fill_holes(mask, connectivity), want)
+
+
+def test_label_counts_runs_meeting_at_a_corner_by_connectivity():
+    """Two runs of one plane that meet only diagonally (end of one, start of the next) are one
+    component with 18 and 26, two with 6; runs in planes that are diagonal in (z, y) are
+    one with 26 only."""
+    mask = np.zeros((2, 2, 6), np.uint8)
+    mask[0, 0, 0:3] = 1
+    mask[0, 1, 3:6] = 1
+    assert [K.label(mask, k)[1] for k in (6, 18, 26)] == [2, 1, 1]
+    mask = np.zeros((2, 2, 6), np.uint8)
+    mask[0, 0, 0:3] = 1
+    mask[1, 1, 3:6] = 1
+    assert [K.label(mask, k)[1] for k in (6, 18, 26)] == [2, 2, 1]
+    mask[1, 1, 2] = 1  # now they share x = 2 across the (dz, dy) diagonal: an edge
+    assert [K.label(mask, k)[1] for k in (6, 18, 26)] == [2, 1, 1]
+
+
 @pytest.mark.parametrize("connectivity", [6, 26])
 def test_connected_components_keep_largest_and_min_size(rng, connectivity):
     mask = (rng.random((10, 12, 14)) < 0.3).astype(np.uint8)
