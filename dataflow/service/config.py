@@ -10,7 +10,13 @@ A YAML mapping::
     retention: {succeeded: 8h, failed: 7d}   # then a job's outputs and its payload are removed
     limits: {stage-timeout: 10m, job-timeout: 30m, worker-memory: 4GiB, max-attempts: 3,
              shutdown-grace: 30s}   # the defaults; per pipeline: pipelines.NAME.limits
+    api: {host: 127.0.0.1, rest-port: 8080, grpc-port: 30031,   # the platform API
+          max-upload: 10GiB, disk-reserve: 1GiB}                  # (dataflow.platform)
     dicom: {...}                    # a connector's own section (connectors.dicom)
+
+With an ``api`` section ``pipelines`` may be empty (pipelines registered through the API);
+without a ``dicom`` section the service is an API-only platform. The API listens on loopback
+only: access control is not configured yet, so any other host is refused.
 
 Every other top-level key names a *connector* (found through the ``dataflow.connectors``
 entry points; ``connectors.dicom`` registers ``dicom``), whose section only it reads.
@@ -37,6 +43,7 @@ from dataflow.hints import unknown_keys
 from dataflow.units import parse_bytes
 
 __all__ = [
+    "ApiConfig",
     "ConfigError",
     "JobLimits",
     "PipelineEntry",
@@ -52,10 +59,12 @@ __all__ = [
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _KEY_PATH = re.compile(r"[^.\[\]=\s]+(\[\d+\])*(\.[^.\[\]=\s]+(\[\d+\])*)*")
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits")  # the rest: connectors
+SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits", "api")  # the rest: connectors
 _RETENTION_KEYS = ("succeeded", "failed", "interval")
 _PIPELINE_KEYS = ("file", "params", "replicas", "limits")
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
+_API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -99,6 +108,19 @@ class Retention:
 
 
 @dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    """The platform API (``api:``): where REST and gRPC listen (port 0: any free port; the
+    ports taken are written to ``STATE/api.json``; ``grpc_port`` None: no gRPC), the most
+    bytes one payload may hold, and the free disk an upload must leave."""
+
+    host: str = "127.0.0.1"
+    rest_port: int = 8080
+    grpc_port: int | None = 30031
+    max_upload: int = 10 * 1024**3
+    disk_reserve: int = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceConfig:
     path: Path
     state: Path
@@ -108,6 +130,7 @@ class ServiceConfig:
     log_format: str = "console"
     retention: Retention = Retention()
     limits: JobLimits = JobLimits()
+    api: ApiConfig | None = None
 
 
 def parse_duration(value: Any, where: str) -> float | None:
@@ -147,6 +170,44 @@ def _retention(section: Any, path: Path) -> Retention:
         failed=parse_duration(section.get("failed"), f"{path}: retention.failed"),
         interval=interval,
     )
+
+
+def _api(section: Any, path: Path) -> ApiConfig | None:
+    if section is None:
+        return None
+    where = f"{path}: api"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: must be a mapping ({', '.join(_API_KEYS)})")
+    unknown = set(section) - set(_API_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: {unknown_keys(unknown, _API_KEYS)}")
+    host = str(section.get("host", "127.0.0.1"))
+    if host not in _LOOPBACK and not host.startswith("127."):
+        raise ConfigError(
+            f"{where}.host: {host!r} is not a loopback address, and access control (API tokens "
+            "or TLS) is not configured yet: listen on 127.0.0.1 (reach it through an SSH tunnel "
+            "or a reverse proxy that authenticates)"
+        )
+    ports: dict[str, int | None] = {}
+    for key, default in (("rest-port", 8080), ("grpc-port", 30031)):
+        value = section.get(key, default)
+        if value is None and key == "grpc-port":
+            ports[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            raise ConfigError(f"{where}.{key}: {value!r} is not a port number (0 to 65535)")
+        ports[key] = value
+    sizes = {}
+    for key, default in (("max-upload", "10GiB"), ("disk-reserve", "1GiB")):
+        value = section.get(key, default)
+        try:
+            sizes[key] = parse_bytes(value) if not isinstance(value, bool) else -1
+        except ValueError:
+            sizes[key] = -1
+        if sizes[key] < 0:
+            raise ConfigError(f"{where}.{key}: {value!r} is not a size (e.g. 10GiB, 500MiB)")
+    return ApiConfig(host, ports["rest-port"] or 0, ports["grpc-port"], sizes["max-upload"],
+                     sizes["disk-reserve"])  # fmt: skip
 
 
 def _limits(section: Any, where: str, base: JobLimits, *, service_wide: bool) -> JobLimits:
@@ -288,7 +349,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     state = Path(str(data["state"])).expanduser()
     state = state if state.is_absolute() else (base / state).resolve()
     limits = _limits(data.get("limits"), f"{path}: limits", JobLimits(), service_wide=True)
-    pipelines = _pipelines(data.get("pipelines"), base, path, limits)
+    api = _api(data.get("api"), path)
+    pipelines = _pipelines(data.get("pipelines"), base, path, limits, empty_ok=api is not None)
     log = data.get("log") or {}
     if not isinstance(log, dict):
         raise ConfigError(f"{path}: 'log' must be a mapping (level, format)")
@@ -312,11 +374,16 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         log_format=str(log.get("format", "console")),
         retention=_retention(data.get("retention"), path),
         limits=limits,
+        api=api,
     )
 
 
-def _pipelines(section: Any, base: Path, path: Path, limits: JobLimits) -> dict[str, PipelineEntry]:
-    if not isinstance(section, dict) or not section:
+def _pipelines(
+    section: Any, base: Path, path: Path, limits: JobLimits, *, empty_ok: bool = False
+) -> dict[str, PipelineEntry]:
+    if empty_ok and section is None:
+        return {}
+    if not isinstance(section, dict) or not (section or empty_ok):
         raise ConfigError(f"{path}: 'pipelines' must map at least one name to a pipeline file")
     out = {}
     for name, entry in section.items():

@@ -4,6 +4,12 @@ A job is one run of one pipeline over one payload folder (a completed DICOM grou
 
     queued -> running -> succeeded | failed
 
+A job created through the platform API (:mod:`dataflow.platform`) starts ``pending`` (created,
+not started: its files are uploaded first) and becomes ``queued`` when it is started
+(:meth:`JobStore.release`); a ``pending``, ``queued`` or ``running`` job may be ``cancelled``
+(:meth:`JobStore.cancel`): the service takes no ``pending`` or ``cancelled`` job, and the end
+of a cancelled job's run does not change its state (:meth:`JobStore.finished`).
+
 plus, per registered result of a succeeded job, an *export* row handed to the connector that
 serves its agent (``handed``), or ``no-agent`` when no connector does (handed at a later start
 if one does then), or ``missing`` when its task folder was gone by then. Every transition is
@@ -48,7 +54,7 @@ from dataflow.errors import DataflowError
 
 __all__ = ["JOB_STATES", "JobRecord", "JobStore", "RetryRefused"]
 
-JOB_STATES = ("queued", "running", "succeeded", "failed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "pending", "cancelled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -161,18 +167,29 @@ class JobStore:
     # ----------------------------------------------------------------- jobs
 
     def create(
-        self, pipeline: str, payload: str | Path, *, source: dict | None = None, key: str | None
+        self,
+        pipeline: str,
+        payload: str | Path,
+        *,
+        source: dict | None = None,
+        key: str | None,
+        job_id: str | None = None,
+        state: str = "queued",
     ) -> tuple[JobRecord, bool]:
-        """A new ``queued`` job, or the existing one with this ``key``: (job, created)."""
+        """A new ``queued`` job (``pending``: created by the platform API, not started yet),
+        or the existing one with this ``key``: (job, created). ``job_id``: the platform's
+        32-hex ids; by default ``YYYYmmdd-HHMMSS-xxxxxxxx``."""
+        if state not in ("queued", "pending"):
+            raise ValueError(f"a job is created queued or pending, not {state!r}")
         if key is not None:
             existing = self._rows("SELECT * FROM jobs WHERE key = ?", (key,))
             if existing:
                 return existing[0], False
-        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        job_id = job_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._write(
             "INSERT INTO jobs (id, key, pipeline, payload, source, state, created) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-            (job_id, key, pipeline, str(payload), json.dumps(source or {}), time.time()),
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, key, pipeline, str(payload), json.dumps(source or {}), state, time.time()),
         )
         return self.get(job_id), True
 
@@ -201,12 +218,36 @@ class JobStore:
         stage: str | None = None,
         error: str | None = None,
         details: str | None = None,
-    ) -> None:
-        self._write(
+    ) -> bool:
+        """Record a job's end; False (nothing changed) if it was cancelled meanwhile."""
+        cursor = self._write(
             "UPDATE jobs SET state = ?, finished = ?, stage = ?, error = ?, details = ?"
-            " WHERE id = ?",
+            " WHERE id = ? AND state != 'cancelled'",
             ("succeeded" if ok else "failed", time.time(), stage, error, details or None, job_id),
         )
+        return cursor.rowcount == 1
+
+    def release(self, job_id: str) -> bool:
+        """A ``pending`` job becomes ``queued`` (started by the platform API); False if it was
+        not pending (started already, or cancelled)."""
+        cursor = self._write(
+            "UPDATE jobs SET state = 'queued' WHERE id = ? AND state = 'pending'", (job_id,)
+        )
+        return cursor.rowcount == 1
+
+    def cancel(self, job_id: str, reason: str) -> str | None:
+        """Cancel a ``pending``, ``queued`` or ``running`` job; the state it had, or None if
+        it had ended already (or does not exist)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] not in ("pending", "queued", "running"):
+                return None
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = ?, error = ? "
+                "WHERE id = ? AND state = ?",
+                (time.time(), reason, job_id, row[0]),
+            )
+        return row[0] if cursor.rowcount == 1 else None
 
     def note(self, job_id: str, event: str, what: str, *, stage: str | None = None) -> JobRecord:
         """Add a history entry for the job's current attempt (see the module docstring)."""
@@ -290,12 +331,32 @@ class JobStore:
             raise RetryRefused(f"job {job_id} changed while it was retried: try again")
         return self.note(job_id, "retried", f"retried by hand after: {error}")
 
-    def list(self, *, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        if state is not None:
-            return self._rows(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY created DESC LIMIT ?", (state, limit)
-            )
-        return self._rows("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        states: tuple[str, ...] = (),
+        pipelines: tuple[str, ...] = (),
+        created_after: float | None = None,
+        finished_before: float | None = None,
+    ) -> list[JobRecord]:
+        """Jobs, newest first: in ``state`` (or any of ``states``), of any of ``pipelines``,
+        created after, finished before (seconds since the epoch)."""
+        where, args = [], []
+        states = (*states, state) if state is not None else states
+        for column, values in (("state", states), ("pipeline", pipelines)):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args += list(values)
+        if created_after is not None:
+            where.append("created > ?")
+            args.append(created_after)
+        if finished_before is not None:
+            where.append("finished IS NOT NULL AND finished < ?")
+            args.append(finished_before)
+        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return self._rows(sql + " ORDER BY created DESC LIMIT ?", (*args, limit))
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -21,6 +21,11 @@
 - ``STATE/health.json`` and ``STATE/metrics.prom`` (:mod:`dataflow.service.health`) say how
   the service is, every few seconds and at each change; ``STATE/service.lock`` is held while
   it runs (one service per state folder).
+- With an ``api:`` section, a :class:`dataflow.platform.core.Platform` is built at start: it
+  adds the pipelines registered through the API (:meth:`Service.add_pipeline` at run time,
+  :meth:`Service.remove_pipeline`), starts its servers once the pipelines are warm and stops
+  them first. Jobs it creates are ``pending`` until started (:meth:`Service.start_job`);
+  :meth:`Service.cancel_job` cancels one. ``listeners`` hear every job's changes of state.
 
 ``dataflow/`` never imports ``connectors/``: connectors are found by entry point name.
 """
@@ -43,7 +48,7 @@ from dataflow.errors import DataflowError
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
 from dataflow.hints import suggest
 from dataflow.logs import scrub
-from dataflow.service.config import SERVICE_KEYS, JobLimits, ServiceConfig
+from dataflow.service.config import SERVICE_KEYS, JobLimits, PipelineEntry, ServiceConfig
 from dataflow.service.health import HealthWriter, ServiceLock, read_previous
 from dataflow.service.jobs import JobRecord, JobStore
 
@@ -109,7 +114,7 @@ class ServiceHost:
 
     @property
     def pipelines(self) -> tuple[str, ...]:
-        return tuple(self._service.config.pipelines)
+        return tuple(self._service.pipelines)
 
     def submit(
         self, pipeline: str, payload: Path, *, source: dict[str, Any], key: str | None = None
@@ -131,6 +136,10 @@ class Service:
 
     def __init__(self, config: ServiceConfig, *, startup_timeout: float = 600.0) -> None:
         self.config = config
+        self.pipelines = dict(config.pipelines)  # + those registered through the API
+        self.platform: Any = None  # dataflow.platform.core.Platform, with an api: section
+        #: called with (job id, pipeline, new state) at each change of a job's state
+        self.listeners: list[Callable[[str, str, str], None]] = []
         self.startup_timeout = startup_timeout
         self.jobs_dir = config.state / "jobs"
         self.jobs: JobStore | None = None
@@ -168,28 +177,17 @@ class Service:
 
     def _start(self) -> None:
         previous = read_previous(self.config.state)  # before this run overwrites it
-        self._check()  # the whole configuration, before any worker process starts
         self.jobs = JobStore(self.config.state / "jobs.db")
+        if self.config.api is not None:
+            from dataflow.platform.core import Platform
+
+            self.platform = Platform(self)  # adds the pipelines registered through the API
+        self._check()  # the whole configuration, before any worker process starts
         log.info("pipelines_starting", pipelines=list(self.executors))
-        ready = {name: threading.Event() for name in self.executors}
-        for name, executor in self.executors.items():
-            feed = self.feeds[name] = JobFeed()
-            thread = threading.Thread(
-                target=self._serve, args=(name, executor, feed, ready[name]),
-                name=f"pipeline {name}", daemon=True,
-            )  # fmt: skip
-            self.threads[name] = thread
-            thread.start()
+        ready = {name: self._launch(name, executor) for name, executor in self.executors.items()}
         deadline = time.monotonic() + self.startup_timeout
         for name, event in ready.items():
-            while not event.wait(0.2):
-                if self._errors or not self.threads[name].is_alive():
-                    raise ServiceError(f"pipeline {name!r} failed to start: {self._errors}")
-                if time.monotonic() > deadline:
-                    raise ServiceError(
-                        f"pipeline {name!r}: its workers were not ready after "
-                        f"{self.startup_timeout:.0f} s (see worker_failed_to_start in the log)"
-                    )
+            self._wait_ready(name, event, deadline)
         self._resume(previous)
         self.resume_exports()
         for name, connector in self.connectors.items():
@@ -203,23 +201,18 @@ class Service:
             self._reaper.start()
         self._watcher = threading.Thread(target=self._watch_loop, name="job watcher", daemon=True)
         self._watcher.start()
+        if self.platform is not None:
+            self.platform.start()
         log.info("service_started", pipelines=list(self.executors), state=str(self.config.state))
 
     def _check(self) -> None:
         """Load and validate every pipeline (stages, arguments, the modules each stage needs)
         and place it, and build every connector from its section (nothing listens yet), all
         before anything is started: one :class:`ServiceError` lists every problem found."""
-        from dataflow.run import build_executor
-
         problems: list[str] = []
-        for name, entry in self.config.pipelines.items():
+        for name, entry in self.pipelines.items():
             try:
-                _, executor = build_executor(
-                    entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
-                    log_format="json" if self.config.log_format == "json" else "console",
-                    stage_timeout=entry.limits.stage_timeout,
-                    job_timeout=entry.limits.job_timeout, memory_limit=entry.limits.worker_memory,
-                )  # fmt: skip
+                executor = self._build(entry)
             except (DataflowError, OSError, KeyError, ValueError) as exc:
                 problems.append(f"pipeline {name!r} ({entry.file}):\n{_indent(str(exc))}")
                 continue
@@ -243,6 +236,80 @@ class Service:
             )
         log.info("service_checked", pipelines=list(self.executors),
                  connectors=list(self.connectors))  # fmt: skip
+
+    def _build(self, entry: PipelineEntry) -> LocalExecutor:
+        """Load, validate and place a pipeline: its executor, not started."""
+        from dataflow.run import build_executor
+
+        _, executor = build_executor(
+            entry.file, self.jobs_dir, params=entry.params, replicas=entry.replicas,
+            log_format="json" if self.config.log_format == "json" else "console",
+            stage_timeout=entry.limits.stage_timeout,
+            job_timeout=entry.limits.job_timeout, memory_limit=entry.limits.worker_memory,
+        )  # fmt: skip
+        return executor
+
+    def _launch(self, name: str, executor: LocalExecutor) -> threading.Event:
+        """Serve ``executor`` on its own thread; the event is set once its workers are ready."""
+        ready = threading.Event()
+        feed = self.feeds[name] = JobFeed()
+        thread = threading.Thread(
+            target=self._serve, args=(name, executor, feed, ready),
+            name=f"pipeline {name}", daemon=True,
+        )  # fmt: skip
+        self.threads[name] = thread
+        thread.start()
+        return ready
+
+    def _wait_ready(self, name: str, event: threading.Event, deadline: float) -> None:
+        while not event.wait(0.2):
+            if self._errors or not self.threads[name].is_alive():
+                raise ServiceError(f"pipeline {name!r} failed to start: {self._errors}")
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"pipeline {name!r}: its workers were not ready after "
+                    f"{self.startup_timeout:.0f} s (see worker_failed_to_start in the log)"
+                )
+
+    def add_pipeline(self, entry: PipelineEntry) -> None:
+        """Load, place and start a pipeline while the service runs (registered through the
+        API); returns once its workers are warm. ServiceError (the pipeline's diagnostics)
+        if it cannot be built or started; nothing is left running then."""
+        with self._lock:
+            if entry.name in self.pipelines or self._stopping.is_set():
+                raise ServiceError(f"pipeline {entry.name!r} exists already, or the service "
+                                   "is stopping")  # fmt: skip
+            self.pipelines[entry.name] = entry
+        try:
+            executor = self._build(entry)
+            self.executors[entry.name] = executor
+            ready = self._launch(entry.name, executor)
+            self._wait_ready(entry.name, ready, time.monotonic() + self.startup_timeout)
+        except BaseException as exc:
+            self._drop_pipeline(entry.name)
+            if isinstance(exc, (DataflowError, OSError, KeyError, ValueError)):
+                raise ServiceError(f"pipeline {entry.name!r} ({entry.file}):\n"
+                                   f"{_indent(str(exc))}") from None  # fmt: skip
+            raise
+        log.info("pipeline_added", pipeline=entry.name)
+
+    def remove_pipeline(self, name: str) -> None:
+        """Stop a pipeline added with :meth:`add_pipeline` (its workers finish what they
+        hold first); the caller checked that no job of it is in flight."""
+        self._drop_pipeline(name)
+        log.info("pipeline_removed", pipeline=name)
+
+    def _drop_pipeline(self, name: str) -> None:
+        feed = self.feeds.pop(name, None)
+        if feed is not None:
+            feed.close()
+        thread = self.threads.pop(name, None)
+        if thread is not None:
+            thread.join()
+        self.executors.pop(name, None)
+        self._errors.clear()  # a failed start of this pipeline is reported by add_pipeline
+        with self._lock:
+            self.pipelines.pop(name, None)
 
     def _serve(self, name: str, executor: LocalExecutor, feed: JobFeed, ready) -> None:
         try:
@@ -279,6 +346,8 @@ class Service:
             return
         grace = self.config.limits.shutdown_grace if grace is None else grace
         self._stopping.set()
+        if self.platform is not None:
+            self.platform.stop()  # its servers take no more requests
         for thread in (self._reaper, self._watcher):
             if thread is not None:
                 thread.join(timeout=60)
@@ -364,7 +433,7 @@ class Service:
         self._take_unfinished(("queued", "running"), "job_resumed")
 
     def _limits(self, pipeline: str) -> JobLimits:
-        entry = self.config.pipelines.get(pipeline)
+        entry = self.pipelines.get(pipeline)
         return entry.limits if entry is not None else self.config.limits
 
     def _watch_loop(self) -> None:
@@ -423,9 +492,45 @@ class Service:
         job, created = self.jobs.create(pipeline, payload, source=source, key=key)
         if created:
             log.info("job_queued", job_id=job.id, pipeline=pipeline)
+            self._emit(job.id, pipeline, "queued")
             self._queue(job)
             self._poke()
         return job
+
+    def start_job(self, job_id: str) -> bool:
+        """Queue a ``pending`` job (created through the API); False if it was not pending."""
+        assert self.jobs is not None
+        if not self.jobs.release(job_id):
+            return False
+        job = self.jobs.get(job_id)
+        log.info("job_queued", job_id=job.id, pipeline=job.pipeline)
+        self._emit(job.id, job.pipeline, "queued")
+        if job.pipeline not in self.feeds:
+            self._take_unfinished(("queued",), "job_picked_up")  # fails it, saying why
+        else:
+            self._queue(job)
+        self._poke()
+        return True
+
+    def cancel_job(self, job_id: str, reason: str) -> str | None:
+        """Cancel a job not ended yet; the state it had, or None if it had ended. A job the
+        pipeline holds runs on (the executor cannot take a job back yet); when it ends its
+        outputs are removed and nothing of it is exported."""
+        assert self.jobs is not None
+        was = self.jobs.cancel(job_id, reason)
+        if was is not None:
+            job = self.jobs.get(job_id)
+            log.info("job_cancelled", job_id=job_id, pipeline=job.pipeline, was=was)
+            self._emit(job_id, job.pipeline, "cancelled")
+            self._poke()
+        return was
+
+    def _emit(self, job_id: str, pipeline: str, state: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(job_id, pipeline, state)
+            except Exception:
+                log.exception("job_listener_failed", job_id=job_id)
 
     def _queue(self, job: JobRecord, *, was: tuple[str, ...] = ("queued",)) -> bool:
         """Hand the job to its pipeline, unless it is no longer in a state of ``was`` (taken
@@ -435,6 +540,7 @@ class Service:
         if not self.jobs.started(job.id, was=was):
             return False
         self._remove_outputs(job)
+        self._emit(job.id, job.pipeline, "running")
         self.feeds[job.pipeline].put(job.id, job.payload)
         return True
 
@@ -459,8 +565,18 @@ class Service:
         if not result.ok and self._aborted:
             return  # cut short by the shutdown: stays running, resumed at the next start
         error = scrub(result.reason) if not result.ok else None
-        self.jobs.finished(result.job, result.ok, stage=result.stage, error=error,
-                           details=scrub(result.details) if not result.ok else None)  # fmt: skip
+        if not self.jobs.finished(
+            result.job,
+            result.ok,
+            stage=result.stage,
+            error=error,
+            details=scrub(result.details) if not result.ok else None,
+        ):
+            job = self.jobs.get(result.job)  # cancelled while it ran: its outputs go
+            self._remove_outputs(job)
+            log.info("cancelled_job_ended", job_id=job.id, pipeline=pipeline)
+            return
+        self._emit(result.job, pipeline, "succeeded" if result.ok else "failed")
         self._poke()
         if not result.ok:
             log.error("job_finished", job_id=result.job, pipeline=pipeline, ok=False,

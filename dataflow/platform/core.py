@@ -1,0 +1,716 @@
+"""The platform core: pipelines, jobs, payloads and metadata of a running service, for the
+REST API (:mod:`dataflow.platform.rest`) and the Clara-compatible gRPC API alike.
+
+One :class:`Platform` per :class:`~dataflow.service.service.Service` (built by it when the
+service file has an ``api:`` section). Thread-safe; no HTTP or gRPC in it: every method
+takes and returns plain values and raises a :class:`~dataflow.platform.errors.PlatformError`
+(NotFound, Invalid, Conflict, Refused) whose ``status`` is the HTTP status and ``code``
+Clara's error code.
+
+Ids. Pipelines: 32 hex digits derived from the name (stable across restarts, the same for
+configured and registered pipelines). Jobs created here: 32 hex digits (Clara's form); jobs
+from DICOM keep their ``YYYYmmdd-HHMMSS-xxxxxxxx`` ids: both are one list in ``jobs.db``
+with one set of states. Payloads: 32 hex digits; a job created here has one
+(``STATE/payloads/<id>/input/`` is its input folder).
+
+Job life (Clara's state / status in brackets)::
+
+    create_job -> pending [PENDING]  --start_job-->  queued [PENDING] -> running [RUNNING]
+      -> succeeded [STOPPED/HEALTHY] | failed [STOPPED/FAULTED]
+    cancel_job: pending | queued | running -> cancelled [STOPPED/CANCELED]
+
+A running job that is cancelled runs on in its stages (the executor cannot take a job back
+yet); when it ends its outputs are removed and nothing of it is exported.
+
+Events: :meth:`Platform.subscribe` gives a :class:`Subscription` that receives every change
+of a job's state (``{"job_id", "pipeline", "state", "at"}``), from DICOM and API jobs alike.
+
+Servers: :meth:`Platform.start` (called by the service once its pipelines are warm) starts the
+REST server and, when ``api.grpc-port`` is set and :mod:`dataflow.platform.grpc` exists, the
+gRPC server (its ``serve(platform, host, port)`` returns an object with ``port`` and
+``stop()``); the ports taken are written to ``STATE/api.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dataflow.logs import scrub
+from dataflow.platform import payloads as files
+from dataflow.platform.errors import (
+    JOB_CANCEL,
+    JOB_INVALID_ID,
+    JOB_INVALID_NAME,
+    JOB_MISSING,
+    JOB_START,
+    METADATA_INVALID,
+    PAYLOAD_DELETE,
+    PAYLOAD_INVALID_ID,
+    PAYLOAD_MISSING,
+    PIPELINE_DEFINITION,
+    PIPELINE_INVALID_ID,
+    PIPELINE_LOAD,
+    PIPELINE_MISSING,
+    PIPELINE_STORE,
+    Conflict,
+    Invalid,
+    NotFound,
+    PlatformError,
+)
+from dataflow.platform.registry import Registry
+
+__all__ = [
+    "CLARA_STATE",
+    "PRIORITIES",
+    "Platform",
+    "Subscription",
+    "check_metadata",
+    "pipeline_id",
+]
+
+log = structlog.get_logger("dataflow.platform")
+
+PRIORITIES = ("lower", "normal", "higher", "immediate")
+#: jobs.db state -> (Clara JobState, JobStatus)
+CLARA_STATE = {
+    "pending": ("PENDING", "HEALTHY"),
+    "queued": ("PENDING", "HEALTHY"),
+    "running": ("RUNNING", "HEALTHY"),
+    "succeeded": ("STOPPED", "HEALTHY"),
+    "failed": ("STOPPED", "FAULTED"),
+    "cancelled": ("STOPPED", "CANCELED"),
+}
+IN_FLIGHT = ("pending", "queued", "running")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"^([0-9a-f]{32}|\d{8}-\d{6}-[0-9a-f]{8})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAMESPACE = uuid.UUID("6f1d3c1e-2b7a-4c55-9a41-0d7c3e9b5a10")  # pipeline ids from names
+META_KEY, META_VALUE, META_TOTAL = 128, 256, 4 * 1024 * 1024  # Clara's limits, in bytes
+
+
+def pipeline_id(name: str) -> str:
+    """The pipeline's 32-hex id: the same for a name on every start and every machine."""
+    return uuid.uuid5(_NAMESPACE, name).hex
+
+
+def check_metadata(values: Any, what: str, existing: Mapping[str, str] | None = None) -> dict:
+    """``values`` as Clara's metadata (string -> string; key <= 128 bytes, value <= 256
+    bytes, all of an item's <= 4 MiB; keys case-insensitive, so two keys that differ only in
+    case are refused); :class:`Invalid` naming the key otherwise."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise Invalid(f"{what}: metadata must map names to strings", code=METADATA_INVALID)
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise Invalid(f"{what}: metadata {key!r}: keys and values must be strings, keys not "
+                          "empty", code=METADATA_INVALID)  # fmt: skip
+        if len(key.encode()) > META_KEY:
+            raise Invalid(f"{what}: metadata key {key[:40]!r}...: longer than {META_KEY} bytes",
+                          code=METADATA_INVALID)  # fmt: skip
+        if len(value.encode()) > META_VALUE:
+            raise Invalid(f"{what}: metadata {key!r}: its value is longer than {META_VALUE} bytes",
+                          code=METADATA_INVALID)  # fmt: skip
+        if key.lower() in seen:
+            raise Invalid(f"{what}: metadata keys {seen[key.lower()]!r} and {key!r} are the same "
+                          "key (keys are case-insensitive)", code=METADATA_INVALID)  # fmt: skip
+        seen[key.lower()] = key
+        out[key] = value
+    merged = {k.lower(): (k, v) for k, v in (existing or {}).items()}
+    merged.update({k.lower(): (k, v) for k, v in out.items()})
+    total = sum(len(k.encode()) + len(v.encode()) for k, v in merged.values())
+    if total > META_TOTAL:
+        raise Invalid(f"{what}: metadata would total {total} bytes (at most {META_TOTAL})",
+                      code=METADATA_INVALID)  # fmt: skip
+    return out
+
+
+class Subscription:
+    """Job events for one listener (:meth:`Platform.subscribe`); use as a context manager or
+    call :meth:`close`. At most ``size`` events wait: when a slow listener falls that far
+    behind the oldest are dropped and ``dropped`` counts them."""
+
+    def __init__(self, platform: Platform, size: int) -> None:
+        self._platform = platform
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(size)
+        self.dropped = 0
+
+    def put(self, event: dict[str, Any]) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(event)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def get(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, or None if none came within ``timeout`` seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._platform._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Platform:
+    """See the module docstring. ``service``: the service it belongs to (not yet started: the
+    platform adds the pipelines registered earlier to its list before they are built)."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.config = service.config.api
+        self.state = Path(service.config.state)
+        self.root = self.state / "platform"
+        self.payload_root = self.state / "payloads"
+        self.payload_root.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(self.root / "platform.db")
+        self._lock = threading.RLock()  # pipelines added and removed one at a time
+        self._subscribers: list[Subscription] = []
+        self._servers: list[Any] = []
+        self._operators: dict[str, tuple[str, ...]] = {}
+        self.urls: dict[str, str] = {}
+        service.listeners.append(self._publish)
+        for row in self.registry.pipelines():
+            if row["name"] not in service.pipelines:
+                service.pipelines[row["name"]] = self._entry(row["name"], Path(row["file"]))
+
+    # ------------------------------------------------------------------ servers
+
+    def start(self) -> None:
+        """Start the REST server (and gRPC, see the module docstring); write ``api.json``."""
+        from dataflow.platform.rest import serve as serve_rest
+
+        host = self.config.host
+        rest = serve_rest(self, host, self.config.rest_port)
+        self._servers.append(rest)
+        self.urls["rest"] = f"http://{host}:{rest.port}"
+        if self.config.grpc_port is not None:
+            try:
+                from dataflow.platform.grpc import serve as serve_grpc  # type: ignore
+            except ImportError:
+                serve_grpc = None
+            if serve_grpc is not None:
+                server = serve_grpc(self, host, self.config.grpc_port)
+                self._servers.append(server)
+                self.urls["grpc"] = f"{host}:{server.port}"
+        (self.state / "api.json").write_text(json.dumps(self.urls, indent=2) + "\n")
+        log.info("api_listening", **self.urls)
+
+    def stop(self) -> None:
+        """End the event streams, then stop the servers (requests in progress are ended)."""
+        with self._lock:
+            for subscription in self._subscribers:
+                subscription.put({"event": "closed"})
+            self._subscribers.clear()
+        for server in reversed(self._servers):
+            try:
+                server.stop()
+            except Exception:
+                log.exception("api_server_stop_failed")
+        self._servers.clear()
+        (self.state / "api.json").unlink(missing_ok=True)
+        self.registry.close()
+
+    @property
+    def jobs(self):  # the service's JobStore
+        store = self.service.jobs
+        if store is None:
+            raise Conflict("the service is stopping", status=503)
+        return store
+
+    # ------------------------------------------------------------------ pipelines
+
+    def _name_of(self, pipeline: str) -> str:
+        """A pipeline's name from its name or id; NotFound otherwise."""
+        names = list(self.service.pipelines)
+        if pipeline in names:
+            return pipeline
+        for name in names:
+            if pipeline_id(name) == pipeline:
+                return name
+        if not _HEX32.match(pipeline or "") and not _NAME.match(pipeline or ""):
+            raise Invalid(f"pipeline id {pipeline!r} is neither a name nor 32 hex digits",
+                          code=PIPELINE_INVALID_ID)  # fmt: skip
+        raise NotFound(f"no pipeline {pipeline!r} (pipelines: {', '.join(names) or 'none'})",
+                       code=PIPELINE_MISSING)  # fmt: skip
+
+    def _registered(self) -> dict[str, dict[str, Any]]:
+        return {row["name"]: row for row in self.registry.pipelines()}
+
+    def _summary(self, name: str) -> dict[str, Any]:
+        entry = self.service.pipelines[name]
+        registered = name in self._registered()
+        return {
+            "id": pipeline_id(name),
+            "name": name,
+            "source": "api" if registered else "configured",
+            "file": str(entry.file),
+            "state": "ready" if name in self.service.feeds else "starting",
+            "metadata": self.registry.metadata("pipeline", pipeline_id(name)),
+        }
+
+    def list_pipelines(self) -> list[dict[str, Any]]:
+        """Every pipeline served: configured ones, then those registered through the API."""
+        return [self._summary(name) for name in list(self.service.pipelines)]
+
+    def describe_pipeline(self, pipeline: str) -> dict[str, Any]:
+        """A pipeline's summary, its definition (``yaml``) and its operators in order, each
+        with the operators it takes input from."""
+        name = self._name_of(pipeline)
+        entry = self.service.pipelines[name]
+        out = self._summary(name)
+        try:
+            out["yaml"] = Path(entry.file).read_text()
+        except OSError as exc:
+            raise PlatformError(f"pipeline {name!r}: its definition cannot be read "
+                                f"({exc.strerror})", code=PIPELINE_STORE) from None  # fmt: skip
+        out["operators"] = [{"name": n, "after": after} for n, after in self._dag(name)]
+        return out
+
+    def _dag(self, name: str) -> list[tuple[str, list[str]]]:
+        from dataflow.pipeline.load import load_pipeline
+
+        entry = self.service.pipelines[name]
+        spec = load_pipeline(entry.file, entry.params)
+        out = []
+        for op in spec.operators:
+            after = sorted({i.source for i in op.inputs if getattr(i, "source", None)})
+            out.append((op.name, after))
+        return out
+
+    def operators(self, name: str) -> tuple[str, ...]:
+        """The operator names of a pipeline, in the order of its file."""
+        if name not in self._operators:
+            try:
+                self._operators[name] = tuple(n for n, _ in self._dag(name))
+            except Exception:  # a pipeline no longer served or readable: no operators known
+                return ()
+        return self._operators[name]
+
+    def create_pipeline(
+        self, yaml_text: str, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Validate a pipeline definition, store it, start its workers (returns once they
+        are warm) and return its summary. ``name``: by default the definition's ``name:``.
+        Invalid with the diagnostics (``pipeline.yaml:LINE:COL: error: ...``) if it does not
+        validate; Conflict if a pipeline of that name exists."""
+        from dataflow.pipeline.validate import check_pipeline
+
+        if not isinstance(yaml_text, str) or not yaml_text.strip():
+            raise Invalid("the pipeline definition is empty", code=PIPELINE_DEFINITION)
+        meta = check_metadata(metadata, "pipeline")
+        staging = self.root / "pipelines" / f".new-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            file = staging / "pipeline.yaml"
+            file.write_text(yaml_text)
+            report = check_pipeline(file)
+            if not report.ok:
+                text = report.format(notes=False).replace(str(file), "pipeline.yaml")
+                raise Invalid(f"the pipeline definition does not validate:\n{text}",
+                              code=PIPELINE_LOAD)  # fmt: skip
+            name = name or report.graph.spec.name
+            if not _NAME.match(name or ""):
+                raise Invalid(f"pipeline name {name!r}: letters, digits, '.', '_', '-' "
+                              "(at most 128)", code=PIPELINE_DEFINITION)  # fmt: skip
+            with self._lock:
+                if name in self.service.pipelines:
+                    raise Conflict(f"a pipeline named {name!r} exists already (id "
+                                   f"{pipeline_id(name)})", code=PIPELINE_STORE)  # fmt: skip
+                final = self.root / "pipelines" / name
+                shutil.rmtree(final, ignore_errors=True)
+                staging.rename(final)
+                file = final / "pipeline.yaml"
+                try:
+                    self.service.add_pipeline(self._entry(name, file))
+                except Exception as exc:
+                    shutil.rmtree(final, ignore_errors=True)
+                    raise Invalid(f"pipeline {name!r} could not be started: {scrub(str(exc))}",
+                                  code=PIPELINE_LOAD) from None  # fmt: skip
+                self.registry.add_pipeline(name, pipeline_id(name), file)
+                if meta:
+                    self.registry.set_metadata("pipeline", pipeline_id(name), meta)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("pipeline_registered", pipeline=name, id=pipeline_id(name))
+        return self._summary(name)
+
+    def _entry(self, name: str, file: Path):
+        from dataflow.service.config import PipelineEntry
+
+        return PipelineEntry(name, file, {}, {}, self.service.config.limits)
+
+    def remove_pipeline(self, pipeline: str) -> None:
+        """Stop and forget a pipeline registered through the API. Conflict, naming the jobs,
+        while any of its jobs is pending, queued or running; Invalid for a configured one."""
+        with self._lock:
+            name = self._name_of(pipeline)
+            if name not in self._registered():
+                raise Invalid(f"pipeline {name!r} is configured in {self.service.config.path}: "
+                              "remove it there", code=PIPELINE_STORE)  # fmt: skip
+            busy = self.jobs.list(states=IN_FLIGHT, pipelines=(name,), limit=1000)
+            if busy:
+                ids = ", ".join(job.id for job in busy[:20])
+                more = f" and {len(busy) - 20} more" if len(busy) > 20 else ""
+                raise Conflict(f"pipeline {name!r} has jobs in flight: {ids}{more}; cancel them "
+                               "or wait", code=PIPELINE_STORE)  # fmt: skip
+            self.registry.remove_pipeline(name)
+            self.registry.drop_metadata("pipeline", pipeline_id(name))
+            self.service.remove_pipeline(name)
+            self._operators.pop(name, None)
+            shutil.rmtree(self.root / "pipelines" / name, ignore_errors=True)
+        log.info("pipeline_unregistered", pipeline=name)
+
+    # ------------------------------------------------------------------ jobs
+
+    def _job(self, job_id: str):
+        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            raise Invalid(f"job id {job_id!r} is malformed (32 hex digits, or "
+                          "YYYYmmdd-HHMMSS-xxxxxxxx for a job from DICOM)",
+                          code=JOB_INVALID_ID)  # fmt: skip
+        try:
+            return self.jobs.get(job_id)
+        except KeyError:
+            raise NotFound(f"no job {job_id!r}", code=JOB_MISSING) from None
+
+    def create_job(
+        self,
+        pipeline: str,
+        name: str | None = None,
+        priority: str = "normal",
+        metadata: Mapping[str, str] | None = None,
+    ) -> tuple[str, str]:
+        """A new ``pending`` job of ``pipeline`` (name or id) and its empty payload: (job id,
+        payload id). Upload its files, then :meth:`start_job`."""
+        pipeline = self._name_of(pipeline)
+        priority = str(priority).lower()
+        if priority not in PRIORITIES:
+            raise Invalid(f"priority {priority!r}: one of {', '.join(PRIORITIES)}",
+                          code=JOB_INVALID_NAME)  # fmt: skip
+        if name is not None and not _NAME.match(name):
+            raise Invalid(f"job name {name!r}: letters, digits, '.', '_', '-' (at most 128)",
+                          code=JOB_INVALID_NAME)  # fmt: skip
+        meta = check_metadata(metadata, "job")
+        job_id, payload_id = uuid.uuid4().hex, uuid.uuid4().hex
+        inputs = self.payload_root / payload_id / "input"
+        inputs.mkdir(parents=True)
+        name = name or f"{pipeline}-{job_id[:8]}"
+        self.registry.add_payload(payload_id, job_id)
+        self.registry.add_job(job_id, name, priority, payload_id)
+        if meta:
+            self.registry.set_metadata("job", job_id, meta)
+        source = {"connector": "api", "name": name, "priority": priority, "payload_id": payload_id}
+        self.jobs.create(pipeline, inputs, source=source, key=None, job_id=job_id, state="pending")
+        log.info("job_created", job_id=job_id, pipeline=pipeline, priority=priority)
+        self._publish(job_id, pipeline, "pending")
+        return job_id, payload_id
+
+    def start_job(self, job_id: str) -> dict[str, Any]:
+        """Queue a pending job; Conflict if it was started (or cancelled) already."""
+        job = self._job(job_id)
+        if not self.service.start_job(job.id):
+            job = self.jobs.get(job.id)
+            raise Conflict(f"job {job.id} is {job.state}: a job is started once", code=JOB_START)
+        return self.job_status(job.id)
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        """A job: its ids, state (ours and Clara's state/status), priority, timestamps
+        (seconds since the epoch), messages, and each operator's status."""
+        job = self._job(job_id)
+        extra = self.registry.job(job.id) or {}
+        state, status = CLARA_STATE.get(job.state, ("UNKNOWN", "UNKNOWN"))
+        messages = []
+        if job.error:
+            messages.append(f"{job.stage}: {job.error}" if job.stage else job.error)
+        messages += [entry["what"] for entry in job.history]
+        return {
+            "id": job.id,
+            "name": extra.get("name") or job.source.get("name") or job.id,
+            "pipeline": job.pipeline,
+            "pipeline_id": pipeline_id(job.pipeline),
+            "payload_id": extra.get("payload_id"),
+            "state": job.state,
+            "clara_state": state,
+            "clara_status": status,
+            "priority": extra.get("priority", "normal"),
+            "source": job.source.get("connector", "api"),
+            "created": job.created,
+            "started": job.started,
+            "finished": job.finished,
+            "attempts": job.attempts,
+            "messages": messages,
+            "operators": self._operator_details(job),
+            "metadata": self.registry.metadata("job", job.id),
+        }
+
+    def _operator_details(self, job) -> list[dict[str, Any]]:
+        """Each operator's status (Clara's JobOperatorStatus): PENDING, RUNNING, COMPLETED,
+        FAULTED; from the executor while the job runs, else from its record and outputs."""
+        executor = self.service.executors.get(job.pipeline)
+        running: list[str] = []
+        if job.state == "running" and executor is not None:
+            try:
+                running = list((executor.in_flight() or {}).get(job.id, []))
+            except Exception:
+                running = []
+        outputs = self.service.jobs_dir / job.id
+        out = []
+        for name in self.operators(job.pipeline):
+            if job.state == "succeeded":
+                status = "COMPLETED"
+            elif job.state == "failed" and name == job.stage:
+                status = "FAULTED"
+            elif name in running:
+                status = "RUNNING"
+            elif job.state in ("running", "failed") and (outputs / name).exists():
+                status = "COMPLETED"
+            else:
+                status = "PENDING"
+            out.append({"name": name, "status": status})
+        return out
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[str] = (),
+        pipelines: Iterable[str] = (),
+        created_after: float | None = None,
+        finished_before: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Jobs from DICOM and the API, newest first (summaries: no operators)."""
+        from dataflow.service.jobs import JOB_STATES
+
+        states = tuple(states)
+        for state in states:
+            if state not in JOB_STATES:
+                raise Invalid(f"job state {state!r}: one of {', '.join(JOB_STATES)}")
+        names = tuple(self._name_of(p) for p in pipelines)
+        if not 1 <= int(limit) <= 10000:
+            raise Invalid(f"limit {limit!r}: from 1 to 10000")
+        records = self.jobs.list(states=states, pipelines=names, created_after=created_after,
+                                 finished_before=finished_before, limit=int(limit))  # fmt: skip
+        out = []
+        for job in records:
+            state, status = CLARA_STATE.get(job.state, ("UNKNOWN", "UNKNOWN"))
+            out.append({
+                "id": job.id, "name": job.source.get("name") or job.id, "pipeline": job.pipeline,
+                "pipeline_id": pipeline_id(job.pipeline), "state": job.state,
+                "clara_state": state, "clara_status": status,
+                "priority": job.source.get("priority", "normal"),
+                "payload_id": job.source.get("payload_id"),
+                "source": job.source.get("connector", "api"), "created": job.created,
+                "started": job.started, "finished": job.finished,
+                "error": f"{job.stage}: {job.error}" if job.stage and job.error else job.error,
+            })  # fmt: skip
+        return out
+
+    def cancel_job(self, job_id: str, reason: str = "") -> dict[str, Any]:
+        """Cancel a job: pending or queued, it never runs; running, see the module docstring.
+        Conflict if it had ended."""
+        job = self._job(job_id)
+        why = scrub(reason.strip()) if reason and reason.strip() else "cancelled by request"
+        if self.service.cancel_job(job.id, f"cancelled: {why}"[:1000]) is None:
+            job = self.jobs.get(job.id)
+            raise Conflict(f"job {job.id} is {job.state}: it cannot be cancelled",
+                           code=JOB_CANCEL)  # fmt: skip
+        return self.job_status(job.id)
+
+    def retry_job(self, job_id: str) -> dict[str, Any]:
+        """Queue a failed job again (as ``dataflow jobs --retry``): Conflict saying why not."""
+        from dataflow.service.jobs import RetryRefused
+
+        job = self._job(job_id)
+        try:
+            self.jobs.retry(job.id)
+        except RetryRefused as exc:
+            raise Conflict(str(exc), code=JOB_START) from None
+        self._publish(job.id, job.pipeline, "queued")
+        self.service._take_unfinished(("queued",), "job_picked_up")
+        return self.job_status(job.id)
+
+    def job_logs(self, job_id: str, operator: str | None = None) -> list[str]:
+        """What is recorded of a job (its history, error and the failure's traceback,
+        scrubbed), of one operator if given. Workers' own log lines go to the service's
+        log, each with the job id; they are not kept per job yet."""
+        job = self._job(job_id)
+        if operator is not None and operator not in self.operators(job.pipeline):
+            raise NotFound(f"job {job.id}: pipeline {job.pipeline!r} has no operator "
+                           f"{operator!r}", code=JOB_MISSING)  # fmt: skip
+        when = lambda t: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))  # noqa: E731
+        lines = [f"{when(job.created)} created ({job.pipeline})"]
+        if job.started:
+            lines.append(f"{when(job.started)} started (attempt {job.attempts})")
+        for entry in job.history:
+            if operator is None or entry.get("stage") in (None, operator):
+                lines.append(f"{when(entry['at'])} attempt {entry['attempt']}: {entry['what']}")
+        if job.error and (operator is None or job.stage == operator):
+            stage = f"{job.stage}: " if job.stage else ""
+            lines.append(f"{when(job.finished or job.created)} {job.state}: {stage}{job.error}")
+            lines += (job.details or "").splitlines()
+        elif job.finished:
+            lines.append(f"{when(job.finished)} {job.state}")
+        return lines
+
+    # ------------------------------------------------------------------ payloads
+
+    def create_payload(self, metadata: Mapping[str, str] | None = None) -> str:
+        """A payload of no job (Clara's reusable payload): its id."""
+        meta = check_metadata(metadata, "payload")
+        payload_id = uuid.uuid4().hex
+        (self.payload_root / payload_id / "input").mkdir(parents=True)
+        self.registry.add_payload(payload_id, None)
+        if meta:
+            self.registry.set_metadata("payload", payload_id, meta)
+        return payload_id
+
+    def _payload(self, payload_id: str) -> dict[str, Any]:
+        if not isinstance(payload_id, str) or not _HEX32.match(payload_id):
+            raise Invalid(f"payload id {payload_id!r} is malformed (32 hex digits)",
+                          code=PAYLOAD_INVALID_ID)  # fmt: skip
+        row = self.registry.payload(payload_id)
+        if row is None or not (self.payload_root / payload_id).is_dir():
+            raise NotFound(f"no payload {payload_id!r}", code=PAYLOAD_MISSING)
+        return row
+
+    def _folders(self, payload_id: str) -> tuple[Path, Path | None]:
+        row = self._payload(payload_id)
+        outputs = self.service.jobs_dir / row["job_id"] if row["job_id"] else None
+        return self.payload_root / payload_id / "input", outputs
+
+    def upload(self, payload_id: str, name: str, chunks: Iterable[bytes]) -> dict[str, Any]:
+        """Write one file into a payload's ``input/`` from ``chunks`` (atomic: see
+        :func:`dataflow.platform.payloads.write_file`); its details. Conflict once its job
+        has started; Refused over ``api.max-upload`` or ``api.disk-reserve``."""
+        row = self._payload(payload_id)
+        rel = files.check_name(name)
+        if row["job_id"]:
+            job = self.jobs.get(row["job_id"])
+            if job.state != "pending":
+                raise Conflict(
+                    f"payload {payload_id}: its job {job.id} is {job.state}: files "
+                    "are uploaded before the job starts",
+                    code=PAYLOAD_DELETE,
+                )
+        folder = self.payload_root / payload_id
+        used = sum(p.stat().st_size for p in (folder / "input").rglob("*") if p.is_file())
+        size = files.write_file(folder / "input", folder / ".partial", rel, chunks,
+                                room=self.config.max_upload - used,
+                                reserve=self.config.disk_reserve)  # fmt: skip
+        return {"name": f"/input/{rel.as_posix()}", "size": size, "mode": 0o644}
+
+    def payload_files(self, payload_id: str) -> list[dict[str, Any]]:
+        """The payload's files: ``/input/...``, then each operator's ``/operators/OP/...``
+        (and ``/output/results.json``) once its job wrote them."""
+        inputs, outputs = self._folders(payload_id)
+        return files.list_files(inputs, outputs)
+
+    def job_files(self, job_id: str) -> list[dict[str, Any]]:
+        """The same listing by job, for jobs from DICOM too (their study as ``/input/``)."""
+        job = self._job(job_id)
+        return files.list_files(Path(job.payload), self.service.jobs_dir / job.id)
+
+    def download(self, payload_id: str, name: str) -> tuple[int, Iterator[bytes]]:
+        """(size, chunks) of one listed file of a payload; NotFound if there is none."""
+        inputs, outputs = self._folders(payload_id)
+        path, size = files.open_file(inputs, outputs, name)
+        return size, files.read_chunks(path)
+
+    def download_job_file(self, job_id: str, name: str) -> tuple[int, Iterator[bytes]]:
+        job = self._job(job_id)
+        path, size = files.open_file(Path(job.payload), self.service.jobs_dir / job.id, name)
+        return size, files.read_chunks(path)
+
+    def payload_details(self, payload_id: str) -> dict[str, Any]:
+        row = self._payload(payload_id)
+        return {"id": payload_id, "job_id": row["job_id"], "created": row["created"],
+                "type": "PIPELINE" if row["job_id"] else "REUSABLE",
+                "metadata": self.registry.metadata("payload", payload_id),
+                "files": self.payload_files(payload_id)}  # fmt: skip
+
+    def delete_payload(self, payload_id: str) -> None:
+        """Remove a payload and its files; Conflict while its job is pending, queued or
+        running (the job's record stays; its outputs stay until retention)."""
+        row = self._payload(payload_id)
+        if row["job_id"]:
+            job = self.jobs.get(row["job_id"])
+            if job.state in IN_FLIGHT:
+                raise Conflict(f"payload {payload_id}: its job {job.id} is {job.state}: cancel "
+                               "it or wait for it to end", code=PAYLOAD_DELETE)  # fmt: skip
+        self.registry.remove_payload(payload_id)
+        shutil.rmtree(self.payload_root / payload_id, ignore_errors=True)
+        log.info("payload_deleted", payload_id=payload_id)
+
+    # ------------------------------------------------------------------ metadata
+
+    def _item(self, kind: str, item: str) -> str:
+        if kind == "pipeline":
+            return pipeline_id(self._name_of(item))
+        if kind == "job":
+            return self._job(item).id
+        if kind == "payload":
+            self._payload(item)
+            return item
+        raise Invalid(f"metadata of {kind!r}: of a pipeline, job or payload")
+
+    def metadata(self, kind: str, item: str) -> dict[str, str]:
+        return self.registry.metadata(kind, self._item(kind, item))
+
+    def add_metadata(self, kind: str, item: str, values: Mapping[str, str]) -> dict[str, str]:
+        """Add or replace entries of the metadata of a ``pipeline``, ``job`` or ``payload``;
+        the whole map after. Invalid over Clara's limits (nothing changed then)."""
+        key = self._item(kind, item)
+        meta = check_metadata(values, kind, self.registry.metadata(kind, key))
+        self.registry.set_metadata(kind, key, meta)
+        return self.registry.metadata(kind, key)
+
+    def remove_metadata(self, kind: str, item: str, keys: Iterable[str]) -> dict[str, str]:
+        key = self._item(kind, item)
+        self.registry.remove_metadata(kind, key, [str(k) for k in keys])
+        return self.registry.metadata(kind, key)
+
+    # ------------------------------------------------------------------ events
+
+    def subscribe(self, size: int = 1000) -> Subscription:
+        """Every job's changes of state from now on (see :class:`Subscription`)."""
+        subscription = Subscription(self, size)
+        with self._lock:
+            self._subscribers.append(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            if subscription in self._subscribers:
+                self._subscribers.remove(subscription)
+
+    def _publish(self, job_id: str, pipeline: str, state: str) -> None:
+        event = {"job_id": job_id, "pipeline": pipeline, "state": state, "at": time.time()}
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscription in subscribers:
+            subscription.put(event)

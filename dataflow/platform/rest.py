@@ -1,0 +1,315 @@
+"""The REST API of ``dataflow serve`` (FastAPI, served by uvicorn on a thread of the service).
+
+Every route calls :class:`dataflow.platform.core.Platform`; a
+:class:`~dataflow.platform.errors.PlatformError` becomes its HTTP status with a JSON body
+``{"error": KIND, "message": ..., "code": CLARA_CODE}``. Blocking work runs on Starlette's
+bounded thread pool; uploads stream to disk as they arrive, downloads stream from disk.
+The routes are listed in docs/platform.md and served as OpenAPI at ``/openapi.json`` (a
+docs page at ``/docs``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from dataflow import __version__
+from dataflow.platform.core import Platform
+from dataflow.platform.errors import Invalid, PlatformError
+
+__all__ = ["RestServer", "build_app", "serve"]
+
+PREFIX = "/api/v1"
+
+
+class JobCreate(BaseModel):
+    pipeline: str = Field(description="The pipeline's name or 32-hex id.")
+    name: str | None = Field(None, description="A name for people (default: PIPELINE-xxxxxxxx).")
+    priority: str = Field("normal", description="lower, normal, higher or immediate.")
+    metadata: dict[str, str] | None = None
+
+
+class PipelineCreate(BaseModel):
+    definition: str = Field(description="The pipeline's YAML text.")
+    name: str | None = Field(None, description="Default: the definition's name.")
+    metadata: dict[str, str] | None = None
+
+
+class Cancel(BaseModel):
+    reason: str = ""
+
+
+def _kind(collection: str) -> str:
+    kinds = {"pipelines": "pipeline", "jobs": "job", "payloads": "payload"}
+    if collection not in kinds:
+        raise Invalid(f"metadata of {collection!r}: of pipelines, jobs or payloads")
+    return kinds[collection]
+
+
+def _download(size: int, chunks: Any, name: str) -> StreamingResponse:
+    filename = name.rsplit("/", 1)[-1].replace('"', "")
+    return StreamingResponse(
+        chunks,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size),
+                 "Content-Disposition": f'attachment; filename="{filename}"'},
+    )  # fmt: skip
+
+
+def build_app(platform: Platform) -> FastAPI:
+    """The FastAPI application over ``platform``."""
+    app = FastAPI(
+        title="dataflow platform API",
+        version=__version__,
+        description="Pipelines, jobs and payloads of a running dataflow serve (docs/platform.md).",
+    )
+
+    @app.exception_handler(PlatformError)
+    async def platform_error(request: Request, exc: PlatformError) -> JSONResponse:
+        body = {"error": exc.kind, "message": exc.message, "code": exc.code}
+        return JSONResponse(body, status_code=exc.status)
+
+    # ------------------------------------------------------------------ health
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The API answers (the process is alive)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """Every pipeline's workers are serving: 200, else 503 with the pipelines that are not."""
+        service = platform.service
+        waiting = [
+            name for name in list(service.pipelines)
+            if name not in service.feeds or not service.threads.get(name, threading).is_alive()
+        ]  # fmt: skip
+        if waiting or service.jobs is None:
+            return JSONResponse({"status": "not ready", "pipelines": waiting}, status_code=503)
+        return JSONResponse({"status": "ready", "pipelines": list(service.pipelines)})
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """The service's Prometheus metrics (the text format; ``STATE/metrics.prom``)."""
+        path = platform.state / "metrics.prom"
+        try:
+            text = path.read_text()
+        except OSError:
+            text = ""
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------ pipelines
+
+    @app.get(f"{PREFIX}/pipelines", tags=["pipelines"])
+    def list_pipelines() -> list[dict[str, Any]]:
+        return platform.list_pipelines()
+
+    @app.post(f"{PREFIX}/pipelines", tags=["pipelines"], status_code=201)
+    def create_pipeline(body: PipelineCreate) -> dict[str, Any]:
+        """Register a pipeline (validated; its workers start before this returns)."""
+        return platform.create_pipeline(body.definition, body.name, body.metadata)
+
+    @app.get(f"{PREFIX}/pipelines/{{pipeline}}", tags=["pipelines"])
+    def describe_pipeline(pipeline: str) -> dict[str, Any]:
+        return platform.describe_pipeline(pipeline)
+
+    @app.delete(f"{PREFIX}/pipelines/{{pipeline}}", tags=["pipelines"], status_code=204)
+    def remove_pipeline(pipeline: str) -> Response:
+        platform.remove_pipeline(pipeline)
+        return Response(status_code=204)
+
+    # ------------------------------------------------------------------ jobs
+
+    @app.post(f"{PREFIX}/jobs", tags=["jobs"], status_code=201)
+    def create_job(body: JobCreate) -> dict[str, Any]:
+        """A pending job and its empty payload: upload files, then start it."""
+        job_id, payload_id = platform.create_job(body.pipeline, body.name, body.priority,
+                                                 body.metadata)  # fmt: skip
+        return {"job_id": job_id, "payload_id": payload_id}
+
+    @app.get(f"{PREFIX}/jobs", tags=["jobs"])
+    def list_jobs(
+        state: list[str] = Query(default=[]),
+        pipeline: list[str] = Query(default=[]),
+        created_after: float | None = None,
+        finished_before: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Jobs from DICOM and the API, newest first; filters repeatable."""
+        return platform.list_jobs(states=state, pipelines=pipeline, created_after=created_after,
+                                  finished_before=finished_before, limit=limit)  # fmt: skip
+
+    @app.get(f"{PREFIX}/jobs/{{job_id}}", tags=["jobs"])
+    def job_status(job_id: str) -> dict[str, Any]:
+        return platform.job_status(job_id)
+
+    @app.post(f"{PREFIX}/jobs/{{job_id}}/start", tags=["jobs"])
+    def start_job(job_id: str) -> dict[str, Any]:
+        return platform.start_job(job_id)
+
+    @app.post(f"{PREFIX}/jobs/{{job_id}}/cancel", tags=["jobs"])
+    def cancel_job(job_id: str, body: Cancel | None = None) -> dict[str, Any]:
+        return platform.cancel_job(job_id, body.reason if body else "")
+
+    @app.post(f"{PREFIX}/jobs/{{job_id}}/retry", tags=["jobs"])
+    def retry_job(job_id: str) -> dict[str, Any]:
+        return platform.retry_job(job_id)
+
+    @app.get(f"{PREFIX}/jobs/{{job_id}}/logs", tags=["jobs"])
+    def job_logs(job_id: str, operator: str | None = None) -> dict[str, Any]:
+        return {"job_id": job_id, "operator": operator,
+                "logs": platform.job_logs(job_id, operator)}  # fmt: skip
+
+    @app.get(f"{PREFIX}/jobs/{{job_id}}/files", tags=["jobs"])
+    def job_files(job_id: str) -> list[dict[str, Any]]:
+        """A job's files (also of jobs from DICOM): /input/..., /operators/OP/..."""
+        return platform.job_files(job_id)
+
+    @app.get(f"{PREFIX}/jobs/{{job_id}}/files/{{name:path}}", tags=["jobs"])
+    def job_file(job_id: str, name: str) -> StreamingResponse:
+        size, chunks = platform.download_job_file(job_id, "/" + name)
+        return _download(size, chunks, name)
+
+    # ------------------------------------------------------------------ payloads
+
+    @app.post(f"{PREFIX}/payloads", tags=["payloads"], status_code=201)
+    def create_payload(metadata: dict[str, str] | None = Body(default=None)) -> dict[str, str]:
+        """A payload of no job (Clara's reusable payload)."""
+        return {"payload_id": platform.create_payload(metadata)}
+
+    @app.get(f"{PREFIX}/payloads/{{payload_id}}", tags=["payloads"])
+    def payload_details(payload_id: str) -> dict[str, Any]:
+        return platform.payload_details(payload_id)
+
+    @app.delete(f"{PREFIX}/payloads/{{payload_id}}", tags=["payloads"], status_code=204)
+    def delete_payload(payload_id: str) -> Response:
+        platform.delete_payload(payload_id)
+        return Response(status_code=204)
+
+    @app.get(f"{PREFIX}/payloads/{{payload_id}}/files", tags=["payloads"])
+    def payload_files(payload_id: str) -> list[dict[str, Any]]:
+        return platform.payload_files(payload_id)
+
+    @app.put(f"{PREFIX}/payloads/{{payload_id}}/files/{{name:path}}", tags=["payloads"],
+             status_code=201)  # fmt: skip
+    async def upload(payload_id: str, name: str, request: Request) -> dict[str, Any]:
+        """Upload one file: the raw request body, streamed to disk, under ``input/``
+        (``PUT .../files/input/series1/1.dcm``); visible once complete."""
+        if not name.startswith("input/"):
+            raise Invalid(f"payload file {name!r}: files are uploaded under input/ "
+                          "(e.g. input/series1/slice001.dcm)")  # fmt: skip
+        stream = request.stream().__aiter__()
+
+        def chunks():
+            while True:
+                try:
+                    chunk = anyio.from_thread.run(stream.__anext__)
+                except StopAsyncIteration:
+                    return
+                if chunk:
+                    yield chunk
+
+        return await anyio.to_thread.run_sync(
+            platform.upload, payload_id, name[len("input/") :], chunks()
+        )
+
+    @app.get(f"{PREFIX}/payloads/{{payload_id}}/files/{{name:path}}", tags=["payloads"])
+    def download(payload_id: str, name: str) -> StreamingResponse:
+        size, chunks = platform.download(payload_id, "/" + name)
+        return _download(size, chunks, name)
+
+    # ------------------------------------------------------------------ metadata
+
+    @app.get(f"{PREFIX}/{{collection}}/{{item}}/metadata", tags=["metadata"])
+    def metadata(collection: str, item: str) -> dict[str, str]:
+        return platform.metadata(_kind(collection), item)
+
+    @app.post(f"{PREFIX}/{{collection}}/{{item}}/metadata", tags=["metadata"])
+    def add_metadata(collection: str, item: str, values: dict[str, str]) -> dict[str, str]:
+        """Add or replace entries (Clara's limits: key 128 B, value 256 B, 4 MiB in all)."""
+        return platform.add_metadata(_kind(collection), item, values)
+
+    @app.delete(f"{PREFIX}/{{collection}}/{{item}}/metadata", tags=["metadata"])
+    def remove_metadata(
+        collection: str, item: str, key: list[str] = Query(default=[])
+    ) -> dict[str, str]:
+        return platform.remove_metadata(_kind(collection), item, key)
+
+    # ------------------------------------------------------------------ events
+
+    @app.get(f"{PREFIX}/events", tags=["jobs"])
+    async def events(request: Request) -> StreamingResponse:
+        """Server-sent events: one ``job`` event per change of a job's state (JSON: job_id,
+        pipeline, state, at), a comment every 15 s to keep the connection open."""
+        subscription = platform.subscribe()
+
+        async def stream():
+            try:
+                yield ": connected\n\n"
+                while not await request.is_disconnected():
+                    event = await anyio.to_thread.run_sync(subscription.get, 15.0)
+                    if event is None:
+                        yield ": keep-alive\n\n"
+                    elif event.get("event") == "closed":
+                        return
+                    else:
+                        yield f"event: job\ndata: {json.dumps(event)}\n\n"
+            finally:
+                subscription.close()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+    return app
+
+
+class RestServer:
+    """uvicorn serving the app on a thread; ``port``: the port it listens on."""
+
+    def __init__(self, platform: Platform, host: str, port: int) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            raise PlatformError(
+                f"api.rest-port: cannot listen on {host}:{port} ({exc.strerror})"
+            ) from None
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(build_app(platform), log_config=None, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name="rest api", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise PlatformError(f"the REST API did not start on {host}:{self.port}")
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def serve(platform: Platform, host: str, port: int) -> RestServer:
+    """Start the REST API on ``host:port`` (0: a free port; see ``.port``)."""
+    return RestServer(platform, host, port)
