@@ -32,8 +32,9 @@ from typing import Any
 
 import structlog
 
-from dataflow.execution import state
+from dataflow.execution import forkserver, state
 from dataflow.execution.worker import WorkerSpec, mib, worker_main
+from dataflow.progress import ProgressEvent, StartupProgress, log_event
 from dataflow.scheduler import oom_kills
 from dataflow.store import Store
 
@@ -164,8 +165,14 @@ class LocalExecutor:
         log_format: str = "console",
         log_level: str = "WARNING",
         extra_sys_path: Sequence[str] = (),
+        on_progress: Callable[[ProgressEvent, StartupProgress], None] | None = None,
+        progress_context: Mapping[str, Any] | None = None,
     ) -> None:
         self.stages = {s.name: s for s in stages}
+        #: start-up events (``dataflow.progress``) go here; None: logged, with progress_context
+        self.on_progress = on_progress
+        self.progress_context = dict(progress_context or {})
+        self.startup = StartupProgress({s.name: s.replicas for s in stages})
         self.graph = state.Graph(
             {
                 s.name: state.StageNode(
@@ -188,6 +195,14 @@ class LocalExecutor:
         self.stage_jobs: dict[str, int] = {s: 0 for s in self.stages}
         self._dispatched_at: dict[str, float] = {}
         self.store: Store | None = None
+        #: the stages' modules, imported once in the fork server its workers are forked from
+        self._preload = sorted(
+            {
+                s.stage_ref.partition(":")[0]
+                for s in stages
+                if isinstance(s.stage_ref, str) and not any(d is not None for d in s.devices)
+            }
+        )
 
     # ----------------------------------------------------------------------- run
 
@@ -204,6 +219,7 @@ class LocalExecutor:
         self.store = Store.start(budget=self.store_budget, name="coordinator")
         self.core = state.Core(self.graph, self.limits)
         self._oom_kills = oom_kills()
+        self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
         try:
             self._do(self.core.start(time.monotonic()))
             for job_id, payload in jobs:
@@ -242,6 +258,7 @@ class LocalExecutor:
         self.store = Store.start(budget=self.store_budget, name="coordinator")
         self.core = state.Core(self.graph, self.limits, ordered=False)  # each as it is known
         self._oom_kills = oom_kills()
+        self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
         interrupted = False
         try:
             self._do(self.core.start(time.monotonic()))
@@ -367,6 +384,7 @@ class LocalExecutor:
         kind = message[0]
         if kind == "ready":
             self.procs[wid].ready = True
+            self._progress(self.startup.worker_ready(self.core.workers[wid].stage))
             self._do(self.core.worker_ready(wid, now), results, started, on_result)
         elif kind == "done":
             _, job_id, outputs = message
@@ -395,6 +413,7 @@ class LocalExecutor:
                     wid, f"failed to start: {reason}", now, fatal=True, details=details
                 )
                 self._log_death("worker_failed_to_start", wid, reason)
+                self._progress(self.startup.worker_failed(self.core.workers[wid].stage))
             self._do(actions, results, started, on_result)
 
     # ------------------------------------------------------------------- actions
@@ -467,7 +486,15 @@ class LocalExecutor:
         if ids:
             self.store.unpin(ids)
 
+    def _progress(self, events: list[ProgressEvent]) -> None:
+        for event in events:
+            if self.on_progress is not None:
+                self.on_progress(event, self.startup)
+            else:
+                log_event(event, log, **self.progress_context)
+
     def _start_worker(self, wid: str, stage_name: str, replica: int) -> None:
+        self._progress(self.startup.worker_starting(stage_name))
         stage = self.stages[stage_name]
         env = dict(stage.env[replica]) if replica < len(stage.env) else {}
         device = stage.devices[replica] if replica < len(stage.devices) else None
@@ -478,11 +505,13 @@ class LocalExecutor:
             device=device, log_format=self.log_format, log_level=self.log_level,
             memory_limit=stage.memory_limit, memory_source=stage.memory_source,
         )  # fmt: skip
-        ctx = mp.get_context("spawn")
+        ctx = forkserver.context_for(env, device, self._preload)
+        forked = ctx.get_start_method() == "forkserver"
         parent, child = ctx.Pipe()
         process = ctx.Process(
-            target=worker_main, args=(spec, child, self.sys_path), name=f"dataflow {wid}",
-            daemon=True,
+            target=worker_main,
+            args=(spec, child, self.sys_path, forkserver.Inherit.now(env) if forked else None),
+            name=f"dataflow {wid}", daemon=True,
         )  # fmt: skip
         process.start()
         child.close()

@@ -31,6 +31,9 @@ Rules:
   refused rather than hoarded). Its workers keep being restarted after their backoff; the
   first that becomes ready again *recovers* the stage (``StageRecovered``) and jobs flow again.
   Nothing needs a restart of the process.
+- The stall watchdog (``Stalled``) reports jobs in flight with no progress (a job done or
+  failed at a stage, a worker ready) for ``stall_seconds``; time while a worker is starting is
+  not counted (start-up is not a stall: the quiet period begins once no worker is starting).
 - A worker that cannot start at all (the stage cannot be constructed, or ``prepare`` raised:
   ``fatal``) is not a crash to retry quickly: its stage is broken at once with that reason (if
   no other replica is up), and the worker is tried again only every ``restart_backoff_max``.
@@ -287,6 +290,7 @@ class Core:
     def worker_ready(self, worker: str, now: float) -> list[Action]:
         w = self.workers[worker]
         w.state, w.up_since, w.restart_at = "idle", now, None
+        self.last_progress = max(self.last_progress, now)  # a worker came up: progress
         actions: list[Action] = []
         self.broken_details.pop(w.stage, None)
         if self.broken.pop(w.stage, None) is not None:
@@ -416,7 +420,9 @@ class Core:
                     reason = f"job timed out after {self.limits.job_timeout:g} s"
                     self.counters["job_timeouts"] += 1
                     actions += self._fail(job, None, reason, "", now)
-        if self.jobs and now - self.last_progress >= self.limits.stall_seconds:
+        if self._starting():
+            self.last_progress = now  # start-up is not a stall: the quiet period begins after
+        elif self.jobs and now - self.last_progress >= self.limits.stall_seconds:
             actions.append(Stalled(self.stall_report(now)))
             self.last_progress = now  # report again only after another quiet period
         return actions + self._schedule(now)
@@ -439,9 +445,15 @@ class Core:
                 for j in self.jobs.values()
                 if j.started_at is not None
             ]
-        if self.jobs:
+        if self.jobs:  # while a worker starts, each tick moves this on
             times.append(self.last_progress + self.limits.stall_seconds)
         return min(times, default=None)
+
+    def _starting(self) -> bool:
+        """A worker is starting (importing, compiling, loading a model): the pipeline is
+        busy getting ready, not stalled. A start that fails is reported by its worker
+        (``fatal``); one that hangs by the caller's start-up deadline."""
+        return any(w.state == "starting" for w in self.workers.values())
 
     def health(self, now: float) -> dict[str, dict[str, Any]]:
         """Per stage: ``state`` (``ok``: every worker up; ``starting``: first start under way;

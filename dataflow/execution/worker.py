@@ -278,9 +278,15 @@ def _out_of_memory(exc: BaseException | None) -> bool:
     return False
 
 
-def worker_main(spec: WorkerSpec, conn, sys_path: list[str]) -> None:
-    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+def worker_main(spec: WorkerSpec, conn, sys_path: list[str], inherit: Any = None) -> None:
+    """Entry point of a worker process (``multiprocessing`` target). ``inherit``: the worker
+    was forked from the fork server and takes the coordinator's environment, folder and
+    output from it (``forkserver.after_fork``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us on Ctrl-C
+    if inherit is not None:
+        from dataflow.execution.forkserver import after_fork
+
+        after_fork(inherit)
     os.environ.update(spec.env)  # CUDA_VISIBLE_DEVICES before any CUDA library loads
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     from dataflow.logs import configure_logging

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from engine_stages import BrokenPrepare, Load, Scale, Slow, make_jobs, total
 
+from dataflow.execution import forkserver
 from dataflow.execution.local import LocalExecutor, StageDef
 from dataflow.execution.state import Limits
 
@@ -96,23 +97,28 @@ def test_replicas_share_the_work_and_results_stay_in_order(tmp_path):
     )
 
 
-def _children() -> set[int]:
-    """Live child processes of this test process."""
-    found = set()
+def _descendants() -> set[int]:
+    """Live descendants of this test process (workers are children of the fork server),
+    but the fork server itself: it lives as long as this process, by design."""
+    parents = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.add(int(pid))
-    return found
+        if fields[0] != "Z":
+            parents[int(pid)] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found - {forkserver.server_pid()}
 
 
 def test_nothing_is_left_running_after_a_run(tmp_path):
-    before = _children()
+    before = _descendants()
     run(tmp_path, chain(), [1])
-    assert _children() - before == set()  # no worker, no store server
+    assert _descendants() - before == set()  # no worker, no store server
 
 
 @pytest.mark.parametrize(
