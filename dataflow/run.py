@@ -209,6 +209,7 @@ def build_executor(
         store_budget=store_budget,
         log_format=log_format,
         extra_sys_path=folders,
+        progress_context={"pipeline": graph.spec.name},  # stage_starting ... pipeline_ready
     )
     return graph, executor
 
