@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from dataflow import __version__
+from dataflow.platform.client import jobs_app, pipelines_app
 
 app = typer.Typer(help="dataflow: medical-imaging AI pipelines over a shared-memory store.",
                   no_args_is_help=True, add_completion=False)  # fmt: skip
@@ -226,7 +227,6 @@ def serve(
         raise typer.Exit(130) from None
 
 
-@app.command()
 def jobs(
     target: Path = typer.Argument(..., help="The service's configuration file or state folder."),
     state: str = typer.Option(None, help="Only jobs in this state (queued, running, ...)."),
@@ -242,8 +242,9 @@ def jobs(
         None, "--show", metavar="JOB_ID", help="One job: its history, exports and details."
     ),
 ) -> None:
-    """List the service's job records, newest first, with each result's export state per
-    destination; --show one job; or, with --retry, queue failed jobs again."""
+    """The job records of a state folder, without a running service (`dataflow jobs CONFIG`
+    for short): newest first, with each result's export state per destination; --show one
+    job; or, with --retry, queue failed jobs again."""
     from dataflow.errors import DataflowError
     from dataflow.service.jobs import JOB_STATES, RetryRefused
     from dataflow.service.main import format_job, format_jobs, format_retried, open_jobs
@@ -283,6 +284,13 @@ def jobs(
             raise typer.Exit(1)
     finally:
         store.close()
+
+
+# `dataflow jobs VERB` and `dataflow pipelines VERB` talk to a running service's API;
+# `dataflow jobs CONFIG` (= `dataflow jobs records CONFIG`) reads its state folder.
+jobs_app.command("records")(jobs)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(pipelines_app, name="pipelines")
 
 
 @app.command()
