@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ._common import CONNECTIVITIES, KernelValueError, is_device_array, resample
 
 __all__ = [
     "CONNECTIVITIES",
+    "SERIAL_BELOW_VOXELS",
     "KernelValueError",
     "connected_components",
     "connected_components_cuda",
@@ -93,6 +95,36 @@ def _cuda(name: str) -> Any:
     return getattr(cuda, name)
 
 
+# Inputs smaller than this run on one thread. A parallel region costs little alone, but when
+# several processes run kernels at once on few cores (the stages of a pipeline), threads that
+# wait at a barrier for a descheduled sibling made short kernels several times slower than one
+# thread (64 x 192^2 on 2 cores, two processes at once: 11 ms serial vs 48 ms on two threads
+# for gaussian_smooth; see docs/kernels.md). Large inputs keep every thread.
+SERIAL_BELOW_VOXELS = 1 << 23
+
+
+def _threads_by_size(kernel: Callable) -> Callable:
+    """Run ``kernel`` on one Numba thread when its first argument has fewer than
+    SERIAL_BELOW_VOXELS elements; the caller's thread count is restored afterwards."""
+
+    @functools.wraps(kernel)
+    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if int(getattr(x, "size", 0) or 0) >= SERIAL_BELOW_VOXELS:
+            return kernel(x, *args, **kwargs)
+        import numba
+
+        threads = numba.get_num_threads()
+        if threads == 1:
+            return kernel(x, *args, **kwargs)
+        numba.set_num_threads(1)
+        try:
+            return kernel(x, *args, **kwargs)
+        finally:
+            numba.set_num_threads(threads)
+
+    return run
+
+
 def _out(out: Any, shape: tuple, dtype: Any) -> np.ndarray:
     if out is None:
         return np.empty(shape, dtype)
@@ -102,6 +134,7 @@ def _out(out: Any, shape: tuple, dtype: Any) -> np.ndarray:
     return out
 
 
+@_threads_by_size
 def window_level(
     volume: Any, center: float, width: float, *, out: Any = None, device: str = "auto"
 ) -> Any:
@@ -117,6 +150,7 @@ def window_level(
     return res
 
 
+@_threads_by_size
 def normalize(volume: Any, method: str = "zscore", *, out: Any = None, device: str = "auto") -> Any:
     """``"zscore"``: (v - mean) / std (population std; 0 where std is 0).
     ``"minmax"``: (v - min) / (max - min) (0 where max == min). Statistics in float64."""
@@ -142,6 +176,7 @@ def normalize(volume: Any, method: str = "zscore", *, out: Any = None, device: s
     return res
 
 
+@_threads_by_size
 def resample(
     volume: Any,
     spacing: Any,
@@ -170,6 +205,7 @@ def resample(
     return res
 
 
+@_threads_by_size
 def gaussian_smooth(
     volume: Any,
     sigma: Any,
@@ -201,6 +237,7 @@ def gaussian_smooth(
     return res
 
 
+@_threads_by_size
 def threshold(
     volume: Any,
     lower: float | None = None,
@@ -233,6 +270,7 @@ def _threads() -> int:
     return max(1, numba.get_num_threads())
 
 
+@_threads_by_size
 def label(
     mask: Any, connectivity: int = 6, *, out: Any = None, device: str = "auto"
 ) -> tuple[Any, int]:
@@ -253,6 +291,7 @@ def label(
     return res, count
 
 
+@_threads_by_size
 def connected_components(
     mask: Any,
     connectivity: int = 6,
@@ -281,6 +320,7 @@ def connected_components(
     return res
 
 
+@_threads_by_size
 def fill_holes(mask: Any, connectivity: int = 6, *, out: Any = None, device: str = "auto") -> Any:
     """uint8 mask with every hole filled: background components (``connectivity``-connected)
     that do not touch the volume's border become foreground, e.g. the lungs inside a body

@@ -360,6 +360,33 @@ def test_fill_holes_fills_a_closed_shell_and_not_an_open_one():
 # ------------------------------------------------------------------ dispatch and warm-up
 
 
+def test_small_inputs_run_on_one_thread_and_the_callers_threads_are_restored(monkeypatch, rng):
+    """Below SERIAL_BELOW_VOXELS a kernel runs on one Numba thread (short kernels of stages
+    running at once on few cores were slower on two); the result is the same either way and
+    the caller's thread count is back afterwards, also when the kernel raises."""
+    numba = pytest.importorskip("numba")
+    threads = numba.get_num_threads()
+    seen = K._threads_by_size(lambda x: numba.get_num_threads())
+    small = np.zeros(K.SERIAL_BELOW_VOXELS - 1, np.uint8)
+    assert seen(small) == 1 and numba.get_num_threads() == threads
+    assert seen(np.zeros(K.SERIAL_BELOW_VOXELS, np.uint8)) == threads
+    mask = (rng.random((12, 20, 24)) < 0.4).astype(np.uint8)
+    serial = K.label(mask, 26), K.fill_holes(mask), K.connected_components(mask, keep_largest=True)
+    monkeypatch.setattr(K, "SERIAL_BELOW_VOXELS", 0)
+    parallel = (
+        K.label(mask, 26),
+        K.fill_holes(mask),
+        K.connected_components(mask, keep_largest=True),
+    )
+    np.testing.assert_array_equal(serial[0][0], parallel[0][0])
+    np.testing.assert_array_equal(serial[1], parallel[1])
+    np.testing.assert_array_equal(serial[2], parallel[2])
+    monkeypatch.undo()
+    with pytest.raises(K.KernelValueError):
+        K.label(mask, 26, out=np.empty((1, 1, 1), np.int32))
+    assert numba.get_num_threads() == threads
+
+
 def test_device_argument(volume):
     with pytest.raises(K.KernelValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
         K.threshold(volume, 0, device="gpu")
