@@ -242,6 +242,78 @@ def kernel_records(sizes: list[tuple[int, int]], rounds: int) -> list[dict]:
     return records
 
 
+CONTENTION_KERNELS = ("gaussian_smooth", "threshold", "connected_components", "fill_holes")
+
+
+def contention_worker(policy: str, reps: int) -> None:
+    """One process of the contention case: make the 64 x 192^2 inputs, say "ready", wait for
+    "go" on stdin, time each kernel ``reps`` times, print the mean ms per kernel as JSON."""
+    from operators import kernels
+    from operators.dicom.phantom import hu_at, scan_geometry
+
+    if policy == "all-threads":
+        kernels.SERIAL_BELOW_VOXELS = 0  # the old behaviour: every input on every thread
+    geometry = scan_geometry(64, 192)
+    volume = np.stack([hu_at(geometry.points(k)) for k in range(64)]).astype(np.float32)
+    spacing = (geometry.slice_spacing, *geometry.pixel_spacing)
+    kernels.warmup(*CONTENTION_KERNELS)
+    smooth = kernels.gaussian_smooth(volume, 1.0, spacing)
+    tissue = kernels.threshold(smooth, -500.0)
+    body = kernels.connected_components(tissue, 26, keep_largest=True)
+    calls = {
+        "gaussian_smooth": lambda: kernels.gaussian_smooth(volume, 1.0, spacing),
+        "threshold": lambda: kernels.threshold(smooth, -500.0),
+        "connected_components": lambda: kernels.connected_components(tissue, 26, keep_largest=True),
+        "fill_holes": lambda: kernels.fill_holes(body, 6),
+    }
+    print("ready", flush=True)
+    sys.stdin.readline()
+    result = {}
+    for name, call in calls.items():
+        start = now()
+        for _ in range(reps):
+            call()
+        result[name] = (now() - start) / reps * 1e3
+    print(json.dumps(result), flush=True)
+
+
+def contention_records(rounds: int, reps: int = 30) -> list[dict]:
+    """Kernels on 64 x 192^2 in one process alone and in two processes at once (as two kernel
+    stages of a pipeline on this machine's cores), with inputs this small on one thread
+    ("sized", the default) or on every thread ("all-threads")."""
+    configs = [(policy, procs) for policy in ("sized", "all-threads") for procs in (1, 2)]
+    times: dict[tuple, dict[str, list[float]]] = {c: {k: [] for k in CONTENTION_KERNELS}
+                                                  for c in configs}  # fmt: skip
+    for r in range(rounds):
+        for policy, procs in rotate(configs, r):
+            cmd = [sys.executable, __file__, "--contention-worker", policy, str(reps)]
+            workers = [subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+                       for _ in range(procs)]  # fmt: skip
+            for w in workers:
+                assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+            for w in workers:
+                assert w.stdin is not None
+                w.stdin.write("go\n")
+                w.stdin.flush()
+            for w in workers:
+                out, _ = w.communicate()
+                for kernel, ms in json.loads(out.strip().splitlines()[-1]).items():
+                    times[(policy, procs)][kernel].append(ms)
+        print(f"  contention round {r + 1}/{rounds} done", flush=True)
+    records = []
+    for (policy, procs), per_kernel in times.items():
+        for kernel, values in per_kernel.items():
+            records.append({"case": f"contention-{kernel}", "shape": "64x192x192",
+                            "system": policy, "processes": procs,
+                            "value": round(median(values), 3), "unit": "ms per call",
+                            "runs_ms": [round(v, 3) for v in values]})  # fmt: skip
+    for kernel in CONTENTION_KERNELS:
+        print(f"  {kernel}: " + ", ".join(
+            f"{p} x{n} {median(times[(p, n)][kernel]):.1f} ms" for p, n in configs))  # fmt: skip
+    return records
+
+
 # ------------------------------------------------------------------------------ MONAI Deploy
 
 
@@ -458,10 +530,16 @@ def case_records(case: str, runs: dict[str, list[dict]]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, fewer rounds")
-    parser.add_argument("--only", choices=("kernels", "pipelines"), help="one part only")
+    parser.add_argument(
+        "--only", choices=("kernels", "contention", "pipelines"), help="one part only"
+    )
+    parser.add_argument("--contention-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, help="timed rounds (default 7 kernels / 3 jobs)")
     parser.add_argument("--json", help="write the records here (and .provenance.json)")
     args = parser.parse_args()
+    if args.contention_worker:
+        contention_worker(args.contention_worker[0], int(args.contention_worker[1]))
+        return
     started, busy = now(), machine_busy()
     meta: dict[str, Any] = {
         **run_header(),
@@ -474,6 +552,8 @@ def main() -> None:
     if args.only in (None, "kernels"):
         sizes = [(64, 192)] if args.quick else [(64, 192), (200, 512)]
         records += kernel_records(sizes, args.rounds or (3 if args.quick else 7))
+    if args.only in (None, "contention"):
+        records += contention_records(args.rounds or (1 if args.quick else 3))
     if args.only in (None, "pipelines"):
         venv = build_monai_venv()
         meta["monai_venv"] = venv
