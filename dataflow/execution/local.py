@@ -220,6 +220,9 @@ class LocalExecutor:
         self.core = state.Core(self.graph, self.limits)
         self._oom_kills = oom_kills()
         self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
+        self._leaders: dict[str, str] = {}  # stage code -> the worker starting it first
+        self._deferred: dict[str, list[tuple[str, str, int]]] = {}
+        self._warmed: set[str] = set()
         try:
             self._do(self.core.start(time.monotonic()))
             for job_id, payload in jobs:
@@ -259,6 +262,9 @@ class LocalExecutor:
         self.core = state.Core(self.graph, self.limits, ordered=False)  # each as it is known
         self._oom_kills = oom_kills()
         self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
+        self._leaders: dict[str, str] = {}  # stage code -> the worker starting it first
+        self._deferred: dict[str, list[tuple[str, str, int]]] = {}
+        self._warmed: set[str] = set()
         interrupted = False
         try:
             self._do(self.core.start(time.monotonic()))
@@ -311,6 +317,7 @@ class LocalExecutor:
                 self._on_message(wid, message, results, started, on_result)
             elif proc.process.sentinel is ready and not proc.process.is_alive():
                 proc.process.join()
+                self._release(wid, warmed=False)
                 reason = self._death_reason(wid, proc.process.exitcode)
                 self._drop(wid)
                 actions = self.core.worker_died(wid, reason, time.monotonic())
@@ -384,6 +391,7 @@ class LocalExecutor:
         kind = message[0]
         if kind == "ready":
             self.procs[wid].ready = True
+            self._release(wid)
             self._progress(self.startup.worker_ready(self.core.workers[wid].stage))
             self._do(self.core.worker_ready(wid, now), results, started, on_result)
         elif kind == "done":
@@ -401,6 +409,7 @@ class LocalExecutor:
             )
         elif kind == "fatal":
             _, reason, details = message
+            self._release(wid, warmed=False)
             self.counters["fatal"] = self.counters.get("fatal", 0) + 1
             proc = self._drop(wid)
             if proc is not None:
@@ -427,7 +436,7 @@ class LocalExecutor:
                 job_name = action.job
                 proc.conn.send(("job", action.job, job_name, inputs, action.timeout))
             elif isinstance(action, state.StartWorker):
-                self._start_worker(action.worker, action.stage, action.replica)
+                self._start_or_defer(action.worker, action.stage, action.replica)
             elif isinstance(action, state.KillWorker):
                 log.warning("worker_killed", worker=action.worker, reason=action.reason)
                 proc = self._drop(action.worker)
@@ -492,6 +501,45 @@ class LocalExecutor:
                 self.on_progress(event, self.startup)
             else:
                 log_event(event, log, **self.progress_context)
+
+    def _code_key(self, stage_name: str, replica: int) -> str:
+        stage = self.stages[stage_name]
+        device = stage.devices[replica] if replica < len(stage.devices) else None
+        ref = stage.stage_ref
+        name = ref if isinstance(ref, str) else f"{ref.__module__}:{ref.__qualname__}"
+        return f"{name}@{'gpu' if device is not None else 'cpu'}"
+
+    def _start_or_defer(self, wid: str, stage_name: str, replica: int) -> None:
+        """Start a worker; but while another worker of the same stage code (several
+        ``Threshold`` stages, a stage's replicas) starts for the first time, wait for it: it
+        compiles the Numba kernels and writes them to the on-disk cache, which the others then
+        load in a fraction of the time, instead of each compiling them again at once."""
+        key = self._code_key(stage_name, replica)
+        leader = self._leaders.get(key)
+        if key not in self._warmed and leader is not None and leader != wid:
+            self._deferred.setdefault(key, []).append((wid, stage_name, replica))
+            return
+        if key not in self._warmed:
+            self._leaders[key] = wid
+        self._start_worker(wid, stage_name, replica)
+
+    def _release(self, wid: str, warmed: bool = True) -> None:
+        """``wid`` came up (or failed to): start the workers waiting for it."""
+        for key, leader in list(self._leaders.items()):
+            if leader != wid:
+                continue
+            del self._leaders[key]
+            if warmed:
+                self._warmed.add(key)
+            waiting = self._deferred.pop(key, [])
+            if not warmed and waiting:  # the next one leads: it may fail for its own reason
+                first, *waiting = waiting
+                self._leaders[key] = first[0]
+                self._deferred[key] = waiting
+                self._start_worker(*first)
+                continue
+            for args in waiting:
+                self._start_worker(*args)
 
     def _start_worker(self, wid: str, stage_name: str, replica: int) -> None:
         self._progress(self.startup.worker_starting(stage_name))

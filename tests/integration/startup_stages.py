@@ -37,3 +37,35 @@ class Inherited(Stage):
                 "parent": os.getppid(),
             }
         )
+
+
+class Journaled(Stage):
+    """Appends "start NAME" when built and "ready NAME" after ``prepare`` to ``journal`` (one
+    write each, O_APPEND: lines from several workers never mix); ``prepare`` raises if
+    ``fail``. Passes the job's folder on."""
+
+    inputs = {"payload": PAYLOAD}
+    outputs = {"name": Port("string")}
+
+    def __init__(self, journal: str, name: str, fail: bool = False) -> None:
+        self.journal, self.name, self.fail = journal, name, fail
+        self._write(f"start {name}")
+
+    def _write(self, line: str) -> None:
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{line}\n".encode())
+        finally:
+            os.close(fd)
+
+    def prepare(self, ctx) -> None:
+        if self.fail:
+            raise RuntimeError(f"{self.name} cannot start")
+        self._write(f"ready {self.name}")
+
+    def execute(self, ctx, payload: Path):
+        return self.name
+
+
+class Other(Journaled):
+    """The same, as other stage code."""

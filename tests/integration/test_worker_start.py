@@ -77,3 +77,45 @@ def test_a_stage_with_variables_of_its_own_is_spawned_and_sees_them(tmp_path, mo
     (report,) = _run(tmp_path, monkeypatch, "forkserver", ["a"], env={"STAGE_VARIABLE": "v"})
     assert report["variable"] == "v"
     assert report["parent"] == os.getpid()  # spawned by the coordinator itself
+
+
+def _journaled(tmp_path, specs):
+    journal = tmp_path / "journal"
+    stages = [
+        StageDef(
+            name, f"startup_stages:{cls}", {"payload": None}, ("name",),
+            arguments={"journal": str(journal), "name": name, **args},
+        )
+        for name, cls, args in specs
+    ]  # fmt: skip
+    folder = tmp_path / "in" / "job"
+    folder.mkdir(parents=True)
+    executor = LocalExecutor(stages, output_root=tmp_path / "out")
+    (result,) = executor.run([("job", folder)])
+    return result, journal.read_text().splitlines()
+
+
+def test_workers_of_the_same_stage_code_start_after_the_first_is_up(tmp_path):
+    # the first compiles (and caches) the kernels; the others load them instead of compiling
+    # them again at the same time
+    result, journal = _journaled(
+        tmp_path,
+        [
+            ("a", "Journaled", {}),
+            ("b", "Journaled", {}),
+            ("c", "Journaled", {}),
+            ("o", "Other", {}),
+        ],
+    )
+    assert result.ok, result.reason
+    first = journal.index("ready a")
+    assert journal.index("start b") > first and journal.index("start c") > first
+    assert {"ready b", "ready c", "ready o"} <= set(journal)
+
+
+def test_a_first_worker_that_cannot_start_lets_the_next_one_try(tmp_path):
+    result, journal = _journaled(
+        tmp_path, [("a", "Journaled", {"fail": True}), ("b", "Journaled", {})]
+    )
+    assert not result.ok and "a cannot start" in result.reason
+    assert "ready b" in journal and "ready a" not in journal
