@@ -400,6 +400,13 @@ class _Display:
         self.stages = Text("")
         self.progress = Live(Group(self.bar, self.stages), console=console, transient=False)
         self.progress.start()
+        executor.on_progress = self.startup  # start-up on the status line, not in the log
+
+    def startup(self, event, progress) -> None:
+        """Which stages are starting and how many workers are ready, until all are."""
+        if self.progress is not None:
+            self.stages.plain = progress.line()
+            self.progress.refresh()
 
     def _stage_rates(self) -> str:
         """Per-stage throughput while busy: jobs per second of worker time."""
