@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,21 @@ def wait_for_idle(max_wait_s: float) -> tuple[bool, float]:
         if calm >= 3:
             return True, time.perf_counter() - started
     return False, time.perf_counter() - started
+
+
+def single_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run on one Numba thread (the caller's thread count restored after)."""
+    import numba
+
+    def run() -> Any:
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            numba.set_num_threads(threads)
+
+    return run
 
 
 def git(*cmd: str) -> str:

@@ -359,20 +359,6 @@ def diff_partition(ours: tuple, other: tuple) -> dict:
     return {"components": [n, int(m)], "foreground_differing_voxels": differing}
 
 
-def single_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
-    import numba
-
-    def run() -> Any:
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            numba.set_num_threads(threads)
-
-    return run
-
-
 def simpleitk_systems(v: np.ndarray, mask: np.ndarray, spacing: tuple, shape: tuple) -> dict:
     """Per kernel, a SimpleITK callable on images made beforehand (untimed) that returns the
     output image (converted to NumPy by :func:`from_simpleitk`, untimed); empty when SimpleITK
@@ -486,7 +472,7 @@ def kernel_cases(size: str) -> list[Case]:
     sitk = simpleitk_systems(v, mask, spacing, shape)
     cases = []
     for name, (kernel, systems, compare, extra) in table.items():
-        systems["ours-1t"] = single_thread(systems["ours"])
+        systems["ours-1t"] = common.single_thread(systems["ours"])
         if name in sitk:
             systems["simpleitk"] = sitk[name]
             compare = _with_simpleitk(compare, from_simpleitk(compare, name))

@@ -69,6 +69,7 @@ from _common import (  # noqa: E402
     module_versions,
     run_footer,
     run_header,
+    single_thread,
     write_results,
 )
 
@@ -173,20 +174,6 @@ def as_array(result: Any) -> np.ndarray:
     return sitk.GetArrayFromImage(result)
 
 
-def one_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
-    import numba
-
-    def run() -> Any:
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            numba.set_num_threads(threads)
-
-    return run
-
-
 def kernel_records(sizes: list[tuple[int, int]], rounds: int) -> list[dict]:
     from operators import kernels
 
@@ -201,7 +188,7 @@ def kernel_records(sizes: list[tuple[int, int]], rounds: int) -> list[dict]:
         for kernel, systems in kernel_systems(tissue, body).items():
             systems = {
                 "ours": systems["ours"],
-                "ours-1t": one_thread(systems["ours"]),
+                "ours-1t": single_thread(systems["ours"]),
                 **{k: v for k, v in systems.items() if k != "ours"},
             }
             times: dict[str, list[float]] = {name: [] for name in systems}
