@@ -283,9 +283,9 @@ class LocalExecutor:
                 if (closing and self.core.idle()) or feed.aborted:
                     interrupted = feed.aborted
                     break
+                self._refresh()  # before waiting: in_flight() shows the stages just dispatched
                 self._step(results, started, on_result, wake=feed)
                 results.clear()
-                self._refresh()
         except BaseException:
             interrupted = True
             raise
