@@ -44,6 +44,8 @@ from _common import ROOT, git, loadavg, machine, machine_busy, run_footer, run_h
 
 PIPELINE = "pipelines/ct-segmentation.yaml"
 SERVICE = "examples/service.yaml"
+#: the console script the README runs (it imports ``dataflow`` from PYTHONPATH: the tree's)
+DATAFLOW = str(Path(sys.executable).parent / "dataflow")
 
 
 def _ts(line: dict) -> float | None:
@@ -84,7 +86,7 @@ def run_once(tree: Path, cache: Path, samples: Path, work: Path) -> dict[str, An
     out = work / "output"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
-        sys.executable, "-m", "dataflow.cli", "run", PIPELINE, "--input", str(samples),
+        DATAFLOW, "run", PIPELINE, "--input", str(samples),
         "--output", str(out), "--log-format", "json", "--no-progress",
     ]  # fmt: skip
     t0 = time.time()
@@ -117,7 +119,7 @@ def serve_once(tree: Path, cache: Path, work: Path, limit: float) -> dict[str, A
     """``dataflow serve`` from process start to ``service_started``, then SIGTERM."""
     state = work / "state"
     shutil.rmtree(state, ignore_errors=True)
-    cmd = [sys.executable, "-m", "dataflow.cli", "serve", SERVICE]
+    cmd = [DATAFLOW, "serve", SERVICE]
     log = work / "serve.log"
     t0 = time.time()
     with open(log, "w") as sink:

@@ -91,6 +91,12 @@ def _ensure_server(ctx, modules: Iterable[str]) -> None:
     own modules); one that died is started again."""
     from multiprocessing import forkserver
 
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main is not None and main.name != "__main__" and not main.name.endswith(".__main__"):
+        # ``python -m dataflow.cli``: each worker runs the main module again (as __mp_main__);
+        # with its imports loaded here that costs nothing (a script's path the server imports
+        # itself)
+        modules = [*modules, main.name]
     with _lock:
         ctx.set_forkserver_preload([__name__])
         saved = os.environ.get(_ENV)
