@@ -119,3 +119,28 @@ def test_a_first_worker_that_cannot_start_lets_the_next_one_try(tmp_path):
     )
     assert not result.ok and "a cannot start" in result.reason
     assert "ready b" in journal and "ready a" not in journal
+
+
+def test_a_run_reports_each_stage_starting_then_ready_then_the_pipeline(tmp_path):
+    seen = []
+    journal = str(tmp_path / "journal")
+    stages = [
+        StageDef(
+            name, "startup_stages:Journaled", {"payload": None}, ("name",), replicas=replicas,
+            arguments={"journal": journal, "name": name},
+        )
+        for name, replicas in (("a", 2), ("b", 1))
+    ]  # fmt: skip
+    folder = tmp_path / "in" / "job"
+    folder.mkdir(parents=True)
+    executor = LocalExecutor(
+        stages, output_root=tmp_path / "out",
+        on_progress=lambda event, progress: seen.append((event.name, event.stage, event.ready)),
+    )  # fmt: skip
+    (result,) = executor.run([("job", folder)])
+    assert result.ok, result.reason
+    names = [(name, stage) for name, stage, _ in seen]
+    assert sorted(names[:2]) == [("stage_starting", "a"), ("stage_starting", "b")]
+    assert sorted(names[2:4]) == [("stage_ready", "a"), ("stage_ready", "b")]
+    assert seen[-1] == ("pipeline_ready", None, 3)
+    assert [ready for *_, ready in seen[2:]] == sorted(ready for *_, ready in seen[2:])
