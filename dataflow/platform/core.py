@@ -466,6 +466,7 @@ class Platform:
             "messages": messages,
             "operators": self._operator_details(job),
             "metadata": self.registry.metadata("job", job.id),
+            "exports": self.jobs.deliveries(job.id),
         }
 
     def _operator_details(self, job) -> list[dict[str, Any]]:
@@ -653,6 +654,29 @@ class Platform:
                 "metadata": self.registry.metadata("payload", payload_id),
                 "files": self.payload_files(payload_id)}  # fmt: skip
 
+    def remove_file(self, payload_id: str, name: str) -> None:
+        """Remove one uploaded file (``/input/...``) of a payload (Clara's Payloads.Remove);
+        Conflict while its job is queued or running; NotFound if there is no such file."""
+        row = self._payload(payload_id)
+        if row["job_id"]:
+            job = self.jobs.get(row["job_id"])
+            if job.state in ("queued", "running"):
+                raise Conflict(f"payload {payload_id}: its job {job.id} is {job.state}",
+                               code=PAYLOAD_DELETE)  # fmt: skip
+        inputs = self.payload_root / payload_id / "input"
+        path, _ = files.open_file(inputs, None, name if name.startswith("/") else f"/{name}")
+        path.unlink()
+        log.info("payload_file_removed", payload_id=payload_id)
+
+    def release(self, payload: Path) -> None:
+        """Retention reaped the last job over ``payload`` (a payload's ``input`` folder):
+        the payload goes, as a connector's payloads do."""
+        folder = Path(payload).parent
+        if folder.parent == self.payload_root and _HEX32.match(folder.name):
+            self.registry.remove_payload(folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("payload_released", payload_id=folder.name)
+
     def delete_payload(self, payload_id: str) -> None:
         """Remove a payload and its files; Conflict while its job is pending, queued or
         running (the job's record stays; its outputs stay until retention)."""
@@ -665,6 +689,39 @@ class Platform:
         self.registry.remove_payload(payload_id)
         shutil.rmtree(self.payload_root / payload_id, ignore_errors=True)
         log.info("payload_deleted", payload_id=payload_id)
+
+    # ------------------------------------------------------------------ DICOM exports
+
+    def _admins(self) -> dict[str, Any]:
+        from dataflow.service.main import open_admins
+
+        return open_admins(self.service.config)
+
+    def exports(self, state: str | None = None) -> list[dict[str, Any]]:
+        """The export outbox of every connector that has one (the DICOM connector): each
+        task's job, destination, state (pending, sending, sent, dead), attempts, last error."""
+        from dataflow.errors import DataflowError
+
+        try:
+            return [row for admin in self._admins().values() for row in admin.exports(state)]
+        except DataflowError as exc:  # an unknown state
+            raise Invalid(str(exc)) from None
+
+    def resend_export(self, task_id: str) -> str:
+        """Send a dead letter again (as ``dataflow exports --resend``): what happens, in
+        words; NotFound or Conflict saying why not."""
+        from dataflow.errors import DataflowError
+
+        reasons = []
+        for admin in self._admins().values():
+            try:
+                return admin.resend(task_id)
+            except DataflowError as exc:
+                reasons.append(str(exc))
+        if not reasons:
+            raise NotFound(f"no export task {task_id!r}: no connector has an outbox")
+        error = NotFound if all(r.startswith("no export task") for r in reasons) else Conflict
+        raise error("; ".join(reasons))
 
     # ------------------------------------------------------------------ metadata
 

@@ -223,10 +223,29 @@ def build_app(platform: Platform) -> FastAPI:
             platform.upload, payload_id, name[len("input/") :], chunks()
         )
 
+    @app.delete(f"{PREFIX}/payloads/{{payload_id}}/files/{{name:path}}", tags=["payloads"],
+                status_code=204)  # fmt: skip
+    def remove_file(payload_id: str, name: str) -> Response:
+        """Remove one uploaded file (``input/...``) before its job starts or after it ended."""
+        platform.remove_file(payload_id, "/" + name)
+        return Response(status_code=204)
+
     @app.get(f"{PREFIX}/payloads/{{payload_id}}/files/{{name:path}}", tags=["payloads"])
     def download(payload_id: str, name: str) -> StreamingResponse:
         size, chunks = platform.download(payload_id, "/" + name)
         return _download(size, chunks, name)
+
+    # ------------------------------------------------------------------ DICOM exports
+
+    @app.get(f"{PREFIX}/exports", tags=["dicom"])
+    def exports(state: str | None = None) -> list[dict[str, Any]]:
+        """The export outbox: results waiting, sent and dead-lettered, per destination."""
+        return platform.exports(state)
+
+    @app.post(f"{PREFIX}/exports/{{task_id}}/resend", tags=["dicom"])
+    def resend(task_id: str) -> dict[str, str]:
+        """Send a dead letter again."""
+        return {"task_id": task_id, "message": platform.resend_export(task_id)}
 
     # ------------------------------------------------------------------ metadata
 

@@ -697,6 +697,9 @@ class Service:
         return reaped
 
     def _release(self, job: JobRecord) -> None:
+        if job.source.get("connector") == "api" and self.platform is not None:
+            self.platform.release(Path(job.payload))  # a payload uploaded through the API
+            return
         connector = self.connectors.get(str(job.source.get("connector", "")))
         release = getattr(connector, "release", None)
         if release is None:

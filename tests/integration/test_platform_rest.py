@@ -9,39 +9,29 @@ import socket
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from dataflow.service import Service, load_config
+from tests.integration.platform_service import HANG, api_client, platform_service
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
 PASSTHROUGH = ROOT / "pipelines" / "passthrough.yaml"
 VOLUME = ROOT / "pipelines" / "samples" / "volumes" / "study-a" / "volume.npy"
-HANG = 300.0  # seconds: only a hang takes this long
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("platform")
-    path = tmp / "service.yaml"
-    path.write_text(
-        f"state: {tmp / 'state'}\n"
-        f"pipelines:\n  passthrough: {PASSTHROUGH}\n"
-        "api: {rest-port: 0, grpc-port: null, max-upload: 1MiB}\n"
-    )
-    service = Service(load_config(path))
-    service.start()
-    try:
+    pipelines = {"passthrough": PASSTHROUGH}
+    with platform_service(
+        tmp_path_factory.mktemp("platform"), pipelines, "max-upload: 1MiB"
+    ) as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture
 def client(service):
-    with httpx.Client(base_url=service.platform.urls["rest"], timeout=HANG) as client:
+    with api_client(service) as client:
         yield client
 
 

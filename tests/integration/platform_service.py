@@ -1,0 +1,35 @@
+"""A real ``Service`` with its platform API on a free loopback port, for the platform tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from dataflow.service import Service, load_config
+
+HANG = 300.0  # seconds: only a hang takes this long
+
+
+@contextlib.contextmanager
+def platform_service(tmp: Path, pipelines: dict[str, Path], api: str = "") -> Iterator[Service]:
+    """The service over ``pipelines`` (name -> file) with ``api: {rest-port: 0, ...api}``."""
+    path = tmp / "service.yaml"
+    lines = "".join(f"  {name}: {file}\n" for name, file in pipelines.items())
+    extra = f", {api}" if api else ""
+    path.write_text(f"state: {tmp / 'state'}\npipelines:\n{lines}"
+                    f"api: {{rest-port: 0, grpc-port: null{extra}}}\n")  # fmt: skip
+    service = Service(load_config(path))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@contextlib.contextmanager
+def api_client(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.platform.urls["rest"], timeout=HANG) as client:
+        yield client
