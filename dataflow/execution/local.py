@@ -82,13 +82,16 @@ class _Proc:
 class JobFeed:
     """Jobs handed to a serving executor (:meth:`LocalExecutor.serve`) from any thread.
 
-    ``put(job_id, payload_dir)`` queues a job and wakes the executor; ``close()`` asks it to
-    finish the jobs it has and return; ``abort()`` to return at once (busy workers are killed,
-    their jobs get no result). The executor waits on ``fileno()`` with its workers."""
+    ``put(job_id, payload_dir)`` queues a job and wakes the executor; ``cancel(job_id,
+    reason)`` fails a job put earlier wherever it is (its busy workers are killed and
+    restarted; its result says ``reason``); ``close()`` asks it to finish the jobs it has and
+    return; ``abort()`` to return at once (busy workers are killed, their jobs get no
+    result). The executor waits on ``fileno()`` with its workers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._items: collections.deque[tuple[str, str | Path | None]] = collections.deque()
+        self._cancels: collections.deque[tuple[str, str]] = collections.deque()
         self._closed = False
         self.aborted = False
         self._read, self._write = os.pipe()
@@ -101,6 +104,17 @@ class JobFeed:
                 raise RuntimeError(f"job {job_id!r}: the executor is stopping")
             self._items.append((job_id, payload))
         self._wake()
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        with self._lock:
+            self._cancels.append((job_id, reason))
+        self._wake()
+
+    def take_cancels(self) -> list[tuple[str, str]]:
+        with self._lock:
+            items = list(self._cancels)
+            self._cancels.clear()
+        return items
 
     def close(self) -> None:
         with self._lock:
@@ -280,6 +294,9 @@ class LocalExecutor:
                         self.core.submit(job_id, value, time.monotonic()),
                         results, started, on_result,
                     )  # fmt: skip
+                for job_id, reason in feed.take_cancels():
+                    actions = self.core.cancel(job_id, reason, time.monotonic())
+                    self._do(actions, results, started, on_result)
                 if (closing and self.core.idle()) or feed.aborted:
                     interrupted = feed.aborted
                     break

@@ -19,8 +19,8 @@ Job life (Clara's state / status in brackets)::
       -> succeeded [STOPPED/HEALTHY] | failed [STOPPED/FAULTED]
     cancel_job: pending | queued | running -> cancelled [STOPPED/CANCELED]
 
-A running job that is cancelled runs on in its stages (the executor cannot take a job back
-yet); when it ends its outputs are removed and nothing of it is exported.
+A running job that is cancelled is failed in its pipeline wherever it is (the workers busy
+with it are killed and restarted); its outputs are removed and nothing of it is exported.
 
 Events: :meth:`Platform.subscribe` gives a :class:`Subscription` that receives every change
 of a job's state (``{"job_id", "pipeline", "state", "at"}``), from DICOM and API jobs alike.

@@ -513,13 +513,17 @@ class Service:
         return True
 
     def cancel_job(self, job_id: str, reason: str) -> str | None:
-        """Cancel a job not ended yet; the state it had, or None if it had ended. A job the
-        pipeline holds runs on (the executor cannot take a job back yet); when it ends its
-        outputs are removed and nothing of it is exported."""
+        """Cancel a job not ended yet; the state it had, or None if it had ended. A job its
+        pipeline holds is failed there wherever it is (the workers busy with it are killed
+        and restarted); when its result comes its outputs are removed and nothing of it is
+        exported."""
         assert self.jobs is not None
         was = self.jobs.cancel(job_id, reason)
         if was is not None:
             job = self.jobs.get(job_id)
+            feed = self.feeds.get(job.pipeline)
+            if was == "running" and feed is not None:
+                feed.cancel(job_id, reason)  # its stages stop: their workers are restarted
             log.info("job_cancelled", job_id=job_id, pipeline=job.pipeline, was=was)
             self._emit(job_id, job.pipeline, "cancelled")
             self._poke()
