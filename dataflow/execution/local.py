@@ -90,7 +90,7 @@ class JobFeed:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: collections.deque[tuple[str, str | Path | None]] = collections.deque()
+        self._items: collections.deque[tuple[str, str | Path | None, int]] = collections.deque()
         self._cancels: collections.deque[tuple[str, str]] = collections.deque()
         self._closed = False
         self.aborted = False
@@ -98,11 +98,12 @@ class JobFeed:
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
 
-    def put(self, job_id: str, payload: str | Path | None) -> None:
+    def put(self, job_id: str, payload: str | Path | None, priority: int = 2) -> None:
+        """Queue a job (``priority``: Clara's, see :mod:`dataflow.execution.state`)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"job {job_id!r}: the executor is stopping")
-            self._items.append((job_id, payload))
+            self._items.append((job_id, payload, priority))
         self._wake()
 
     def cancel(self, job_id: str, reason: str) -> None:
@@ -129,7 +130,7 @@ class JobFeed:
     def closed(self) -> bool:
         return self._closed
 
-    def take(self) -> list[tuple[str, str | Path | None]]:
+    def take(self) -> list[tuple[str, str | Path | None, int]]:
         try:
             while os.read(self._read, 4096):
                 pass
@@ -287,11 +288,11 @@ class LocalExecutor:
                     on_ready()  # every worker has run prepare (or failed to: see health())
                     on_ready = None
                 closing = feed.closed  # before take(): nothing is put after close()
-                for job_id, payload in feed.take():
+                for job_id, payload, priority in feed.take():
                     started[job_id] = time.monotonic()
                     value = state.Value(("path", str(payload)), 0) if payload else None
                     self._do(
-                        self.core.submit(job_id, value, time.monotonic()),
+                        self.core.submit(job_id, value, time.monotonic(), priority),
                         results, started, on_result,
                     )  # fmt: skip
                 for job_id, reason in feed.take_cancels():

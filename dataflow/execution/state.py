@@ -10,7 +10,12 @@ Rules:
 
 - Each stage has ``replicas`` workers; a worker runs one job at a time.
 - A job becomes ready at a stage when every input port has its value (fan-in joins per job);
-  an output feeds every consumer (fan-out). Ready jobs run in submission order.
+  an output feeds every consumer (fan-out). Ready jobs run in submission order, IMMEDIATE
+  jobs before any other.
+- Priorities (Clara's: ``LOWER`` 1, ``NORMAL`` 2, the default, ``HIGHER`` 3, ``IMMEDIATE`` 4;
+  :meth:`Core.submit`): of the jobs waiting to be admitted, IMMEDIATE ones are taken first
+  (oldest first); HIGHER, NORMAL and LOWER share the admissions 4:2:1 among the classes that
+  wait (smooth weighted round robin, oldest first within a class), so none starves.
 - Backpressure: a stage gets no new job while any of its output edges holds ``edge_items``
   values (or ``edge_bytes`` bytes) that the consumer has not finished with — counting the jobs
   the stage is running now. At most ``max_jobs`` jobs are in flight; the rest wait.
@@ -49,6 +54,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "IMMEDIATE",
+    "PRIORITIES",
     "Action",
     "Core",
     "Discard",
@@ -200,6 +207,11 @@ class StageRecovered(Action):
 
 # ------------------------------------------------------------------------------- state
 
+IMMEDIATE = 4  # Clara's JobPriority IMMEDIATE: before any other job
+SHARES = {3: 4, 2: 2, 1: 1}  # HIGHER, NORMAL, LOWER: admissions per round among those waiting
+PRIORITIES = {"lower": 1, "normal": 2, "higher": 3, "immediate": IMMEDIATE}
+_BEFORE_ALL = 1 << 62  # subtracted from an IMMEDIATE job's place in the ready queues
+
 
 @dataclasses.dataclass(eq=False)
 class _Job:
@@ -213,6 +225,7 @@ class _Job:
     done: set[str] = dataclasses.field(default_factory=set)  # stages finished
     running: set[str] = dataclasses.field(default_factory=set)  # stages running it now
     failed: JobFailed | None = None
+    priority: int = 2  # Clara's JobPriority: 1 lower, 2 normal, 3 higher, 4 immediate
 
 
 @dataclasses.dataclass(eq=False)
@@ -245,6 +258,7 @@ class Core:
         self.workers: dict[str, _Worker] = {}
         self.jobs: dict[str, _Job] = {}
         self.backlog: collections.deque[_Job] = collections.deque()  # submitted, not admitted
+        self._credit: dict[int, int] = dict.fromkeys(SHARES, 0)  # the round robin's state
         self.submitted: set[str] = set()  # every job ID seen, to refuse duplicates in O(1)
         self.ready: dict[str, list[tuple[int, str]]] = {s: [] for s in graph.stages}  # heaps
         self.broken: dict[str, str] = {}  # stage -> reason
@@ -278,13 +292,17 @@ class Core:
                 actions.append(StartWorker(wid, node.name, replica))
         return actions
 
-    def submit(self, job_id: str, payload: Value | None, now: float) -> list[Action]:
+    def submit(
+        self, job_id: str, payload: Value | None, now: float, priority: int = 2
+    ) -> list[Action]:
+        """A new job (``priority``: see the module docstring; any other value is NORMAL)."""
         if job_id in self.submitted:
             raise ValueError(f"job {job_id!r} was already submitted")
         self.submitted.add(job_id)
         if not self.jobs and not self.backlog:
             self.last_progress = now  # idle until now (a service): not a stall
-        self.backlog.append(_Job(job_id, next(self._seq), payload))
+        priority = priority if priority in (*SHARES, IMMEDIATE) else 2
+        self.backlog.append(_Job(job_id, next(self._seq), payload, priority=priority))
         return self._admit(now) + self._schedule(now)
 
     def worker_ready(self, worker: str, now: float) -> list[Action]:
@@ -520,7 +538,7 @@ class Core:
     def _admit(self, now: float) -> list[Action]:
         actions: list[Action] = []
         while self.backlog and len(self.jobs) < self.limits.max_jobs:
-            job = self.backlog.popleft()
+            job = self._next_admitted()
             job.admitted_at = now
             self.jobs[job.id] = job
             for node in self.graph.stages.values():
@@ -533,8 +551,25 @@ class Core:
                     self._make_ready(job, node.name)
         return actions
 
+    def _next_admitted(self) -> _Job:
+        """Take the next job of the backlog by priority (module docstring)."""
+        job = next((j for j in self.backlog if j.priority == IMMEDIATE), None)
+        if job is None:
+            waiting = sorted({j.priority for j in self.backlog})
+            if len(waiting) > 1:
+                for level in waiting:
+                    self._credit[level] += SHARES[level]
+                chosen = max(waiting, key=lambda level: (self._credit[level], level))
+                self._credit[chosen] -= sum(SHARES[level] for level in waiting)
+            else:
+                chosen = waiting[0]
+            job = next(j for j in self.backlog if j.priority == chosen)
+        self.backlog.remove(job)
+        return job
+
     def _make_ready(self, job: _Job, stage: str) -> None:
-        heapq.heappush(self.ready[stage], (job.seq, job.id))
+        first = job.seq - _BEFORE_ALL if job.priority == IMMEDIATE else job.seq
+        heapq.heappush(self.ready[stage], (first, job.id))
 
     def _blocked_by(self, stage: str) -> str | None:
         node = self.graph.stages[stage]

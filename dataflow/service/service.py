@@ -46,6 +46,7 @@ import structlog
 
 from dataflow.errors import DataflowError
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
+from dataflow.execution.state import PRIORITIES
 from dataflow.hints import suggest
 from dataflow.logs import scrub
 from dataflow.service.config import SERVICE_KEYS, JobLimits, PipelineEntry, ServiceConfig
@@ -545,7 +546,8 @@ class Service:
             return False
         self._remove_outputs(job)
         self._emit(job.id, job.pipeline, "running")
-        self.feeds[job.pipeline].put(job.id, job.payload)
+        priority = PRIORITIES.get(str(job.source.get("priority", "normal")), 2)
+        self.feeds[job.pipeline].put(job.id, job.payload, priority)
         return True
 
     def _remove_outputs(self, job: JobRecord) -> None:
