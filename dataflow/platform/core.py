@@ -26,9 +26,9 @@ Events: :meth:`Platform.subscribe` gives a :class:`Subscription` that receives e
 of a job's state (``{"job_id", "pipeline", "state", "at"}``), from DICOM and API jobs alike.
 
 Servers: :meth:`Platform.start` (called by the service once its pipelines are warm) starts the
-REST server and, when ``api.grpc-port`` is set and :mod:`dataflow.platform.grpc` exists, the
-gRPC server (its ``serve(platform, host, port)`` returns an object with ``port`` and
-``stop()``); the ports taken are written to ``STATE/api.json``.
+REST server and, when ``api.grpc-port`` is set and ``dataflow.platform.clara`` provides
+``serve(platform, host, port)`` (returning an object with ``port`` and ``stop()``), the gRPC
+server; the ports taken are written to ``STATE/api.json``.
 """
 
 from __future__ import annotations
@@ -138,6 +138,24 @@ def check_metadata(values: Any, what: str, existing: Mapping[str, str] | None = 
     return out
 
 
+def _grpc_server() -> Any:
+    """``serve(platform, host, port)`` of the Clara-compatible gRPC package, if installed:
+    ``dataflow.platform.clara`` (or ``dataflow.platform.grpc``)."""
+    import importlib
+
+    for name in ("dataflow.platform.clara", "dataflow.platform.grpc"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # not there: no gRPC
+            raise  # there, but something it imports is missing: say so
+        serve = getattr(module, "serve", None)
+        if serve is not None:
+            return serve
+    return None
+
+
 class Subscription:
     """Job events for one listener (:meth:`Platform.subscribe`); use as a context manager or
     call :meth:`close`. At most ``size`` events wait: when a slow listener falls that far
@@ -210,10 +228,7 @@ class Platform:
         self._servers.append(rest)
         self.urls["rest"] = f"http://{host}:{rest.port}"
         if self.config.grpc_port is not None:
-            try:
-                from dataflow.platform.grpc import serve as serve_grpc  # type: ignore
-            except ImportError:
-                serve_grpc = None
+            serve_grpc = _grpc_server()
             if serve_grpc is not None:
                 server = serve_grpc(self, host, self.config.grpc_port)
                 self._servers.append(server)
