@@ -1,6 +1,6 @@
 """The CLI as a client of a running ``dataflow serve`` (its REST API): ``dataflow jobs
 create|start|status|list|cancel|retry|logs|download`` and ``dataflow pipelines
-list|describe|create|remove``.
+list|describe|create|remove`` and ``dataflow payloads create|files|upload|download|delete``.
 
 The service is found at ``--api`` or ``DATAFLOW_API`` (default ``http://127.0.0.1:8080``).
 Tables for people, ``--json`` for scripts. ``dataflow jobs CONFIG`` (a state folder's job
@@ -22,7 +22,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-__all__ = ["ApiClient", "ApiError", "jobs_app", "pipelines_app"]
+__all__ = ["ApiClient", "ApiError", "jobs_app", "payloads_app", "pipelines_app"]
 
 DEFAULT_API = "http://127.0.0.1:8080"
 ENDED = ("succeeded", "failed", "cancelled")
@@ -76,15 +76,16 @@ class ApiClient:
             return self.call("PUT", f"/api/v1/payloads/{payload_id}/files/input/{name}",
                              content=_chunks(handle))  # fmt: skip
 
-    def download(self, job_id: str, name: str, target: Path) -> int:
-        """Stream one listed file of a job into ``target`` (written whole or not at all)."""
+    def download(self, job_id: str, name: str, target: Path, *, of: str = "jobs") -> int:
+        """Stream one listed file of a job (``of="payloads"``: of a payload) into ``target``
+        (written whole or not at all)."""
         import httpx
 
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
         size = 0
         try:
-            with self._http.stream("GET", f"/api/v1/jobs/{job_id}/files{name}") as response:
+            with self._http.stream("GET", f"/api/v1/{of}/{job_id}/files{name}") as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)
@@ -125,6 +126,7 @@ jobs_app = typer.Typer(
     "job records of a state folder.",
 )
 pipelines_app = typer.Typer(no_args_is_help=True, help="Pipelines of a running service.")
+payloads_app = typer.Typer(no_args_is_help=True, help="Payloads (job files) of a running service.")
 
 API = typer.Option(None, "--api", envvar="DATAFLOW_API",
                    help=f"The service's REST API (default {DEFAULT_API}).")  # fmt: skip
@@ -344,21 +346,7 @@ def download(
     """Download a job's files (by default its operators' outputs) into OUTPUT/JOB_ID/,
     keeping their names (operators/OP/...)."""
     with _Session(api) as client:
-        listed = client.call("GET", f"/api/v1/jobs/{job_id}/files")
-        chosen = [f for f in listed if f["name"].startswith(only)]
-        if not chosen:
-            typer.echo(f"error: job {job_id} has no file under {only}", err=True)
-            raise typer.Exit(1)
-        target = output / job_id
-
-        def one(entry: dict[str, Any]) -> dict[str, Any]:
-            path = target / entry["name"].lstrip("/")
-            size = client.download(job_id, entry["name"], path)
-            return {"name": entry["name"], "path": str(path), "size": size}
-
-        written = _transfer("download", chosen, lambda entry: entry["size"], one)
-        text = "\n".join(f"{w['path']}  {w['size']} bytes" for w in written)
-        _emit(written, as_json, text)
+        _fetch_all(client, "jobs", job_id, output, only, as_json)
 
 
 @pipelines_app.command("list")
@@ -407,3 +395,76 @@ def pipelines_remove(pipeline: str, api: str = API) -> None:
     with _Session(api) as client:
         client.call("DELETE", f"/api/v1/pipelines/{pipeline}")
         typer.echo(f"pipeline {pipeline} removed")
+
+
+def _fetch_all(
+    client: ApiClient, of: str, item: str, output: Path, only: str, as_json: bool
+) -> None:
+    """Download every listed file of a job or payload whose name starts with ``only`` into
+    ``output/ITEM/`` (names kept: ``input/...``, ``operators/OP/...``)."""
+    listed = client.call("GET", f"/api/v1/{of}/{item}/files")
+    chosen = [f for f in listed if f["name"].startswith(only)]
+    if not chosen:
+        typer.echo(f"error: {of[:-1]} {item} has no file under {only}", err=True)
+        raise typer.Exit(1)
+    target = output / item
+
+    def one(entry: dict[str, Any]) -> dict[str, Any]:
+        path = target / entry["name"].lstrip("/")
+        size = client.download(item, entry["name"], path, of=of)
+        return {"name": entry["name"], "path": str(path), "size": size}
+
+    written = _transfer("download", chosen, lambda entry: entry["size"], one)
+    _emit(written, as_json, "\n".join(f"{w['path']}  {w['size']} bytes" for w in written))
+
+
+@payloads_app.command("create")
+def payloads_create(api: str = API, as_json: bool = AS_JSON) -> None:
+    """A payload of no job (Clara's reusable payload)."""
+    with _Session(api) as client:
+        value = client.call("POST", "/api/v1/payloads")
+        _emit(value, as_json, value["payload_id"])
+
+
+@payloads_app.command("files")
+def payloads_files(payload_id: str, api: str = API, as_json: bool = AS_JSON) -> None:
+    """A payload's files: /input/..., /operators/OP/... once its job wrote them."""
+    with _Session(api) as client:
+        rows = client.call("GET", f"/api/v1/payloads/{payload_id}/files")
+        _emit(rows, as_json, "\n".join(f"{r['size']:>12}  {r['name']}" for r in rows))
+
+
+@payloads_app.command("upload")
+def payloads_upload(
+    payload_id: str,
+    input_: Path = typer.Argument(..., metavar="FILE_OR_FOLDER"),
+    api: str = API,
+    as_json: bool = AS_JSON,
+) -> None:
+    """Upload a file, or every file of a folder (names relative to it), into input/."""
+    files = _input_files(input_)
+    with _Session(api) as client:
+        done = _transfer("upload", files, lambda item: item[1].stat().st_size,
+                         lambda item: client.upload(payload_id, *item))  # fmt: skip
+        _emit(done, as_json, f"{len(done)} file(s) uploaded into payload {payload_id}")
+
+
+@payloads_app.command("download")
+def payloads_download(
+    payload_id: str,
+    output: Path = typer.Option(Path("."), "--output", "-o", help="Folder to write into."),
+    only: str = typer.Option("/", help="Files whose name starts with this (/operators/ ...)."),
+    api: str = API,
+    as_json: bool = AS_JSON,
+) -> None:
+    """Download a payload's files into OUTPUT/PAYLOAD_ID/."""
+    with _Session(api) as client:
+        _fetch_all(client, "payloads", payload_id, output, only, as_json)
+
+
+@payloads_app.command("delete")
+def payloads_delete(payload_id: str, api: str = API) -> None:
+    """Delete a payload and its files (refused while its job is pending, queued or running)."""
+    with _Session(api) as client:
+        client.call("DELETE", f"/api/v1/payloads/{payload_id}")
+        typer.echo(f"payload {payload_id} deleted")

@@ -208,6 +208,7 @@ class Platform:
         self.payload_root.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.root / "platform.db")
         self._lock = threading.RLock()  # pipelines added and removed one at a time
+        self._listeners = threading.Lock()  # the subscribers (never held while waiting)
         self._subscribers: list[Subscription] = []
         self._servers: list[Any] = []
         self._operators: dict[str, tuple[str, ...]] = {}
@@ -238,7 +239,7 @@ class Platform:
 
     def stop(self) -> None:
         """End the event streams, then stop the servers (requests in progress are ended)."""
-        with self._lock:
+        with self._listeners:
             for subscription in self._subscribers:
                 subscription.put({"event": "closed"})
             self._subscribers.clear()
@@ -771,18 +772,18 @@ class Platform:
     def subscribe(self, size: int = 1000) -> Subscription:
         """Every job's changes of state from now on (see :class:`Subscription`)."""
         subscription = Subscription(self, size)
-        with self._lock:
+        with self._listeners:
             self._subscribers.append(subscription)
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
-        with self._lock:
+        with self._listeners:
             if subscription in self._subscribers:
                 self._subscribers.remove(subscription)
 
     def _publish(self, job_id: str, pipeline: str, state: str) -> None:
         event = {"job_id": job_id, "pipeline": pipeline, "state": state, "at": time.time()}
-        with self._lock:
+        with self._listeners:
             subscribers = list(self._subscribers)
         for subscription in subscribers:
             subscription.put(event)

@@ -93,3 +93,34 @@ def test_refusals_name_what_was_wrong(served):
     assert nothing.returncode == 2 and "no such file or folder" in nothing.stderr
     away = dataflow("jobs", "list", api="http://127.0.0.1:9")
     assert away.returncode == 2 and "no dataflow API at http://127.0.0.1:9" in away.stderr
+
+
+def test_a_job_step_by_step_with_its_payload(served):
+    _, api, tmp = served
+    created = dataflow("jobs", "create", "--pipeline", "passthrough", "--priority", "higher",
+                       "--json", api=api)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    ids = json.loads(created.stdout)
+    job_id, payload_id = ids["job_id"], ids["payload_id"]
+    uploaded = dataflow("payloads", "upload", payload_id, str(STUDY), api=api)
+    assert uploaded.returncode == 0 and "1 file(s) uploaded" in uploaded.stdout
+    files = dataflow("payloads", "files", payload_id, api=api)
+    assert "/input/volume.npy" in files.stdout
+    assert dataflow("jobs", "start", job_id, api=api).returncode == 0
+    again = dataflow("jobs", "start", job_id, api=api)
+    assert again.returncode == 1 and "a job is started once" in again.stderr
+    deadline = time.monotonic() + HANG
+    while json.loads(dataflow("jobs", "status", job_id, "--json", api=api).stdout)["state"] in (
+        "queued", "running"):  # fmt: skip
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.2)
+    out = tmp / "payload-download"
+    got = dataflow("payloads", "download", payload_id, "--output", str(out), "--only",
+                   "/operators/", "--json", api=api)  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    names = sorted(entry["name"] for entry in json.loads(got.stdout))
+    assert "/operators/compare/report/comparison.json" in names
+    assert (out / payload_id / "operators" / "compare" / "report" / "comparison.json").is_file()
+    assert dataflow("payloads", "delete", payload_id, api=api).returncode == 0
+    gone = dataflow("payloads", "files", payload_id, api=api)
+    assert gone.returncode == 1 and f"no payload '{payload_id}'" in gone.stderr
