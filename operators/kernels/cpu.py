@@ -262,7 +262,7 @@ def _union_rows(parent, starts, ends, a0, a1, b0, b1, ext):
                 j += 1
 
 
-@njit(inline="always")
+@njit(**_SER)  # not inlined: compiled once for the slabs and the seams
 def _union_plane(row_start, starts, ends, parent, neighbours, height, z, z_min):
     for y in range(height):
         r = z * height + y

@@ -127,4 +127,6 @@ def test_every_cpu_kernel_warmup_compiles_is_cached(tmp_path):
     assert "_union_slabs" in compiled and "threshold" in compiled
     second = probe()
     assert {n: second["misses"][n] for n in compiled} == dict.fromkeys(compiled, 0)
-    assert all(second["hits"][n] >= 1 for n in compiled)
+    # a helper that only other kernels call (cpu._union_plane) is loaded within its callers'
+    # cache entries: it is not recompiled (no miss above) but has no hit of its own
+    assert all(second["hits"][n] >= 1 for n in compiled if n != "_union_plane")
