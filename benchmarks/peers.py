@@ -25,9 +25,10 @@ Two parts, each measured side by side in one run, the systems taking turns round
   built from MONAI Deploy App SDK 4.0.0's stock operators (``benchmarks/peers_monai_app.py``,
   a new process with MONAI's own venv), on the same generated studies (oblique, shuffled
   phantoms): one 64 x 192^2 study one-shot; one 200 x 512^2 study one-shot; ten 64 x 192^2
-  studies, ours in one run and MONAI in one process looping over them; and the steady state,
-  seconds per study between the first and the last result of the ten. Wall time of the
-  whole command. Ratios are paired per round: ours /
+  studies, ours in one run and MONAI in one process looping over them; the steady state,
+  seconds per study between the first and the last result of the ten; and the small study
+  again with an empty Numba cache for ours (its first run on a machine: every kernel
+  compiled). Wall time of the whole command. Ratios are paired per round: ours /
   MONAI, below 1 we are faster. The SEGs are compared frame by frame (by referenced source
   instance): Dice per segment.
 
@@ -358,10 +359,10 @@ def make_studies() -> dict[str, Path]:
     return folders
 
 
-def timed_command(cmd: list[str], cwd: Path) -> dict:
+def timed_command(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
     """Run ``cmd``; its wall seconds and output."""
     start = now()
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = now() - start
     if done.returncode != 0:
         raise RuntimeError(
@@ -373,12 +374,18 @@ def timed_command(cmd: list[str], cwd: Path) -> dict:
 _SUCCEEDED = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+)Z?\s.*job_succeeded", re.M)
 
 
-def ours(inputs: Path, output: Path) -> dict:
+def ours(inputs: Path, output: Path, cold: bool = False) -> dict:
+    """``dataflow run`` as a user runs it; ``cold``: with an empty Numba cache (a first run)."""
     shutil.rmtree(output, ignore_errors=True)
+    env = None
+    if cold:
+        cache = output.with_name(output.name + "-numba-cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
     dataflow = str(Path(sys.executable).with_name("dataflow"))
     cmd = [dataflow, "run", "pipelines/ct-segmentation.yaml", "--input", str(inputs),
            "--output", str(output)]  # fmt: skip
-    run = timed_command(cmd, ROOT)
+    run = timed_command(cmd, ROOT, env)
     import datetime
 
     stamps = [
@@ -390,7 +397,9 @@ def ours(inputs: Path, output: Path) -> dict:
     return run
 
 
-def monai(inputs: Path, output: Path) -> dict:
+def monai(inputs: Path, output: Path, cold: bool = False) -> dict:
+    """The MONAI Deploy app, one process for every study of ``inputs`` (``cold`` is ignored:
+    it compiles nothing; Python's bytecode caches are warm for both systems)."""
     shutil.rmtree(output, ignore_errors=True)
     studies = sorted(p for p in inputs.iterdir() if p.is_dir())
     cmd = [str(MONAI_PYTHON), str(MONAI_APP), str(output), *map(str, studies)]
@@ -438,19 +447,20 @@ def dice(a: Path, b: Path) -> dict[str, float]:
 
 
 def pipeline_records(folders: dict[str, Path], rounds: int, quick: bool) -> list[dict]:
-    cases = [("one-shot-64x192x192", "small1"), ("one-shot-200x512x512", "large1"),
-             ("ten-studies-64x192x192", "small10")]  # fmt: skip
+    cases = [("one-shot-64x192x192", "small1", False), ("one-shot-200x512x512", "large1", False),
+             ("ten-studies-64x192x192", "small10", False),
+             ("one-shot-64x192x192-empty-numba-cache", "small1", True)]  # fmt: skip
     if quick:
         cases = cases[:1]
     records: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     try:
-        for case, folder in cases:
+        for case, folder, cold in cases:
             runs: dict[str, list[dict]] = {"ours": [], "monai": []}
             systems = {"ours": ours, "monai": monai}
             for r in range(rounds + 1):
                 for name in rotate(list(systems), r):
-                    run = systems[name](folders[folder], work / f"{case}-{name}")
+                    run = systems[name](folders[folder], work / f"{case}-{name}", cold)
                     run["round"] = r
                     if r == 0:  # keep the first SEGs: later rounds write over the output
                         run["segs"] = keep_segs(run["segs"], work / "segs" / case / name)
