@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deadlines import LONG_HANG
+
 ROOT = Path(__file__).parents[1]
 
 
-def dataflow(*args, cwd: str | Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+def dataflow(
+    *args, cwd: str | Path = ROOT, timeout: float = LONG_HANG
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dataflow.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=timeout,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from deadlines import HANG, LONG_HANG
 
 __all__ = [
     "DCMTK_ENV",
@@ -66,7 +67,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 20.0, proc=None):
+def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = HANG, proc=None):
     """Until something accepts connections on ``port`` (or ``proc`` exits: an error)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +97,7 @@ def storescu(
     calling: str = "STORESCU",
     called: str = "ANY-SCP",
     extra: Sequence[str] = (),
-    timeout: float = 300,
+    timeout: float = LONG_HANG,
     check: bool = False,
 ) -> subprocess.CompletedProcess:
     """dcmtk ``storescu`` sending ``files`` (``-R``: only the contexts needed, so SEG and
@@ -113,7 +114,7 @@ def echoscu(
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [dcmtk("echoscu"), "-aet", calling, "-aec", called, *extra, host, str(port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=HANG,
     )  # fmt: skip
 
 
@@ -178,7 +179,7 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def rest(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+    def rest(self, method: str, path: str, body: Any = None, timeout: float = HANG) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -195,13 +196,13 @@ class Orthanc:
 
     def store_to(self, modality: str, resources: list[str]) -> Any:
         """Orthanc sends ``resources`` (instance/series/study IDs) to ``modality`` (C-STORE)."""
-        return self.rest("POST", f"/modalities/{modality}/store", resources, timeout=300)
+        return self.rest("POST", f"/modalities/{modality}/store", resources, timeout=LONG_HANG)
 
     def upload(self, path: str | Path) -> Any:
         request = urllib.request.Request(
             self.url + "/instances", data=Path(path).read_bytes(), method="POST"
         )
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=HANG) as response:
             return json.loads(response.read())
 
     def stop(self) -> None:
@@ -251,8 +252,8 @@ def start_orthanc(
     )  # fmt: skip
     log.close()
     try:
-        wait_for_port(http_port, proc=proc, timeout=60)
-        wait_for_port(dicom_port, proc=proc, timeout=60)
+        wait_for_port(http_port, proc=proc)
+        wait_for_port(dicom_port, proc=proc)
     except Exception:
         _stop(proc)
         raise RuntimeError((folder / "orthanc.log").read_text()[-3000:]) from None

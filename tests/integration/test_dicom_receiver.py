@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from deadlines import HANG, wait_until
 from dicom_peers import DCMTK_ENV, dcmtk, echoscu, storescu
 from pydicom.filereader import _read_file_meta_info
 
 from connectors.dicom.config import CalledAE, Peer, ReceiverConfig, TLSConfig
+from connectors.dicom.groups import GroupStore
 from connectors.dicom.receiver import Receiver
 from operators.dicom.phantom import write_ct_series
 
@@ -53,14 +55,8 @@ def receiving(cfg: ReceiverConfig):
         receiver.stop()
 
 
-def wait_for(condition, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+def wait_for(condition, timeout: float = HANG):
+    return wait_until(condition, "condition reached", timeout, poll=0.05)
 
 
 def part10(path: Path) -> tuple[str, bytes]:
@@ -138,7 +134,7 @@ def test_several_associations_at_once(tmp_path):
             subprocess.Popen([*args, *map(str, files)], env=DCMTK_ENV, stderr=subprocess.DEVNULL)
             for files in series
         ]
-        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+        assert [p.wait(timeout=HANG) for p in procs] == [0, 0, 0, 0]
         assert sorted(g.instances for g in rx.groups("pending")) == [15, 15, 15, 15]
         assert len(stored(rx)) == 60
 
@@ -267,17 +263,46 @@ def test_disk_reserve_refuses_with_out_of_resources(tmp_path):
 # -- grouping ---------------------------------------------------------------------------------
 
 
-def test_group_completes_after_the_quiet_timeout(tmp_path):
+class CompletionWatch:
+    """Watches the receiver's completion loop through the real ``GroupStore.complete_due``
+    (wrapped, not replaced): when each group was completed for its quiet time, and how many
+    rounds the loop has made — so that "nothing more happened" is asserted after rounds of
+    the loop, not after a sleep."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.rounds = 0
+        self.completed: dict[int, float] = {}  # group id -> the "now" it was completed at
+        self._changed = threading.Condition()
+        real = GroupStore.complete_due
+
+        def complete_due(store, now, not_before):
+            ids = real(store, now, not_before)
+            with self._changed:
+                self.rounds += 1
+                self.completed.update(dict.fromkeys(ids, now))
+                self._changed.notify_all()
+            return ids
+
+        monkeypatch.setattr(GroupStore, "complete_due", complete_due)
+
+    def wait_rounds(self, count: int = 2) -> None:
+        """Until ``count`` more rounds have begun: the round before them has handed over."""
+        with self._changed:
+            target = self.rounds + count
+            assert self._changed.wait_for(lambda: self.rounds >= target, HANG), "loop hung"
+
+
+def test_group_completes_after_the_quiet_timeout(tmp_path, monkeypatch):
+    watch = CompletionWatch(monkeypatch)
     files = ct(tmp_path / "ct", 4, seed=6)
     with receiving(config(tmp_path, called=[CalledAE(AET, routes=["a", "b"], timeout=1)])) as rx:
         assert storescu(HOST, rx.port, files, called=AET).returncode == 0
-        sent = time.monotonic()
         (group,) = wait_for(lambda: rx.got)
-        assert time.monotonic() - sent > 0.5  # not before the quiet time
+        assert watch.completed[group.id] - group.last_arrival >= 1  # not before the quiet time
         assert group.instances == 4 and group.routes == ("a", "b") and group.state == "complete"
         assert group.first_arrival <= group.last_arrival
         assert rx.mark_dispatched(group.id)
-        time.sleep(1)
+        watch.wait_rounds()
         assert len(rx.got) == 1 and rx.groups("dispatched")[0].id == group.id
 
 
@@ -285,43 +310,45 @@ def test_group_completes_on_release(tmp_path):
     called = [CalledAE(AET, timeout=300, complete_on_release=True)]
     with receiving(config(tmp_path, called=called)) as rx:
         assert storescu(HOST, rx.port, ct(tmp_path / "ct", 3), called=AET).returncode == 0
-        (group,) = wait_for(lambda: rx.got, timeout=5)
+        (group,) = wait_for(lambda: rx.got)  # long before the 300 s quiet time
         assert group.instances == 3
 
 
 @pytest.mark.parametrize(("late", "expect"), [("new-job", 1), ("rerun", 4), ("ignore", None)])
-def test_late_arrivals(tmp_path, late, expect):
+def test_late_arrivals(tmp_path, monkeypatch, late, expect):
+    watch = CompletionWatch(monkeypatch)
     files = ct(tmp_path / "ct", 4, seed=7)
     called = [CalledAE(AET, timeout=300, complete_on_release=True, late=late)]
     with receiving(config(tmp_path, called=called)) as rx:
         assert storescu(HOST, rx.port, files[:3], called=AET).returncode == 0
-        (first,) = wait_for(lambda: rx.got, timeout=5)
+        (first,) = wait_for(lambda: rx.got)
         assert storescu(HOST, rx.port, files[3:], called=AET).returncode == 0
         if expect is None:
-            time.sleep(1)
+            watch.wait_rounds()
             assert len(rx.got) == 1 and rx.groups("ignored")[0].instances == 1
         else:
-            second = wait_for(lambda: rx.got[1:], timeout=5)[0]
+            second = wait_for(lambda: rx.got[1:])[0]
             assert second.late_of == first.id and second.instances == expect
             assert len(list(second.folder.rglob("*.dcm"))) == expect
 
 
-def test_restart_completes_pending_groups(tmp_path):
+def test_restart_completes_pending_groups(tmp_path, monkeypatch):
+    watch = CompletionWatch(monkeypatch)
     files = ct(tmp_path / "ct", 5, seed=8)
     cfg = config(tmp_path, called=[CalledAE(AET, timeout=1.5)])
     with receiving(cfg) as rx:
         assert storescu(HOST, rx.port, files, called=AET).returncode == 0
+    restarted = time.time()
     with receiving(cfg) as rx:
-        started = time.monotonic()
         assert rx.groups("pending")[0].instances == 5
         (group,) = wait_for(lambda: rx.got)
-        assert time.monotonic() - started > 1.0  # the quiet timer restarted
+        assert watch.completed[group.id] - restarted >= 1.5  # the quiet timer restarted
     with receiving(cfg) as rx:  # complete but never dispatched: handed over again
         (again,) = wait_for(lambda: rx.got)
         assert again.id == group.id
         rx.mark_dispatched(group.id)
     with receiving(cfg) as rx:
-        time.sleep(1)
+        watch.wait_rounds()
         assert rx.got == []
 
 
@@ -337,7 +364,7 @@ def receiver_process(cfg: ReceiverConfig):
     finally:
         if proc.poll() is None:
             proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG)
         proc.stdout.close()
 
 
@@ -375,9 +402,9 @@ def test_kill_9_during_a_transfer_loses_no_acknowledged_instance(tmp_path):
                 acked.append(current)
                 if len(acked) == 60:
                     proc.send_signal(signal.SIGKILL)
-        scu.wait(timeout=60)
+        scu.wait(timeout=HANG)
         scu.stdout.close()
-        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert proc.wait(timeout=HANG) == -signal.SIGKILL
     assert 60 <= len(acked) < 200, "the receiver died in the middle"
     with receiving(cfg) as rx:
         (group,) = wait_for(lambda: rx.got)
@@ -434,7 +461,7 @@ def _storescu_at_once(port: int, shares: list[list[Path]]) -> list[int]:
         subprocess.Popen([*args, *map(str, files)], env=DCMTK_ENV, stderr=subprocess.DEVNULL)
         for files in shares
     ]
-    return [p.wait(timeout=120) for p in procs]
+    return [p.wait(timeout=HANG) for p in procs]
 
 
 def _alive(pid: int) -> bool:
@@ -472,7 +499,7 @@ def test_workers_stop_when_the_main_receiver_is_killed(tmp_path):
         (worker,) = map(int, children)
         assert _alive(worker)
         proc.kill()
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG)
         wait_for(lambda: not _alive(worker))
 
 
