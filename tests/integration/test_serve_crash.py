@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli import serve
+from deadlines import LONG_HANG
 from dicom_peers import DCMTK_ENV, dcmtk, free_port, wait_for_port
 
 from operators.dicom.phantom import write_ct_series
@@ -45,7 +46,7 @@ dicom:
     log = tmp_path / "serve.log"
     proc = serve(config, log)
     try:
-        wait_for_port(port, proc=proc, timeout=120)
+        wait_for_port(port, proc=proc, timeout=LONG_HANG)
         args = [dcmtk("storescu"), "-v", "-aet", "SCANNER", "-aec", "INVENTORY",
                 "127.0.0.1", str(port)]  # fmt: skip
         scu = subprocess.Popen([*args, *map(str, series.files)], env=DCMTK_ENV, text=True,
@@ -66,7 +67,7 @@ dicom:
         assert proc.wait(timeout=30) == -signal.SIGKILL
         assert 50 <= len(acked) < len(series.files), "the service died in the middle"
         proc = serve(config, log)  # the restart
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + LONG_HANG
         while not set(acked) <= processed(tmp_path / "state"):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "acknowledged instances never processed"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from cli import jobs, serve, wait_serving
+from deadlines import HANG, LONG_HANG
 from dicom_peers import free_port, start_orthanc, storescu, wait_for_port
 
 from operators.dicom.phantom import write_ct_series
@@ -57,16 +58,18 @@ def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs
         receivers = f"dicom.receivers=[{{name: plain, host: 127.0.0.1, port: {port}}}]"
         proc = serve(config, tmp_path / "serve.log", "--set", receivers)
         try:
-            wait_for_port(port, proc=proc, timeout=120)
+            wait_for_port(port, proc=proc, timeout=LONG_HANG)
             # 1. a modality pushes a study with dcmtk's storescu
             sent = storescu("127.0.0.1", port, first.files, called="DATAFLOW-SEG")
             assert sent.returncode == 0, sent.stdout + sent.stderr
-            seg = wait_serving(lambda: segs_in(orthanc), 180, "the first SEG in Orthanc", proc)
+            seg = wait_serving(
+                lambda: segs_in(orthanc), LONG_HANG, "the first SEG in Orthanc", proc
+            )
             assert seg[0]["StudyInstanceUID"] == first.study_instance_uid
             # 2. Orthanc, as a PACS, sends a study it holds
             ids = [orthanc.upload(p)["ID"] for p in second.files]
             orthanc.store_to("dataflow", ids)
-            segs = wait_serving(lambda: len(segs_in(orthanc)) == 2 and segs_in(orthanc), 180,
+            segs = wait_serving(lambda: len(segs_in(orthanc)) == 2 and segs_in(orthanc), LONG_HANG,
                             "the second SEG in Orthanc", proc)  # fmt: skip
             assert {s["StudyInstanceUID"] for s in segs} == {
                 first.study_instance_uid, second.study_instance_uid,
@@ -77,7 +80,7 @@ def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs
             assert {r["source"]["called_ae"] for r in records} == {"DATAFLOW-SEG"}
         finally:
             proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=120)
+            code = proc.wait(timeout=HANG)
         output = (tmp_path / "serve.log").read_text()
         assert code == 0, output[-5000:]
         assert "service_stopped" in output

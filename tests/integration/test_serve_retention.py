@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cli import jobs, serve, wait_serving
+from deadlines import HANG, LONG_HANG
 from dicom_peers import free_port, storescu, wait_for_port
 
 from operators.dicom.phantom import write_ct_series
@@ -42,17 +43,19 @@ dicom:
     study = write_ct_series(tmp_path / "study", slices=12, size=48, seed=31)
     proc = serve(config, tmp_path / "serve.log")
     try:
-        wait_for_port(port, proc=proc, timeout=120)
+        wait_for_port(port, proc=proc, timeout=LONG_HANG)
         sent = storescu("127.0.0.1", port, study.files, called="DATAFLOW-SEG")
         assert sent.returncode == 0, sent.stdout + sent.stderr
         spool = state / "dicom" / "spool" / "plain"
         (job,) = wait_serving(
-            lambda: [j for j in jobs(config) if j["reaped"]], 240, "the job reaped", proc
+            lambda: [j for j in jobs(config) if j["reaped"]], LONG_HANG, "the job reaped", proc
         )
         assert job["state"] == "succeeded" and job["source"]["connector"] == "dicom"
         assert job["reaped"] - job["finished"] >= 2  # not before its retention
         assert not (state / "jobs" / job["id"]).exists()  # the job's outputs
-        wait_serving(lambda: not list(spool.glob("DATAFLOW-SEG/*")), 30, "the study removed", proc)
+        wait_serving(
+            lambda: not list(spool.glob("DATAFLOW-SEG/*")), LONG_HANG, "the study removed", proc
+        )
         assert job["payload"].startswith(str(spool / "DATAFLOW-SEG"))  # that was the study
         with sqlite3.connect(spool / "receiver.sqlite") as db:
             groups = db.execute("SELECT state FROM groups").fetchall()
@@ -63,7 +66,7 @@ dicom:
         assert len(queued) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
+        code = proc.wait(timeout=HANG)
     output = (tmp_path / "serve.log").read_text()
     assert code == 0, output[-5000:]
     assert "job_reaped" in output and "group_reclaimed" in output

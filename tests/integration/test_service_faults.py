@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli import dataflow, jobs, serve, wait_serving
+from deadlines import HANG, LONG_HANG
 
 from dataflow.service import JobStore
 
@@ -43,7 +44,7 @@ def setup(tmp_path: Path, limits: str, *folders: tuple[str, str]) -> tuple[Path,
 
 def stop(proc) -> int:
     proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=180)  # the grace is 1 s: this only catches a hang
+    return proc.wait(timeout=HANG)  # the grace is 1 s: this only catches a hang
 
 
 def record(config: Path, job_id: str) -> dict:
@@ -57,7 +58,7 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
         # the second time the grace is an hour: a second SIGTERM cuts the job short at once
         proc = serve(config, log, *(["--set", "limits.shutdown-grace=1h"] if attempt == 2 else []))
         try:
-            wait_serving(lambda a=attempt: (stuck / f"started-{a}").exists(), 120,
+            wait_serving(lambda a=attempt: (stuck / f"started-{a}").exists(), LONG_HANG,
                          f"attempt {attempt} running", proc)  # fmt: skip
             if attempt == 1:
                 health = dataflow("health", config)
@@ -67,7 +68,7 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
                 assert 'dataflow_jobs{pipeline="hang",state="running"} 1.0' in metrics
             else:
                 proc.send_signal(signal.SIGTERM)
-                wait_serving(lambda: log.read_text().count('"service_stopping"') == 2, 120,
+                wait_serving(lambda: log.read_text().count('"service_stopping"') == 2, LONG_HANG,
                              "the first signal handled", proc)  # fmt: skip
         finally:
             code = stop(proc)
@@ -82,7 +83,7 @@ def test_sigterm_cuts_a_hung_job_short_and_max_attempts_fails_it_at_start(tmp_pa
     assert events.count("shutdown_grace_passed") == 1 and events.count("service_aborting") == 1
     proc = serve(config, log)  # the third start: two attempts were cut short, it fails
     try:
-        wait_serving(lambda: record(config, ids["stuck"])["state"] == "failed", 120,
+        wait_serving(lambda: record(config, ids["stuck"])["state"] == "failed", LONG_HANG,
                      "the job failed at start", proc)  # fmt: skip
     finally:
         assert stop(proc) == 0
@@ -111,7 +112,7 @@ def test_a_stage_timeout_fails_the_hung_job_and_keeps_a_failures_details(tmp_pat
     try:
         wait_serving(
             lambda: all(job["state"] in ("succeeded", "failed") for job in jobs(config)),
-            180, "every job finished", proc,
+            LONG_HANG, "every job finished", proc,
         )  # fmt: skip
     finally:
         assert stop(proc) == 0
@@ -160,9 +161,9 @@ def test_a_stage_that_cannot_start_is_reported_by_health_and_the_other_pipeline_
         assert "missing.onnx" in health.stdout
         ok = service.submit("hang", tmp_path / "ok", source={}, key="ok")
         refused = service.submit("broken", tmp_path / "refused", source={}, key="refused")
-        wait_serving(lambda: service.jobs.get(refused.id).state == "failed", 120,
+        wait_serving(lambda: service.jobs.get(refused.id).state == "failed", LONG_HANG,
                      "the job at the broken stage failed", None)  # fmt: skip
-        wait_serving(lambda: service.jobs.get(ok.id).state == "succeeded", 120,
+        wait_serving(lambda: service.jobs.get(ok.id).state == "succeeded", LONG_HANG,
                      "the other pipeline's job", None)  # fmt: skip
         failed = service.jobs.get(refused.id)
         assert failed.stage == "broken" and "missing.onnx" in failed.error + failed.details
