@@ -200,8 +200,12 @@ class Platform:
     platform adds the pipelines registered earlier to its list before they are built)."""
 
     def __init__(self, service: Any) -> None:
+        from dataflow.platform.rest import listen
+
         self.service = service
         self.config = service.config.api
+        # the port is taken now, before any worker starts: in use, the start is refused
+        self._rest_socket: Any = listen(self.config.host, self.config.rest_port)
         self.state = Path(service.config.state)
         self.root = self.state / "platform"
         self.payload_root = self.state / "payloads"
@@ -213,10 +217,31 @@ class Platform:
         self._servers: list[Any] = []
         self._operators: dict[str, tuple[str, ...]] = {}
         self.urls: dict[str, str] = {}
+        self.broken: dict[str, str] = {}  # registered pipelines that no longer validate: why
         service.listeners.append(self._publish)
+        self._restore()
+
+    def _restore(self) -> None:
+        """Add the pipelines registered earlier to the service's list. One that no longer
+        validates (a stage module gone) is not started, and does not stop the service: it is
+        listed as ``not started`` with the reason, until removed."""
+        from dataflow.pipeline.validate import check_pipeline
+
         for row in self.registry.pipelines():
-            if row["name"] not in service.pipelines:
-                service.pipelines[row["name"]] = self._entry(row["name"], Path(row["file"]))
+            name, file = row["name"], Path(row["file"])
+            if name in self.service.pipelines:
+                continue
+            if not file.is_file():
+                self.broken[name] = f"its definition {file} is gone"
+            else:
+                report = check_pipeline(file)
+                if not report.ok:
+                    self.broken[name] = scrub(report.format(notes=False)) or "invalid"
+            if name in self.broken:
+                log.error("registered_pipeline_not_started", pipeline=name,
+                          reason=self.broken[name])  # fmt: skip
+                continue
+            self.service.pipelines[name] = self._entry(name, file)
 
     # ------------------------------------------------------------------ servers
 
@@ -225,7 +250,8 @@ class Platform:
         from dataflow.platform.rest import serve as serve_rest
 
         host = self.config.host
-        rest = serve_rest(self, host, self.config.rest_port)
+        rest = serve_rest(self, self._rest_socket)
+        self._rest_socket = None
         self._servers.append(rest)
         self.urls["rest"] = f"http://{host}:{rest.port}"
         if self.config.grpc_port is not None:
@@ -249,6 +275,9 @@ class Platform:
             except Exception:
                 log.exception("api_server_stop_failed")
         self._servers.clear()
+        if self._rest_socket is not None:  # the service stopped before it was served
+            self._rest_socket.close()
+            self._rest_socket = None
         (self.state / "api.json").unlink(missing_ok=True)
         self.registry.close()
 
@@ -262,13 +291,18 @@ class Platform:
     # ------------------------------------------------------------------ pipelines
 
     def _name_of(self, pipeline: str) -> str:
-        """A pipeline's name from its name or id; NotFound otherwise."""
+        """A pipeline's name from its name or id; NotFound otherwise (Conflict for one
+        registered earlier that could not be started)."""
         names = list(self.service.pipelines)
         if pipeline in names:
             return pipeline
         for name in names:
             if pipeline_id(name) == pipeline:
                 return name
+        broken = self._broken_name(pipeline)
+        if broken is not None:
+            raise Conflict(f"pipeline {broken!r} was not started: {self.broken[broken]}; remove it "
+                           "and register it again", code=PIPELINE_LOAD)  # fmt: skip
         if not _HEX32.match(pipeline or "") and not _NAME.match(pipeline or ""):
             raise Invalid(f"pipeline id {pipeline!r} is neither a name nor 32 hex digits",
                           code=PIPELINE_INVALID_ID)  # fmt: skip
@@ -290,9 +324,23 @@ class Platform:
             "metadata": self.registry.metadata("pipeline", pipeline_id(name)),
         }
 
+    def _broken_name(self, pipeline: str) -> str | None:
+        for name in list(self.broken):
+            if pipeline in (name, pipeline_id(name)):
+                return name
+        return None
+
     def list_pipelines(self) -> list[dict[str, Any]]:
-        """Every pipeline served: configured ones, then those registered through the API."""
-        return [self._summary(name) for name in list(self.service.pipelines)]
+        """Every pipeline served: configured ones, then those registered through the API,
+        then those registered earlier that could not be started (``reason``)."""
+        out = [self._summary(name) for name in list(self.service.pipelines)]
+        for name, reason in list(self.broken.items()):
+            key = pipeline_id(name)
+            out.append({"id": key, "name": name, "source": "api",
+                        "file": str(self.root / "pipelines" / name / "pipeline.yaml"),
+                        "state": "not started", "reason": reason,
+                        "metadata": self.registry.metadata("pipeline", key)})  # fmt: skip
+        return out
 
     def describe_pipeline(self, pipeline: str) -> dict[str, Any]:
         """A pipeline's summary, its definition (``yaml``) and its operators in order, each
@@ -385,6 +433,12 @@ class Platform:
         """Stop and forget a pipeline registered through the API. Conflict, naming the jobs,
         while any of its jobs is pending, queued or running; Invalid for a configured one."""
         with self._lock:
+            broken = self._broken_name(pipeline)
+            if broken is not None:
+                self._forget(broken)
+                self.broken.pop(broken, None)
+                log.info("pipeline_unregistered", pipeline=broken)
+                return
             name = self._name_of(pipeline)
             if name not in self._registered():
                 raise Invalid(f"pipeline {name!r} is configured in {self.service.config.path}: "
@@ -395,12 +449,15 @@ class Platform:
                 more = f" and {len(busy) - 20} more" if len(busy) > 20 else ""
                 raise Conflict(f"pipeline {name!r} has jobs in flight: {ids}{more}; cancel them "
                                "or wait", code=PIPELINE_STORE)  # fmt: skip
-            self.registry.remove_pipeline(name)
-            self.registry.drop_metadata("pipeline", pipeline_id(name))
+            self._forget(name)
             self.service.remove_pipeline(name)
             self._operators.pop(name, None)
-            shutil.rmtree(self.root / "pipelines" / name, ignore_errors=True)
         log.info("pipeline_unregistered", pipeline=name)
+
+    def _forget(self, name: str) -> None:
+        self.registry.remove_pipeline(name)
+        self.registry.drop_metadata("pipeline", pipeline_id(name))
+        shutil.rmtree(self.root / "pipelines" / name, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs
 

@@ -27,7 +27,7 @@ from dataflow import __version__
 from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
 
-__all__ = ["RestServer", "build_app", "serve"]
+__all__ = ["RestServer", "build_app", "listen", "serve"]
 
 PREFIX = "/api/v1"
 
@@ -292,23 +292,31 @@ def build_app(platform: Platform) -> FastAPI:
     return app
 
 
-class RestServer:
-    """uvicorn serving the app on a thread; ``port``: the port it listens on."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (0: a free port) and listening: taken at the service's
+    start, before any worker starts, so that a port in use refuses the start at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PlatformError(
+            f"api.rest-port: cannot listen on {host}:{port} ({exc.strerror})"
+        ) from None
+    sock.listen(128)
+    return sock
 
-    def __init__(self, platform: Platform, host: str, port: int) -> None:
+
+class RestServer:
+    """uvicorn serving the app on a thread, on ``sock`` (see :func:`listen`); ``port``: the
+    port it listens on."""
+
+    def __init__(self, platform: Platform, sock: socket.socket) -> None:
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as exc:
-            self.sock.close()
-            raise PlatformError(
-                f"api.rest-port: cannot listen on {host}:{port} ({exc.strerror})"
-            ) from None
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
+        self.sock = sock
+        self.port = sock.getsockname()[1]
         config = uvicorn.Config(build_app(platform), log_config=None, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)  # fmt: skip
         self.server = uvicorn.Server(config)
@@ -317,7 +325,7 @@ class RestServer:
         deadline = time.monotonic() + 60
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise PlatformError(f"the REST API did not start on {host}:{self.port}")
+                raise PlatformError(f"the REST API did not start on port {self.port}")
             time.sleep(0.01)
 
     def _run(self) -> None:
@@ -329,6 +337,6 @@ class RestServer:
         self.sock.close()
 
 
-def serve(platform: Platform, host: str, port: int) -> RestServer:
-    """Start the REST API on ``host:port`` (0: a free port; see ``.port``)."""
-    return RestServer(platform, host, port)
+def serve(platform: Platform, sock: socket.socket) -> RestServer:
+    """Serve the REST API on ``sock`` (from :func:`listen`)."""
+    return RestServer(platform, sock)

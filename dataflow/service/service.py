@@ -182,7 +182,10 @@ class Service:
         if self.config.api is not None:
             from dataflow.platform.core import Platform
 
-            self.platform = Platform(self)  # adds the pipelines registered through the API
+            try:  # takes the REST port; adds the pipelines registered through the API
+                self.platform = Platform(self)
+            except DataflowError as exc:
+                raise ServiceError(f"not started: {exc}; nothing was started") from None
         self._check()  # the whole configuration, before any worker process starts
         log.info("pipelines_starting", pipelines=list(self.executors))
         ready = {name: self._launch(name, executor) for name, executor in self.executors.items()}

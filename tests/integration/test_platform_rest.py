@@ -179,17 +179,22 @@ def test_bad_names_ids_and_sizes_are_refused_and_change_nothing(service, client)
 def test_an_upload_cut_off_by_its_client_leaves_nothing(service, client):
     _, payload_id = new_job(client)
     host, port = service.platform.urls["rest"].removeprefix("http://").rsplit(":", 1)
+    partial = service.config.state / "payloads" / payload_id / ".partial"
+
+    def waiting(what, predicate):
+        deadline = time.monotonic() + HANG
+        while not predicate():
+            assert time.monotonic() < deadline, f"hung waiting for {what}"
+            time.sleep(0.02)
+
     with socket.create_connection((host, int(port)), timeout=HANG) as sock:
         sock.sendall(
             f"PUT /api/v1/payloads/{payload_id}/files/input/cut.npy HTTP/1.1\r\n"
             f"Host: {host}\r\nContent-Length: 100000\r\n\r\n".encode()
             + b"\0" * 5000
         )
-    folder = service.config.state / "payloads" / payload_id
-    deadline = time.monotonic() + HANG
-    while list((folder / ".partial").glob("*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not list((folder / ".partial").glob("*"))
+        waiting("the upload to begin", lambda: partial.is_dir() and any(partial.iterdir()))
+    waiting("the partial file to go", lambda: not any(partial.iterdir()))
     assert client.get(f"/api/v1/payloads/{payload_id}/files").json() == []
 
 
