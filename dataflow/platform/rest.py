@@ -304,6 +304,8 @@ def listen(host: str, port: int) -> socket.socket:
         raise PlatformError(
             f"api.rest-port: cannot listen on {host}:{port} ({exc.strerror})"
         ) from None
+    if sock.family in (socket.AF_INET, socket.AF_INET6):  # inherited by each connection:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed ACKs
     sock.listen(128)
     return sock
 
