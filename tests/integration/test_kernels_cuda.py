@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from deadlines import HANG
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,27 +115,31 @@ def _checks(K, cuda, shapes) -> dict[str, Callable[[], str]]:
 
         return check
 
-    def connected_components():
-        problems = []
-        for kwargs in (
-            {"keep_largest": True},
-            {"min_size": 3},
-            {"keep_largest": True, "min_size": 4},
-        ):
-            for connectivity in (6, 26):
+    def connected_components(connectivity):
+        def check():
+            problems = []
+            for kwargs in (
+                {"keep_largest": True},
+                {"min_size": 3},
+                {"keep_largest": True, "min_size": 4},
+            ):
                 want = K.connected_components(mask, connectivity, **kwargs)
                 got = K.connected_components(mask, connectivity, device="cuda", **kwargs)
                 problems.append(_compare(got, want, f"{connectivity} {kwargs}", exact=True))
-        return "; ".join(p for p in problems if p)
+            return "; ".join(p for p in problems if p)
 
-    def fill_holes():
-        problems = []
-        for connectivity in (6, 26):
+        return check
+
+    def fill_holes(connectivity):
+        def check():
+            problems = []
             for m in (mask, dense, 1 - dense):
                 want = K.fill_holes(m, connectivity)
                 got = K.fill_holes(m, connectivity, device="cuda")
                 problems.append(_compare(got, want, f"fill {connectivity}", exact=True))
-        return "; ".join(p for p in problems if p)
+            return "; ".join(p for p in problems if p)
+
+        return check
 
     def empty_and_background():
         empty = np.zeros((0, 3, 4), np.float32)
@@ -174,8 +181,10 @@ def _checks(K, cuda, shapes) -> dict[str, Callable[[], str]]:
         "label_6": label(6, mask),
         "label_26": label(26, mask),
         "label_6_dense": label(6, dense),
-        "connected_components": connected_components,
-        "fill_holes": fill_holes,
+        "connected_components_6": connected_components(6),
+        "connected_components_26": connected_components(26),
+        "fill_holes_6": fill_holes(6),
+        "fill_holes_26": fill_holes(26),
         "empty_and_background": empty_and_background,
         "out_arguments": out_arguments,
     }
@@ -192,28 +201,30 @@ CHECKS = [
     "label_6",
     "label_26",
     "label_6_dense",
-    "connected_components",
-    "fill_holes",
+    "connected_components_6",
+    "connected_components_26",
+    "fill_holes_6",
+    "fill_holes_26",
     "empty_and_background",
     "out_arguments",
 ]
 
 
-def run_checks(shapes) -> dict[str, str]:
-    """{check: problem} ('' when the CUDA version agrees); any warning counts as a problem."""
+def run_checks(shapes) -> Iterator[tuple[str, str]]:
+    """(check, problem) as each check ends ('' when the CUDA version agrees); any warning
+    counts as a problem."""
     from numba import cuda
 
     from operators import kernels as K
 
-    results = {}
     for name, check in _checks(K, cuda, shapes).items():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             try:
-                results[name] = check()
+                problem = check()
             except Exception as exc:  # reported per check, with the exception
-                results[name] = f"{type(exc).__name__}: {exc}"
-    return results
+                problem = f"{type(exc).__name__}: {exc}"
+        yield name, problem
 
 
 def _lock_simulated_shared_arrays() -> None:
@@ -243,26 +254,46 @@ def main() -> None:  # the simulator side: python test_kernels_cuda.py
     assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run with NUMBA_ENABLE_CUDASIM=1"
     sys.setswitchinterval(1e-4)  # simulated threads meet at barriers: switch often
     _lock_simulated_shared_arrays()
-    print(json.dumps(run_checks(SIMULATED)))
+    for name, problem in run_checks(SIMULATED):
+        print(json.dumps([name, problem]), flush=True)  # one line per check, as it ends
 
 
 # ------------------------------------------------------------------ simulator (subprocess)
 
 
 @pytest.fixture(scope="module")
-def simulated() -> dict[str, str]:
+def simulated(tmp_path_factory) -> dict[str, str]:
+    """{check: problem} from this file run under the simulator. Each check prints its line as
+    it ends: the deadline is per check (no line for HANG seconds is a hang), not a limit on
+    the whole run, which a busy machine stretches (all checks: ~40 s on one quiet core)."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONWARNINGS": "error"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, __file__],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    paths = [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]  # tests/: deadlines
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    errors = tmp_path_factory.mktemp("cudasim") / "stderr.txt"
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, __file__], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=stderr, text=True,
+        )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)
+    reader.start()
+    results: dict[str, str] = {}
+    try:
+        while len(results) < len(CHECKS) and (reader.is_alive() or not lines.empty()):
+            try:
+                line = lines.get(timeout=HANG)
+            except queue.Empty:
+                pytest.fail(f"simulator hung: no check ended for {HANG:.0f} s after {results}")
+            name, problem = json.loads(line)
+            results[name] = problem
+        assert proc.wait(HANG) == 0, errors.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    return results
 
 
 @pytest.mark.parametrize("check", CHECKS)
