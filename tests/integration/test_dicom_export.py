@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from deadlines import HANG, returns_before_a_hang, wait_until
 from dicom_peers import free_port, start_orthanc, start_storescp
 from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
@@ -43,14 +44,12 @@ def exporter_for(tmp_path, *destinations, policy=FAST, poll=0.05) -> Exporter:
     return Exporter(Outbox(tmp_path / "outbox", policy=policy), destinations, poll_interval=poll)
 
 
-def wait_for(exporter: Exporter, task_id: str, states: set[str], timeout: float = 20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+def wait_for(exporter: Exporter, task_id: str, states: set[str]):
+    def reached():
         task = exporter.outbox.get(task_id)
-        if task.state in states:
-            return task
-        time.sleep(0.05)
-    raise AssertionError(f"task still {task.state} after {timeout} s: {task.last_error}")
+        return task if task.state in states else None
+
+    return wait_until(reached, f"task {task_id} {' or '.join(sorted(states))}", poll=0.05)
 
 
 def pixels(path) -> np.ndarray:
@@ -121,10 +120,9 @@ def test_destination_down_then_back(private_network, tmp_path):
     exporter.start()
     try:
         task = exporter.enqueue(series.files, "sink")
-        end = time.monotonic() + 10
-        while exporter.outbox.get(task.id).attempts < 2 and time.monotonic() < end:
-            time.sleep(0.05)
-        failing = exporter.outbox.get(task.id)
+        failing = wait_until(
+            lambda: (t := exporter.outbox.get(task.id)).attempts >= 2 and t, "second attempt"
+        )
         assert failing.state in ("pending", "in-progress") and failing.attempts >= 2
         assert f"127.0.0.1:{port}" in failing.last_error
         with start_storescp(tmp_path / "sink", port=port) as sink:
@@ -175,12 +173,13 @@ def test_restarted_outbox_resumes_without_resending(private_network, tmp_path):
 class CountingSCP:
     """A pynetdicom storage SCP on 127.0.0.1 that counts simultaneous associations."""
 
-    def __init__(self, delay: float = 0.15, statuses=None, abort_on=()) -> None:
+    def __init__(self, delay: float = 0.15, statuses=None, abort_on=(), gate=None) -> None:
         self.open = self.most = self.stored = 0
         self.statuses = statuses  # SOP Instance UID -> the statuses to answer, in turn
         self.abort_on = set(abort_on)  # SOP Instance UIDs: A-ABORT instead of answering (once)
         self._lock = threading.Lock()
         self.delay = delay
+        self.gate = gate  # a threading.Event: no answer before it is set (a peer that hangs)
         ae = AE(ae_title="COUNTER")
         ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         handlers = [
@@ -202,6 +201,8 @@ class CountingSCP:
 
     def _store(self, event) -> int:
         time.sleep(self.delay)
+        if self.gate is not None:
+            self.gate.wait(HANG)
         with self._lock:
             if event.request.AffectedSOPInstanceUID in self.abort_on:
                 self.abort_on.discard(event.request.AffectedSOPInstanceUID)
@@ -225,7 +226,8 @@ def test_concurrency_cap_and_a_hanging_destination_blocks_only_itself(tmp_path):
         exporter = exporter_for(
             tmp_path,
             destination("counted", counter.port, "COUNTER", max_associations=2),
-            destination("hanging", hang.getsockname()[1], "HANG", acse_timeout=30),
+            # it would answer "no" after 2 HANG: a stop that waits for it fails the test
+            destination("hanging", hang.getsockname()[1], "HANG", acse_timeout=2 * HANG),
         )
         exporter.start()
         stuck = exporter.enqueue(series.files[:1], "hanging")
@@ -234,9 +236,7 @@ def test_concurrency_cap_and_a_hanging_destination_blocks_only_itself(tmp_path):
             assert wait_for(exporter, task.id, {"succeeded", "dead"}).state == "succeeded"
         assert (counter.stored, counter.most) == (10, 2)
         assert exporter.outbox.get(stuck.id).state == "in-progress"  # still waiting for an answer
-        started = time.monotonic()
-        exporter.stop(timeout=2)
-        assert time.monotonic() - started < 4
+        returns_before_a_hang(exporter.stop, timeout=2)  # not held by the hanging peer
         released = exporter.outbox.get(stuck.id)
         assert (released.state, released.attempts) == ("pending", 0)  # not counted, not lost
         exporter.outbox.close()
@@ -269,10 +269,10 @@ def test_refused_and_out_of_resources_instances(tmp_path):
         first = exporter.outbox.get(task.id)
         assert (first.state, first.delivered, first.failed) == ("pending", 2, 2)
         assert first.last_error == "C-STORE status 0xA700"
-        time.sleep(0.25)
-        exporter.run_once(timeout=30)
-        time.sleep(0.45)
-        exporter.run_once(timeout=30)
+        for _ in range(2):  # each retry once its back-off is over
+            retry = exporter.outbox.get(task.id).next_attempt
+            wait_until(lambda r=retry: exporter.outbox.clock() >= r, "retry due")
+            exporter.run_once(timeout=30)
         dead = exporter.outbox.get(task.id)
         assert (dead.state, dead.delivered, dead.failed, dead.attempts) == ("dead", 3, 2, 3)
         assert dead.last_error == (
@@ -414,19 +414,21 @@ def test_a_peer_that_aborts_mid_run_leaves_the_rest_for_the_next_attempt(tmp_pat
 
 def test_no_response_within_the_dimse_timeout_aborts_the_association(tmp_path):
     series = write_ct_series(tmp_path / "series", slices=2, size=16, seed=15)
-    counter = CountingSCP(delay=3)
+    answer = threading.Event()  # the peer answers only once the test is over
+    counter = CountingSCP(delay=0, gate=answer)
     results: list[FileResult] = []
-    started = time.monotonic()
     try:
         with pytest.raises(TransientExportError, match="broke off during C-STORE"):
-            send_files(
+            returns_before_a_hang(
+                send_files,
                 destination("slow", counter.port, "COUNTER", dimse_timeout=0.5),
                 [(i, describe_file(p)) for i, p in enumerate(series.files)],
                 results.append,
             )
-        assert time.monotonic() - started < 2.5
+        assert not answer.is_set()  # gave up on the peer while it still had not answered
         assert [(r.index, r.outcome) for r in results] == [(0, "transient")]
     finally:
+        answer.set()
         counter.close()
 
 
