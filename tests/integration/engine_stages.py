@@ -11,6 +11,7 @@ from dataflow.stage import Port, Stage, Tensor, stage
 
 VEC = Port("array", element_type="int64", shape=(-1,))
 PAYLOAD = Port("stream", element_type="job-folder")
+FOREVER = 24 * 3600  # seconds: a stage that sleeps this long never returns, as far as a test goes
 
 
 class Load(Stage):
@@ -47,7 +48,7 @@ class Scale(Stage):
         if n == self.crash_on:
             os.kill(os.getpid(), signal.SIGKILL)
         if n == self.sleep_on:
-            time.sleep(60)
+            time.sleep(FOREVER)
         return vec * self.factor
 
 
@@ -60,10 +61,12 @@ class Slow(Stage):
     inputs = {"vec": VEC}
     outputs = {"vec": VEC}
 
-    def __init__(self, seconds: float = 0.2):
-        self.seconds = seconds
+    def __init__(self, seconds: float = 0.2, mark: str = ""):
+        self.seconds, self.mark = seconds, mark  # mark: a file made when a job begins
 
     def execute(self, ctx, vec):
+        if self.mark:
+            Path(self.mark).touch()
         time.sleep(self.seconds)
         return vec + 0
 
@@ -104,7 +107,13 @@ if __name__ == "__main__":  # a run to interrupt (see test_executor.py)
     root = Path(sys.argv[1])
     stages = [
         StageDef("load", Load, {"payload": None}, ("vec",)),
-        StageDef("slow", Slow, {"vec": ("load", "vec")}, ("vec",), arguments={"seconds": 30}),
+        StageDef(
+            "slow",
+            Slow,
+            {"vec": ("load", "vec")},
+            ("vec",),
+            arguments={"seconds": FOREVER, "mark": str(root / "busy")},
+        ),
     ]
     executor = LocalExecutor(stages, output_root=root / "out")
     print("running", flush=True)

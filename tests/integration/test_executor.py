@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deadlines import HANG, wait_until
 from engine_stages import BrokenPrepare, Load, Scale, Slow, make_jobs, total
 
 from dataflow.execution import forkserver
@@ -71,7 +72,7 @@ def test_a_stage_timeout_kills_the_job_not_the_run(tmp_path):
     stages[1] = StageDef(**{**stages[1].__dict__, "timeout": 1.0})
     t0 = time.monotonic()
     results = run(tmp_path, stages, [1, 2, 3])
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < HANG  # job 2 sleeps for ever: the run did not wait for it
     assert [r.ok for r in results] == [True, False, True]
     assert results[1].reason == "stage 'scale' timed out after 1 s"
 
@@ -134,17 +135,17 @@ def test_an_interrupted_run_stops_cleanly(tmp_path, sig, to_group):
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )  # fmt: skip
     assert proc.stdout.readline().strip() == "running"
-    time.sleep(3)  # workers up, the slow stage busy
+    wait_until((tmp_path / "busy").exists, "slow stage busy with a job")  # it sleeps for ever
     if to_group:
         os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does: the whole group
     else:
         os.kill(proc.pid, sig)  # what a service manager does first
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=HANG)
     assert proc.returncode == 130 and "interrupted" in out
-    deadline = time.monotonic() + 10
-    while True:  # multiprocessing's resource tracker may take a moment to notice
-        group = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True)
-        if not group.stdout.strip() or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert group.stdout.strip() == ""
+
+    def group_left() -> str:
+        found = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True)
+        return found.stdout.strip()
+
+    # multiprocessing's resource tracker may take a moment to notice
+    wait_until(lambda: not group_left(), "empty process group")
