@@ -213,6 +213,8 @@ class Platform:
         self.registry = Registry(self.root / "platform.db")
         self._lock = threading.RLock()  # pipelines added and removed one at a time
         self._listeners = threading.Lock()  # the subscribers (never held while waiting)
+        self._sizes: dict[str, int] = {}  # payload -> bytes in its input/ (max-upload)
+        self._sizes_lock = threading.Lock()
         self._subscribers: list[Subscription] = []
         self._servers: list[Any] = []
         self._operators: dict[str, tuple[str, ...]] = {}
@@ -692,11 +694,31 @@ class Platform:
                     code=PAYLOAD_DELETE,
                 )
         folder = self.payload_root / payload_id
-        used = sum(p.stat().st_size for p in (folder / "input").rglob("*") if p.is_file())
+        target = files.resolve(folder / "input", rel)
+        old = target.stat().st_size if target.is_file() else 0  # replaced: its bytes come back
         size = files.write_file(folder / "input", folder / ".partial", rel, chunks,
-                                room=self.config.max_upload - used,
+                                room=self.config.max_upload - self._used(payload_id) + old,
                                 reserve=self.config.disk_reserve)  # fmt: skip
+        self._count(payload_id, size - old)
         return {"name": f"/input/{rel.as_posix()}", "size": size, "mode": 0o644}
+
+    def _used(self, payload_id: str) -> int:
+        """Bytes in a payload's ``input/`` (counted once, then kept up to date)."""
+        with self._sizes_lock:
+            if payload_id not in self._sizes:
+                inputs = self.payload_root / payload_id / "input"
+                self._sizes[payload_id] = sum(
+                    p.stat().st_size for p in inputs.rglob("*") if p.is_file()
+                )
+            return self._sizes[payload_id]
+
+    def _count(self, payload_id: str, change: int | None) -> None:
+        """A payload's bytes changed by ``change`` (None: it is gone)."""
+        with self._sizes_lock:
+            if change is None:
+                self._sizes.pop(payload_id, None)
+            elif payload_id in self._sizes:
+                self._sizes[payload_id] += change
 
     def payload_files(self, payload_id: str) -> list[dict[str, Any]]:
         """The payload's files: ``/input/...``, then each operator's ``/operators/OP/...``
@@ -737,8 +759,9 @@ class Platform:
                 raise Conflict(f"payload {payload_id}: its job {job.id} is {job.state}",
                                code=PAYLOAD_DELETE)  # fmt: skip
         inputs = self.payload_root / payload_id / "input"
-        path, _ = files.open_file(inputs, None, name if name.startswith("/") else f"/{name}")
+        path, size = files.open_file(inputs, None, name if name.startswith("/") else f"/{name}")
         path.unlink()
+        self._count(payload_id, -size)
         log.info("payload_file_removed", payload_id=payload_id)
 
     def release(self, payload: Path) -> None:
@@ -748,6 +771,7 @@ class Platform:
         if folder.parent == self.payload_root and _HEX32.match(folder.name):
             self.registry.remove_payload(folder.name)
             shutil.rmtree(folder, ignore_errors=True)
+            self._count(folder.name, None)
             log.info("payload_released", payload_id=folder.name)
 
     def delete_payload(self, payload_id: str) -> None:
@@ -761,6 +785,7 @@ class Platform:
                                "it or wait for it to end", code=PAYLOAD_DELETE)  # fmt: skip
         self.registry.remove_payload(payload_id)
         shutil.rmtree(self.payload_root / payload_id, ignore_errors=True)
+        self._count(payload_id, None)
         log.info("payload_deleted", payload_id=payload_id)
 
     # ------------------------------------------------------------------ DICOM exports

@@ -234,3 +234,17 @@ def test_a_pipeline_registered_at_run_time_runs_warm_and_is_removed(service, cli
     assert client.get("/api/v1/pipelines/copy").status_code == 404
     configured = client.delete("/api/v1/pipelines/passthrough")
     assert configured.status_code == 422 and "remove it there" in configured.json()["message"]
+
+
+def test_max_upload_counts_the_whole_payload_and_a_replaced_file_once(service, client):
+    _, payload_id = new_job(client)
+    files = f"/api/v1/payloads/{payload_id}/files/input"
+    part = b"\1" * (600 * 1024)  # the fixture's max-upload is 1 MiB
+    assert client.put(f"{files}/a.bin", content=part).status_code == 201
+    assert client.put(f"{files}/a.bin", content=part).status_code == 201  # replaces a.bin
+    over = client.put(f"{files}/b.bin", content=part)
+    assert over.status_code == 413 and "b.bin" in over.json()["message"]
+    assert client.delete(f"{files}/a.bin").status_code == 204
+    assert client.put(f"{files}/b.bin", content=part).status_code == 201
+    listed = client.get(f"/api/v1/payloads/{payload_id}/files").json()
+    assert [(f["name"], f["size"]) for f in listed] == [("/input/b.bin", len(part))]
