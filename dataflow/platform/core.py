@@ -788,6 +788,17 @@ class Platform:
         self._count(payload_id, None)
         log.info("payload_deleted", payload_id=payload_id)
 
+    # ------------------------------------------------------------------ health
+
+    def health(self, max_age: float = 30.0) -> dict[str, Any]:
+        """What ``dataflow health`` says: ``verdict`` (0 healthy, 1 problems, 2 stale),
+        ``summary``, ``problems`` and, per pipeline, each stage's state and the jobs in
+        flight with the stages they are at (``STATE/health.json``)."""
+        from dataflow.service.health import check
+
+        code, report, summary = check(self.state, max_age=max_age)
+        return {"verdict": code, "summary": summary, **report}
+
     # ------------------------------------------------------------------ DICOM exports
 
     def _admins(self) -> dict[str, Any]:

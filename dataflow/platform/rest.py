@@ -108,6 +108,12 @@ def build_app(platform: Platform) -> FastAPI:
             text = ""
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get(f"{PREFIX}/health", tags=["health"])
+    def health() -> dict[str, Any]:
+        """The service at a glance: verdict (0 healthy, 1 problems, 2 stale), problems, each
+        pipeline's stages and the jobs in flight with the stage each is at."""
+        return platform.health()
+
     # ------------------------------------------------------------------ pipelines
 
     @app.get(f"{PREFIX}/pipelines", tags=["pipelines"])

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from deadlines import HANG
 from triton_server import build_venv, model_repository, run_server
 
 from dataflow.stage import Tensor
@@ -117,7 +118,7 @@ def test_a_server_that_is_down_is_named_after_the_wait():
     with pytest.raises(InferenceError, match=rf"Triton at grpc://127.0.0.1:{port} did not make "
                        r"model 'demo' ready within 1 s: cannot connect"):  # fmt: skip
         TritonBackend("demo", url=f"127.0.0.1:{port}", protocol="grpc", timeout=1)
-    assert time.monotonic() - t0 < 10
+    assert 1 <= time.monotonic() - t0 < HANG  # it waited its 1 s, then gave up (no hang)
 
 
 @pytest.mark.gpu

@@ -108,6 +108,9 @@ def test_a_job_runs_from_creation_to_download(service, client):
     assert all(job["state"] == "succeeded" for job in listed)
     logs = client.get(f"/api/v1/jobs/{job_id}/logs").json()["logs"]
     assert "succeeded" in logs[-1]
+    health = client.get("/api/v1/health").json()
+    assert (health["verdict"], health["summary"]) == (0, "healthy")
+    assert "passthrough" in health["pipelines"]
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "dataflow_up 1.0" in metrics.text
 

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+from deadlines import HANG, wait_until
 
 from dataflow.errors import (
     ObjectExists,
@@ -42,11 +43,8 @@ def store():
         yield s
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+def wait_for(predicate, timeout=HANG):
+    wait_until(predicate, "condition met", timeout, poll=0.01)
 
 
 def shm_files() -> set[str]:
@@ -92,7 +90,7 @@ def _hold_view(client, oid, holding, proceed, out):
     arr = view.array[::2]  # a derived view keeps the object alive too
     del view
     holding.set()
-    proceed.wait(30)
+    proceed.wait(HANG)
     out.put(digest(arr))
 
 
@@ -115,7 +113,7 @@ def _churn(client, worker, count, out):
         sums[oid] = digest(data)
     bad = 0
     for oid, expected in sums.items():
-        if digest(client.get(oid, timeout=5).array) != expected:
+        if digest(client.get(oid, timeout=HANG).array) != expected:
             bad += 1
         client.delete(oid)
     out.put((worker, len(sums), bad))
@@ -220,9 +218,9 @@ def test_get_waits_until_a_spawned_producer_seals(store):
     consumer.start()
     wait_for(lambda: store.stats()["waiting_gets"] == 1, 30)
     producer.start()
-    got, meta = out.get(timeout=60)
-    producer.join(30)
-    consumer.join(30)
+    got, meta = out.get(timeout=HANG)
+    producer.join(HANG)
+    consumer.join(HANG)
     expected = np.random.default_rng(3).random((128, 128, 16), dtype=np.float32)
     assert got == digest(expected) and meta == {"seed": 3}
     assert producer.exitcode == 0 and consumer.exitcode == 0
@@ -258,9 +256,9 @@ def test_a_seal_is_visible_to_whoever_hears_of_it_next(store):
     producer = SPAWN.Process(target=_seal_and_tell, args=(store, count, send))
     consumer.start()
     producer.start()
-    assert out.get(timeout=120) == list(range(count))
-    producer.join(30)
-    consumer.join(30)
+    assert out.get(timeout=HANG) == list(range(count))
+    producer.join(HANG)
+    consumer.join(HANG)
 
 
 def test_client_pickles_by_address_and_survives_fork(store):
@@ -293,7 +291,7 @@ def test_delete_never_invalidates_a_view_another_process_holds(store):
     holding, proceed, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
     reader = SPAWN.Process(target=_hold_view, args=(store, oid, holding, proceed, out))
     reader.start()
-    assert holding.wait(30)
+    assert holding.wait(HANG)
     store.delete(oid)
     assert not store.contains(oid)
     # Take all the memory the store can give (holding views, so nothing is evicted): the
@@ -306,8 +304,8 @@ def test_delete_never_invalidates_a_view_another_process_holds(store):
             break
     assert len(filler) >= 40
     proceed.set()
-    assert out.get(timeout=30) == digest(data[::2])
-    reader.join(30)
+    assert out.get(timeout=HANG) == digest(data[::2])
+    reader.join(HANG)
     wait_for(lambda: store.stats()["objects"] == len(filler))  # the deleted object is freed
 
 
@@ -324,9 +322,9 @@ def test_a_sealed_object_can_be_handed_to_an_orchestrator_that_unpins_it(store):
     done = SPAWN.Event()
     worker = SPAWN.Process(target=_make_and_hand_over, args=(store, store.client_id, done))
     worker.start()
-    assert done.wait(30)
+    assert done.wait(HANG)
     os.kill(worker.pid, signal.SIGKILL)
-    worker.join(30)
+    worker.join(HANG)
     wait_for(lambda: store.stats()["clients"] == 1)
     assert store.stats()["references"] == 2  # both held by us, none by the dead worker
     for i in range(80):  # memory pressure evicts nothing we hold
@@ -358,7 +356,7 @@ def test_create_applies_backpressure_then_names_the_holders(store):
     big = store.put(np.zeros(40 * MiB, np.uint8), object_id="big-volume")
     reader = SPAWN.Process(target=_hold_view, args=(store, big, holding, proceed, out))
     reader.start()
-    assert holding.wait(30)
+    assert holding.wait(HANG)
     store.delete(big)  # deleted, but the reader still holds it
     t0 = time.monotonic()
     with pytest.raises(StoreFull) as info:
@@ -370,15 +368,15 @@ def test_create_applies_backpressure_then_names_the_holders(store):
     assert f"pid {reader.pid}" in message
     # With a timeout, create waits for the reader to let go, then succeeds.
     proceed.set()
-    obj = store.create((30 * MiB,), "uint8", timeout=30)
+    obj = store.create((30 * MiB,), "uint8", timeout=HANG)
     obj.seal()
-    reader.join(30)
+    reader.join(HANG)
     assert store.contains(obj.id)
 
 
 def test_object_larger_than_the_budget_fails_at_once(store):
     with pytest.raises(StoreFull, match="can never fit.*64.0 MiB"):
-        store.create((65 * MiB,), "uint8", timeout=30)
+        store.create((65 * MiB,), "uint8", timeout=HANG)
 
 
 # ----------------------------------------------------------------------------- crashes
@@ -389,11 +387,11 @@ def test_sigkilled_client_has_its_references_reclaimed(store):
     holding = SPAWN.Event()
     victim = SPAWN.Process(target=_hold_and_hang, args=(store, oids, "unsealed", holding))
     victim.start()
-    assert holding.wait(30)
+    assert holding.wait(HANG)
     stats = store.stats()
     assert stats["references"] == 4 and stats["unsealed"] == 1
     os.kill(victim.pid, signal.SIGKILL)
-    victim.join(30)
+    victim.join(HANG)
     wait_for(lambda: store.stats()["references"] == 0)
     stats = store.stats()
     assert stats["unsealed"] == 0 and stats["clients_lost_total"] == 1
@@ -415,10 +413,10 @@ def test_a_client_killed_while_waiting_leaves_nothing_behind(store):
     started = SPAWN.Event()
     victim = SPAWN.Process(target=_hold_then_wait_in_create, args=(store, big, started))
     victim.start()
-    assert started.wait(30)
+    assert started.wait(HANG)
     wait_for(lambda: store.stats()["waiting_creates"] == 1)
     os.kill(victim.pid, signal.SIGKILL)
-    victim.join(30)
+    victim.join(HANG)
     # Releasing the victim's reference makes room for its own waiting create, which must
     # not be placed for a dead client.
     wait_for(lambda: store.stats()["clients"] == 1)
@@ -444,11 +442,11 @@ def test_store_dies_with_its_owner_and_restarts_cleanly(tmp_path, use_path):
     out = SPAWN.Queue()
     owner = SPAWN.Process(target=_owner, args=(out, path))
     owner.start()
-    address, server_pid = out.get(timeout=30)
+    address, server_pid = out.get(timeout=HANG)
     client = connect(address)
     kept = client.get("x").array  # a reader's view outlives even the store
     os.kill(owner.pid, signal.SIGKILL)
-    owner.join(30)
+    owner.join(HANG)
     wait_for(lambda: not _alive(server_pid))
     with pytest.raises(StoreNotRunning):
         client.stats()
@@ -502,9 +500,9 @@ def test_concurrent_processes_keep_every_object_intact():
         workers = [SPAWN.Process(target=_churn, args=(store, w, 60, out)) for w in range(4)]
         for w in workers:
             w.start()
-        results = sorted(out.get(timeout=120) for _ in workers)
+        results = sorted(out.get(timeout=HANG) for _ in workers)
         for w in workers:
-            w.join(30)
+            w.join(HANG)
         assert results == [(w, 60, 0) for w in range(4)]
         wait_for(lambda: store.stats()["objects"] == 0)
         assert store.stats()["used"] == 0

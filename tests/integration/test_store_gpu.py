@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from deadlines import HANG, wait_until
 
 from dataflow.errors import StoreValueError
 from dataflow.store import Store
@@ -38,11 +39,8 @@ def _producer(client, oid, ready):
     time.sleep(600)
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+def wait_for(predicate, timeout=HANG):
+    wait_until(predicate, "condition met", timeout, poll=0.01)
 
 
 def test_gpu_objects_are_counted_never_evicted_and_die_with_their_producer():
@@ -50,7 +48,7 @@ def test_gpu_objects_are_counted_never_evicted_and_die_with_their_producer():
         ready = SPAWN.Event()
         producer = SPAWN.Process(target=_producer, args=(store, "seg-gpu", ready))
         producer.start()
-        assert ready.wait(30)
+        assert ready.wait(HANG)
         view = store.get("seg-gpu")
         assert view.kind == DEVICE_KIND and view.shape == (1024,)
         assert DESCRIPTOR.unpack(view.buffer.to_pybytes())[4] == producer.pid
@@ -61,7 +59,7 @@ def test_gpu_objects_are_counted_never_evicted_and_die_with_their_producer():
             store.put(np.zeros(MiB, np.uint8), object_id=f"host-{i}")
         assert store.contains("seg-gpu")
         os.kill(producer.pid, signal.SIGKILL)
-        producer.join(30)
+        producer.join(HANG)
         wait_for(lambda: not store.contains("seg-gpu"))  # deleted with its producer...
         assert any(r["id"] == "seg-gpu" for r in store.list())  # ...but still held by us
         del view
@@ -76,7 +74,7 @@ def _gpu_consumer(client, oids, out):
 
     sums = []
     for oid in oids:
-        view = client.get(oid, timeout=60)
+        view = client.get(oid, timeout=HANG)
         array = view.device_array()
         sums.append(float(array.sum()))
         del view, array
@@ -99,8 +97,8 @@ def test_cuda_ipc_handoff_between_processes_with_cached_handles():
         out = SPAWN.Queue()
         consumer = SPAWN.Process(target=_gpu_consumer, args=(store, oids, out))
         consumer.start()
-        sums, cache = out.get(timeout=300)
-        consumer.join(60)
+        sums, cache = out.get(timeout=HANG)
+        consumer.join(HANG)
         assert sums == [float(i * 256 * 256) for i in range(100)]
         assert cache["misses"] == 1 and cache["hit_rate"] >= 0.99  # one open per pool
         pool.close()

@@ -33,6 +33,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from deadlines import HANG
+
 __all__ = ["REQUIREMENTS", "TritonServer", "build_venv", "model_repository", "run_server"]
 
 REQUIREMENTS = ("numpy<2", "nvidia-pytriton==0.7.0", "onnxruntime>=1.17")
@@ -179,7 +181,7 @@ class TritonServer:
 
 @contextlib.contextmanager
 def run_server(
-    venv: Path, repository: Path, log: Path, timeout: float = 120
+    venv: Path, repository: Path, log: Path, timeout: float = HANG
 ) -> Iterator[TritonServer]:
     """Run tritonserver on ``repository`` until the block ends (SIGTERM, then SIGKILL)."""
     site = _site_packages(venv)
@@ -235,7 +237,7 @@ def run_server(
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=HANG)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
