@@ -2,7 +2,9 @@
 create|start|status|list|cancel|retry|logs|download`` and ``dataflow pipelines
 list|describe|create|remove`` and ``dataflow payloads create|files|upload|download|delete``.
 
-The service is found at ``--api`` or ``DATAFLOW_API`` (default ``http://127.0.0.1:8080``).
+The service is found at ``--api``, else ``DATAFLOW_API``, else the ``api:`` of the client file
+``$XDG_CONFIG_HOME/dataflow/client.yaml`` (``~/.config/...``; as ``clara config`` kept its
+target), else ``http://127.0.0.1:8080``.
 Tables for people, ``--json`` for scripts. ``dataflow jobs CONFIG`` (a state folder's job
 records, without a running service) stays: any first argument that is not one of these verbs
 is read as ``dataflow jobs records CONFIG ...``.
@@ -28,6 +30,27 @@ DEFAULT_API = "http://127.0.0.1:8080"
 ENDED = ("succeeded", "failed", "cancelled")
 
 
+def client_file() -> Path:
+    home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(home) / "dataflow" / "client.yaml"
+
+
+def configured_api() -> str:
+    """The ``api:`` of the client file, or the default; ApiError if the file is malformed."""
+    import yaml
+
+    path = client_file()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return DEFAULT_API
+    except (OSError, yaml.YAMLError) as exc:
+        raise ApiError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("api", DEFAULT_API), str):
+        raise ApiError(f"{path}: expected a mapping with api: URL (e.g. {DEFAULT_API})")
+    return data.get("api", DEFAULT_API)
+
+
 class ApiError(Exception):
     """The service refused (``status`` >= 400, its message) or could not be reached (0)."""
 
@@ -42,7 +65,7 @@ class ApiClient:
     def __init__(self, base: str | None = None, timeout: float = 300.0) -> None:
         import httpx
 
-        self.base = (base or os.environ.get("DATAFLOW_API") or DEFAULT_API).rstrip("/")
+        self.base = (base or os.environ.get("DATAFLOW_API") or configured_api()).rstrip("/")
         self._http = httpx.Client(base_url=self.base, timeout=timeout)
 
     def close(self) -> None:
@@ -135,7 +158,11 @@ AS_JSON = typer.Option(False, "--json", help="JSON for scripts.")
 
 class _Session:
     def __init__(self, api: str | None) -> None:
-        self.client = ApiClient(api)
+        try:
+            self.client = ApiClient(api)
+        except ApiError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
     def __enter__(self) -> ApiClient:
         return self.client
