@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli import dataflow
+from deadlines import HANG
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ def test_plan_refuses_what_cannot_be_placed(tmp_path):
     )
     out = subprocess.run(
         [sys.executable, "-m", "dataflow.cli", "plan", str(gpu)], capture_output=True, text=True,
-        cwd=ROOT, env={"DATAFLOW_GPUS": "none", "PATH": "/usr/bin:/bin"}, timeout=60,
+        cwd=ROOT, env={"DATAFLOW_GPUS": "none", "PATH": "/usr/bin:/bin"}, timeout=HANG,
     )  # fmt: skip
     assert out.returncode == 1 and "compare" in out.stderr and "GPU" in out.stderr
 

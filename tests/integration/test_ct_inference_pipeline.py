@@ -11,6 +11,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from deadlines import HANG, LONG_HANG
 
 from operators.dicom.phantom import LUNG_LEFT, LUNG_RIGHT, labels_at
 from operators.dicom.series import load_series
@@ -24,7 +25,7 @@ PIPELINE = ROOT / "pipelines" / "ct-inference.yaml"
 def command(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "-m", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True, text=True, cwd=cwd, timeout=LONG_HANG,
         env={"DATAFLOW_CONTAINER_ENGINE": "none", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
 
@@ -55,7 +56,7 @@ def lung_dice(seg_path: Path, study: Path) -> float:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=HANG)
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 

@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from deadlines import HANG
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 from scipy.ndimage import gaussian_filter
 
@@ -25,7 +26,7 @@ needs_dciodvfy = pytest.mark.skipif(
 
 
 def dciodvfy_errors(path) -> list[str]:
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=HANG)
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 

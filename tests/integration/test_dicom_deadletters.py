@@ -9,12 +9,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from deadlines import HANG, wait_until
 from dicom_peers import free_port
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
@@ -77,13 +77,6 @@ class Peer:
         return 0x0000
 
 
-def wait_until(predicate, what: str, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout  # only catches a hang
-    while not predicate():
-        assert time.monotonic() < end, f"still waiting for {what}"
-        time.sleep(0.02)
-
-
 def section(port: int, **export) -> dict:
     return {
         "receivers": [{"name": "plain", "host": "127.0.0.1", "port": 0}],
@@ -114,7 +107,7 @@ def admin(tmp_path, action: str, arg: str) -> subprocess.CompletedProcess:
     args = [tmp_path / "section.json", tmp_path / "state" / "dicom", tmp_path / "service.yaml"]
     return subprocess.run(
         [sys.executable, "-c", ADMIN, *map(str, args), action, arg],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=HANG, check=False,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deadlines import HANG
 from dicom_peers import storescu
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -30,7 +31,6 @@ from connectors.dicom.config import ReceiverConfig, TLSConfig
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-HANG = 60.0  # a deadline that only catches a hang
 ADDRESS_SPACE = 2560 * 1024**2  # RLIMIT_AS of the receiver process: 4 GiB cannot be had
 PEAK_GROWTH = 160 * 1024**2  # a claim of 512 MiB honoured would pass this
 
@@ -81,7 +81,7 @@ def receiver_process(cfg: ReceiverConfig, log: Path, fastnet: str):
     finally:
         if proc.poll() is None:
             proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG)
         proc.stdout.close()
 
 

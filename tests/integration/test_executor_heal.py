@@ -5,12 +5,12 @@ the assertions are on events (results, log lines, health), never on elapsed time
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import structlog
+from deadlines import HANG, wait_until
 from engine_stages import Load, Scale, Slow, make_jobs
 from heal_stages import Hog, Sink
 
@@ -19,7 +19,6 @@ from dataflow.execution.state import Limits
 
 pytestmark = pytest.mark.integration
 
-HANG = 120  # seconds: only a hang takes this long
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -55,11 +54,9 @@ class Serving:
             return self.results[job_id]
 
     def wait_health(self, predicate) -> dict:
-        deadline = time.monotonic() + HANG
-        while not predicate(health := self.executor.health()):
-            assert time.monotonic() < deadline, health
-            time.sleep(0.02)
-        return health
+        return wait_until(
+            lambda: predicate(health := self.executor.health()) and health, "health wanted"
+        )
 
     def __enter__(self) -> Serving:
         self.thread.start()

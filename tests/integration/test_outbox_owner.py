@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+from deadlines import HANG, wait_until
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
@@ -59,13 +60,6 @@ class SlowPeer:
             return sum(self.received.values())
 
 
-def wait_until(predicate, what: str, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout  # only catches a hang
-    while not predicate():
-        assert time.monotonic() < end, f"still waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_a_second_process_neither_resends_the_running_task_nor_sends_itself(tmp_path):
     running_series = write_ct_series(tmp_path / "running", slices=24, size=16, seed=1)
     dead_series = write_ct_series(tmp_path / "dead", slices=3, size=16, seed=2)
@@ -81,7 +75,7 @@ def test_a_second_process_neither_resends_the_running_task_nor_sends_itself(tmp_
         wait_until(lambda: peer.total() >= 2, "the first instances at the peer")
         guest = subprocess.run(
             [sys.executable, "-c", GUEST, str(tmp_path / "outbox"), dead.id, running.id],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True, text=True, timeout=HANG, check=False,
         )  # fmt: skip
         peer.gate.set()
         assert guest.returncode == 0, guest.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from deadlines import HANG
 
 from dataflow.stage import PortError, StageError, Tensor
 from dataflow.testing import run_stage
@@ -47,7 +48,7 @@ def test_nifti_matches_dcm2niix(series, tmp_path):
     study, volume, meta = series
     subprocess.run(
         ["dcm2niix", "-z", "n", "-b", "n", "-o", str(tmp_path), "-f", "ref", str(study)],
-        check=True, capture_output=True, timeout=60,
+        check=True, capture_output=True, timeout=HANG,
     )  # fmt: skip
     out = run_stage(WriteNifti, {"volume": Tensor(volume, meta)}, output_dir=tmp_path / "out")
     ours, ref = nib.load(out["nifti"] / "volume.nii.gz"), nib.load(tmp_path / "ref.nii")

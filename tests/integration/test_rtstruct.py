@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from deadlines import HANG
 from skimage.draw import polygon
 
 from dataflow.stage import StageError, Tensor
@@ -25,7 +26,7 @@ TO_ROI[BODY], TO_ROI[2], TO_ROI[3], TO_ROI[BONE] = 1, 2, 2, 3
 
 
 def dciodvfy_errors(path) -> list[str]:
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=HANG)
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 

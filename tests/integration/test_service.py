@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deadlines import HANG, wait_until
 
 from dataflow.service import JobStore, Service, ServiceError, load_config
 
@@ -29,13 +30,8 @@ def config_path(tmp_path):
     return path
 
 
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
+def wait_for(predicate, timeout=HANG):
+    wait_until(predicate, "condition met", timeout, poll=0.05)
 
 
 def test_jobs_run_on_warm_pipelines_and_are_recorded(config_path, tmp_path):
@@ -93,10 +89,10 @@ def test_dataflow_serve_stops_cleanly_on_sigterm_and_jobs_lists_records(config_p
             )  # fmt: skip
             return '"state": "succeeded"' in out.stdout
 
-        wait_for(done, timeout=120)
+        wait_for(done)
     finally:
         proc.terminate()
-        output, _ = proc.communicate(timeout=60)
+        output, _ = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, output
     assert "service_stopped" in output
     listing = subprocess.run(
@@ -190,7 +186,7 @@ def test_a_failed_job_retried_through_the_cli_runs_again_in_the_running_service(
         out = dataflow("jobs", config_path, "--retry", job.id)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"{job.id} queued again (passthrough; 1 attempt so far")
-        wait_for(lambda: service.jobs.get(job.id).state == "succeeded", timeout=30)
+        wait_for(lambda: service.jobs.get(job.id).state == "succeeded")
         again = dataflow("jobs", config_path, "--retry", job.id)
         assert again.returncode == 1
         assert f"job {job.id} is succeeded: only a failed job" in again.stderr

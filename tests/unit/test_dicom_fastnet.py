@@ -10,6 +10,7 @@ import threading
 import pynetdicom.association
 import pynetdicom.dul
 import pytest
+from deadlines import HANG
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -184,12 +185,12 @@ def test_a_held_waker_parks_its_thread_until_released():
     thread = threading.Thread(target=loop)
     thread.start()
     try:
-        assert waker.hold(timeout=2) and waker.parked
+        assert waker.hold(timeout=HANG) and waker.parked
         done.set()
         thread.join(0.1)
         assert thread.is_alive()  # parked: it does not see `done`
         waker.release()
-        thread.join(2)
+        thread.join(HANG)
         assert not thread.is_alive()
     finally:
         done.set()
@@ -226,4 +227,4 @@ def test_a_parked_thread_goes_on_when_its_association_needs_it(event):
         assert not waker.park()  # and it does not park again while that lasts
     finally:
         waker.release()
-        thread.join(2)
+        thread.join(HANG)

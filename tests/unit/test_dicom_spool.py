@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from deadlines import HANG
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -197,7 +198,7 @@ def test_a_failed_commit_keeps_the_acknowledged_copy(tmp_path, monkeypatch):
 KILLED_IN_PLACE = """
 import os, signal, sys
 from pathlib import Path
-sys.path[:0] = [{tests!r}]
+sys.path[:0] = [{tests!r}, {shared!r}]  # shared: tests/ (deadlines)
 from test_dicom_spool import Spool
 import connectors.dicom.groups as groups
 spool = Spool(Path({root!r}))
@@ -208,10 +209,11 @@ spool.put(data=b"never acknowledged")  # killed after the file is placed, before
 
 
 def test_kill_9_between_placement_and_commit_keeps_the_acknowledged_copy(tmp_path):
-    script = KILLED_IN_PLACE.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    here = Path(__file__).parent
+    script = KILLED_IN_PLACE.format(tests=str(here), shared=str(here.parent), root=str(tmp_path))
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=HANG)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     store = GroupStore(tmp_path)
     (group,) = store.groups("pending")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from deadlines import HANG
 
 from connectors.dicom.outbox import Outbox, OutboxBusy, RetryPolicy
 from operators.dicom.phantom import write_ct_series
@@ -41,7 +42,7 @@ def holder(tmp_path):
     yield proc
     if proc.poll() is None:
         proc.kill()
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG)
     proc.stdin.close()
     proc.stdout.close()
 
@@ -63,7 +64,7 @@ def test_a_guest_neither_recovers_nor_claims_and_its_requeue_is_a_request(tmp_pa
     assert guest.requested() == [dead.id]
     guest.close()
     holder.kill()  # the owner dies: the kernel frees the lock at once
-    holder.wait(timeout=60)
+    holder.wait(timeout=HANG)
     owner = Outbox(tmp_path / "outbox", policy=POLICY, owner=True)
     assert owner.get(sending.id).state == "pending"  # the new owner recovers
     (requeued,) = owner.take_requests()
@@ -76,8 +77,8 @@ def test_owner_true_waits_for_the_lock_then_names_the_owner(tmp_path, holder):
     with pytest.raises(OutboxBusy, match=f"owned by process {holder.pid}"):
         Outbox(tmp_path / "outbox", owner=True, lock_timeout=0.2)
     os.kill(holder.pid, signal.SIGKILL)
-    holder.wait(timeout=60)
-    box = Outbox(tmp_path / "outbox", owner=True, lock_timeout=60)
+    holder.wait(timeout=HANG)
+    box = Outbox(tmp_path / "outbox", owner=True, lock_timeout=HANG)
     assert box.owner
     box.close()
     again = Outbox(tmp_path / "outbox")
