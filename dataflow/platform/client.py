@@ -1,6 +1,6 @@
 """The CLI as a client of a running ``dataflow serve`` (its REST API): ``dataflow jobs
 create|start|status|list|cancel|retry|logs|download`` and ``dataflow pipelines
-list|describe|create|remove`` and ``dataflow payloads create|files|upload|download|delete``.
+list|describe|create|update|remove`` and ``dataflow payloads create|files|upload|download|delete``.
 
 The service is found at ``--api``, else ``DATAFLOW_API``, else the ``api:`` of the client file
 ``$XDG_CONFIG_HOME/dataflow/client.yaml`` (``~/.config/...``; as ``clara config`` kept its
@@ -414,6 +414,24 @@ def pipelines_create(
         value = client.call("POST", "/api/v1/pipelines",
                             json={"definition": definition, "name": name})  # fmt: skip
         _emit(value, as_json, f"pipeline {value['name']} registered (id {value['id']})")
+
+
+@pipelines_app.command("update")
+def pipelines_update(
+    pipeline: str,
+    file: Path = typer.Argument(..., help="The new pipeline YAML file."),
+    api: str = API,
+    as_json: bool = AS_JSON,
+) -> None:
+    """Replace a registered pipeline's definition (refused while jobs of it are in flight)."""
+    try:
+        definition = file.read_text()
+    except OSError as exc:
+        typer.echo(f"error: {file}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    with _Session(api) as client:
+        value = client.call("PUT", f"/api/v1/pipelines/{pipeline}", json={"definition": definition})
+        _emit(value, as_json, f"pipeline {value['name']} updated (id {value['id']})")
 
 
 @pipelines_app.command("remove")

@@ -385,22 +385,11 @@ class Platform:
         are warm) and return its summary. ``name``: by default the definition's ``name:``.
         Invalid with the diagnostics (``pipeline.yaml:LINE:COL: error: ...``) if it does not
         validate; Conflict if a pipeline of that name exists."""
-        from dataflow.pipeline.validate import check_pipeline
-
-        if not isinstance(yaml_text, str) or not yaml_text.strip():
-            raise Invalid("the pipeline definition is empty", code=PIPELINE_DEFINITION)
         meta = check_metadata(metadata, "pipeline")
         staging = self.root / "pipelines" / f".new-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
         try:
-            file = staging / "pipeline.yaml"
-            file.write_text(yaml_text)
-            report = check_pipeline(file)
-            if not report.ok:
-                text = report.format(notes=False).replace(str(file), "pipeline.yaml")
-                raise Invalid(f"the pipeline definition does not validate:\n{text}",
-                              code=PIPELINE_LOAD)  # fmt: skip
-            name = name or report.graph.spec.name
+            given = self._stage_definition(staging, yaml_text)
+            name = name or given
             if not _NAME.match(name or ""):
                 raise Invalid(f"pipeline name {name!r}: letters, digits, '.', '_', '-' "
                               "(at most 128)", code=PIPELINE_DEFINITION)  # fmt: skip
@@ -426,6 +415,71 @@ class Platform:
         log.info("pipeline_registered", pipeline=name, id=pipeline_id(name))
         return self._summary(name)
 
+    def _stage_definition(self, staging: Path, yaml_text: str) -> str:
+        """Write a definition into ``staging/pipeline.yaml`` and validate it; the name it
+        gives. Invalid with the diagnostics (their file named ``pipeline.yaml``)."""
+        from dataflow.pipeline.validate import check_pipeline
+
+        if not isinstance(yaml_text, str) or not yaml_text.strip():
+            raise Invalid("the pipeline definition is empty", code=PIPELINE_DEFINITION)
+        staging.mkdir(parents=True)
+        file = staging / "pipeline.yaml"
+        file.write_text(yaml_text)
+        report = check_pipeline(file)
+        if not report.ok:
+            text = report.format(notes=False).replace(str(file), "pipeline.yaml")
+            raise Invalid(f"the pipeline definition does not validate:\n{text}",
+                          code=PIPELINE_LOAD)  # fmt: skip
+        assert report.graph is not None
+        return report.graph.spec.name
+
+    def update_pipeline(self, pipeline: str, yaml_text: str) -> dict[str, Any]:
+        """Replace a registered pipeline's definition (Clara's Pipelines.Update): validated
+        first (Invalid with the diagnostics, nothing changed); Conflict while any of its jobs
+        is in flight; then its workers stop and the new ones start warm, with the same name,
+        id and metadata. If the new workers cannot start, the old definition is served again."""
+        with self._lock:
+            name = self._registered_name(pipeline)
+            staging = self.root / "pipelines" / f".new-{uuid.uuid4().hex}"
+            final, old = self.root / "pipelines" / name, self.root / "pipelines" / f".old-{name}"
+            try:
+                self._stage_definition(staging, yaml_text)
+                self._refuse_busy(name)
+                self.service.remove_pipeline(name)
+                self._operators.pop(name, None)
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                staging.rename(final)
+                try:
+                    self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
+                except Exception as exc:
+                    shutil.rmtree(final, ignore_errors=True)
+                    old.rename(final)
+                    self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
+                    raise Invalid(f"pipeline {name!r}: the new definition could not be started "
+                                  f"(the old one is served again): {scrub(str(exc))}",
+                                  code=PIPELINE_LOAD) from None  # fmt: skip
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("pipeline_updated", pipeline=name)
+        return self._summary(name)
+
+    def _registered_name(self, pipeline: str) -> str:
+        name = self._name_of(pipeline)
+        if name not in self._registered():
+            raise Invalid(f"pipeline {name!r} is configured in {self.service.config.path}: "
+                          "change it there", code=PIPELINE_STORE)  # fmt: skip
+        return name
+
+    def _refuse_busy(self, name: str) -> None:
+        busy = self.jobs.list(states=IN_FLIGHT, pipelines=(name,), limit=1000)
+        if busy:
+            ids = ", ".join(job.id for job in busy[:20])
+            more = f" and {len(busy) - 20} more" if len(busy) > 20 else ""
+            raise Conflict(f"pipeline {name!r} has jobs in flight: {ids}{more}; cancel them "
+                           "or wait", code=PIPELINE_STORE)  # fmt: skip
+
     def _entry(self, name: str, file: Path):
         from dataflow.service.config import PipelineEntry
 
@@ -441,16 +495,8 @@ class Platform:
                 self.broken.pop(broken, None)
                 log.info("pipeline_unregistered", pipeline=broken)
                 return
-            name = self._name_of(pipeline)
-            if name not in self._registered():
-                raise Invalid(f"pipeline {name!r} is configured in {self.service.config.path}: "
-                              "remove it there", code=PIPELINE_STORE)  # fmt: skip
-            busy = self.jobs.list(states=IN_FLIGHT, pipelines=(name,), limit=1000)
-            if busy:
-                ids = ", ".join(job.id for job in busy[:20])
-                more = f" and {len(busy) - 20} more" if len(busy) > 20 else ""
-                raise Conflict(f"pipeline {name!r} has jobs in flight: {ids}{more}; cancel them "
-                               "or wait", code=PIPELINE_STORE)  # fmt: skip
+            name = self._registered_name(pipeline)
+            self._refuse_busy(name)
             self._forget(name)
             self.service.remove_pipeline(name)
             self._operators.pop(name, None)
@@ -479,10 +525,14 @@ class Platform:
         name: str | None = None,
         priority: str = "normal",
         metadata: Mapping[str, str] | None = None,
+        input_payloads: Iterable[str] = (),
     ) -> tuple[str, str]:
-        """A new ``pending`` job of ``pipeline`` (name or id) and its empty payload: (job id,
-        payload id). Upload its files, then :meth:`start_job`."""
+        """A new ``pending`` job of ``pipeline`` (name or id) and its payload: (job id,
+        payload id). Upload its files, then :meth:`start_job`. ``input_payloads``: payloads
+        of no job (Clara's reusable payloads) whose files are copied into its ``input/``, in
+        order; Invalid if two hold the same name (nothing is created then)."""
         pipeline = self._name_of(pipeline)
+        sources = self._reusable(list(input_payloads))
         priority = str(priority).lower()
         if priority not in PRIORITIES:
             raise Invalid(f"priority {priority!r}: one of {', '.join(PRIORITIES)}",
@@ -494,6 +544,9 @@ class Platform:
         job_id, payload_id = uuid.uuid4().hex, uuid.uuid4().hex
         inputs = self.payload_root / payload_id / "input"
         inputs.mkdir(parents=True)
+        for rel, path in sources:
+            (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, inputs / rel)
         name = name or f"{pipeline}-{job_id[:8]}"
         self.registry.add_payload(payload_id, job_id)
         self.registry.add_job(job_id, name, priority, payload_id)
@@ -504,6 +557,23 @@ class Platform:
         log.info("job_created", job_id=job_id, pipeline=pipeline, priority=priority)
         self._publish(job_id, pipeline, "pending")
         return job_id, payload_id
+
+    def _reusable(self, payload_ids: list[str]) -> list[tuple[str, Path]]:
+        """(name, file) of every file of the given payloads of no job, checked for
+        collisions."""
+        out: dict[str, tuple[str, Path]] = {}
+        for payload_id in payload_ids:
+            if self._payload(payload_id)["job_id"]:
+                raise Invalid(f"payload {payload_id} belongs to a job: only a payload of no job "
+                              "is an input payload", code=PAYLOAD_INVALID_ID)  # fmt: skip
+            inputs = self.payload_root / payload_id / "input"
+            for entry in files.list_files(inputs, None):
+                rel = entry["name"].removeprefix("/input/")
+                if rel in out:
+                    raise Invalid(f"input payloads {out[rel][0]} and {payload_id} both hold "
+                                  f"{rel!r}", code=PAYLOAD_INVALID_ID)  # fmt: skip
+                out[rel] = (payload_id, inputs / rel)
+        return [(rel, path) for rel, (_, path) in out.items()]
 
     def start_job(self, job_id: str) -> dict[str, Any]:
         """Queue a pending job; Conflict if it was started (or cancelled) already."""

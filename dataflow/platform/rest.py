@@ -37,12 +37,19 @@ class JobCreate(BaseModel):
     name: str | None = Field(None, description="A name for people (default: PIPELINE-xxxxxxxx).")
     priority: str = Field("normal", description="lower, normal, higher or immediate.")
     metadata: dict[str, str] | None = None
+    input_payloads: list[str] = Field(
+        default_factory=list, description="Payloads of no job whose files are copied in."
+    )
 
 
 class PipelineCreate(BaseModel):
     definition: str = Field(description="The pipeline's YAML text.")
     name: str | None = Field(None, description="Default: the definition's name.")
     metadata: dict[str, str] | None = None
+
+
+class PipelineUpdate(BaseModel):
+    definition: str = Field(description="The pipeline's new YAML text.")
 
 
 class Cancel(BaseModel):
@@ -129,6 +136,11 @@ def build_app(platform: Platform) -> FastAPI:
     def describe_pipeline(pipeline: str) -> dict[str, Any]:
         return platform.describe_pipeline(pipeline)
 
+    @app.put(f"{PREFIX}/pipelines/{{pipeline}}", tags=["pipelines"])
+    def update_pipeline(pipeline: str, body: PipelineUpdate) -> dict[str, Any]:
+        """Replace a registered pipeline's definition (no job of it in flight)."""
+        return platform.update_pipeline(pipeline, body.definition)
+
     @app.delete(f"{PREFIX}/pipelines/{{pipeline}}", tags=["pipelines"], status_code=204)
     def remove_pipeline(pipeline: str) -> Response:
         platform.remove_pipeline(pipeline)
@@ -140,7 +152,7 @@ def build_app(platform: Platform) -> FastAPI:
     def create_job(body: JobCreate) -> dict[str, Any]:
         """A pending job and its empty payload: upload files, then start it."""
         job_id, payload_id = platform.create_job(body.pipeline, body.name, body.priority,
-                                                 body.metadata)  # fmt: skip
+                                                 body.metadata, body.input_payloads)  # fmt: skip
         return {"job_id": job_id, "payload_id": payload_id}
 
     @app.get(f"{PREFIX}/jobs", tags=["jobs"])

@@ -231,12 +231,31 @@ def test_a_pipeline_registered_at_run_time_runs_warm_and_is_removed(service, cli
                content=VOLUME.read_bytes())  # fmt: skip
     removal = client.delete("/api/v1/pipelines/copy")
     assert removal.status_code == 409 and job_id in removal.json()["message"]
+    busy = client.put("/api/v1/pipelines/copy", json={"definition": PASSTHROUGH.read_text()})
+    assert busy.status_code == 409 and job_id in busy.json()["message"]
     client.post(f"/api/v1/jobs/{job_id}/start")
     assert wait_state(client, job_id)["state"] == "succeeded"
+
+    bad = client.put("/api/v1/pipelines/copy", json={"definition": broken})
+    assert bad.status_code == 422 and "npy-to-arary" in bad.json()["message"]
+    described = PASSTHROUGH.read_text().replace(
+        "description: File to typed", "description: Updated file to typed"
+    )
+    updated = client.put(
+        f"/api/v1/pipelines/{created.json()['id']}", json={"definition": described}
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["state"] == "ready" and updated.json()["metadata"] == {"owner": "tests"}
+    assert "Updated file" in client.get("/api/v1/pipelines/copy").json()["yaml"]
+    again = client.post("/api/v1/jobs", json={"pipeline": "copy"}).json()
+    client.put(f"/api/v1/payloads/{again['payload_id']}/files/input/volume.npy",
+               content=VOLUME.read_bytes())  # fmt: skip
+    client.post(f"/api/v1/jobs/{again['job_id']}/start")
+    assert wait_state(client, again["job_id"])["state"] == "succeeded"
     assert client.delete("/api/v1/pipelines/copy").status_code == 204
     assert client.get("/api/v1/pipelines/copy").status_code == 404
     configured = client.delete("/api/v1/pipelines/passthrough")
-    assert configured.status_code == 422 and "remove it there" in configured.json()["message"]
+    assert configured.status_code == 422 and "change it there" in configured.json()["message"]
 
 
 def test_max_upload_counts_the_whole_payload_and_a_replaced_file_once(service, client):
@@ -251,3 +270,27 @@ def test_max_upload_counts_the_whole_payload_and_a_replaced_file_once(service, c
     assert client.put(f"{files}/b.bin", content=part).status_code == 201
     listed = client.get(f"/api/v1/payloads/{payload_id}/files").json()
     assert [(f["name"], f["size"]) for f in listed] == [("/input/b.bin", len(part))]
+
+
+def test_input_payloads_are_copied_into_a_new_jobs_input(service, client):
+    shared = client.post("/api/v1/payloads").json()["payload_id"]
+    other = client.post("/api/v1/payloads", json={"site": "a"}).json()["payload_id"]
+    for payload in (shared, other):
+        put = client.put(f"/api/v1/payloads/{payload}/files/input/volume.npy",
+                         content=VOLUME.read_bytes())  # fmt: skip
+        assert put.status_code == 201
+    details = client.get(f"/api/v1/payloads/{other}").json()
+    assert details["type"] == "REUSABLE" and details["metadata"] == {"site": "a"}
+    clash = client.post("/api/v1/jobs", json={"pipeline": "passthrough",
+                                              "input_payloads": [shared, other]})  # fmt: skip
+    assert clash.status_code == 422 and "'volume.npy'" in clash.json()["message"]
+    created = client.post("/api/v1/jobs", json={"pipeline": "passthrough",
+                                                "input_payloads": [shared]}).json()  # fmt: skip
+    listed = client.get(f"/api/v1/payloads/{created['payload_id']}/files").json()
+    assert [f["name"] for f in listed] == ["/input/volume.npy"]
+    body = {"pipeline": "passthrough", "input_payloads": [created["payload_id"]]}
+    of_a_job = client.post("/api/v1/jobs", json=body)
+    assert of_a_job.status_code == 422 and "belongs to a job" in of_a_job.json()["message"]
+    client.post(f"/api/v1/jobs/{created['job_id']}/start")
+    assert wait_state(client, created["job_id"])["state"] == "succeeded"
+    assert client.get(f"/api/v1/payloads/{shared}/files").json()[0]["name"] == "/input/volume.npy"
