@@ -84,8 +84,17 @@ class BrokenPrepare(Stage):
 
 @stage(inputs={"vec": VEC}, outputs={"where": Port("string")})
 def whereami(vec, ctx):
-    """Reports the GPUs this worker may see and the device the scheduler assigned."""
-    time.sleep(0.3)  # long enough for both replicas to get jobs
+    """Reports the GPUs this worker may see and the device the scheduler assigned. With
+    ``MEET_IN`` (a folder), ``MEET_COUNT`` and ``MEET_DEADLINE`` in its environment, each
+    replica's first job waits there (until the deadline, in seconds) until that many replicas
+    have one: all of them work."""
+    meet = os.environ.get("MEET_IN")
+    if meet:
+        Path(meet, str(os.getpid())).touch()
+        count = int(os.environ["MEET_COUNT"])
+        end = time.monotonic() + float(os.environ["MEET_DEADLINE"])
+        while len(os.listdir(meet)) < count and time.monotonic() < end:
+            time.sleep(0.01)
     return f"{os.environ.get('CUDA_VISIBLE_DEVICES')}|{ctx.device}"
 
 

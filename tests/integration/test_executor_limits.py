@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import structlog
+from deadlines import HANG
 from engine_stages import Load, Scale, Slow, make_jobs, whereami
 
 from dataflow.execution.local import LocalExecutor, StageDef
@@ -47,12 +48,14 @@ def test_a_job_timeout_cancels_the_job_wherever_it_is(tmp_path):
         StageDef("scale", Scale, {"vec": ("load", "vec")}, ("vec",), arguments={"sleep_on": 2}),
     ]
     # One job in flight at a time, so that job 2's stall is not also job 3's: a job's clock
-    # runs from its first stage on, including any wait between stages.
-    limits = Limits(job_timeout=2, max_jobs=1)
+    # runs from its first stage on, including any wait between stages — for job 1 the scale
+    # worker's start, for job 3 its restart after job 2 killed it: 5 s leave room on a busy
+    # machine (job 2 sleeps for ever, so only the timeout ends it).
+    limits = Limits(job_timeout=5, max_jobs=1)
     executor = LocalExecutor(stages, output_root=tmp_path / "o", limits=limits)
     results = executor.run(make_jobs(tmp_path / "in", [1, 2, 3]))
     assert [r.ok for r in results] == [True, False, True]
-    assert results[1].reason == "job timed out after 2 s"
+    assert results[1].reason == "job timed out after 5 s"
 
 
 def test_each_gpu_replica_sees_only_its_gpu(tmp_path):
@@ -65,9 +68,13 @@ def test_each_gpu_replica_sees_only_its_gpu(tmp_path):
     plan = place(requests, inventory)
     env = {r.stage: [] for r in requests}
     devices = {r.stage: [] for r in requests}
+    meet = tmp_path / "meet"  # both "where" replicas take a job before either answers
+    meet.mkdir()
     for r in requests:
         a = plan.assignment(r.stage, r.replica)
-        env[r.stage].append(a.env)
+        env[r.stage].append(
+            {**a.env, "MEET_IN": str(meet), "MEET_COUNT": "2", "MEET_DEADLINE": str(HANG)}
+        )
         devices[r.stage].append(a.gpus[0] if a.gpus else None)
     stages = [
         StageDef("load", Load, {"payload": None}, ("vec",), env=env["load"]),
