@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+from deadlines import HANG
 
 SHM = Path("/dev/shm")
 
@@ -139,8 +140,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     before_shm = session.config._dataflow_shm_before  # type: ignore[attr-defined]
     before_procs = session.config._dataflow_procs_before  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 5
-    while True:  # servers of just-finished tests may take a moment to exit
+    deadline = time.monotonic() + HANG
+    while True:  # servers of just-finished tests may take a moment to exit (longer when busy)
         shm = set(_our_shm_files()) - before_shm
         procs = set(_our_server_processes()) - before_procs
         if not (shm or procs) or time.monotonic() > deadline:
