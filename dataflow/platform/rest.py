@@ -63,23 +63,69 @@ def _kind(collection: str) -> str:
     return kinds[collection]
 
 
-def _download(size: int, chunks: Any, name: str) -> StreamingResponse:
+def _download(size: int, chunks: Any, name: str, figures: ApiMetrics) -> StreamingResponse:
     filename = name.rsplit("/", 1)[-1].replace('"', "")
+
+    def counted():
+        for chunk in chunks:
+            figures.bytes.labels("download").inc(len(chunk))
+            yield chunk
+
     return StreamingResponse(
-        chunks,
+        counted(),
         media_type="application/octet-stream",
         headers={"Content-Length": str(size),
                  "Content-Disposition": f'attachment; filename="{filename}"'},
     )  # fmt: skip
 
 
+class ApiMetrics:
+    """The API's own figures, in this process (prometheus-client): requests by method, route
+    and status, their latency, bytes uploaded and downloaded, event streams open."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "dataflow_api_requests",
+            "REST requests answered",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+        self.seconds = Histogram("dataflow_api_request_seconds", "REST request latency",
+                                 ("method", "route"), registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                          0.5, 1, 2.5, 10))  # fmt: skip
+        self.bytes = Counter("dataflow_api_payload_bytes", "payload bytes through the API",
+                             ("direction",), registry=self.registry)  # fmt: skip
+        self.streams = Gauge("dataflow_api_event_streams", "server-sent event streams open",
+                             registry=self.registry)  # fmt: skip
+
+    def text(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
 def build_app(platform: Platform) -> FastAPI:
     """The FastAPI application over ``platform``."""
+    figures = ApiMetrics()
     app = FastAPI(
         title="dataflow platform API",
         version=__version__,
         description="Pipelines, jobs and payloads of a running dataflow serve (docs/platform.md).",
     )
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        began = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")  # the template: no ids in the labels
+        figures.requests.labels(request.method, path, str(response.status_code)).inc()
+        figures.seconds.labels(request.method, path).observe(time.perf_counter() - began)
+        return response
 
     @app.exception_handler(PlatformError)
     async def platform_error(request: Request, exc: PlatformError) -> JSONResponse:
@@ -107,12 +153,14 @@ def build_app(platform: Platform) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        """The service's Prometheus metrics (the text format; ``STATE/metrics.prom``)."""
+        """The service's Prometheus metrics (``STATE/metrics.prom``: pipelines, stages, jobs,
+        exports, DICOM) and the API's own (``dataflow_api_*``), in the text format."""
         path = platform.state / "metrics.prom"
         try:
             text = path.read_text()
         except OSError:
             text = ""
+        text += figures.text()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get(f"{PREFIX}/health", tags=["health"])
@@ -196,7 +244,7 @@ def build_app(platform: Platform) -> FastAPI:
     @app.get(f"{PREFIX}/jobs/{{job_id}}/files/{{name:path}}", tags=["jobs"])
     def job_file(job_id: str, name: str) -> StreamingResponse:
         size, chunks = platform.download_job_file(job_id, "/" + name)
-        return _download(size, chunks, name)
+        return _download(size, chunks, name, figures)
 
     # ------------------------------------------------------------------ payloads
 
@@ -235,6 +283,7 @@ def build_app(platform: Platform) -> FastAPI:
                 except StopAsyncIteration:
                     return
                 if chunk:
+                    figures.bytes.labels("upload").inc(len(chunk))
                     yield chunk
 
         return await anyio.to_thread.run_sync(
@@ -251,7 +300,7 @@ def build_app(platform: Platform) -> FastAPI:
     @app.get(f"{PREFIX}/payloads/{{payload_id}}/files/{{name:path}}", tags=["payloads"])
     def download(payload_id: str, name: str) -> StreamingResponse:
         size, chunks = platform.download(payload_id, "/" + name)
-        return _download(size, chunks, name)
+        return _download(size, chunks, name, figures)
 
     # ------------------------------------------------------------------ DICOM exports
 
@@ -291,6 +340,7 @@ def build_app(platform: Platform) -> FastAPI:
         subscription = platform.subscribe()
 
         async def stream():
+            figures.streams.inc()
             try:
                 yield ": connected\n\n"
                 while not await request.is_disconnected():
@@ -302,6 +352,7 @@ def build_app(platform: Platform) -> FastAPI:
                     else:
                         yield f"event: job\ndata: {json.dumps(event)}\n\n"
             finally:
+                figures.streams.dec()
                 subscription.close()
 
         return StreamingResponse(stream(), media_type="text/event-stream",

@@ -113,6 +113,13 @@ def test_a_job_runs_from_creation_to_download(service, client):
     assert "passthrough" in health["pipelines"]
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "dataflow_up 1.0" in metrics.text
+    lines = [line for line in metrics.text.splitlines() if line and not line.startswith("#")]
+    figures = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+    route = "/api/v1/payloads/{payload_id}/files/{name:path}"
+    assert figures[f'dataflow_api_requests_total{{method="PUT",route="{route}",status="201"}}'] >= 1
+    assert figures['dataflow_api_payload_bytes_total{direction="upload"}'] >= len(data)
+    assert figures['dataflow_api_payload_bytes_total{direction="download"}'] >= len(data)
+    assert not any(job_id in key for key in figures)  # ids never become labels
 
     busy = client.delete(f"/api/v1/payloads/{payload_id}")
     assert busy.status_code == 204  # its job ended
