@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deadlines import LONG_HANG
+from deadlines import LONG_HANG, wait_until
 
 ROOT = Path(__file__).parents[1]
 
@@ -34,17 +34,13 @@ def jobs(config: str | Path) -> list[dict]:
 def wait_serving(predicate, timeout: float, what: str, proc: subprocess.Popen):
     """Poll ``predicate`` until it is truthy (returned), while ``proc`` (``dataflow serve``)
     runs; AssertionError if it exits first or ``timeout`` passes."""
-    import time
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"dataflow serve exited ({proc.returncode}) before {what}")
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+        return predicate()
+
+    return wait_until(reached, what, timeout, poll=0.25)
 
 
 def serve(config: str | Path, log: str | Path, *args: str) -> subprocess.Popen:

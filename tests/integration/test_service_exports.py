@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from cli import dataflow
+from deadlines import wait_until
 
 from dataflow.service import JobStore, Service, ServiceHost, load_config
 
@@ -19,11 +19,8 @@ ROOT = Path(__file__).parents[2]
 SAMPLES = ROOT / "pipelines" / "samples" / "volumes"
 
 
-def wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.05)
+def wait_for(predicate):
+    wait_until(predicate, "condition met", poll=0.05)
 
 
 def test_a_dead_lettered_result_shows_with_its_job_in_metrics_and_health(tmp_path):
