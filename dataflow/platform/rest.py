@@ -108,6 +108,33 @@ class ApiMetrics:
         return generate_latest(self.registry).decode()
 
 
+class _Measure:
+    """Pure ASGI middleware counting each request in :class:`ApiMetrics` (a streamed body
+    passes through untouched)."""
+
+    def __init__(self, app: Any, figures: ApiMetrics) -> None:
+        self.app, self.figures = app, figures
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began, status = time.perf_counter(), [500]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # a template: no ids
+            method = scope.get("method", "?")
+            self.figures.requests.labels(method, route, str(status[0])).inc()
+            self.figures.seconds.labels(method, route).observe(time.perf_counter() - began)
+
+
 def build_app(platform: Platform) -> FastAPI:
     """The FastAPI application over ``platform``."""
     figures = ApiMetrics()
@@ -117,15 +144,7 @@ def build_app(platform: Platform) -> FastAPI:
         description="Pipelines, jobs and payloads of a running dataflow serve (docs/platform.md).",
     )
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        began = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")  # the template: no ids in the labels
-        figures.requests.labels(request.method, path, str(response.status_code)).inc()
-        figures.seconds.labels(request.method, path).observe(time.perf_counter() - began)
-        return response
+    app.add_middleware(_Measure, figures=figures)
 
     @app.exception_handler(PlatformError)
     async def platform_error(request: Request, exc: PlatformError) -> JSONResponse:
