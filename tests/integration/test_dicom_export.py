@@ -77,7 +77,7 @@ def test_series_to_storescp(private_network, tmp_path, syntax, sink_compressed, 
     with start_storescp(tmp_path / "sink", compressed=sink_compressed) as sink:
         exporter = exporter_for(tmp_path, destination("sink", sink.port))
         task = exporter.enqueue(series.files, "sink", job_id="job-1")
-        assert exporter.run_once(timeout=60) == 1
+        assert exporter.run_once(timeout=HANG) == 1
         done = exporter.outbox.get(task.id)
         assert (done.state, done.delivered, done.attempts) == ("succeeded", 5, 1), done.last_error
         received = sink.files()
@@ -92,7 +92,7 @@ def test_series_to_orthanc_as_stored(private_network, tmp_path):
         exporter = exporter_for(tmp_path, destination("pacs", orthanc.dicom_port, orthanc.aet))
         assert exporter.echo("pacs").ok
         task = exporter.enqueue(series.files, "pacs", job_id="job-2")
-        exporter.run_once(timeout=60)
+        exporter.run_once(timeout=HANG)
         assert exporter.outbox.get(task.id).state == "succeeded"
         assert orthanc.sop_instance_uids() == set(series.sop_instance_uids)
         stored = tmp_path / "from-orthanc"
@@ -109,7 +109,7 @@ def test_series_to_orthanc_as_stored(private_network, tmp_path):
 
 
 def orthanc_file(orthanc, instance: str) -> bytes:
-    with urllib.request.urlopen(f"{orthanc.url}/instances/{instance}/file", timeout=30) as r:
+    with urllib.request.urlopen(f"{orthanc.url}/instances/{instance}/file", timeout=HANG) as r:
         return r.read()
 
 
@@ -162,7 +162,7 @@ def test_restarted_outbox_resumes_without_resending(private_network, tmp_path):
         first.close()
 
         exporter = exporter_for(tmp_path, destination("sink", sink.port))  # a new Outbox
-        assert exporter.run_once(timeout=60) == 2
+        assert exporter.run_once(timeout=HANG) == 2
         assert {t.state for t in exporter.tasks()} == {"succeeded"}
         assert exporter.outbox.get(queued.id).delivered == 1
         received = {pydicom.dcmread(p).SOPInstanceUID for p in sink.files()}
@@ -265,14 +265,14 @@ def test_refused_and_out_of_resources_instances(tmp_path):
     try:
         exporter = exporter_for(tmp_path, destination("counted", counter.port, "COUNTER"))
         task = exporter.enqueue([*series.files, tmp_path / "mr.dcm"], "counted")
-        exporter.run_once(timeout=30)
+        exporter.run_once(timeout=HANG)
         first = exporter.outbox.get(task.id)
         assert (first.state, first.delivered, first.failed) == ("pending", 2, 2)
         assert first.last_error == "C-STORE status 0xA700"
         for _ in range(2):  # each retry once its back-off is over
             retry = exporter.outbox.get(task.id).next_attempt
             wait_until(lambda r=retry: exporter.outbox.clock() >= r, "retry due")
-            exporter.run_once(timeout=30)
+            exporter.run_once(timeout=HANG)
         dead = exporter.outbox.get(task.id)
         assert (dead.state, dead.delivered, dead.failed, dead.attempts) == ("dead", 3, 2, 3)
         assert dead.last_error == (
@@ -309,7 +309,7 @@ def test_tls_to_storescp(private_network, tmp_path, certificate):
         assert echo(secure).ok
         exporter = exporter_for(tmp_path, secure)
         task = exporter.enqueue(series.files, "sink")
-        exporter.run_once(timeout=30)
+        exporter.run_once(timeout=HANG)
         assert exporter.outbox.get(task.id).state == "succeeded"
         assert_same_series(sink.files(), series)
         exporter.outbox.close()
@@ -498,7 +498,7 @@ def test_stow_rs_to_orthanc_as_stored_through_the_exporter(private_network, tmp_
         assert stow_echo(web(orthanc)).ok
         exporter = exporter_for(tmp_path, web(orthanc, batch_files=2))  # 3 requests
         task = exporter.enqueue(files, "web")
-        exporter.run_once(timeout=60)
+        exporter.run_once(timeout=HANG)
         done = exporter.outbox.get(task.id)
         assert (done.state, done.delivered) == ("succeeded", 5)
         assert orthanc.sop_instance_uids() == set(series.sop_instance_uids)
@@ -596,7 +596,7 @@ def test_stow_rs_to_a_server_that_is_down_or_a_wrong_url(private_network, tmp_pa
             stow_files(wrong, infos, lambda r: None)
         exporter = exporter_for(tmp_path, down)
         task = exporter.enqueue(series.files, "web")
-        exporter.run_once(timeout=30)
+        exporter.run_once(timeout=HANG)
         pending = exporter.outbox.get(task.id)
         assert pending.state == "pending" and "ConnectionRefused" in pending.last_error
         exporter.outbox.close()

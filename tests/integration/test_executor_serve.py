@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from deadlines import HANG
 from engine_stages import Load, Scale, make_jobs
 
 from dataflow.execution.local import JobFeed, LocalExecutor, StageDef
@@ -31,7 +32,7 @@ def test_jobs_put_while_serving_run_on_the_same_warm_workers(tmp_path):
         results.append((result.job, result.ok, array.sum()))
 
     def producer():
-        ready.wait(60)
+        ready.wait(HANG)
         for job_id, payload in jobs:
             feed.put(job_id, payload)
             time.sleep(0.05)  # jobs arrive over time, not as one batch

@@ -50,7 +50,7 @@ class SlowPeer:
     def _store(self, event) -> int:
         time.sleep(self.delay)
         if self.total() >= self.hold_after:
-            self.gate.wait(120)
+            self.gate.wait(HANG)
         with self._lock:
             self.received[event.request.AffectedSOPInstanceUID] += 1
         return 0x0000

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli import serve
-from deadlines import LONG_HANG
+from deadlines import HANG, LONG_HANG
 from dicom_peers import DCMTK_ENV, dcmtk, free_port, wait_for_port
 
 from operators.dicom.phantom import write_ct_series
@@ -62,9 +62,9 @@ dicom:
                 acked.append(sending[current])
                 if len(acked) == 50:
                     proc.send_signal(signal.SIGKILL)
-        scu.wait(timeout=60)
+        scu.wait(timeout=HANG)
         scu.stdout.close()
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert proc.wait(timeout=HANG) == -signal.SIGKILL
         assert 50 <= len(acked) < len(series.files), "the service died in the middle"
         proc = serve(config, log)  # the restart
         deadline = time.monotonic() + LONG_HANG
@@ -74,6 +74,6 @@ dicom:
             time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        proc.wait(timeout=HANG)
     spooled = {p.name for p in (tmp_path / "state" / "dicom" / "spool").rglob("*.dcm")}
     assert len(spooled) >= len(acked)

@@ -216,14 +216,14 @@ def test_a_parked_thread_goes_on_when_its_association_needs_it(event):
     waker.hold_soon()
     thread.start()
     try:
-        assert waker.wait_parked(2) and not woke.wait(0.1)
+        assert waker.wait_parked(HANG) and not woke.wait(0.1)
         if event == "aborted":
             assoc.dul.state_machine.current_state = "Sta13"
         elif event == "killed":
             assoc.dul.kill_dul()
         else:
             assoc.dul.to_provider_queue.put("A-ABORT")
-        assert woke.wait(2)
+        assert woke.wait(HANG)
         assert not waker.park()  # and it does not park again while that lasts
     finally:
         waker.release()
