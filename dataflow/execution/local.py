@@ -304,6 +304,7 @@ class LocalExecutor:
                 self._refresh()  # before waiting: in_flight() shows the stages just dispatched
                 self._step(results, started, on_result, wake=feed)
                 results.clear()
+                self._refresh()  # and what the step changed, before on_ready is called
         except BaseException:
             interrupted = True
             raise
