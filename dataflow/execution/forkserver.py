@@ -33,7 +33,16 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["BASE_PRELOAD", "Inherit", "after_fork", "context_for", "preload_from_env", "server_pid"]
+__all__ = [
+    "BASE_PRELOAD",
+    "Inherit",
+    "after_fork",
+    "context_for",
+    "forkable",
+    "preload_from_env",
+    "server_pid",
+    "want",
+]
 
 #: imported once in the fork server (a stage's own module is added by the executor)
 BASE_PRELOAD = (
@@ -54,6 +63,15 @@ _SERVER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THR
 _APPLIED_AFTER_FORK = {"NUMBA_NUM_THREADS", "CUDA_VISIBLE_DEVICES"}
 
 _lock = threading.Lock()
+_wanted: dict[str, None] = {}  # modules executors built so far will need (an ordered set)
+
+
+def want(modules: Iterable[str]) -> None:
+    """Ask for ``modules`` to be preloaded when the fork server starts (an executor, when it
+    is built: ``dataflow serve`` builds every pipeline's before starting any, so the server
+    preloads them all)."""
+    with _lock:
+        _wanted.update(dict.fromkeys(modules))
 
 
 def _mode() -> str:
@@ -100,7 +118,7 @@ def _ensure_server(ctx, modules: Iterable[str]) -> None:
     with _lock:
         ctx.set_forkserver_preload([__name__])
         saved = os.environ.get(_ENV)
-        os.environ[_ENV] = ",".join(dict.fromkeys([*BASE_PRELOAD, *modules]))
+        os.environ[_ENV] = ",".join(dict.fromkeys([*BASE_PRELOAD, *_wanted, *modules]))
         try:
             forkserver.ensure_running()
         finally:

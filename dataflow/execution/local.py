@@ -218,6 +218,7 @@ class LocalExecutor:
                 if isinstance(s.stage_ref, str) and not any(d is not None for d in s.devices)
             }
         )
+        forkserver.want(self._preload)
 
     # ----------------------------------------------------------------------- run
 
