@@ -216,7 +216,7 @@ def test_get_waits_until_a_spawned_producer_seals(store):
     consumer = SPAWN.Process(target=_get_digest, args=(store, "late", 30, out))
     producer = SPAWN.Process(target=_produce, args=(store, "late", (128, 128, 16), 3, 0.5))
     consumer.start()
-    wait_for(lambda: store.stats()["waiting_gets"] == 1, 30)
+    wait_for(lambda: store.stats()["waiting_gets"] == 1)
     producer.start()
     got, meta = out.get(timeout=HANG)
     producer.join(HANG)
