@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from deadlines import LONG_HANG
 
 from operators.dicom import load_series
 from operators.kernels import gaussian_smooth
@@ -30,7 +31,7 @@ def test_the_filter_pipeline_writes_a_derived_series_and_a_cropped_nifti(tmp_pat
     out = subprocess.run(
         [sys.executable, "-m", "dataflow.cli", "run", "pipelines/ct-filter.yaml",
          "--input", tmp_path / "in", "--output", tmp_path / "out", "--param", "sigma=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=LONG_HANG,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     source, meta = load_series(study)

@@ -15,6 +15,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from deadlines import LONG_HANG
 
 from operators.dicom.phantom import BODY, BONE, LUNG_LEFT, LUNG_RIGHT, labels_at
 
@@ -84,7 +85,7 @@ def run(tmp_path_factory):
     out = subprocess.run(
         [sys.executable, "-m", "dataflow.cli", "run", "pipelines/ct-segmentation.yaml",
          "--input", base / "in", "--output", base / "out"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=LONG_HANG,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     return base

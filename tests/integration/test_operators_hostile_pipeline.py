@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from deadlines import LONG_HANG
 from hostile_dicom import deflated_bomb, limit_address_space
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
@@ -31,7 +32,7 @@ def dataflow_run(inputs: Path, out: Path, *options: str) -> dict:
     done = subprocess.run(
         [sys.executable, "-m", "dataflow.cli", "run", "pipelines/ct-segmentation.yaml",
          "--input", inputs, "--output", out, *options],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=LONG_HANG,
         preexec_fn=limit_address_space(3 << 30),
     )  # fmt: skip
     assert done.returncode != 0, done.stdout + done.stderr  # failed jobs: a failed run
