@@ -48,6 +48,7 @@ import structlog
 
 from dataflow.logs import scrub
 from dataflow.platform import payloads as files
+from dataflow.platform.audit import AuditLog
 from dataflow.platform.errors import (
     JOB_CANCEL,
     JOB_INVALID_ID,
@@ -211,6 +212,7 @@ class Platform:
         self.payload_root = self.state / "payloads"
         self.payload_root.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.root / "platform.db")
+        self.audit = AuditLog(self.root / "audit.log")
         self._lock = threading.RLock()  # pipelines added and removed one at a time
         self._listeners = threading.Lock()  # the subscribers (never held while waiting)
         self._sizes: dict[str, int] = {}  # payload -> bytes in its input/ (max-upload)
@@ -282,6 +284,7 @@ class Platform:
             self._rest_socket = None
         (self.state / "api.json").unlink(missing_ok=True)
         self.registry.close()
+        self.audit.close()
 
     @property
     def jobs(self):  # the service's JobStore
@@ -413,6 +416,7 @@ class Platform:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("pipeline_registered", pipeline=name, id=pipeline_id(name))
+        self.audit.record("pipeline_added", pipeline=name, id=pipeline_id(name))
         return self._summary(name)
 
     def _stage_definition(self, staging: Path, yaml_text: str) -> str:
@@ -463,6 +467,7 @@ class Platform:
                 shutil.rmtree(staging, ignore_errors=True)
                 shutil.rmtree(old, ignore_errors=True)
         log.info("pipeline_updated", pipeline=name)
+        self.audit.record("pipeline_updated", pipeline=name, id=pipeline_id(name))
         return self._summary(name)
 
     def _registered_name(self, pipeline: str) -> str:
@@ -494,6 +499,7 @@ class Platform:
                 self._forget(broken)
                 self.broken.pop(broken, None)
                 log.info("pipeline_unregistered", pipeline=broken)
+                self.audit.record("pipeline_removed", pipeline=broken, id=pipeline_id(broken))
                 return
             name = self._registered_name(pipeline)
             self._refuse_busy(name)
@@ -501,6 +507,7 @@ class Platform:
             self.service.remove_pipeline(name)
             self._operators.pop(name, None)
         log.info("pipeline_unregistered", pipeline=name)
+        self.audit.record("pipeline_removed", pipeline=name, id=pipeline_id(name))
 
     def _forget(self, name: str) -> None:
         self.registry.remove_pipeline(name)
@@ -555,6 +562,8 @@ class Platform:
         source = {"connector": "api", "name": name, "priority": priority, "payload_id": payload_id}
         self.jobs.create(pipeline, inputs, source=source, key=None, job_id=job_id, state="pending")
         log.info("job_created", job_id=job_id, pipeline=pipeline, priority=priority)
+        self.audit.record("job_created", job=job_id, pipeline=pipeline, payload=payload_id,
+                          priority=priority, metadata_keys=sorted(meta))  # fmt: skip
         self._publish(job_id, pipeline, "pending")
         return job_id, payload_id
 
@@ -581,6 +590,7 @@ class Platform:
         if not self.service.start_job(job.id):
             job = self.jobs.get(job.id)
             raise Conflict(f"job {job.id} is {job.state}: a job is started once", code=JOB_START)
+        self.audit.record("job_started", job=job.id, pipeline=job.pipeline)
         return self.job_status(job.id)
 
     def job_status(self, job_id: str) -> dict[str, Any]:
@@ -681,10 +691,12 @@ class Platform:
         Conflict if it had ended."""
         job = self._job(job_id)
         why = scrub(reason.strip()) if reason and reason.strip() else "cancelled by request"
-        if self.service.cancel_job(job.id, f"cancelled: {why}"[:1000]) is None:
+        was = self.service.cancel_job(job.id, f"cancelled: {why}"[:1000])
+        if was is None:
             job = self.jobs.get(job.id)
             raise Conflict(f"job {job.id} is {job.state}: it cannot be cancelled",
                            code=JOB_CANCEL)  # fmt: skip
+        self.audit.record("job_cancelled", job=job.id, pipeline=job.pipeline, was=was)
         return self.job_status(job.id)
 
     def retry_job(self, job_id: str) -> dict[str, Any]:
@@ -696,6 +708,7 @@ class Platform:
             self.jobs.retry(job.id)
         except RetryRefused as exc:
             raise Conflict(str(exc), code=JOB_START) from None
+        self.audit.record("job_retried", job=job.id, pipeline=job.pipeline)
         self._publish(job.id, job.pipeline, "queued")
         self.service._take_unfinished(("queued",), "job_picked_up")
         return self.job_status(job.id)
@@ -733,6 +746,7 @@ class Platform:
         self.registry.add_payload(payload_id, None)
         if meta:
             self.registry.set_metadata("payload", payload_id, meta)
+        self.audit.record("payload_created", payload=payload_id, metadata_keys=sorted(meta))
         return payload_id
 
     def _payload(self, payload_id: str) -> dict[str, Any]:
@@ -770,6 +784,7 @@ class Platform:
                                 room=self.config.max_upload - self._used(payload_id) + old,
                                 reserve=self.config.disk_reserve)  # fmt: skip
         self._count(payload_id, size - old)
+        self.audit.record("payload_file_uploaded", payload=payload_id, bytes=size)
         return {"name": f"/input/{rel.as_posix()}", "size": size, "mode": 0o644}
 
     def _used(self, payload_id: str) -> int:
@@ -833,6 +848,7 @@ class Platform:
         path.unlink()
         self._count(payload_id, -size)
         log.info("payload_file_removed", payload_id=payload_id)
+        self.audit.record("payload_file_removed", payload=payload_id, bytes=size)
 
     def release(self, payload: Path) -> None:
         """Retention reaped the last job over ``payload`` (a payload's ``input`` folder):
@@ -857,6 +873,7 @@ class Platform:
         shutil.rmtree(self.payload_root / payload_id, ignore_errors=True)
         self._count(payload_id, None)
         log.info("payload_deleted", payload_id=payload_id)
+        self.audit.record("payload_deleted", payload=payload_id)
 
     # ------------------------------------------------------------------ health
 
@@ -894,7 +911,9 @@ class Platform:
         reasons = []
         for admin in self._admins().values():
             try:
-                return admin.resend(task_id)
+                message = admin.resend(task_id)
+                self.audit.record("dead_letter_resent", task=task_id)
+                return message
             except DataflowError as exc:
                 reasons.append(str(exc))
         if not reasons:
@@ -923,11 +942,14 @@ class Platform:
         key = self._item(kind, item)
         meta = check_metadata(values, kind, self.registry.metadata(kind, key))
         self.registry.set_metadata(kind, key, meta)
+        self.audit.record("metadata_added", kind=kind, id=key, keys=sorted(meta))
         return self.registry.metadata(kind, key)
 
     def remove_metadata(self, kind: str, item: str, keys: Iterable[str]) -> dict[str, str]:
         key = self._item(kind, item)
-        self.registry.remove_metadata(kind, key, [str(k) for k in keys])
+        keys = [str(k) for k in keys]
+        self.registry.remove_metadata(kind, key, keys)
+        self.audit.record("metadata_removed", kind=kind, id=key, keys=sorted(keys))
         return self.registry.metadata(kind, key)
 
     # ------------------------------------------------------------------ events

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, Field
 
 from dataflow import __version__
+from dataflow.platform.audit import CALLER
 from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
 
@@ -120,6 +121,8 @@ class _Measure:
             await self.app(scope, receive, send)
             return
         began, status = time.perf_counter(), [500]
+        peer = scope.get("client") or ("?", 0)
+        CALLER.set(("anonymous", str(peer[0]), "rest"))  # for the audit log
 
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -320,6 +323,11 @@ def build_app(platform: Platform) -> FastAPI:
     def download(payload_id: str, name: str) -> StreamingResponse:
         size, chunks = platform.download(payload_id, "/" + name)
         return _download(size, chunks, name, figures)
+
+    @app.get(f"{PREFIX}/audit", tags=["health"])
+    def audit(limit: int = Query(100, ge=1, le=10000)) -> list[dict[str, Any]]:
+        """The last entries of the audit log (every change: who, when, from where, what)."""
+        return platform.audit.tail(limit)
 
     # ------------------------------------------------------------------ DICOM exports
 

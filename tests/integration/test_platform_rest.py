@@ -121,6 +121,18 @@ def test_a_job_runs_from_creation_to_download(service, client):
     assert figures['dataflow_api_payload_bytes_total{direction="download"}'] >= len(data)
     assert not any(job_id in key for key in figures)  # ids never become labels
 
+    audit = [e for e in client.get("/api/v1/audit").json() if job_id in str(e)]
+    assert [e["what"] for e in audit] == ["job_created", "job_started"]
+    assert all((e["who"], e["from"], e["via"]) == ("anonymous", "127.0.0.1", "rest")
+               for e in audit)  # fmt: skip
+    assert audit[0]["metadata_keys"] == ["Study"] and "'a'" not in str(audit)
+    uploads = [e for e in client.get("/api/v1/audit").json() if payload_id in str(e)]
+    assert {
+        "what": "payload_file_uploaded",
+        "payload": payload_id,
+        "bytes": len(data),
+    }.items() <= uploads[1].items()
+    assert "volume.npy" not in (service.config.state / "platform" / "audit.log").read_text()
     busy = client.delete(f"/api/v1/payloads/{payload_id}")
     assert busy.status_code == 204  # its job ended
     assert client.get(f"/api/v1/payloads/{payload_id}/files").status_code == 404
