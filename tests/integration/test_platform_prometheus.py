@@ -1,9 +1,11 @@
 """A real Prometheus (Debian's ``prometheus``, a plain process on loopback) scrapes the
 service's ``/metrics`` on the REST port while jobs run; its figures after them match the job
-records and the API's own counters. Skipped where Prometheus is not installed."""
+records and the API's own counters, and every query of examples/grafana-dashboard.json is
+valid PromQL. Skipped where Prometheus is not installed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -82,6 +84,13 @@ def test_prometheus_scrapes_jobs_and_api_figures(tmp_path):
                 assert time.monotonic() < deadline, f"Prometheus saw {seen}, not {wanted}"
                 time.sleep(0.2)
                 seen = {expr: query(expr) for expr in wanted}
+            dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+            for panel in dashboard["panels"]:  # every query of the dashboard is valid PromQL
+                for target in panel["targets"]:
+                    url = f"http://127.0.0.1:{port}/api/v1/query"
+                    params = {"query": target["expr"]}
+                    answer = httpx.get(url, params=params, timeout=HANG).json()
+                    assert answer["status"] == "success", (panel["title"], answer)
         finally:
             prometheus.terminate()
             prometheus.wait(timeout=HANG)
