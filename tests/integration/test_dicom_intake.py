@@ -233,15 +233,14 @@ def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abo
     direct, cx = take_over(assoc)
     data = files[0].read_bytes()[dataset_offset(files[0]) :]
     direct.sock.sendall(pdata(pdv(cx, 0x03, command_pdv(CTImageStorage, sop_uid(files[0]), 1))))
-    stop, cut_off = threading.Event(), threading.Event()
+    stop = threading.Event()
 
     def trickle():  # a slow peer: a fragment every 50 ms, over and over, never the last
         k = 0
         while not stop.wait(0.05):
             try:
                 direct.sock.sendall(pdata(pdv(cx, 0x00, data[k : k + 100])))
-            except OSError:
-                cut_off.set()  # the receiver closed the connection under it
+            except OSError:  # the receiver closed the connection under it
                 return
             k = (k + 100) % (len(data) - 100)
 
@@ -251,7 +250,6 @@ def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abo
         incoming = tmp_path / "spool" / ".incoming"
         wait_until(lambda: list(incoming.glob("*.part")), "transfer under way at the receiver")
         returns_before_a_hang(rx.stop)  # the transfer never ends: stop must not wait for it
-        assert sender.is_alive() or cut_off.is_set()  # stopped mid-transfer, not after it
         replies = b""
         direct.sock.settimeout(HANG)
         with contextlib.suppress(OSError):
