@@ -350,12 +350,12 @@ class Service:
             return
         grace = self.config.limits.shutdown_grace if grace is None else grace
         self._stopping.set()
-        if self.platform is not None:
-            self.platform.stop()  # its servers take no more requests
         for thread in (self._reaper, self._watcher):
             if thread is not None:
                 thread.join(timeout=60)
         self._reaper = self._watcher = None
+        if self.platform is not None:
+            self.platform.stop()  # its servers take no more requests (after retention ran)
         connectors = list(reversed(list(self.connectors.items())))
         for step in ("stop_intake", "stop"):
             for name, connector in connectors:
