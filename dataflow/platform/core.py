@@ -33,6 +33,7 @@ server; the ports taken are written to ``STATE/api.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -215,6 +216,8 @@ class Platform:
         self.audit = AuditLog(self.root / "audit.log")
         self._lock = threading.RLock()  # pipelines added and removed one at a time
         self._listeners = threading.Lock()  # the subscribers (never held while waiting)
+        self._creating = threading.Lock()  # a job created vs its pipeline being removed
+        self._closing: set[str] = set()  # pipelines being removed or replaced: no new jobs
         self._sizes: dict[str, int] = {}  # payload -> bytes in its input/ (max-upload)
         self._sizes_lock = threading.Lock()
         self._subscribers: list[Subscription] = []
@@ -448,21 +451,8 @@ class Platform:
             final, old = self.root / "pipelines" / name, self.root / "pipelines" / f".old-{name}"
             try:
                 self._stage_definition(staging, yaml_text)
-                self._refuse_busy(name)
-                self.service.remove_pipeline(name)
-                self._operators.pop(name, None)
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                staging.rename(final)
-                try:
-                    self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
-                except Exception as exc:
-                    shutil.rmtree(final, ignore_errors=True)
-                    old.rename(final)
-                    self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
-                    raise Invalid(f"pipeline {name!r}: the new definition could not be started "
-                                  f"(the old one is served again): {scrub(str(exc))}",
-                                  code=PIPELINE_LOAD) from None  # fmt: skip
+                with self._closing_pipeline(name):
+                    self._replace(name, staging, final, old)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
                 shutil.rmtree(old, ignore_errors=True)
@@ -470,12 +460,40 @@ class Platform:
         self.audit.record("pipeline_updated", pipeline=name, id=pipeline_id(name))
         return self._summary(name)
 
+    def _replace(self, name: str, staging: Path, final: Path, old: Path) -> None:
+        self.service.remove_pipeline(name)
+        self._operators.pop(name, None)
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        try:
+            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
+        except Exception as exc:
+            shutil.rmtree(final, ignore_errors=True)
+            old.rename(final)
+            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
+            raise Invalid(f"pipeline {name!r}: the new definition could not be started (the "
+                          f"old one is served again): {scrub(str(exc))}",
+                          code=PIPELINE_LOAD) from None  # fmt: skip
+
     def _registered_name(self, pipeline: str) -> str:
         name = self._name_of(pipeline)
         if name not in self._registered():
             raise Invalid(f"pipeline {name!r} is configured in {self.service.config.path}: "
                           "change it there", code=PIPELINE_STORE)  # fmt: skip
         return name
+
+    @contextlib.contextmanager
+    def _closing_pipeline(self, name: str) -> Iterator[None]:
+        """While removing or replacing ``name``: no job of it is created; Conflict naming
+        the jobs of it in flight."""
+        with self._creating:
+            self._closing.add(name)
+        try:
+            self._refuse_busy(name)
+            yield
+        finally:
+            self._closing.discard(name)
 
     def _refuse_busy(self, name: str) -> None:
         busy = self.jobs.list(states=IN_FLIGHT, pipelines=(name,), limit=1000)
@@ -502,10 +520,10 @@ class Platform:
                 self.audit.record("pipeline_removed", pipeline=broken, id=pipeline_id(broken))
                 return
             name = self._registered_name(pipeline)
-            self._refuse_busy(name)
-            self._forget(name)
-            self.service.remove_pipeline(name)
-            self._operators.pop(name, None)
+            with self._closing_pipeline(name):
+                self._forget(name)
+                self.service.remove_pipeline(name)
+                self._operators.pop(name, None)
         log.info("pipeline_unregistered", pipeline=name)
         self.audit.record("pipeline_removed", pipeline=name, id=pipeline_id(name))
 
@@ -555,12 +573,18 @@ class Platform:
             (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, inputs / rel)
         name = name or f"{pipeline}-{job_id[:8]}"
-        self.registry.add_payload(payload_id, job_id)
-        self.registry.add_job(job_id, name, priority, payload_id)
-        if meta:
-            self.registry.set_metadata("job", job_id, meta)
         source = {"connector": "api", "name": name, "priority": priority, "payload_id": payload_id}
-        self.jobs.create(pipeline, inputs, source=source, key=None, job_id=job_id, state="pending")
+        with self._creating:
+            if pipeline in self._closing:
+                shutil.rmtree(inputs.parent, ignore_errors=True)
+                raise Conflict(f"pipeline {pipeline!r} is being removed or replaced: try again",
+                               code=PIPELINE_STORE)  # fmt: skip
+            self.registry.add_payload(payload_id, job_id)
+            self.registry.add_job(job_id, name, priority, payload_id)
+            if meta:
+                self.registry.set_metadata("job", job_id, meta)
+            self.jobs.create(pipeline, inputs, source=source, key=None, job_id=job_id,
+                             state="pending")  # fmt: skip
         log.info("job_created", job_id=job_id, pipeline=pipeline, priority=priority)
         self.audit.record("job_created", job=job_id, pipeline=pipeline, payload=payload_id,
                           priority=priority, metadata_keys=sorted(meta))  # fmt: skip
