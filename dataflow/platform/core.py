@@ -33,15 +33,12 @@ server; the ports taken are written to ``STATE/api.json``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
-import re
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +53,24 @@ from dataflow.platform.errors import (
     JOB_INVALID_NAME,
     JOB_MISSING,
     JOB_START,
-    METADATA_INVALID,
-    PAYLOAD_DELETE,
     PAYLOAD_INVALID_ID,
-    PAYLOAD_MISSING,
-    PIPELINE_DEFINITION,
-    PIPELINE_INVALID_ID,
-    PIPELINE_LOAD,
-    PIPELINE_MISSING,
     PIPELINE_STORE,
     Conflict,
     Invalid,
     NotFound,
-    PlatformError,
 )
+from dataflow.platform.events import Subscription
+from dataflow.platform.names import (
+    CLARA_STATE,
+    JOB_ID_FORM,
+    NAME_FORM,
+    PRIORITIES,
+    check_metadata,
+    pipeline_id,
+)
+from dataflow.platform.pipelines import PipelineOps
 from dataflow.platform.registry import Registry
+from dataflow.platform.storage import PayloadOps
 
 __all__ = [
     "CLARA_STATE",
@@ -82,62 +82,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("dataflow.platform")
-
-PRIORITIES = ("lower", "normal", "higher", "immediate")
-#: jobs.db state -> (Clara JobState, JobStatus)
-CLARA_STATE = {
-    "pending": ("PENDING", "HEALTHY"),
-    "queued": ("PENDING", "HEALTHY"),
-    "running": ("RUNNING", "HEALTHY"),
-    "succeeded": ("STOPPED", "HEALTHY"),
-    "failed": ("STOPPED", "FAULTED"),
-    "cancelled": ("STOPPED", "CANCELED"),
-}
-IN_FLIGHT = ("pending", "queued", "running")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_JOB_ID = re.compile(r"^([0-9a-f]{32}|\d{8}-\d{6}-[0-9a-f]{8})$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_NAMESPACE = uuid.UUID("6f1d3c1e-2b7a-4c55-9a41-0d7c3e9b5a10")  # pipeline ids from names
-META_KEY, META_VALUE, META_TOTAL = 128, 256, 4 * 1024 * 1024  # Clara's limits, in bytes
-
-
-def pipeline_id(name: str) -> str:
-    """The pipeline's 32-hex id: the same for a name on every start and every machine."""
-    return uuid.uuid5(_NAMESPACE, name).hex
-
-
-def check_metadata(values: Any, what: str, existing: Mapping[str, str] | None = None) -> dict:
-    """``values`` as Clara's metadata (string -> string; key <= 128 bytes, value <= 256
-    bytes, all of an item's <= 4 MiB; keys case-insensitive, so two keys that differ only in
-    case are refused); :class:`Invalid` naming the key otherwise."""
-    if values is None:
-        return {}
-    if not isinstance(values, Mapping):
-        raise Invalid(f"{what}: metadata must map names to strings", code=METADATA_INVALID)
-    out: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for key, value in values.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key:
-            raise Invalid(f"{what}: metadata {key!r}: keys and values must be strings, keys not "
-                          "empty", code=METADATA_INVALID)  # fmt: skip
-        if len(key.encode()) > META_KEY:
-            raise Invalid(f"{what}: metadata key {key[:40]!r}...: longer than {META_KEY} bytes",
-                          code=METADATA_INVALID)  # fmt: skip
-        if len(value.encode()) > META_VALUE:
-            raise Invalid(f"{what}: metadata {key!r}: its value is longer than {META_VALUE} bytes",
-                          code=METADATA_INVALID)  # fmt: skip
-        if key.lower() in seen:
-            raise Invalid(f"{what}: metadata keys {seen[key.lower()]!r} and {key!r} are the same "
-                          "key (keys are case-insensitive)", code=METADATA_INVALID)  # fmt: skip
-        seen[key.lower()] = key
-        out[key] = value
-    merged = {k.lower(): (k, v) for k, v in (existing or {}).items()}
-    merged.update({k.lower(): (k, v) for k, v in out.items()})
-    total = sum(len(k.encode()) + len(v.encode()) for k, v in merged.values())
-    if total > META_TOTAL:
-        raise Invalid(f"{what}: metadata would total {total} bytes (at most {META_TOTAL})",
-                      code=METADATA_INVALID)  # fmt: skip
-    return out
 
 
 def _grpc_server() -> Any:
@@ -158,46 +102,7 @@ def _grpc_server() -> Any:
     return None
 
 
-class Subscription:
-    """Job events for one listener (:meth:`Platform.subscribe`); use as a context manager or
-    call :meth:`close`. At most ``size`` events wait: when a slow listener falls that far
-    behind the oldest are dropped and ``dropped`` counts them."""
-
-    def __init__(self, platform: Platform, size: int) -> None:
-        self._platform = platform
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(size)
-        self.dropped = 0
-
-    def put(self, event: dict[str, Any]) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(event)
-                return
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                    self.dropped += 1
-                except queue.Empty:
-                    pass
-
-    def get(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next event, or None if none came within ``timeout`` seconds."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def close(self) -> None:
-        self._platform._unsubscribe(self)
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Platform:
+class Platform(PipelineOps, PayloadOps):
     """See the module docstring. ``service``: the service it belongs to (not yet started: the
     platform adds the pipelines registered earlier to its list before they are built)."""
 
@@ -296,246 +201,10 @@ class Platform:
             raise Conflict("the service is stopping", status=503)
         return store
 
-    # ------------------------------------------------------------------ pipelines
-
-    def _name_of(self, pipeline: str) -> str:
-        """A pipeline's name from its name or id; NotFound otherwise (Conflict for one
-        registered earlier that could not be started)."""
-        names = list(self.service.pipelines)
-        if pipeline in names:
-            return pipeline
-        for name in names:
-            if pipeline_id(name) == pipeline:
-                return name
-        broken = self._broken_name(pipeline)
-        if broken is not None:
-            raise Conflict(f"pipeline {broken!r} was not started: {self.broken[broken]}; remove it "
-                           "and register it again", code=PIPELINE_LOAD)  # fmt: skip
-        if not _HEX32.match(pipeline or "") and not _NAME.match(pipeline or ""):
-            raise Invalid(f"pipeline id {pipeline!r} is neither a name nor 32 hex digits",
-                          code=PIPELINE_INVALID_ID)  # fmt: skip
-        raise NotFound(f"no pipeline {pipeline!r} (pipelines: {', '.join(names) or 'none'})",
-                       code=PIPELINE_MISSING)  # fmt: skip
-
-    def _registered(self) -> dict[str, dict[str, Any]]:
-        return {row["name"]: row for row in self.registry.pipelines()}
-
-    def _summary(self, name: str) -> dict[str, Any]:
-        entry = self.service.pipelines[name]
-        registered = name in self._registered()
-        return {
-            "id": pipeline_id(name),
-            "name": name,
-            "source": "api" if registered else "configured",
-            "file": str(entry.file),
-            "state": "ready" if name in self.service.feeds else "starting",
-            "metadata": self.registry.metadata("pipeline", pipeline_id(name)),
-        }
-
-    def _broken_name(self, pipeline: str) -> str | None:
-        for name in list(self.broken):
-            if pipeline in (name, pipeline_id(name)):
-                return name
-        return None
-
-    def list_pipelines(self) -> list[dict[str, Any]]:
-        """Every pipeline served: configured ones, then those registered through the API,
-        then those registered earlier that could not be started (``reason``)."""
-        out = [self._summary(name) for name in list(self.service.pipelines)]
-        for name, reason in list(self.broken.items()):
-            key = pipeline_id(name)
-            out.append({"id": key, "name": name, "source": "api",
-                        "file": str(self.root / "pipelines" / name / "pipeline.yaml"),
-                        "state": "not started", "reason": reason,
-                        "metadata": self.registry.metadata("pipeline", key)})  # fmt: skip
-        return out
-
-    def describe_pipeline(self, pipeline: str) -> dict[str, Any]:
-        """A pipeline's summary, its definition (``yaml``) and its operators in order, each
-        with the operators it takes input from."""
-        name = self._name_of(pipeline)
-        entry = self.service.pipelines[name]
-        out = self._summary(name)
-        try:
-            out["yaml"] = Path(entry.file).read_text()
-        except OSError as exc:
-            raise PlatformError(f"pipeline {name!r}: its definition cannot be read "
-                                f"({exc.strerror})", code=PIPELINE_STORE) from None  # fmt: skip
-        out["operators"] = [{"name": n, "after": after} for n, after in self._dag(name)]
-        return out
-
-    def _dag(self, name: str) -> list[tuple[str, list[str]]]:
-        from dataflow.pipeline.load import load_pipeline
-
-        entry = self.service.pipelines[name]
-        spec = load_pipeline(entry.file, entry.params)
-        out = []
-        for op in spec.operators:
-            after = sorted({i.source for i in op.inputs if getattr(i, "source", None)})
-            out.append((op.name, after))
-        return out
-
-    def operators(self, name: str) -> tuple[str, ...]:
-        """The operator names of a pipeline, in the order of its file."""
-        if name not in self._operators:
-            try:
-                self._operators[name] = tuple(n for n, _ in self._dag(name))
-            except Exception:  # a pipeline no longer served or readable: no operators known
-                return ()
-        return self._operators[name]
-
-    def create_pipeline(
-        self, yaml_text: str, name: str | None = None, metadata: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
-        """Validate a pipeline definition, store it, start its workers (returns once they
-        are warm) and return its summary. ``name``: by default the definition's ``name:``.
-        Invalid with the diagnostics (``pipeline.yaml:LINE:COL: error: ...``) if it does not
-        validate; Conflict if a pipeline of that name exists."""
-        meta = check_metadata(metadata, "pipeline")
-        staging = self.root / "pipelines" / f".new-{uuid.uuid4().hex}"
-        try:
-            given = self._stage_definition(staging, yaml_text)
-            name = name or given
-            if not _NAME.match(name or ""):
-                raise Invalid(f"pipeline name {name!r}: letters, digits, '.', '_', '-' "
-                              "(at most 128)", code=PIPELINE_DEFINITION)  # fmt: skip
-            with self._lock:
-                if name in self.service.pipelines:
-                    raise Conflict(f"a pipeline named {name!r} exists already (id "
-                                   f"{pipeline_id(name)})", code=PIPELINE_STORE)  # fmt: skip
-                final = self.root / "pipelines" / name
-                shutil.rmtree(final, ignore_errors=True)
-                staging.rename(final)
-                file = final / "pipeline.yaml"
-                try:
-                    self.service.add_pipeline(self._entry(name, file))
-                except Exception as exc:
-                    shutil.rmtree(final, ignore_errors=True)
-                    raise Invalid(f"pipeline {name!r} could not be started: {scrub(str(exc))}",
-                                  code=PIPELINE_LOAD) from None  # fmt: skip
-                self.registry.add_pipeline(name, pipeline_id(name), file)
-                if meta:
-                    self.registry.set_metadata("pipeline", pipeline_id(name), meta)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info("pipeline_registered", pipeline=name, id=pipeline_id(name))
-        self.audit.record("pipeline_added", pipeline=name, id=pipeline_id(name))
-        return self._summary(name)
-
-    def _stage_definition(self, staging: Path, yaml_text: str) -> str:
-        """Write a definition into ``staging/pipeline.yaml`` and validate it; the name it
-        gives. Invalid with the diagnostics (their file named ``pipeline.yaml``)."""
-        from dataflow.pipeline.validate import check_pipeline
-
-        if not isinstance(yaml_text, str) or not yaml_text.strip():
-            raise Invalid("the pipeline definition is empty", code=PIPELINE_DEFINITION)
-        staging.mkdir(parents=True)
-        file = staging / "pipeline.yaml"
-        file.write_text(yaml_text)
-        report = check_pipeline(file)
-        if not report.ok:
-            text = report.format(notes=False).replace(str(file), "pipeline.yaml")
-            raise Invalid(f"the pipeline definition does not validate:\n{text}",
-                          code=PIPELINE_LOAD)  # fmt: skip
-        assert report.graph is not None
-        return report.graph.spec.name
-
-    def update_pipeline(self, pipeline: str, yaml_text: str) -> dict[str, Any]:
-        """Replace a registered pipeline's definition (Clara's Pipelines.Update): validated
-        first (Invalid with the diagnostics, nothing changed); Conflict while any of its jobs
-        is in flight; then its workers stop and the new ones start warm, with the same name,
-        id and metadata. If the new workers cannot start, the old definition is served again."""
-        with self._lock:
-            name = self._registered_name(pipeline)
-            staging = self.root / "pipelines" / f".new-{uuid.uuid4().hex}"
-            final, old = self.root / "pipelines" / name, self.root / "pipelines" / f".old-{name}"
-            try:
-                self._stage_definition(staging, yaml_text)
-                with self._closing_pipeline(name):
-                    self._replace(name, staging, final, old)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("pipeline_updated", pipeline=name)
-        self.audit.record("pipeline_updated", pipeline=name, id=pipeline_id(name))
-        return self._summary(name)
-
-    def _replace(self, name: str, staging: Path, final: Path, old: Path) -> None:
-        self.service.remove_pipeline(name)
-        self._operators.pop(name, None)
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        try:
-            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
-        except Exception as exc:
-            shutil.rmtree(final, ignore_errors=True)
-            old.rename(final)
-            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
-            raise Invalid(f"pipeline {name!r}: the new definition could not be started (the "
-                          f"old one is served again): {scrub(str(exc))}",
-                          code=PIPELINE_LOAD) from None  # fmt: skip
-
-    def _registered_name(self, pipeline: str) -> str:
-        name = self._name_of(pipeline)
-        if name not in self._registered():
-            raise Invalid(f"pipeline {name!r} is configured in {self.service.config.path}: "
-                          "change it there", code=PIPELINE_STORE)  # fmt: skip
-        return name
-
-    @contextlib.contextmanager
-    def _closing_pipeline(self, name: str) -> Iterator[None]:
-        """While removing or replacing ``name``: no job of it is created; Conflict naming
-        the jobs of it in flight."""
-        with self._creating:
-            self._closing.add(name)
-        try:
-            self._refuse_busy(name)
-            yield
-        finally:
-            self._closing.discard(name)
-
-    def _refuse_busy(self, name: str) -> None:
-        busy = self.jobs.list(states=IN_FLIGHT, pipelines=(name,), limit=1000)
-        if busy:
-            ids = ", ".join(job.id for job in busy[:20])
-            more = f" and {len(busy) - 20} more" if len(busy) > 20 else ""
-            raise Conflict(f"pipeline {name!r} has jobs in flight: {ids}{more}; cancel them "
-                           "or wait", code=PIPELINE_STORE)  # fmt: skip
-
-    def _entry(self, name: str, file: Path):
-        from dataflow.service.config import PipelineEntry
-
-        return PipelineEntry(name, file, {}, {}, self.service.config.limits)
-
-    def remove_pipeline(self, pipeline: str) -> None:
-        """Stop and forget a pipeline registered through the API. Conflict, naming the jobs,
-        while any of its jobs is pending, queued or running; Invalid for a configured one."""
-        with self._lock:
-            broken = self._broken_name(pipeline)
-            if broken is not None:
-                self._forget(broken)
-                self.broken.pop(broken, None)
-                log.info("pipeline_unregistered", pipeline=broken)
-                self.audit.record("pipeline_removed", pipeline=broken, id=pipeline_id(broken))
-                return
-            name = self._registered_name(pipeline)
-            with self._closing_pipeline(name):
-                self._forget(name)
-                self.service.remove_pipeline(name)
-                self._operators.pop(name, None)
-        log.info("pipeline_unregistered", pipeline=name)
-        self.audit.record("pipeline_removed", pipeline=name, id=pipeline_id(name))
-
-    def _forget(self, name: str) -> None:
-        self.registry.remove_pipeline(name)
-        self.registry.drop_metadata("pipeline", pipeline_id(name))
-        shutil.rmtree(self.root / "pipelines" / name, ignore_errors=True)
-
     # ------------------------------------------------------------------ jobs
 
     def _job(self, job_id: str):
-        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        if not isinstance(job_id, str) or not JOB_ID_FORM.match(job_id):
             raise Invalid(f"job id {job_id!r} is malformed (32 hex digits, or "
                           "YYYYmmdd-HHMMSS-xxxxxxxx for a job from DICOM)",
                           code=JOB_INVALID_ID)  # fmt: skip
@@ -562,7 +231,7 @@ class Platform:
         if priority not in PRIORITIES:
             raise Invalid(f"priority {priority!r}: one of {', '.join(PRIORITIES)}",
                           code=JOB_INVALID_NAME)  # fmt: skip
-        if name is not None and not _NAME.match(name):
+        if name is not None and not NAME_FORM.match(name):
             raise Invalid(f"job name {name!r}: letters, digits, '.', '_', '-' (at most 128)",
                           code=JOB_INVALID_NAME)  # fmt: skip
         meta = check_metadata(metadata, "job")
@@ -759,145 +428,6 @@ class Platform:
         elif job.finished:
             lines.append(f"{when(job.finished)} {job.state}")
         return lines
-
-    # ------------------------------------------------------------------ payloads
-
-    def create_payload(self, metadata: Mapping[str, str] | None = None) -> str:
-        """A payload of no job (Clara's reusable payload): its id."""
-        meta = check_metadata(metadata, "payload")
-        payload_id = uuid.uuid4().hex
-        (self.payload_root / payload_id / "input").mkdir(parents=True)
-        self.registry.add_payload(payload_id, None)
-        if meta:
-            self.registry.set_metadata("payload", payload_id, meta)
-        self.audit.record("payload_created", payload=payload_id, metadata_keys=sorted(meta))
-        return payload_id
-
-    def _payload(self, payload_id: str) -> dict[str, Any]:
-        if not isinstance(payload_id, str) or not _HEX32.match(payload_id):
-            raise Invalid(f"payload id {payload_id!r} is malformed (32 hex digits)",
-                          code=PAYLOAD_INVALID_ID)  # fmt: skip
-        row = self.registry.payload(payload_id)
-        if row is None or not (self.payload_root / payload_id).is_dir():
-            raise NotFound(f"no payload {payload_id!r}", code=PAYLOAD_MISSING)
-        return row
-
-    def _folders(self, payload_id: str) -> tuple[Path, Path | None]:
-        row = self._payload(payload_id)
-        outputs = self.service.jobs_dir / row["job_id"] if row["job_id"] else None
-        return self.payload_root / payload_id / "input", outputs
-
-    def upload(self, payload_id: str, name: str, chunks: Iterable[bytes]) -> dict[str, Any]:
-        """Write one file into a payload's ``input/`` from ``chunks`` (atomic: see
-        :func:`dataflow.platform.payloads.write_file`); its details. Conflict once its job
-        has started; Refused over ``api.max-upload`` or ``api.disk-reserve``."""
-        row = self._payload(payload_id)
-        rel = files.check_name(name)
-        if row["job_id"]:
-            job = self.jobs.get(row["job_id"])
-            if job.state != "pending":
-                raise Conflict(
-                    f"payload {payload_id}: its job {job.id} is {job.state}: files "
-                    "are uploaded before the job starts",
-                    code=PAYLOAD_DELETE,
-                )
-        folder = self.payload_root / payload_id
-        target = files.resolve(folder / "input", rel)
-        old = target.stat().st_size if target.is_file() else 0  # replaced: its bytes come back
-        size = files.write_file(folder / "input", folder / ".partial", rel, chunks,
-                                room=self.config.max_upload - self._used(payload_id) + old,
-                                reserve=self.config.disk_reserve)  # fmt: skip
-        self._count(payload_id, size - old)
-        self.audit.record("payload_file_uploaded", payload=payload_id, bytes=size)
-        return {"name": f"/input/{rel.as_posix()}", "size": size, "mode": 0o644}
-
-    def _used(self, payload_id: str) -> int:
-        """Bytes in a payload's ``input/`` (counted once, then kept up to date)."""
-        with self._sizes_lock:
-            if payload_id not in self._sizes:
-                inputs = self.payload_root / payload_id / "input"
-                self._sizes[payload_id] = sum(
-                    p.stat().st_size for p in inputs.rglob("*") if p.is_file()
-                )
-            return self._sizes[payload_id]
-
-    def _count(self, payload_id: str, change: int | None) -> None:
-        """A payload's bytes changed by ``change`` (None: it is gone)."""
-        with self._sizes_lock:
-            if change is None:
-                self._sizes.pop(payload_id, None)
-            elif payload_id in self._sizes:
-                self._sizes[payload_id] += change
-
-    def payload_files(self, payload_id: str) -> list[dict[str, Any]]:
-        """The payload's files: ``/input/...``, then each operator's ``/operators/OP/...``
-        (and ``/output/results.json``) once its job wrote them."""
-        inputs, outputs = self._folders(payload_id)
-        return files.list_files(inputs, outputs)
-
-    def job_files(self, job_id: str) -> list[dict[str, Any]]:
-        """The same listing by job, for jobs from DICOM too (their study as ``/input/``)."""
-        job = self._job(job_id)
-        return files.list_files(Path(job.payload), self.service.jobs_dir / job.id)
-
-    def download(self, payload_id: str, name: str) -> tuple[int, Iterator[bytes]]:
-        """(size, chunks) of one listed file of a payload; NotFound if there is none."""
-        inputs, outputs = self._folders(payload_id)
-        path, size = files.open_file(inputs, outputs, name)
-        return size, files.read_chunks(path)
-
-    def download_job_file(self, job_id: str, name: str) -> tuple[int, Iterator[bytes]]:
-        job = self._job(job_id)
-        path, size = files.open_file(Path(job.payload), self.service.jobs_dir / job.id, name)
-        return size, files.read_chunks(path)
-
-    def payload_details(self, payload_id: str) -> dict[str, Any]:
-        row = self._payload(payload_id)
-        return {"id": payload_id, "job_id": row["job_id"], "created": row["created"],
-                "type": "PIPELINE" if row["job_id"] else "REUSABLE",
-                "metadata": self.registry.metadata("payload", payload_id),
-                "files": self.payload_files(payload_id)}  # fmt: skip
-
-    def remove_file(self, payload_id: str, name: str) -> None:
-        """Remove one uploaded file (``/input/...``) of a payload (Clara's Payloads.Remove);
-        Conflict while its job is queued or running; NotFound if there is no such file."""
-        row = self._payload(payload_id)
-        if row["job_id"]:
-            job = self.jobs.get(row["job_id"])
-            if job.state in ("queued", "running"):
-                raise Conflict(f"payload {payload_id}: its job {job.id} is {job.state}",
-                               code=PAYLOAD_DELETE)  # fmt: skip
-        inputs = self.payload_root / payload_id / "input"
-        path, size = files.open_file(inputs, None, name if name.startswith("/") else f"/{name}")
-        path.unlink()
-        self._count(payload_id, -size)
-        log.info("payload_file_removed", payload_id=payload_id)
-        self.audit.record("payload_file_removed", payload=payload_id, bytes=size)
-
-    def release(self, payload: Path) -> None:
-        """Retention reaped the last job over ``payload`` (a payload's ``input`` folder):
-        the payload goes, as a connector's payloads do."""
-        folder = Path(payload).parent
-        if folder.parent == self.payload_root and _HEX32.match(folder.name):
-            self.registry.remove_payload(folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
-            self._count(folder.name, None)
-            log.info("payload_released", payload_id=folder.name)
-
-    def delete_payload(self, payload_id: str) -> None:
-        """Remove a payload and its files; Conflict while its job is pending, queued or
-        running (the job's record stays; its outputs stay until retention)."""
-        row = self._payload(payload_id)
-        if row["job_id"]:
-            job = self.jobs.get(row["job_id"])
-            if job.state in IN_FLIGHT:
-                raise Conflict(f"payload {payload_id}: its job {job.id} is {job.state}: cancel "
-                               "it or wait for it to end", code=PAYLOAD_DELETE)  # fmt: skip
-        self.registry.remove_payload(payload_id)
-        shutil.rmtree(self.payload_root / payload_id, ignore_errors=True)
-        self._count(payload_id, None)
-        log.info("payload_deleted", payload_id=payload_id)
-        self.audit.record("payload_deleted", payload=payload_id)
 
     # ------------------------------------------------------------------ health
 
