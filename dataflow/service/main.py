@@ -114,13 +114,15 @@ def format_jobs(
             json.dumps({**job.as_dict(), "exports": list(deliveries.get(job.id, []))})
             for job in jobs
         )
-    lines = [f"{'JOB':<24} {'PIPELINE':<18} {'STATE':<10} {'AE':<16} {'CREATED':<20} SECONDS"]
+    width = max([24, *(len(job.id) for job in jobs)])  # API jobs have 32-hex ids
+    lines = [f"{'JOB':<{width}} {'PIPELINE':<18} {'STATE':<10} {'AE':<16} {'CREATED':<20} SECONDS"]
     for job in jobs:
         ae = str(job.source.get("called_ae", ""))
         seconds = "" if job.seconds is None else f"{job.seconds:.1f}"
         state = job.state
         exports = _exports_text(deliveries.get(job.id, []))
-        line = f"{job.id:<24} {job.pipeline:<18} {state:<10} {ae:<16} {_when(job.created):<20} "
+        created = _when(job.created)
+        line = f"{job.id:<{width}} {job.pipeline:<18} {state:<10} {ae:<16} {created:<20} "
         line += seconds + (f"  export {exports}" if exports else "")
         if job.error:
             line += f"\n    {job.stage or '?'}: {job.error}"
