@@ -313,3 +313,17 @@ def test_input_payloads_are_copied_into_a_new_jobs_input(service, client):
     client.post(f"/api/v1/jobs/{created['job_id']}/start")
     assert wait_state(client, created["job_id"])["state"] == "succeeded"
     assert client.get(f"/api/v1/payloads/{shared}/files").json()[0]["name"] == "/input/volume.npy"
+
+
+def test_a_download_cut_off_by_its_client_leaves_the_service_serving(service, client):
+    _, payload_id = new_job(client)
+    data = bytes(range(256)) * 3000  # 750 KiB: several chunks
+    files = f"/api/v1/payloads/{payload_id}/files"
+    assert client.put(f"{files}/input/big.bin", content=data).status_code == 201
+    host, port = service.platform.urls["rest"].removeprefix("http://").rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=HANG) as sock:
+            sock.sendall(f"GET {files}/input/big.bin HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get(f"{files}/input/big.bin").content == data
