@@ -61,13 +61,18 @@ class Slow(Stage):
     inputs = {"vec": VEC}
     outputs = {"vec": VEC}
 
-    def __init__(self, seconds: float = 0.2, mark: str = ""):
+    def __init__(self, seconds: float = 0.2, mark: str = "", until: str = ""):
         self.seconds, self.mark = seconds, mark  # mark: a file made when a job begins
+        self.until = until  # a file: the job ends once it exists (``seconds`` at most)
 
     def execute(self, ctx, vec):
         if self.mark:
             Path(self.mark).touch()
-        time.sleep(self.seconds)
+        if not self.until:
+            time.sleep(self.seconds)
+        end = time.monotonic() + self.seconds
+        while self.until and not Path(self.until).exists() and time.monotonic() < end:
+            time.sleep(0.01)
         return vec + 0
 
 

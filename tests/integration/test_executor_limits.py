@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import structlog
-from deadlines import HANG
+from deadlines import HANG, wait_until
 from engine_stages import Load, Scale, Slow, make_jobs, whereami
 
 from dataflow.execution.local import LocalExecutor, StageDef
@@ -30,16 +31,37 @@ def test_a_slow_consumer_bounds_what_a_fast_producer_leaves_in_memory(tmp_path):
 
 
 def test_the_watchdog_says_what_is_stuck(tmp_path):
+    release = tmp_path / "release"  # the slow job ends once the test has seen the report
+    arguments = {"seconds": HANG, "until": str(release)}
     stages = [
         StageDef("load", Load, {"payload": None}, ("vec",)),
-        StageDef("slow", Slow, {"vec": ("load", "vec")}, ("vec",), arguments={"seconds": 2.5}),
+        StageDef("slow", Slow, {"vec": ("load", "vec")}, ("vec",), arguments=arguments),
     ]
     executor = LocalExecutor(stages, output_root=tmp_path / "o", limits=Limits(stall_seconds=1))
+    reported = threading.Event()
+
+    def release_once_reported(logs):  # beside the run (which needs the main thread)
+        try:  # no report before HANG: released all the same, the assertion below says so
+            wait_until(
+                lambda: any(
+                    e["event"] == "pipeline_stalled"
+                    and "worker slow#0 busy with job 'job0'" in e["report"]
+                    for e in list(logs)
+                ),
+                "stall report naming the busy worker",
+            )
+            reported.set()
+        except AssertionError:
+            pass
+        finally:
+            release.touch()
+
     with structlog.testing.capture_logs() as logs:
+        watcher = threading.Thread(target=release_once_reported, args=(logs,), daemon=True)
+        watcher.start()
         executor.run(make_jobs(tmp_path / "in", [3]))
-    stalls = [e for e in logs if e["event"] == "pipeline_stalled"]
-    # the first report may come while the workers still start (a loaded machine): any will do
-    assert any("worker slow#0 busy with job 'job0'" in e["report"] for e in stalls), stalls
+    watcher.join(HANG)
+    assert reported.is_set(), [e for e in logs if e["event"] == "pipeline_stalled"]
 
 
 def test_a_job_timeout_cancels_the_job_wherever_it_is(tmp_path):
