@@ -60,6 +60,7 @@ from dataflow.platform.errors import (
     NotFound,
 )
 from dataflow.platform.events import Subscription
+from dataflow.platform.modelstore import ModelOps
 from dataflow.platform.names import (
     CLARA_STATE,
     JOB_ID_FORM,
@@ -102,7 +103,7 @@ def _grpc_server() -> Any:
     return None
 
 
-class Platform(PipelineOps, PayloadOps):
+class Platform(PipelineOps, PayloadOps, ModelOps):
     """See the module docstring. ``service``: the service it belongs to (not yet started: the
     platform adds the pipelines registered earlier to its list before they are built)."""
 

@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from dataflow.platform.errors import (
     PAYLOAD_MISSING_FILE,
@@ -26,8 +27,8 @@ from dataflow.platform.errors import (
     Refused,
 )
 
-__all__ = ["CHUNK", "check_name", "list_files", "open_file", "read_chunks", "resolve",
-           "write_file"]  # fmt: skip
+__all__ = ["CHUNK", "body_chunks", "check_name", "list_files", "open_file", "read_chunks",
+           "resolve", "write_file"]  # fmt: skip
 
 CHUNK = 1024 * 1024
 
@@ -160,4 +161,21 @@ def open_file(inputs: Path | None, outputs: Path | None, name: str) -> tuple[Pat
 def read_chunks(path: Path, size: int = CHUNK) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(size):
+            yield chunk
+
+
+def body_chunks(request: Any, counter: Any) -> Iterator[bytes]:
+    """An HTTP request's body (Starlette's ``request.stream()``) as chunks, for a worker
+    thread (each is fetched from the event loop as the writer wants it); ``counter``: a
+    prometheus counter the bytes are added to."""
+    import anyio.from_thread
+
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = anyio.from_thread.run(stream.__anext__)
+        except StopAsyncIteration:
+            return
+        if chunk:
+            counter.inc(len(chunk))
             yield chunk

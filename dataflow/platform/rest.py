@@ -27,6 +27,8 @@ from dataflow import __version__
 from dataflow.platform.audit import CALLER
 from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
+from dataflow.platform.modelstore import add_routes as add_model_routes
+from dataflow.platform.payloads import body_chunks
 
 __all__ = ["RestServer", "build_app", "listen", "serve"]
 
@@ -296,20 +298,9 @@ def build_app(platform: Platform) -> FastAPI:
         if not name.startswith("input/"):
             raise Invalid(f"payload file {name!r}: files are uploaded under input/ "
                           "(e.g. input/series1/slice001.dcm)")  # fmt: skip
-        stream = request.stream().__aiter__()
-
-        def chunks():
-            while True:
-                try:
-                    chunk = anyio.from_thread.run(stream.__anext__)
-                except StopAsyncIteration:
-                    return
-                if chunk:
-                    figures.bytes.labels("upload").inc(len(chunk))
-                    yield chunk
-
+        chunks = body_chunks(request, figures.bytes.labels("upload"))
         return await anyio.to_thread.run_sync(
-            platform.upload, payload_id, name[len("input/") :], chunks()
+            platform.upload, payload_id, name[len("input/") :], chunks
         )
 
     @app.delete(f"{PREFIX}/payloads/{{payload_id}}/files/{{name:path}}", tags=["payloads"],
@@ -357,6 +348,8 @@ def build_app(platform: Platform) -> FastAPI:
         collection: str, item: str, key: list[str] = Query(default=[])
     ) -> dict[str, str]:
         return platform.remove_metadata(_kind(collection), item, key)
+
+    add_model_routes(app, platform, PREFIX, figures)
 
     # ------------------------------------------------------------------ events
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import shutil
 import sqlite3
 import threading
@@ -44,6 +45,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from dataflow import models
 from dataflow.errors import DataflowError
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
 from dataflow.execution.state import PRIORITIES
@@ -179,6 +181,9 @@ class Service:
     def _start(self) -> None:
         previous = read_previous(self.config.state)  # before this run overwrites it
         self.jobs = JobStore(self.config.state / "jobs.db")
+        # the model repository the API writes to; stages read models:/NAME/VERSION from it,
+        # in this process (validation) and in the workers (which inherit the environment)
+        os.environ[models.ENV] = str(self.config.state / "models")
         if self.config.api is not None:
             from dataflow.platform.core import Platform
 

@@ -97,7 +97,15 @@ def check_batch(batch: np.ndarray, info: TensorInfo, model: str) -> np.ndarray:
 def resolve_model_path(model: str | os.PathLike[str], base: Path | None = None) -> Path:
     """Where the model file ``model`` is: an absolute path as is; a relative one is looked for
     in ``base`` (the pipeline file's folder, when a pipeline loads), then in the current
-    folder."""
+    folder. ``models:/NAME/VERSION`` (or ``models:/NAME``, its highest version) is a model of
+    the model repository (:mod:`dataflow.models`: the service's, or ``DATAFLOW_MODELS``)."""
+    from dataflow import models
+
+    if models.is_reference(model):
+        try:
+            return models.resolve(str(model))
+        except models.ModelError as exc:
+            raise InferenceError(str(exc)) from None
     path = Path(model).expanduser()
     if path.is_absolute():
         candidates = [path]

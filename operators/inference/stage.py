@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflow import models
 from dataflow.stage import (
     ParameterError,
     Port,
@@ -110,7 +111,13 @@ class _InferenceBase(Stage):
         absolute path (a missing one fails the job that needs it, naming the file)."""
         out = super().check_parameters(values, where)
         model = out.get("model", "demo")
-        if out.get("backend", "onnx") == "onnx" and model != "demo":
+        if out.get("backend", "onnx") == "onnx" and models.is_reference(model):
+            try:  # a model of the repository must be there when the pipeline is checked
+                out["model"] = str(resolve_model_path(model))
+            except InferenceError as exc:
+                raise ParameterError(f"{where or f'stage {cls.__name__}'}: parameter 'model': "
+                                     f"{exc}") from None  # fmt: skip
+        elif out.get("backend", "onnx") == "onnx" and model != "demo":
             with contextlib.suppress(InferenceError):
                 out["model"] = str(resolve_model_path(model, pipeline_folder()))
         return out
