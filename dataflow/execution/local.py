@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from dataflow.execution import forkserver, state
+from dataflow.execution.latency import Latency
 from dataflow.execution.worker import WorkerSpec, mib, worker_main
 from dataflow.progress import ProgressEvent, StartupProgress, log_event
 from dataflow.scheduler import oom_kills
@@ -208,6 +209,10 @@ class LocalExecutor:
         self._in_flight: dict[str, list[str]] = {}
         self.stage_seconds: dict[str, float] = {s: 0.0 for s in self.stages}
         self.stage_jobs: dict[str, int] = {s: 0 for s in self.stages}
+        self.stage_failed: dict[str, int] = {s: 0 for s in self.stages}
+        self.stage_latency: dict[str, Latency] = {s: Latency() for s in self.stages}
+        self._store_stats: dict[str, Any] = {}
+        self._store_read = 0.0  # when _store_stats was taken (monotonic)
         self._dispatched_at: dict[str, float] = {}
         self.store: Store | None = None
         #: the stages' modules, imported once in the fork server its workers are forked from
@@ -403,8 +408,25 @@ class LocalExecutor:
             counters: dict[str, int] = dict.fromkeys(state.Core.COUNTERS, 0)
         else:
             stages, counters = core.health(time.monotonic()), dict(core.counters)
+            for name, figures in stages.items():
+                figures.update(done=self.stage_jobs[name], failed=self.stage_failed[name],
+                               busy_seconds=self.stage_seconds[name],
+                               latency=self.stage_latency[name].snapshot())  # fmt: skip
         counters["worker_oom"] = self.counters["worker_oom"]
-        return {"stages": stages, "counters": counters}
+        store = self._read_store() if core is not None else {}
+        return {"stages": stages, "counters": counters, "store": store}
+
+    def _read_store(self) -> dict[str, Any]:
+        """The store's figures (budget, used, objects, evictions, waits...), read at most once
+        a second, on the executor's thread (the coordinator's store connection is its own)."""
+        now = time.monotonic()
+        if self.store is not None and now - self._store_read >= 1.0:
+            self._store_read = now
+            try:
+                self._store_stats = self.store.stats()
+            except Exception as exc:  # stopping: keep the last figures
+                log.debug("store_stats_unread", error=repr(exc))
+        return self._store_stats
 
     def _on_message(self, wid, message, results, started, on_result) -> None:
         now = time.monotonic()
@@ -417,8 +439,10 @@ class LocalExecutor:
         elif kind == "done":
             _, job_id, outputs = message
             stage = self.core.workers[wid].stage
+            seconds = now - self._dispatched_at.pop(wid, now)
             self.stage_jobs[stage] += 1
-            self.stage_seconds[stage] += now - self._dispatched_at.pop(wid, now)
+            self.stage_seconds[stage] += seconds
+            self.stage_latency[stage].observe(seconds)
             values = {port: state.Value(ref, nbytes) for port, (ref, nbytes) in outputs.items()}
             self._do(self.core.job_done(wid, job_id, values, now), results, started, on_result)
         elif kind == "failed":
@@ -466,6 +490,8 @@ class LocalExecutor:
             elif isinstance(action, state.Discard):
                 self._discard(action.values)
             elif isinstance(action, (state.JobSucceeded, state.JobFailed)):
+                if isinstance(action, state.JobFailed) and action.stage in self.stage_failed:
+                    self.stage_failed[action.stage] += 1  # raised, died, timed out, refused
                 result = self._result(action, started, copy=on_result is None)
                 if on_result is not None:
                     on_result(result)  # sees zero-copy views of the results...

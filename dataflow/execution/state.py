@@ -477,7 +477,9 @@ class Core:
         """Per stage: ``state`` (``ok``: every worker up; ``starting``: first start under way;
         ``degraded``: some worker down or waiting to restart, jobs still accepted; ``broken``:
         jobs refused until a worker is up again), ``reason``, ``workers``, ``live`` (up now),
-        ``restarts`` (deaths since the start)."""
+        ``restarts`` (deaths since the start), ``busy`` (workers on a job now), ``queued``
+        (jobs ready for it, waiting for a worker), ``items_out`` and ``bytes_out`` (its
+        outputs in the store, not yet taken by every consumer)."""
         report: dict[str, dict[str, Any]] = {}
         for name in self.graph.stages:
             workers = [w for w in self.workers.values() if w.stage == name]
@@ -496,12 +498,17 @@ class Core:
                 state = "degraded"
                 w = next(w for w in down if w.last_death is not None)
                 reason = f"worker {w.id} died: {w.last_death}{later}"
+            out = [edge for (stage, _), edge in self.on_edge.items() if stage == name]
             report[name] = {
                 "state": state,
                 "reason": reason,
                 "workers": len(workers),
                 "live": live,
                 "restarts": sum(w.restarts for w in workers),
+                "busy": sum(w.state == "busy" for w in workers),
+                "queued": len(self.ready.get(name, ())),
+                "items_out": sum(len(edge) for edge in out),
+                "bytes_out": sum(sum(edge.values()) for edge in out),
             }
         return report
 

@@ -31,7 +31,11 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, write_to_textfile
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 __all__ = [
     "HEALTH_FILE",
@@ -190,7 +194,72 @@ def metric_families(report: dict[str, Any]) -> list:
     for destination, count in sorted(dead_counts.items()):
         dead.add_metric([destination], count)
     families = [up, written, problems, *counters.values(), stages, live, jobs, exports, dead]
-    return families + _connector_families(report)
+    return families + _work_families(report) + _connector_families(report)
+
+
+# per stage, from the coordinator's own figures (no worker process counts anything itself, so
+# nothing is counted twice): name -> (kind, help, key in the stage's health entry)
+_STAGE_FIGURES = {
+    "dataflow_stage_items": (CounterMetricFamily, "jobs a stage finished", "done"),
+    "dataflow_stage_failures": (CounterMetricFamily, "jobs that failed in a stage", "failed"),
+    "dataflow_stage_busy_seconds": (CounterMetricFamily, "worker seconds a stage spent on jobs",
+                                    "busy_seconds"),
+    "dataflow_stage_workers_busy": (GaugeMetricFamily, "workers of a stage on a job now", "busy"),
+    "dataflow_stage_queued": (GaugeMetricFamily, "jobs ready for a stage, waiting for a worker",
+                              "queued"),
+    "dataflow_stage_output_items": (GaugeMetricFamily, "a stage's outputs in the store, not yet "
+                                    "taken by every consumer", "items_out"),
+    "dataflow_stage_output_bytes": (GaugeMetricFamily, "bytes of a stage's outputs in the store, "
+                                    "not yet taken by every consumer", "bytes_out"),
+}  # fmt: skip
+# the pipeline's shared-memory store: name -> (kind, help, key in its stats)
+_STORE_FIGURES = {
+    "dataflow_store_budget_bytes": (GaugeMetricFamily, "the store's budget", "budget"),
+    "dataflow_store_used_bytes": (GaugeMetricFamily, "bytes of the budget in use", "used"),
+    "dataflow_store_objects": (GaugeMetricFamily, "objects in the store", "objects"),
+    "dataflow_store_waiting_creates": (GaugeMetricFamily, "creates waiting for room",
+                                       "waiting_creates"),
+    "dataflow_store_waiting_gets": (GaugeMetricFamily, "gets waiting for an object",
+                                    "waiting_gets"),
+    "dataflow_store_evictions": (CounterMetricFamily, "objects evicted to make room",
+                                 "evicted_total"),
+    "dataflow_store_created": (CounterMetricFamily, "objects created", "created_total"),
+}  # fmt: skip
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], latency: dict) -> None:
+    family.add_metric(labels, [(le, float(n)) for le, n in latency["buckets"]],
+                      float(latency["sum"]))  # fmt: skip
+
+
+def _work_families(report: dict[str, Any]) -> list:
+    """Stages' figures and latency, each pipeline's store, jobs' latency."""
+    stage = {name: kind(name, help_, labels=["pipeline", "stage"])
+             for name, (kind, help_, _) in _STAGE_FIGURES.items()}  # fmt: skip
+    store = {name: kind(name, help_, labels=["pipeline"])
+             for name, (kind, help_, _) in _STORE_FIGURES.items()}  # fmt: skip
+    stage_seconds = HistogramMetricFamily(
+        "dataflow_stage_seconds", "a stage's seconds per job (dispatch to result)",
+        labels=["pipeline", "stage"],
+    )  # fmt: skip
+    job_seconds = HistogramMetricFamily(
+        "dataflow_job_seconds", "a job's seconds from admission to its end, by outcome",
+        labels=["pipeline", "outcome"],
+    )  # fmt: skip
+    for pipeline, entry in report["pipelines"].items():
+        for name, health in entry.get("stages", {}).items():
+            for metric, (_, _, key) in _STAGE_FIGURES.items():
+                if key in health:
+                    stage[metric].add_metric([pipeline, name], float(health[key]))
+            if health.get("latency"):
+                _histogram(stage_seconds, [pipeline, name], health["latency"])
+        stats = entry.get("store") or {}
+        for metric, (_, _, key) in _STORE_FIGURES.items():
+            if key in stats:
+                store[metric].add_metric([pipeline], float(stats[key]))
+    for row in report.get("job_latency", []):
+        _histogram(job_seconds, [row["pipeline"], row["outcome"]], row)
+    return [*stage.values(), stage_seconds, *store.values(), job_seconds]
 
 
 def _connector_families(report: dict[str, Any]) -> list:

@@ -47,6 +47,7 @@ import structlog
 
 from dataflow import models
 from dataflow.errors import DataflowError
+from dataflow.execution.latency import Latency
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
 from dataflow.execution.state import PRIORITIES
 from dataflow.hints import suggest
@@ -162,6 +163,8 @@ class Service:
         self._stopping = threading.Event()
         self._aborted = self._stopped = False
         self._cut_short: dict[str, list[str] | None] = {}  # job -> its stages when aborted
+        #: (pipeline, "succeeded" | "failed") -> the jobs' seconds from admission to the end
+        self._job_latency: dict[tuple[str, str], Latency] = {}
 
     # ------------------------------------------------------------------ life cycle
 
@@ -590,7 +593,9 @@ class Service:
             self._remove_outputs(job)
             log.info("cancelled_job_ended", job_id=job.id, pipeline=pipeline)
             return
-        self._emit(result.job, pipeline, "succeeded" if result.ok else "failed")
+        outcome = "succeeded" if result.ok else "failed"
+        self._job_latency.setdefault((pipeline, outcome), Latency()).observe(result.seconds)
+        self._emit(result.job, pipeline, outcome)
         self._poke()
         if not result.ok:
             log.error("job_finished", job_id=result.job, pipeline=pipeline, ok=False,
@@ -677,6 +682,8 @@ class Service:
                      for (p, s), n in sorted(jobs.pipeline_counts().items())],
             "deliveries": [{"destination": d, "state": s, "count": n}
                            for (d, s), n in sorted(jobs.delivery_counts().items())],
+            "job_latency": [{"pipeline": p, "outcome": o, **latency.snapshot()}
+                            for (p, o), latency in sorted(self._job_latency.items())],
             "connectors": connectors,
         }  # fmt: skip
 

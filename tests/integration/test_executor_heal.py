@@ -112,13 +112,19 @@ def test_a_stage_whose_worker_keeps_dying_breaks_then_heals_by_itself(tmp_path):
         "stage_timeouts": 0, "job_timeouts": 0,
     }  # fmt: skip
     assert health["stages"]["scale"]["restarts"] == 4
-    assert health["stages"]["load"] == {
+    load = health["stages"]["load"]
+    assert {key: load[key] for key in ("state", "reason", "workers", "live", "restarts")} == {
         "state": "ok",
         "reason": None,
         "workers": 1,
         "live": 1,
         "restarts": 0,
     }
+    # the coordinator's figures per stage, as /metrics shows them: every job through load
+    # done, none failed there, nothing left waiting when the run is over
+    assert load["failed"] == 0 and load["done"] == load["latency"]["count"] >= 1
+    assert (load["busy"], load["queued"], load["items_out"]) == (0, 0, 0)
+    assert health["stages"]["scale"]["failed"] >= 1  # the jobs its dying worker held
 
 
 def test_a_stage_that_cannot_be_constructed_is_reported_at_once_not_restarted(tmp_path):

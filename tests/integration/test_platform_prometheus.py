@@ -77,7 +77,17 @@ def test_prometheus_scrapes_jobs_and_api_figures(tmp_path):
 
             succeeded = 'dataflow_jobs{job="dataflow",pipeline="passthrough",state="succeeded"}'
             uploads = 'sum(dataflow_api_requests_total{method="PUT",status="201"})'
-            wanted = {'up{job="dataflow"}': 1.0, succeeded: 3.0, uploads: 3.0}
+            passthrough = 'pipeline="passthrough"'
+            wanted = {
+                'up{job="dataflow"}': 1.0, succeeded: 3.0, uploads: 3.0,
+                # the coordinator's own figures per stage and job: each counted once
+                f'dataflow_stage_items_total{{{passthrough},stage="compare"}}': 3.0,
+                f'dataflow_stage_seconds_count{{{passthrough},stage="npy-to-array"}}': 3.0,
+                f'sum(dataflow_stage_failures_total{{{passthrough}}})': 0.0,
+                f'sum(dataflow_stage_queued{{{passthrough}}})': 0.0,
+                f'dataflow_job_seconds_count{{{passthrough},outcome="succeeded"}}': 3.0,
+                f'dataflow_store_budget_bytes{{{passthrough}}} > bool 0': 1.0,
+            }  # fmt: skip
             seen: dict[str, float | None] = {}
             while seen != wanted:
                 assert prometheus.poll() is None, log.read_text()[-3000:]

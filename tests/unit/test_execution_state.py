@@ -133,6 +133,19 @@ def test_backpressure_holds_a_fast_producer_behind_a_slow_consumer():
     assert h.running() == {"fast#0": "j2", "slow#0": "j1"}
 
 
+def test_health_shows_busy_workers_queued_jobs_and_outputs_waiting_in_the_store():
+    h = Harness(linear_graph(["fast", "slow"]), edge_items=2, max_jobs=10)
+    h.submit(*[f"j{i}" for i in range(6)])
+    h.finish("fast#0", nbytes=100)  # j0 -> slow starts on it
+    h.finish("fast#0", nbytes=100)  # j1 waits on the edge; fast is held back
+    fast, slow = (h.core.health(h.now)[name] for name in ("fast", "slow"))
+    assert (fast["busy"], fast["queued"], fast["items_out"], fast["bytes_out"]) == (0, 4, 2, 200)
+    assert (slow["busy"], slow["queued"]) == (1, 1)
+    h.finish("slow#0")  # j0's value is freed; slow takes j1, fast resumes with j2
+    fast = h.core.health(h.now)["fast"]
+    assert (fast["busy"], fast["queued"], fast["items_out"]) == (1, 3, 1)
+
+
 def test_byte_budget_per_edge():
     h = Harness(linear_graph(["fast", "slow"]), edge_items=100, edge_bytes=25)
     h.submit("j0", "j1", "j2", "j3")
@@ -323,6 +336,10 @@ def test_deaths_in_a_row_back_off_break_the_stage_and_it_recovers_by_itself():
         "workers": 1,
         "live": 1,
         "restarts": 4,
+        "busy": 0,
+        "queued": 0,
+        "items_out": 0,
+        "bytes_out": 0,
     }
 
 
