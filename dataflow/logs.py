@@ -16,15 +16,19 @@ patient-identifying element on its line (``PatientName``, ``Patient's Name``, ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["PHI_ELEMENTS", "PHI_KEYS", "configure_logging", "scrub"]
+__all__ = ["PHI_ELEMENTS", "PHI_KEYS", "configure_logging", "job_log", "job_note", "scrub"]
 
 #: Field names whose values are patient identifiers (or may embed them).
 PHI_KEYS = frozenset(
@@ -85,9 +89,15 @@ def _redact_phi(logger, method_name, event_dict):
 
 
 def configure_logging(
-    level: str | int = "INFO", *, json: bool = False, allow_phi: bool | None = None
+    level: str | int = "INFO",
+    *,
+    json: bool = False,
+    allow_phi: bool | None = None,
+    job_logs: bool = False,
 ):
-    """Configure structlog and stdlib logging for this process (idempotent)."""
+    """Configure structlog and stdlib logging for this process (idempotent). ``job_logs``:
+    a worker keeping its jobs' logs (:func:`job_log`), which get info events whatever
+    ``level`` the console shows."""
     if allow_phi is None:
         allow_phi = os.environ.get("DATAFLOW_LOG_PHI") == "1"
     if isinstance(level, str):
@@ -99,6 +109,8 @@ def configure_logging(
     ]
     if not allow_phi:
         processors.append(_redact_phi)
+    # a job's log (see job_log) keeps its info events even where the console shows warnings only
+    processors += [_tee_to_job, _console_level(level)]
     renderer = (
         structlog.processors.JSONRenderer()
         if json
@@ -106,8 +118,119 @@ def configure_logging(
     )
     structlog.configure(
         processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            min(level, logging.INFO) if job_logs else level
+        ),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s", force=True)
+
+
+# ---------------------------------------------------------------------- a job's own log
+
+_job_sink: TextIO | None = None  # the log file of the job this process runs now, if any
+_sink_lock = threading.Lock()
+
+
+def _write_job_line(text: str) -> None:
+    with _sink_lock:
+        sink = _job_sink
+        if sink is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sink.write(text)
+                sink.flush()
+
+
+def job_note(text: str) -> None:
+    """``text``, scrubbed, into the running job's log only (see :func:`job_log`)."""
+    text = scrub(text) or ""
+    _write_job_line(text if text.endswith("\n") else text + "\n")
+
+
+def _tee_to_job(logger: Any, method_name: str, event_dict: dict) -> dict:
+    """structlog processor: the event, as one plain line, into the running job's log too."""
+    if _job_sink is not None:
+        fields = " ".join(f"{k}={v}" for k, v in event_dict.items()
+                          if k not in ("event", "timestamp", "level"))  # fmt: skip
+        line = f"{event_dict.get('timestamp', '')} [{event_dict.get('level', method_name)}] " \
+               f"{event_dict.get('event', '')} {fields}".rstrip()  # fmt: skip
+        _write_job_line((scrub(line) or "") + "\n")
+    return event_dict
+
+
+def _console_level(level: int):
+    def drop_below(logger: Any, method_name: str, event_dict: dict) -> dict:
+        number = logging.getLevelName(str(event_dict.get("level", method_name)).upper())
+        if isinstance(number, int) and number < level:
+            raise structlog.DropEvent
+        return event_dict
+
+    return drop_below
+
+
+class _JobHandler(logging.Handler):
+    """stdlib logging records (libraries' own) into the running job's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            _write_job_line((scrub(f"[{record.levelname.lower()}] {record.name}: "
+                                   f"{record.getMessage()}") or "") + "\n")  # fmt: skip
+
+
+class _Tee:
+    """A text stream passing what it is given, line by line and scrubbed, both to the
+    stream it wraps and to the job's log (``print(name, value)`` arrives in pieces: each line
+    is scrubbed whole, so a stage's debug print cannot put a patient's name in either)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._line = ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        if "\n" in self._line:
+            lines, _, self._line = self._line.rpartition("\n")
+            self._emit((scrub(lines) or "") + "\n")
+        return len(text)
+
+    def _emit(self, text: str) -> None:
+        _write_job_line(text)
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
+            self._stream.flush()
+
+    def close_line(self) -> None:
+        if self._line:
+            self._emit((scrub(self._line) or "") + "\n")
+            self._line = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def job_log(path: Path) -> Iterator[None]:
+    """While the block runs, what this process logs (structlog events and stdlib records) and
+    prints (``sys.stdout``, ``sys.stderr``) also goes, scrubbed of patient identifiers
+    (:func:`scrub`), to ``path`` (appended; its folder made): the log of one job in one stage,
+    which ``dataflow serve`` keeps beside the job's outputs (Clara's per-operator logs)."""
+    global _job_sink
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _JobHandler()
+    with open(path, "a", encoding="utf-8", errors="replace") as sink:
+        with _sink_lock:
+            _job_sink = sink
+        root = logging.getLogger()
+        root.addHandler(handler)
+        stdout, stderr = sys.stdout, sys.stderr
+        tees = sys.stdout, sys.stderr = _Tee(stdout), _Tee(stderr)
+        try:
+            yield
+        finally:
+            for tee in tees:
+                tee.close_line()
+            sys.stdout, sys.stderr = stdout, stderr
+            root.removeHandler(handler)
+            with _sink_lock:
+                _job_sink = None

@@ -215,6 +215,8 @@ class LocalExecutor:
         self._store_read = 0.0  # when _store_stats was taken (monotonic)
         self._dispatched_at: dict[str, float] = {}
         self.store: Store | None = None
+        #: keep each job's log per stage (``OUTPUT_ROOT/<job>/.logs/<stage>.log``): the service
+        self.job_logs = False
         #: the stages' modules, imported once in the fork server its workers are forked from
         self._preload = sorted(
             {
@@ -598,6 +600,7 @@ class LocalExecutor:
             owner_id=self.store.client_id, output_root=str(self.output_root), env=env,
             device=device, log_format=self.log_format, log_level=self.log_level,
             memory_limit=stage.memory_limit, memory_source=stage.memory_source,
+            job_logs=self.job_logs,
         )  # fmt: skip
         ctx = forkserver.context_for(env, device, self._preload)
         forked = ctx.get_start_method() == "forkserver"

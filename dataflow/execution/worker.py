@@ -68,6 +68,7 @@ class WorkerSpec:
     log_level: str = "WARNING"
     memory_limit: int | None = None  # bytes beyond the prepared worker's footprint
     memory_source: str = "requests.memory"
+    job_logs: bool = False  # keep each job's log: OUTPUT_ROOT/<job>/.logs/<stage>.log
 
 
 def resolve_stage(ref: Any) -> type[Stage]:
@@ -157,6 +158,18 @@ class Worker:
                 self.client.close()
 
     def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
+        if not self.spec.job_logs:
+            return self._run_job(job_id, job_name, inputs, timeout)
+        from dataflow.logs import job_log, job_note
+
+        path = Path(self.spec.output_root) / job_name / ".logs" / f"{self.spec.stage}.log"
+        with job_log(path):
+            outcome = self._run_job(job_id, job_name, inputs, timeout)
+            if outcome[0] == "failed":  # the failure belongs to the operator's log too
+                job_note(f"job failed: {outcome[2]}\n{outcome[3]}")
+            return outcome
+
+    def _run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
         job = self.job = _Job(self, job_id, job_name)
         try:
             values, metadata = self._materialize(job, inputs)
@@ -291,7 +304,7 @@ def worker_main(spec: WorkerSpec, conn, sys_path: list[str], inherit: Any = None
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     from dataflow.logs import configure_logging
 
-    configure_logging(spec.log_level, json=spec.log_format == "json")
+    configure_logging(spec.log_level, json=spec.log_format == "json", job_logs=spec.job_logs)
     try:
         worker = Worker(spec, conn)
     except BaseException as exc:

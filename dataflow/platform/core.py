@@ -409,8 +409,9 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
 
     def job_logs(self, job_id: str, operator: str | None = None) -> list[str]:
         """What is recorded of a job (its history, error and the failure's traceback,
-        scrubbed), of one operator if given. Workers' own log lines go to the service's
-        log, each with the job id; they are not kept per job yet."""
+        scrubbed), then what its operators logged and printed while they ran it (each line
+        ``[operator] ...``; kept in ``STATE/jobs/<job>/.logs/<operator>.log``, scrubbed), of
+        one operator if given."""
         job = self._job(job_id)
         if operator is not None and operator not in self.operators(job.pipeline):
             raise NotFound(f"job {job.id}: pipeline {job.pipeline!r} has no operator "
@@ -428,6 +429,13 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
             lines += (job.details or "").splitlines()
         elif job.finished:
             lines.append(f"{when(job.finished)} {job.state}")
+        folder = self.service.jobs_dir / job.id / ".logs"
+        for name in [operator] if operator is not None else self.operators(job.pipeline):
+            try:
+                text = (folder / f"{name}.log").read_text(errors="replace")
+            except OSError:
+                continue
+            lines += [f"[{name}] {line}" for line in text.splitlines()]
         return lines
 
     # ------------------------------------------------------------------ health

@@ -131,6 +131,8 @@ def list_files(inputs: Path | None, outputs: Path | None) -> list[dict]:
     files = [] if inputs is None else list(_walk(inputs, "/input/"))
     if outputs is not None and outputs.is_dir():
         for entry in sorted(outputs.iterdir()):
+            if entry.name.startswith("."):  # .logs: the operators' logs (Jobs.ReadLogs)
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 files += _walk(entry, f"/operators/{entry.name}/")
             elif entry.is_file() and not entry.is_symlink():

@@ -259,6 +259,7 @@ class Service:
             stage_timeout=entry.limits.stage_timeout,
             job_timeout=entry.limits.job_timeout, memory_limit=entry.limits.worker_memory,
         )  # fmt: skip
+        executor.job_logs = True  # each operator's log per job, for the API (Clara's ReadLogs)
         return executor
 
     def _launch(self, name: str, executor: LocalExecutor) -> threading.Event:

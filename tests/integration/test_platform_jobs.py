@@ -91,12 +91,23 @@ def test_a_failed_job_fixed_and_retried_succeeds(service, client):
     assert "PAT-0042" not in str(status) and "DOE^JANE" not in str(status)
     logs = client.get(f"/api/v1/jobs/{job_id}/logs", params={"operator": "hang"}).json()["logs"]
     assert any("failed: hang:" in line for line in logs) and "PAT-0042" not in str(logs)
+    # what the operator logged (info, below the console's level) and printed while it ran the
+    # job, and its traceback, kept per job; the patient's name it printed is scrubbed
+    own = [line for line in logs if line.startswith("[hang] ")]
+    assert any("hang_attempt" in line and "attempt=1" in line for line in own), logs
+    assert any("attempt 1 on its folder" in line for line in own), logs
+    assert any("Traceback" in line for line in own) and any("ValueError" in line for line in own)
+    assert "DOE^JANE" not in str(logs) and any("PatientName <redacted>" in line for line in own)
+    files = client.get(f"/api/v1/jobs/{job_id}/files").json()
+    assert not any(".logs" in f["name"] for f in files)  # logs are read through /logs
     unknown_op = client.get(f"/api/v1/jobs/{job_id}/logs", params={"operator": "nope"})
     assert unknown_op.status_code == 404 and "'nope'" in unknown_op.json()["message"]
     client.delete(f"/api/v1/payloads/{payload_id}/files/input/fail")
     retried = client.post(f"/api/v1/jobs/{job_id}/retry")
     assert retried.status_code == 200, retried.text
     until(lambda: state_of(client, job_id) == "succeeded", "the retried job")
+    logs = client.get(f"/api/v1/jobs/{job_id}/logs").json()["logs"]  # every operator's
+    assert any(line.startswith("[hang] ") and "attempt 2 on its folder" in line for line in logs)
     again = client.post(f"/api/v1/jobs/{job_id}/retry")
     assert again.status_code == 409 and "only a failed job" in again.json()["message"]
 

@@ -76,3 +76,32 @@ def test_scrub_removes_patient_identifiers_by_element_and_by_value():
     assert lines[11].startswith("invalid value '<redacted>' for (0x00100010) <redacted>")
     assert scrub("Rows 512, PatientAge 040Y") == "Rows 512, PatientAge 040Y"
     assert scrub(None) is None and scrub("") == ""
+
+
+def test_a_jobs_log_keeps_its_events_prints_and_records_scrubbed(capsys, tmp_path):
+    from dataflow.logs import job_log, job_note
+
+    configure_logging("WARNING", json=True, job_logs=True)  # a worker's console: warnings
+    log = structlog.get_logger("stage")
+    path = tmp_path / "job" / ".logs" / "seg.log"
+    log.info("before_the_job")
+    with job_log(path):
+        log.info("slice_read", index=3)  # below the console's level: in the job's log only
+        log.warning("odd_spacing", spacing=2.5)
+        print("PatientName:", "DOE^JANE")  # in pieces: scrubbed as one line
+        print("no newline at the end", end="")
+        logging.getLogger("some.library").warning("library says %s", "hi")
+        job_note("job failed: PatientID=PAT-7")
+    log.info("after_the_job")
+    print("after the job")
+    text = path.read_text()
+    assert "before_the_job" not in text and "after_the_job" not in text
+    assert "after the job" not in text
+    assert "slice_read" in text and "index=3" in text and "odd_spacing" in text
+    assert "PatientName <redacted>" in text and "DOE^JANE" not in text
+    assert "no newline at the end\n" in text and "some.library: library says hi" in text
+    assert "PatientID <redacted>" in text and "PAT-7" not in text
+    out = capsys.readouterr()
+    console = out.out + out.err
+    assert "odd_spacing" in console and "slice_read" not in console  # the console's level
+    assert "PatientName <redacted>" in out.out and "DOE^JANE" not in console

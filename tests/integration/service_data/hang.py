@@ -1,7 +1,8 @@
 """A test stage that does what its job folder tells it: a file ``hang`` makes it sleep until
 the file is gone (a hung stage), ``fail`` makes it raise an error quoting a dataset's patient
 elements (what a traceback may carry), ``crash`` kills its worker (as the OOM killer would);
-otherwise it writes ``done.txt``. Each attempt leaves
+otherwise it writes ``done.txt``. It logs an info event and prints a line (and, failing, a
+patient element) for the job's own log. Each attempt leaves
 ``started-N`` in the job folder first, so a test can wait for the stage to be running."""
 
 import os
@@ -20,11 +21,14 @@ class Hang(Stage):
         job = Path(job)
         attempt = len(list(job.glob("started-*"))) + 1
         (job / f"started-{attempt}").touch()
+        ctx.log.info("hang_attempt", attempt=attempt)
+        print(f"attempt {attempt} on its folder", flush=True)
         while (job / "hang").exists():
             time.sleep(0.05)
         if (job / "crash").exists():
             os.kill(os.getpid(), signal.SIGKILL)
         if (job / "fail").exists():
+            print("read PatientName:", "DOE^JANE", flush=True)  # a stage author's debug print
             raise ValueError(
                 "cannot read (0010,0010) Patient's Name PN: 'DOE^JANE' in "
                 f"{job.name}/1.dcm; PatientID=PAT-0042"
