@@ -63,7 +63,8 @@ SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits", "api")  # th
 _RETENTION_KEYS = ("succeeded", "failed", "interval")
 _PIPELINE_KEYS = ("file", "params", "replicas", "limits")
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
-_API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve")
+_API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve", "start-pipelines",
+             "idle-stop")  # fmt: skip
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -118,6 +119,11 @@ class ApiConfig:
     grpc_port: int | None = 30031
     max_upload: int = 10 * 1024**3
     disk_reserve: int = 1024**3
+    #: pipelines registered through the API: their workers start at registration
+    #: ("registration") or at their first job ("first-job"); ``idle_stop``: seconds without a
+    #: job after which their workers stop until the next job (None: never)
+    start_pipelines: str = "registration"
+    idle_stop: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +212,15 @@ def _api(section: Any, path: Path) -> ApiConfig | None:
             sizes[key] = -1
         if sizes[key] < 0:
             raise ConfigError(f"{where}.{key}: {value!r} is not a size (e.g. 10GiB, 500MiB)")
+    start = section.get("start-pipelines", "registration")
+    if start not in ("registration", "first-job"):
+        raise ConfigError(
+            f"{where}.start-pipelines: {start!r}: 'registration' (the workers of a pipeline "
+            "registered through the API start at once) or 'first-job'"
+        )
+    idle = parse_duration(section.get("idle-stop"), f"{where}.idle-stop")
     return ApiConfig(host, ports["rest-port"] or 0, ports["grpc-port"], sizes["max-upload"],
-                     sizes["disk-reserve"])  # fmt: skip
+                     sizes["disk-reserve"], start, idle or None)  # fmt: skip
 
 
 def _limits(section: Any, where: str, base: JobLimits, *, service_wide: bool) -> JobLimits:
