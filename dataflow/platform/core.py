@@ -155,6 +155,11 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
                           reason=self.broken[name])  # fmt: skip
                 continue
             self.service.pipelines[name] = self._entry(name, file)
+            lifetime = self._lifetime()
+            if lifetime["lazy"]:  # checked with the others, started at its first job
+                self.service.dormant.add(name)
+            if lifetime["idle_stop"]:
+                self.service.idle_stop[name] = lifetime["idle_stop"]
 
     # ------------------------------------------------------------------ servers
 

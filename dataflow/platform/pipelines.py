@@ -71,12 +71,15 @@ class PipelineOps:
     def _summary(self, name: str) -> dict[str, Any]:
         entry = self.service.pipelines[name]
         registered = name in self._registered()
+        state = "ready" if name in self.service.feeds else "starting"
+        if name in self.service.dormant:
+            state = "idle"  # its workers start at its next job
         return {
             "id": pipeline_id(name),
             "name": name,
             "source": "api" if registered else "configured",
             "file": str(entry.file),
-            "state": "ready" if name in self.service.feeds else "starting",
+            "state": state,
             "metadata": self.registry.metadata("pipeline", pipeline_id(name)),
         }
 
@@ -156,7 +159,7 @@ class PipelineOps:
                 staging.rename(final)
                 file = final / "pipeline.yaml"
                 try:
-                    self.service.add_pipeline(self._entry(name, file))
+                    self.service.add_pipeline(self._entry(name, file), **self._lifetime())
                 except Exception as exc:
                     shutil.rmtree(final, ignore_errors=True)
                     raise Invalid(f"pipeline {name!r} could not be started: {scrub(str(exc))}",
@@ -215,11 +218,13 @@ class PipelineOps:
         final.rename(old)
         staging.rename(final)
         try:
-            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
+            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"),
+                                      **self._lifetime())  # fmt: skip
         except Exception as exc:
             shutil.rmtree(final, ignore_errors=True)
             old.rename(final)
-            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"))
+            self.service.add_pipeline(self._entry(name, final / "pipeline.yaml"),
+                                      **self._lifetime())  # fmt: skip
             raise Invalid(f"pipeline {name!r}: the new definition could not be started (the "
                           f"old one is served again): {scrub(str(exc))}",
                           code=PIPELINE_LOAD) from None  # fmt: skip
@@ -250,6 +255,12 @@ class PipelineOps:
             more = f" and {len(busy) - 20} more" if len(busy) > 20 else ""
             raise Conflict(f"pipeline {name!r} has jobs in flight: {ids}{more}; cancel them "
                            "or wait", code=PIPELINE_STORE)  # fmt: skip
+
+    def _lifetime(self) -> dict[str, Any]:
+        """When a registered pipeline's workers start and stop (``api.start-pipelines``,
+        ``api.idle-stop``)."""
+        return {"lazy": self.config.start_pipelines == "first-job",
+                "idle_stop": self.config.idle_stop}  # fmt: skip
 
     def _entry(self, name: str, file: Path):
         from dataflow.service.config import PipelineEntry

@@ -163,6 +163,13 @@ class Service:
         self._stopping = threading.Event()
         self._aborted = self._stopped = False
         self._cut_short: dict[str, list[str] | None] = {}  # job -> its stages when aborted
+        #: pipelines (registered through the API) whose workers are stopped until a job comes;
+        #: their jobs wait ``queued`` while their workers start
+        self.dormant: set[str] = set()
+        self.idle_stop: dict[str, float] = {}  # pipeline -> seconds idle before it sleeps
+        self._waking: set[str] = set()
+        self._last_busy: dict[str, float] = {}  # pipeline -> when it last took or ended a job
+        self._feeding = threading.Lock()  # a job handed to a feed vs that feed closing
         #: (pipeline, "succeeded" | "failed") -> the jobs' seconds from admission to the end
         self._job_latency: dict[tuple[str, str], Latency] = {}
 
@@ -195,6 +202,8 @@ class Service:
             except DataflowError as exc:
                 raise ServiceError(f"not started: {exc}; nothing was started") from None
         self._check()  # the whole configuration, before any worker process starts
+        for name in self.dormant:  # checked, started at their first job
+            self.executors.pop(name, None)
         log.info("pipelines_starting", pipelines=list(self.executors))
         ready = {name: self._launch(name, executor) for name, executor in self.executors.items()}
         deadline = time.monotonic() + self.startup_timeout
@@ -284,17 +293,29 @@ class Service:
                     f"{self.startup_timeout:.0f} s (see worker_failed_to_start in the log)"
                 )
 
-    def add_pipeline(self, entry: PipelineEntry) -> None:
+    def add_pipeline(
+        self, entry: PipelineEntry, *, lazy: bool = False, idle_stop: float | None = None
+    ) -> None:
         """Load, place and start a pipeline while the service runs (registered through the
-        API); returns once its workers are warm. ServiceError (the pipeline's diagnostics)
-        if it cannot be built or started; nothing is left running then."""
+        API); returns once its workers are warm — or, ``lazy``, once it is checked: its
+        workers start at its first job. ``idle_stop``: seconds without a job after which its
+        workers stop until the next one. ServiceError (the pipeline's diagnostics) if it
+        cannot be built or started; nothing is left running then."""
         with self._lock:
             if entry.name in self.pipelines or self._stopping.is_set():
                 raise ServiceError(f"pipeline {entry.name!r} exists already, or the service "
                                    "is stopping")  # fmt: skip
             self.pipelines[entry.name] = entry
+        if idle_stop:
+            self.idle_stop[entry.name] = idle_stop
+        self._last_busy[entry.name] = time.monotonic()
         try:
             executor = self._build(entry)
+            if lazy:
+                with self._feeding:
+                    self.dormant.add(entry.name)
+                log.info("pipeline_added", pipeline=entry.name, workers="at its first job")
+                return
             self.executors[entry.name] = executor
             ready = self._launch(entry.name, executor)
             self._wait_ready(entry.name, ready, time.monotonic() + self.startup_timeout)
@@ -313,6 +334,9 @@ class Service:
         log.info("pipeline_removed", pipeline=name)
 
     def _drop_pipeline(self, name: str) -> None:
+        with self._feeding:
+            self.dormant.discard(name)
+        self.idle_stop.pop(name, None)
         feed = self.feeds.pop(name, None)
         if feed is not None:
             feed.close()
@@ -323,6 +347,64 @@ class Service:
         self._errors.clear()  # a failed start of this pipeline is reported by add_pipeline
         with self._lock:
             self.pipelines.pop(name, None)
+
+    def _wake(self, name: str) -> None:
+        """Start a dormant pipeline's workers (on a thread of its own); its queued jobs are
+        handed to it as soon as its feed exists."""
+        with self._feeding:
+            if name not in self.dormant or name in self._waking or self._stopping.is_set():
+                return
+            self._waking.add(name)
+        threading.Thread(target=self._wake_up, args=(name,), name=f"wake {name}",
+                         daemon=True).start()  # fmt: skip
+
+    def _wake_up(self, name: str) -> None:
+        log.info("pipeline_waking", pipeline=name)
+        try:
+            executor = self._build(self.pipelines[name])
+        except Exception as exc:  # its definition or a model changed since: its jobs fail
+            error = scrub(f"pipeline {name!r} could not be started: {exc}")
+            log.error("pipeline_not_woken", pipeline=name, error=error)
+            with self._feeding:
+                self._waking.discard(name)
+            for job in self.jobs.unfinished(("queued",)) if self.jobs is not None else ():
+                if job.pipeline == name and self.jobs.finished(job.id, False, error=error):
+                    self._emit(job.id, name, "failed")
+            return
+        with self._feeding:
+            self._waking.discard(name)
+            if name not in self.dormant or self._stopping.is_set():
+                return  # removed (or the service stops) meanwhile
+            self.executors[name] = executor
+            self._launch(name, executor)
+            self.dormant.discard(name)
+            self._last_busy[name] = time.monotonic()
+        self._take_unfinished(("queued",), "job_picked_up")
+
+    def _sleep_idle(self) -> None:
+        """Stop the workers of pipelines idle for longer than their ``idle_stop``; they
+        start again at their next job."""
+        now = time.monotonic()
+        for name, seconds in list(self.idle_stop.items()):
+            if name in self.dormant or now - self._last_busy.get(name, now) < seconds:
+                continue
+            if self.jobs is None or self.jobs.list(states=("queued", "running"),
+                                                   pipelines=(name,), limit=1):  # fmt: skip
+                continue
+            with self._feeding:
+                if name not in self.feeds or self.jobs.list(
+                    states=("queued", "running"), pipelines=(name,), limit=1
+                ):
+                    continue
+                self.dormant.add(name)
+                feed, thread = self.feeds.pop(name), self.threads.pop(name, None)
+                self.executors.pop(name, None)
+            feed.close()
+            if thread is not None:
+                thread.join()
+            log.info(
+                "pipeline_idle_stopped", pipeline=name, idle_s=round(now - self._last_busy[name])
+            )
 
     def _serve(self, name: str, executor: LocalExecutor, feed: JobFeed, ready) -> None:
         try:
@@ -454,6 +536,7 @@ class Service:
         while not self._stopping.wait(self.watch_interval):
             try:
                 self._take_unfinished(("queued",), "job_picked_up")
+                self._sleep_idle()
             except Exception:
                 log.exception("job_watch_failed")
 
@@ -462,7 +545,7 @@ class Service:
         one whose pipeline is no longer configured fails."""
         assert self.jobs is not None
         for job in self.jobs.unfinished(states):
-            if job.pipeline not in self.feeds:
+            if job.pipeline not in self.feeds and job.pipeline not in self.dormant:
                 self.jobs.finished(job.id, False, error=f"pipeline {job.pipeline!r} is no "
                                    "longer configured")  # fmt: skip
                 continue
@@ -496,7 +579,7 @@ class Service:
     def submit(
         self, pipeline: str, payload: Path, *, source: dict[str, Any], key: str | None
     ) -> JobRecord:
-        if pipeline not in self.feeds:
+        if pipeline not in self.feeds and pipeline not in self.dormant:
             raise ServiceError(
                 f"no pipeline {pipeline!r} in {self.config.path} "
                 f"(configured: {', '.join(self.feeds)})"
@@ -518,7 +601,7 @@ class Service:
         job = self.jobs.get(job_id)
         log.info("job_queued", job_id=job.id, pipeline=job.pipeline)
         self._emit(job.id, job.pipeline, "queued")
-        if job.pipeline not in self.feeds:
+        if job.pipeline not in self.feeds and job.pipeline not in self.dormant:
             self._take_unfinished(("queued",), "job_picked_up")  # fails it, saying why
         else:
             self._queue(job)
@@ -552,14 +635,22 @@ class Service:
     def _queue(self, job: JobRecord, *, was: tuple[str, ...] = ("queued",)) -> bool:
         """Hand the job to its pipeline, unless it is no longer in a state of ``was`` (taken
         already: by :meth:`submit` or by the watcher). Every attempt starts without outputs:
-        those of an attempt that failed or was cut short are removed first."""
+        those of an attempt that failed or was cut short are removed first. A job of a
+        dormant pipeline stays queued and wakes it (False)."""
         assert self.jobs is not None
-        if not self.jobs.started(job.id, was=was):
+        with self._feeding:  # its feed cannot close meanwhile (idle stop)
+            dormant = job.pipeline in self.dormant
+            if not dormant:
+                if not self.jobs.started(job.id, was=was):
+                    return False
+                self._remove_outputs(job)
+                self._last_busy[job.pipeline] = time.monotonic()
+                self._emit(job.id, job.pipeline, "running")
+                priority = PRIORITIES.get(str(job.source.get("priority", "normal")), 2)
+                self.feeds[job.pipeline].put(job.id, job.payload, priority)
+        if dormant:  # it waits queued while its pipeline's workers start
+            self._wake(job.pipeline)
             return False
-        self._remove_outputs(job)
-        self._emit(job.id, job.pipeline, "running")
-        priority = PRIORITIES.get(str(job.source.get("priority", "normal")), 2)
-        self.feeds[job.pipeline].put(job.id, job.payload, priority)
         return True
 
     def _remove_outputs(self, job: JobRecord) -> None:
@@ -594,6 +685,7 @@ class Service:
             self._remove_outputs(job)
             log.info("cancelled_job_ended", job_id=job.id, pipeline=pipeline)
             return
+        self._last_busy[pipeline] = time.monotonic()
         outcome = "succeeded" if result.ok else "failed"
         self._job_latency.setdefault((pipeline, outcome), Latency()).observe(result.seconds)
         self._emit(result.job, pipeline, outcome)
