@@ -56,7 +56,18 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL, received REAL NOT NULL,
     PRIMARY KEY (group_id, sop_uid)
 );
+CREATE TABLE IF NOT EXISTS associations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    called_ae TEXT NOT NULL, calling_ae TEXT NOT NULL, peer_host TEXT NOT NULL,
+    outcome TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL, ended REAL NOT NULL,
+    stored INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+    ignored INTEGER NOT NULL DEFAULT 0
+);
 """
+
+#: associations kept in a spool's history (the oldest go first)
+ASSOCIATIONS_KEPT = 10_000
 
 STATES = ("pending", "complete", "dispatched", "ignored", "reclaimed")
 
@@ -341,6 +352,34 @@ class GroupStore:
                 (time.time(), group_id),
             )
         return cur.rowcount == 1
+
+    def record_association(
+        self, *, called_ae: str, calling_ae: str, peer_host: str, outcome: str, reason: str = "",
+        started: float, ended: float, stored: int = 0, failed: int = 0, ignored: int = 0,
+    ) -> None:  # fmt: skip
+        """One association's story, at its end (``released``, ``aborted``) or refusal
+        (``rejected``, with the reason); the history keeps the last ASSOCIATIONS_KEPT."""
+        with self._writing():
+            cur = self._db.execute(
+                "INSERT INTO associations (called_ae, calling_ae, peer_host, outcome, reason,"
+                " started, ended, stored, failed, ignored) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (called_ae, calling_ae, peer_host, outcome, reason, started, ended, stored,
+                 failed, ignored),
+            )  # fmt: skip
+            if cur.lastrowid % 100 == 0:
+                self._db.execute("DELETE FROM associations WHERE id <= ?",
+                                 (cur.lastrowid - ASSOCIATIONS_KEPT,))  # fmt: skip
+
+    def associations(self, limit: int = 100) -> list[dict]:
+        """The last ``limit`` associations, newest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT id, called_ae, calling_ae, peer_host, outcome, reason, started, ended,"
+                " stored, failed, ignored FROM associations ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def groups(self, state: str | None = None) -> list[Group]:
         """Every group (or those in ``state``), oldest first."""

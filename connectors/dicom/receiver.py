@@ -429,15 +429,20 @@ class Receiver:
 
     def _on_accepted(self, event) -> None:
         r = event.assoc.requestor
-        self._assocs[id(event.assoc)] = {"stored": 0, "failed": 0, "groups": set()}
+        fresh = {"stored": 0, "failed": 0, "groups": set()}
+        self._assocs.setdefault(id(event.assoc), fresh)["started"] = time.time()
         log.info("association_accepted", calling_ae=r.ae_title, peer_host=r.address,
                  called_ae=event.assoc.acceptor.ae_title)  # fmt: skip
 
     def _on_rejected(self, event) -> None:
         r = event.assoc.requestor
+        called = getattr(event.assoc, "_called_ae", "")
+        reason = getattr(event.assoc, "_reject_reason", "limit")
         log.info("association_rejected", calling_ae=r.ae_title, peer_host=r.address,
-                 called_ae=getattr(event.assoc, "_called_ae", ""),
-                 reason=getattr(event.assoc, "_reject_reason", "limit"))  # fmt: skip
+                 called_ae=called, reason=reason)  # fmt: skip
+        now = time.time()
+        self._record(called_ae=called, calling_ae=r.ae_title, peer_host=r.address,
+                     outcome="rejected", reason=str(reason), started=now, ended=now)  # fmt: skip
 
     def _finished(self, event, how: str) -> dict[str, Any]:
         stats = self._assocs.pop(id(event.assoc), {"stored": 0, "failed": 0, "groups": set()})
@@ -445,7 +450,22 @@ class Receiver:
         log.info(f"association_{how}", calling_ae=r.ae_title, peer_host=r.address,
                  stored=stats["stored"], failed=stats["failed"],
                  ignored=stats.get("ignored", 0))  # fmt: skip
+        now = time.time()
+        self._record(called_ae=event.assoc.acceptor.ae_title, calling_ae=r.ae_title,
+                     peer_host=r.address, outcome=how, started=stats.get("started", now),
+                     ended=now, stored=stats["stored"], failed=stats["failed"],
+                     ignored=stats.get("ignored", 0))  # fmt: skip
         return stats
+
+    def _record(self, **row: Any) -> None:
+        """An association into the spool's history (GET /api/v1/dicom/associations); a
+        failure to write it is logged and changes nothing for the association."""
+        try:
+            row["called_ae"] = str(row["called_ae"]).strip()
+            row["calling_ae"] = str(row["calling_ae"]).strip()
+            self.store.record_association(**row)
+        except Exception as exc:
+            log.warning("association_not_recorded", error=repr(exc))
 
     def _on_released(self, event) -> None:
         stats = self._finished(event, "released")

@@ -364,6 +364,30 @@ class DicomConnector:
                            " since its start", value, "counter", receiver=name)  # fmt: skip
         return {"problems": problems, "metrics": metrics}
 
+    def studies(self, state: str | None = None) -> list[dict[str, Any]]:
+        """The groups (studies or series) the receivers hold, newest first, each with the
+        keys of the jobs made of it (the platform's ``GET /api/v1/dicom/studies``)."""
+        out = []
+        for name, receiver in self._by_name.items():
+            for g in receiver.groups(state):
+                out.append({
+                    "receiver": name, "group": g.id, "group_by": g.kind, "uid": g.uid,
+                    "called_ae": g.called_ae, "calling_ae": g.calling_ae,
+                    "peer_host": g.peer_host, "state": g.state, "instances": g.instances,
+                    "first_arrival": g.first_arrival, "last_arrival": g.last_arrival,
+                    "late_of": g.late_of, "pipelines": list(g.routes),
+                    "job_keys": [f"dicom:{name}:{g.id}:{p}" for p in g.routes],
+                })  # fmt: skip
+        return sorted(out, key=lambda study: study["last_arrival"], reverse=True)
+
+    def associations(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The receivers' last associations, newest first: who called which AE title from
+        where, how it ended (released, aborted, rejected with the reason), what was stored."""
+        out = []
+        for name, receiver in self._by_name.items():
+            out += [{"receiver": name, **row} for row in receiver.store.associations(limit)]
+        return sorted(out, key=lambda row: row["ended"], reverse=True)[:limit]
+
     def start(self) -> None:
         self.exporter.report_all()  # what a crash may have left unsaid
         self.exporter.start()

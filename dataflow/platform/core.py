@@ -501,6 +501,41 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
             return item
         raise Invalid(f"metadata of {kind!r}: of a pipeline, job or payload")
 
+    # ------------------------------------------------------------------ DICOM side
+
+    def _dicom(self) -> list[tuple[str, Any]]:
+        """The connectors that hold received studies (duck-typed: dataflow knows no DICOM)."""
+        return [(name, c) for name, c in self.service.connectors.items()
+                if callable(getattr(c, "studies", None))]  # fmt: skip
+
+    def dicom_studies(self, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """What the DICOM receivers hold, newest first: each group (a study or series) with
+        its state and the jobs made of it."""
+        out = []
+        for name, connector in self._dicom():
+            try:
+                studies = connector.studies(state)
+            except ValueError as exc:
+                raise Invalid(f"state {state!r}: {exc}") from None
+            for study in studies:
+                keys = study.pop("job_keys", [])
+                jobs = [self.jobs.by_key(key) for key in keys]
+                study["jobs"] = [{"id": j.id, "pipeline": j.pipeline, "state": j.state}
+                                 for j in jobs if j is not None]  # fmt: skip
+                out.append({"connector": name, **study})
+        out.sort(key=lambda study: study.get("last_arrival", 0), reverse=True)
+        return out[:limit]
+
+    def dicom_associations(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The receivers' last associations, newest first."""
+        out = []
+        for name, connector in self._dicom():
+            method = getattr(connector, "associations", None)
+            if callable(method):
+                out += [{"connector": name, **row} for row in method(limit)]
+        out.sort(key=lambda row: row.get("ended", 0), reverse=True)
+        return out[:limit]
+
     def metadata(self, kind: str, item: str) -> dict[str, str]:
         return self.registry.metadata(kind, self._item(kind, item))
 

@@ -322,6 +322,22 @@ def build_app(platform: Platform) -> FastAPI:
 
     # ------------------------------------------------------------------ DICOM exports
 
+    @app.get(f"{PREFIX}/dicom/studies", tags=["dicom"])
+    def dicom_studies(
+        state: str | None = Query(None, description="pending, complete, dispatched, ignored "
+                                  "or reclaimed"),
+        limit: int = Query(200, ge=1, le=10000),
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """What the DICOM receivers hold, newest first: each group (study or series) with
+        who sent it, its state, instance count and the jobs made of it."""
+        return platform.dicom_studies(state, limit)
+
+    @app.get(f"{PREFIX}/dicom/associations", tags=["dicom"])
+    def dicom_associations(limit: int = Query(100, ge=1, le=10000)) -> list[dict[str, Any]]:
+        """The receivers' last associations, newest first: calling and called AE titles,
+        peer, outcome (released, aborted, rejected and why), instances stored and failed."""
+        return platform.dicom_associations(limit)
+
     @app.get(f"{PREFIX}/exports", tags=["dicom"])
     def exports(state: str | None = None) -> list[dict[str, Any]]:
         """The export outbox: results waiting, sent and dead-lettered, per destination."""

@@ -193,6 +193,11 @@ class JobStore:
         )
         return self.get(job_id), True
 
+    def by_key(self, key: str) -> JobRecord | None:
+        """The job a connector made with this key (see :meth:`create`), if any."""
+        rows = self._rows("SELECT * FROM jobs WHERE key = ?", (key,))
+        return rows[0] if rows else None
+
     def get(self, job_id: str) -> JobRecord:
         rows = self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
