@@ -10,6 +10,7 @@ import typer
 
 from dataflow import __version__
 from dataflow.platform.client import jobs_app, payloads_app, pipelines_app
+from dataflow.platform.dicom_cli import dicom_app
 from dataflow.platform.models_cli import models_app
 
 app = typer.Typer(help="dataflow: medical-imaging AI pipelines over a shared-memory store.",
@@ -294,6 +295,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(payloads_app, name="payloads")
 app.add_typer(models_app, name="models")
+app.add_typer(dicom_app, name="dicom")
 
 
 @app.command()

@@ -5,6 +5,8 @@ who called, from where, how it ended and what it stored."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,5 +88,17 @@ dicom:
         assert len(rejected) == 1 and rejected[0]["called_ae"] == "NOBODY" and rejected[0]["reason"]
         assert associations[0]["ended"] >= associations[-1]["ended"]  # newest first
         client.close()
+
+        dataflow = str(Path(sys.executable).with_name("dataflow"))  # the on-call engineer's view
+        api = ["--api", service.platform.urls["rest"]]
+        shown = subprocess.run([dataflow, "dicom", "studies", *api], capture_output=True,
+                               text=True, timeout=HANG)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "STORESCU" in shown.stdout and "inventory:succeeded" in shown.stdout
+        calls = subprocess.run([dataflow, "dicom", "associations", *api], capture_output=True,
+                               text=True, timeout=HANG)  # fmt: skip
+        assert calls.returncode == 0, calls.stderr
+        assert "released" in calls.stdout and "rejected" in calls.stdout
+        assert "NOBODY" in calls.stdout
     finally:
         service.stop()
