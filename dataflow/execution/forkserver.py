@@ -214,4 +214,11 @@ def after_fork(inherit: Inherit) -> None:
 
 
 if os.environ.get(_ENV):  # imported as the fork server's preload module
+    import signal
+
+    # systemd's SIGTERM (or a terminal's Ctrl-C) reaches every process of the service at
+    # once: the server lives as long as its coordinator (it exits when the coordinator's end
+    # of its pipe closes), or the coordinator would read its workers' exit codes as 255 and
+    # take them for dead while they finish their jobs within the shutdown grace
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     preload_from_env()

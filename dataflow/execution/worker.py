@@ -295,7 +295,11 @@ def worker_main(spec: WorkerSpec, conn, sys_path: list[str], inherit: Any = None
     """Entry point of a worker process (``multiprocessing`` target). ``inherit``: the worker
     was forked from the fork server and takes the coordinator's environment, folder and
     output from it (``forkserver.after_fork``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us on Ctrl-C
+    # The coordinator stops us: a Ctrl-C in a terminal, or systemd's SIGTERM to every process
+    # of the service at once, must not kill a job it lets finish within its shutdown grace.
+    # Were the coordinator killed, the pipe to it breaks and we exit; SIGKILL still works.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if inherit is not None:
         from dataflow.execution.forkserver import after_fork
 

@@ -784,7 +784,9 @@ def main(argv: list[str] | None = None) -> None:
         server.running = False
 
     signal.set_wakeup_fd(server._wake_w)
-    signal.signal(signal.SIGTERM, stop)
+    # With an owner, the owner stops us (a shutdown request, or its exit): systemd's SIGTERM
+    # to every process of a service must not take the objects of the jobs it lets finish.
+    signal.signal(signal.SIGTERM, stop if args.owner_pid is None else signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the owner, which stops us
     if args.ready_fd is not None:
         os.write(args.ready_fd, b"ready\n")

@@ -124,8 +124,12 @@ def test_nothing_is_left_running_after_a_run(tmp_path):
 
 @pytest.mark.parametrize(
     ("sig", "to_group"),
-    [(signal.SIGINT, True), (signal.SIGTERM, False)],
-    ids=["ctrl-c-to-the-terminal-group", "sigterm-to-the-coordinator"],
+    [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=[
+        "ctrl-c-to-the-terminal-group",
+        "sigterm-to-the-coordinator",
+        "sigterm-to-the-group-as-systemd",
+    ],
 )
 def test_an_interrupted_run_stops_cleanly(tmp_path, sig, to_group):
     script = Path(__file__).with_name("engine_stages.py")

@@ -6,7 +6,10 @@ kept with its job, free of patient identifiers."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,30 @@ def test_a_stage_that_cannot_start_is_reported_by_health_and_the_other_pipeline_
         assert failed.stage == "broken" and "missing.onnx" in failed.error + failed.details
     finally:
         service.stop()
+
+
+def test_sigterm_to_the_whole_process_group_lets_the_running_job_finish(tmp_path):
+    """systemd (KillMode=control-group) and a terminal's Ctrl-C signal every process of the
+    service at once: the workers leave stopping to the service, so the job in flight still
+    finishes within the shutdown grace instead of losing its workers."""
+    config, ids = setup(tmp_path, "{shutdown-grace: 1h}", ("slow", "hang"))
+    log, slow = tmp_path / "serve.log", tmp_path / "slow"
+    with open(log, "a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dataflow.cli", "serve", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        wait_serving(lambda: (slow / "started-1").exists(), LONG_HANG, "the job running", proc)
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as systemd does
+        wait_serving(lambda: '"service_stopping"' in log.read_text(), LONG_HANG,
+                     "the signal handled", proc)  # fmt: skip
+        (slow / "hang").unlink()  # the job can finish now, well within its grace
+        code = proc.wait(timeout=LONG_HANG)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert record(config, ids["slow"])["state"] == "succeeded", text[-3000:]
+    assert "worker_died" not in text and "cut_short" not in text
