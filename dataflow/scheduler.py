@@ -15,6 +15,7 @@ All ``*_mb`` quantities are MiB (2**20 bytes), as NVML and ``/proc/meminfo`` cou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -22,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dataflow.errors import DataflowError
 from dataflow.units import parse_bytes
@@ -35,6 +37,7 @@ __all__ = [
     "ReplicaRequest",
     "SchedulerError",
     "SchedulerValueError",
+    "gpu_usage",
     "oom_kills",
     "parse_gpus",
     "place",
@@ -297,6 +300,55 @@ def _nvml_gpus() -> tuple[tuple[Gpu, ...], str]:
         except pynvml.NVMLError:
             pass
     return tuple(found), "; ".join(["NVML", *skipped])
+
+
+_NO_NVML = False
+
+
+def gpu_usage() -> list[dict[str, Any]]:
+    """Each GPU's use now, from NVML (``dataflow[gpu]``): ``index``, ``name``, ``uuid``,
+    ``memory_used``, ``memory_total`` (bytes), ``utilization`` (0-1, the compute engine's
+    busy share over NVML's last sample period), ``processes`` (pids using it); an empty list
+    without NVML or a GPU. For the service's metrics and Clara's ``Utilization``."""
+    global _NO_NVML
+    if _NO_NVML:
+        return []
+    try:
+        import pynvml
+    except ImportError:
+        _NO_NVML = True  # not installed: not looked for again every few seconds
+        return []
+
+    def text(value: str | bytes) -> str:
+        return value.decode() if isinstance(value, bytes) else value
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    out: list[dict[str, Any]] = []
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                out.append({
+                    "index": index, "name": text(pynvml.nvmlDeviceGetName(handle)),
+                    "uuid": text(pynvml.nvmlDeviceGetUUID(handle)),
+                    "memory_used": int(memory.used), "memory_total": int(memory.total),
+                    "utilization": float(rates.gpu) / 100.0,
+                    "processes": sorted(int(p.pid) for p in procs),
+                })  # fmt: skip
+            except pynvml.NVMLError:
+                continue  # a GPU that does not answer is left out, the others reported
+    except pynvml.NVMLError:
+        pass
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+    return out
 
 
 def _read(path: Path) -> str | None:

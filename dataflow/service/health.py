@@ -259,7 +259,21 @@ def _work_families(report: dict[str, Any]) -> list:
                 store[metric].add_metric([pipeline], float(stats[key]))
     for row in report.get("job_latency", []):
         _histogram(job_seconds, [row["pipeline"], row["outcome"]], row)
-    return [*stage.values(), stage_seconds, *store.values(), job_seconds]
+    gpu = {name: GaugeMetricFamily(name, help_, labels=["gpu", "name", "uuid"])
+           for name, help_ in _GPU_FIGURES.items()}  # fmt: skip
+    for device in report.get("gpus", []):
+        labels = [str(device["index"]), device["name"], device["uuid"]]
+        gpu["dataflow_gpu_memory_used_bytes"].add_metric(labels, float(device["memory_used"]))
+        gpu["dataflow_gpu_memory_total_bytes"].add_metric(labels, float(device["memory_total"]))
+        gpu["dataflow_gpu_utilization_ratio"].add_metric(labels, float(device["utilization"]))
+    return [*stage.values(), stage_seconds, *store.values(), job_seconds, *gpu.values()]
+
+
+_GPU_FIGURES = {
+    "dataflow_gpu_memory_used_bytes": "GPU memory in use (NVML)",
+    "dataflow_gpu_memory_total_bytes": "GPU memory (NVML)",
+    "dataflow_gpu_utilization_ratio": "share of time the GPU's compute engine was busy (NVML)",
+}
 
 
 def _connector_families(report: dict[str, Any]) -> list:

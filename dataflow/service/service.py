@@ -52,6 +52,7 @@ from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
 from dataflow.execution.state import PRIORITIES
 from dataflow.hints import suggest
 from dataflow.logs import scrub
+from dataflow.scheduler import gpu_usage
 from dataflow.service.config import SERVICE_KEYS, JobLimits, PipelineEntry, ServiceConfig
 from dataflow.service.health import HealthWriter, ServiceLock, read_previous
 from dataflow.service.jobs import JobRecord, JobStore
@@ -775,6 +776,7 @@ class Service:
                      for (p, s), n in sorted(jobs.pipeline_counts().items())],
             "deliveries": [{"destination": d, "state": s, "count": n}
                            for (d, s), n in sorted(jobs.delivery_counts().items())],
+            "gpus": gpu_usage(),
             "job_latency": [{"pipeline": p, "outcome": o, **latency.snapshot()}
                             for (p, o), latency in sorted(self._job_latency.items())],
             "connectors": connectors,

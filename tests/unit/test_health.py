@@ -118,3 +118,48 @@ def test_health_check_exit_codes_follow_the_lock_and_the_report(tmp_path):
         lock.release()
     code, _, summary = check(tmp_path, max_age=30)
     assert code == 2 and summary.startswith("not running")
+
+
+def test_gpu_use_from_nvml_becomes_metrics(monkeypatch):
+    """A FAKE pynvml (no GPU on this machine or on CI): two GPUs, the second not answering;
+    the real NVML path runs on a GPU machine (benchmarks/results when the device is lent)."""
+    import sys
+    import types
+
+    import dataflow.scheduler as scheduler
+    from dataflow.service.health import metric_families
+
+    class NVMLError(Exception):
+        pass
+
+    def handle(index):
+        if index == 1:
+            raise NVMLError("GPU is lost")
+        return index
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=handle,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H200",
+        nvmlDeviceGetUUID=lambda h: "GPU-1234",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 << 30, total=141 << 30),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=42, memory=7),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=7)],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(scheduler, "_NO_NVML", False)
+    gpus = scheduler.gpu_usage()
+    assert gpus == [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-1234",
+                     "memory_used": 3 << 30, "memory_total": 141 << 30, "utilization": 0.42,
+                     "processes": [7]}]  # fmt: skip
+    report = {"time": 0.0, "problems": [], "pipelines": {}, "jobs": [], "deliveries": [],
+              "connectors": {}, "gpus": gpus}  # fmt: skip
+    samples = {(s.name, s.labels.get("gpu")): s.value
+               for family in metric_families(report) for s in family.samples}  # fmt: skip
+    assert samples[("dataflow_gpu_memory_used_bytes", "0")] == 3 << 30
+    assert samples[("dataflow_gpu_utilization_ratio", "0")] == 0.42
+    assert ("dataflow_gpu_memory_used_bytes", "1") not in samples
+
