@@ -162,4 +162,3 @@ def test_gpu_use_from_nvml_becomes_metrics(monkeypatch):
     assert samples[("dataflow_gpu_memory_used_bytes", "0")] == 3 << 30
     assert samples[("dataflow_gpu_utilization_ratio", "0")] == 0.42
     assert ("dataflow_gpu_memory_used_bytes", "1") not in samples
-
