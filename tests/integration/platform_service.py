@@ -14,13 +14,17 @@ HANG = 300.0  # seconds: only a hang takes this long
 
 
 @contextlib.contextmanager
-def platform_service(tmp: Path, pipelines: dict[str, Path], api: str = "") -> Iterator[Service]:
-    """The service over ``pipelines`` (name -> file) with ``api: {rest-port: 0, ...api}``."""
+def platform_service(
+    tmp: Path, pipelines: dict[str, Path], api: str = "", *, grpc: bool = False
+) -> Iterator[Service]:
+    """The service over ``pipelines`` (name -> file) with ``api: {rest-port: 0, ...api}``;
+    ``grpc``: Clara's gRPC API on a free port too (``service.platform.urls["grpc"]``)."""
     path = tmp / "service.yaml"
     lines = "".join(f"  {name}: {file}\n" for name, file in pipelines.items())
     extra = f", {api}" if api else ""
+    grpc_port = 0 if grpc else "null"
     path.write_text(f"state: {tmp / 'state'}\npipelines:\n{lines}"
-                    f"api: {{rest-port: 0, grpc-port: null{extra}}}\n")  # fmt: skip
+                    f"api: {{rest-port: 0, grpc-port: {grpc_port}{extra}}}\n")  # fmt: skip
     service = Service(load_config(path))
     service.start()
     try:
