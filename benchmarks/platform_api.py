@@ -1,5 +1,6 @@
 """benchmarks/platform_api.py (not platform.py: that name would shadow the standard library
-module for every script in this folder): the platform API's own overhead, inside a real ``dataflow serve``.
+module for every script in this folder): the platform API's own overhead, inside a real
+``dataflow serve``.
 
 ```bash
 .venv/bin/python benchmarks/platform_api.py --quick        # about half a minute

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from dataflow import __version__
 from dataflow.platform.audit import CALLER
+from dataflow.platform.console import add_console
 from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
 from dataflow.platform.modelstore import add_routes as add_model_routes
@@ -366,6 +367,7 @@ def build_app(platform: Platform) -> FastAPI:
         return platform.remove_metadata(_kind(collection), item, key)
 
     add_model_routes(app, platform, PREFIX, figures)
+    add_console(app, platform)  # the pages at / (dataflow.platform.console)
 
     # ------------------------------------------------------------------ events
 

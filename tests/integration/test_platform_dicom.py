@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from deadlines import HANG
+from deadlines import HANG, wait_until
 from dicom_peers import free_port, storescu
 
 from dataflow.service import Service, load_config
@@ -24,13 +23,7 @@ DATA = Path(__file__).parent / "service_data"
 
 
 def until(predicate, what: str):
-    deadline = time.monotonic() + HANG
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"hung waiting for {what}"
-        time.sleep(0.1)
+    return wait_until(predicate, what, HANG, 0.1)
 
 
 def test_received_studies_and_associations_over_rest(tmp_path):

@@ -1,0 +1,187 @@
+"""The console's routes (see the package docstring)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from dataflow import __version__
+from dataflow.platform.errors import PlatformError
+
+__all__ = ["add_console"]
+
+HERE = Path(__file__).resolve().parent
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+def when(seconds: float | None) -> str:
+    """A time as people read it: today's as 14:03:07, older ones with their date."""
+    if not seconds:
+        return "–"
+    local = time.localtime(seconds)
+    today = time.localtime().tm_yday == local.tm_yday and time.localtime().tm_year == local.tm_year
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
+
+
+def took(start: float | None, end: float | None) -> str:
+    """A duration as people read it: 850 ms, 12.3 s, 4 min 05 s, 2 h 10 min."""
+    if not start:
+        return "–"
+    seconds = (end or time.time()) - start
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+
+
+def size(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def add_console(app: FastAPI, platform: Any) -> None:
+    """The console's pages on ``app`` (``/``, ``/console/...``) and its static files."""
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"])
+    )
+    env.filters.update(when=when, size=size)
+    env.globals.update(took=took, version=__version__)
+    app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
+
+    def page(name: str, request: Request, **values: Any) -> HTMLResponse:
+        html = env.get_template(name).render(request=request, page=name.split(".")[0], **values)
+        return HTMLResponse(html)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/console/")
+
+    @app.get("/console/", response_class=HTMLResponse, include_in_schema=False)
+    def overview(request: Request) -> HTMLResponse:
+        health = platform.health()
+        counts: dict[str, int] = {}
+        for row in health.get("jobs", []):
+            counts[row["state"]] = counts.get(row["state"], 0) + row["count"]
+        waiting = platform.dicom_studies("pending", limit=50) if platform._dicom() else []
+        backlog: dict[str, dict[str, int]] = {}
+        for row in health.get("deliveries", []):
+            backlog.setdefault(row["destination"], {})[row["state"]] = row["count"]
+        pipelines = []
+        for item in platform.list_pipelines():
+            entry = health.get("pipelines", {}).get(item["name"], {})
+            stages = entry.get("stages", {})
+            pipelines.append(
+                {
+                    **item,
+                    "stages": stages,
+                    "store": entry.get("store") or {},
+                    "done": list(stages.values())[-1].get("done", 0) if stages else 0,
+                }
+            )
+        return page(
+            "overview.html",
+            request,
+            health=health,
+            counts=counts,
+            waiting=waiting,
+            backlog=backlog,
+            pipelines=pipelines,
+            recent=platform.list_jobs(states=("failed",), limit=10),
+        )
+
+    def job_rows(state: str | None, pipeline: str | None) -> list[dict[str, Any]]:
+        return platform.list_jobs(
+            states=(state,) if state else (), pipelines=(pipeline,) if pipeline else (), limit=200
+        )
+
+    @app.get("/console/jobs", response_class=HTMLResponse, include_in_schema=False)
+    def jobs(
+        request: Request, state: str | None = Query(None), pipeline: str | None = Query(None)
+    ) -> HTMLResponse:
+        state, pipeline = state or None, pipeline or None
+        try:
+            rows, error = job_rows(state, pipeline), None
+        except PlatformError as exc:
+            rows, error = [], exc.message
+        return page(
+            "jobs.html",
+            request,
+            jobs=rows,
+            state=state,
+            pipeline=pipeline,
+            error=error,
+            pipelines=[p["name"] for p in platform.list_pipelines()],
+            states=("pending", "queued", "running", "succeeded", "failed", "cancelled"),
+        )
+
+    @app.get("/console/fragments/jobs", response_class=HTMLResponse, include_in_schema=False)
+    def jobs_fragment(
+        request: Request, state: str | None = Query(None), pipeline: str | None = Query(None)
+    ) -> HTMLResponse:
+        try:
+            rows = job_rows(state or None, pipeline or None)
+        except PlatformError:
+            rows = []
+        return page("jobs_rows.html", request, jobs=rows)
+
+    @app.get("/console/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+    def job(request: Request, job_id: str) -> HTMLResponse:
+        try:
+            status = platform.job_status(job_id)
+        except PlatformError as exc:
+            return HTMLResponse(
+                env.get_template("missing.html").render(
+                    request=request, page="jobs", message=exc.message
+                ),
+                status_code=exc.status,
+            )
+        try:
+            described = platform.describe_pipeline(status["pipeline"])
+            after = {op["name"]: op["after"] for op in described["operators"]}
+        except PlatformError:
+            after = {}
+        return page(
+            "job.html",
+            request,
+            job=status,
+            after=after,
+            logs=platform.job_logs(status["id"]),
+            files=platform.job_files(status["id"]),
+            ended=status["state"] in ENDED,
+        )
+
+    @app.get("/console/dicom", response_class=HTMLResponse, include_in_schema=False)
+    def dicom(request: Request) -> HTMLResponse:
+        return page(
+            "dicom.html",
+            request,
+            studies=platform.dicom_studies(limit=100),
+            associations=platform.dicom_associations(limit=100),
+            connected=bool(platform._dicom()),
+        )
+
+    @app.get("/console/exports", response_class=HTMLResponse, include_in_schema=False)
+    def exports(request: Request) -> HTMLResponse:
+        return page("exports.html", request, tasks=platform.exports())
+
+    @app.get("/console/models", response_class=HTMLResponse, include_in_schema=False)
+    def models(request: Request) -> HTMLResponse:
+        records = [
+            {**m, "used_by": platform.model_users(m["name"], m["version"])}
+            for m in platform.list_models()
+        ]
+        return page("models.html", request, models=records)

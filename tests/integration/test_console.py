@@ -1,0 +1,175 @@
+"""The console in a real browser: Debian's Chromium, headless, driven by Selenium through
+chromium-driver, against the real service. A job started through the API appears on the jobs
+page without a reload and ends succeeded there; a job's page shows its operators, files and
+log; a failed job is retried from its page and succeeds; every page renders with no
+JavaScript error. With ``DATAFLOW_CONSOLE_SCREENSHOTS=DIR`` each page's screenshot is written
+there (``docs/console/`` holds the committed ones)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.deadlines import wait_until
+from tests.integration.platform_service import HANG, api_client, platform_service
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).parents[2]
+DATA = Path(__file__).parent / "service_data"
+PASSTHROUGH = ROOT / "pipelines" / "passthrough.yaml"
+VOLUME = ROOT / "pipelines" / "samples" / "volumes" / "study-a" / "volume.npy"
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def until(predicate, what: str):
+    return wait_until(predicate, what, HANG, 0.1)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    pipelines = {"passthrough": PASSTHROUGH, "hang": DATA / "hang.yaml"}
+    with platform_service(tmp_path_factory.mktemp("console"), pipelines) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip(
+            "Chromium and chromium-driver are not installed (apt-get install chromium "
+            "chromium-driver; .ci/run does)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(
+        service=webdriver.ChromeService(executable_path=DRIVER), options=options
+    )
+    driver.set_page_load_timeout(HANG)
+    yield driver
+    driver.quit()
+
+
+def text_of(browser, element_id: str) -> str | None:
+    """An element's text, or None while the page reloads."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return browser.find_element("id", element_id).text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
+def errors(browser) -> list[str]:
+    """The page's JavaScript errors (console messages at SEVERE)."""
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def shoot(browser, name: str) -> None:
+    folder = os.environ.get("DATAFLOW_CONSOLE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def start_job(client, pipeline: str, files: dict[str, bytes]) -> str:
+    made = client.post("/api/v1/jobs", json={"pipeline": pipeline}).json()
+    for name, data in files.items():
+        client.put(
+            f"/api/v1/payloads/{made['payload_id']}/files/input/{name}", content=data
+        ).raise_for_status()
+    client.post(f"/api/v1/jobs/{made['job_id']}/start").raise_for_status()
+    return made["job_id"]
+
+
+def test_a_job_appears_and_ends_on_the_jobs_page_without_a_reload(service, browser):
+    base = service.platform.urls["rest"]
+    browser.get(f"{base}/")  # the console is the root of the REST port
+    assert browser.current_url.endswith("/console/") and "Needs a person" in browser.page_source
+    browser.get(f"{base}/console/jobs")
+    browser.execute_script("window.__same_page = true")
+    until(lambda: text_of(browser, "live") == "live", "the event stream open")
+    with api_client(service) as client:
+        job_id = start_job(client, "passthrough", {"volume.npy": VOLUME.read_bytes()})
+
+    def row_state():
+        rows = browser.find_elements("css selector", f'tr[data-job="{job_id}"]')
+        return rows and rows[0].find_element("css selector", ".chip").text == "succeeded"
+
+    until(row_state, "the job's row to show it succeeded")
+    assert browser.execute_script("return window.__same_page === true")  # no reload
+    shoot(browser, "jobs")
+    assert errors(browser) == []
+
+    browser.find_element("css selector", f'tr[data-job="{job_id}"] a').click()
+    until(lambda: "/console/jobs/" in browser.current_url, "the job's page")
+    operators = [
+        li.get_attribute("data-operator")
+        for li in browser.find_elements("css selector", ".graph li")
+    ]
+    assert operators == ["npy-to-array", "array-to-npz", "compare"]
+    assert all("completed" in li.text for li in browser.find_elements("css selector", ".graph li"))
+    links = [a.text for a in browser.find_elements("css selector", "table a")]
+    assert "/input/volume.npy" in links and any(t.startswith("/operators/") for t in links)
+    assert "created (passthrough)" in browser.find_element("css selector", "pre.log").text
+    shoot(browser, "job")
+    assert errors(browser) == []
+
+
+def test_a_failed_job_is_retried_from_its_page(service, browser, tmp_path):
+    with api_client(service) as client:
+        job_id = start_job(client, "hang", {"fail": b""})
+        until(
+            lambda: client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "failed",
+            "the job to fail",
+        )
+        browser.get(f"{service.platform.urls['rest']}/console/jobs/{job_id}")
+        assert "DOE^JANE" not in browser.page_source and "PAT-0042" not in browser.page_source
+        payload = client.get(f"/api/v1/jobs/{job_id}").json()["payload_id"]
+        client.delete(f"/api/v1/payloads/{payload}/files/input/fail").raise_for_status()
+    browser.find_element("css selector", 'button[data-action="retry"]').click()
+    until(
+        lambda: text_of(browser, "job-state") == "succeeded",
+        "the retried job to succeed on its page (reloaded by its events)",
+    )
+    assert errors(browser) == []
+
+
+@pytest.mark.parametrize(
+    ("page", "heading"),
+    [
+        ("", "Overview"),
+        ("jobs?state=failed", "Jobs"),
+        ("dicom", "DICOM"),
+        ("exports", "Export"),
+        ("models", "Models"),
+    ],
+)
+def test_every_page_renders_without_a_javascript_error(service, browser, page, heading):
+    errors(browser)  # what earlier pages logged
+    browser.get(f"{service.platform.urls['rest']}/console/{page}")
+    assert browser.find_element("css selector", "h1").text.startswith(heading)
+    assert browser.find_element("css selector", 'nav a[aria-current="page"]').text == heading
+    shoot(browser, page.split("?")[0] or "overview")
+    assert errors(browser) == []
+
+
+def test_an_unknown_job_is_a_page_that_says_so(service, browser):
+    browser.get(f"{service.platform.urls['rest']}/console/jobs/{'0' * 32}")
+    assert "no job" in browser.find_element("css selector", "[role=alert]").text.lower()
+    errors(browser)  # the 404 itself is logged by the browser: not a script error
