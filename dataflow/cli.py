@@ -12,6 +12,7 @@ from dataflow import __version__
 from dataflow.platform.client import jobs_app, payloads_app, pipelines_app
 from dataflow.platform.dicom_cli import dicom_app
 from dataflow.platform.models_cli import models_app
+from dataflow.platform.tokens_cli import tokens_app
 
 app = typer.Typer(help="dataflow: medical-imaging AI pipelines over a shared-memory store.",
                   no_args_is_help=True, add_completion=False)  # fmt: skip
@@ -296,6 +297,7 @@ app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(payloads_app, name="payloads")
 app.add_typer(models_app, name="models")
 app.add_typer(dicom_app, name="dicom")
+app.add_typer(tokens_app, name="tokens")
 
 
 @app.command()

@@ -4,7 +4,9 @@ list|describe|create|update|remove`` and ``dataflow payloads create|files|upload
 
 The service is found at ``--api``, else ``DATAFLOW_API``, else the ``api:`` of the client file
 ``$XDG_CONFIG_HOME/dataflow/client.yaml`` (``~/.config/...``; as ``clara config`` kept its
-target), else ``http://127.0.0.1:8080``.
+target), else ``http://127.0.0.1:8080``; its token (``api: {tokens: true}``) in
+``DATAFLOW_TOKEN`` or the file's ``token:``, and a CA file to trust for https in
+``DATAFLOW_CA`` or ``ca:``.
 Tables for people, ``--json`` for scripts. ``dataflow jobs CONFIG`` (a state folder's job
 records, without a running service) stays: any first argument that is not one of these verbs
 is read as ``dataflow jobs records CONFIG ...``.
@@ -35,20 +37,28 @@ def client_file() -> Path:
     return Path(home) / "dataflow" / "client.yaml"
 
 
-def configured_api() -> str:
-    """The ``api:`` of the client file, or the default; ApiError if the file is malformed."""
+def configured(key: str = "api", default: str | None = DEFAULT_API) -> str | None:
+    """``api`` (the service's URL), ``token`` or ``ca`` (a CA file to trust for https) of
+    the client file, or ``default``; ApiError if the file is malformed."""
     import yaml
 
     path = client_file()
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        return DEFAULT_API
+        return default
     except (OSError, yaml.YAMLError) as exc:
         raise ApiError(f"{path}: cannot be read ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("api", DEFAULT_API), str):
-        raise ApiError(f"{path}: expected a mapping with api: URL (e.g. {DEFAULT_API})")
-    return data.get("api", DEFAULT_API)
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k, ""), str) for k in ("api", "token", "ca")
+    ):
+        raise ApiError(f"{path}: expected a mapping with api: URL (e.g. {DEFAULT_API}), and "
+                       "token: and ca: if the service needs them")  # fmt: skip
+    return data.get(key, default)
+
+
+def configured_api() -> str:
+    return configured("api") or DEFAULT_API
 
 
 class ApiError(Exception):
@@ -66,7 +76,16 @@ class ApiClient:
         import httpx
 
         self.base = (base or os.environ.get("DATAFLOW_API") or configured_api()).rstrip("/")
-        self._http = httpx.Client(base_url=self.base, timeout=timeout)
+        token = os.environ.get("DATAFLOW_TOKEN") or configured("token", None)
+        ca = os.environ.get("DATAFLOW_CA") or configured("ca", None)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        verify: Any = True
+        if ca:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=ca)  # the service's own CA
+        self._http = httpx.Client(base_url=self.base, timeout=timeout, headers=headers,
+                                  verify=verify)  # fmt: skip
 
     def close(self) -> None:
         self._http.close()

@@ -47,6 +47,7 @@ import structlog
 from dataflow.logs import scrub
 from dataflow.platform import payloads as files
 from dataflow.platform.audit import AuditLog
+from dataflow.platform.auth import Authenticator
 from dataflow.platform.errors import (
     JOB_CANCEL,
     JOB_INVALID_ID,
@@ -120,6 +121,8 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         self.payload_root.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.root / "platform.db")
         self.audit = AuditLog(self.root / "audit.log")
+        #: checks every call's token (api.tokens), or None: loopback without credentials
+        self.auth = Authenticator(self.state) if self.config.tokens else None
         self._lock = threading.RLock()  # pipelines added and removed one at a time
         self._listeners = threading.Lock()  # the subscribers (never held while waiting)
         self._creating = threading.Lock()  # a job created vs its pipeline being removed
@@ -171,7 +174,8 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         rest = serve_rest(self, self._rest_socket)
         self._rest_socket = None
         self._servers.append(rest)
-        self.urls["rest"] = f"http://{host}:{rest.port}"
+        scheme = "https" if self.config.tls else "http"
+        self.urls["rest"] = f"{scheme}://{host}:{rest.port}"
         if self.config.grpc_port is not None:
             serve_grpc = _grpc_server()
             if serve_grpc is not None:

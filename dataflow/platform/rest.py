@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from dataflow import __version__
 from dataflow.platform.audit import CALLER
+from dataflow.platform.auth import OPEN_PATHS, rest_role
 from dataflow.platform.console import add_console
 from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
@@ -141,6 +142,33 @@ class _Measure:
             self.figures.seconds.labels(method, route).observe(time.perf_counter() - began)
 
 
+class _Guard:
+    """Pure ASGI middleware: every HTTP call but /healthz and /readyz needs a token whose role
+    allows it (:mod:`dataflow.platform.auth`); refused with 401 or 403 and a JSON body. The
+    audit log's "who" becomes the token's name."""
+
+    def __init__(self, app: Any, auth: Any) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        try:
+            token = self.auth.check(given, rest_role(scope.get("method", "GET"), scope["path"]))
+        except PlatformError as exc:
+            body = {"error": exc.kind, "message": exc.message, "code": exc.code}
+            response = JSONResponse(body, status_code=exc.status,
+                                    headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            await response(scope, receive, send)
+            return
+        peer = scope.get("client") or ("?", 0)
+        CALLER.set((token.name, str(peer[0]), "rest"))
+        await self.app(scope, receive, send)
+
+
 def build_app(platform: Platform) -> FastAPI:
     """The FastAPI application over ``platform``."""
     figures = ApiMetrics()
@@ -150,7 +178,9 @@ def build_app(platform: Platform) -> FastAPI:
         description="Pipelines, jobs and payloads of a running dataflow serve (docs/platform.md).",
     )
 
-    app.add_middleware(_Measure, figures=figures)
+    if platform.auth is not None:
+        app.add_middleware(_Guard, auth=platform.auth)
+    app.add_middleware(_Measure, figures=figures)  # outermost: counts refusals too
 
     @app.exception_handler(PlatformError)
     async def platform_error(request: Request, exc: PlatformError) -> JSONResponse:
@@ -426,8 +456,11 @@ class RestServer:
 
         self.sock = sock
         self.port = sock.getsockname()[1]
+        tls = platform.config.tls  # (certificate chain, key) files: https
         config = uvicorn.Config(build_app(platform), log_config=None, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)  # fmt: skip
+                                lifespan="off", timeout_graceful_shutdown=5,
+                                ssl_certfile=str(tls[0]) if tls else None,
+                                ssl_keyfile=str(tls[1]) if tls else None)  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="rest api", daemon=True)
         self.thread.start()

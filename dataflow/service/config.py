@@ -64,7 +64,7 @@ _RETENTION_KEYS = ("succeeded", "failed", "interval")
 _PIPELINE_KEYS = ("file", "params", "replicas", "limits")
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
 _API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve", "start-pipelines",
-             "idle-stop")  # fmt: skip
+             "idle-stop", "tokens", "tls")  # fmt: skip
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -124,6 +124,10 @@ class ApiConfig:
     #: job after which their workers stop until the next job (None: never)
     start_pipelines: str = "registration"
     idle_stop: float | None = None
+    #: every call needs an API token (``dataflow tokens create``), but /healthz and /readyz
+    tokens: bool = False
+    #: TLS for REST and gRPC: (certificate chain, private key) files, or None
+    tls: tuple[Path, Path] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,10 +192,16 @@ def _api(section: Any, path: Path) -> ApiConfig | None:
     if unknown:
         raise ConfigError(f"{where}: {unknown_keys(unknown, _API_KEYS)}")
     host = str(section.get("host", "127.0.0.1"))
-    if host not in _LOOPBACK and not host.startswith("127."):
+    tokens = section.get("tokens", False)
+    if not isinstance(tokens, bool):
+        raise ConfigError(f"{where}.tokens: {tokens!r}: true (every call needs an API token) "
+                          "or false")  # fmt: skip
+    tls = _api_tls(section.get("tls"), f"{where}.tls", path)
+    if host not in _LOOPBACK and not host.startswith("127.") and not (tokens or tls):
         raise ConfigError(
-            f"{where}.host: {host!r} is not a loopback address, and access control (API tokens "
-            "or TLS) is not configured yet: listen on 127.0.0.1 (reach it through an SSH tunnel "
+            f"{where}.host: {host!r} is not a loopback address: beyond this machine the API "
+            "needs tokens: true (dataflow tokens create) and tls: {cert: ..., key: ...} (both, "
+            "or tokens travel in clear), or listen on 127.0.0.1 (reach it through an SSH tunnel "
             "or a reverse proxy that authenticates)"
         )
     ports: dict[str, int | None] = {}
@@ -220,7 +230,27 @@ def _api(section: Any, path: Path) -> ApiConfig | None:
         )
     idle = parse_duration(section.get("idle-stop"), f"{where}.idle-stop")
     return ApiConfig(host, ports["rest-port"] or 0, ports["grpc-port"], sizes["max-upload"],
-                     sizes["disk-reserve"], start, idle or None)  # fmt: skip
+                     sizes["disk-reserve"], start, idle or None, tokens, tls)  # fmt: skip
+
+
+def _api_tls(section: Any, where: str, path: Path) -> tuple[Path, Path] | None:
+    """``tls: {cert: FILE, key: FILE}`` (relative to the service file) -> the two paths."""
+    if section is None:
+        return None
+    if not isinstance(section, dict) or set(section) - {"cert", "key"}:
+        raise ConfigError(f"{where}: a mapping of cert (the certificate chain, PEM) and key "
+                          "(its private key, PEM)")  # fmt: skip
+    out = []
+    for key in ("cert", "key"):
+        value = section.get(key)
+        if not value:
+            raise ConfigError(f"{where}.{key}: missing (a PEM file)")
+        file = Path(str(value)).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            raise ConfigError(f"{where}.{key}: {file} is not a file")
+        out.append(file)
+    return out[0], out[1]
 
 
 def _limits(section: Any, where: str, base: JobLimits, *, service_wide: bool) -> JobLimits:

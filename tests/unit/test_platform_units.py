@@ -32,10 +32,15 @@ def _config(tmp_path, api: str, pipelines: str = "") -> Path:
     return path
 
 
-def test_a_non_loopback_host_is_refused_until_access_control_exists(tmp_path):
+def test_a_non_loopback_host_is_refused_without_tokens_or_tls(tmp_path):
     with pytest.raises(ConfigError, match=r"api.host: '0.0.0.0' is not a loopback address.*"
-                       "access control"):  # fmt: skip
+                       "tokens: true"):  # fmt: skip
         load_config(_config(tmp_path, "{host: 0.0.0.0}"))
+    assert load_config(_config(tmp_path, "{host: 0.0.0.0, tokens: true}")).api.tokens
+    with pytest.raises(ConfigError, match=r"api.tokens: 'yes': true"):
+        load_config(_config(tmp_path, "{tokens: 'yes'}"))
+    with pytest.raises(ConfigError, match=r"api.tls.cert: .*nope.pem is not a file"):
+        load_config(_config(tmp_path, "{tls: {cert: nope.pem, key: nope.key}}"))
     with pytest.raises(ConfigError, match=r"api.rest-port: 'http' is not a port number"):
         load_config(_config(tmp_path, "{rest-port: http}"))
     with pytest.raises(

@@ -3,6 +3,7 @@ server ``dataflow serve`` starts (:func:`serve`). See docs/platform.md, "Clara's
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import time
@@ -16,6 +17,7 @@ import structlog
 from dataflow import __version__
 from dataflow.logs import scrub
 from dataflow.platform.audit import CALLER
+from dataflow.platform.auth import grpc_role
 from dataflow.platform.clara.gen.nvidia.clara.platform import (
     clara_pb2,
     clara_pb2_grpc,
@@ -108,6 +110,52 @@ def _failure(exc: BaseException, default: int) -> common_pb2.ResponseHeader:
     return header(default, scrub(f"internal error: {type(exc).__name__}: {exc}") or "")
 
 
+#: the token of the call this thread serves (set by TokenGuard before the servicer runs)
+_WHO: contextvars.ContextVar[str] = contextvars.ContextVar("clara_who", default="anonymous")
+
+
+def _caller(context: Any) -> None:
+    """The audit log's caller for this call: its token's name (or anonymous) and peer."""
+    CALLER.set((_WHO.get(), context.peer(), "grpc"))
+
+
+class TokenGuard(grpc.ServerInterceptor):
+    """Every call needs the ``authorization`` metadata (``Bearer <token>``) of a token whose
+    role allows it (:func:`dataflow.platform.auth.grpc_role`): UNAUTHENTICATED or
+    PERMISSION_DENIED otherwise, with the reason."""
+
+    def __init__(self, auth: Any) -> None:
+        self.auth = auth
+
+    def intercept_service(self, continuation: Callable, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        needed = grpc_role(details.method)
+        given = dict(details.invocation_metadata or ()).get("authorization")
+
+        def guard(context: Any) -> None:
+            try:
+                token = self.auth.check(given, needed)
+            except PlatformError as exc:
+                code = (grpc.StatusCode.UNAUTHENTICATED if exc.status == 401
+                        else grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+                context.abort(code, exc.message)
+            _WHO.set(token.name)
+
+        def guarded(behaviour: Callable) -> Callable:
+            def run(request: Any, context: Any) -> Any:
+                guard(context)
+                return behaviour(request, context)
+
+            return run
+
+        changes = {kind: guarded(getattr(handler, kind))
+                   for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                   if getattr(handler, kind) is not None}  # fmt: skip
+        return handler._replace(**changes)
+
+
 def answers(response: Any, default: int) -> Callable:
     """A servicer method whose PlatformError (or any failure) becomes ``response`` with a
     ResponseHeader holding Clara's code and the message; works for streamed answers too.
@@ -118,7 +166,7 @@ def answers(response: Any, default: int) -> Callable:
 
             @functools.wraps(method)
             def streamed(self, request, context):
-                CALLER.set(("anonymous", context.peer(), "grpc"))
+                _caller(context)
                 try:
                     yield from method(self, request, context)
                 except Exception as exc:
@@ -128,7 +176,7 @@ def answers(response: Any, default: int) -> Callable:
 
         @functools.wraps(method)
         def unary(self, request, context):
-            CALLER.set(("anonymous", context.peer(), "grpc"))
+            _caller(context)
             try:
                 return method(self, request, context)
             except Exception as exc:
@@ -238,7 +286,7 @@ class Pipelines(pipelines_pb2_grpc.PipelinesServicer):
 
     @answers(pipelines_pb2.PipelinesCreateResponse, PIPELINE_STORE)
     def Create(self, request_iterator, context):
-        CALLER.set(("anonymous", context.peer(), "grpc"))
+        _caller(context)
         text, first = _definition(request_iterator)
         metadata = dict(first.metadata)
         try:
@@ -300,7 +348,7 @@ class Pipelines(pipelines_pb2_grpc.PipelinesServicer):
 
     @answers(pipelines_pb2.PipelinesUpdateResponse, PIPELINE_STORE)
     def Update(self, request_iterator, context):
-        CALLER.set(("anonymous", context.peer(), "grpc"))
+        _caller(context)
         text, first = _definition(request_iterator)
         self.platform.update_pipeline(_id(first.pipeline_id, "pipeline", PIPELINE_STORE), text)
         return pipelines_pb2.PipelinesUpdateResponse(header=header())
@@ -494,7 +542,7 @@ class Payloads(payloads_pb2_grpc.PayloadsServicer):
 
     @answers(payloads_pb2.PayloadsUploadResponse, PAYLOAD_UPLOAD)
     def Upload(self, request_iterator, context):
-        CALLER.set(("anonymous", context.peer(), "grpc"))
+        _caller(context)
         first = next(request_iterator, None)
         if first is None:
             raise Invalid("an upload with no message", code=PAYLOAD_UPLOAD)
@@ -624,7 +672,7 @@ class Models(models_pb2_grpc.ModelsServicer):
 
     @answers(models_pb2.ModelsUploadModelResponse, MODEL_INVALID_ID)
     def UploadModel(self, request_iterator, context):
-        CALLER.set(("anonymous", context.peer(), "grpc"))
+        _caller(context)
         first = next(request_iterator, None)
         if first is None or not first.details.name:
             raise Invalid(
@@ -743,8 +791,10 @@ class ClaraServer:
     port it listens on."""
 
     def __init__(self, platform: Any, host: str, port: int, *, workers: int = 16) -> None:
+        auth = getattr(platform, "auth", None)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clara-grpc"),
+            interceptors=[TokenGuard(auth)] if auth is not None else None,
             maximum_concurrent_rpcs=workers * 8,  # beyond: RESOURCE_EXHAUSTED, not a queue
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -758,8 +808,15 @@ class ClaraServer:
         models_pb2_grpc.add_ModelsServicer_to_server(Models(platform), self.server)
         metrics_pb2_grpc.add_MonitorServicer_to_server(Monitor(platform), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        tls = platform.config.tls
         try:
-            self.port = self.server.add_insecure_port(address)
+            if tls:  # the REST port's certificate and key
+                credentials = grpc.ssl_server_credentials(
+                    [(tls[1].read_bytes(), tls[0].read_bytes())]
+                )
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise PlatformError(f"api.grpc-port: cannot listen on {address} ({exc})") from None
         if not self.port:
