@@ -370,6 +370,27 @@ class GroupStore:
                 self._db.execute("DELETE FROM associations WHERE id <= ?",
                                  (cur.lastrowid - ASSOCIATIONS_KEPT,))  # fmt: skip
 
+    def figures(self) -> dict[str, dict[str, int]]:
+        """What the spool's database says, whichever listener process of the spool wrote it:
+        groups by state, instances received by group state (a group keeps its count after
+        its files are reclaimed), associations in the kept history by outcome, and the
+        instances they stored, failed and ignored."""
+        with self._lock:
+            groups = self._db.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(instances), 0) FROM groups GROUP BY state"
+            ).fetchall()
+            calls = self._db.execute(
+                "SELECT outcome, COUNT(*), COALESCE(SUM(stored), 0), COALESCE(SUM(failed), 0),"
+                " COALESCE(SUM(ignored), 0) FROM associations GROUP BY outcome"
+            ).fetchall()
+        return {
+            "groups": {state: n for state, n, _ in groups},
+            "instances": {state: total for state, _, total in groups},
+            "associations": {outcome: n for outcome, n, *_ in calls},
+            "stored": {"stored": sum(r[2] for r in calls), "failed": sum(r[3] for r in calls),
+                       "ignored": sum(r[4] for r in calls)},
+        }  # fmt: skip
+
     def associations(self, limit: int = 100) -> list[dict]:
         """The last ``limit`` associations, newest first."""
         with self._lock:

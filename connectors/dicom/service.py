@@ -353,7 +353,26 @@ class DicomConnector:
                     f"destination {destination} is down: {status['attempts']} failed attempts "
                     f"in a row since {since} (last: {status['error']})"
                 )
-        for name, receiver in self._by_name.items():
+        for name, receiver in self._by_name.items():  # the spool: every listener process's
+            try:
+                figures = receiver.store.figures()
+            except Exception as exc:  # stopping: the figures of the next report
+                log.debug("spool_figures_unread", receiver=name, error=repr(exc))
+                figures = {}
+            for state, count in figures.get("groups", {}).items():
+                metric("dataflow_dicom_groups", "received groups (studies or series) by state",
+                       count, receiver=name, state=state)  # fmt: skip
+            for state, count in figures.get("instances", {}).items():
+                metric("dataflow_dicom_group_instances", "instances received, by the state of "
+                       "their group", count, receiver=name, state=state)  # fmt: skip
+            for outcome, count in figures.get("associations", {}).items():
+                metric("dataflow_dicom_associations", "associations in the spool's history "
+                       "(the last 10,000) by outcome", count,
+                       receiver=name, outcome=outcome)  # fmt: skip
+            for status, count in figures.get("stored", {}).items():
+                metric("dataflow_dicom_association_instances", "instances of the "
+                       "associations in the history, by status", count,
+                       receiver=name, status=status)  # fmt: skip
             stats = getattr(receiver, "stats", None)
             for key, value in (stats() if stats is not None else {}).items():
                 if key == "associations":

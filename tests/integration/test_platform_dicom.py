@@ -80,6 +80,18 @@ dicom:
         assert stored[0]["peer_host"] == "127.0.0.1" and stored[0]["ended"] >= stored[0]["started"]
         assert len(rejected) == 1 and rejected[0]["called_ae"] == "NOBODY" and rejected[0]["reason"]
         assert associations[0]["ended"] >= associations[-1]["ended"]  # newest first
+        # the same in /metrics, from the spool's database (every listener process's)
+        wanted = (
+            'dataflow_dicom_groups{receiver="plain",state="dispatched"} 1.0',
+            'dataflow_dicom_group_instances{receiver="plain",state="dispatched"} 4.0',
+            'dataflow_dicom_associations{outcome="released",receiver="plain"} 1.0',
+            'dataflow_dicom_associations{outcome="rejected",receiver="plain"} 1.0',
+            'dataflow_dicom_association_instances{receiver="plain",status="stored"} 4.0',
+        )
+        until(
+            lambda: all(w in client.get("/metrics").text for w in wanted),
+            "the receiver's figures in /metrics",
+        )
         client.close()
 
         dataflow = str(Path(sys.executable).with_name("dataflow"))  # the on-call engineer's view
