@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -17,6 +18,7 @@ from dataflow.platform.errors import PlatformError
 __all__ = ["add_console"]
 
 HERE = Path(__file__).resolve().parent
+log = structlog.get_logger("dataflow.platform")
 ENDED = ("succeeded", "failed", "cancelled")
 
 
@@ -154,15 +156,52 @@ def add_console(app: FastAPI, platform: Any) -> None:
             after = {op["name"]: op["after"] for op in described["operators"]}
         except PlatformError:
             after = {}
+        preview = preview_of(status["id"]) if status["state"] == "succeeded" else None
+        shown = preview.slices() if preview is not None else []
         return page(
             "job.html",
             request,
             job=status,
             after=after,
+            slices=len(shown),
+            legend=preview.colours() if preview is not None else [],
             logs=platform.job_logs(status["id"]),
             files=platform.job_files(status["id"]),
             ended=status["state"] in ENDED,
         )
+
+    previews: dict[tuple[str, float | None], Any] = {}  # a few, by job and its end
+
+    def preview_of(job_id: str) -> Any:
+        from dataflow.platform.console.preview import find_preview
+
+        record = platform._job(job_id)
+        key = (record.id, record.finished)
+        if key not in previews:
+            if len(previews) >= 8:
+                previews.pop(next(iter(previews)))
+            try:
+                previews[key] = find_preview(
+                    platform.job_files(record.id),
+                    Path(record.payload),
+                    platform.service.jobs_dir / record.id,
+                )
+            except Exception as exc:  # a file that cannot be drawn: the page stands without
+                log.warning("preview_failed", job_id=record.id, error=repr(exc))
+                previews[key] = None
+        return previews[key]
+
+    @app.get("/console/jobs/{job_id}/preview/{index}.png", include_in_schema=False)
+    def preview_png(job_id: str, index: int, overlay: bool = Query(True)) -> Response:
+        try:
+            preview = preview_of(job_id)
+        except PlatformError as exc:
+            return Response(status_code=exc.status)
+        slices = preview.slices() if preview is not None else []
+        if not 0 <= index < len(slices):
+            return Response(status_code=404)
+        png = preview.png(slices[index], overlay)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     @app.get("/console/dicom", response_class=HTMLResponse, include_in_schema=False)
     def dicom(request: Request) -> HTMLResponse:
