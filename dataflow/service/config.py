@@ -197,12 +197,13 @@ def _api(section: Any, path: Path) -> ApiConfig | None:
         raise ConfigError(f"{where}.tokens: {tokens!r}: true (every call needs an API token) "
                           "or false")  # fmt: skip
     tls = _api_tls(section.get("tls"), f"{where}.tls", path)
-    if host not in _LOOPBACK and not host.startswith("127.") and not (tokens or tls):
+    if host not in _LOOPBACK and not host.startswith("127.") and not tokens:
+        # TLS alone would let anyone who reaches the port do anything, over https
         raise ConfigError(
             f"{where}.host: {host!r} is not a loopback address: beyond this machine the API "
-            "needs tokens: true (dataflow tokens create) and tls: {cert: ..., key: ...} (both, "
-            "or tokens travel in clear), or listen on 127.0.0.1 (reach it through an SSH tunnel "
-            "or a reverse proxy that authenticates)"
+            "needs tokens: true (dataflow tokens create), with tls: {cert: ..., key: ...} so "
+            "that tokens do not travel in clear; or listen on 127.0.0.1 (reach it through an "
+            "SSH tunnel or a reverse proxy that authenticates)"
         )
     ports: dict[str, int | None] = {}
     for key, default in (("rest-port", 8080), ("grpc-port", 30031)):
@@ -237,9 +238,12 @@ def _api_tls(section: Any, where: str, path: Path) -> tuple[Path, Path] | None:
     """``tls: {cert: FILE, key: FILE}`` (relative to the service file) -> the two paths."""
     if section is None:
         return None
-    if not isinstance(section, dict) or set(section) - {"cert", "key"}:
+    if not isinstance(section, dict):
         raise ConfigError(f"{where}: a mapping of cert (the certificate chain, PEM) and key "
                           "(its private key, PEM)")  # fmt: skip
+    unknown = set(section) - {"cert", "key"}
+    if unknown:
+        raise ConfigError(f"{where}: {unknown_keys(unknown, ('cert', 'key'))}")
     out = []
     for key in ("cert", "key"):
         value = section.get(key)

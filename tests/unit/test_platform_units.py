@@ -37,6 +37,11 @@ def test_a_non_loopback_host_is_refused_without_tokens_or_tls(tmp_path):
                        "tokens: true"):  # fmt: skip
         load_config(_config(tmp_path, "{host: 0.0.0.0}"))
     assert load_config(_config(tmp_path, "{host: 0.0.0.0, tokens: true}")).api.tokens
+    (tmp_path / "a.pem").write_text("x")
+    with pytest.raises(ConfigError, match=r"api.host: '0.0.0.0' .*needs tokens: true"):
+        load_config(_config(tmp_path, "{host: 0.0.0.0, tls: {cert: a.pem, key: a.pem}}"))
+    with pytest.raises(ConfigError, match=r"api.tls: unknown key 'certs'.*did you mean 'cert'"):
+        load_config(_config(tmp_path, "{tls: {certs: a.pem, key: a.pem}}"))
     with pytest.raises(ConfigError, match=r"api.tokens: 'yes': true"):
         load_config(_config(tmp_path, "{tokens: 'yes'}"))
     with pytest.raises(ConfigError, match=r"api.tls.cert: .*nope.pem is not a file"):
