@@ -71,6 +71,8 @@ class JobResult:
     reason: str = ""
     details: str = ""
     seconds: float = 0.0
+    #: when each stage ran the job: ``{"stage", "start", "end", "ok"}`` (Unix times), in order
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class _Proc:
@@ -214,6 +216,8 @@ class LocalExecutor:
         self._store_stats: dict[str, Any] = {}
         self._store_read = 0.0  # when _store_stats was taken (monotonic)
         self._dispatched_at: dict[str, float] = {}
+        self._running: dict[str, tuple[str, float]] = {}  # worker -> (job, when it began)
+        self._timeline: dict[str, list[dict[str, Any]]] = {}  # job -> its stages' runs
         self.store: Store | None = None
         #: keep each job's log per stage (``OUTPUT_ROOT/<job>/.logs/<stage>.log``): the service
         self.job_logs = False
@@ -442,6 +446,7 @@ class LocalExecutor:
             _, job_id, outputs = message
             stage = self.core.workers[wid].stage
             seconds = now - self._dispatched_at.pop(wid, now)
+            self._ran(wid, stage, ok=True)
             self.stage_jobs[stage] += 1
             self.stage_seconds[stage] += seconds
             self.stage_latency[stage].observe(seconds)
@@ -450,6 +455,7 @@ class LocalExecutor:
         elif kind == "failed":
             _, job_id, reason, details = message
             self._dispatched_at.pop(wid, None)
+            self._ran(wid, self.core.workers[wid].stage, ok=False)
             self._do(
                 self.core.job_failed(wid, job_id, reason, details, now), results, started, on_result
             )
@@ -479,6 +485,7 @@ class LocalExecutor:
                 proc = self.procs[action.worker]
                 inputs = {port: value.ref for port, value in action.inputs.items()}
                 self._dispatched_at[action.worker] = time.monotonic()
+                self._running[action.worker] = (action.job, time.time())
                 job_name = action.job
                 proc.conn.send(("job", action.job, job_name, inputs, action.timeout))
             elif isinstance(action, state.StartWorker):
@@ -511,15 +518,24 @@ class LocalExecutor:
             elif isinstance(action, state.StageRecovered):
                 log.info("stage_recovered", stage=action.stage)
 
+    def _ran(self, wid: str, stage: str, *, ok: bool) -> None:
+        """A worker finished (or failed) its job: that stage's run, for the job's timeline."""
+        job, began = self._running.pop(wid, (None, 0.0))
+        if job is not None:
+            self._timeline.setdefault(job, []).append(
+                {"stage": stage, "start": began, "end": time.time(), "ok": ok}
+            )
+
     def _result(self, action, started, copy: bool) -> JobResult:
         seconds = time.monotonic() - started.pop(action.job, time.monotonic())
+        stages = self._timeline.pop(action.job, [])
         if isinstance(action, state.JobFailed):
             return JobResult(
                 action.job, False, stage=action.stage, reason=action.reason,
-                details=action.details, seconds=seconds,
+                details=action.details, seconds=seconds, stages=stages,
             )  # fmt: skip
         outputs = {key: self._materialize(value.ref, copy) for key, value in action.outputs.items()}
-        return JobResult(action.job, True, outputs=outputs, seconds=seconds)
+        return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages)
 
     def _materialize(self, ref: tuple, copy: bool) -> Any:
         if ref[0] == "obj":

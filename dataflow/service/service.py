@@ -670,6 +670,10 @@ class Service:
         self.executors[pipeline].core.forget(result.job)
         try:
             write_result(self.jobs_dir, result)
+            if result.stages:  # when each stage ran it: the console's timeline
+                folder = self.jobs_dir / result.job
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / ".timeline.json").write_text(json.dumps(result.stages))
         except OSError as exc:
             log.error("job_results_not_written", job_id=result.job, error=str(exc))
         if not result.ok and self._aborted:

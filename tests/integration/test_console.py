@@ -127,6 +127,9 @@ def test_a_job_appears_and_ends_on_the_jobs_page_without_a_reload(service, brows
     links = [a.text for a in browser.find_elements("css selector", "table a")]
     assert "/input/volume.npy" in links and any(t.startswith("/operators/") for t in links)
     assert "created (passthrough)" in browser.find_element("css selector", "pre.log").text
+    rows = browser.find_elements("css selector", "svg.gantt g")  # the timeline
+    assert [g.get_attribute("data-operator") for g in rows] == operators
+    assert all(len(g.find_elements("css selector", "rect.ok")) == 1 for g in rows)
     shoot(browser, "job")
     assert errors(browser) == []
 

@@ -88,6 +88,10 @@ def test_the_job_page_shows_the_images(segmented, browser):  # noqa: F811
     assert all(width == 64 for width in loaded), loaded
     legend = browser.find_element("css selector", ".legend").text
     assert "Body" in legend and "Lung" in legend
+    timeline = browser.find_element("css selector", "svg.gantt")
+    assert len(timeline.find_elements("css selector", "rect.ok")) == 12  # every operator ran
+    browser.execute_script("arguments[0].scrollIntoView()", timeline)
+    shoot(browser, "job-timeline")
     browser.execute_script("arguments[0].scrollIntoView()", images[0])
     shoot(browser, "job-images")
     assert errors(browser) == []

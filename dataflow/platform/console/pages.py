@@ -55,6 +55,35 @@ def size(nbytes: float | None) -> str:
     return f"{nbytes:.1f} TiB"
 
 
+def gantt(path: Path, operators: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A job's timeline for the page: one row per operator (in the pipeline's order), its
+    runs as bars in per cent of the job's span, with their durations; None without one."""
+    import json
+
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not runs:
+        return None
+    start = min(r["start"] for r in runs)
+    span = max(max(r["end"] for r in runs) - start, 1e-6)
+    rows = []
+    for op in operators:
+        bars = [
+            {
+                "left": 100.0 * (r["start"] - start) / span,
+                "width": max(100.0 * (r["end"] - r["start"]) / span, 0.3),
+                "took": took(r["start"], r["end"]),
+                "ok": r["ok"],
+            }
+            for r in runs
+            if r["stage"] == op["name"]
+        ]
+        rows.append({"name": op["name"], "bars": bars})
+    return {"rows": rows, "span": took(start, start + span)}
+
+
 def add_console(app: FastAPI, platform: Any) -> None:
     """The console's pages on ``app`` (``/``, ``/console/...``) and its static files."""
     env = Environment(
@@ -156,6 +185,9 @@ def add_console(app: FastAPI, platform: Any) -> None:
             after = {op["name"]: op["after"] for op in described["operators"]}
         except PlatformError:
             after = {}
+        timeline = gantt(
+            platform.service.jobs_dir / status["id"] / ".timeline.json", status["operators"]
+        )
         preview = preview_of(status["id"]) if status["state"] == "succeeded" else None
         shown = preview.slices() if preview is not None else []
         return page(
@@ -164,6 +196,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             job=status,
             after=after,
             slices=len(shown),
+            timeline=timeline,
             legend=preview.colours() if preview is not None else [],
             logs=platform.job_logs(status["id"]),
             files=platform.job_files(status["id"]),
