@@ -215,8 +215,8 @@ class LocalExecutor:
         self.stage_latency: dict[str, Latency] = {s: Latency() for s in self.stages}
         self._store_stats: dict[str, Any] = {}
         self._store_read = 0.0  # when _store_stats was taken (monotonic)
-        self._dispatched_at: dict[str, float] = {}
-        self._running: dict[str, tuple[str, float]] = {}  # worker -> (job, when it began)
+        #: worker -> (job, when it was dispatched: monotonic, and wall for the timeline)
+        self._dispatched: dict[str, tuple[str, float, float]] = {}
         self._timeline: dict[str, list[dict[str, Any]]] = {}  # job -> its stages' runs
         self.store: Store | None = None
         #: keep each job's log per stage (``OUTPUT_ROOT/<job>/.logs/<stage>.log``): the service
@@ -445,8 +445,7 @@ class LocalExecutor:
         elif kind == "done":
             _, job_id, outputs = message
             stage = self.core.workers[wid].stage
-            seconds = now - self._dispatched_at.pop(wid, now)
-            self._ran(wid, stage, ok=True)
+            seconds = self._ran(wid, stage, now, ok=True)
             self.stage_jobs[stage] += 1
             self.stage_seconds[stage] += seconds
             self.stage_latency[stage].observe(seconds)
@@ -454,8 +453,7 @@ class LocalExecutor:
             self._do(self.core.job_done(wid, job_id, values, now), results, started, on_result)
         elif kind == "failed":
             _, job_id, reason, details = message
-            self._dispatched_at.pop(wid, None)
-            self._ran(wid, self.core.workers[wid].stage, ok=False)
+            self._ran(wid, self.core.workers[wid].stage, now, ok=False)
             self._do(
                 self.core.job_failed(wid, job_id, reason, details, now), results, started, on_result
             )
@@ -484,8 +482,7 @@ class LocalExecutor:
             if isinstance(action, state.Dispatch):
                 proc = self.procs[action.worker]
                 inputs = {port: value.ref for port, value in action.inputs.items()}
-                self._dispatched_at[action.worker] = time.monotonic()
-                self._running[action.worker] = (action.job, time.time())
+                self._dispatched[action.worker] = (action.job, time.monotonic(), time.time())
                 job_name = action.job
                 proc.conn.send(("job", action.job, job_name, inputs, action.timeout))
             elif isinstance(action, state.StartWorker):
@@ -518,13 +515,15 @@ class LocalExecutor:
             elif isinstance(action, state.StageRecovered):
                 log.info("stage_recovered", stage=action.stage)
 
-    def _ran(self, wid: str, stage: str, *, ok: bool) -> None:
-        """A worker finished (or failed) its job: that stage's run, for the job's timeline."""
-        job, began = self._running.pop(wid, (None, 0.0))
+    def _ran(self, wid: str, stage: str, now: float, *, ok: bool) -> float:
+        """A worker finished (or failed) its job: that stage's run goes to the job's timeline;
+        its seconds."""
+        job, dispatched, began = self._dispatched.pop(wid, (None, now, 0.0))
         if job is not None:
             self._timeline.setdefault(job, []).append(
                 {"stage": stage, "start": began, "end": time.time(), "ok": ok}
             )
+        return now - dispatched
 
     def _result(self, action, started, copy: bool) -> JobResult:
         seconds = time.monotonic() - started.pop(action.job, time.monotonic())
@@ -634,7 +633,7 @@ class LocalExecutor:
         proc = self.procs.pop(wid, None)
         if proc is not None:
             proc.conn.close()
-        self._dispatched_at.pop(wid, None)
+        self._dispatched.pop(wid, None)
         return proc
 
     def _shutdown(self, interrupted: bool = False) -> None:
