@@ -109,8 +109,8 @@ def configure_logging(
     ]
     if not allow_phi:
         processors.append(_redact_phi)
-    # a job's log (see job_log) keeps its info events even where the console shows warnings only
-    processors += [_tee_to_job, _console_level(level)]
+    if job_logs:  # a job's log (job_log) keeps info events the console does not show
+        processors += [_tee_to_job, _console_level(level)]
     renderer = (
         structlog.processors.JSONRenderer()
         if json
