@@ -286,7 +286,6 @@ class Pipelines(pipelines_pb2_grpc.PipelinesServicer):
 
     @answers(pipelines_pb2.PipelinesCreateResponse, PIPELINE_STORE)
     def Create(self, request_iterator, context):
-        _caller(context)
         text, first = _definition(request_iterator)
         metadata = dict(first.metadata)
         try:
@@ -348,7 +347,6 @@ class Pipelines(pipelines_pb2_grpc.PipelinesServicer):
 
     @answers(pipelines_pb2.PipelinesUpdateResponse, PIPELINE_STORE)
     def Update(self, request_iterator, context):
-        _caller(context)
         text, first = _definition(request_iterator)
         self.platform.update_pipeline(_id(first.pipeline_id, "pipeline", PIPELINE_STORE), text)
         return pipelines_pb2.PipelinesUpdateResponse(header=header())
@@ -542,7 +540,6 @@ class Payloads(payloads_pb2_grpc.PayloadsServicer):
 
     @answers(payloads_pb2.PayloadsUploadResponse, PAYLOAD_UPLOAD)
     def Upload(self, request_iterator, context):
-        _caller(context)
         first = next(request_iterator, None)
         if first is None:
             raise Invalid("an upload with no message", code=PAYLOAD_UPLOAD)
@@ -672,7 +669,6 @@ class Models(models_pb2_grpc.ModelsServicer):
 
     @answers(models_pb2.ModelsUploadModelResponse, MODEL_INVALID_ID)
     def UploadModel(self, request_iterator, context):
-        _caller(context)
         first = next(request_iterator, None)
         if first is None or not first.details.name:
             raise Invalid(
