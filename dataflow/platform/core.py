@@ -507,7 +507,7 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
 
     # ------------------------------------------------------------------ DICOM side
 
-    def _dicom(self) -> list[tuple[str, Any]]:
+    def dicom_connectors(self) -> list[tuple[str, Any]]:
         """The connectors that hold received studies (duck-typed: dataflow knows no DICOM)."""
         return [(name, c) for name, c in self.service.connectors.items()
                 if callable(getattr(c, "studies", None))]  # fmt: skip
@@ -516,7 +516,7 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         """What the DICOM receivers hold, newest first: each group (a study or series) with
         its state and the jobs made of it."""
         out = []
-        for name, connector in self._dicom():
+        for name, connector in self.dicom_connectors():
             try:
                 studies = connector.studies(state)
             except ValueError as exc:
@@ -533,7 +533,7 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
     def dicom_associations(self, limit: int = 100) -> list[dict[str, Any]]:
         """The receivers' last associations, newest first."""
         out = []
-        for name, connector in self._dicom():
+        for name, connector in self.dicom_connectors():
             method = getattr(connector, "associations", None)
             if callable(method):
                 out += [{"connector": name, **row} for row in method(limit)]

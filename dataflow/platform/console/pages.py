@@ -107,7 +107,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
         counts: dict[str, int] = {}
         for row in health.get("jobs", []):
             counts[row["state"]] = counts.get(row["state"], 0) + row["count"]
-        waiting = platform.dicom_studies("pending", limit=50) if platform._dicom() else []
+        waiting = platform.dicom_studies("pending", limit=50) if platform.dicom_connectors() else []
         backlog: dict[str, dict[str, int]] = {}
         for row in health.get("deliveries", []):
             backlog.setdefault(row["destination"], {})[row["state"]] = row["count"]
@@ -189,7 +189,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             platform.service.jobs_dir / status["id"] / ".timeline.json", status["operators"]
         )
         preview = preview_of(status["id"]) if status["state"] == "succeeded" else None
-        shown = preview.slices() if preview is not None else []
+        shown = preview.shown if preview is not None else []
         return page(
             "job.html",
             request,
@@ -230,7 +230,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             preview = preview_of(job_id)
         except PlatformError as exc:
             return Response(status_code=exc.status)
-        slices = preview.slices() if preview is not None else []
+        slices = preview.shown if preview is not None else []
         if not 0 <= index < len(slices):
             return Response(status_code=404)
         png = preview.png(slices[index], overlay)
@@ -243,7 +243,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             request,
             studies=platform.dicom_studies(limit=100),
             associations=platform.dicom_associations(limit=100),
-            connected=bool(platform._dicom()),
+            connected=bool(platform.dicom_connectors()),
         )
 
     @app.get("/console/exports", response_class=HTMLResponse, include_in_schema=False)

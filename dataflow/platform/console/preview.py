@@ -7,6 +7,7 @@ references; the slices are those with the most segmented pixels and two around t
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,11 +34,12 @@ WINDOW = (-300.0, 1500.0)  # centre, width in HU: lungs, soft tissue and bone al
 class Preview:
     """The SEG of a job and the source slices it was drawn on."""
 
-    def __init__(self, seg: Path, sources: dict[str, Path]) -> None:
+    def __init__(self, seg: Path, sources: dict[str, tuple[Path, float]]) -> None:
         import pydicom
 
         self.seg = pydicom.dcmread(seg)
-        self.sources = sources  # SOP Instance UID -> file
+        self.sources = {uid: path for uid, (path, _) in sources.items()}
+        self.position = {uid: where for uid, (_, where) in sources.items()}
         names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in self.seg.SegmentSequence}
         self.segments = names
         frames: dict[str, list[tuple[int, int]]] = {}  # source UID -> [(frame, segment)]
@@ -57,6 +59,11 @@ class Preview:
             self._pixels = pixels[None] if pixels.ndim == 2 else pixels
         return self._pixels
 
+    @functools.cached_property
+    def shown(self) -> list[str]:
+        """The slices the page shows (computed once per preview)."""
+        return self.slices()
+
     def slices(self, count: int = 3) -> list[str]:
         """Source UIDs to show: the most segmented slice and ``count - 1`` spread around it,
         in the series' order (by position along its normal)."""
@@ -64,23 +71,13 @@ class Preview:
         area = {
             uid: int(sum((masks[i] != 0).sum() for i, _ in f)) for uid, f in self.frames.items()
         }
-        ordered = sorted(area, key=self._position)
+        ordered = sorted(area, key=self.position.__getitem__)
         if not ordered:
             return []
         chosen = {max(ordered, key=lambda uid: area[uid])}
         for fraction in np.linspace(0.25, 0.75, max(count - 1, 0)):
             chosen.add(ordered[int(fraction * (len(ordered) - 1))])
         return sorted(chosen, key=ordered.index)[:count]
-
-    def _position(self, uid: str) -> float:
-        import pydicom
-
-        ds = pydicom.dcmread(self.sources[uid], stop_before_pixels=True)
-        position = np.array([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])])
-        cosines = np.array(
-            [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
-        )
-        return float(position @ np.cross(cosines[:3], cosines[3:]))
 
     def png(self, uid: str, overlay: bool) -> bytes:
         """One slice as PNG: windowed grey, and with ``overlay`` each segment in its colour."""
@@ -132,15 +129,17 @@ def find_preview(files: Iterable[dict[str, Any]], inputs: Path, outputs: Path) -
                 break
     if seg is None:
         return None
-    sources: dict[str, Path] = {}
+    sources: dict[str, tuple[Path, float]] = {}  # UID -> (file, position along the normal)
+    tags = ["SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient"]
     for path in sorted(p for p in inputs.rglob("*") if p.is_file()):
         try:
-            header = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
-            )
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
         except Exception:
             continue
         if "SOPInstanceUID" in header:
-            sources[str(header.SOPInstanceUID)] = path
+            position = np.array([float(v) for v in header.get("ImagePositionPatient", [0] * 3)])
+            cosines = [float(v) for v in header.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+            normal = np.cross(cosines[:3], cosines[3:])
+            sources[str(header.SOPInstanceUID)] = (path, float(position @ normal))
     preview = Preview(seg, sources)
     return preview if preview.frames else None
