@@ -121,26 +121,34 @@ class ApiClient:
     def download(self, job_id: str, name: str, target: Path, *, of: str = "jobs") -> int:
         """Stream one listed file of a job (``of="payloads"``: of a payload) into ``target``
         (written whole or not at all)."""
+        return self.save(f"/api/v1/{of}/{job_id}/files{name}", lambda response: target)[0]
+
+    def save(self, path: str, target: Callable[[Any], Path]) -> tuple[int, Path]:
+        """Stream ``GET path`` into the file ``target(response)`` names (from its headers, if
+        need be), written whole or not at all: (bytes, the file)."""
         import httpx
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.part")
+        partial = None
         size = 0
         try:
-            with self._http.stream("GET", f"/api/v1/{of}/{job_id}/files{name}") as response:
+            with self._http.stream("GET", path) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)
+                file = target(response)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                partial = file.with_name(f".{file.name}.part")
                 with open(partial, "wb") as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
                         size += len(chunk)
-            partial.replace(target)
+            partial.replace(file)
         except httpx.TransportError as exc:
-            raise ApiError(f"{self.base}: the download of {name} broke off ({exc})") from None
+            raise ApiError(f"{self.base}: the download of {path} broke off ({exc})") from None
         finally:
-            partial.unlink(missing_ok=True)
-        return size
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+        return size, file
 
 
 def _chunks(handle: Any, size: int = 1024 * 1024) -> Iterator[bytes]:

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from dataflow import models
-from dataflow.platform.client import API, AS_JSON, ApiClient, _emit, _Session, _when
+from dataflow.platform.client import API, AS_JSON, _chunks, _emit, _Session, _when
 
 __all__ = ["models_app"]
 
@@ -96,7 +96,7 @@ def upload(
 def _send(name, version, source: Path, filename, archive, local, api) -> dict[str, Any]:
     if local:
         with open(source, "rb") as handle:
-            chunks = iter(lambda: handle.read(1 << 20), b"")
+            chunks = _chunks(handle)
             if archive:
                 return _local().add_archive(name, version, chunks)
             return _local().add_file(name, version, filename, chunks)
@@ -104,7 +104,7 @@ def _send(name, version, source: Path, filename, archive, local, api) -> dict[st
     path = f"/api/v1/models/{name}" + (f"/{version}" if version else "")
     with _Session(api) as client, open(source, "rb") as handle:
         return client.call("PUT" if version else "POST", path, params=params,
-                           content=iter(lambda: handle.read(1 << 20), b""))  # fmt: skip
+                           content=_chunks(handle))  # fmt: skip
 
 
 @models_app.command("describe")
@@ -159,28 +159,18 @@ def download(
         typer.echo(str(target))
         return
     with _Session(api) as client:
-        size = _download(client, f"/api/v1/models/{name}/{version or 'latest'}/download", output)
+        size = client.save(f"/api/v1/models/{name}/{version or 'latest'}/download", _named(output))
     typer.echo(f"{size[1]} ({size[0]} bytes)")
 
 
-def _download(client: ApiClient, path: str, output: Path | None) -> tuple[int, Path]:
-    with client._http.stream("GET", path) as response:
-        if response.status_code >= 400:
-            response.read()
-            client._check(response)
+def _named(output: Path | None):
+    """The file a model download goes to: ``output``, else the name the service gives."""
+
+    def target(response) -> Path:
         found = re.search(r'filename="([^"/]+)"', response.headers.get("content-disposition", ""))
-        target = output or Path(found.group(1) if found else "model.bin")
-        partial = target.with_name(f".{target.name}.part")
-        size = 0
-        try:
-            with open(partial, "wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-                    size += len(chunk)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-    return size, target
+        return output or Path(found.group(1) if found else "model.bin")
+
+    return target
 
 
 @models_app.command("delete")
