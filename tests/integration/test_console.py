@@ -7,13 +7,12 @@ there (``docs/console/`` holds the committed ones)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.deadlines import wait_until
+from tests.integration.browser import errors, shoot, text_of
 from tests.integration.platform_service import HANG, api_client, platform_service
 
 pytestmark = pytest.mark.integration
@@ -22,7 +21,6 @@ ROOT = Path(__file__).parents[2]
 DATA = Path(__file__).parent / "service_data"
 PASSTHROUGH = ROOT / "pipelines" / "passthrough.yaml"
 VOLUME = ROOT / "pipelines" / "samples" / "volumes" / "study-a" / "volume.npy"
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 def until(predicate, what: str):
@@ -34,57 +32,6 @@ def service(tmp_path_factory):
     pipelines = {"passthrough": PASSTHROUGH, "hang": DATA / "hang.yaml"}
     with platform_service(tmp_path_factory.mktemp("console"), pipelines) as service:
         yield service
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None or DRIVER is None:
-        pytest.skip(
-            "Chromium and chromium-driver are not installed (apt-get install chromium "
-            "chromium-driver; .ci/run does)"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,800",
-        "--no-first-run",
-        "--disable-extensions",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=DRIVER), options=options
-    )
-    driver.set_page_load_timeout(HANG)
-    yield driver
-    driver.quit()
-
-
-def text_of(browser, element_id: str) -> str | None:
-    """An element's text, or None while the page reloads."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-
-    try:
-        return browser.find_element("id", element_id).text
-    except (NoSuchElementException, StaleElementReferenceException):
-        return None
-
-
-def errors(browser) -> list[str]:
-    """The page's JavaScript errors (console messages at SEVERE)."""
-    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def shoot(browser, name: str) -> None:
-    folder = os.environ.get("DATAFLOW_CONSOLE_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
 
 
 def start_job(client, pipeline: str, files: dict[str, bytes]) -> str:

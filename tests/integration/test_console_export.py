@@ -15,15 +15,15 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dataflow.service import Service, load_config
 from tests.deadlines import LONG_HANG, wait_until
+from tests.integration.browser import errors, shoot
 from tests.integration.platform_service import HANG, api_client
-from tests.integration.test_console import browser, errors, shoot, text_of  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
 
 
-def test_a_dead_letter_is_resent_from_the_page_and_reaches_the_pacs(tmp_path, browser):  # noqa: F811
+def test_a_dead_letter_is_resent_from_the_page_and_reaches_the_pacs(tmp_path, browser):
     pacs_port = free_port()
     config = tmp_path / "service.yaml"
     config.write_text(f"""

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from tests.deadlines import LONG_HANG
+from tests.integration.browser import errors, shoot
 from tests.integration.platform_service import api_client, platform_service
-from tests.integration.test_console import browser, errors, shoot  # noqa: F401 (a fixture)
 from tests.integration.test_platform_rest import wait_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -76,7 +76,7 @@ def test_the_server_draws_the_seg_over_the_ct(segmented):
     assert 0.05 < tinted < 0.95, tinted  # the segments, drawn over part of the slice
 
 
-def test_the_job_page_shows_the_images(segmented, browser):  # noqa: F811
+def test_the_job_page_shows_the_images(segmented, browser):
     service, job_id = segmented
     browser.get(f"{service.platform.urls['rest']}/console/jobs/{job_id}")
     images = browser.find_elements("css selector", ".previews img")

@@ -40,6 +40,12 @@ def test_a_non_loopback_host_is_refused_without_tokens_or_tls(tmp_path):
     (tmp_path / "a.pem").write_text("x")
     with pytest.raises(ConfigError, match=r"api.host: '0.0.0.0' .*needs tokens: true"):
         load_config(_config(tmp_path, "{host: 0.0.0.0, tls: {cert: a.pem, key: a.pem}}"))
+    with pytest.raises(ConfigError, match=r"api.start-pipelines: 'first': 'registration'"):
+        load_config(_config(tmp_path, "{start-pipelines: first}"))
+    with pytest.raises(ConfigError, match=r"api.idle-stop: 'soon' is not a duration"):
+        load_config(_config(tmp_path, "{idle-stop: soon}"))
+    lazy = load_config(_config(tmp_path, "{start-pipelines: first-job, idle-stop: 10m}")).api
+    assert (lazy.start_pipelines, lazy.idle_stop) == ("first-job", 600.0)
     with pytest.raises(ConfigError, match=r"api.tls: unknown key 'certs'.*did you mean 'cert'"):
         load_config(_config(tmp_path, "{tls: {certs: a.pem, key: a.pem}}"))
     with pytest.raises(ConfigError, match=r"api.tokens: 'yes': true"):

@@ -47,9 +47,19 @@ for name in files:
             payloads.download_from(payload_id=job.payload_id, blob_name=name, dest_obj=handle)
         downloaded[name] = target_file.stat().st_size
 logs = jobs.job_logs(job_id=job.job_id, operator_name="npy-to-array")
-print(json.dumps({
-    "pipeline_id": pipeline_id.value, "pipelines": names, "job_id": job.job_id.value,
-    "payload_id": job.payload_id.value, "state": job_types.JobState(status.job_state).name,
-    "status": job_types.JobStatus(status.job_status).name, "files": files, "downloaded": downloaded,
-    "logs": logs, "created": str(status.date_created),
-}))
+print(
+    json.dumps(
+        {
+            "pipeline_id": pipeline_id.value,
+            "pipelines": names,
+            "job_id": job.job_id.value,
+            "payload_id": job.payload_id.value,
+            "state": job_types.JobState(status.job_state).name,
+            "status": job_types.JobStatus(status.job_status).name,
+            "files": files,
+            "downloaded": downloaded,
+            "logs": logs,
+            "created": str(status.date_created),
+        }
+    )
+)

@@ -1,0 +1,65 @@
+"""A real browser for the console's tests: Debian's Chromium, headless, driven by Selenium
+through chromium-driver (skipped, saying how to install them, where they are missing)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.integration.platform_service import HANG
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip(
+            "Chromium and chromium-driver are not installed (apt-get install chromium "
+            "chromium-driver; .ci/run does)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(
+        service=webdriver.ChromeService(executable_path=DRIVER), options=options
+    )
+    driver.set_page_load_timeout(HANG)
+    yield driver
+    driver.quit()
+
+
+def text_of(browser, element_id: str) -> str | None:
+    """An element's text, or None while the page reloads."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return browser.find_element("id", element_id).text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
+def errors(browser) -> list[str]:
+    """The page's JavaScript errors (console messages at SEVERE)."""
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def shoot(browser, name: str) -> None:
+    folder = os.environ.get("DATAFLOW_CONSOLE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
