@@ -219,16 +219,19 @@ def start_orthanc(
     folder: str | Path,
     *,
     aet: str = "ORTHANC",
+    dicom_port: int | None = None,
     modalities: Mapping[str, tuple[str, str, int]] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Orthanc:
     """Orthanc as a plain process (never the packaged service) with its own storage in
-    ``folder``; ``modalities``: name -> (AE title, host, port) it may send to."""
+    ``folder``; ``dicom_port``: its DICOM port (a free one if None: give one when a sender
+    was configured with it before Orthanc starts); ``modalities``: name -> (AE title, host,
+    port) it may send to."""
     if not ORTHANC_BIN.exists():
         pytest.skip("Orthanc is not installed (apt-get install orthanc)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = dicom_port or free_port(), free_port()
     settings = {
         "Name": "dataflow-test",
         "StorageDirectory": str(folder / "storage"),

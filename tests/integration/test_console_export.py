@@ -1,17 +1,17 @@
 """A dead letter re-sent from the console's export page reaches the PACS: ct-segmentation's SEG
-for a study, a PACS down past the export deadline (dead-lettered), then a real storage SCP
-(pynetdicom) up and the Re-send button pressed in Chromium."""
+for a study, the PACS down while the SEG is exported (dead-lettered after its retries), then
+a real Orthanc up on the PACS's port and the Re-send button pressed in Chromium."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
-from dicom_peers import free_port
-from pynetdicom import AE, StoragePresentationContexts, evt
+from dicom_peers import free_port, start_orthanc
 
 from dataflow.service import Service, load_config
 from tests.deadlines import LONG_HANG, wait_until
@@ -23,8 +23,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 
 
-def test_a_dead_letter_is_resent_from_the_page_and_reaches_the_pacs(tmp_path, browser):
-    pacs_port = free_port()
+def the_seg(client, job_id: str) -> pydicom.Dataset:
+    """The job's output SEG (the seg operator's one file), read from the API."""
+    names = [
+        f["name"]
+        for f in client.get(f"/api/v1/jobs/{job_id}/files").json()
+        if f["name"].startswith("/operators/seg/")
+    ]
+    assert len(names) == 1, names
+    data = client.get(f"/api/v1/jobs/{job_id}/files{names[0]}").raise_for_status().content
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def state_of(row) -> str:
+    """An export row's State cell (Task, Job, Destination, State, ...)."""
+    return row.find_elements("tag name", "td")[3].text
+
+
+def test_a_dead_letter_is_resent_from_the_page_and_reaches_orthanc(
+    private_network, tmp_path, browser
+):
+    pacs_port = free_port()  # nothing listens there until Orthanc starts on it
     config = tmp_path / "service.yaml"
     config.write_text(f"""
 state: {tmp_path / "state"}
@@ -37,30 +56,18 @@ dicom:
   ae-titles:
     DATAFLOW: {{pipelines: [ct-segmentation]}}
   destinations:
-    PACS: {{ae: PACS, host: 127.0.0.1, port: {pacs_port}}}
-  export: {{retry-initial: 0.2, retry-max: 0.5, deadline: 2}}
+    PACS: {{ae: ORTHANC, host: 127.0.0.1, port: {pacs_port}}}
+  export: {{retry-initial: 0.1, retry-max: 0.1, max-attempts: 2}}
 """)
     study = tmp_path / "study"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "operators.dicom.phantom",
-            str(study),
-            "--slices",
-            "8",
-            "--size",
-            "48",
-        ],
-        check=True,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        timeout=LONG_HANG,
-    )
-    received: Counter = Counter()
+        [sys.executable, "-m", "operators.dicom.phantom", str(study), "--slices", "8",
+         "--size", "48"],
+        check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=LONG_HANG,
+    )  # fmt: skip
     service = Service(load_config(config))
     service.start()
-    pacs = None
+    orthanc = None
     try:
         with api_client(service) as client:
             job = client.post("/api/v1/jobs", json={"pipeline": "ct-segmentation"}).json()
@@ -75,31 +82,31 @@ dicom:
                 "the SEG dead-lettered (nothing listens on the PACS port)",
                 LONG_HANG,
             )
+            seg = the_seg(client, job["job_id"])
         assert dead["destination"] == "PACS" and dead["job_id"] == job["job_id"]
+        assert dead["attempts"] == 2 and dead["last_error"]
 
-        ae = AE(ae_title="PACS")
-        ae.supported_contexts = StoragePresentationContexts
-
-        def store(event) -> int:
-            received[event.request.AffectedSOPInstanceUID] += 1
-            return 0x0000
-
-        pacs = ae.start_server(
-            ("127.0.0.1", pacs_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
-        )
-        browser.get(f"{service.platform.urls['rest']}/console/exports")
+        orthanc = start_orthanc(tmp_path / "orthanc", dicom_port=pacs_port)
+        assert orthanc.instances() == []
+        exports = f"{service.platform.urls['rest']}/console/exports"
+        browser.get(exports)
         shoot(browser, "exports")
-        browser.find_element("css selector", f'button[data-resend="{dead["task_id"]}"]').click()
-        wait_until(lambda: sum(received.values()) >= 1, "the SEG at the PACS", HANG)
+        row = browser.find_element("css selector", f'tr[data-task="{dead["task_id"]}"]')
+        assert state_of(row) == "dead" and dead["last_error"] in row.text  # the reason shown
+        row.find_element("css selector", f'button[data-resend="{dead["task_id"]}"]').click()
 
         def sent() -> bool:
-            browser.get(f"{service.platform.urls['rest']}/console/exports")
+            browser.get(exports)
             rows = browser.find_elements("css selector", f'tr[data-task="{dead["task_id"]}"]')
-            return bool(rows) and "sent" in rows[0].text
+            return bool(rows) and state_of(rows[0]) == "sent"
 
         wait_until(sent, "the task shown sent on the page", HANG, 0.2)
+        assert orthanc.sop_instance_uids() == {seg.SOPInstanceUID}
+        (study_id,) = orthanc.rest("GET", "/studies")
+        tags = orthanc.rest("GET", f"/studies/{study_id}")["MainDicomTags"]
+        assert tags["StudyInstanceUID"] == seg.StudyInstanceUID
         assert errors(browser) == []
     finally:
-        if pacs is not None:
-            pacs.shutdown()
+        if orthanc is not None:
+            orthanc.stop()
         service.stop()
