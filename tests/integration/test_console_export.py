@@ -14,9 +14,9 @@ import pytest
 from dicom_peers import free_port, start_orthanc
 
 from dataflow.service import Service, load_config
-from tests.deadlines import LONG_HANG, wait_until
+from tests.deadlines import HANG, LONG_HANG, wait_until
 from tests.integration.browser import errors, shoot
-from tests.integration.platform_service import HANG, api_client
+from tests.integration.platform_service import api_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
