@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import math
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,8 +31,9 @@ MUTED = "#4a5360"  # axes and grid labels: 7.9:1 on white
 # No red or green: those say failed and succeeded.
 PALETTE = ("#0b57d0", "#b35900", "#6a1b9a", "#00796b", "#ad1457", "#5b6b00", "#1a237e", "#4a5360")
 
-# A state's colour: (ink for its border, text and series, fill of its box). The ink has
-# contrast >= 4.5:1 against its fill and >= 3:1 against white.
+# A state's colour, found in lower case (Clara's operator states are PENDING, RUNNING, COMPLETED,
+# FAULTED): (ink for its border, text and series, fill of its box). The ink has contrast >= 4.5:1
+# against its fill and >= 3:1 against white.
 STATE_COLOURS = {
     "succeeded": ("#0a6b2d", "#e6f4ea"),
     "done": ("#0a6b2d", "#e6f4ea"),
@@ -47,11 +49,14 @@ STATE_COLOURS = {
     "pending": ("#4a5360", "#f1f3f4"),
     "waiting": ("#4a5360", "#f1f3f4"),
     "cancelled": ("#7a4d00", "#fef7e0"),
+    "idle": ("#4a5360", "#f1f3f4"),
+    "stopped": ("#4a5360", "#f1f3f4"),
 }
 NO_STATE = (MUTED, "#ffffff")
 
 # Layout of the graph, in SVG user units (px at scale 1).
 BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 150, 46, 56, 18, 12
+WAY_H = 8  # the room a long edge takes in a layer it skips
 NAME_CHARS = 17  # what fits in a box at font-size 13
 
 
@@ -111,37 +116,50 @@ def _layers(names: list[str], edges: list[tuple[str, str]]) -> tuple[dict[str, i
     return layer, back
 
 
+Node = str | tuple[str, str, int]  # an operator, or a waypoint of a long edge in layer k
+
+
 def _barycentre(
-    n: str, neighbours: dict[str, list[str]], pos: dict[str, int], here: dict[str, int]
+    n: Node, neighbours: dict[Node, list[Node]], pos: dict[Node, int], here: dict[Node, int]
 ) -> tuple[float, int]:
     near = [pos[m] for m in neighbours[n]]
     return (sum(near) / len(near) if near else here[n], here[n])
 
 
-def _order(names: list[str], layer: dict[str, int], edges: list[tuple[str, str]]) -> list[list]:
-    """Operators per layer, ordered to cross fewer edges: file order, then two sweeps down and up
-    placing each operator at the mean position of its neighbours in the layers already placed."""
-    rows: list[list[str]] = [[] for _ in range(max(layer.values(), default=-1) + 1)]
+def _order(
+    names: list[str], layer: dict[str, int], edges: list[tuple[str, str]]
+) -> tuple[list[list[Node]], dict[tuple[str, str], list[Node]]]:
+    """The operators of each layer, with a waypoint in every layer that an edge skips (so that it
+    runs between boxes, not through them), ordered to cross fewer edges: file order, then two
+    sweeps down and up placing each at the mean position of its neighbours in the layer before.
+    Also each long edge's waypoints."""
+    rows: list[list[Node]] = [[] for _ in range(max(layer.values(), default=-1) + 1)]
     for n in names:
         rows[layer[n]].append(n)
-    preds: dict[str, list[str]] = {n: [] for n in names}
-    succs: dict[str, list[str]] = {n: [] for n in names}
+    preds: dict[Node, list[Node]] = defaultdict(list)
+    succs: dict[Node, list[Node]] = defaultdict(list)
+    waypoints: dict[tuple[str, str], list[Node]] = {}
     for a, b in edges:
-        if layer[a] < layer[b]:
-            preds[b].append(a)
-            succs[a].append(b)
+        if layer[a] >= layer[b]:
+            continue  # one closing a cycle: drawn under the boxes
+        chain: list[Node] = [(a, b, k) for k in range(layer[a] + 1, layer[b])]
+        for w in chain:
+            rows[w[2]].append(w)
+        waypoints[(a, b)] = chain
+        for u, v in itertools.pairwise([a, *chain, b]):
+            preds[v].append(u)
+            succs[u].append(v)
 
-    def sweep(indices: Iterable[int], neighbours: dict[str, list[str]]) -> None:
+    def sweep(indices: Iterable[int], neighbours: dict[Node, list[Node]]) -> None:
         for i in indices:
             pos = {n: k for row in rows for k, n in enumerate(row)}
             here = {n: k for k, n in enumerate(rows[i])}
-
             rows[i].sort(key=lambda n, pos=pos, here=here: _barycentre(n, neighbours, pos, here))
 
     for _ in range(2):
         sweep(range(1, len(rows)), preds)
         sweep(range(len(rows) - 2, -1, -1), succs)
-    return rows
+    return rows, waypoints
 
 
 def pipeline_graph(
@@ -166,18 +184,22 @@ def pipeline_graph(
             if edge[0] in known and edge not in edges:
                 edges.append(edge)
     layer, back = _layers(names, edges)
-    rows = _order(names, layer, edges)
+    rows, waypoints = _order(names, layer, edges)
 
-    tallest = max((len(r) for r in rows), default=0)
-    inner_h = tallest * BOX_H + max(tallest - 1, 0) * GAP_Y
+    def tall(n: Node) -> float:
+        return WAY_H if isinstance(n, tuple) else BOX_H
+
+    heights = [sum(tall(n) for n in row) + max(len(row) - 1, 0) * GAP_Y for row in rows]
+    inner_h = max([BOX_H, *heights])
     loops = 28 if back else 0
     width = 2 * PAD + len(rows) * BOX_W + max(len(rows) - 1, 0) * GAP_X
-    height = 2 * PAD + max(inner_h, BOX_H) + loops
-    where: dict[str, tuple[float, float]] = {}
+    height = 2 * PAD + inner_h + loops
+    where: dict[Node, tuple[float, float]] = {}  # top left
     for i, row in enumerate(rows):
-        top = PAD + (inner_h - (len(row) * BOX_H + (len(row) - 1) * GAP_Y)) / 2
-        for k, n in enumerate(row):
-            where[n] = (PAD + i * (BOX_W + GAP_X), top + k * (BOX_H + GAP_Y))
+        y = PAD + (inner_h - heights[i]) / 2
+        for n in row:
+            where[n] = (PAD + i * (BOX_W + GAP_X), y)
+            y += tall(n) + GAP_Y
 
     counts: dict[str, int] = {}
     for n in names:
@@ -199,19 +221,25 @@ def pipeline_graph(
         f'markerHeight="7" orient="auto-start-reverse"><path d="M0 0L10 5L0 10z" fill="{MUTED}"/>'
         "</marker></defs>",
     ]
-    bottom = PAD + max(inner_h, BOX_H)
     for a, b in edges:
         (ax, ay), (bx, by) = where[a], where[b]
-        if (a, b) in back or layer[b] <= layer[a]:
+        if (a, b) not in waypoints:  # closing a cycle: under the boxes, bottom to bottom
             x1, x2, y1, y2 = ax + BOX_W / 2 + 8, bx + BOX_W / 2 - 8, ay + BOX_H, by + BOX_H
-            low = bottom + loops - 6
-            d = f"M{_num(x1)} {_num(y1)}C{_num(x1)} {_num(low)} {_num(x2)} {_num(low)} "
-            d += f"{_num(x2)} {_num(y2)}"
-        else:
-            x1, y1, x2, y2 = ax + BOX_W, ay + BOX_H / 2, bx - 1, by + BOX_H / 2
-            mid = (x1 + x2) / 2
-            d = f"M{_num(x1)} {_num(y1)}C{_num(mid)} {_num(y1)} {_num(mid)} {_num(y2)} "
-            d += f"{_num(x2)} {_num(y2)}"
+            low = _num(PAD + inner_h + loops - 6)
+            d = f"M{_num(x1)} {_num(y1)}C{_num(x1)} {low} {_num(x2)} {low} {_num(x2)} {_num(y2)}"
+        else:  # curves between the columns, straight through a skipped one at its waypoint
+            points = [(ax + BOX_W, ay + BOX_H / 2)]
+            for w in waypoints[(a, b)]:
+                wx, wy = where[w]
+                points += [(wx, wy + WAY_H / 2), (wx + BOX_W, wy + WAY_H / 2)]
+            points.append((bx - 1, by + BOX_H / 2))
+            d = f"M{_num(points[0][0])} {_num(points[0][1])}"
+            for j, ((x1, y1), (x2, y2)) in enumerate(itertools.pairwise(points)):
+                mid = _num((x1 + x2) / 2)
+                if j % 2:
+                    d += f"L{_num(x2)} {_num(y2)}"
+                else:
+                    d += f"C{mid} {_num(y1)} {mid} {_num(y2)} {_num(x2)} {_num(y2)}"
         out.append(
             f'<path class="edge" data-from="{_attr(a)}" data-to="{_attr(b)}" d="{d}" fill="none" '
             f'stroke="{MUTED}" stroke-width="1.5" marker-end="url(#{arrow})"/>'
@@ -219,7 +247,7 @@ def pipeline_graph(
     for n in names:
         x, y = where[n]
         state = states.get(n)
-        ink, fill = STATE_COLOURS.get(str(state), NO_STATE) if state is not None else NO_STATE
+        ink, fill = NO_STATE if state is None else STATE_COLOURS.get(str(state).lower(), NO_STATE)
         tip = f"{n}: {state}" if state is not None else n
         name_y = y + (19 if state is not None else 28)
         out.append(
@@ -281,7 +309,7 @@ def _time_ticks(start: float, end: float) -> list[float]:
 
 
 def _colour(name: str, index: int) -> str:
-    state = STATE_COLOURS.get(name)
+    state = STATE_COLOURS.get(name.lower())
     return state[0] if state else PALETTE[index % len(PALETTE)]
 
 
