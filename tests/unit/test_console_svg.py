@@ -287,7 +287,15 @@ def test_lines_draw_a_point_per_value_and_one_colour_per_series():
     assert ys[9.0] < ys[4.5] < ys[2.0]  # higher values higher up
 
 
-@pytest.mark.parametrize("series", [{}, {"ct": []}, {"ct": [], "mr": []}])
+@pytest.mark.parametrize(
+    "series",
+    [
+        {},
+        {"ct": []},
+        {"ct": [], "mr": []},
+        {"ct": [(START - HOUR, 3), (END, 1), (START, math.nan)]},
+    ],
+)
 def test_a_chart_with_nothing_to_draw_says_so(series):
     svg = parse(time_chart(series, START, END, "jobs", "Throughput"))
     assert [t.text for t in chart_parts(svg, "empty", "text")] == ["no jobs in this time"]
@@ -302,6 +310,8 @@ def test_chart_names_are_escaped_and_a_wrong_kind_is_refused():
     assert chart_parts(svg, "legend", "g")[0].get("data-series") == '<img src=x>&"'
     with pytest.raises(ValueError, match="'pie'"):
         time_chart({}, START, END, "s", "x", kind="pie")
+    with pytest.raises(ValueError, match="empty span"):
+        time_chart({}, END, START, "s", "x")
 
 
 def luminance(colour: str) -> float:

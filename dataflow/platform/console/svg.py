@@ -325,15 +325,26 @@ def time_chart(
     time across (local HH:MM), values up with 3 to 5 round ticks and ``unit``, a legend. ``bars``
     stacks the series in each bucket (a bucket runs to the next one's start); ``lines`` draws a
     line with points per series, a point in the middle of its bucket. A state's series (``failed``,
-    ``succeeded``...) takes that state's colour. No points at all: says so in words."""
+    ``succeeded``...) takes that state's colour. Points outside the span or not finite are left
+    out; no points at all: the chart says so in words."""
     if kind not in ("bars", "lines"):
         raise ValueError(f"time_chart kind {kind!r}: 'bars' or 'lines'")
-    names = [str(n) for n, points in series.items() if points]
-    points = {str(n): sorted((float(t), float(v)) for t, v in p) for n, p in series.items() if p}
+    if not end > start:
+        raise ValueError(f"time_chart {title!r}: from {start} to {end}, an empty span")
+    points: dict[str, list[tuple[float, float]]] = {}
+    for name, values in series.items():
+        kept = sorted(
+            (float(t), float(v))
+            for t, v in values
+            if start <= t < end and math.isfinite(t) and math.isfinite(v)
+        )
+        if kept:
+            points[str(name)] = kept
+    names = list(points)
     legend_rows = math.ceil(len(names) / 4) if names else 0
     height = CHART_H + legend_rows * LEGEND_ROW
     plot_w, plot_h = CHART_W - LEFT - RIGHT, CHART_H - TOP - BOTTOM
-    span = max(end - start, 1e-9)
+    span = end - start
 
     def x_of(t: float) -> float:
         return LEFT + plot_w * (t - start) / span
