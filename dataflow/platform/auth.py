@@ -13,7 +13,8 @@ Roles, each allowing what the one before allows:
 - ``admin``: pipelines and models (create, update, remove), and Clara's Stop.
 
 Clients send ``Authorization: Bearer <secret>`` (REST) or the ``authorization`` metadata with
-the same value (gRPC). ``/healthz`` and ``/readyz`` need none (a load balancer's checks).
+the same value (gRPC); the console's browser sends it as a cookie set by its login page.
+``/healthz`` and ``/readyz`` need none (a load balancer's checks).
 """
 
 from __future__ import annotations
@@ -32,12 +33,26 @@ from typing import Any
 
 from dataflow.platform.errors import Invalid, NotFound, PlatformError
 
-__all__ = ["ROLES", "Authenticator", "Forbidden", "TokenStore", "Unauthorized", "grpc_role",
-           "rest_role"]  # fmt: skip
+__all__ = [
+    "CONSOLE_OPEN",
+    "COOKIE",
+    "OPEN_PATHS",
+    "ROLES",
+    "Authenticator",
+    "Forbidden",
+    "TokenStore",
+    "Unauthorized",
+    "grpc_role",
+    "rest_role",
+]  # fmt: skip
 
 ROLES = ("read", "operator", "admin")
 PREFIX = "dft_"
 OPEN_PATHS = ("/healthz", "/readyz")
+#: the console's pages that need no token: signing in and out, and its stylesheet and script
+CONSOLE_OPEN = ("/console/login", "/console/logout", "/console/static/")
+#: the cookie that carries a console user's token (set by the login page)
+COOKIE = "dataflow_token"
 
 
 class Unauthorized(PlatformError):

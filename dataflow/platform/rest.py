@@ -14,18 +14,26 @@ import json
 import socket
 import threading
 import time
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
 from fastapi import Body, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, Field
 
 from dataflow import __version__
 from dataflow.platform.audit import CALLER
-from dataflow.platform.auth import OPEN_PATHS, rest_role
+from dataflow.platform.auth import CONSOLE_OPEN, COOKIE, OPEN_PATHS, Forbidden, rest_role
 from dataflow.platform.console import add_console
 from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
@@ -145,28 +153,72 @@ class _Measure:
 class _Guard:
     """Pure ASGI middleware: every HTTP call but /healthz and /readyz needs a token whose role
     allows it (:mod:`dataflow.platform.auth`); refused with 401 or 403 and a JSON body. The
-    audit log's "who" becomes the token's name."""
+    audit log's "who" becomes the token's name, and the token is the request's
+    ``state.token`` (the console shows what its role allows).
+
+    A browser signed in on the console's login page sends the token as the ``dataflow_token``
+    cookie (HttpOnly, SameSite=Strict) instead of a header; a call that changes something
+    with that cookie must come from the console's own origin (its ``Origin`` header, when
+    there is one, names this host). A console page asked for without a token redirects to the
+    login page instead of answering 401."""
 
     def __init__(self, app: Any, auth: Any) -> None:
         self.app, self.auth = app, auth
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(CONSOLE_OPEN):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1")
+        method = scope.get("method", "GET")
+        cookie = "" if given else console_cookie(headers.get(b"cookie", b"").decode("latin-1"))
         try:
-            token = self.auth.check(given, rest_role(scope.get("method", "GET"), scope["path"]))
+            if cookie:
+                given = f"Bearer {cookie}"
+                if method not in ("GET", "HEAD", "OPTIONS") and not same_origin(headers):
+                    raise Forbidden("a change asked with the console's cookie must come from "
+                                    "the console's own pages")  # fmt: skip
+            token = self.auth.check(given, rest_role(method, path))
         except PlatformError as exc:
-            body = {"error": exc.kind, "message": exc.message, "code": exc.code}
-            response = JSONResponse(body, status_code=exc.status,
-                                    headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            if exc.status == 401 and method == "GET" and (path == "/" or path.startswith(
+                    "/console/")):  # fmt: skip
+                target = path + (f"?{scope['query_string'].decode('latin-1')}"
+                                 if scope.get("query_string") else "")  # fmt: skip
+                response: Response = RedirectResponse(
+                    f"/console/login?{urlencode({'next': target})}", status_code=303
+                )
+            else:
+                body = {"error": exc.kind, "message": exc.message, "code": exc.code}
+                response = JSONResponse(body, status_code=exc.status,
+                                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
             await response(scope, receive, send)
             return
         peer = scope.get("client") or ("?", 0)
         CALLER.set((token.name, str(peer[0]), "rest"))
+        scope.setdefault("state", {})["token"] = token
         await self.app(scope, receive, send)
+
+
+def console_cookie(header: str) -> str:
+    """The console's token from a ``Cookie`` header, or ""."""
+    jar = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:
+        return ""
+    morsel = jar.get(COOKIE)
+    return morsel.value if morsel is not None else ""
+
+
+def same_origin(headers: dict[bytes, bytes]) -> bool:
+    """Whether a browser's request comes from this host's pages: its ``Origin`` (when it
+    sends one) names the host it asked."""
+    origin = headers.get(b"origin")
+    if origin is None:
+        return True  # not sent by a browser's cross-site request (SameSite keeps the cookie)
+    return urlsplit(origin.decode("latin-1")).netloc == headers.get(b"host", b"").decode("latin-1")
 
 
 def build_app(platform: Platform) -> FastAPI:

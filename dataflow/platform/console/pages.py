@@ -13,6 +13,8 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from dataflow import __version__
+from dataflow.platform.audit import CALLER
+from dataflow.platform.auth import COOKIE, ROLES
 from dataflow.platform.errors import PlatformError
 
 __all__ = ["add_console"]
@@ -84,6 +86,13 @@ def gantt(path: Path, operators: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"rows": rows, "span": took(start, start + span)}
 
 
+def inside(target: str | None) -> str:
+    """Where to go after signing in: a path of this console, never another site."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/console/"
+    return target
+
+
 def add_console(app: FastAPI, platform: Any) -> None:
     """The console's pages on ``app`` (``/``, ``/console/...``) and its static files."""
     env = Environment(
@@ -93,9 +102,56 @@ def add_console(app: FastAPI, platform: Any) -> None:
     env.globals.update(took=took, version=__version__)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
-    def page(name: str, request: Request, **values: Any) -> HTMLResponse:
-        html = env.get_template(name).render(request=request, page=name.split(".")[0], **values)
-        return HTMLResponse(html)
+    def viewer(request: Request) -> tuple[str | None, str]:
+        """Who looks (their token's name) and their role: without ``api.tokens`` (loopback
+        only) nobody signs in and every button is there."""
+        if platform.auth is None:
+            return None, "admin"
+        token = getattr(request.state, "token", None)
+        return (token.name, token.role) if token is not None else (None, "read")
+
+    def page(name: str, request: Request, status: int = 200, **values: Any) -> HTMLResponse:
+        who, role = viewer(request)
+        html = env.get_template(name).render(
+            request=request,
+            page=name.split(".")[0],
+            who=who,
+            role=role,
+            can=lambda needed: ROLES.index(role) >= ROLES.index(needed),
+            signing_in=platform.auth is not None,
+            **values,
+        )
+        return HTMLResponse(html, status_code=status)
+
+    @app.get("/console/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request, next: str = Query("/console/")) -> Response:
+        if platform.auth is None:
+            return RedirectResponse("/console/", status_code=303)
+        return page("login.html", request, next=inside(next), error=None)
+
+    @app.post("/console/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        secret, target = str(form.get("token") or "").strip(), inside(str(form.get("next")))
+        if platform.auth is None:
+            return RedirectResponse(target, status_code=303)
+        token = platform.auth.tokens.verify(secret) if secret else None
+        if token is None:
+            log.info("console_sign_in_refused", peer=request.client.host if request.client else "?")
+            return page("login.html", request, status=401, next=target,
+                        error="That token is unknown or revoked.")  # fmt: skip
+        CALLER.set((token.name, request.client.host if request.client else "?", "console"))
+        platform.audit.record("console_signed_in", role=token.role)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(COOKIE, secret, httponly=True, samesite="strict", path="/",
+                            secure=platform.config.tls is not None)  # fmt: skip
+        return response
+
+    @app.post("/console/logout", include_in_schema=False)
+    def logout() -> Response:
+        response = RedirectResponse("/console/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -174,12 +230,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
         try:
             status = platform.job_status(job_id)
         except PlatformError as exc:
-            return HTMLResponse(
-                env.get_template("missing.html").render(
-                    request=request, page="jobs", message=exc.message
-                ),
-                status_code=exc.status,
-            )
+            return page("missing.html", request, status=exc.status, message=exc.message)
         try:
             described = platform.describe_pipeline(status["pipeline"])
             after = {op["name"]: op["after"] for op in described["operators"]}
