@@ -1,11 +1,13 @@
 """The console's image previews of an RTSTRUCT: our WriteRTStruct's structure set over a
 phantom CT series (axial, and oblique with rectangular pixels), drawn by the preview code the
 job page uses. The PNGs are decoded and checked: grey without the overlay; with it each ROI's
-colour on and inside its contours, and nowhere far from them."""
+colour on and inside its contours, and nowhere far from them. Last, a job of a pipeline that
+writes an RTSTRUCT, run by the real service: its page in Chromium shows the images."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -27,6 +29,9 @@ from operators.dicom.geometry import voxel_points
 from operators.dicom.phantom import BONE, LUNG_LEFT, LUNG_RIGHT, labels_at, write_ct_series
 from operators.dicom.rtstruct import WriteRTStruct
 from operators.dicom.series import find_files, load_series
+from tests.integration.browser import errors
+from tests.integration.platform_service import api_client, platform_service
+from tests.integration.test_platform_rest import wait_state
 
 pytestmark = pytest.mark.integration
 
@@ -189,3 +194,68 @@ def test_a_bad_structure_set_is_named_in_the_error(job, change, message):
     job.edit(change)
     with pytest.raises(PreviewError, match=f"RTSTRUCT {job.rtstruct.name}: {message}"):
         job.preview()
+
+
+# A CT series -> everything denser than fat -> an RTSTRUCT with one ROI (the body, with the
+# lungs as holes in it).
+CONTOURING = """\
+api-version: 0.5.0
+name: ct-contours
+operators:
+- name: load
+  stage: operators.dicom:SeriesToVolume
+  arguments: {modality: CT}
+  input: [{name: study}]
+  output: [{name: volume}]
+- name: tissue
+  stage: operators.image_stages:Threshold
+  arguments: {lower: -500}
+  input: [{from: load, name: volume}]
+  output: [{name: mask}]
+- name: contours
+  stage: operators.dicom.rtstruct:WriteRTStruct
+  arguments:
+    rois: [{label: 1, name: Tissue, color: [255, 0, 255]}]
+  input: [{from: tissue, name: mask, port: labels}, {name: study}]
+  output: [{name: rtstruct}]
+"""
+
+
+@pytest.fixture(scope="module")
+def contoured(tmp_path_factory):
+    """(service, job id) of a ct-contours job that succeeded over the API."""
+    tmp = tmp_path_factory.mktemp("rtstruct-job")
+    study = write_ct_series(tmp / "study", slices=8, size=48).directory
+    pipeline = tmp / "ct-contours.yaml"
+    pipeline.write_text(CONTOURING)
+    with platform_service(tmp, {"ct-contours": pipeline}) as service, api_client(service) as client:
+        job = client.post("/api/v1/jobs", json={"pipeline": "ct-contours"}).json()
+        for path in sorted(Path(study).iterdir()):
+            client.put(
+                f"/api/v1/payloads/{job['payload_id']}/files/input/{path.name}",
+                content=path.read_bytes(),
+            ).raise_for_status()
+        client.post(f"/api/v1/jobs/{job['job_id']}/start").raise_for_status()
+        assert wait_state(client, job["job_id"])["state"] == "succeeded"
+        yield service, job["job_id"]
+
+
+@pytest.mark.slow
+def test_the_job_page_of_an_rtstruct_job_shows_its_images(contoured, browser):
+    service, job_id = contoured
+    with api_client(service) as client:
+        plain = client.get(f"/console/jobs/{job_id}/preview/0.png", params={"overlay": "false"})
+        drawn = client.get(f"/console/jobs/{job_id}/preview/0.png")
+    grey, colour = rgb(plain.content), rgb(drawn.content)
+    assert (grey[..., 0] == grey[..., 2]).all()
+    assert ((colour == (255, 0, 255)).all(axis=2)).sum() >= 8  # the ROI's outline
+    browser.get(f"{service.platform.urls['rest']}/console/jobs/{job_id}")
+    images = browser.find_elements("css selector", ".previews img")
+    assert len(images) == 6  # three slices, each plain and drawn over
+    loaded = [
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+        for img in images
+    ]
+    assert all(width == 48 for width in loaded), loaded
+    assert "Tissue" in browser.find_element("css selector", ".legend").text
+    assert errors(browser) == []
