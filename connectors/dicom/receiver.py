@@ -590,6 +590,15 @@ class Receiver:
             raise BadInstance(NOT_MATCHING, "SOPInstanceUID differs from the request's")
         return header
 
+    def disk(self) -> dict[str, Any]:
+        """The spool's file system now: bytes ``free`` and ``total``, the ``reserve`` kept
+        free (``min_free_bytes`` or ``min_free_percent``, the larger), and whether it is
+        ``below`` it (instances are then refused with Out of Resources)."""
+        free, total = free_bytes(self.spool)
+        reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
+        return {"path": str(self.spool), "free": free, "total": total, "reserve": int(reserve),
+                "below": free < reserve}  # fmt: skip
+
     def below_reserve(self, needed: int, free: tuple[int, int]) -> bool:
         """Whether storing ``needed`` bytes would go below the disk reserve, ``free`` being
         :func:`free_bytes` of the spool (available, total)."""

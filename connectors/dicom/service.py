@@ -353,6 +353,13 @@ class DicomConnector:
                     f"destination {destination} is down: {status['attempts']} failed attempts "
                     f"in a row since {since} (last: {status['error']})"
                 )
+        for disk in self.disks():
+            if disk["below"]:
+                problems.append(
+                    f"receiver {disk['receiver']} is below its disk reserve: "
+                    f"{disk['free'] / 2**20:.0f} MiB free, {disk['reserve'] / 2**20:.0f} MiB "
+                    f"kept free on {disk['path']}; new instances are refused"
+                )
         for name, receiver in self._by_name.items():  # the spool: every listener process's
             try:
                 figures = receiver.store.figures()
@@ -382,6 +389,17 @@ class DicomConnector:
                     metric(f"dataflow_dicom_receiver_{key}", f"receiver: {key.replace('_', ' ')}"
                            " since its start", value, "counter", receiver=name)  # fmt: skip
         return {"problems": problems, "metrics": metrics}
+
+    def disks(self) -> list[dict[str, Any]]:
+        """Each receiver's spool file system: free, total, the reserve it keeps and whether it
+        is below it (the platform's overview)."""
+        out = []
+        for name, receiver in self._by_name.items():
+            try:
+                out.append({"receiver": name, **receiver.disk()})
+            except OSError as exc:  # the spool's file system gone: said, not raised
+                log.warning("spool_disk_unread", receiver=name, error=exc.strerror)
+        return out
 
     def studies(self, state: str | None = None) -> list[dict[str, Any]]:
         """The groups (studies or series) the receivers hold, newest first, each with the

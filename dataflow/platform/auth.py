@@ -10,7 +10,8 @@ Roles, each allowing what the one before allows:
 
 - ``read``: every GET (jobs, files, logs, pipelines, models, metrics, the console);
 - ``operator``: jobs (create, start, cancel, retry), payloads, export re-sends, metadata;
-- ``admin``: pipelines and models (create, update, remove), and Clara's Stop.
+- ``admin``: pipelines and models (create, update, remove; the console's pipeline upload),
+  and Clara's Stop.
 
 Clients send ``Authorization: Bearer <secret>`` (REST) or the ``authorization`` metadata with
 the same value (gRPC); the console's browser sends it as a cookie set by its login page.
@@ -158,7 +159,9 @@ def rest_role(method: str, path: str) -> str:
     """The least role a REST call needs."""
     if method in ("GET", "HEAD", "OPTIONS"):
         return "read"
-    if path.startswith(("/api/v1/pipelines", "/api/v1/models")) and "/metadata" not in path:
+    if path.startswith(("/api/v1/pipelines", "/api/v1/models", "/console/pipelines")) and (
+        "/metadata" not in path
+    ):
         return "admin"
     return "operator"
 

@@ -61,6 +61,7 @@ from dataflow.platform.errors import (
     NotFound,
 )
 from dataflow.platform.events import Subscription
+from dataflow.platform.finding import JobFinder
 from dataflow.platform.modelstore import ModelOps
 from dataflow.platform.names import (
     CLARA_STATE,
@@ -104,6 +105,10 @@ def _grpc_server() -> Any:
     return None
 
 
+#: how many of the newest jobs a search or an AE title filter looks through
+SEARCHED = 5000
+
+
 class Platform(PipelineOps, PayloadOps, ModelOps):
     """See the module docstring. ``service``: the service it belongs to (not yet started: the
     platform adds the pipelines registered earlier to its list before they are built)."""
@@ -132,6 +137,7 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         self._subscribers: list[Subscription] = []
         self._servers: list[Any] = []
         self._operators: dict[str, tuple[str, ...]] = {}
+        self.finder = JobFinder()  # jobs by accession number or UID (their inputs' headers)
         self.urls: dict[str, str] = {}
         self.broken: dict[str, str] = {}  # registered pipelines that no longer validate: why
         service.listeners.append(self._publish)
@@ -361,8 +367,13 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         created_after: float | None = None,
         finished_before: float | None = None,
         limit: int = 100,
+        called_ae: str | None = None,
+        find: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Jobs from DICOM and the API, newest first (summaries: no operators)."""
+        """Jobs from DICOM and the API, newest first (summaries: no operators). ``called_ae``:
+        only those received by that AE title; ``find``: only those that an accession number,
+        a UID, a job id, name or payload id names (:mod:`dataflow.platform.finding`; the
+        newest :data:`SEARCHED` jobs are searched)."""
         from dataflow.service.jobs import JOB_STATES
 
         states = tuple(states)
@@ -372,8 +383,15 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         names = tuple(self._name_of(p) for p in pipelines)
         if not 1 <= int(limit) <= 10000:
             raise Invalid(f"limit {limit!r}: from 1 to 10000")
+        narrowed = bool(called_ae or (find and find.strip()))
         records = self.jobs.list(states=states, pipelines=names, created_after=created_after,
-                                 finished_before=finished_before, limit=int(limit))  # fmt: skip
+                                 finished_before=finished_before,
+                                 limit=SEARCHED if narrowed else int(limit))  # fmt: skip
+        if called_ae:
+            records = [job for job in records if job.source.get("called_ae") == called_ae]
+        if find and find.strip():
+            records = [job for job in records if self.finder.matches(job, find)]
+        records = records[: int(limit)]
         out = []
         for job in records:
             state, status = CLARA_STATE.get(job.state, ("UNKNOWN", "UNKNOWN"))
@@ -384,6 +402,8 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
                 "priority": job.source.get("priority", "normal"),
                 "payload_id": job.source.get("payload_id"),
                 "source": job.source.get("connector", "api"), "created": job.created,
+                "called_ae": job.source.get("called_ae"),
+                "calling_ae": job.source.get("calling_ae"),
                 "started": job.started, "finished": job.finished,
                 "error": f"{job.stage}: {job.error}" if job.stage and job.error else job.error,
             })  # fmt: skip
@@ -511,6 +531,21 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         """The connectors that hold received studies (duck-typed: dataflow knows no DICOM)."""
         return [(name, c) for name, c in self.service.connectors.items()
                 if callable(getattr(c, "studies", None))]  # fmt: skip
+
+    def disks(self) -> list[dict[str, Any]]:
+        """The file systems the service writes to, each with bytes ``free`` and ``total``, the
+        ``reserve`` kept free and whether it is ``below`` it: the state folder (API uploads
+        are refused below ``api.disk-reserve``) and each DICOM receiver's spool."""
+        usage = shutil.disk_usage(self.state)
+        reserve = self.config.disk_reserve
+        out = [{"what": "state folder (API uploads)", "path": str(self.state),
+                "free": usage.free, "total": usage.total, "reserve": reserve,
+                "below": usage.free < reserve}]  # fmt: skip
+        for _, connector in self.service.connectors.items():
+            disks = getattr(connector, "disks", None)  # duck-typed: the DICOM connector's
+            if callable(disks):
+                out += [{"what": f"DICOM receiver {d['receiver']}", **d} for d in disks()]
+        return out
 
     def dicom_studies(self, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """What the DICOM receivers hold, newest first: each group (a study or series) with

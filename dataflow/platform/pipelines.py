@@ -115,6 +115,44 @@ class PipelineOps:
         out["operators"] = [{"name": n, "after": after} for n, after in self._dag(name)]
         return out
 
+    def diagnose_pipeline(
+        self, pipeline: str | None = None, yaml_text: str | None = None
+    ) -> dict[str, Any]:
+        """What the validator says of a served pipeline's definition (with its params) or of
+        a YAML text (checked in a scratch folder, registered nowhere): ``yaml``, ``ok``,
+        ``name`` (the definition's, None if it has none) and ``diagnostics``, each with its
+        ``severity``, ``line`` and ``column`` in that text (None: another file's),
+        ``message``, ``operator`` and ``field``."""
+        from dataflow.pipeline.validate import check_pipeline
+
+        scratch = None
+        if pipeline is not None:
+            entry = self.service.pipelines[self._name_of(pipeline)]
+            file, params = Path(entry.file), entry.params
+        else:
+            if not isinstance(yaml_text, str) or not yaml_text.strip():
+                raise Invalid("the pipeline definition is empty", code=PIPELINE_DEFINITION)
+            scratch = self.root / "pipelines" / f".check-{uuid.uuid4().hex}"
+            scratch.mkdir(parents=True)
+            file, params = scratch / "pipeline.yaml", {}
+            file.write_text(yaml_text)
+        try:
+            text = file.read_text()
+            report = check_pipeline(file, params)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        here = {str(file), file.name}
+        found = [
+            {"severity": d.severity, "message": scrub(d.message), "operator": d.operator,
+             "field": d.field, "line": d.location.line if d.location.file in here else None,
+             "column": d.location.column if d.location.file in here else None}
+            for d in report.diagnostics
+        ]  # fmt: skip
+        graph = report.graph
+        return {"yaml": text, "ok": report.ok, "diagnostics": found,
+                "name": graph.spec.name if graph is not None else None}  # fmt: skip
+
     def _dag(self, name: str) -> list[tuple[str, list[str]]]:
         from dataflow.pipeline.load import load_pipeline
 

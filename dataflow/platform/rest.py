@@ -317,10 +317,17 @@ def build_app(platform: Platform) -> FastAPI:
         created_after: float | None = None,
         finished_before: float | None = None,
         limit: int = 100,
+        called_ae: str | None = Query(None, description="Only jobs received by this AE title."),
+        find: str | None = Query(
+            None,
+            description="An accession number, a study/series/instance UID, a job id "
+            "(8 characters or more), name or payload id.",
+        ),
     ) -> list[dict[str, Any]]:
-        """Jobs from DICOM and the API, newest first; filters repeatable."""
+        """Jobs from DICOM and the API, newest first; state and pipeline repeatable."""
         return platform.list_jobs(states=state, pipelines=pipeline, created_after=created_after,
-                                  finished_before=finished_before, limit=limit)  # fmt: skip
+                                  finished_before=finished_before, limit=limit,
+                                  called_ae=called_ae, find=find)  # fmt: skip
 
     @app.get(f"{PREFIX}/jobs/{{job_id}}", tags=["jobs"])
     def job_status(job_id: str) -> dict[str, Any]:

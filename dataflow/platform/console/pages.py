@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import structlog
 from fastapi import FastAPI, Query, Request
@@ -15,6 +17,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from dataflow import __version__
 from dataflow.platform.audit import CALLER
 from dataflow.platform.auth import COOKIE, ROLES
+from dataflow.platform.console.pipelines import add_pipeline_pages
+from dataflow.platform.console.svg import job_series, pipeline_graph, time_chart
 from dataflow.platform.errors import PlatformError
 
 __all__ = ["add_console"]
@@ -22,6 +26,11 @@ __all__ = ["add_console"]
 HERE = Path(__file__).resolve().parent
 log = structlog.get_logger("dataflow.platform")
 ENDED = ("succeeded", "failed", "cancelled")
+#: the jobs page's "since" choices: seconds back, and how the page names them
+SINCE_LABELS = (("3600", "the last hour"), ("21600", "the last 6 hours"),
+                ("86400", "the last 24 hours"), ("604800", "the last 7 days"))  # fmt: skip
+CHART_HOURS = 6  # the overview's charts: the last hours, in half-hour buckets
+SINCE = {key: float(key) for key, _ in SINCE_LABELS}
 
 
 def when(seconds: float | None) -> str:
@@ -84,6 +93,17 @@ def gantt(path: Path, operators: list[dict[str, Any]]) -> dict[str, Any] | None:
         ]
         rows.append({"name": op["name"], "bars": bars})
     return {"rows": rows, "span": took(start, start + span)}
+
+
+def open_associations(metrics: Path) -> int | None:
+    """DICOM associations holding a receiver's slot now, as the service last wrote them in its
+    metrics (None without a DICOM receiver)."""
+    try:
+        text = metrics.read_text()
+    except OSError:
+        return None
+    found = re.findall(r"^dataflow_dicom_receiver_associations\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    return int(sum(float(v) for v in found)) if found else None
 
 
 def inside(target: str | None) -> str:
@@ -153,6 +173,8 @@ def add_console(app: FastAPI, platform: Any) -> None:
         response.delete_cookie(COOKIE, path="/")
         return response
 
+    add_pipeline_pages(app, platform, page)
+
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/console/")
@@ -179,9 +201,24 @@ def add_console(app: FastAPI, platform: Any) -> None:
                     "done": list(stages.values())[-1].get("done", 0) if stages else 0,
                 }
             )
+        now = time.time()
+        start = now - CHART_HOURS * 3600
+        recent_jobs = platform.list_jobs(created_after=start - 3600, limit=10000)
+        series = job_series(recent_jobs, start, now, buckets=CHART_HOURS * 2)
+        span = f"the last {CHART_HOURS} hours"
+        titles = (f"Jobs created, by state now ({span})", f"Jobs ended, per pipeline ({span})",
+                  f"Latency from created to ended, 95th percentile ({span})")  # fmt: skip
+        charts = [
+            time_chart(series["states"], start, now, "jobs", titles[0]),
+            time_chart(series["throughput"], start, now, "jobs", titles[1]),
+            time_chart(series["latency"], start, now, "s", titles[2], "lines"),
+        ]
         return page(
             "overview.html",
             request,
+            charts=charts,
+            disks=platform.disks(),
+            open_associations=open_associations(platform.state / "metrics.prom"),
             health=health,
             counts=counts,
             waiting=waiting,
@@ -190,37 +227,48 @@ def add_console(app: FastAPI, platform: Any) -> None:
             recent=platform.list_jobs(states=("failed",), limit=10),
         )
 
-    def job_rows(state: str | None, pipeline: str | None) -> list[dict[str, Any]]:
+    def job_filters(request: Request) -> dict[str, str]:
+        """The jobs page's filters from its query: state, pipeline, called AE title, since
+        (seconds back) and find (an accession number, a UID, a job id)."""
+        keys = ("state", "pipeline", "called_ae", "since", "find")
+        return {k: request.query_params.get(k, "").strip() for k in keys}
+
+    def job_rows(filters: dict[str, str]) -> list[dict[str, Any]]:
+        since = SINCE.get(filters["since"])
         return platform.list_jobs(
-            states=(state,) if state else (), pipelines=(pipeline,) if pipeline else (), limit=200
+            states=(filters["state"],) if filters["state"] else (),
+            pipelines=(filters["pipeline"],) if filters["pipeline"] else (),
+            created_after=time.time() - since if since else None,
+            called_ae=filters["called_ae"] or None,
+            find=filters["find"] or None,
+            limit=200,
         )
 
     @app.get("/console/jobs", response_class=HTMLResponse, include_in_schema=False)
-    def jobs(
-        request: Request, state: str | None = Query(None), pipeline: str | None = Query(None)
-    ) -> HTMLResponse:
-        state, pipeline = state or None, pipeline or None
+    def jobs(request: Request) -> HTMLResponse:
+        filters = job_filters(request)
         try:
-            rows, error = job_rows(state, pipeline), None
+            rows, error = job_rows(filters), None
         except PlatformError as exc:
             rows, error = [], exc.message
+        titles = {s["called_ae"] for s in platform.dicom_studies(limit=1000)}
         return page(
             "jobs.html",
             request,
             jobs=rows,
-            state=state,
-            pipeline=pipeline,
+            filters=filters,
+            query=urlencode({k: v for k, v in filters.items() if v}),
             error=error,
             pipelines=[p["name"] for p in platform.list_pipelines()],
+            titles=sorted(titles | ({filters["called_ae"]} - {""})),
+            spans=SINCE_LABELS,
             states=("pending", "queued", "running", "succeeded", "failed", "cancelled"),
         )
 
     @app.get("/console/fragments/jobs", response_class=HTMLResponse, include_in_schema=False)
-    def jobs_fragment(
-        request: Request, state: str | None = Query(None), pipeline: str | None = Query(None)
-    ) -> HTMLResponse:
+    def jobs_fragment(request: Request) -> HTMLResponse:
         try:
-            rows = job_rows(state or None, pipeline or None)
+            rows = job_rows(job_filters(request))
         except PlatformError:
             rows = []
         return page("jobs_rows.html", request, jobs=rows)
@@ -236,6 +284,14 @@ def add_console(app: FastAPI, platform: Any) -> None:
             after = {op["name"]: op["after"] for op in described["operators"]}
         except PlatformError:
             after = {}
+        graph = pipeline_graph(
+            [
+                {"name": op["name"], "after": after.get(op["name"], [])}
+                for op in status["operators"]
+            ],
+            {op["name"]: str(op["status"]).lower() for op in status["operators"]},
+            title=status["pipeline"],
+        )
         timeline = gantt(
             platform.service.jobs_dir / status["id"] / ".timeline.json", status["operators"]
         )
@@ -246,6 +302,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             request,
             job=status,
             after=after,
+            graph=graph,
             slices=len(shown),
             timeline=timeline,
             legend=preview.colours() if preview is not None else [],
