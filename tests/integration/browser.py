@@ -63,3 +63,18 @@ def shoot(browser, name: str) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def accessibility_violations(browser) -> list[str]:
+    """What axe-core (the engine of browsers' accessibility audits, shipped with the
+    axe-selenium-python package) finds wrong in the page against WCAG 2 A and AA: contrast,
+    names of controls and links, keyboard access, landmarks, tables. Each: the rule, its
+    impact and the elements, as text."""
+    axe = pytest.importorskip("axe_selenium_python").Axe(browser)
+    axe.inject()
+    results = axe.run(options="{runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}}")
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']}: "
+        + "; ".join(" ".join(node["target"]) for node in v["nodes"][:5])
+        for v in results["violations"]
+    ]

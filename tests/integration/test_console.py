@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 
 from tests.deadlines import wait_until
-from tests.integration.browser import errors, shoot, text_of
+from tests.integration.browser import accessibility_violations, errors, shoot, text_of
 from tests.integration.platform_service import HANG, api_client, platform_service
 
 pytestmark = pytest.mark.integration
@@ -55,8 +56,11 @@ def test_a_job_appears_and_ends_on_the_jobs_page_without_a_reload(service, brows
         job_id = start_job(client, "passthrough", {"volume.npy": VOLUME.read_bytes()})
 
     def row_state():
-        rows = browser.find_elements("css selector", f'tr[data-job="{job_id}"]')
-        return rows and rows[0].find_element("css selector", ".chip").text == "succeeded"
+        try:
+            rows = browser.find_elements("css selector", f'tr[data-job="{job_id}"]')
+            return rows and rows[0].find_element("css selector", ".chip").text == "succeeded"
+        except StaleElementReferenceException:  # the rows were replaced as they were read
+            return False
 
     until(row_state, "the job's row to show it succeeded")
     assert browser.execute_script("return window.__same_page === true")  # no reload
@@ -100,23 +104,80 @@ def test_a_failed_job_is_retried_from_its_page(service, browser, tmp_path):
     assert errors(browser) == []
 
 
+def test_a_pipeline_is_uploaded_from_the_page_diagnostics_beside_its_lines(service, browser):
+    base = service.platform.urls["rest"]
+    text = PASSTHROUGH.read_text()
+    # a typo'd stage class and an unknown key: the lines they are on, counted here
+    broken = text.replace("operators.passthrough:ArrayToNpz", "operators.passthrough:ArrayToNpx")
+    broken = broken.replace("  description: Checks the announced", "  colour: blue\n  description: "
+                            "Checks the announced")  # fmt: skip
+    lines = broken.splitlines()
+    stage_line = next(n for n, line in enumerate(lines, 1) if "ArrayToNpx" in line)
+    key_line = next(n for n, line in enumerate(lines, 1) if "colour: blue" in line)
+    browser.get(f"{base}/console/pipelines")
+    before = [r.get_attribute("data-pipeline") for r in
+              browser.find_elements("css selector", "tr[data-pipeline]")]  # fmt: skip
+    assert "passthrough" in before
+    area = browser.find_element("css selector", 'textarea[name="definition"]')
+    browser.execute_script("arguments[0].value = arguments[1]", area, broken)
+    browser.find_element("css selector", "form.upload button").click()
+    until(lambda: text_of(browser, "upload-error"), "the refusal on the page")
+    assert "does not validate" in text_of(browser, "upload-error")
+    errors_at = {d.get_attribute("data-line"): d.text for d in
+                 browser.find_elements("css selector", ".yaml .diag.error")}  # fmt: skip
+    assert list(errors_at) == [str(stage_line)] and "ArrayToNpx" in errors_at[str(stage_line)]
+    warned = browser.find_elements("css selector", f"#L{key_line} .diag.warning")
+    assert warned and "colour" in warned[0].text
+    shoot(browser, "pipelines-upload-refused")
+    errors(browser)  # the page's 422 is logged by the browser: not a script error
+    with api_client(service) as client:
+        assert [p["name"] for p in client.get("/api/v1/pipelines").json()] == before
+
+    browser.get(f"{base}/console/pipelines")
+    area = browser.find_element("css selector", 'textarea[name="definition"]')
+    browser.execute_script("arguments[0].value = arguments[1]", area, text)
+    browser.find_element("css selector", 'input[name="name"]').send_keys("passthrough-copy")
+    browser.find_element("css selector", "form.upload button").click()
+    until(lambda: browser.current_url.endswith("/console/pipelines/passthrough-copy"),
+          "the new pipeline's page")  # fmt: skip
+    boxes = browser.find_elements("css selector", "#graph svg g.operator")
+    assert [b.get_attribute("data-operator") for b in boxes] == [
+        "npy-to-array", "array-to-npz", "compare"]  # fmt: skip
+    assert browser.find_elements("css selector", ".yaml .diag.error") == []
+    shoot(browser, "pipeline")
+    with api_client(service) as client:
+        job_id = start_job(client, "passthrough-copy", {"volume.npy": VOLUME.read_bytes()})
+        until(lambda: client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "succeeded",
+              "a job of the uploaded pipeline to succeed")  # fmt: skip
+    browser.get(f"{base}/console/pipelines")
+    shoot(browser, "pipelines")
+    assert errors(browser) == []
+
+
 @pytest.mark.parametrize(
-    ("page", "heading"),
+    ("page", "heading", "nav"),
     [
-        ("", "Overview"),
-        ("jobs?state=failed", "Jobs"),
-        ("dicom", "DICOM"),
-        ("exports", "Export"),
-        ("models", "Models"),
+        ("", "Overview", "Overview"),
+        ("jobs?state=failed", "Jobs", "Jobs"),
+        ("pipelines", "Pipelines", "Pipelines"),
+        ("pipelines/passthrough", "Pipeline passthrough", "Pipelines"),
+        ("dicom", "DICOM", "DICOM"),
+        ("exports", "Export", "Export"),
+        ("models", "Models", "Models"),
     ],
 )
-def test_every_page_renders_without_a_javascript_error(service, browser, page, heading):
+def test_every_page_renders_without_a_javascript_error_and_passes_axe(
+    service, browser, page, heading, nav
+):
     errors(browser)  # what earlier pages logged
     browser.get(f"{service.platform.urls['rest']}/console/{page}")
     assert browser.find_element("css selector", "h1").text.startswith(heading)
-    assert browser.find_element("css selector", 'nav a[aria-current="page"]').text == heading
-    shoot(browser, page.split("?")[0] or "overview")
+    assert browser.find_element("css selector", 'nav a[aria-current="page"]').text == nav
+    shoot(browser, page.split("?")[0].replace("/", "-") or "overview")
     assert errors(browser) == []
+    # keyboard, names, contrast (WCAG 2 AA) checked by axe-core in the page
+    found = accessibility_violations(browser)
+    assert found == [], found
 
 
 def test_an_unknown_job_is_a_page_that_says_so(service, browser):

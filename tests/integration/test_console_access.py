@@ -13,7 +13,7 @@ import pytest
 
 from dataflow.platform.auth import COOKIE, TokenStore
 from tests.deadlines import wait_until
-from tests.integration.browser import errors, shoot, text_of
+from tests.integration.browser import accessibility_violations, errors, shoot, text_of
 from tests.integration.platform_service import HANG, platform_service
 
 pytestmark = pytest.mark.integration
@@ -64,6 +64,7 @@ def test_a_page_without_a_token_leads_to_sign_in_and_back(service, browser, secr
     until(lambda: "/console/login" in browser.current_url, "the sign-in page")
     assert browser.find_element("css selector", "h1").text == "Sign in"
     shoot(browser, "login")
+    assert accessibility_violations(browser) == []
     sign_in(browser, base, "dft_" + "x" * 43)  # well formed, unknown
     until(lambda: text_of(browser, "login-error"), "the refusal on the sign-in page")
     assert "unknown or revoked" in text_of(browser, "login-error")

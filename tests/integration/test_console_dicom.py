@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from dicom_peers import free_port, start_orthanc, storescu
 
 from dataflow.service import Service, load_config
 from operators.dicom.phantom import write_ct_series
 from tests.deadlines import LONG_HANG, wait_until
-from tests.integration.browser import errors, shoot, text_of
+from tests.integration.browser import accessibility_violations, errors, shoot, text_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -83,9 +84,12 @@ def test_a_study_from_dicom_arrives_runs_and_is_exported_on_the_pages(site, brow
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     def finished() -> str | None:
-        rows = row_of(browser)
-        state = rows[0].find_element("css selector", ".chip").text if rows else None
-        return rows[0].get_attribute("data-job") if state == "succeeded" else None
+        try:
+            rows = row_of(browser)
+            state = rows[0].find_element("css selector", ".chip").text if rows else None
+            return rows[0].get_attribute("data-job") if state == "succeeded" else None
+        except StaleElementReferenceException:  # the rows were replaced as they were read
+            return None
 
     job_id = until(finished, "the study's job on the jobs page, succeeded")
     assert browser.execute_script("return window.__same_page === true")  # no reload
@@ -126,6 +130,7 @@ def test_a_study_from_dicom_arrives_runs_and_is_exported_on_the_pages(site, brow
           "the preview images loaded")  # fmt: skip
     assert len(browser.find_elements("css selector", ".previews img")) == 6
     shoot(browser, "job-dicom")
+    assert accessibility_violations(browser) == []
     for page in (f"jobs/{job_id}", "jobs", "dicom", "", "exports"):
         browser.get(f"{base}/console/{page}")
         source = browser.page_source
