@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
 from dicom_peers import free_port, start_orthanc, storescu
+from selenium.common.exceptions import StaleElementReferenceException
 
 from dataflow.service import Service, load_config
 from operators.dicom.phantom import write_ct_series
