@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dataflow.platform.errors import Invalid, NotFound, PlatformError
+from dataflow.service.config import ROLE_NAMES as ROLES
 
 __all__ = [
     "CONSOLE_OPEN",
@@ -47,7 +48,6 @@ __all__ = [
     "rest_role",
 ]  # fmt: skip
 
-ROLES = ("read", "operator", "admin")
 PREFIX = "dft_"
 OPEN_PATHS = ("/healthz", "/readyz")
 #: the console's pages that need no token: signing in and out, and its stylesheet and script

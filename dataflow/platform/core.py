@@ -302,6 +302,11 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         self.audit.record("job_started", job=job.id, pipeline=job.pipeline)
         return self.job_status(job.id)
 
+    def job_record(self, job_id: str) -> Any:
+        """A job's record as the service keeps it (:class:`dataflow.service.jobs.JobRecord`:
+        its payload folder, source, times); Invalid or NotFound as :meth:`job_status`."""
+        return self._job(job_id)
+
     def job_status(self, job_id: str) -> dict[str, Any]:
         """A job: its ids, state (ours and Clara's state/status), priority, timestamps
         (seconds since the epoch), messages, and each operator's status."""

@@ -63,8 +63,10 @@ SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits", "api")  # th
 _RETENTION_KEYS = ("succeeded", "failed", "interval")
 _PIPELINE_KEYS = ("file", "params", "replicas", "limits")
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
+#: the platform API's roles, each allowing what the one before allows (dataflow.platform.auth)
+ROLE_NAMES = ("read", "operator", "admin")
 _API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve", "start-pipelines",
-             "idle-stop", "tokens", "tls")  # fmt: skip
+             "idle-stop", "tokens", "tls", "patient-details")  # fmt: skip
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -128,6 +130,9 @@ class ApiConfig:
     tokens: bool = False
     #: TLS for REST and gRPC: (certificate chain, private key) files, or None
     tls: tuple[Path, Path] | None = None
+    #: the least role that sees patients' names, IDs and birth dates in the console (None:
+    #: nobody; needs ``tokens``)
+    patient_details: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +235,17 @@ def _api(section: Any, path: Path) -> ApiConfig | None:
             "registered through the API start at once) or 'first-job'"
         )
     idle = parse_duration(section.get("idle-stop"), f"{where}.idle-stop")
+    details = section.get("patient-details", False)
+    if details is not False and details not in ROLE_NAMES:
+        roles = ", ".join(ROLE_NAMES)
+        raise ConfigError(f"{where}.patient-details: {details!r}: false (nobody sees them, "
+                          f"the default) or the least role that does: {roles}")  # fmt: skip
+    if details and not tokens:
+        raise ConfigError(f"{where}.patient-details: {details!r} needs tokens: true (a token's "
+                          "role decides who sees patient details)")  # fmt: skip
     return ApiConfig(host, ports["rest-port"] or 0, ports["grpc-port"], sizes["max-upload"],
-                     sizes["disk-reserve"], start, idle or None, tokens, tls)  # fmt: skip
+                     sizes["disk-reserve"], start, idle or None, tokens, tls,
+                     details or None)  # fmt: skip
 
 
 def _api_tls(section: Any, where: str, path: Path) -> tuple[Path, Path] | None:

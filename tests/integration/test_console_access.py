@@ -1,11 +1,14 @@
 """The console with ``api: {tokens: true}``, in a real browser (Debian's Chromium): a page asked
 for without a token leads to the sign-in page and back; a wrong token is refused there; a read
 token shows the pages but its buttons are disabled, and the API refuses the change even when
-the page's own script asks for it; an operator token retries a failed job from its page;
+the page's own script asks for it; patient details are shown to the role the service file
+allows (here operator; the showing audited), to no other; an operator token retries a failed
+job from its page;
 signing out ends it. A change asked with the console's cookie from another site is refused."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -28,7 +31,8 @@ def until(predicate, what: str):
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console-access")
-    with platform_service(tmp, {"hang": DATA / "hang.yaml"}, "tokens: true") as service:
+    api = "tokens: true, patient-details: operator"
+    with platform_service(tmp, {"hang": DATA / "hang.yaml"}, api) as service:
         yield service
 
 
@@ -47,10 +51,30 @@ def failed_job(service, secrets):
         made = c.post("/api/v1/jobs", json={"pipeline": "hang"}).json()
         payload = f"/api/v1/payloads/{made['payload_id']}/files/input"
         c.put(f"{payload}/fail", content=b"").raise_for_status()
+        c.put(f"{payload}/ct.dcm", content=a_ct_slice()).raise_for_status()
         c.post(f"/api/v1/jobs/{made['job_id']}/start").raise_for_status()
         until(lambda: c.get(f"/api/v1/jobs/{made['job_id']}").json()["state"] == "failed",
               "the job to fail")  # fmt: skip
         yield made["job_id"], c, payload
+
+
+def a_ct_slice() -> bytes:
+    """One phantom CT slice of a patient with a name, ID, birth date and accession number."""
+    import io
+    import tempfile
+
+    import pydicom
+
+    from operators.dicom.phantom import write_ct_series
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_ct_series(folder, slices=1, size=16).files[0]
+        ds = pydicom.dcmread(path)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "PAT-0042", "19610203"
+    ds.AccessionNumber = "ACC-1234"
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
 
 
 def sign_in(browser, base: str, secret: str) -> None:
@@ -87,6 +111,10 @@ def test_a_read_token_cannot_press_the_buttons(service, browser, secrets, failed
         until(lambda: f"/console/jobs/{job_id}" in browser.current_url, "the job's page")
     retry = browser.find_element("css selector", 'button[data-action="retry"]')
     assert not retry.is_enabled()
+    # patient details are for operators here (api.patient-details: operator)
+    assert browser.find_elements("id", "patient") == []
+    for identifier in ("DOE", "PAT-0042", "1961", "ACC-1234"):
+        assert identifier not in browser.page_source
     assert "operator role" in browser.find_element("id", "why-locked").text
     # even the page's own script, with the cookie, is refused by the API
     status = browser.execute_async_script(
@@ -109,6 +137,13 @@ def test_an_operator_retries_from_the_page_and_signs_out(service, browser, secre
     until(lambda: "/console/login" in browser.current_url, "signed out: the sign-in page")
     sign_in(browser, base, secrets["operator"])
     until(lambda: f"/console/jobs/{job_id}" in browser.current_url, "the job's page")
+    facts = browser.find_element("id", "patient").text
+    for shown in ("DOE, JANE", "PAT-0042", "1961-02-03", "ACC-1234"):
+        assert shown in facts
+    audit = (Path(service.config.state) / "platform" / "audit.log").read_text().splitlines()
+    shown_to = [json.loads(line) for line in audit if "patient_details_shown" in line]
+    assert [(e["who"], e["job"]) for e in shown_to] == [("operator-person", job_id)]
+    assert accessibility_violations(browser) == []
     client.delete(f"{payload}/fail").raise_for_status()
     retry = browser.find_element("css selector", 'button[data-action="retry"]')
     assert retry.is_enabled()

@@ -60,6 +60,17 @@ def test_a_non_loopback_host_is_refused_without_tokens_or_tls(tmp_path):
         load_config(_config(tmp_path, "{rest_port: 1}"))
 
 
+def test_patient_details_need_a_role_and_tokens(tmp_path):
+    assert load_config(_config(tmp_path, "{tokens: true}")).api.patient_details is None
+    shown = load_config(_config(tmp_path, "{tokens: true, patient-details: admin}")).api
+    assert shown.patient_details == "admin"
+    with pytest.raises(ConfigError, match=r"api.patient-details: 'doctor': false .* read, "
+                       "operator, admin"):  # fmt: skip
+        load_config(_config(tmp_path, "{tokens: true, patient-details: doctor}"))
+    with pytest.raises(ConfigError, match=r"api.patient-details: 'read' needs tokens: true"):
+        load_config(_config(tmp_path, "{patient-details: read}"))
+
+
 def test_an_api_only_platform_needs_no_pipelines(tmp_path):
     config = load_config(_config(tmp_path, "{rest-port: 0, grpc-port: null}"))
     assert config.pipelines == {} and config.connectors == {}

@@ -20,6 +20,7 @@ from dataflow.platform.auth import COOKIE, ROLES
 from dataflow.platform.console.pipelines import add_pipeline_pages
 from dataflow.platform.console.svg import job_series, pipeline_graph, time_chart
 from dataflow.platform.errors import PlatformError
+from dataflow.platform.finding import read_header
 
 __all__ = ["add_console"]
 
@@ -29,6 +30,8 @@ ENDED = ("succeeded", "failed", "cancelled")
 #: the jobs page's "since" choices: seconds back, and how the page names them
 SINCE_LABELS = (("3600", "the last hour"), ("21600", "the last 6 hours"),
                 ("86400", "the last 24 hours"), ("604800", "the last 7 days"))  # fmt: skip
+#: what a role allowed by api.patient-details sees of a job's patient (DICOM keywords)
+PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 CHART_HOURS = 6  # the overview's charts: the last hours, in half-hour buckets
 SINCE = {key: float(key) for key, _ in SINCE_LABELS}
 
@@ -300,6 +303,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
         return page(
             "job.html",
             request,
+            patient=patient_of(request, status["id"]),
             job=status,
             after=after,
             graph=graph,
@@ -311,12 +315,30 @@ def add_console(app: FastAPI, platform: Any) -> None:
             ended=status["state"] in ENDED,
         )
 
+    def patient_of(request: Request, job_id: str) -> dict[str, str] | None:
+        """The patient of a job's input (name, ID, birth date, accession number) when the
+        service file allows the viewer's role to see them (``api.patient-details``), else
+        None. Each showing is written to the audit log (who, which job)."""
+        needed = platform.config.patient_details
+        if not needed or ROLES.index(viewer(request)[1]) < ROLES.index(needed):
+            return None
+        found = read_header(Path(platform.job_record(job_id).payload), PATIENT_KEYS)
+        platform.audit.record("patient_details_shown", job=job_id)
+        if "PatientName" in found:  # DOE^JANE^^^ -> DOE, JANE
+            family, _, rest = found["PatientName"].partition("^")
+            given = " ".join(part for part in rest.split("^") if part)
+            found["PatientName"] = f"{family}, {given}" if given else family
+        birth = found.get("PatientBirthDate", "")
+        if len(birth) == 8 and birth.isdigit():
+            found["PatientBirthDate"] = f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"
+        return found
+
     previews: dict[tuple[str, float | None], Any] = {}  # a few, by job and its end
 
     def preview_of(job_id: str) -> Any:
         from dataflow.platform.console.preview import find_preview
 
-        record = platform._job(job_id)
+        record = platform.job_record(job_id)
         key = (record.id, record.finished)
         if key not in previews:
             if len(previews) >= 8:
