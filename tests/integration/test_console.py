@@ -175,6 +175,14 @@ def test_every_page_renders_without_a_javascript_error_and_passes_axe(
     assert browser.find_element("css selector", 'nav a[aria-current="page"]').text == nav
     shoot(browser, page.split("?")[0].replace("/", "-") or "overview")
     assert errors(browser) == []
+    # fits 1280x800 and a 4K wall screen: nothing wider than the window
+    for width, height in ((1280, 800), (3840, 2160)):
+        browser.set_window_size(width, height)
+        wide = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert wide <= 0, (width, wide)
+    browser.set_window_size(1280, 800)
     # keyboard, names, contrast (WCAG 2 AA) checked by axe-core in the page
     found = accessibility_violations(browser)
     assert found == [], found
