@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,33 @@ class DicomConnector:
                     metric(f"dataflow_dicom_receiver_{key}", f"receiver: {key.replace('_', ' ')}"
                            " since its start", value, "counter", receiver=name)  # fmt: skip
         return {"problems": problems, "metrics": metrics}
+
+    def routing(self) -> dict[str, list[dict[str, Any]]]:
+        """What the service file set, for people to read (the platform's DICOM page): each
+        receiver (where it listens, TLS or not, its processes) with its AE titles and the
+        pipelines each routes to; each destination (AE title and address, or DICOMweb URL;
+        never credentials) and whether it is down now."""
+        status = self.exporter.destination_status()
+        receivers = [{
+            "receiver": name, "host": r.config.host, "port": r.port,
+            "tls": r.config.tls is not None, "processes": r.config.processes,
+            "ae_titles": [{"ae_title": c.ae_title, "pipelines": list(c.routes),
+                           "group_by": c.group_by, "timeout": c.timeout, "late": c.late}
+                          for c in r.config.called_aes],
+        } for name, r in self._by_name.items()]  # fmt: skip
+        destinations = []
+        for name, d in self.exporter.destinations.items():
+            url = getattr(d, "url", None)
+            if url:  # no user, password or query: the address only
+                parts = urllib.parse.urlsplit(url)
+                port = f":{parts.port}" if parts.port else ""
+                where = f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+            else:
+                where = f"{d.ae_title}@{d.host}:{d.port}"
+            destinations.append({"destination": name, "kind": "DICOMweb" if url else "DIMSE",
+                                 "address": where,
+                                 "down": bool(status.get(name, {}).get("down"))})  # fmt: skip
+        return {"receivers": receivers, "destinations": destinations}
 
     def disks(self) -> list[dict[str, Any]]:
         """Each receiver's spool file system: free, total, the reserve it keeps and whether it

@@ -537,6 +537,17 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         return [(name, c) for name, c in self.service.connectors.items()
                 if callable(getattr(c, "studies", None))]  # fmt: skip
 
+    def dicom_routing(self) -> dict[str, list[dict[str, Any]]]:
+        """The DICOM receivers with their AE titles and routes, and the destinations (the
+        connectors' ``routing()``, duck-typed), for the console."""
+        out: dict[str, list[dict[str, Any]]] = {"receivers": [], "destinations": []}
+        for _, connector in self.service.connectors.items():
+            routing = getattr(connector, "routing", None)
+            if callable(routing):
+                for key, rows in routing().items():
+                    out.setdefault(key, []).extend(rows)
+        return out
+
     def disks(self) -> list[dict[str, Any]]:
         """The file systems the service writes to, each with bytes ``free`` and ``total``, the
         ``reserve`` kept free and whether it is ``below`` it: the state folder (API uploads

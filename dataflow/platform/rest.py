@@ -10,6 +10,7 @@ docs page at ``/docs``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -465,15 +466,23 @@ def build_app(platform: Platform) -> FastAPI:
         """Server-sent events: one ``job`` event per change of a job's state (JSON: job_id,
         pipeline, state, at), a comment every 15 s to keep the connection open."""
         subscription = platform.subscribe()
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        # woken by the publishing thread: no thread is held per open stream, and a client
+        # that goes away ends its stream at once (Starlette cancels it)
+        subscription.on_event(lambda: loop.call_soon_threadsafe(wake.set))
 
         async def stream():
             figures.streams.inc()
             try:
                 yield ": connected\n\n"
-                while not await request.is_disconnected():
-                    event = await anyio.to_thread.run_sync(subscription.get, 15.0)
+                while True:
+                    wake.clear()
+                    event = subscription.poll()
                     if event is None:
-                        yield ": keep-alive\n\n"
+                        with anyio.move_on_after(15.0) as quiet:
+                            await wake.wait()
+                        if quiet.cancelled_caught:
+                            yield ": keep-alive\n\n"
                     elif event.get("event") == "closed":
                         return
                     else:

@@ -188,6 +188,28 @@ def test_every_page_renders_without_a_javascript_error_and_passes_axe(
     assert found == [], found
 
 
+def test_pages_left_close_their_event_streams(service, browser):
+    """A live page left for another closes its event stream: a browser keeps left pages (the
+    back-forward cache) and, with their streams open, six of them used every connection it
+    allows to the server (HTTP/1.1), so the next page waited a minute to load."""
+    base = service.platform.urls["rest"]
+    with api_client(service) as client:
+        job_id = client.get("/api/v1/jobs").json()[0]["id"]
+
+        def streams() -> float:
+            text = client.get("/metrics").text
+            return float(text.split("\ndataflow_api_event_streams ")[1].split()[0])
+
+        for page in ("jobs", f"jobs/{job_id}", "jobs?state=failed", "jobs?since=3600",
+                     f"jobs/{job_id}", "jobs?find=nothing", "jobs"):  # fmt: skip
+            browser.get(f"{base}/console/{page}")
+            until(lambda: text_of(browser, "live") in ("live", None) and
+                  browser.execute_script("return document.readyState") == "complete",
+                  f"{page} loaded")  # fmt: skip
+        until(lambda: streams() <= 1, "the streams of the pages left closed")
+    assert errors(browser) == []
+
+
 def test_an_unknown_job_is_a_page_that_says_so(service, browser):
     browser.get(f"{service.platform.urls['rest']}/console/jobs/{'0' * 32}")
     assert "no job" in browser.find_element("css selector", "[role=alert]").text.lower()

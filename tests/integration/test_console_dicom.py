@@ -131,9 +131,49 @@ def test_a_study_from_dicom_arrives_runs_and_is_exported_on_the_pages(site, brow
     assert len(browser.find_elements("css selector", ".previews img")) == 6
     shoot(browser, "job-dicom")
     assert accessibility_violations(browser) == []
+    browser.get(f"{base}/console/dicom")  # the routing the service file set
+    routes = [[td.text for td in tr.find_elements("tag name", "td")]
+              for tr in browser.find_elements("css selector", "#routing tbody tr")]  # fmt: skip
+    assert routes == [["plain", f"127.0.0.1:{port}", "DATAFLOW-SEG", "ct-segmentation", "study",
+                       "1 s quiet", "new-job"]]  # fmt: skip
+    (pacs,) = browser.find_elements("css selector", "#destinations tbody tr")
+    assert pacs.text.split() == ["PACS", "DIMSE", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                                 "up"]  # fmt: skip
+    shoot(browser, "dicom")
     for page in (f"jobs/{job_id}", "jobs", "dicom", "", "exports"):
         browser.get(f"{base}/console/{page}")
         source = browser.page_source
         for identifier in (NAME, "DOE", PATIENT_ID, BIRTH, ACCESSION):
             assert identifier not in source, (page, identifier)
     assert errors(browser) == []
+
+
+def test_a_receiver_below_its_disk_reserve_is_what_the_overview_says_first(
+    private_network, tmp_path, browser
+):
+    config = tmp_path / "service.yaml"
+    config.write_text(f"""
+state: {tmp_path / "state"}
+pipelines:
+  passthrough: {ROOT / "pipelines" / "passthrough.yaml"}
+api: {{rest-port: 0, grpc-port: null, disk-reserve: 1KiB}}
+dicom:
+  receivers:
+  - {{name: plain, host: 127.0.0.1, port: {free_port()}}}
+  ae-titles:
+    DATAFLOW: {{pipelines: [passthrough]}}
+  limits: {{disk-reserve-percent: 99.999}}  # more than any disk in use has free
+""")
+    service = Service(load_config(config))
+    service.start()
+    try:
+        browser.get(f"{service.platform.urls['rest']}/console/")
+        until(lambda: "below its disk reserve" in browser.find_element("id", "attention-list").text,
+              "the overview to say the receiver is below its disk reserve")  # fmt: skip
+        rows = {tr.find_element("tag name", "td").text: tr.text for tr in
+                browser.find_elements("css selector", "#disk-table tbody tr")}  # fmt: skip
+        assert "below its reserve" in rows["DICOM receiver plain"]
+        assert rows["state folder (API uploads)"].endswith("ok")
+        assert errors(browser) == []
+    finally:
+        service.stop()

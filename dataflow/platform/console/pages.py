@@ -373,6 +373,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             request,
             studies=platform.dicom_studies(limit=100),
             associations=platform.dicom_associations(limit=100),
+            routing=platform.dicom_routing(),
             connected=bool(platform.dicom_connectors()),
         )
 

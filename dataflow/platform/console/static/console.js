@@ -2,6 +2,16 @@
 // No framework, no build step: what the pages need and nothing else.
 "use strict";
 
+function eventStream() {
+  // The API's job events. Closed when the page is left: a browser keeps a left page (its
+  // back-forward cache) with its connection open, and with six per server (HTTP/1.1) a few
+  // pages left that way stall the next page's loads. Coming back to a kept page reloads it.
+  const events = new EventSource("/api/v1/events");
+  window.addEventListener("pagehide", () => events.close());
+  window.addEventListener("pageshow", (e) => { if (e.persisted) window.location.reload(); });
+  return events;
+}
+
 function liveJobs() {
   const table = document.getElementById("jobs");
   if (!table || !window.EventSource) return;
@@ -14,7 +24,7 @@ function liveJobs() {
       .then((html) => { table.tBodies[0].innerHTML = html; })
       .catch((e) => { if (status) status.textContent = "update failed (" + e + ")"; });
   };
-  const events = new EventSource("/api/v1/events");
+  const events = eventStream();
   events.addEventListener("open", () => { if (status) status.textContent = "live"; });
   events.addEventListener("error", () => { if (status) status.textContent = "reconnecting…"; });
   events.addEventListener("job", () => {  // a burst of events: one refresh
@@ -33,7 +43,7 @@ function liveJob() {
     fetch(`/api/v1/jobs/${id}`)
       .then((r) => (r.ok ? r.json() : null))
       .then((job) => { if (job && job.state !== shown) window.location.reload(); });
-  const events = new EventSource("/api/v1/events");
+  const events = eventStream();
   events.addEventListener("open", check);
   events.addEventListener("job", (e) => { if (JSON.parse(e.data).job_id === id) check(); });
 }
