@@ -78,3 +78,14 @@ def accessibility_violations(browser) -> list[str]:
         + "; ".join(" ".join(node["target"]) for node in v["nodes"][:5])
         for v in results["violations"]
     ]
+
+
+def overflowing(browser) -> list[str]:
+    """The widest elements that stick out to the right of the window (empty: the page fits
+    its width without scrolling sideways)."""
+    return browser.execute_script("""
+        const width = document.documentElement.clientWidth;
+        return [...document.querySelectorAll("body *")]
+          .filter((e) => e.getBoundingClientRect().right > width + 1)
+          .slice(-5).map((e) => e.tagName + "." + e.className + "#" + e.id);
+    """)

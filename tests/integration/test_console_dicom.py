@@ -17,7 +17,13 @@ from selenium.common.exceptions import StaleElementReferenceException
 from dataflow.service import Service, load_config
 from operators.dicom.phantom import write_ct_series
 from tests.deadlines import LONG_HANG, wait_until
-from tests.integration.browser import accessibility_violations, errors, shoot, text_of
+from tests.integration.browser import (
+    accessibility_violations,
+    errors,
+    overflowing,
+    shoot,
+    text_of,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -130,6 +136,7 @@ def test_a_study_from_dicom_arrives_runs_and_is_exported_on_the_pages(site, brow
           "the preview images loaded")  # fmt: skip
     assert len(browser.find_elements("css selector", ".previews img")) == 6
     shoot(browser, "job-dicom")
+    assert overflowing(browser) == []  # fits 1280x800
     assert accessibility_violations(browser) == []
     browser.get(f"{base}/console/dicom")  # the routing the service file set
     routes = [[td.text for td in tr.find_elements("tag name", "td")]
