@@ -32,6 +32,7 @@ SINCE_LABELS = (("3600", "the last hour"), ("21600", "the last 6 hours"),
                 ("86400", "the last 24 hours"), ("604800", "the last 7 days"))  # fmt: skip
 #: what a role allowed by api.patient-details sees of a job's patient (DICOM keywords)
 PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+WAITING_TOO_LONG = 900.0  # seconds a job may wait to start before the overview says so
 CHART_HOURS = 6  # the overview's charts: the last hours, in half-hour buckets
 SINCE = {key: float(key) for key, _ in SINCE_LABELS}
 
@@ -96,6 +97,29 @@ def gantt(path: Path, operators: list[dict[str, Any]]) -> dict[str, Any] | None:
         ]
         rows.append({"name": op["name"], "bars": bars})
     return {"rows": rows, "span": took(start, start + span)}
+
+
+def overdue(
+    jobs: list[dict[str, Any]],
+    timeouts: dict[str, float | None],
+    now: float,
+    waiting: float = WAITING_TOO_LONG,
+) -> list[str]:
+    """Jobs that need a look, in words: running for more than half their pipeline's
+    job-timeout (``timeouts``: pipeline -> seconds, None: no limit; the service fails the
+    job at the whole of it), or waiting to start for longer than ``waiting`` seconds."""
+    out = []
+    for job in jobs:
+        if job["state"] == "running" and job.get("started"):
+            limit = timeouts.get(job["pipeline"])
+            if limit and now - job["started"] > limit / 2:
+                out.append(f"job {job['name']} ({job['pipeline']}) has been running for "
+                           f"{took(job['started'], now)}; its job-timeout is "
+                           f"{took(0.001, 0.001 + limit)}")  # fmt: skip
+        elif job["state"] in ("pending", "queued") and now - job["created"] > waiting:
+            out.append(f"job {job['name']} ({job['pipeline']}) has been {job['state']} for "
+                       f"{took(job['created'], now)}")  # fmt: skip
+    return out
 
 
 def open_associations(metrics: Path) -> int | None:
@@ -216,10 +240,14 @@ def add_console(app: FastAPI, platform: Any) -> None:
             time_chart(series["throughput"], start, now, "jobs", titles[1]),
             time_chart(series["latency"], start, now, "s", titles[2], "lines"),
         ]
+        timeouts = {name: entry.limits.job_timeout
+                    for name, entry in list(platform.service.pipelines.items())}  # fmt: skip
+        in_flight = platform.list_jobs(states=("pending", "queued", "running"), limit=1000)
         return page(
             "overview.html",
             request,
             charts=charts,
+            overdue=overdue(in_flight, timeouts, now),
             disks=platform.disks(),
             open_associations=open_associations(platform.state / "metrics.prom"),
             health=health,
