@@ -141,6 +141,7 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         self.urls: dict[str, str] = {}
         self.broken: dict[str, str] = {}  # registered pipelines that no longer validate: why
         service.listeners.append(self._publish)
+        service.export_listeners.append(self._publish_export)
         self._restore()
 
     def _restore(self) -> None:
@@ -625,7 +626,13 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
                 self._subscribers.remove(subscription)
 
     def _publish(self, job_id: str, pipeline: str, state: str) -> None:
-        event = {"job_id": job_id, "pipeline": pipeline, "state": state, "at": time.time()}
+        self._send({"job_id": job_id, "pipeline": pipeline, "state": state, "at": time.time()})
+
+    def _publish_export(self, task_id: str, destination: str, state: str) -> None:
+        self._send({"event": "export", "task_id": task_id, "destination": destination,
+                    "state": state, "at": time.time()})  # fmt: skip
+
+    def _send(self, event: dict[str, Any]) -> None:
         with self._listeners:
             subscribers = list(self._subscribers)
         for subscription in subscribers:

@@ -361,6 +361,21 @@ def build_app(platform: Platform) -> FastAPI:
         size, chunks = platform.download_job_file(job_id, "/" + name)
         return _download(size, chunks, name, figures)
 
+    @app.get(f"{PREFIX}/jobs/{{job_id}}/outputs.zip", tags=["jobs"])
+    def job_outputs(job_id: str) -> StreamingResponse:
+        """Every file the job's operators wrote, as one ZIP (streamed; the console's download
+        button)."""
+        chunks = platform.job_outputs_zip(job_id)
+
+        def counted():
+            for chunk in chunks:
+                figures.bytes.labels("download").inc(len(chunk))
+                yield chunk
+
+        disposition = f'attachment; filename="job-{job_id}-outputs.zip"'
+        return StreamingResponse(counted(), media_type="application/zip",
+                                 headers={"Content-Disposition": disposition})  # fmt: skip
+
     # ------------------------------------------------------------------ payloads
 
     @app.post(f"{PREFIX}/payloads", tags=["payloads"], status_code=201)
@@ -464,7 +479,8 @@ def build_app(platform: Platform) -> FastAPI:
     @app.get(f"{PREFIX}/events", tags=["jobs"])
     async def events(request: Request) -> StreamingResponse:
         """Server-sent events: one ``job`` event per change of a job's state (JSON: job_id,
-        pipeline, state, at), a comment every 15 s to keep the connection open."""
+        pipeline, state, at), one ``export`` event per step of a result's export (task_id,
+        destination, state, at), a comment every 15 s to keep the connection open."""
         subscription = platform.subscribe()
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
         # woken by the publishing thread: no thread is held per open stream, and a client
@@ -486,7 +502,9 @@ def build_app(platform: Platform) -> FastAPI:
                     elif event.get("event") == "closed":
                         return
                     else:
-                        yield f"event: job\ndata: {json.dumps(event)}\n\n"
+                        kind = event.get("event", "job")  # shared by every stream: read only
+                        data = json.dumps({k: v for k, v in event.items() if k != "event"})
+                        yield f"event: {kind}\ndata: {data}\n\n"
             finally:
                 figures.streams.dec()
                 subscription.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,25 @@ from dataflow.platform.names import HEX32, IN_FLIGHT, check_metadata
 __all__ = ["PayloadOps"]
 
 log = structlog.get_logger("dataflow.platform")
+
+
+class _Chunks:
+    """A write-only file that a ZIP is streamed into (no ``tell``: zipfile then writes each
+    entry's sizes after it), emptied by :meth:`take`."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
 
 
 class PayloadOps:
@@ -129,6 +149,25 @@ class PayloadOps:
         job = self._job(job_id)
         path, size = files.open_file(Path(job.payload), self.service.jobs_dir / job.id, name)
         return size, files.read_chunks(path)
+
+    def job_outputs_zip(self, job_id: str) -> Iterator[bytes]:
+        """A ZIP of every file the job's operators wrote (``operators/OP/...``), streamed as
+        it is made (no archive on disk); Invalid or NotFound for the job at once."""
+        job = self._job(job_id)
+        names = [f["name"] for f in self.job_files(job.id) if f["name"].startswith("/operators/")]
+
+        def chunks() -> Iterator[bytes]:
+            sink = _Chunks()
+            with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+                for name in names:
+                    size, parts = self.download_job_file(job.id, name)
+                    with archive.open(name.lstrip("/"), "w", force_zip64=size >= 2**31) as entry:
+                        for part in parts:
+                            entry.write(part)
+                            yield sink.take()
+            yield sink.take()
+
+        return chunks()
 
     def payload_details(self, payload_id: str) -> dict[str, Any]:
         row = self._payload(payload_id)

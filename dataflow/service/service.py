@@ -145,6 +145,8 @@ class Service:
         self.platform: Any = None  # dataflow.platform.core.Platform, with an api: section
         #: called with (job id, pipeline, new state) at each change of a job's state
         self.listeners: list[Callable[[str, str, str], None]] = []
+        #: called with (task id, destination, new state) as a result's export moves on
+        self.export_listeners: list[Callable[[str, str, str], None]] = []
         self.startup_timeout = startup_timeout
         self.jobs_dir = config.state / "jobs"
         self.jobs: JobStore | None = None
@@ -733,6 +735,11 @@ class Service:
             jobs.delivery(task_id, destination, state, scrub(detail) or "")
         except sqlite3.ProgrammingError:  # closed between the look and the write
             return
+        for listener in list(self.export_listeners):
+            try:
+                listener(task_id, destination, state)
+            except Exception:  # a listener's bug must not stop the export's bookkeeping
+                log.exception("export_listener_failed", task=task_id)
         self._poke()
 
     # ------------------------------------------------------------------ health

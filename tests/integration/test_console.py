@@ -139,9 +139,8 @@ def test_a_pipeline_is_uploaded_from_the_page_diagnostics_beside_its_lines(servi
     with api_client(service) as client:
         assert [p["name"] for p in client.get("/api/v1/pipelines").json()] == before
 
-    browser.get(f"{base}/console/pipelines")
-    area = browser.find_element("css selector", 'textarea[name="definition"]')
-    browser.execute_script("arguments[0].value = arguments[1]", area, text)
+    browser.get(f"{base}/console/pipelines")  # this time as a file chosen in the form
+    browser.find_element("css selector", 'input[name="file"]').send_keys(str(PASSTHROUGH))
     browser.find_element("css selector", 'input[name="name"]').send_keys("passthrough-copy")
     browser.find_element("css selector", "form.upload button").click()
     until(lambda: browser.current_url.endswith("/console/pipelines/passthrough-copy"),

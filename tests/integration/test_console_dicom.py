@@ -7,8 +7,11 @@ date is on any page (the service file does not allow them)."""
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from dicom_peers import free_port, start_orthanc, storescu
@@ -136,6 +139,12 @@ def test_a_study_from_dicom_arrives_runs_and_is_exported_on_the_pages(site, brow
           "the preview images loaded")  # fmt: skip
     assert len(browser.find_elements("css selector", ".previews img")) == 6
     shoot(browser, "job-dicom")
+    # the download button: the job's outputs in one ZIP, the SEG among them as Orthanc got it
+    href = browser.find_element("id", "download-outputs").get_attribute("href")
+    archive = zipfile.ZipFile(io.BytesIO(httpx.get(href, timeout=LONG_HANG).content))
+    (seg_name,) = [n for n in archive.namelist() if n.startswith("operators/seg/")]
+    seg = pydicom.dcmread(io.BytesIO(archive.read(seg_name)))
+    assert seg.SOPInstanceUID in orthanc.sop_instance_uids()
     assert overflowing(browser) == []  # fits 1280x800
     assert accessibility_violations(browser) == []
     browser.get(f"{base}/console/dicom")  # the routing the service file set

@@ -1,6 +1,7 @@
 """A dead letter re-sent from the console's export page reaches the PACS: ct-segmentation's SEG
 for a study, the PACS down while the SEG is exported (dead-lettered after its retries), then
-a real Orthanc up on the PACS's port and the Re-send button pressed in Chromium."""
+a real Orthanc up on the PACS's port and the Re-send button pressed in Chromium; the row
+follows the export's events to sent, without a reload."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_peers import free_port, start_orthanc
+from selenium.common.exceptions import StaleElementReferenceException
 
 from dataflow.service import Service, load_config
 from tests.deadlines import HANG, LONG_HANG, wait_until
-from tests.integration.browser import errors, shoot
+from tests.integration.browser import errors, shoot, text_of
 from tests.integration.platform_service import api_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,17 +92,22 @@ dicom:
         assert orthanc.instances() == []
         exports = f"{service.platform.urls['rest']}/console/exports"
         browser.get(exports)
+        browser.execute_script("window.__same_page = true")
+        wait_until(lambda: text_of(browser, "live") == "live", "the event stream open", HANG)
         shoot(browser, "exports")
         row = browser.find_element("css selector", f'tr[data-task="{dead["task_id"]}"]')
         assert state_of(row) == "dead" and dead["last_error"] in row.text  # the reason shown
         row.find_element("css selector", f'button[data-resend="{dead["task_id"]}"]').click()
 
-        def sent() -> bool:
-            browser.get(exports)
-            rows = browser.find_elements("css selector", f'tr[data-task="{dead["task_id"]}"]')
-            return bool(rows) and state_of(rows[0]) == "sent"
+        def sent() -> bool:  # the row follows the export's events: no reload
+            try:
+                rows = browser.find_elements("css selector", f'tr[data-task="{dead["task_id"]}"]')
+                return bool(rows) and state_of(rows[0]) == "sent"
+            except StaleElementReferenceException:  # the rows were replaced as they were read
+                return False
 
         wait_until(sent, "the task shown sent on the page", HANG, 0.2)
+        assert browser.execute_script("return window.__same_page === true")
         assert orthanc.sop_instance_uids() == {seg.SOPInstanceUID}
         (study_id,) = orthanc.rest("GET", "/studies")
         tags = orthanc.rest("GET", f"/studies/{study_id}")["MainDicomTags"]

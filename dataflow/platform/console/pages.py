@@ -146,6 +146,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
         loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"])
     )
     env.filters.update(when=when, size=size)
+    env.tests["outputs"] = lambda name: name.startswith("/operators/")  # an operator wrote it
     env.globals.update(took=took, version=__version__)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
@@ -178,8 +179,8 @@ def add_console(app: FastAPI, platform: Any) -> None:
 
     @app.post("/console/login", response_class=HTMLResponse, include_in_schema=False)
     async def login(request: Request) -> Response:
-        form = await request.form()
-        secret, target = str(form.get("token") or "").strip(), inside(str(form.get("next")))
+        async with request.form() as form:
+            secret, target = str(form.get("token") or "").strip(), inside(str(form.get("next")))
         if platform.auth is None:
             return RedirectResponse(target, status_code=303)
         token = platform.auth.tokens.verify(secret) if secret else None
@@ -408,6 +409,10 @@ def add_console(app: FastAPI, platform: Any) -> None:
     @app.get("/console/exports", response_class=HTMLResponse, include_in_schema=False)
     def exports(request: Request) -> HTMLResponse:
         return page("exports.html", request, tasks=platform.exports())
+
+    @app.get("/console/fragments/exports", response_class=HTMLResponse, include_in_schema=False)
+    def exports_fragment(request: Request) -> HTMLResponse:
+        return page("exports_rows.html", request, tasks=platform.exports())
 
     @app.get("/console/models", response_class=HTMLResponse, include_in_schema=False)
     def models(request: Request) -> HTMLResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -63,15 +64,23 @@ def add_pipeline_pages(app: FastAPI, platform: Any, page: Callable[..., HTMLResp
 
     @app.post("/console/pipelines", response_class=HTMLResponse, include_in_schema=False)
     async def upload(request: Request) -> Response:
-        form = await request.form()
-        given, text = form.get("file"), str(form.get("definition") or "")
-        if given is not None and not isinstance(given, str) and given.filename:
-            data = await given.read(MAX_DEFINITION + 1)
-            if len(data) > MAX_DEFINITION:
-                too_big = f"The file is larger than {MAX_DEFINITION // 1024} KiB: not a definition."
-                return listing(request, 413, upload_error=too_big)
+        async with request.form() as form:  # closed: an uploaded file's temporary goes
+            given, text = form.get("file"), str(form.get("definition") or "")
+            name = str(form.get("name") or "").strip() or None
+            data = b""
+            if given is not None and not isinstance(given, str) and given.filename:
+                data = await given.read(MAX_DEFINITION + 1)
+                if not data:
+                    data = b" "  # an empty file: said below as nothing given
+        # validating and starting a pipeline's workers blocks: off the event loop
+        return await anyio.to_thread.run_sync(register, request, text, data, name)
+
+    def register(request: Request, text: str, data: bytes, name: str | None) -> Response:
+        if len(data) > MAX_DEFINITION:
+            too_big = f"The file is larger than {MAX_DEFINITION // 1024} KiB: not a definition."
+            return listing(request, 413, upload_error=too_big)
+        if data:
             text = data.decode("utf-8", errors="replace")
-        name = str(form.get("name") or "").strip() or None
         if not text.strip():
             return listing(request, 422, upload_error="Choose a YAML file or paste a definition.")
         try:

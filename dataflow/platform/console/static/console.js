@@ -12,8 +12,10 @@ function eventStream() {
   return events;
 }
 
-function liveJobs() {
-  const table = document.getElementById("jobs");
+function liveTable(id, kind) {
+  // A table whose rows the server renders again (its data-fragment) at each event of
+  // ``kind`` on the API's stream, a burst of events making one refresh.
+  const table = document.getElementById(id);
   if (!table || !window.EventSource) return;
   const status = document.getElementById("live");
   let pending = null;
@@ -27,7 +29,7 @@ function liveJobs() {
   const events = eventStream();
   events.addEventListener("open", () => { if (status) status.textContent = "live"; });
   events.addEventListener("error", () => { if (status) status.textContent = "reconnecting…"; });
-  events.addEventListener("job", () => {  // a burst of events: one refresh
+  events.addEventListener(kind, () => {
     if (pending === null) pending = setTimeout(refresh, 200);
   });
 }
@@ -48,13 +50,13 @@ function liveJob() {
   events.addEventListener("job", (e) => { if (JSON.parse(e.data).job_id === id) check(); });
 }
 
-function post(url, status, done) {
+function post(url, status, done, reload = true) {
   status.textContent = "…";
   fetch(url, { method: "POST" })
     .then((r) => r.json().then((body) => ({ ok: r.ok, body })))
     .then(({ ok, body }) => {
       status.textContent = ok ? done : (body.message || "refused");
-      if (ok) setTimeout(() => window.location.reload(), 300);
+      if (ok && reload) setTimeout(() => window.location.reload(), 300);
     })
     .catch((e) => { status.textContent = "failed: " + e; });
 }
@@ -66,10 +68,16 @@ function buttons() {
     button.addEventListener("click", () =>
       post(`/api/v1/jobs/${id}/${button.dataset.action}`, status, button.dataset.action + " asked"));
   });
-  document.querySelectorAll("[data-resend]").forEach((button) => {
-    button.addEventListener("click", () =>
-      post(`/api/v1/exports/${button.dataset.resend}/resend`, status, "re-send asked"));
+  document.addEventListener("click", (e) => {  // rows are rendered again: delegated
+    const button = e.target.closest("[data-resend]");
+    if (button && !button.disabled)
+      post(`/api/v1/exports/${button.dataset.resend}/resend`, status, "re-send asked", false);
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { liveJobs(); liveJob(); buttons(); });
+document.addEventListener("DOMContentLoaded", () => {
+  liveTable("jobs", "job");
+  liveTable("exports", "export");
+  liveJob();
+  buttons();
+});
