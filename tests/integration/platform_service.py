@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 
 from dataflow.service import Service, load_config
+from tests.deadlines import SCALE
 
-HANG = 300.0  # seconds: only a hang takes this long
+HANG = 300.0 * SCALE  # seconds: only a hang takes this long (DATAFLOW_TEST_DEADLINE_SCALE)
 
 
 @contextlib.contextmanager
