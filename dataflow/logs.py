@@ -28,7 +28,8 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["PHI_ELEMENTS", "PHI_KEYS", "configure_logging", "job_log", "job_note", "scrub"]
+__all__ = ["PHI_ELEMENTS", "PHI_KEYS", "configure_logging", "identifying", "job_log", "job_note",
+           "scrub"]  # fmt: skip
 
 #: Field names whose values are patient identifiers (or may embed them).
 PHI_KEYS = frozenset(
@@ -61,18 +62,42 @@ _SPELLINGS = sorted(
 _PHI_TEXT = re.compile(r"(?i)(?<![A-Za-z0-9])(" + "|".join(_SPELLINGS) + r")(?![A-Za-z])([^\n]*)")
 _ALNUM = re.compile(r"[A-Za-z0-9]")
 REDACTED = "<redacted>"
+#: a DICOM UID naming a study, series or instance (digits and dots from 0, 1 or 2, five
+#: components or more: not an IPv4 address or a version; or 2.25.UUID), but not one of the
+#: standard's own (1.2.840.10008...: transfer syntaxes, SOP classes), which name no patient
+_UID = re.compile(r"(?<![\d.])(?:(?!1\.2\.840\.10008\.)[0-2](?:\.\d+){4,}|2\.25\.\d{10,})(?!\.?\d)")
+UID_REDACTED = "<uid>"
 
 
 def scrub(text: str | None, values: Iterable[str] = ()) -> str | None:
     """``text`` without patient identifiers: the rest of each line after a PHI element's
     keyword, name or tag (:data:`PHI_ELEMENTS`), and every occurrence of ``values`` (known
-    identifiers of the study, e.g. its Patient ID), replaced by ``<redacted>``."""
+    identifiers of the study, e.g. its Patient ID, and those of the job this process runs:
+    :func:`identifying`), replaced by ``<redacted>``; every study, series or instance UID (a
+    spool path carries them) by ``<uid>``."""
     if not text:
         return text
-    for value in sorted({str(v).strip() for v in values if v and str(v).strip()}, key=len,
-                        reverse=True):  # fmt: skip
+    known = {str(v).strip() for v in (*values, *_known) if v and str(v).strip()}
+    for value in sorted(known, key=len, reverse=True):
         text = text.replace(value, REDACTED)
-    return _PHI_TEXT.sub(_redact_rest, text)
+    return _PHI_TEXT.sub(_redact_rest, _UID.sub(UID_REDACTED, text))
+
+
+_known: tuple[str, ...] = ()  # the identifying values of the job this process runs now
+
+
+@contextlib.contextmanager
+def identifying(values: Iterable[str]) -> Iterator[None]:
+    """While the block runs, :func:`scrub` (and so every log line, job log line and printed
+    line of this process) also redacts ``values``: the identifiers of the job a worker runs
+    (:func:`dataflow.identifiers.identifiers_of`), found by value where no key or element
+    name gives them away. One job at a time: a worker's, not the service's many threads."""
+    global _known
+    previous, _known = _known, tuple(values)
+    try:
+        yield
+    finally:
+        _known = previous
 
 
 def _redact_rest(match: re.Match) -> str:
@@ -83,8 +108,17 @@ def _redact_rest(match: re.Match) -> str:
 
 
 def _redact_phi(logger, method_name, event_dict):
+    """By key (:data:`PHI_KEYS`), then by value: every other text field :func:`scrub`-bed
+    (UIDs, and what follows a PHI element's name), the event's own words included."""
     for key in PHI_KEYS.intersection(event_dict):
-        event_dict[key] = "<redacted>"
+        event_dict[key] = REDACTED
+    for key, value in event_dict.items():
+        if key in ("timestamp", "level", "logger") or value == REDACTED:
+            continue
+        if isinstance(value, str | Path):
+            event_dict[key] = scrub(str(value))
+        elif isinstance(value, list | tuple) and any(isinstance(v, str | Path) for v in value):
+            event_dict[key] = [scrub(str(v)) if isinstance(v, str | Path) else v for v in value]
     return event_dict
 
 
@@ -102,13 +136,10 @@ def configure_logging(
         allow_phi = os.environ.get("DATAFLOW_LOG_PHI") == "1"
     if isinstance(level, str):
         level = logging.getLevelName(level.upper())
-    processors = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    if not allow_phi:
-        processors.append(_redact_phi)
+    stamped = [structlog.processors.add_log_level,
+               structlog.processors.TimeStamper(fmt="iso", utc=True),
+               *([] if allow_phi else [_redact_phi])]  # fmt: skip
+    processors = [structlog.contextvars.merge_contextvars, *stamped]
     if job_logs:  # a job's log (job_log) keeps info events the console does not show
         processors += [_tee_to_job, _console_level(level)]
     renderer = (
@@ -124,7 +155,15 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s", force=True)
+    # libraries' stdlib records (pynetdicom, numba, uvicorn...) pass through the same
+    # redaction and renderer: JSON mode is JSON throughout, and none bypasses the redactor
+    foreign = [structlog.stdlib.add_logger_name, *stamped]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=foreign,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))  # fmt: skip
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 # ---------------------------------------------------------------------- a job's own log

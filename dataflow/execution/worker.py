@@ -158,6 +158,16 @@ class Worker:
                 self.client.close()
 
     def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
+        from dataflow.identifiers import identifiers_of
+        from dataflow.logs import identifying
+
+        # a stage given the job's folder: its patient's identifiers redacted by value from
+        # whatever this worker logs or prints while it runs the job
+        folder = next((Path(v[1]) for v in inputs.values() if v[0] == "path"), None)
+        with identifying(identifiers_of(folder)):
+            return self._run_logged(job_id, job_name, inputs, timeout)
+
+    def _run_logged(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout):
         if not self.spec.job_logs:
             return self._run_job(job_id, job_name, inputs, timeout)
         from dataflow.logs import job_log, job_note

@@ -9,61 +9,17 @@ or shown.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import structlog
+from dataflow.identifiers import read_header
 
-__all__ = ["JobFinder", "first_dicom", "read_header"]
-
-log = structlog.get_logger("dataflow.platform")
+__all__ = ["JobFinder"]
 
 #: what a job's input is searched by (DICOM keywords)
 KEYS = ("AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-def first_dicom(payload: Path) -> Path | None:
-    """The first DICOM file of a job's input (``payload/input`` for a job made through the
-    API, the received group's folder for one from DICOM), in name order; None without one."""
-    root = payload / "input" if (payload / "input").is_dir() else payload
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            path = Path(folder) / name
-            if name.startswith(".") or not path.is_file():
-                continue
-            try:
-                with path.open("rb") as handle:
-                    handle.seek(128)
-                    if handle.read(4) == b"DICM":
-                        return path
-            except OSError:
-                continue
-    return None
-
-
-def read_header(payload: Path, keywords: tuple[str, ...]) -> dict[str, str]:
-    """These elements of the first DICOM file of a job's input, as text (missing ones left
-    out; nothing for an input that holds no DICOM file or one that cannot be read)."""
-    import pydicom
-
-    path = first_dicom(payload)
-    if path is None:
-        return {}
-    try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
-    except Exception as exc:  # a damaged file: no keys, and the search goes on
-        log.debug("header_unread", error=type(exc).__name__)
-        return {}
-    out = {}
-    for keyword in keywords:
-        value = dataset.get(keyword)
-        if value not in (None, ""):
-            out[keyword] = str(value).strip()
-    return out
 
 
 class JobFinder:

@@ -51,6 +51,7 @@ from dataflow.execution.latency import Latency
 from dataflow.execution.local import JobFeed, JobResult, LocalExecutor
 from dataflow.execution.state import PRIORITIES
 from dataflow.hints import suggest
+from dataflow.identifiers import identifiers_of
 from dataflow.logs import scrub
 from dataflow.scheduler import gpu_usage
 from dataflow.service.config import SERVICE_KEYS, JobLimits, PipelineEntry, ServiceConfig
@@ -680,13 +681,14 @@ class Service:
             log.error("job_results_not_written", job_id=result.job, error=str(exc))
         if not result.ok and self._aborted:
             return  # cut short by the shutdown: stays running, resumed at the next start
-        error = scrub(result.reason) if not result.ok else None
+        known = () if result.ok else identifiers_of(Path(self.jobs.get(result.job).payload))
+        error = scrub(result.reason, known) if not result.ok else None
         if not self.jobs.finished(
             result.job,
             result.ok,
             stage=result.stage,
             error=error,
-            details=scrub(result.details) if not result.ok else None,
+            details=scrub(result.details, known) if not result.ok else None,
         ):
             job = self.jobs.get(result.job)  # cancelled while it ran: its outputs go
             self._remove_outputs(job)

@@ -297,7 +297,6 @@ class SelectSeries(Stage):
             "series_selected",
             selection=chosen,
             series_instance_uid=series.uid,
-            description=series.description,
             instances=series.instances,
             candidates=len(report.matched[chosen]),
             linked=linked,

@@ -4,7 +4,7 @@ import logging
 import pytest
 import structlog
 
-from dataflow.logs import configure_logging
+from dataflow.logs import configure_logging, scrub
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +105,21 @@ def test_a_jobs_log_keeps_its_events_prints_and_records_scrubbed(capsys, tmp_pat
     console = out.out + out.err
     assert "odd_spacing" in console and "slice_read" not in console  # the console's level
     assert "PatientName <redacted>" in out.out and "DOE^JANE" not in console
+
+
+def test_uids_are_redacted_by_value_but_addresses_versions_and_the_standards_uids_stay():
+    text = ("failed on /spool/AE/1.2.826.0.1.3680043.8.498.123.g4/2.25.329800735698586629295641"
+            "978511506172918/x.dcm (series "
+            "1.3.6.1.4.1.9328.50.1.99) from 127.0.0.1, pynetdicom 3.0.4, transfer syntax "
+            "1.2.840.10008.1.2.1, 12.5 s")  # fmt: skip
+    assert scrub(text) == ("failed on /spool/AE/<uid>.g4/<uid>/x.dcm (series <uid>) from "
+                           "127.0.0.1, pynetdicom 3.0.4, transfer syntax 1.2.840.10008.1.2.1, "
+                           "12.5 s")  # fmt: skip
+
+
+def test_the_running_jobs_identifiers_are_redacted_wherever_they_appear():
+    from dataflow.logs import identifying
+
+    with identifying(["QUIMBY", "QX-778812"]):
+        assert scrub("note=QUIMBY, QX-778812 seen") == "note=<redacted>, <redacted> seen"
+    assert scrub("note=QUIMBY") == "note=QUIMBY"  # the job over: its values are forgotten

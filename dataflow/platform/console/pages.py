@@ -15,12 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from dataflow import __version__
+from dataflow.identifiers import read_header
 from dataflow.platform.audit import CALLER
 from dataflow.platform.auth import COOKIE, ROLES
 from dataflow.platform.console.pipelines import add_pipeline_pages
 from dataflow.platform.console.svg import job_series, pipeline_graph, time_chart
 from dataflow.platform.errors import PlatformError
-from dataflow.platform.finding import read_header
 
 __all__ = ["add_console"]
 
