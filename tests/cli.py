@@ -3,6 +3,7 @@ environment (no container engine, a plain PATH), from the repository root by def
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,13 @@ def wait_serving(predicate, timeout: float, what: str, proc: subprocess.Popen):
     return wait_until(reached, what, timeout, poll=0.25)
 
 
-def serve(config: str | Path, log: str | Path, *args: str) -> subprocess.Popen:
-    """``dataflow serve CONFIG ARGS`` in the background, its output appended to ``log``."""
+def serve(
+    config: str | Path, log: str | Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``dataflow serve CONFIG ARGS`` in the background, its output appended to ``log``;
+    ``env``: variables set for it on top of this process's."""
     with open(log, "a") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "dataflow.cli", "serve", str(config), *args],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip

@@ -68,8 +68,6 @@ __all__ = [
     "echo",
 ]
 
-fastnet.install()  # as the receiver does: also when the exporter runs without it
-
 log = structlog.get_logger("connectors.dicom.export")
 
 DOWN_AFTER = 3  # failed attempts in a row after which a destination is said to be down
@@ -349,6 +347,7 @@ class Exporter:
         """Run the worker loop in a thread until :meth:`stop`."""
         if self._loop is not None:
             return
+        fastnet.install()  # as the receiver does: also when the exporter runs without it
         self._stopping.clear()
         self._loop = threading.Thread(target=self._run, name="export-loop", daemon=True)
         self._loop.start()

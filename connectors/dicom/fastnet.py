@@ -7,8 +7,8 @@ milliseconds between "the last PDU arrived", "the handler runs" and "the respons
 with a 1-process GIL and other associations, more. And ``AssociationSocket.recv`` reads a
 PDU in 4096-byte ``recv`` calls appended to a ``bytearray``.
 
-:func:`install` (idempotent; called when ``connectors.dicom.receiver`` or
-``connectors.dicom.export`` is imported) changes three things in
+:func:`install` (idempotent; called when a receiver or an exporter starts, never at import)
+changes three things in
 pynetdicom's behaviour, leaving every decision of its state machines as it was, and adds
 two hooks:
 
@@ -36,8 +36,8 @@ two hooks:
    read off an ``AssociationSocket`` by someone else can be given back (:func:`push_back`):
    ``recv`` returns them first and ``ready`` is True while there are any.
 
-And it sets pynetdicom's documented ``_config.LOG_HANDLER_LEVEL = "none"`` unless the
-``pynetdicom`` logger is enabled for DEBUG: its standard handlers format a description of
+And, fast path or not, it sets pynetdicom's documented ``_config.LOG_HANDLER_LEVEL = "none"``
+unless the ``pynetdicom`` logger is enabled for DEBUG: its standard handlers format a description of
 every PDU and DIMSE message (and log an INFO line per C-STORE) on every association, a
 fifth of the receiver's CPU per instance; the receiver logs its own events.
 
@@ -51,9 +51,11 @@ to 64 MiB of freed memory per malloc arena instead of returning it at once.
 Socket buffer sizes are left alone on purpose: setting ``SO_RCVBUF`` turns off Linux's
 autotuning, which here already grows a connection's buffer up to ``tcp_rmem``'s 32 MiB.
 
-Only pynetdicom 3.0.x is patched (the loops were read there); with any other version, or
-with ``DATAFLOW_DICOM_FASTNET=0`` in the environment, :func:`install` does nothing and
-returns False. Tested in ``tests/unit/test_dicom_fastnet.py``.
+Only pynetdicom 3.0.x is patched (the loops were read there; pyproject pins it); with any
+other version, or with ``DATAFLOW_DICOM_FASTNET=0`` in the environment, :func:`install`
+patches nothing and returns False, :func:`why_off` says why, and the receiver logs it at
+WARNING and reports ``fast_path`` 0 in its stats (``dataflow_dicom_receiver_fast_path``).
+Tested in ``tests/unit/test_dicom_fastnet.py``.
 
 **The PDU guard** (:func:`guard`, installed by :func:`install` and on its own by the receiver
 and the exporter even with ``DATAFLOW_DICOM_FASTNET=0``: it is a bound, not a speed-up).
@@ -557,16 +559,35 @@ def tune_malloc() -> bool:
     )
 
 
+_why_off: list[str] = []  # why install() left pynetdicom as it is, in words
+
+
+def why_off() -> str | None:
+    """Why the fast path is off in this process (None: it is on, or not asked for yet)."""
+    return _why_off[0] if _why_off else None
+
+
 def install() -> bool:
-    """Patch pynetdicom 3.0.x in this process (idempotent); False if not applicable. The PDU
-    guard (:func:`guard`) is installed in any case."""
+    """Patch pynetdicom 3.0.x in this process (idempotent); False if not applicable, with
+    the reason in :func:`why_off`. The PDU guard (:func:`guard`) is installed in any case, and
+    pynetdicom's own per-message log lines (which describe every dataset's identifiers) are
+    turned off unless its logger is enabled for DEBUG. Called when a receiver or an exporter
+    starts, never at import."""
     guard()
     with _lock:
         if _installed:
             return _installed[0]
-        ok = pynetdicom.__version__.startswith("3.0.")
-        ok = ok and os.environ.get("DATAFLOW_DICOM_FASTNET", "1") != "0"
-        ok = ok and pynetdicom.dul.time is time and pynetdicom.association.time is time
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            _config.LOG_HANDLER_LEVEL = "none"
+        if not pynetdicom.__version__.startswith("3.0."):
+            version = pynetdicom.__version__
+            _why_off.append(f"pynetdicom {version} is not the 3.0.x the patch was written and "
+                            "tested for (pinned in pyproject; docs/dicom.md)")  # fmt: skip
+        elif os.environ.get("DATAFLOW_DICOM_FASTNET", "1") == "0":
+            _why_off.append("DATAFLOW_DICOM_FASTNET=0 in the environment")
+        elif pynetdicom.dul.time is not time or pynetdicom.association.time is not time:
+            _why_off.append("pynetdicom's time module was replaced by someone else")
+        ok = not _why_off
         if ok:
             shim = types.ModuleType("time", "time, with pynetdicom-aware sleep (fastnet)")
             shim.__dict__.update(time.__dict__)
@@ -576,7 +597,5 @@ def install() -> bool:
             AssociationSocket.recv = _recv  # type: ignore[method-assign]
             AssociationSocket.ready = property(_ready_or_pushed_back)  # type: ignore[method-assign]
             DIMSEServiceProvider.send_msg = _fast_send_msg  # type: ignore[method-assign]
-            if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-                _config.LOG_HANDLER_LEVEL = "none"
         _installed.append(ok)
         return ok

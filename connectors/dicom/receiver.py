@@ -74,8 +74,6 @@ from .spool import (
 __all__ = ["Receiver", "main"]
 
 log = structlog.get_logger("connectors.dicom")
-fastnet.install()  # pynetdicom without its 1 ms polling waits (see fastnet.py)
-fastnet.guard()  # every PDU bounded, also with DATAFLOW_DICOM_FASTNET=0
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C.4.2)
 SUCCESS = 0x0000
@@ -262,6 +260,10 @@ class Receiver:
     def start(self) -> Receiver:
         """Recover the spool, listen, and start completing groups; returns ``self``."""
         self.incoming.mkdir(parents=True, exist_ok=True)
+        # pynetdicom without its 1 ms polling waits, every PDU bounded (see fastnet.py)
+        if not fastnet.install():
+            log.warning("dicom_fast_path_off", reason=fastnet.why_off(),
+                        effect="about half the ingest rate")  # fmt: skip
         fastnet.tune_malloc()  # reuse touched memory for PDUs and datasets (fastnet.py)
         if self._complete_groups:
             for stale in self.incoming.glob("*.part"):  # never acknowledged
@@ -553,7 +555,8 @@ class Receiver:
         ``pdus_refused`` (longer than their bound)."""
         with self._slots:
             active = sum(_holds_slot(a) for a in self._admitted)
-            return {"associations": active, **self.counts, "pdus_refused": fastnet.refused_count()}
+            return {"associations": active, **self.counts, "pdus_refused": fastnet.refused_count(),
+                    "fast_path": int(fastnet.installed())}  # fmt: skip
 
     def _count(self, name: str) -> None:
         with self._slots:

@@ -386,6 +386,10 @@ class DicomConnector:
                 if key == "associations":
                     metric("dataflow_dicom_receiver_associations",
                            "associations holding a slot now", value, receiver=name)  # fmt: skip
+                elif key == "fast_path":
+                    metric("dataflow_dicom_receiver_fast_path", "1 while pynetdicom's fast "
+                           "path is on (0: see the dicom_fast_path_off warning)", value,
+                           receiver=name)  # fmt: skip
                 else:
                     metric(f"dataflow_dicom_receiver_{key}", f"receiver: {key.replace('_', ' ')}"
                            " since its start", value, "counter", receiver=name)  # fmt: skip

@@ -228,3 +228,28 @@ def test_a_parked_thread_goes_on_when_its_association_needs_it(event):
     finally:
         waker.release()
         thread.join(HANG)
+
+
+def test_with_the_fast_path_off_the_receiver_says_why_in_its_log_and_stats(tmp_path):
+    """In a fresh process with DATAFLOW_DICOM_FASTNET=0: nothing is patched at import, the
+    receiver's start logs dicom_fast_path_off with the reason, and its stats say 0."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import pynetdicom, connectors.dicom.receiver as r, connectors.dicom.fastnet as f;"
+        "assert not f.installed() and pynetdicom._config.LOG_HANDLER_LEVEL != 'none';"
+        "from connectors.dicom.config import ReceiverConfig, CalledAE;"
+        f"c = ReceiverConfig(called_aes=[CalledAE('X', ['p'])], spool={str(tmp_path)!r}, port=0);"
+        "rec = r.Receiver(c, lambda g: None).start();"
+        "print('STATS', rec.stats()['fast_path'], pynetdicom._config.LOG_HANDLER_LEVEL);"
+        "rec.stop()"
+    )
+    env = {**os.environ, "DATAFLOW_DICOM_FASTNET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "STATS 0 none" in done.stdout
+    assert "dicom_fast_path_off" in done.stdout + done.stderr
+    assert "DATAFLOW_DICOM_FASTNET=0" in done.stdout + done.stderr
