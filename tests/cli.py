@@ -3,6 +3,7 @@ environment (no container engine, a plain PATH), from the repository root by def
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -54,3 +55,26 @@ def serve(
             [sys.executable, "-m", "dataflow.cli", "serve", str(config), *args],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def study_sent(config: Path, study_files, port: int, called: str, state: str,
+               env: dict[str, str] | None = None):  # fmt: skip
+    """``dataflow serve CONFIG`` (output in ``serve.log`` beside it) receiving
+    ``study_files`` from dcmtk's storescu on ``port`` for ``called``; yields (the process, the
+    study's job record once it is in ``state``), and stops the service after the block."""
+    from dicom_peers import storescu, wait_for_port
+
+    proc = serve(config, Path(config).with_name("serve.log"), env=env)
+    try:
+        wait_for_port(port, proc=proc, timeout=LONG_HANG)
+        sent = storescu("127.0.0.1", port, study_files, called=called)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        (record,) = wait_serving(
+            lambda: [r for r in jobs(config) if r["state"] == state], LONG_HANG,
+            f"the study's job to be {state}", proc,
+        )  # fmt: skip
+        yield proc, record
+    finally:
+        proc.terminate()
+        proc.wait(timeout=LONG_HANG)

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
-from cli import jobs, serve, wait_serving
+from cli import study_sent, wait_serving
 from deadlines import LONG_HANG
-from dicom_peers import free_port, storescu, wait_for_port
+from dicom_peers import free_port
 
 from operators.dicom.phantom import write_ct_series
 
@@ -39,16 +39,8 @@ dicom:
   allow:
   - {{ae: STORESCU, host: 127.0.0.1}}
 """)
-    log = tmp_path / "serve.log"
-    proc = serve(config, log, env={"DATAFLOW_DICOM_FASTNET": "1" if fast else "0"})
-    try:
-        wait_for_port(port, proc=proc, timeout=LONG_HANG)
-        sent = storescu("127.0.0.1", port, study.files, called="HANG")
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        (record,) = wait_serving(
-            lambda: [r for r in jobs(config) if r["state"] == "succeeded"], LONG_HANG,
-            "the study's job to succeed", proc,
-        )  # fmt: skip
+    env = {"DATAFLOW_DICOM_FASTNET": "1" if fast else "0"}
+    with study_sent(config, study.files, port, "HANG", "succeeded", env) as (proc, record):
         assert record["source"]["instances"] == len(study.files)
         metrics = tmp_path / "state" / "metrics.prom"
         figures = wait_serving(
@@ -56,9 +48,7 @@ dicom:
                                metrics.read_text() if metrics.exists() else "", re.M),
             LONG_HANG, "the receiver's fast-path figure in the metrics", proc,
         )  # fmt: skip
-    finally:
-        proc.terminate()
-        proc.wait(timeout=LONG_HANG)
+    log = tmp_path / "serve.log"
     assert {float(v) for v in figures} == {1.0 if fast else 0.0}
     said = log.read_text()
     assert ("dicom_fast_path_off" in said) is not fast

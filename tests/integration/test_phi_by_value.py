@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from cli import jobs, serve, wait_serving
-from deadlines import LONG_HANG
-from dicom_peers import free_port, storescu, wait_for_port
+from cli import study_sent
+from dicom_peers import free_port
 
 from operators.dicom.phantom import write_ct_series
 
@@ -53,19 +52,9 @@ dicom:
   allow:
   - {{ae: STORESCU, host: 127.0.0.1}}
 """)
+    with study_sent(config, study.files, port, "LEAKY", "failed") as (_, record):
+        pass
     log = tmp_path / "serve.log"
-    proc = serve(config, log)
-    try:
-        wait_for_port(port, proc=proc, timeout=LONG_HANG)
-        sent = storescu("127.0.0.1", port, study.files, called="LEAKY")
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        (record,) = wait_serving(
-            lambda: [r for r in jobs(config) if r["state"] == "failed"], LONG_HANG,
-            "the leaky job to fail", proc,
-        )  # fmt: skip
-    finally:
-        proc.terminate()
-        proc.wait(timeout=LONG_HANG)
 
     logged = log.read_text()
     job_logs = "".join(p.read_text() for p in (tmp_path / "state").rglob(".logs/*.log"))
