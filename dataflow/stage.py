@@ -362,6 +362,8 @@ def checking_pipeline(folder: str | Path | None):
 
 def check_parameters(init: Callable, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check ``values`` against ``init``'s keyword parameters; convert YAML strings to types."""
+    if init is object.__init__:  # a stage class without __init__ takes no parameters
+        init = _no_parameters
     signature = inspect.signature(init)
     params = {
         name: p
@@ -383,6 +385,11 @@ def check_parameters(init: Callable, values: Mapping[str, Any], where: str) -> d
     if missing:
         raise ParameterError(f"{where}: missing required parameter(s) {', '.join(missing)}")
     return out
+
+
+def _no_parameters(self) -> None:
+    """The constructor a stage class has when it defines none: ``object``'s takes
+    ``*args, **kwargs`` on paper but refuses every one when called."""
 
 
 def _type_hints(init: Callable) -> dict[str, Any]:

@@ -65,6 +65,22 @@ def test_parameters_are_checked_and_converted_from_yaml_strings():
     assert threshold.check_parameters({"level": "0.25"}) == {"level": 0.25}
 
 
+def test_a_stage_class_without_init_takes_no_parameters():
+    """object.__init__ reads as (*args, **kwargs) but refuses them all when called: the
+    validator says so at once instead of the workers failing to start (issue 13)."""
+
+    class Sink(Stage):
+        inputs = {"x": Port("stream", element_type="npy")}
+        outputs = {}
+
+        def execute(self, ctx, x):
+            return {}
+
+    assert Sink.check_parameters({}) == {}
+    with pytest.raises(ParameterError, match="unknown parameter 'level' \\(known: none\\)"):
+        Sink.check_parameters({"level": 3})
+
+
 def test_output_values_are_checked_with_the_stage_port_and_shapes_in_the_message():
     wl = WindowLevel()
     with pytest.raises(PortError) as info:
