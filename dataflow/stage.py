@@ -56,6 +56,8 @@ __all__ = [
     "StageError",
     "Tensor",
     "checking_pipeline",
+    "inherited_metadata",
+    "output_values",
     "pipeline_folder",
     "stage",
 ]
@@ -273,13 +275,18 @@ class Stage:
     ``requires``: the modules it imports beyond dataflow's own dependencies, each with what
     installs it (``{"nibabel": "dataflow[research]"}``). Validation finds them without
     importing them; one missing is an error naming the install. A stage whose needs depend on
-    its parameters overrides :meth:`requirements`.
+    its parameters overrides :meth:`requirements`. ``metadata_from``: the array input whose
+    metadata (geometry, UIDs) an array output returned as a plain array inherits; by default
+    the first array input in the order of ``inputs`` (return a :class:`Tensor` to set an
+    output's metadata yourself). The same rule runs in the workers and in
+    :mod:`dataflow.testing` (:func:`output_values`).
     """
 
     inputs: ClassVar[Mapping[str, Port]] = {}
     outputs: ClassVar[Mapping[str, Port]] = {}
     requests: ClassVar[Mapping[str, int]] = {}
     requires: ClassVar[Mapping[str, str]] = {}
+    metadata_from: ClassVar[str | None] = None
 
     @classmethod
     def requirements(cls, parameters: Mapping[str, Any]) -> Mapping[str, str]:
@@ -358,6 +365,40 @@ def checking_pipeline(folder: str | Path | None):
         yield
     finally:
         _PIPELINE_FOLDER.reset(token)
+
+
+def inherited_metadata(stage: Stage, metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The metadata a plain-array output of ``stage`` gets, from its array inputs' metadata
+    (``port -> metadata``): its ``metadata_from`` input's, else its first array input's in the
+    order of its ``inputs``; ``{}`` when it has none."""
+    if stage.metadata_from is not None:
+        if stage.metadata_from not in stage.inputs:
+            known = ", ".join(stage.inputs)
+            raise PortError(f"stage {type(stage).__name__}: metadata_from names no input "
+                            f"{stage.metadata_from!r} (inputs: {known})")  # fmt: skip
+        return dict(metadata.get(stage.metadata_from) or {})
+    for port in stage.inputs:
+        if port in metadata:
+            return dict(metadata[port])
+    return {}
+
+
+def output_values(
+    stage: Stage, outputs: Mapping[str, Any], metadata: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """``outputs`` (as :meth:`Stage.collect_outputs` gives them) with every array output a
+    :class:`Tensor` carrying the metadata downstream stages will see: its own if the stage
+    returned a Tensor, else :func:`inherited_metadata`. What a worker publishes to the store
+    and what :func:`dataflow.testing.run_stage` shows an author."""
+    inherited: dict[str, Any] | None = None
+    out: dict[str, Any] = {}
+    for port, value in outputs.items():
+        if stage.outputs[port].type == "array" and not isinstance(value, Tensor):
+            if inherited is None:
+                inherited = inherited_metadata(stage, metadata)
+            value = Tensor(value, inherited)
+        out[port] = value
+    return out
 
 
 def check_parameters(init: Callable, values: Mapping[str, Any], where: str) -> dict[str, Any]:

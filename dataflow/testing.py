@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from dataflow.execution import state
-from dataflow.stage import Stage, StageContext, StageError, Tensor
+from dataflow.stage import Stage, StageContext, StageError, Tensor, output_values
 from dataflow.tensors import dtype_of
 
-__all__ = ["run_pipeline", "run_stage"]
+__all__ = ["Outputs", "run_pipeline", "run_stage"]
 
 
 def run_stage(
@@ -107,24 +107,42 @@ def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
     result = instance.execute(ctx, **values)
     outputs = instance.outputs
     defaults = {p: ctx.output_dir(p) for p, spec in outputs.items() if spec.type == "stream"}
-    return instance.collect_outputs(result, stage_name, defaults=defaults)
+    collected = instance.collect_outputs(result, stage_name, defaults=defaults)
+    return Outputs(collected, output_values(instance, collected, metadata))
+
+
+class Outputs(dict):
+    """A stage's outputs as :func:`run_stage` returns them: ``{port: value}`` as the stage
+    returned them (``out["mask"].max()``), and ``metadata[port]`` the metadata each array
+    output carries downstream (its Tensor's, or inherited from an input by the same rule as
+    the workers: :func:`dataflow.stage.output_values`); ``tensors[port]`` both together."""
+
+    def __init__(self, values: Mapping[str, Any], published: Mapping[str, Any]) -> None:
+        super().__init__(values)
+        self.tensors = {k: v for k, v in published.items() if isinstance(v, Tensor)}
+        self.metadata = {k: v.metadata for k, v in self.tensors.items()}
 
 
 def run_pipeline(
-    stages: Sequence[Any],
+    pipeline: str | Path | Sequence[Any],
     jobs: Mapping[str, Any],
     *,
     output_dir: str | Path | None = None,
+    params: Mapping[str, str] | None = None,
 ) -> dict[str, dict[tuple[str, str], Any]]:
-    """Run jobs through stages in this process, scheduled by the executor's core.
+    """Run jobs through a pipeline in this process, scheduled by the executor's core.
 
-    ``stages``: :class:`dataflow.execution.local.StageDef` items (or a loaded pipeline's).
-    ``jobs``: job ID -> the job's input (a payload directory, or any value for inputs bound
-    to the job). Returns job ID -> ``{(stage, output): value}`` for the pipeline's results;
-    a failed job raises the stage's exception.
+    ``pipeline``: the pipeline's YAML file, as ``dataflow run`` takes it (loaded, validated
+    and its stages found next to it the same way; ``params`` its arguments), or
+    :class:`dataflow.execution.local.StageDef` items. ``jobs``: job ID -> the job's input (a
+    payload directory, or any value for inputs bound to the job). Returns job ID ->
+    ``{(stage, output): value}`` for the pipeline's results (array outputs as plain arrays);
+    a failed job raises the stage's exception. Array values pass from stage to stage with
+    their metadata, as through the store.
     """
     from dataflow.execution.worker import resolve_stage
 
+    stages = _stage_defs(pipeline, params) if isinstance(pipeline, str | Path) else pipeline
     with tempfile.TemporaryDirectory(prefix="dataflow-test-") as tmp:
         root = Path(output_dir) if output_dir is not None else Path(tmp)
         graph = state.Graph(
@@ -157,11 +175,28 @@ def run_pipeline(
                             f"job {action.job!r} failed in stage {action.stage!r}: "
                             f"{type(exc).__name__}: {exc}"
                         ) from exc
-                    values = {p: state.Value(v) for p, v in out.items()}
+                    passed = {**out, **out.tensors}  # arrays with their metadata
+                    values = {p: state.Value(v) for p, v in passed.items()}
                     actions += core.job_done(action.worker, action.job, values, 0.0)
                 elif isinstance(action, state.JobSucceeded):
-                    results[action.job] = {k: v.ref for k, v in action.outputs.items()}
+                    results[action.job] = {
+                        k: v.ref.array if isinstance(v.ref, Tensor) else v.ref
+                        for k, v in action.outputs.items()
+                    }
         finally:
             for instance, _cls, ctx in runners.values():
                 instance.cleanup(ctx)
         return results
+
+
+def _stage_defs(path: str | Path, params: Mapping[str, str] | None) -> list[Any]:
+    """The StageDefs of a pipeline file, as ``dataflow run`` builds them (validated; stage
+    modules found next to the file)."""
+    import sys
+
+    from dataflow.execution.build import plan_pipeline, stage_defs
+    from dataflow.pipeline import load_graph, stage_search_path
+
+    sys.path.extend(f for f in stage_search_path(path) if f not in sys.path)
+    graph, plan = plan_pipeline(load_graph(str(path), dict(params or {})))
+    return stage_defs(graph, plan)

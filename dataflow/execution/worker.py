@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from dataflow.errors import DataflowError
-from dataflow.stage import Stage, StageContext, Tensor
+from dataflow.stage import Stage, StageContext, output_values
 
 __all__ = ["WorkerSpec", "limit_address_space", "mib", "resolve_stage", "worker_main"]
 
@@ -236,17 +236,12 @@ class Worker:
         return values, metadata
 
     def _publish(self, job: _Job, outputs: Mapping[str, Any], in_meta: Mapping[str, dict]):
-        inherited = next(iter(in_meta.values()), {})
         published = {}
         owner = self.spec.owner_id
-        for port, value in outputs.items():
+        for port, value in output_values(self.instance, outputs, in_meta).items():
             spec = self.instance.outputs[port]
             if spec.type == "array":
-                array, meta = (
-                    (value.array, value.metadata)
-                    if isinstance(value, Tensor)
-                    else (value, inherited)
-                )
+                array, meta = value.array, value.metadata
                 obj = job.allocations.pop(id(array), None)
                 if obj is None:  # a plain NumPy array: copy it into the store
                     obj = self.client.create(array.shape, array.dtype, timeout=None)
