@@ -207,7 +207,8 @@ class StageContext:
     ``device`` (the GPU index assigned, or None), ``scratch_dir`` (a directory for this worker),
     ``payload_dir`` (this job's directory for stream ports), ``log`` (bound to job and stage),
     ``time_left`` (seconds before the stage timeout, or None), ``metadata`` (input port ->
-    metadata of array inputs), ``memory_limit`` (bytes a job may allocate in this worker beyond
+    metadata of array inputs), :meth:`output_dir` (the job's folder for a stream output),
+    :meth:`allocate`, ``memory_limit`` (bytes a job may allocate in this worker beyond
     its prepared footprint — from ``requests.memory`` or the service's default — or None when
     unlimited: bound decodes by it before allocating).
     """
@@ -222,6 +223,7 @@ class StageContext:
         log: Any = None,
         allocator: Callable[[str, tuple[int, ...], Any], np.ndarray] | None = None,
         memory_limit: int | None = None,
+        output_dirs: Callable[[str], Path] | None = None,
     ) -> None:
         import structlog
 
@@ -232,6 +234,7 @@ class StageContext:
         self.scratch_dir = scratch_dir
         self._base_log = log or structlog.get_logger("dataflow.stage").bind(stage=stage)
         self._allocator = allocator
+        self._output_dirs = output_dirs
         self.job_id: str | None = None
         self.job_name: str | None = None
         self.payload_dir: Path | None = None
@@ -258,6 +261,14 @@ class StageContext:
     def time_left(self) -> float | None:
         """Seconds left before this stage's timeout for the current job (None: no timeout)."""
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def output_dir(self, port: str) -> Path:
+        """This job's folder for stream output ``port`` (made): write files into it and
+        return it, or return nothing and it is the port's value."""
+        if self._output_dirs is None:
+            raise StageError(f"stage {self.stage!r}: no job folder for output {port!r} here "
+                             "(ctx.output_dir is given by the runtime)")  # fmt: skip
+        return self._output_dirs(port)
 
     def allocate(self, port: str, shape: tuple[int, ...], dtype: Any = None) -> np.ndarray:
         """A writable array for output ``port`` in shared memory: compute into it, return it."""

@@ -70,17 +70,18 @@ def _context(stage_name: str, root: Path, job_id: str, instance: Stage) -> Stage
             raise ValueError(f"stage {stage_name!r} has no array output {port!r} to allocate")
         return np.empty(shape, dtype=dtype_of(dtype or spec.element_type))
 
-    ctx = StageContext(
-        stage=stage_name, scratch_dir=root / ".scratch" / stage_name, allocator=allocate
-    )
-    ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
-
     def output_dir(port: str) -> Path:
         path = root / (ctx.job_name or job_id) / stage_name / port
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    ctx.output_dir = output_dir  # type: ignore[attr-defined]
+    ctx = StageContext(
+        stage=stage_name,
+        scratch_dir=root / ".scratch" / stage_name,
+        allocator=allocate,
+        output_dirs=output_dir,
+    )
+    ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
     return ctx
 
 

@@ -134,8 +134,8 @@ class Worker:
             scratch_dir=self.scratch,
             allocator=lambda port, shape, dtype: self.job.allocate(port, shape, dtype),
             memory_limit=spec.memory_limit,
+            output_dirs=lambda port: self.job.output_dir(port),
         )
-        self.ctx.output_dir = lambda port: self.job.output_dir(port)  # type: ignore[attr-defined]
         self.instance = self.stage_cls(**spec.arguments)
 
     def run(self) -> None:
