@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+import sys
 import time
 import types
 import typing
@@ -56,10 +57,10 @@ __all__ = [
     "StageError",
     "Tensor",
     "checking_pipeline",
+    "function_stage",
     "inherited_metadata",
     "output_values",
     "pipeline_folder",
-    "stage",
 ]
 
 #: Clara primitive types (and their aliases) usable as a port ``type``.
@@ -508,7 +509,7 @@ def _convert_one(value: Any, kind: Any) -> Any:
     return value
 
 
-def stage(
+def function_stage(
     *,
     inputs: Mapping[str, Port] | None = None,
     outputs: Mapping[str, Port] | None = None,
@@ -516,8 +517,8 @@ def stage(
 ) -> Callable[[Callable], type[Stage]]:
     """Turn a function into a stage. Its keyword-only arguments are the stage's parameters::
 
-        @stage(inputs={"image": Port("array", "float32", (-1, -1, -1))},
-               outputs={"mask": Port("array", "uint8", (-1, -1, -1))})
+        @function_stage(inputs={"image": Port("array", "float32", (-1, -1, -1))},
+                        outputs={"mask": Port("array", "uint8", (-1, -1, -1))})
         def threshold(image, *, level: float = 0.5):
             return (image > level).astype(np.uint8)
 
@@ -525,8 +526,8 @@ def stage(
     a parameter of that name. An array input annotated :class:`Tensor` receives
     ``Tensor(array, metadata)``, so the function can read its geometry (``.spacing`` in mm)::
 
-        @stage(inputs={"mask": Port("array", "uint8", (-1, -1, -1))},
-               outputs={"ml": Port("float64")})
+        @function_stage(inputs={"mask": Port("array", "uint8", (-1, -1, -1))},
+                        outputs={"ml": Port("float64")})
         def volume_ml(mask: Tensor):
             return float(mask.array.sum()) * math.prod(mask.spacing) / 1000.0
     """
@@ -597,3 +598,16 @@ def _tensor_parameters(
             )
         out.add(p.name)
     return out
+
+
+class _StageModule(types.ModuleType):
+    """``dataflow.stage`` is this module; called as the decorator it was once, it says
+    what the decorator is called now."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("dataflow.stage is the module: the decorator is dataflow.function_stage "
+                        "(from dataflow import function_stage; @function_stage(inputs=..., "
+                        "outputs=...))")  # fmt: skip
+
+
+sys.modules[__name__].__class__ = _StageModule

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataflow.stage import Port, Stage, stage
+from dataflow.stage import Port, Stage, function_stage
 
 __all__ = ["SaveNpy", "threshold"]
 
@@ -15,7 +15,7 @@ VOLUME = Port("array", element_type="float32", shape=(-1, -1, -1))
 MASK = Port("array", element_type="uint8", shape=(-1, -1, -1))
 
 
-@stage(inputs={"volume": VOLUME}, outputs={"mask": MASK})
+@function_stage(inputs={"volume": VOLUME}, outputs={"mask": MASK})
 def threshold(volume, ctx, *, level: float = 0.0):
     """Voxels above ``level`` (e.g. HU) become 1, the rest 0; computed in shared memory."""
     mask = ctx.allocate("mask", volume.shape)

@@ -88,7 +88,7 @@ def resolve_stage(ref: Any) -> type[Stage]:
         if obj is None:
             raise DataflowError(f"module {module_name!r} has no {attr!r}")
     if not (isinstance(obj, type) and issubclass(obj, Stage)):
-        raise DataflowError(f"{ref!r} is not a Stage class (nor a @stage function)")
+        raise DataflowError(f"{ref!r} is not a Stage class (nor a @function_stage function)")
     return obj
 
 

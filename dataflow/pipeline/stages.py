@@ -4,7 +4,7 @@ Stage modules are looked for next to the pipeline file, in the current folder, t
 ``sys.path`` (PYTHONPATH, installed packages).
 
 ``stage: package.module:ClassName`` names a :class:`~dataflow.stage.Stage` subclass; a
-``module:function`` decorated with ``@stage`` is the same thing (the decorator returns a
+``module:function`` decorated with ``@function_stage`` is the same thing (the decorator returns a
 subclass). The YAML ``input`` entries bind the class's input ports (every one must be bound);
 ``type``/``element-type``/``shape`` may be left out (taken from the class) and must agree with
 it when given. All the class's outputs are available downstream, listed in the YAML or not.

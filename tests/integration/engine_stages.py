@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from dataflow.stage import Port, Stage, Tensor, stage
+from dataflow.stage import Port, Stage, Tensor, function_stage
 
 VEC = Port("array", element_type="int64", shape=(-1,))
 PAYLOAD = Port("stream", element_type="job-folder")
@@ -52,7 +52,7 @@ class Scale(Stage):
         return vec * self.factor
 
 
-@stage(inputs={"a": VEC, "b": VEC}, outputs={"total": Port("int64")})
+@function_stage(inputs={"a": VEC, "b": VEC}, outputs={"total": Port("int64")})
 def total(a, b):
     return int(a.sum() + b.sum())
 
@@ -87,7 +87,7 @@ class BrokenPrepare(Stage):
         return vec
 
 
-@stage(inputs={"vec": VEC}, outputs={"where": Port("string")})
+@function_stage(inputs={"vec": VEC}, outputs={"where": Port("string")})
 def whereami(vec, ctx):
     """Reports the GPUs this worker may see and the device the scheduler assigned. With
     ``MEET_IN`` (a folder), ``MEET_COUNT`` and ``MEET_DEADLINE`` in its environment, each

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from dataflow import Port, Tensor, stage
+from dataflow import Port, Tensor, function_stage
 from dataflow.stage import PortError
 from dataflow.testing import run_stage
 from tests.cli import dataflow
@@ -21,7 +21,7 @@ MASK = Port("array", element_type="uint8", shape=(-1, -1, -1))
 
 STAGES = """
 import numpy as np
-from dataflow import Port, Stage, Tensor, stage
+from dataflow import Port, Stage, Tensor, function_stage
 
 MASK = Port("array", element_type="uint8", shape=(-1, -1, -1))
 
@@ -34,7 +34,7 @@ class Load(Stage):
         return Tensor(np.load(study / "mask.npy"), {"spacing": [2.5, 0.8, 0.8]})
 
 
-@stage(inputs={"mask": MASK}, outputs={"ml": Port("float64")})
+@function_stage(inputs={"mask": MASK}, outputs={"ml": Port("float64")})
 def volume_ml(mask: Tensor):
     return float(mask.array.sum()) * float(np.prod(mask.spacing)) / 1000.0
 """
@@ -59,13 +59,13 @@ operators:
 """
 
 
-@stage(inputs={"mask": MASK}, outputs={"ml": Port("float64")})
+@function_stage(inputs={"mask": MASK}, outputs={"ml": Port("float64")})
 def volume_ml(mask: Tensor, *, label: int = 1):
     assert not mask.array.flags.writeable  # the same read-only view, not a copy
     return float((mask.array == label).sum()) * float(np.prod(mask.spacing)) / 1000.0
 
 
-@stage(inputs={"mask": MASK}, outputs={"voxels": Port("int64")})
+@function_stage(inputs={"mask": MASK}, outputs={"voxels": Port("int64")})
 def voxels(mask):
     return int(mask.sum())
 
@@ -86,7 +86,7 @@ def test_spacing_is_none_when_the_metadata_has_none():
 def test_a_tensor_annotation_on_a_port_that_is_not_an_array_is_refused():
     with pytest.raises(PortError, match="'name' is annotated Tensor but input port 'name' is"):
 
-        @stage(inputs={"name": Port("string")}, outputs={})
+        @function_stage(inputs={"name": Port("string")}, outputs={})
         def bad(name: Tensor):
             return None
 

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from dataflow.stage import ParameterError, Port, PortError, Stage, StageContext, Tensor, stage
+from dataflow.stage import (
+    ParameterError,
+    Port,
+    PortError,
+    Stage,
+    StageContext,
+    Tensor,
+    function_stage,
+)
 
 VOL = Port("array", element_type="float32", shape=(-1, -1, -1))
 
@@ -17,7 +25,7 @@ class WindowLevel(Stage):
         return np.clip((image - self.low) / (self.high - self.low), 0, 1).astype(np.float32)
 
 
-@stage(inputs={"image": VOL}, outputs={"mask": Port("array", "uint8", (-1, -1, -1))})
+@function_stage(inputs={"image": VOL}, outputs={"mask": Port("array", "uint8", (-1, -1, -1))})
 def threshold(image, ctx, *, level: float = 0.5):
     """Voxels above level."""
     return (image > level).astype(np.uint8)
@@ -103,7 +111,7 @@ def test_function_stage_runs_with_ctx_and_parameters():
 def test_function_stage_arguments_must_be_ports_or_keyword_only():
     with pytest.raises(PortError, match="argument 'level' is not an input port"):
 
-        @stage(inputs={"image": VOL})
+        @function_stage(inputs={"image": VOL})
         def bad(image, level=0.5):
             return image
 
@@ -114,3 +122,17 @@ def test_context_time_left_counts_down():
     assert 59 < ctx.time_left <= 60
     ctx.begin_job("j2", "job-2")
     assert ctx.time_left is None
+
+
+def test_dataflow_stage_is_the_module_and_the_decorator_has_its_own_name():
+    """``import dataflow.stage as m`` gives the module (the decorator shadowed it, issue
+    13); code still calling the old name is told the new one."""
+    import types
+
+    import dataflow
+    import dataflow.stage as module
+
+    assert isinstance(module, types.ModuleType) and module.Stage is Stage
+    assert dataflow.function_stage is function_stage
+    with pytest.raises(TypeError, match="the decorator is dataflow.function_stage"):
+        dataflow.stage(inputs={})

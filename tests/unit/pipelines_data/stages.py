@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataflow.stage import Port, Stage, stage
+from dataflow.stage import Port, Stage, function_stage
 
 VOLUME = Port("array", element_type="float32", shape=(-1, -1, -1))
 MASK = Port("array", element_type="uint8", shape=(-1, -1, -1))
@@ -21,7 +21,7 @@ class WindowLevel(Stage):
         return np.clip((image - self.low) / (self.high - self.low), 0, 1)
 
 
-@stage(inputs={"image": VOLUME}, outputs={"mask": MASK, "volume_ml": Port("float64")})
+@function_stage(inputs={"image": VOLUME}, outputs={"mask": MASK, "volume_ml": Port("float64")})
 def threshold(image, *, level: float = 0.5):
     mask = (image > level).astype(np.uint8)
     return {"mask": mask, "volume_ml": float(mask.sum())}
