@@ -57,6 +57,7 @@ __all__ = [
     "StageError",
     "Tensor",
     "checking_pipeline",
+    "collect_outputs",
     "function_stage",
     "inherited_metadata",
     "output_values",
@@ -315,44 +316,10 @@ class Stage:
     def cleanup(self, ctx: StageContext) -> None:
         """Once per worker, after the last job."""
 
-    # ------------------------------------------------------------------ runtime helpers
-
     @classmethod
     def check_parameters(cls, values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         """Validate and convert parameter values against the constructor's signature."""
         return check_parameters(cls.__init__, values, where or f"stage {cls.__name__}")
-
-    def collect_outputs(
-        self, result: Any, stage_name: str, defaults: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """The ``execute`` result as ``{port: value}``, checked against the output ports.
-
-        ``defaults``: values for ports the stage may leave out (a stream port's directory)."""
-        ports = self.outputs  # a class attribute, or per instance (command stages)
-        defaults = defaults or {}
-        if result is None:
-            values: dict[str, Any] = {}
-        elif (
-            isinstance(result, Mapping)
-            and set(result) <= set(ports)
-            and (len(ports) != 1 or next(iter(ports)) in result)
-        ):
-            values = dict(result)
-        elif len(ports) == 1 or len(set(ports) - set(defaults)) == 1:
-            values = {next(p for p in ports if p not in defaults or len(ports) == 1): result}
-        else:
-            raise PortError(
-                f"stage {stage_name!r} must return a mapping of its outputs "
-                f"{sorted(ports)}; got {type(result).__name__}"
-            )
-        for port, value in defaults.items():
-            values.setdefault(port, value)
-        missing = set(ports) - set(values)
-        if missing:
-            raise PortError(f"stage {stage_name!r} did not produce output(s) {sorted(missing)}")
-        for name, value in values.items():
-            ports[name].check_value(value, f"stage {stage_name!r} output {name!r}")
-        return values
 
 
 _PIPELINE_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -379,6 +346,40 @@ def checking_pipeline(folder: str | Path | None):
         _PIPELINE_FOLDER.reset(token)
 
 
+def collect_outputs(
+    stage: Stage, result: Any, stage_name: str, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A stage's ``execute`` result as ``{port: value}``, checked against its output ports
+    (the runtime's, in the workers and in :mod:`dataflow.testing`: not the author's API).
+
+    ``defaults``: values for ports the stage may leave out (a stream port's directory)."""
+    ports = stage.outputs  # a class attribute, or per instance (command stages)
+    defaults = defaults or {}
+    if result is None:
+        values: dict[str, Any] = {}
+    elif (
+        isinstance(result, Mapping)
+        and set(result) <= set(ports)
+        and (len(ports) != 1 or next(iter(ports)) in result)
+    ):
+        values = dict(result)
+    elif len(ports) == 1 or len(set(ports) - set(defaults)) == 1:
+        values = {next(p for p in ports if p not in defaults or len(ports) == 1): result}
+    else:
+        raise PortError(
+            f"stage {stage_name!r} must return a mapping of its outputs "
+            f"{sorted(ports)}; got {type(result).__name__}"
+        )
+    for port, value in defaults.items():
+        values.setdefault(port, value)
+    missing = set(ports) - set(values)
+    if missing:
+        raise PortError(f"stage {stage_name!r} did not produce output(s) {sorted(missing)}")
+    for name, value in values.items():
+        ports[name].check_value(value, f"stage {stage_name!r} output {name!r}")
+    return values
+
+
 def inherited_metadata(stage: Stage, metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The metadata a plain-array output of ``stage`` gets, from its array inputs' metadata
     (``port -> metadata``): its ``metadata_from`` input's, else its first array input's in the
@@ -398,7 +399,7 @@ def inherited_metadata(stage: Stage, metadata: Mapping[str, Mapping[str, Any]]) 
 def output_values(
     stage: Stage, outputs: Mapping[str, Any], metadata: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """``outputs`` (as :meth:`Stage.collect_outputs` gives them) with every array output a
+    """``outputs`` (as :func:`collect_outputs` gives them) with every array output a
     :class:`Tensor` carrying the metadata downstream stages will see: its own if the stage
     returned a Tensor, else :func:`inherited_metadata`. What a worker publishes to the store
     and what :func:`dataflow.testing.run_stage` shows an author."""

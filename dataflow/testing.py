@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from dataflow.execution import state
-from dataflow.stage import Stage, StageContext, StageError, Tensor, output_values
+from dataflow.stage import (
+    Stage,
+    StageContext,
+    StageError,
+    Tensor,
+    collect_outputs,
+    output_values,
+)
 from dataflow.tensors import dtype_of
 
 __all__ = ["Outputs", "run_pipeline", "run_stage"]
@@ -108,7 +115,7 @@ def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
     result = instance.execute(ctx, **values)
     outputs = instance.outputs
     defaults = {p: ctx.output_dir(p) for p, spec in outputs.items() if spec.type == "stream"}
-    collected = instance.collect_outputs(result, stage_name, defaults=defaults)
+    collected = collect_outputs(instance, result, stage_name, defaults=defaults)
     return Outputs(collected, output_values(instance, collected, metadata))
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from dataflow.errors import DataflowError
-from dataflow.stage import Stage, StageContext, output_values
+from dataflow.stage import Stage, StageContext, collect_outputs, output_values
 
 __all__ = ["WorkerSpec", "limit_address_space", "mib", "resolve_stage", "worker_main"]
 
@@ -193,7 +193,7 @@ class Worker:
                 for port, p in self.instance.outputs.items()
                 if p.type == "stream"
             }
-            outputs = self.instance.collect_outputs(result, self.spec.stage, defaults=defaults)
+            outputs = collect_outputs(self.instance, result, self.spec.stage, defaults=defaults)
             published = self._publish(job, outputs, metadata)
             return ("done", job_id, published)
         except Exception as exc:

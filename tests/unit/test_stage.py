@@ -8,6 +8,7 @@ from dataflow.stage import (
     Stage,
     StageContext,
     Tensor,
+    collect_outputs,
     function_stage,
 )
 
@@ -92,11 +93,11 @@ def test_a_stage_class_without_init_takes_no_parameters():
 def test_output_values_are_checked_with_the_stage_port_and_shapes_in_the_message():
     wl = WindowLevel()
     with pytest.raises(PortError) as info:
-        wl.collect_outputs(np.zeros((512, 512), np.int16), "window")
+        collect_outputs(wl, np.zeros((512, 512), np.int16), "window")
     assert str(info.value) == (
         "stage 'window' output 'image' must be float32 [-1, -1, -1]; got int16 [512, 512] instead"
     )
-    out = wl.collect_outputs(Tensor(np.zeros((1, 2, 3), np.float32), {"spacing": [1, 1, 1]}), "w")
+    out = collect_outputs(wl, Tensor(np.zeros((1, 2, 3), np.float32), {"spacing": [1, 1, 1]}), "w")
     assert isinstance(out["image"], Tensor)
 
 
