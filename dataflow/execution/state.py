@@ -238,6 +238,7 @@ class _Worker:
     deadline: float | None = None
     started_at: float = 0.0
     failures_in_a_row: int = 0
+    cannot_start: bool = False  # its last start failed for good (construction, prepare)
     up_since: float | None = None  # ready since (None while starting or waiting)
     restart_at: float | None = None
     restarts: int = 0  # deaths since the start (each followed by a restart)
@@ -308,6 +309,7 @@ class Core:
     def worker_ready(self, worker: str, now: float) -> list[Action]:
         w = self.workers[worker]
         w.state, w.up_since, w.restart_at = "idle", now, None
+        w.cannot_start = False
         self.last_progress = max(self.last_progress, now)  # a worker came up: progress
         actions: list[Action] = []
         self.broken_details.pop(w.stage, None)
@@ -376,9 +378,8 @@ class Core:
             job.running.discard(w.stage)
             actions += self._fail(job, w.stage, f"worker {worker} died: {reason}", "", now)
         self.counters["worker_died"] += 1
-        w.failures_in_a_row += 1
-        if fatal:
-            w.failures_in_a_row = max(w.failures_in_a_row, self.limits.max_restarts + 1)
+        w.failures_in_a_row += 1  # the real count: a fatal start is not four deaths
+        w.cannot_start = fatal
         w.restarts += 1
         w.last_death = reason
         w.deadline = w.up_since = None
@@ -638,9 +639,10 @@ class Core:
         return (w.up_since if w.up_since is not None else 0.0) + self.limits.healthy_after
 
     def _stage_down(self, stage: str) -> bool:
-        """No worker of ``stage`` is up and each has died more than max_restarts in a row."""
+        """No worker of ``stage`` is up, and each could not start (a deterministic failure) or
+        has died more than max_restarts in a row."""
         return all(
-            not w.up and w.failures_in_a_row > self.limits.max_restarts
+            not w.up and (w.cannot_start or w.failures_in_a_row > self.limits.max_restarts)
             for w in self.workers.values()
             if w.stage == stage
         )

@@ -376,8 +376,12 @@ def test_a_stage_that_cannot_start_is_broken_at_once_and_tried_again_slowly():
     health = h.core.health(h.now)["b"]
     assert health["state"] == "broken" and "Sink() takes no arguments" in health["reason"]
     assert h.core.next_deadline() == h.now + 60
+    # two deaths really happened: not counted as more to make the stage broken (issue 13)
+    assert h.core.workers["b#0"].failures_in_a_row == 2
     h.now += 60
     assert of(h.record(h.core.tick(h.now)), StartWorker) == [StartWorker("b#0", "b", 0)]
+    h.record(h.core.worker_ready("b#0", h.now))  # fixed (a module replaced): it recovers
+    assert h.core.health(h.now)["b"]["state"] == "ok"
 
 
 def test_one_replica_down_degrades_the_stage_and_the_other_takes_the_jobs():
