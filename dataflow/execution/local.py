@@ -34,6 +34,7 @@ import structlog
 
 from dataflow.execution import forkserver, state
 from dataflow.execution.latency import Latency
+from dataflow.execution.refs import ObjRef, PathRef, Ref
 from dataflow.execution.worker import WorkerSpec, mib, worker_main
 from dataflow.progress import ProgressEvent, StartupProgress, log_event
 from dataflow.scheduler import oom_kills
@@ -254,7 +255,7 @@ class LocalExecutor:
             self._do(self.core.start(time.monotonic()))
             for job_id, payload in jobs:
                 started[job_id] = time.monotonic()
-                value = state.Value(("path", str(payload)), 0) if payload is not None else None
+                value = state.Value(PathRef(str(payload)), 0) if payload is not None else None
                 self._do(
                     self.core.submit(job_id, value, time.monotonic()), results, started, on_result
                 )
@@ -302,7 +303,7 @@ class LocalExecutor:
                 closing = feed.closed  # before take(): nothing is put after close()
                 for job_id, payload, priority in feed.take():
                     started[job_id] = time.monotonic()
-                    value = state.Value(("path", str(payload)), 0) if payload else None
+                    value = state.Value(PathRef(str(payload)), 0) if payload else None
                     self._do(
                         self.core.submit(job_id, value, time.monotonic(), priority),
                         results, started, on_result,
@@ -536,20 +537,20 @@ class LocalExecutor:
         outputs = {key: self._materialize(value.ref, copy) for key, value in action.outputs.items()}
         return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages)
 
-    def _materialize(self, ref: tuple, copy: bool) -> Any:
-        if ref[0] == "obj":
-            view = self.store.get(ref[1])
+    def _materialize(self, ref: Ref, copy: bool) -> Any:
+        if isinstance(ref, ObjRef):
+            view = self.store.get(ref.id)
             if view.kind == "tensor":
                 return (view.array.copy() if copy else view.array, view.metadata)
             if view.kind == "arrow":
                 return (view.to_arrow(), view.metadata)
             return (bytes(view.buffer), view.metadata)
-        if ref[0] == "path":
-            return Path(ref[1])
-        return ref[1]
+        if isinstance(ref, PathRef):
+            return Path(ref.path)
+        return ref.value
 
     def _discard(self, values: Iterable[state.Value]) -> None:
-        ids = [v.ref[1] for v in values if isinstance(v.ref, tuple) and v.ref[0] == "obj"]
+        ids = [v.ref.id for v in values if isinstance(v.ref, ObjRef)]
         for oid in ids:
             try:
                 self.store.delete(oid)

@@ -11,8 +11,9 @@ Messages on the worker's pipe (pickled tuples):
 - worker -> coordinator: ``("ready",)``, ``("done", job_id, outputs)``,
   ``("failed", job_id, reason, traceback)``, ``("fatal", reason, traceback)`` (then exits)
 
-A value on an edge is a tuple: ``("obj", object_id, kind)`` for a store object (arrays, Arrow),
-``("val", value)`` for a string or a primitive, ``("path", "/dir")`` for a stream.
+A value on an edge is a reference (:mod:`dataflow.execution.refs`): ``ObjRef(id, kind)`` for a
+store object (arrays, Arrow), ``ValRef(value)`` for a string or a primitive, ``PathRef(dir)``
+for a stream.
 
 Memory limit (``WorkerSpec.memory_limit``, bytes): once ``prepare`` has run, the worker's
 address space is measured and ``RLIMIT_AS`` set to it plus the limit, so an allocation beyond
@@ -44,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from dataflow.errors import DataflowError
+from dataflow.execution.refs import ObjRef, PathRef, ValRef
 from dataflow.stage import Stage, StageContext, collect_outputs, output_values
 
 __all__ = ["WorkerSpec", "limit_address_space", "mib", "resolve_stage", "worker_main"]
@@ -163,7 +165,7 @@ class Worker:
 
         # a stage given the job's folder: its patient's identifiers redacted by value from
         # whatever this worker logs or prints while it runs the job
-        folder = next((Path(v[1]) for v in inputs.values() if v[0] == "path"), None)
+        folder = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
         with identifying(identifiers_of(folder)):
             return self._run_logged(job_id, job_name, inputs, timeout)
 
@@ -183,7 +185,7 @@ class Worker:
         job = self.job = _Job(self, job_id, job_name)
         try:
             values, metadata = self._materialize(job, inputs)
-            payload = next((Path(v[1]) for v in inputs.values() if v[0] == "path"), None)
+            payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
             self.ctx.begin_job(
                 job_id, job_name, payload_dir=payload, metadata=metadata, timeout=timeout
             )
@@ -215,9 +217,8 @@ class Worker:
         values: dict[str, Any] = {}
         metadata: dict[str, dict] = {}
         for port, ref in inputs.items():
-            tag = ref[0]
-            if tag == "obj":
-                view = self.client.get(ref[1], timeout=30)
+            if isinstance(ref, ObjRef):
+                view = self.client.get(ref.id, timeout=30)
                 job.views.append(view)
                 spec = self.instance.inputs.get(port)
                 if view.kind == "tensor":
@@ -229,10 +230,10 @@ class Worker:
                 else:
                     values[port] = bytes(view.buffer) if spec and spec.type == "string" else view
                 metadata[port] = view.metadata
-            elif tag == "path":
-                values[port] = Path(ref[1])
+            elif isinstance(ref, PathRef):
+                values[port] = Path(ref.path)
             else:
-                values[port] = ref[1]
+                values[port] = ref.value
         return values, metadata
 
     def _publish(self, job: _Job, outputs: Mapping[str, Any], in_meta: Mapping[str, dict]):
@@ -247,11 +248,11 @@ class Worker:
                     obj = self.client.create(array.shape, array.dtype, timeout=None)
                     obj.array[...] = array
                 obj.seal(transfer_to=owner, metadata=meta)
-                published[port] = (("obj", obj.id, "tensor"), array.nbytes)
+                published[port] = (ObjRef(obj.id, "tensor"), array.nbytes)
             elif spec.type == "stream":
-                published[port] = (("path", str(value)), 0)
+                published[port] = (PathRef(str(value)), 0)
             else:
-                published[port] = (("val", value), len(value) if isinstance(value, str) else 8)
+                published[port] = (ValRef(value), len(value) if isinstance(value, str) else 8)
         for obj in job.allocations.values():  # allocated but not returned
             if not obj.sealed:
                 obj.abort()
