@@ -1,4 +1,11 @@
-"""The ``dataflow`` command line. Each command is a few lines that call library code."""
+"""The ``dataflow`` command line. Each command is a few lines that call library code.
+
+Errors have one boundary, :class:`_Boundary` around every command: a
+:class:`~dataflow.errors.DataflowError` (a user's mistake or a refusal, raised where it is
+detected) prints ``error: MESSAGE`` on stderr and exits 2; anything else is a bug and
+propagates with its traceback (exit 1). Exit 1 without a traceback is a result, said by the
+command: an invalid pipeline (validate), a failed job (run, jobs create --wait), problems
+(health)."""
 
 from __future__ import annotations
 
@@ -6,16 +13,33 @@ import json
 import sys
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from dataflow import __version__
+from dataflow.errors import DataflowError, UsageError
 from dataflow.platform.client import jobs_app, payloads_app, pipelines_app
 from dataflow.platform.dicom_cli import dicom_app
 from dataflow.platform.models_cli import models_app
 from dataflow.platform.tokens_cli import tokens_app
 
+
+class _Boundary(TyperGroup):
+    """The one place where errors become exit codes (see the module docstring)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DataflowError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+
+# A bug's traceback shows no local variables: they may hold patient data.
 app = typer.Typer(help="dataflow: medical-imaging AI pipelines over a shared-memory store.",
-                  no_args_is_help=True, add_completion=False)  # fmt: skip
+                  cls=_Boundary, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)  # fmt: skip
 store_app = typer.Typer(help="Inspect a running shared-memory store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
@@ -40,30 +64,20 @@ def demo(
 @store_app.command("stats")
 def store_stats(address: str = typer.Argument(..., help="The store's address.")) -> None:
     """Print a running store's statistics as JSON."""
-    from dataflow.errors import StoreError
     from dataflow.store import connect
 
-    try:
-        with connect(address, name="dataflow-cli") as client:
-            typer.echo(json.dumps(client.stats(), indent=2))
-    except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with connect(address, name="dataflow-cli") as client:
+        typer.echo(json.dumps(client.stats(), indent=2))
 
 
 @store_app.command("list")
 def store_list(address: str = typer.Argument(..., help="The store's address.")) -> None:
     """List the objects in a running store as JSON lines."""
-    from dataflow.errors import StoreError
     from dataflow.store import connect
 
-    try:
-        with connect(address, name="dataflow-cli") as client:
-            for record in client.list():
-                typer.echo(json.dumps(record))
-    except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with connect(address, name="dataflow-cli") as client:
+        for record in client.list():
+            typer.echo(json.dumps(record))
 
 
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
@@ -71,30 +85,27 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
     for item in values or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            typer.echo(f"error: {option} {item!r}: expected NAME=VALUE", err=True)
-            raise typer.Exit(2)
+            raise UsageError(f"{option} {item!r}: expected NAME=VALUE")
         out[key.strip()] = value.strip()
     return out
 
 
 def _one_of(value: str | None, valid: tuple[str, ...], option: str) -> None:
-    """Exit 2 with the valid values (and the closest, if any) unless ``value`` is one."""
+    """UsageError with the valid values (and the closest, if any) unless ``value`` is one."""
     if value is None or value in valid:
         return
     from dataflow.hints import suggest
 
     close = suggest(value, valid)
     hint = f"; did you mean {close!r}?" if close else ""
-    typer.echo(f"error: {option} {value!r}: expected one of {', '.join(valid)}{hint}", err=True)
-    raise typer.Exit(2)
+    raise UsageError(f"{option} {value!r}: expected one of {', '.join(valid)}{hint}")
 
 
 def _replicas(values: list[str] | None) -> dict[str, int]:
     out = {}
     for key, value in _pairs(values, "--replicas").items():
         if not value.isdigit() or int(value) < 1:
-            typer.echo(f"error: --replicas {key}={value}: expected a whole number >= 1", err=True)
-            raise typer.Exit(2)
+            raise UsageError(f"--replicas {key}={value}: expected a whole number >= 1")
         out[key] = int(value)
     return out
 
@@ -131,16 +142,11 @@ def plan(
     replicas: list[str] = REPLICAS,
 ) -> None:
     """Print the pipeline's DAG and where every stage replica would run."""
-    from dataflow.errors import DataflowError
     from dataflow.execution.build import plan_pipeline
     from dataflow.pipeline import load_graph
 
-    try:
-        graph = load_graph(str(file), _pairs(param, "--param"))
-        graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))
-    except (DataflowError, KeyError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    graph = load_graph(str(file), _pairs(param, "--param"))
+    graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))
     typer.echo(f"pipeline {graph.spec.name!r}: {len(graph.nodes)} operators")
     for name, node in graph.nodes.items():
         ups = sorted({e.source for e in graph.upstream(name)})
@@ -179,12 +185,16 @@ def run(
 
     Each job's results go to OUTPUT/JOB/, which a re-run replaces as a whole once that job
     is done; OUTPUT/summary.json describes the last run."""
-    from dataflow.errors import DataflowError
     from dataflow.execution.state import Limits
     from dataflow.logs import configure_logging
     from dataflow.run import run_pipeline_file
+    from dataflow.units import parse_bytes
 
     _one_of(log_format, ("console", "json"), "--log-format")
+    try:
+        parse_bytes(store_budget)
+    except ValueError as exc:  # the option's value, checked before anything starts
+        raise UsageError(str(exc)) from None
     configure_logging("INFO", json=log_format == "json")
     show = sys.stderr.isatty() if progress is None else progress
     display = _Display(show)
@@ -195,15 +205,12 @@ def run(
             store_budget=store_budget, log_format=log_format,
             on_start=display.start, on_result=display.result,
         )  # fmt: skip
-    except (DataflowError, FileNotFoundError, KeyError, ValueError) as exc:
-        display.stop()
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         display.stop()
         typer.echo("interrupted: workers and store stopped", err=True)
         raise typer.Exit(130) from None
-    display.stop()
+    finally:
+        display.stop()  # an error's message comes after the progress display
     _print_summary(summary)
     if summary.failed:
         raise typer.Exit(1)
@@ -217,14 +224,10 @@ def serve(
     ),
 ) -> None:
     """Run the service: connectors (DICOM in and out) and warm pipelines, until SIGTERM."""
-    from dataflow.errors import DataflowError
     from dataflow.service.main import serve_forever
 
     try:
         serve_forever(config, set_ or [])
-    except (DataflowError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("stopped at once: jobs in flight run again at the next start", err=True)
         raise typer.Exit(130) from None
@@ -247,24 +250,16 @@ def jobs(
 ) -> None:
     """The job records of a state folder, without a running service (`dataflow jobs CONFIG`
     for short): newest first, with each result's export state per destination; --show one
-    job; or, with --retry, queue failed jobs again."""
-    from dataflow.errors import DataflowError
+    job; or, with --retry, queue failed jobs again (exit 2 if any was refused, after the
+    others)."""
     from dataflow.service.jobs import JOB_STATES, RetryRefused
     from dataflow.service.main import format_job, format_jobs, format_retried, open_jobs
 
     _one_of(state, JOB_STATES, "--state")
-    try:
-        store = open_jobs(target)
-    except (DataflowError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    store = open_jobs(target)
     try:
         if show:
-            try:
-                job = store.get(show)
-            except KeyError as exc:
-                typer.echo(f"error: {exc.args[0]}", err=True)
-                raise typer.Exit(1) from None
+            job = store.get(show)
             rows = store.deliveries(job.id)
             if as_json:
                 typer.echo(format_jobs([job], as_json=True, deliveries={job.id: rows}))
@@ -280,11 +275,11 @@ def jobs(
         for job_id in retry:
             try:
                 typer.echo(format_retried(store.retry(job_id), as_json=as_json))
-            except RetryRefused as exc:
+            except RetryRefused as exc:  # said, and the next one is tried
                 typer.echo(f"error: {exc}", err=True)
                 refused += 1
         if refused:
-            raise typer.Exit(1)
+            raise typer.Exit(2)
     finally:
         store.close()
 
@@ -310,15 +305,10 @@ def health(
 ) -> None:
     """Say how the running service is: exit 0 healthy, 1 problems (a stage broken or
     degraded, dead letters, connector problems), 2 not running or not answering."""
-    from dataflow.errors import DataflowError
     from dataflow.service.health import check
     from dataflow.service.main import format_health, state_folder
 
-    try:
-        code, report, summary = check(state_folder(target), max_age=max_age)
-    except (DataflowError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    code, report, summary = check(state_folder(target), max_age=max_age)
     if as_json:
         typer.echo(json.dumps({"exit": code, "summary": summary, **report}, indent=1))
     else:
@@ -340,29 +330,21 @@ def exports(
         help="Send this dead letter again (repeatable); a running service is asked to.",
     ),
 ) -> None:
-    """List the export outbox (results waiting, sent, dead-lettered); or re-send dead letters."""
-    from dataflow.errors import DataflowError
+    """List the export outbox (results waiting, sent, dead-lettered); or re-send dead letters
+    (exit 2 if any was refused, after the others)."""
+    from dataflow.errors import ConfigError
     from dataflow.service.config import load_config
     from dataflow.service.main import format_exports, open_admins
 
-    try:
-        admins = open_admins(load_config(config))
-    except (DataflowError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    loaded = load_config(config)
+    admins = open_admins(loaded)
     if not admins:
-        typer.echo(
-            f"error: {config}: no configured connector can list an outbox (none of "
-            f"{', '.join(load_config(config).connectors) or 'no connector'} has admin())",
-            err=True,
+        raise ConfigError(
+            f"{config}: no configured connector can list an outbox (none of "
+            f"{', '.join(loaded.connectors) or 'no connector'} has admin())"
         )
-        raise typer.Exit(2)
     if not resend:
-        try:
-            rows = [row for admin in admins.values() for row in admin.exports(state)]
-        except DataflowError as exc:  # e.g. an unknown --state
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+        rows = [row for admin in admins.values() for row in admin.exports(state)]
         typer.echo(format_exports(rows, as_json=as_json))
         return
     refused = 0
@@ -372,13 +354,13 @@ def exports(
             try:
                 typer.echo(admin.resend(task_id))
                 break
-            except DataflowError as exc:
+            except DataflowError as exc:  # the next connector may know the task
                 reasons.append(f"{name}: {exc}" if len(admins) > 1 else str(exc))
         else:
             typer.echo(f"error: {'; '.join(reasons)}", err=True)
             refused += 1
     if refused:
-        raise typer.Exit(1)
+        raise typer.Exit(2)
 
 
 class _Display:

@@ -1,31 +1,100 @@
-"""The exception tree of the engine.
+"""The exception tree: every ``DataflowError`` subclass in dataflow/, connectors/ and operators/,
+drawn here and nowhere else (``tests/unit/test_error_tree.py`` fails when a class is missing
+from the drawing, or drawn but gone). Where callers catch a builtin too, it is a second base.
 
 ::
 
-    DataflowError                      anything dataflow raises on purpose
-    ├── StoreError                     the shared-memory object store
-    │   ├── StoreNotRunning            no store listens at that address (or it stopped)
-    │   ├── ObjectNotFound             unknown ID (also: still unsealed when get timed out)
-    │   ├── ObjectExists               create/put with an ID already in the store
-    │   ├── ObjectSealed               writing to, or sealing, an object already sealed
-    │   ├── StoreFull                  budget exhausted and nothing freed within the timeout
-    │   └── StoreValueError            bad size, shape, element type or metadata (also a ValueError)
-    ├── StageError                     a stage's own code failed (dataflow.stage)
-    ├── PortError, ParameterError      a port or stage parameter is wrong (dataflow.stage)
-    ├── PipelineError                  a pipeline definition is wrong (dataflow.pipeline)
-    ├── KernelValueError               bad arguments to operators.kernels (also a ValueError)
-    └── SchedulerError                 dataflow.scheduler
-        ├── SchedulerValueError        a bad inventory declaration (DATAFLOW_GPUS...)
-        └── PlacementError             replicas that cannot be placed, each with the reason
+    DataflowError                    anything dataflow raises on purpose; the CLI prints its
+    │                                message and exits 2 (dataflow.cli)
+    ├── StoreError                   the shared-memory object store (dataflow.errors)
+    │   ├── StoreNotRunning          no store listens at that address (or it stopped)
+    │   ├── ObjectNotFound           unknown ID, or still unsealed when get timed out (KeyError)
+    │   ├── ObjectExists             create/put with an ID already in the store
+    │   ├── ObjectSealed             writing to, or sealing, an object already sealed
+    │   ├── StoreFull                budget exhausted and nothing freed within the timeout
+    │   └── StoreValueError          bad size, shape, element type or metadata (ValueError)
+    ├── ConfigError                  a service file is wrong: the file and key are named
+    │                                (ValueError; dataflow.errors, also dataflow.service.config,
+    │                                and connectors.dicom.config's ReceiverConfigError)
+    ├── DicomConfigError             the dicom: section is wrong (ValueError;
+    │                                connectors.dicom.service)
+    ├── UsageError                   a command-line option is wrong (ValueError; dataflow.errors)
+    ├── MissingFile                  a file or folder named on the command line is missing or
+    │                                holds nothing (FileNotFoundError; dataflow.errors)
+    ├── PipelineError                a pipeline file cannot be used (dataflow.pipeline)
+    ├── StageImportError             a stage: import path that leads to no Stage
+    │                                (dataflow.pipeline.stages)
+    ├── RequirementError             a stage's requirements() is not module -> install
+    │                                (TypeError; dataflow.pipeline.requirements)
+    ├── StageError                   a stage's own code failed (dataflow.stage)
+    │   ├── SelectionError           no series matched the selection (ValueError;
+    │   │                            operators.dicom.selector)
+    │   └── EmptySegmentError        a segment the pipeline expects has no voxel
+    │                                (operators.dicom.seg)
+    ├── PortError                    a stage's port is wrong (ValueError; dataflow.stage)
+    ├── ParameterError               a stage parameter is wrong (ValueError; dataflow.stage)
+    ├── OutputError                  --output cannot take the results (ValueError;
+    │                                dataflow.output)
+    ├── ModelError                   a model that cannot be stored, found or read
+    │                                (dataflow.models)
+    ├── SchedulerError               dataflow.scheduler
+    │   ├── SchedulerValueError      a bad inventory declaration (DATAFLOW_GPUS...; ValueError)
+    │   └── PlacementError           replicas that cannot be placed, each with the reason
+    ├── ServiceError                 the service cannot start or do what was asked
+    │                                (dataflow.service.service)
+    ├── JobNotFound                  no job has this id (KeyError; dataflow.service.jobs)
+    ├── RetryRefused                 a job that cannot be retried (dataflow.service.jobs)
+    ├── PlatformError                a request the platform cannot do; HTTP status and Clara
+    │   │                            code (dataflow.platform.errors)
+    │   ├── NotFound                 404
+    │   ├── Invalid                  422
+    │   ├── Conflict                 409
+    │   ├── Refused                  403 (413, 507)
+    │   ├── Unauthorized             401: no or unknown token (dataflow.platform.auth)
+    │   └── Forbidden                403: the token's role may not (dataflow.platform.auth)
+    ├── ApiError                     the service's API refused or did not answer
+    │                                (dataflow.platform.client)
+    ├── PreviewError                 a job's file the console cannot draw (ValueError;
+    │                                dataflow.platform.console.preview)
+    ├── BadInstance                  a received dataset refused, with its C-STORE status
+    │                                (connectors.dicom.spool)
+    ├── AssociationFailed            no association: rejected, aborted, no context accepted
+    │                                (connectors.dicom.association)
+    ├── ExportError                  sending results (connectors.dicom.sender)
+    │   ├── DestinationError         a destination is configured wrong (ValueError)
+    │   ├── TransientExportError     the destination was away or dropped: retry later
+    │   ├── OutboxBusy               another process holds the outbox
+    │   │                            (connectors.dicom.outbox)
+    │   └── ResendRefused            a dead letter that cannot be sent again
+    │                                (connectors.dicom.export)
+    ├── SeriesError                  a series cannot be made a volume (ValueError;
+    │   │                            operators.dicom.frames)
+    │   ├── ReadError                a file not readable within its bounds
+    │   │                            (operators.dicom.reading)
+    │   └── MemoryLimitError         a series over the memory limit (operators.dicom.series)
+    ├── GeometryError                a tensor without a usable geometry (ValueError;
+    │                                operators.dicom.geometry)
+    ├── RuleError                    a selection rule is malformed (ValueError;
+    │                                operators.dicom.selector_rules)
+    ├── KernelValueError             bad arguments to operators.kernels (ValueError)
+    ├── InferenceError               a model not loadable or reachable, or a batch
+    │                                that does not fit it (ValueError;
+    │                                operators.inference.backends)
+    └── SlidingWindowError           bad sliding-window arguments (ValueError;
+                                     operators.inference.sliding_window)
 
-Internal bugs are not ``DataflowError``: they surface as the builtin exception that
-revealed them.
+Internal bugs are not ``DataflowError``: they surface as the builtin exception that revealed
+them, with their traceback. Signals that never leave a module (``connectors.dicom.intake``'s
+``_GiveBack``, ``_Malformed``, ``_Stop``; ``connectors.dicom.direct.ProtocolSurprise``, which
+hands a response back to pynetdicom) are plain exceptions and not drawn.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "DataflowError",
+    "MissingFile",
     "ObjectExists",
     "ObjectNotFound",
     "ObjectSealed",
@@ -33,11 +102,24 @@ __all__ = [
     "StoreFull",
     "StoreNotRunning",
     "StoreValueError",
+    "UsageError",
 ]
 
 
 class DataflowError(Exception):
     """Base of every error dataflow raises on purpose."""
+
+
+class ConfigError(DataflowError, ValueError):
+    """A service configuration is malformed (the message names the file and key)."""
+
+
+class UsageError(DataflowError, ValueError):
+    """A command-line argument or option is wrong (the message names it)."""
+
+
+class MissingFile(DataflowError, FileNotFoundError):
+    """A file or folder the user named is missing, or holds nothing to work on."""
 
 
 class StoreError(DataflowError):

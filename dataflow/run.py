@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflow.errors import MissingFile
 from dataflow.execution.build import plan_pipeline, stage_defs
 from dataflow.execution.local import JobResult, LocalExecutor
 from dataflow.execution.state import Limits
@@ -67,7 +68,7 @@ def find_jobs(input_path: str | Path) -> list[tuple[str, Path]]:
     """``(job name, folder)`` pairs under ``input_path`` (see the module docstring)."""
     root = Path(input_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"--input {input_path}: not a folder")
+        raise MissingFile(f"--input {input_path}: not a folder")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs:
         return [(p.name, p.resolve()) for p in subdirs]
@@ -75,18 +76,19 @@ def find_jobs(input_path: str | Path) -> list[tuple[str, Path]]:
 
 
 def check_jobs(input_path: str | Path, jobs: list[tuple[str, Path]]) -> dict[str, int]:
-    """The number of files each job's folder holds. FileNotFoundError at once (before any
-    worker starts) when ``--input`` holds no file, or some job folders are empty (named)."""
+    """The number of files each job's folder holds. MissingFile (a FileNotFoundError) at once
+    (before any worker starts) when ``--input`` holds no file, or some job folders are empty
+    (named)."""
     counts = {name: count_files(folder) for name, folder in jobs}
     empty = [name for name, n in counts.items() if n == 0]
     if len(empty) == len(counts):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"--input {input_path}: holds no files (hidden ones are skipped); give a study "
             "folder of DICOM files, or a folder of such study folders"
         )
     if empty:
         shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
-        raise FileNotFoundError(
+        raise MissingFile(
             f"--input {input_path}: {len(empty)} of {len(counts)} job folder(s) hold no "
             f"files: {shown}; remove them or add their studies' files"
         )

@@ -31,10 +31,12 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket
 
+from dataflow.errors import DataflowError
+
 __all__ = ["AssociationFailed", "Cancel", "associate", "pause_reactor"]
 
 
-class AssociationFailed(Exception):
+class AssociationFailed(DataflowError):
     """No association: the message says why (rejected, aborted, no context accepted...)."""
 
 

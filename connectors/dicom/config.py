@@ -3,7 +3,7 @@
 No file format is parsed here: ``dataflow serve``'s loader maps its YAML onto these classes
 (:meth:`ReceiverConfig.from_dict` accepts the same field names as a nested dict, which is also
 what ``python -m connectors.dicom.receiver --config JSON`` reads). Every value is checked by
-:meth:`ReceiverConfig.validate`, which raises :class:`ReceiverConfigError`.
+:meth:`ReceiverConfig.validate`, which raises :class:`~dataflow.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dataflow.errors import DataflowError
+from dataflow.errors import ConfigError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -33,14 +33,13 @@ DuplicatePolicy = Literal["overwrite", "keep-first", "reject"]
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
 
 
-class ReceiverConfigError(DataflowError, ValueError):
-    """A receiver configuration value is wrong (the message names the field)."""
+ReceiverConfigError = ConfigError  # the old name, which tests still import
 
 
 def _check_ae(value: str, where: str) -> str:
     stripped = value.strip() if isinstance(value, str) else value
     if not isinstance(stripped, str) or not _AE_TITLE.match(stripped):
-        raise ReceiverConfigError(
+        raise ConfigError(
             f"{where}: AE title {value!r} must be 1-16 printable characters without backslash"
         )
     return stripped
@@ -170,46 +169,46 @@ class ReceiverConfig:
         """Check every field (stripping AE titles); return ``self``."""
         self.spool = Path(self.spool)
         if not self.called_aes:
-            raise ReceiverConfigError("called_aes: at least one called AE title is needed")
+            raise ConfigError("called_aes: at least one called AE title is needed")
         seen: set[str] = set()
         for i, called in enumerate(self.called_aes):
             where = f"called_aes[{i}]"
             called.ae_title = _check_ae(called.ae_title, where)
             if called.ae_title in seen:
-                raise ReceiverConfigError(f"{where}: AE title {called.ae_title!r} appears twice")
+                raise ConfigError(f"{where}: AE title {called.ae_title!r} appears twice")
             seen.add(called.ae_title)
             if called.group_by not in ("study", "series"):
-                raise ReceiverConfigError(f"{where}.group_by must be 'study' or 'series'")
+                raise ConfigError(f"{where}.group_by must be 'study' or 'series'")
             if called.late not in ("new-job", "ignore", "rerun"):
-                raise ReceiverConfigError(f"{where}.late must be new-job, ignore or rerun")
+                raise ConfigError(f"{where}.late must be new-job, ignore or rerun")
             if not called.timeout > 0:
-                raise ReceiverConfigError(f"{where}.timeout must be > 0 seconds")
+                raise ConfigError(f"{where}.timeout must be > 0 seconds")
             if not all(isinstance(r, str) and r for r in called.routes):
-                raise ReceiverConfigError(f"{where}.routes must be pipeline names")
+                raise ConfigError(f"{where}.routes must be pipeline names")
             bad = [u for u in called.ignored_sop_classes if not _UID.match(str(u))]
             if bad:
-                raise ReceiverConfigError(f"{where}.ignored_sop_classes: {bad} are not UIDs")
+                raise ConfigError(f"{where}.ignored_sop_classes: {bad} are not UIDs")
             called.ignored_sop_classes = [str(u) for u in called.ignored_sop_classes]
         for i, peer in enumerate(self.peers):
             peer.ae_title = _check_ae(peer.ae_title, f"peers[{i}]")
         if self.duplicates not in ("overwrite", "keep-first", "reject"):
-            raise ReceiverConfigError("duplicates must be overwrite, keep-first or reject")
+            raise ConfigError("duplicates must be overwrite, keep-first or reject")
         if not 1 <= self.max_associations <= 1000:
-            raise ReceiverConfigError("max_associations must be 1..1000")
+            raise ConfigError("max_associations must be 1..1000")
         if not 0 <= self.reserved_associations <= 1000:
-            raise ReceiverConfigError("reserved_associations must be 0..1000")
+            raise ConfigError("reserved_associations must be 0..1000")
         if not 0 < self.artim_timeout <= 3600:
-            raise ReceiverConfigError("artim_timeout must be > 0 and <= 3600 seconds")
+            raise ConfigError("artim_timeout must be > 0 and <= 3600 seconds")
         if self.min_free_bytes < 0 or not 0 <= self.min_free_percent < 100:
-            raise ReceiverConfigError("min_free_bytes >= 0 and 0 <= min_free_percent < 100")
+            raise ConfigError("min_free_bytes >= 0 and 0 <= min_free_percent < 100")
         if self.max_pdu_size != 0 and self.max_pdu_size < 4096:
-            raise ReceiverConfigError("max_pdu_size must be 0 (unlimited) or >= 4096")
+            raise ConfigError("max_pdu_size must be 0 (unlimited) or >= 4096")
         if self.max_instance_size < 0:
-            raise ReceiverConfigError("max_instance_size must be >= 0")
+            raise ConfigError("max_instance_size must be >= 0")
         if not isinstance(self.processes, int) or not 1 <= self.processes <= 64:
-            raise ReceiverConfigError("processes must be 1..64")
+            raise ConfigError("processes must be 1..64")
         if not 0 <= self.port <= 65535:
-            raise ReceiverConfigError("port must be 0..65535")
+            raise ConfigError("port must be 0..65535")
         return self
 
     def called(self, ae_title: str) -> CalledAE | None:
@@ -250,5 +249,5 @@ class ReceiverConfig:
             data["spool"] = Path(data["spool"])
             config = cls(**data)
         except (TypeError, KeyError) as exc:
-            raise ReceiverConfigError(f"receiver configuration: {exc}") from exc
+            raise ConfigError(f"receiver configuration: {exc}") from exc
         return config.validate()

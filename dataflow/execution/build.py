@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from dataflow.errors import UsageError
 from dataflow.execution.local import StageDef
 from dataflow.pipeline import Graph, OperatorNode, images
 from dataflow.scheduler import Inventory, PlacementError, Plan, ReplicaRequest, place
@@ -102,9 +103,13 @@ def _refuse_unrunnable(graph: Graph) -> None:
 def _with_replicas(graph: Graph, replicas: Mapping[str, int]) -> Graph:
     nodes = dict(graph.nodes)
     for name, count in replicas.items():
-        node = graph.node(name)  # KeyError names the operator
+        if name not in graph.nodes:
+            raise UsageError(
+                f"--replicas {name}={count}: pipeline {graph.spec.name!r} has no operator {name!r}"
+            )
         if count < 1:
-            raise ValueError(f"--replicas {name}={count}: must be at least 1")
+            raise UsageError(f"--replicas {name}={count}: must be at least 1")
+        node = graph.node(name)
         spec = dataclasses.replace(node.spec, replicas=count)
         nodes[node.name] = dataclasses.replace(node, spec=spec)
     return dataclasses.replace(graph, nodes=nodes)

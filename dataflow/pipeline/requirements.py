@@ -13,12 +13,13 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
+from dataflow.errors import DataflowError
 from dataflow.stage import Stage
 
 __all__ = ["RequirementError", "installed", "missing", "missing_message"]
 
 
-class RequirementError(TypeError):
+class RequirementError(DataflowError, TypeError):
     """A stage's ``requires`` / ``requirements()`` is not a mapping of module -> install."""
 
 

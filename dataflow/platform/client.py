@@ -26,6 +26,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from dataflow.errors import DataflowError, MissingFile, UsageError
+
 __all__ = ["ApiClient", "ApiError", "jobs_app", "payloads_app", "pipelines_app"]
 
 DEFAULT_API = "http://127.0.0.1:8080"
@@ -61,7 +63,7 @@ def configured_api() -> str:
     return configured("api") or DEFAULT_API
 
 
-class ApiError(Exception):
+class ApiError(DataflowError):
     """The service refused (``status`` >= 400, its message) or could not be reached (0)."""
 
     def __init__(self, message: str, status: int = 0) -> None:
@@ -184,21 +186,17 @@ AS_JSON = typer.Option(False, "--json", help="JSON for scripts.")
 
 
 class _Session:
+    """``with _Session(api) as client``: a client closed at the end; its ApiError goes on to
+    the CLI's one error boundary (dataflow.cli)."""
+
     def __init__(self, api: str | None) -> None:
-        try:
-            self.client = ApiClient(api)
-        except ApiError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+        self.client = ApiClient(api)
 
     def __enter__(self) -> ApiClient:
         return self.client
 
     def __exit__(self, kind, exc, tb) -> None:
         self.client.close()
-        if isinstance(exc, ApiError):
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2 if exc.status == 0 else 1)
 
 
 def _when(seconds: float | None) -> str:
@@ -241,12 +239,10 @@ def _input_files(path: Path) -> list[tuple[str, Path]]:
     if path.is_file():
         return [(path.name, path)]
     if not path.is_dir():
-        typer.echo(f"error: --input {path}: no such file or folder", err=True)
-        raise typer.Exit(2)
+        raise MissingFile(f"--input {path}: no such file or folder")
     found = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     if not found:
-        typer.echo(f"error: --input {path}: the folder holds no files", err=True)
-        raise typer.Exit(2)
+        raise MissingFile(f"--input {path}: the folder holds no files")
     return [(p.relative_to(path).as_posix(), p) for p in found]
 
 
@@ -299,8 +295,7 @@ def create(
     for item in metadata or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            typer.echo(f"error: --metadata {item!r}: expected KEY=VALUE", err=True)
-            raise typer.Exit(2)
+            raise UsageError(f"--metadata {item!r}: expected KEY=VALUE")
         meta[key] = value
     files = _input_files(input_) if input_ is not None else []
     with _Session(api) as client:
@@ -424,6 +419,13 @@ def pipelines_describe(pipeline: str, api: str = API, as_json: bool = AS_JSON) -
         _emit(value, as_json, text)
 
 
+def _read(file: Path) -> str:
+    try:
+        return file.read_text()
+    except OSError as exc:
+        raise UsageError(f"{file}: {exc.strerror}") from None
+
+
 @pipelines_app.command("create")
 def pipelines_create(
     file: Path = typer.Argument(..., help="Pipeline YAML file."),
@@ -432,11 +434,7 @@ def pipelines_create(
     as_json: bool = AS_JSON,
 ) -> None:
     """Register a pipeline with the running service (validated; its workers start warm)."""
-    try:
-        definition = file.read_text()
-    except OSError as exc:
-        typer.echo(f"error: {file}: {exc.strerror}", err=True)
-        raise typer.Exit(2) from None
+    definition = _read(file)
     with _Session(api) as client:
         value = client.call("POST", "/api/v1/pipelines",
                             json={"definition": definition, "name": name})  # fmt: skip
@@ -451,11 +449,7 @@ def pipelines_update(
     as_json: bool = AS_JSON,
 ) -> None:
     """Replace a registered pipeline's definition (refused while jobs of it are in flight)."""
-    try:
-        definition = file.read_text()
-    except OSError as exc:
-        typer.echo(f"error: {file}: {exc.strerror}", err=True)
-        raise typer.Exit(2) from None
+    definition = _read(file)
     with _Session(api) as client:
         value = client.call("PUT", f"/api/v1/pipelines/{pipeline}", json={"definition": definition})
         _emit(value, as_json, f"pipeline {value['name']} updated (id {value['id']})")
@@ -477,8 +471,7 @@ def _fetch_all(
     listed = client.call("GET", f"/api/v1/{of}/{item}/files")
     chosen = [f for f in listed if f["name"].startswith(only)]
     if not chosen:
-        typer.echo(f"error: {of[:-1]} {item} has no file under {only}", err=True)
-        raise typer.Exit(1)
+        raise MissingFile(f"{of[:-1]} {item} has no file under {only}")
     target = output / item
 
     def one(entry: dict[str, Any]) -> dict[str, Any]:

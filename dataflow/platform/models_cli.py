@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from dataflow import models
+from dataflow.errors import MissingFile, UsageError
 from dataflow.platform.client import API, AS_JSON, _chunks, _emit, _Session, _when
 
 __all__ = ["models_app"]
@@ -28,9 +29,12 @@ LOCAL = typer.Option(False, "--local", help="The local repository (DATAFLOW_MODE
 
 
 def _split(ref: str) -> tuple[str, str | None]:
-    """NAME or NAME/VERSION (a leading models:/ is accepted)."""
+    """NAME or NAME/VERSION (a leading models:/ is accepted); the version a whole number."""
+    given = ref
     ref = ref[len(models.PREFIX) :] if models.is_reference(ref) else ref
     name, _, version = ref.strip("/").partition("/")
+    if version and not version.isdigit():
+        raise UsageError(f"{given!r}: the version must be a whole number (NAME/VERSION)")
     return name, version or None
 
 
@@ -40,11 +44,6 @@ def format_models(records: list[dict[str, Any]]) -> str:
         lines.append(f"{r['name']:<24} {r['version']:>7} {r['type']:<7} {r['size']:>12}  "
                      f"{_when(r['created']):<19}  {r['id']}")  # fmt: skip
     return "\n".join(lines)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _local() -> models.ModelRepository:
@@ -73,7 +72,7 @@ def upload(
 ) -> None:
     """Add a model version; prints how a pipeline names it (models:/NAME/VERSION)."""
     if not path.exists():
-        _fail(f"{path}: no such file or folder", 2)
+        raise MissingFile(f"{path}: no such file or folder")
     archive = path.is_dir()
     with tempfile.TemporaryDirectory(prefix="dataflow-model-") as tmp:
         source = path
@@ -83,10 +82,7 @@ def upload(
                 for item in sorted(path.rglob("*")):
                     if item.is_file() and not item.is_symlink():
                         tar.add(item, arcname=item.relative_to(path).as_posix())
-        try:
-            record = _send(name, version, source, path.name, archive, local, api)
-        except models.ModelError as exc:
-            _fail(str(exc))
+        record = _send(name, version, source, path.name, archive, local, api)
     ref = f"models:/{record['name']}/{record['version']}"
     text = (f"model {record['name']} version {record['version']} ({record['type']}, "
             f"{record['size']} bytes): name it {ref}")  # fmt: skip
@@ -117,10 +113,7 @@ def describe(
     """One model version's record."""
     name, version = _split(ref)
     if local:
-        try:
-            record = _local().get(name, int(version) if version else None)
-        except (models.ModelError, ValueError) as exc:
-            _fail(str(exc))
+        record = _local().get(name, int(version) if version else None)
     else:
         with _Session(api) as client:
             record = client.call("GET", f"/api/v1/models/{name}/{version or 'latest'}")
@@ -142,12 +135,9 @@ def download(
     """Save a model: its .onnx file, or a tar archive of its folder."""
     name, version = _split(ref)
     if local:
-        try:
-            repo = _local()
-            record = repo.get(name, int(version) if version else None)
-            source = repo.path(name, record["version"])
-        except (models.ModelError, ValueError) as exc:
-            _fail(str(exc))
+        repo = _local()
+        record = repo.get(name, int(version) if version else None)
+        source = repo.path(name, record["version"])
         tar = f"{name}-{record['version']}.tar"
         target = output or Path(source.name if source.is_file() else tar)
         if source.is_file():
@@ -182,12 +172,9 @@ def delete(
     """Delete a model version (refused while a pipeline of the service names it)."""
     name, version = _split(ref)
     if not version:
-        _fail(f"{ref!r}: name the version to delete, as NAME/VERSION", 2)
+        raise UsageError(f"{ref!r}: name the version to delete, as NAME/VERSION")
     if local:
-        try:
-            _local().delete(name, int(version))
-        except (models.ModelError, ValueError) as exc:
-            _fail(str(exc))
+        _local().delete(name, int(version))
     else:
         with _Session(api) as client:
             client.call("DELETE", f"/api/v1/models/{name}/{version}")

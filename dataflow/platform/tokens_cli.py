@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 
 from dataflow.platform.auth import ROLES, TokenStore
-from dataflow.platform.errors import PlatformError
 
 __all__ = ["tokens_app"]
 
@@ -19,14 +18,9 @@ CONFIG = typer.Argument(..., help="The service file (its state folder holds the 
 
 
 def _store(config: Path) -> TokenStore:
-    from dataflow.errors import DataflowError
     from dataflow.service import load_config
 
-    try:
-        return TokenStore(load_config(config).state)
-    except DataflowError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    return TokenStore(load_config(config).state)
 
 
 @tokens_app.command("create")
@@ -36,11 +30,7 @@ def create(
     role: str = typer.Option("read", help=f"One of {', '.join(ROLES)}."),
 ) -> None:
     """Make a token and print its secret (shown this once; only its hash is kept)."""
-    try:
-        token, secret = _store(config).create(name, role)
-    except PlatformError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+    token, secret = _store(config).create(name, role)
     typer.echo(f"token {token.name} ({token.role}, id {token.id}); its secret, shown once:")
     typer.echo(secret)
 
@@ -64,9 +54,5 @@ def list_tokens(config: Path = CONFIG, as_json: bool = typer.Option(False, "--js
 @tokens_app.command("revoke")
 def revoke(which: str = typer.Argument(..., help="Its name or id."), config: Path = CONFIG) -> None:
     """Revoke a token: calls with it are refused from now on (the running service too)."""
-    try:
-        token = _store(config).revoke(which)
-    except PlatformError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+    token = _store(config).revoke(which)
     typer.echo(f"revoked token {token.name} ({token.id})")

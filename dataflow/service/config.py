@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from dataflow.errors import DataflowError
+from dataflow.errors import ConfigError
 from dataflow.hints import unknown_keys
 from dataflow.units import parse_bytes
 
@@ -70,10 +70,6 @@ _API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve", "st
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-class ConfigError(DataflowError, ValueError):
-    """The service configuration is malformed (the message names the file and key)."""
 
 
 @dataclasses.dataclass(frozen=True)

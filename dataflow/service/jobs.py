@@ -52,7 +52,7 @@ from typing import Any
 
 from dataflow.errors import DataflowError
 
-__all__ = ["JOB_STATES", "JobRecord", "JobStore", "RetryRefused"]
+__all__ = ["JOB_STATES", "JobNotFound", "JobRecord", "JobStore", "RetryRefused"]
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "pending", "cancelled")
 
@@ -128,6 +128,13 @@ class JobRecord:
         return {**dataclasses.asdict(self), "seconds": self.seconds}
 
 
+class JobNotFound(DataflowError, KeyError):
+    """No job has this id (the message names it and the records' file)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class RetryRefused(DataflowError):
     """A job cannot be retried (the message names the job and says why)."""
 
@@ -201,7 +208,7 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord:
         rows = self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
-            raise KeyError(f"no job {job_id!r} in {self.path}")
+            raise JobNotFound(f"no job {job_id!r} in {self.path}")
         return rows[0]
 
     def started(self, job_id: str, *, was: tuple[str, ...] = ("queued",)) -> bool:
@@ -261,7 +268,7 @@ class JobStore:
                 "SELECT attempts, history FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
             if row is None:
-                raise KeyError(f"no job {job_id!r} in {self.path}")
+                raise JobNotFound(f"no job {job_id!r} in {self.path}")
             history = json.loads(row[1] or "[]")
             history.append(
                 {"attempt": row[0], "at": time.time(), "event": event, "stage": stage,

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from dataflow.errors import MissingFile
 from dataflow.service.config import ServiceConfig, load_config
 from dataflow.service.jobs import JobRecord, JobStore
 from dataflow.service.service import Service, load_connector
@@ -81,7 +82,7 @@ def open_jobs(target: str | Path) -> JobStore:
     path = state_folder(target)
     db = path / "jobs.db"
     if not db.is_file():
-        raise FileNotFoundError(f"{target}: no job records ({db} does not exist)")
+        raise MissingFile(f"{target}: no job records ({db} does not exist)")
     return JobStore(db)
 
 

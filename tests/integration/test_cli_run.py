@@ -53,7 +53,7 @@ def test_plan_refuses_what_cannot_be_placed(tmp_path):
         [sys.executable, "-m", "dataflow.cli", "plan", str(gpu)], capture_output=True, text=True,
         cwd=ROOT, env={"DATAFLOW_GPUS": "none", "PATH": "/usr/bin:/bin"}, timeout=HANG,
     )  # fmt: skip
-    assert out.returncode == 1 and "compare" in out.stderr and "GPU" in out.stderr
+    assert out.returncode == 2 and "compare" in out.stderr and "GPU" in out.stderr
 
 
 def test_run_writes_every_job_result_and_a_summary(tmp_path):
@@ -100,7 +100,7 @@ def test_run_refuses_a_bad_input_folder(tmp_path):
 
 def test_plan_and_run_refuse_an_image_this_machine_cannot_run(tmp_path):
     out = dataflow("plan", "pipelines/clara/covid19.yaml")
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "cannot run here: operator 'lung-segmentation' (image 'clara/ai-lung:latest'" in (
         out.stderr
     )  # dicom-reader runs here as a bundled stage (tests/integration/test_clara_images.py)

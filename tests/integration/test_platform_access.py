@@ -126,7 +126,7 @@ def test_the_cli_uses_a_token_and_a_revoked_one_is_refused_at_once(service, secr
     listed = dataflow("jobs", "list", "--api", api, DATAFLOW_TOKEN=secrets["read"])
     assert listed.returncode == 0, listed.stderr
     without = dataflow("jobs", "list", "--api", api, DATAFLOW_TOKEN="")
-    assert without.returncode == 1 and "needs a token" in without.stderr
+    assert without.returncode == 2 and "needs a token" in without.stderr
     config = str(service.config.path)
     shown = dataflow("tokens", "list", config, "--json")
     names = {t["name"]: t for t in json.loads(shown.stdout)}
@@ -134,9 +134,9 @@ def test_the_cli_uses_a_token_and_a_revoked_one_is_refused_at_once(service, secr
     assert all(secret not in shown.stdout for secret in secrets.values())
     assert dataflow("tokens", "revoke", "read-robot", config).returncode == 0
     after = dataflow("jobs", "list", "--api", api, DATAFLOW_TOKEN=secrets["read"])
-    assert after.returncode == 1 and "unknown or revoked" in after.stderr
+    assert after.returncode == 2 and "unknown or revoked" in after.stderr
     bad = dataflow("tokens", "create", "x", config, "--role", "root")
-    assert bad.returncode == 1 and "one of read, operator, admin" in bad.stderr
+    assert bad.returncode == 2 and "one of read, operator, admin" in bad.stderr
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")

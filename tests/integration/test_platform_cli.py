@@ -87,7 +87,7 @@ def test_refusals_name_what_was_wrong(served):
     _, api, tmp = served
     unknown = "0" * 32
     missing = dataflow("jobs", "status", unknown, api=api)
-    assert missing.returncode == 1 and f"no job '{unknown}'" in missing.stderr
+    assert missing.returncode == 2 and f"no job '{unknown}'" in missing.stderr
     nothing = dataflow("jobs", "create", "--pipeline", "passthrough", "--input",
                        str(tmp / "absent"), api=api)  # fmt: skip
     assert nothing.returncode == 2 and "no such file or folder" in nothing.stderr
@@ -108,7 +108,7 @@ def test_a_job_step_by_step_with_its_payload(served):
     assert "/input/volume.npy" in files.stdout
     assert dataflow("jobs", "start", job_id, api=api).returncode == 0
     again = dataflow("jobs", "start", job_id, api=api)
-    assert again.returncode == 1 and "a job is started once" in again.stderr
+    assert again.returncode == 2 and "a job is started once" in again.stderr
     deadline = time.monotonic() + HANG
     while json.loads(dataflow("jobs", "status", job_id, "--json", api=api).stdout)["state"] in (
         "queued", "running"):  # fmt: skip
@@ -123,4 +123,4 @@ def test_a_job_step_by_step_with_its_payload(served):
     assert (out / payload_id / "operators" / "compare" / "report" / "comparison.json").is_file()
     assert dataflow("payloads", "delete", payload_id, api=api).returncode == 0
     gone = dataflow("payloads", "files", payload_id, api=api)
-    assert gone.returncode == 1 and f"no payload '{payload_id}'" in gone.stderr
+    assert gone.returncode == 2 and f"no payload '{payload_id}'" in gone.stderr

@@ -201,7 +201,7 @@ def test_the_cli_uploads_lists_downloads_and_deletes(service, onnx_model, tmp_pa
     cli("delete", "net/2")
     refused = subprocess.run([dataflow, "models", "delete", "net/2"], env=env,
                              capture_output=True, text=True, timeout=HANG)  # fmt: skip
-    assert refused.returncode == 1 and "no model 'net'" in refused.stderr
+    assert refused.returncode == 2 and "no model 'net'" in refused.stderr
 
 
 def test_dataflow_run_reads_a_model_of_the_local_repository(onnx_model, study, tmp_path):

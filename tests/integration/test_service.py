@@ -177,7 +177,7 @@ def test_a_failed_job_retried_through_the_cli_runs_again_in_the_running_service(
         job = service.submit("passthrough", payload, source={}, key="late")
         wait_for(lambda: service.jobs.get(job.id).state == "failed")
         refused = dataflow("jobs", config_path, "--retry", job.id)
-        assert refused.returncode == 1
+        assert refused.returncode == 2
         assert f"{payload} no longer exists" in refused.stderr
         payload.mkdir()
         shutil.copy(SAMPLES / "study-a" / "volume.npy", payload)
@@ -188,7 +188,7 @@ def test_a_failed_job_retried_through_the_cli_runs_again_in_the_running_service(
         assert out.stdout.startswith(f"{job.id} queued again (passthrough; 1 attempt so far")
         wait_for(lambda: service.jobs.get(job.id).state == "succeeded")
         again = dataflow("jobs", config_path, "--retry", job.id)
-        assert again.returncode == 1
+        assert again.returncode == 2
         assert f"job {job.id} is succeeded: only a failed job" in again.stderr
     finally:
         service.stop()
@@ -205,7 +205,7 @@ def test_a_failed_job_retried_through_the_cli_runs_again_in_the_running_service(
 
 
 def test_retry_refuses_unknown_unfailed_reaped_and_payload_less_jobs(config_path, tmp_path):
-    """Each refusal names the job and why, and exits 1; the one retryable job among them is
+    """Each refusal names the job and why, and exits 2; the one retryable job among them is
     queued again (stage, error, start and end cleared, attempts kept) and runs at the next
     start of the service."""
     from cli import dataflow
@@ -231,7 +231,7 @@ def test_retry_refuses_unknown_unfailed_reaped_and_payload_less_jobs(config_path
         *("--retry", "nope", "--retry", queued, "--retry", succeeded, "--retry", reaped),
         *("--retry", gone, "--retry", failed),
     )  # fmt: skip
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert out.stdout.splitlines() == [
         f"{failed} queued again (passthrough; 1 attempt so far, the last failed: compare: boom)"
     ]

@@ -114,7 +114,7 @@ def test_dataflow_exports_lists_a_dead_letter_and_resends_it(private_network, tm
         wrong = dataflow("exports", config, "--state", "gone")
         assert wrong.returncode == 2 and "unknown export state 'gone'" in wrong.stderr
         refused = dataflow("exports", config, "--resend", "no-such-task")
-        assert refused.returncode == 1 and "no-such-task" in refused.stderr
+        assert refused.returncode == 2 and "no-such-task" in refused.stderr
         with start_storescp(tmp_path / "pacs", port=port) as pacs:  # the PACS is back
             resent = dataflow("exports", config, "--resend", dead["task_id"])
             assert resent.returncode == 0, resent.stderr
