@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_bytes", "is_int", "parse_bytes", "plural"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -37,3 +37,13 @@ def format_bytes(nbytes: int) -> str:
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, not a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 GPU``, ``2 GPUs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -75,7 +75,7 @@ def _refuse_unrunnable(graph: Graph) -> None:
     pipeline (``validate`` warns) that this machine cannot run; refuse before anything starts.
     So is an image the image table (``dataflow.pipeline.images``) knows cannot be had here,
     with the table's reason; an image a bundled stage does runs without an engine."""
-    from dataflow.execution.command import container_engine
+    from dataflow.machine import container_engine
 
     reasons = {}
     for node in graph.nodes.values():

@@ -27,48 +27,18 @@ container engine.
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dataflow.machine import container_engine
 from dataflow.stage import Port, Stage, StageContext, StageError
 
-__all__ = ["CommandStage", "container_engine"]
+__all__ = ["CommandStage"]
 
 DISK = "disk"  # the element-type label of untyped (api-version 0.4.0) disk I/O
-
-
-ENGINE_ENV = "DATAFLOW_CONTAINER_ENGINE"  # docker, podman or none: skip the detection
-
-
-def container_engine() -> str | None:
-    """``docker`` or ``podman`` if one is on the PATH *and its daemon answers* (a client alone,
-    as on many CI machines, runs nothing), else None. ``$DATAFLOW_CONTAINER_ENGINE`` decides."""
-    forced = os.environ.get(ENGINE_ENV, "").strip().lower()
-    if forced:
-        return None if forced == "none" else forced
-    return _probe_engines(os.environ.get("PATH", ""))
-
-
-@functools.lru_cache(maxsize=8)
-def _probe_engines(path: str) -> str | None:
-    for engine in ("docker", "podman"):
-        if not shutil.which(engine, path=path):
-            continue
-        try:
-            probe = subprocess.run(
-                [shutil.which(engine, path=path), "info"],
-                capture_output=True, timeout=15, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return engine
-    return None
 
 
 def _env_name(port: str) -> str:

@@ -36,8 +36,8 @@ from dataflow.execution import forkserver, state
 from dataflow.execution.latency import Latency
 from dataflow.execution.refs import ObjRef, PathRef, Ref
 from dataflow.execution.worker import WorkerSpec, mib, worker_main
+from dataflow.machine import oom_kills
 from dataflow.progress import ProgressEvent, StartupProgress, log_event
-from dataflow.scheduler import oom_kills
 from dataflow.store import Store
 
 __all__ = ["JobFeed", "JobResult", "LocalExecutor", "StageDef"]

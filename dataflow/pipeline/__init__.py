@@ -31,7 +31,6 @@ from dataflow.pipeline.stages import StageImportError, import_stage, stage_searc
 from dataflow.pipeline.validate import (
     GPUS_ENV,
     check_pipeline,
-    gpus_available,
     load_graph,
     validate,
 )
@@ -55,7 +54,6 @@ __all__ = [
     "StageImportError",
     "check_pipeline",
     "compatible",
-    "gpus_available",
     "import_stage",
     "load_graph",
     "load_pipeline",

@@ -13,11 +13,13 @@ with neither docker nor podman on PATH; more GPUs requested by one operator than
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dataflow.machine import Machine
 from dataflow.pipeline import images
 from dataflow.pipeline.diagnostics import Collector, PipelineError, Report
 from dataflow.pipeline.graph import Graph, OperatorNode, connect, topological_order
@@ -32,31 +34,31 @@ from dataflow.pipeline.stages import (
     import_stage,
     stage_search_path,
 )
-from dataflow.scheduler import Inventory, SchedulerValueError
 from dataflow.stage import ParameterError, Port, Stage, checking_pipeline
 
 __all__ = [
-    "ENGINE_ENV",
     "GPUS_ENV",
     "check_pipeline",
-    "container_runtime",
-    "gpus_available",
     "load_graph",
     "validate",
 ]
 
 #: The GPUs declared for this machine when the caller does not say (the scheduler's syntax).
 GPUS_ENV = "DATAFLOW_GPUS"
-#: ``docker``, ``podman`` or ``none``: the container engine (as dataflow.execution.command).
-ENGINE_ENV = "DATAFLOW_CONTAINER_ENGINE"
 
 
-def validate(spec: PipelineSpec, *, gpus_available: int | None = None) -> Report:
+def validate(
+    spec: PipelineSpec, *, gpus_available: int | None = None, machine: Machine | None = None
+) -> Report:
     """Check ``spec`` as a whole; the report starts with the notes and warnings of loading.
 
-    ``gpus_available``: GPUs this machine offers (None: :func:`gpus_available`, i.e. the
-    ``DATAFLOW_GPUS`` variable, else 0).
+    ``machine``: what the machine it will run on offers (GPUs, a container engine); None:
+    :meth:`dataflow.machine.Machine.detect` finds it (the validator never looks itself).
+    ``gpus_available``: that many GPUs instead of the machine's.
     """
+    machine = machine if machine is not None else Machine.detect()
+    if gpus_available is not None:
+        machine = dataclasses.replace(machine, gpus=gpus_available, gpu_source="")
     diags = Collector(spec.diagnostics)
     unresolved: set[str] = set()
     search = stage_search_path(spec.path)
@@ -71,7 +73,7 @@ def validate(spec: PipelineSpec, *, gpus_available: int | None = None) -> Report
             operator=cycle[0],
             field=closing.field,
         )
-    _environment(nodes, diags, gpus_available)
+    _environment(nodes, diags, machine)
     graph = None
     if not diags.has_errors:
         by_name = {n.name: n for n in nodes}
@@ -86,13 +88,14 @@ def check_pipeline(
     args: Mapping[str, str] | None = None,
     *,
     gpus_available: int | None = None,
+    machine: Machine | None = None,
 ) -> Report:
     """Load and validate the file at ``path``; loading errors come back in the report."""
     try:
         spec = load_pipeline(path, args)
     except PipelineError as exc:
         return Report(list(exc.diagnostics))
-    return validate(spec, gpus_available=gpus_available)
+    return validate(spec, gpus_available=gpus_available, machine=machine)
 
 
 def load_graph(
@@ -106,27 +109,6 @@ def load_graph(
     report.raise_for_errors()
     assert report.graph is not None
     return report.graph
-
-
-def gpus_available(environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
-    """(count, how it was found): the GPUs the scheduler's inventory finds (``DATAFLOW_GPUS``,
-    else NVML, filtered by ``CUDA_VISIBLE_DEVICES``; see docs/scheduler.md)."""
-    try:
-        inventory = Inventory.detect(environ)
-    except SchedulerValueError as exc:
-        return 0, f"none assumed: {exc}"
-    return len(inventory.gpus), inventory.gpu_source
-
-
-def container_runtime(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The container engine command operators will use: ``docker`` or ``podman`` when its
-    daemon answers, ``$DATAFLOW_CONTAINER_ENGINE`` when set (``none`` for none), else None."""
-    forced = environ.get(ENGINE_ENV, "").strip().lower()
-    if forced:
-        return None if forced == "none" else forced
-    from dataflow.execution.command import container_engine
-
-    return container_engine()
 
 
 # --------------------------------------------------------------------------- nodes
@@ -237,16 +219,9 @@ def _check_bundled(op: OperatorSpec, image: images.Image, diags: Collector) -> N
     diags.note(loc, f"image {op.container.reference!r} {image.describe()}", **where)
 
 
-def _environment(nodes: list[OperatorNode], diags: Collector, available: int | None) -> None:
-    if available is None:
-        available, how = gpus_available()
-    else:
-        how = ""
-    runtime = container_runtime()
-    if os.environ.get(ENGINE_ENV, "").strip().lower() == "none":
-        no_runtime = f"{ENGINE_ENV}=none"
-    else:
-        no_runtime = "no docker or podman daemon answers"
+def _environment(nodes: list[OperatorNode], diags: Collector, machine: Machine) -> None:
+    available, how = machine.gpus, machine.gpu_source
+    runtime, no_runtime = machine.engine, machine.no_engine
     for node in nodes:
         op = node.spec
         known = images.lookup(op.container) if op.stage is None else None

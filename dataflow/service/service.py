@@ -53,7 +53,7 @@ from dataflow.execution.state import PRIORITIES
 from dataflow.hints import suggest
 from dataflow.identifiers import identifiers_of
 from dataflow.logs import scrub
-from dataflow.scheduler import gpu_usage
+from dataflow.machine import gpu_usage
 from dataflow.service.config import SERVICE_KEYS, JobLimits, PipelineEntry, ServiceConfig
 from dataflow.service.health import HealthWriter, ServiceLock, read_previous
 from dataflow.service.jobs import JobRecord, JobStore

@@ -222,7 +222,7 @@ def test_build_executor_defaults_give_way_to_the_pipeline_own_settings(tmp_path)
 
 def test_a_worker_the_oom_killer_took_is_reported_as_out_of_memory(tmp_path, monkeypatch):
     # The kernel's OOM killer cannot be fired safely here: the worker's SIGKILL is real, the
-    # cgroup's oom_kill count (read by dataflow.scheduler.oom_kills) is simulated as rising.
+    # cgroup's oom_kill count (read by dataflow.machine.oom_kills) is simulated as rising.
     import dataflow.execution.local as local
 
     kills = iter(range(100))

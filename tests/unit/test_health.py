@@ -126,7 +126,7 @@ def test_gpu_use_from_nvml_becomes_metrics(monkeypatch):
     import sys
     import types
 
-    import dataflow.scheduler as scheduler
+    import dataflow.machine as machine
     from dataflow.service.health import metric_families
 
     class NVMLError(Exception):
@@ -150,8 +150,8 @@ def test_gpu_use_from_nvml_becomes_metrics(monkeypatch):
         nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=7)],
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(scheduler, "_NO_NVML", False)
-    gpus = scheduler.gpu_usage()
+    monkeypatch.setattr(machine, "_NO_NVML", False)
+    gpus = machine.gpu_usage()
     assert gpus == [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-1234",
                      "memory_used": 3 << 30, "memory_total": 141 << 30, "utilization": 0.42,
                      "processes": [7]}]  # fmt: skip

@@ -591,6 +591,25 @@ def test_no_image_warning_with_docker(tmp_path, fake_docker):
     assert check_pipeline(path).warnings == []
 
 
+def test_the_validator_is_given_the_machine_and_does_not_look_itself(tmp_path, monkeypatch):
+    """What the machine offers comes in as an argument (dataflow.machine.Machine): given
+    one, validation runs no probe (issue 13); the docker on PATH here would fail the test."""
+    from dataflow.machine import Machine
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    probe = bin_dir / "docker"
+    probe.write_text("#!/bin/sh\necho probed >> " + str(tmp_path / "probed") + "\nexit 0\n")
+    probe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    path = write(tmp_path, "name: p\noperators:\n- name: a\n  container: {image: x}\n")
+    elsewhere = Machine(gpus=0, engine=None, no_engine="the target machine has none")
+    (warning,) = check_pipeline(path, machine=elsewhere).warnings
+    assert "(the target machine has none)" in warning.message
+    assert check_pipeline(path, machine=Machine(engine="podman")).warnings == []
+    assert not (tmp_path / "probed").exists()
+
+
 def test_a_command_only_container_needs_no_runtime(tmp_path, no_container_runtime):
     path = write(tmp_path, "name: p\noperators:\n- name: a\n  container: {command: [ls]}\n")
     assert check_pipeline(path).warnings == []

@@ -11,18 +11,16 @@ import types
 import pytest
 
 from dataflow.errors import DataflowError
-from dataflow.scheduler import (
+from dataflow.machine import (
     Gpu,
     Inventory,
-    PlacementError,
-    ReplicaRequest,
     SchedulerError,
     SchedulerValueError,
     oom_kills,
     parse_gpus,
-    place,
     visible_gpus,
 )
+from dataflow.scheduler import PlacementError, ReplicaRequest, place
 
 R = ReplicaRequest
 GiB = 1024  # in MiB

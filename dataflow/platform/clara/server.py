@@ -16,6 +16,7 @@ import structlog
 
 from dataflow import __version__
 from dataflow.logs import scrub
+from dataflow.machine import gpu_usage
 from dataflow.platform.audit import CALLER
 from dataflow.platform.auth import grpc_role
 from dataflow.platform.clara.gen.nvidia.clara.platform import (
@@ -46,7 +47,6 @@ from dataflow.platform.errors import (
     Invalid,
     PlatformError,
 )
-from dataflow.scheduler import gpu_usage
 
 __all__ = ["ClaraServer", "serve"]
 
