@@ -15,9 +15,8 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
     │   └── StoreValueError          bad size, shape, element type or metadata (ValueError)
     ├── ConfigError                  a service file is wrong: the file and key are named
     │                                (ValueError; dataflow.errors, also dataflow.service.config,
-    │                                and connectors.dicom.config's ReceiverConfigError)
-    ├── DicomConfigError             the dicom: section is wrong (ValueError;
-    │                                connectors.dicom.service)
+    │                                connectors.dicom.config's ReceiverConfigError and
+    │                                connectors.dicom.service's DicomConfigError)
     ├── UsageError                   a command-line option is wrong (ValueError; dataflow.errors)
     ├── MissingFile                  a file or folder named on the command line is missing or
     │                                holds nothing (FileNotFoundError; dataflow.errors)

@@ -30,7 +30,7 @@ from connectors.dicom.outbox import Outbox, RetryPolicy
 from connectors.dicom.receiver import Receiver
 from connectors.dicom.sender import Destination
 from connectors.dicom.stow import WebDestination
-from dataflow.errors import DataflowError
+from dataflow.errors import ConfigError
 from dataflow.hints import unknown_keys
 
 __all__ = ["DicomConfigError", "DicomConnector", "parse_section"]
@@ -65,8 +65,9 @@ _SECTION_KEYS = {
 _RECEIVER_KEYS = {"name", "enabled", "host", "port", "tls", "reuse-port", "processes"}
 
 
-class DicomConfigError(DataflowError, ValueError):
-    """The ``dicom`` section of the service configuration is wrong (the key is named)."""
+#: the ``dicom`` section of the service configuration is wrong (the key is named): the one
+#: configuration error of the service file (kept under this name for its importers)
+DicomConfigError = ConfigError
 
 
 def _size(value: Any, where: str) -> int:
@@ -222,10 +223,11 @@ def parse_section(
                 processes=int(entry.get("processes", 1)),
             )
             receivers.append(config.validate())
-        except DicomConfigError:
-            raise  # names its own key already
-        except ValueError as exc:
-            raise DicomConfigError(f"dicom.{where}: {exc}") from None
+        except ValueError as exc:  # the receiver's own checks name no section: say where
+            said = str(exc)
+            raise DicomConfigError(
+                said if said.startswith("dicom.") else f"dicom.{where}: {said}"
+            ) from None
     if not receivers:
         raise DicomConfigError("dicom.receivers: no receiver is enabled")
     destinations = {}
