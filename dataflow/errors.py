@@ -36,7 +36,7 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
     │                                dataflow.output)
     ├── ModelError                   a model that cannot be stored, found or read
     │                                (dataflow.models)
-    ├── SchedulerError               dataflow.scheduler
+    ├── SchedulerError               dataflow.machine (PlacementError: dataflow.scheduler)
     │   ├── SchedulerValueError      a bad inventory declaration (DATAFLOW_GPUS...; ValueError)
     │   └── PlacementError           replicas that cannot be placed, each with the reason
     ├── ServiceError                 the service cannot start or do what was asked
