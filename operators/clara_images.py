@@ -295,7 +295,7 @@ class NullOperator(ClaraImage):
     work: every file of its inputs is passed on to its output (hard links where possible)."""
 
     def execute(self, ctx, **inputs: Path) -> dict[str, Path]:
-        from operators.register import link_or_copy
+        from dataflow.durable import link_or_copy
 
         port, out = self._one_output(ctx)
         for folder in inputs.values():

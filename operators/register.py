@@ -16,36 +16,20 @@ to send to); the export service picks such tasks up and delivers them with retri
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import uuid
 from pathlib import Path
 
+from dataflow.durable import link_or_copy
 from dataflow.stage import ParameterError, Port, Stage, StageError
 
-__all__ = ["AGENT_RE", "RegisterResults", "link_or_copy", "register_files"]
+__all__ = ["AGENT_RE", "RegisterResults", "register_files"]
 
 #: Clara's rule for an agent name: alphanumerics and '-', starts with a letter, no final '-'.
 AGENT_RE = re.compile(r"^[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
 #: A destination name (what a pipeline names, configured in the service): same alphabet.
 DESTINATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (same file system), else copy it. A ``target``
-    that exists (a stage run again on the same job) is replaced, atomically, even when it
-    is already a link to ``source``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and os.path.samefile(source, target):
-        return  # already this very file (and rename() would leave the temporary link)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copy2(source, temporary)
-    os.replace(temporary, target)
 
 
 def register_files(

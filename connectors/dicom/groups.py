@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import shutil
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ from pathlib import Path
 
 import structlog
 
+from dataflow.durable import fsync_dir, open_database
+
 from .config import CalledAE
-from .spool import Header, ae_component, fsync_dir, uid_component
+from .spool import Header, ae_component, uid_component
 
 __all__ = ["Group", "GroupStore", "Placement"]
 
@@ -116,14 +117,7 @@ class GroupStore:
         self.duplicates = duplicates
         self.spool.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.spool / "receiver.sqlite",
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=60.0,
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(self.spool / "receiver.sqlite", timeout=60.0)
         lock = self.spool / "receiver.sqlite-lock"
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
         with self._writing():

@@ -33,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
@@ -41,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from operators.register import link_or_copy
+from dataflow.durable import link_or_copy, open_database
 
 from .sender import ExportError, FileInfo, FileResult, describe_file
 
@@ -197,10 +196,7 @@ class Outbox:
         self.rng = rng or random.Random()
         self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(
-                self.root / "outbox.sqlite", isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = open_database(self.root / "outbox.sqlite", full=False)
             self._db.executescript(SCHEMA)
             if self.owner:
                 self.recover()

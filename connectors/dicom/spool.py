@@ -23,6 +23,7 @@ from typing import BinaryIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 
+from dataflow.durable import fsync_dir
 from dataflow.errors import DataflowError
 
 __all__ = [
@@ -135,15 +136,6 @@ def free_bytes(path: Path) -> tuple[int, int]:
     """(bytes available to us, total bytes) of the file system holding ``path``."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, making the entries created or renamed in it durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_temp(directory: Path, chunks: Iterable[bytes | memoryview]) -> Path:

@@ -12,11 +12,12 @@ Thread-safe: one connection, one lock, short statements.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from dataflow.durable import open_database
 
 __all__ = ["Registry"]
 
@@ -39,10 +40,7 @@ CREATE TABLE IF NOT EXISTS metadata (
 
 class Registry:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(path)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 

@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dataflow.durable import open_database
 from dataflow.errors import DataflowError
 
 __all__ = ["JOB_STATES", "JobNotFound", "JobRecord", "JobStore", "RetryRefused"]
@@ -144,10 +145,7 @@ class JobStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(self.path)
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         # a jobs.db from before retention, retries, details: added in the schema's order
