@@ -38,3 +38,20 @@ def platform_service(
 def api_client(service: Service) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=service.platform.urls["rest"], timeout=HANG) as client:
         yield client
+
+
+def start_job(client: httpx.Client, pipeline: str, files: dict[str, bytes]) -> str:
+    """A job of ``pipeline`` made, its input files uploaded and started through the REST
+    API, as another system would; its id."""
+    made = client.post("/api/v1/jobs", json={"pipeline": pipeline}).json()
+    for name, data in files.items():
+        client.put(
+            f"/api/v1/payloads/{made['payload_id']}/files/input/{name}", content=data
+        ).raise_for_status()
+    client.post(f"/api/v1/jobs/{made['job_id']}/start").raise_for_status()
+    return made["job_id"]
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """The files of ``folder`` by name, in name order (a study to upload)."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}

@@ -20,7 +20,7 @@ from tests.integration.browser import (
     shoot,
     text_of,
 )
-from tests.integration.platform_service import HANG, api_client, platform_service
+from tests.integration.platform_service import HANG, api_client, platform_service, start_job
 
 pytestmark = pytest.mark.integration
 
@@ -39,16 +39,6 @@ def service(tmp_path_factory):
     pipelines = {"passthrough": PASSTHROUGH, "hang": DATA / "hang.yaml"}
     with platform_service(tmp_path_factory.mktemp("console"), pipelines) as service:
         yield service
-
-
-def start_job(client, pipeline: str, files: dict[str, bytes]) -> str:
-    made = client.post("/api/v1/jobs", json={"pipeline": pipeline}).json()
-    for name, data in files.items():
-        client.put(
-            f"/api/v1/payloads/{made['payload_id']}/files/input/{name}", content=data
-        ).raise_for_status()
-    client.post(f"/api/v1/jobs/{made['job_id']}/start").raise_for_status()
-    return made["job_id"]
 
 
 def test_a_job_appears_and_ends_on_the_jobs_page_without_a_reload(service, browser):

@@ -18,7 +18,7 @@ from selenium.common.exceptions import StaleElementReferenceException
 from dataflow.service import Service, load_config
 from tests.deadlines import HANG, LONG_HANG, wait_until
 from tests.integration.browser import errors, shoot, text_of
-from tests.integration.platform_service import api_client
+from tests.integration.platform_service import api_client, folder_files, start_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -72,20 +72,14 @@ dicom:
     orthanc = None
     try:
         with api_client(service) as client:
-            job = client.post("/api/v1/jobs", json={"pipeline": "ct-segmentation"}).json()
-            for path in sorted(study.iterdir()):
-                client.put(
-                    f"/api/v1/payloads/{job['payload_id']}/files/input/{path.name}",
-                    content=path.read_bytes(),
-                ).raise_for_status()
-            client.post(f"/api/v1/jobs/{job['job_id']}/start").raise_for_status()
+            job_id = start_job(client, "ct-segmentation", folder_files(study))
             (dead,) = wait_until(
                 lambda: client.get("/api/v1/exports", params={"state": "dead"}).json(),
                 "the SEG dead-lettered (nothing listens on the PACS port)",
                 LONG_HANG,
             )
-            seg = the_seg(client, job["job_id"])
-        assert dead["destination"] == "PACS" and dead["job_id"] == job["job_id"]
+            seg = the_seg(client, job_id)
+        assert dead["destination"] == "PACS" and dead["job_id"] == job_id
         assert dead["attempts"] == 2 and dead["last_error"]
 
         orthanc = start_orthanc(tmp_path / "orthanc", dicom_port=pacs_port)

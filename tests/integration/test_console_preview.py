@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.deadlines import LONG_HANG
 from tests.integration.browser import errors, shoot
-from tests.integration.platform_service import api_client, platform_service
+from tests.integration.platform_service import api_client, folder_files, platform_service, start_job
 from tests.integration.test_platform_rest import wait_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,16 +47,10 @@ def segmented(tmp_path_factory):
     )
     pipelines = {"ct-segmentation": ROOT / "pipelines" / "ct-segmentation.yaml"}
     with platform_service(tmp, pipelines) as service, api_client(service) as client:
-        job = client.post("/api/v1/jobs", json={"pipeline": "ct-segmentation"}).json()
-        for path in sorted(study.iterdir()):
-            client.put(
-                f"/api/v1/payloads/{job['payload_id']}/files/input/{path.name}",
-                content=path.read_bytes(),
-            ).raise_for_status()
-        client.post(f"/api/v1/jobs/{job['job_id']}/start").raise_for_status()
+        job_id = start_job(client, "ct-segmentation", folder_files(study))
         client.timeout = LONG_HANG
-        assert wait_state(client, job["job_id"])["state"] == "succeeded"
-        yield service, job["job_id"]
+        assert wait_state(client, job_id)["state"] == "succeeded"
+        yield service, job_id
 
 
 def test_the_server_draws_the_seg_over_the_ct(segmented):

@@ -30,7 +30,7 @@ from operators.dicom.phantom import BONE, LUNG_LEFT, LUNG_RIGHT, labels_at, writ
 from operators.dicom.rtstruct import WriteRTStruct
 from operators.dicom.series import find_files, load_series
 from tests.integration.browser import errors
-from tests.integration.platform_service import api_client, platform_service
+from tests.integration.platform_service import api_client, folder_files, platform_service, start_job
 from tests.integration.test_platform_rest import wait_state
 
 pytestmark = pytest.mark.integration
@@ -229,15 +229,9 @@ def contoured(tmp_path_factory):
     pipeline = tmp / "ct-contours.yaml"
     pipeline.write_text(CONTOURING)
     with platform_service(tmp, {"ct-contours": pipeline}) as service, api_client(service) as client:
-        job = client.post("/api/v1/jobs", json={"pipeline": "ct-contours"}).json()
-        for path in sorted(Path(study).iterdir()):
-            client.put(
-                f"/api/v1/payloads/{job['payload_id']}/files/input/{path.name}",
-                content=path.read_bytes(),
-            ).raise_for_status()
-        client.post(f"/api/v1/jobs/{job['job_id']}/start").raise_for_status()
-        assert wait_state(client, job["job_id"])["state"] == "succeeded"
-        yield service, job["job_id"]
+        job_id = start_job(client, "ct-contours", folder_files(Path(study)))
+        assert wait_state(client, job_id)["state"] == "succeeded"
+        yield service, job_id
 
 
 @pytest.mark.slow
