@@ -190,6 +190,7 @@ dicom:
                 browser.find_elements("css selector", "#disk-table tbody tr")}  # fmt: skip
         assert "below its reserve" in rows["DICOM receiver plain"]
         assert rows["state folder (API uploads)"].endswith("ok")
+        assert browser.find_element("id", "open-associations").text == "0"  # none calls
         assert errors(browser) == []
     finally:
         service.stop()

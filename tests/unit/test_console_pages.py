@@ -4,7 +4,14 @@ lead back to."""
 
 from __future__ import annotations
 
-from dataflow.platform.console.pages import WAITING_TOO_LONG, inside, overdue, size, took
+from dataflow.platform.console.pages import (
+    WAITING_TOO_LONG,
+    inside,
+    open_associations,
+    overdue,
+    size,
+    took,
+)
 
 NOW = 1_800_000_000.0
 
@@ -44,3 +51,16 @@ def test_signing_in_leads_back_inside_the_console_only():
     assert inside("/console/jobs?state=failed") == "/console/jobs?state=failed"
     for elsewhere in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "", None):
         assert inside(elsewhere) == "/console/"
+
+
+def test_open_associations_are_summed_over_the_receivers_from_the_health_report():
+    def figure(name, value, receiver):
+        return {"name": name, "value": value, "labels": {"receiver": receiver}}
+
+    health = {"connectors": {"dicom": {"metrics": [
+        figure("dataflow_dicom_receiver_associations", 2, "plain"),
+        figure("dataflow_dicom_receiver_associations", 1, "tls"),
+        figure("dataflow_dicom_groups", 7, "plain"),
+    ]}}}  # fmt: skip
+    assert open_associations(health) == 3
+    assert open_associations({"connectors": {}}) is None  # no DICOM receiver: not shown

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -122,15 +121,16 @@ def overdue(
     return out
 
 
-def open_associations(metrics: Path) -> int | None:
-    """DICOM associations holding a receiver's slot now, as the service last wrote them in its
-    metrics (None without a DICOM receiver)."""
-    try:
-        text = metrics.read_text()
-    except OSError:
-        return None
-    found = re.findall(r"^dataflow_dicom_receiver_associations\{[^}]*\} ([0-9.e+]+)$", text, re.M)
-    return int(sum(float(v) for v in found)) if found else None
+def open_associations(health: dict[str, Any]) -> int | None:
+    """DICOM associations holding a receiver's slot now, from the connectors' figures in the
+    health report (None without a DICOM receiver)."""
+    found = [
+        metric["value"]
+        for connector in health.get("connectors", {}).values()
+        for metric in connector.get("metrics", [])
+        if metric.get("name") == "dataflow_dicom_receiver_associations"
+    ]
+    return int(sum(found)) if found else None
 
 
 def inside(target: str | None) -> str:
@@ -250,7 +250,7 @@ def add_console(app: FastAPI, platform: Any) -> None:
             charts=charts,
             overdue=overdue(in_flight, timeouts, now),
             disks=platform.disks(),
-            open_associations=open_associations(platform.state / "metrics.prom"),
+            open_associations=open_associations(health),
             health=health,
             counts=counts,
             waiting=waiting,
