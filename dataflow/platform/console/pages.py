@@ -46,10 +46,14 @@ def when(seconds: float | None) -> str:
 
 
 def took(start: float | None, end: float | None) -> str:
-    """A duration as people read it: 850 ms, 12.3 s, 4 min 05 s, 2 h 10 min."""
+    """From ``start`` to ``end`` (or now), as :func:`duration` says it; "–" without a start."""
     if not start:
         return "–"
-    seconds = (end or time.time()) - start
+    return duration((end or time.time()) - start)
+
+
+def duration(seconds: float) -> str:
+    """A duration as people read it: 850 ms, 12.3 s, 4 min 05 s, 2 h 10 min."""
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
@@ -114,7 +118,7 @@ def overdue(
             if limit and now - job["started"] > limit / 2:
                 out.append(f"job {job['name']} ({job['pipeline']}) has been running for "
                            f"{took(job['started'], now)}; its job-timeout is "
-                           f"{took(0.001, 0.001 + limit)}")  # fmt: skip
+                           f"{duration(limit)}")  # fmt: skip
         elif job["state"] in ("pending", "queued") and now - job["created"] > waiting:
             out.append(f"job {job['name']} ({job['pipeline']}) has been {job['state']} for "
                        f"{took(job['created'], now)}")  # fmt: skip
