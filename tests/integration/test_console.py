@@ -149,6 +149,20 @@ def test_a_pipeline_is_uploaded_from_the_page_diagnostics_beside_its_lines(servi
     assert errors(browser) == []
 
 
+def test_an_empty_or_oversized_upload_is_refused_saying_why(service):
+    from dataflow.platform.console.pipelines import MAX_DEFINITION
+
+    with api_client(service) as client:
+        before = client.get("/api/v1/pipelines").json()
+        empty = client.post("/console/pipelines", data={"definition": "  "},
+                            files={"file": ("", b"")})  # fmt: skip
+        assert empty.status_code == 422 and "Choose a YAML file" in empty.text
+        huge = client.post("/console/pipelines",
+                           files={"file": ("big.yaml", b"#" * (MAX_DEFINITION + 1))})  # fmt: skip
+        assert huge.status_code == 413 and "larger than 1024 KiB" in huge.text
+        assert client.get("/api/v1/pipelines").json() == before  # nothing registered
+
+
 @pytest.mark.parametrize(
     ("page", "heading", "nav"),
     [

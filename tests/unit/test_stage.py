@@ -137,3 +137,19 @@ def test_dataflow_stage_is_the_module_and_the_decorator_has_its_own_name():
     assert dataflow.function_stage is function_stage
     with pytest.raises(TypeError, match="the decorator is dataflow.function_stage"):
         dataflow.stage(inputs={})
+
+
+def test_metadata_from_names_the_input_whose_metadata_a_plain_output_inherits():
+    from dataflow.stage import output_values
+
+    class Overlay(Stage):
+        inputs = {"image": VOL, "mask": VOL}
+        outputs = {"image": VOL}
+        metadata_from = "mask"
+
+    meta = {"image": {"spacing": [1, 1, 1]}, "mask": {"spacing": [2, 2, 2]}}
+    out = output_values(Overlay(), {"image": np.zeros((1, 1, 1), np.float32)}, meta)
+    assert out["image"].metadata == {"spacing": [2, 2, 2]}
+    Overlay.metadata_from = "labels"  # no such input: said, with the inputs there are
+    with pytest.raises(PortError, match="metadata_from names no input 'labels'.*image, mask"):
+        output_values(Overlay(), {"image": np.zeros((1, 1, 1), np.float32)}, meta)
