@@ -16,8 +16,8 @@ process gets ``TCP_NODELAY=1`` (see ``../shared/reference/machine-notes.md``).
   with 1 association, and with 4 at once (the files split between 4 ``storescu`` processes),
   to:
 
-  - ``ours``: ``python -m connectors.dicom.receiver`` (fsync on: a Success means the file and
-    its record are durable), one listener process; ``ours-2p``: ``processes: 2``;
+  - ``ours``: ``python -m connectors.dicom.receive.receiver`` (fsync on: a Success means the
+    file and its record are durable), one listener process; ``ours-2p``: ``processes: 2``;
   - ``storescp``: dcmtk ``storescp`` writing files (no fsync; ``--fork`` with 4 associations,
     otherwise it serves one association at a time);
   - ``orthanc``: Orthanc as a plain process (SQLite index and files, its defaults);
@@ -29,7 +29,7 @@ process gets ``TCP_NODELAY=1`` (see ``../shared/reference/machine-notes.md``).
   (counted in the server's storage) or the run is an error. Instances/s and MB/s (file bytes).
 
 * **Export**: the same series into a dcmtk ``storescp`` sink, sent by ``ours``
-  (``connectors.dicom.sender.send_files``, one association, as the Exporter does) and by
+  (``connectors.dicom.export.sender.send_files``, one association, as the Exporter does) and by
   ``storescu`` (one association), and ``ours-exporter``: an ``Outbox`` task delivered by the
   ``Exporter`` (enqueue to delivered).
 
@@ -152,7 +152,13 @@ class Server:
             }  # fmt: skip
             if s == "ours-2p":
                 config["processes"] = 2
-            args = [PYTHON, "-m", "connectors.dicom.receiver", "--config", json.dumps(config)]
+            args = [
+                PYTHON,
+                "-m",
+                "connectors.dicom.receive.receiver",
+                "--config",
+                json.dumps(config),
+            ]
             proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=self.log)
         elif s == "storescp":
             fork = ["--fork"] if concurrency > 1 else []
@@ -281,8 +287,8 @@ def export_once(system: str, files: list[Path], tmp: Path) -> dict:
 
 
 def _destination(port: int):
-    from connectors.dicom import fastnet
-    from connectors.dicom.sender import Destination
+    from connectors.dicom.export.sender import Destination
+    from connectors.dicom.net import fastnet
 
     fastnet.install()  # as in `dataflow serve` (no-op with DATAFLOW_DICOM_FASTNET=0)
     fastnet.tune_malloc()  # as the receiver and the Exporter do
@@ -292,7 +298,7 @@ def _destination(port: int):
 
 def send_ours(port: int, files: list[Path]) -> float:
     """``send_files`` over one association (describing the files is timed too)."""
-    from connectors.dicom.sender import describe_file, send_files
+    from connectors.dicom.export.sender import describe_file, send_files
 
     failed: list = []
     started = time.perf_counter()
@@ -306,8 +312,8 @@ def send_ours(port: int, files: list[Path]) -> float:
 
 def export_ours(port: int, files: list[Path], state: Path) -> float:
     """An Outbox task of ``files`` delivered by the Exporter: enqueue to delivered."""
-    from connectors.dicom.export import Exporter
-    from connectors.dicom.outbox import Outbox
+    from connectors.dicom.export.exporter import Exporter
+    from connectors.dicom.export.outbox import Outbox
 
     outbox = Outbox(state)
     exporter = Exporter(outbox, [_destination(port)])
@@ -429,7 +435,7 @@ def provenance(args, count: int, nbytes: int) -> dict[str, Any]:
         "versions": common.module_versions(["pynetdicom", "pydicom"]),
         "settings": {
             "TCP_NODELAY": "1 for storescu, storescp, Orthanc",
-            "ours": "connectors.dicom.receiver defaults (max_pdu_size 4 MiB, fsync on)",
+            "ours": "connectors.dicom.receive.receiver defaults (max_pdu_size 4 MiB, fsync on)",
             "ours-2p": "the same with processes: 2",
             "storescp": f"-pm +xa --max-pdu {DCMTK_MAX_PDU}, --fork with 4 associations, "
             "no fsync",
@@ -437,7 +443,7 @@ def provenance(args, count: int, nbytes: int) -> dict[str, Any]:
             f"MaximumPduLength {DCMTK_MAX_PDU}",
             "pynetdicom": "benchmarks/dicom_scp.py: pynetdicom's default maximum_pdu_size",
             "storescu": "-R (only the needed contexts), its default PDU sizes",
-            "export": "ours: send_files / Exporter with connectors.dicom.fastnet installed "
+            "export": "ours: send_files / Exporter with connectors.dicom.net.fastnet installed "
             "(as in dataflow serve); sink: storescp as above",
             "fastnet": os.environ.get("DATAFLOW_DICOM_FASTNET", "1") != "0",
         },

@@ -56,16 +56,16 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
     ├── PreviewError                 a job's file the console cannot draw (ValueError;
     │                                dataflow.platform.console.preview)
     ├── BadInstance                  a received dataset refused, with its C-STORE status
-    │                                (connectors.dicom.spool)
+    │                                (connectors.dicom.receive.spool)
     ├── AssociationFailed            no association: rejected, aborted, no context accepted
-    │                                (connectors.dicom.association)
-    ├── ExportError                  sending results (connectors.dicom.sender)
+    │                                (connectors.dicom.net.association)
+    ├── ExportError                  sending results (connectors.dicom.export.sender)
     │   ├── DestinationError         a destination is configured wrong (ValueError)
     │   ├── TransientExportError     the destination was away or dropped: retry later
     │   ├── OutboxBusy               another process holds the outbox
-    │   │                            (connectors.dicom.outbox)
+    │   │                            (connectors.dicom.export.outbox)
     │   └── ResendRefused            a dead letter that cannot be sent again
-    │                                (connectors.dicom.export)
+    │                                (connectors.dicom.export.exporter)
     ├── SeriesError                  a series cannot be made a volume (ValueError;
     │   │                            operators.dicom.frames)
     │   ├── ReadError                a file not readable within its bounds
@@ -83,8 +83,8 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
                                      operators.inference.sliding_window)
 
 Internal bugs are not ``DataflowError``: they surface as the builtin exception that revealed
-them, with their traceback. Signals that never leave a module (``connectors.dicom.intake``'s
-``_GiveBack``, ``_Malformed``, ``_Stop``; ``connectors.dicom.direct.ProtocolSurprise``, which
+them, with their traceback. Signals that never leave a module (``connectors.dicom.receive.intake``'s
+``_GiveBack``, ``_Malformed``, ``_Stop``; ``connectors.dicom.export.direct.ProtocolSurprise``, which
 hands a response back to pynetdicom) are plain exceptions and not drawn.
 """
 

@@ -2,7 +2,7 @@
 
 No file format is parsed here: ``dataflow serve``'s loader maps its YAML onto these classes
 (:meth:`ReceiverConfig.from_dict` accepts the same field names as a nested dict, which is also
-what ``python -m connectors.dicom.receiver --config JSON`` reads). Every value is checked by
+what ``python -m connectors.dicom.receive.receiver --config JSON`` reads). Every value is checked by
 :meth:`ReceiverConfig.validate`, which raises :class:`~dataflow.errors.ConfigError`.
 """
 
@@ -138,8 +138,8 @@ class ReceiverConfig:
             processes can share one port (each with its own pynetdicom server, all sharing
             the SQLite database in WAL mode).
         processes: listener processes on the port (1..64). With more than one, the
-            :class:`~connectors.dicom.receiver.Receiver` starts ``processes - 1`` worker
-            processes itself (``python -m connectors.dicom.receiver --worker``, SO_REUSEPORT
+            :class:`~connectors.dicom.receive.receiver.Receiver` starts ``processes - 1`` worker
+            processes itself (``python -m connectors.dicom.receive.receiver --worker``, SO_REUSEPORT
             implied), restarts one that dies and stops them with itself: pynetdicom is pure
             Python, one process serves its associations with one GIL.
     """

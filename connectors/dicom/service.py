@@ -24,12 +24,12 @@ from typing import Any
 import structlog
 
 from connectors.dicom.config import CalledAE, Peer, ReceiverConfig, TLSConfig
-from connectors.dicom.export import EXPORT_STATE, EXPORT_STATES, Exporter, OutboxAdmin
-from connectors.dicom.groups import Group
-from connectors.dicom.outbox import Outbox, RetryPolicy
-from connectors.dicom.receiver import Receiver
-from connectors.dicom.sender import Destination
-from connectors.dicom.stow import WebDestination
+from connectors.dicom.export.exporter import EXPORT_STATE, EXPORT_STATES, Exporter, OutboxAdmin
+from connectors.dicom.export.outbox import Outbox, RetryPolicy
+from connectors.dicom.export.sender import Destination
+from connectors.dicom.export.stow import WebDestination
+from connectors.dicom.receive.groups import Group
+from connectors.dicom.receive.receiver import Receiver
 from dataflow.errors import ConfigError
 from dataflow.hints import unknown_keys
 

@@ -22,11 +22,16 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 
-from connectors.dicom.association import _Checkpoint, associate, pause_reactor
-from connectors.dicom.direct import DirectStore, _status_of, dataset_offset
-from connectors.dicom.export import Destination, Exporter, Outbox, RetryPolicy, echo
-from connectors.dicom.sender import FileResult, TransientExportError, describe_file, send_files
-from connectors.dicom.stow import WebDestination, stow_echo, stow_files
+from connectors.dicom.export.direct import DirectStore, _status_of, dataset_offset
+from connectors.dicom.export.exporter import Destination, Exporter, Outbox, RetryPolicy, echo
+from connectors.dicom.export.sender import (
+    FileResult,
+    TransientExportError,
+    describe_file,
+    send_files,
+)
+from connectors.dicom.export.stow import WebDestination, stow_echo, stow_files
+from connectors.dicom.net.association import _Checkpoint, associate, pause_reactor
 from operators.dicom.phantom import write_ct_series
 
 pytestmark = pytest.mark.integration

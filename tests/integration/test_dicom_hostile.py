@@ -69,7 +69,13 @@ def stored_sops(spool: Path) -> int:
 @contextlib.contextmanager
 def receiver_process(cfg: ReceiverConfig, log: Path, fastnet: str):
     """A receiver process under RLIMIT_AS, its log in ``log``: yields (process, port)."""
-    cmd = [sys.executable, "-m", "connectors.dicom.receiver", "--config", json.dumps(cfg.to_dict())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "connectors.dicom.receive.receiver",
+        "--config",
+        json.dumps(cfg.to_dict()),
+    ]
     env = {**os.environ, "DATAFLOW_DICOM_FASTNET": fastnet}
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,

@@ -1,4 +1,4 @@
-"""The receiver's direct C-STORE path (``connectors.dicom.intake``) where a peer does what
+"""The receiver's direct C-STORE path (``connectors.dicom.receive.intake``) where a peer does what
 dcmtk's storescu never does: mixes a C-ECHO into C-STOREs, puts a whole message in one PDU,
 breaks off in the middle of a dataset, sends a malformed PDU. The SCU side is pynetdicom's
 association (negotiation) with its socket taken over by the test, as ``DirectStore`` does."""
@@ -16,11 +16,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from test_dicom_receiver import AET, HOST, config, ct, part10, receiving, sop_uid, stored, wait_for
 
-from connectors.dicom import fastnet
-from connectors.dicom.association import associate, pause_reactor
 from connectors.dicom.config import Peer
-from connectors.dicom.direct import DirectStore, dataset_offset
-from connectors.dicom.receiver import Receiver
+from connectors.dicom.export.direct import DirectStore, dataset_offset
+from connectors.dicom.net import fastnet
+from connectors.dicom.net.association import associate, pause_reactor
+from connectors.dicom.receive.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +207,7 @@ def test_a_malformed_pdu_aborts_that_association_only(tmp_path):
 def test_a_rejected_association_does_not_keep_its_slot(tmp_path):
     """pynetdicom rejects past max_associations after the intake parked the DUL thread: the
     DUL must still send the A-ASSOCIATE-RJ and close, or the slot stays taken for good."""
-    from connectors.dicom.association import AssociationFailed
+    from connectors.dicom.net.association import AssociationFailed
 
     with receiving(config(tmp_path, peers=[Peer("SCU")], max_associations=1)) as rx:
         first = connect(rx.port)

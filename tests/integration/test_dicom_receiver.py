@@ -22,8 +22,8 @@ from dicom_peers import DCMTK_ENV, dcmtk, echoscu, storescu
 from pydicom.filereader import _read_file_meta_info
 
 from connectors.dicom.config import CalledAE, Peer, ReceiverConfig, TLSConfig
-from connectors.dicom.groups import GroupStore
-from connectors.dicom.receiver import Receiver
+from connectors.dicom.receive.groups import GroupStore
+from connectors.dicom.receive.receiver import Receiver
 from operators.dicom.phantom import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -354,9 +354,15 @@ def test_restart_completes_pending_groups(tmp_path, monkeypatch):
 
 @contextlib.contextmanager
 def receiver_process(cfg: ReceiverConfig):
-    """``python -m connectors.dicom.receiver`` (no pytest warning filters in there): yields
+    """``python -m connectors.dicom.receive.receiver`` (no pytest warning filters in there): yields
     (process, port)."""
-    cmd = [sys.executable, "-m", "connectors.dicom.receiver", "--config", json.dumps(cfg.to_dict())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "connectors.dicom.receive.receiver",
+        "--config",
+        json.dumps(cfg.to_dict()),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)  # fmt: skip
     try:

@@ -16,7 +16,7 @@ from deadlines import HANG, wait_until
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from connectors.dicom.export import Destination, Exporter, Outbox, RetryPolicy
+from connectors.dicom.export.exporter import Destination, Exporter, Outbox, RetryPolicy
 from operators.dicom.phantom import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ FAST = RetryPolicy(initial_delay=0.2, factor=2.0, max_delay=0.5, deadline=300.0,
 
 GUEST = """
 import sys
-from connectors.dicom.outbox import Outbox
+from connectors.dicom.export.outbox import Outbox
 box = Outbox(sys.argv[1])
 running = box.get(sys.argv[3])
 print(box.owner, running.state, box.requeue(sys.argv[2]).state, box.requested())

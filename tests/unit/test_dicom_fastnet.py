@@ -1,4 +1,4 @@
-"""``connectors.dicom.fastnet`` (pynetdicom without its polling waits) and the receiver's
+"""``connectors.dicom.net.fastnet`` (pynetdicom without its polling waits) and the receiver's
 cheap copies of pynetdicom's presentation contexts."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AssociationSocket
 
-from connectors.dicom import fastnet
-from connectors.dicom.receiver import _Contexts
+from connectors.dicom.net import fastnet
+from connectors.dicom.receive.receiver import _Contexts
 
 
 def test_installed_on_pynetdicom_3_0():
@@ -238,7 +238,8 @@ def test_with_the_fast_path_off_the_receiver_says_why_in_its_log_and_stats(tmp_p
     import sys
 
     code = (
-        "import pynetdicom, connectors.dicom.receiver as r, connectors.dicom.fastnet as f;"
+        "import pynetdicom, connectors.dicom.receive.receiver as r;"
+        "import connectors.dicom.net.fastnet as f;"
         "assert not f.installed() and pynetdicom._config.LOG_HANDLER_LEVEL != 'none';"
         "from connectors.dicom.config import ReceiverConfig, CalledAE;"
         f"c = ReceiverConfig(called_aes=[CalledAE('X', ['p'])], spool={str(tmp_path)!r}, port=0);"

@@ -71,7 +71,7 @@ def test_mistakes_are_named(tmp_path, section, message):
 
 
 def test_a_destination_with_a_url_is_dicomweb(tmp_path):
-    from connectors.dicom.stow import WebDestination
+    from connectors.dicom.export.stow import WebDestination
 
     section = {
         "ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],

@@ -19,8 +19,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from connectors.dicom.config import CalledAE, ReceiverConfig, ReceiverConfigError
-from connectors.dicom.groups import GroupStore, Placement
-from connectors.dicom.spool import (
+from connectors.dicom.receive.groups import GroupStore, Placement
+from connectors.dicom.receive.spool import (
     BadInstance,
     Header,
     ae_component,
@@ -184,7 +184,7 @@ def test_a_failed_commit_keeps_the_acknowledged_copy(tmp_path, monkeypatch):
     def broken_fsync(directory):
         raise OSError(5, "directory fsync failed (injected)")
 
-    monkeypatch.setattr("connectors.dicom.groups.fsync_dir", broken_fsync)
+    monkeypatch.setattr("connectors.dicom.receive.groups.fsync_dir", broken_fsync)
     with pytest.raises(OSError, match="injected"):
         spool.put(data=b"never acknowledged")
     assert _only_copy(spool.store, first.group_id) == b"acknowledged"
@@ -200,7 +200,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path[:0] = [{tests!r}, {shared!r}]  # shared: tests/ (deadlines)
 from test_dicom_spool import Spool
-import connectors.dicom.groups as groups
+import connectors.dicom.receive.groups as groups
 spool = Spool(Path({root!r}))
 spool.put(data=b"acknowledged")
 groups.fsync_dir = lambda directory: os.kill(os.getpid(), signal.SIGKILL)
@@ -320,7 +320,7 @@ def test_file_meta_bytes_are_those_pydicom_writes(sop_class, sop_instance, synta
     from pydicom.dataset import FileMetaDataset
     from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-    from connectors.dicom.spool import encode_file_meta, file_meta_bytes
+    from connectors.dicom.receive.spool import encode_file_meta, file_meta_bytes
 
     meta = FileMetaDataset()
     meta.FileMetaInformationGroupLength = 0
@@ -369,7 +369,7 @@ def test_a_reclaimed_groups_folder_left_by_a_crash_is_swept(tmp_path):
 def _pydicom_uids(data: bytes, implicit: bool) -> list[str]:
     from pydicom.filereader import read_dataset
 
-    from connectors.dicom.spool import _TAG_SERIES, _WANTED, _text
+    from connectors.dicom.receive.spool import _TAG_SERIES, _WANTED, _text
 
     ds = read_dataset(io.BytesIO(data), implicit, True, stop_when=lambda t, v, n: t > _TAG_SERIES)
     return [_text(ds.get_item(tag)) for tag in _WANTED]
@@ -390,7 +390,7 @@ def test_the_quick_header_walk_reads_what_pydicom_reads(implicit, extra):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    from connectors.dicom.spool import quick_uids
+    from connectors.dicom.receive.spool import quick_uids
 
     ds = Dataset()
     with warnings.catch_warnings():  # pydicom warns about the padded and the bad UID
@@ -415,7 +415,7 @@ def test_the_quick_header_walk_reads_what_pydicom_reads(implicit, extra):
 
 
 def test_the_quick_header_walk_leaves_what_it_cannot_read_to_pydicom():
-    from connectors.dicom.spool import quick_uids
+    from connectors.dicom.receive.spool import quick_uids
 
     data = _encoded(**UIDS).getvalue()
     assert quick_uids(data[:20], False) is None  # cut off

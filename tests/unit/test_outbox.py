@@ -8,9 +8,9 @@ import shutil
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 
-from connectors.dicom.export import Exporter
-from connectors.dicom.outbox import Outbox, RetryPolicy
-from connectors.dicom.sender import (
+from connectors.dicom.export.exporter import Exporter
+from connectors.dicom.export.outbox import Outbox, RetryPolicy
+from connectors.dicom.export.sender import (
     Destination,
     DestinationError,
     ExportError,

@@ -11,14 +11,14 @@ import sys
 import pytest
 from deadlines import HANG
 
-from connectors.dicom.outbox import Outbox, OutboxBusy, RetryPolicy
+from connectors.dicom.export.outbox import Outbox, OutboxBusy, RetryPolicy
 from operators.dicom.phantom import write_ct_series
 
 POLICY = RetryPolicy(initial_delay=1.0, deadline=60.0, jitter=0.0)
 
 HOLDER = """
 import sys
-from connectors.dicom.outbox import Outbox
+from connectors.dicom.export.outbox import Outbox
 box = Outbox(sys.argv[1], owner=True)
 print("owner", box.owner, flush=True)
 sys.stdin.read()  # holds the outbox until killed or its stdin closes

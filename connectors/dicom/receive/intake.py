@@ -40,7 +40,7 @@ import structlog
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 
-from . import fastnet
+from ..net import fastnet
 from .spool import PREAMBLE, file_meta_bytes, free_bytes, valid_uid
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@
 A worker loop claims due tasks, at most ``Destination.max_associations`` at a time per
 destination (each attempt is one association on its own thread), so a destination that is down
 or hangs delays only its own tasks. An attempt ends with the task succeeded, pending again after
-the backoff, or dead (see :mod:`connectors.dicom.outbox`). ``stop()`` is bounded: attempts
+the backoff, or dead (see :mod:`connectors.dicom.export.outbox`). ``stop()`` is bounded: attempts
 still sending after ``timeout / 2`` have their associations aborted; interrupted tasks go back
 to pending without counting an attempt, their delivered files remembered.
 
@@ -23,7 +23,7 @@ accepted, ``DOWN_AFTER`` attempts in a row) is *down* in :meth:`Exporter.destina
 until an attempt gets through. :class:`OutboxAdmin` is the outbox seen from another process:
 its listing, and re-sending a dead letter.
 
-Logs (``connectors.dicom.export``) carry task and job IDs, destination names, counts and
+Logs (``connectors.dicom.export.exporter``) carry task and job IDs, destination names, counts and
 status codes: no UIDs or patient data.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from . import fastnet
+from ..net import fastnet
 from .outbox import Outbox, OutboxBusy, RetryPolicy, Task
 from .sender import (
     Cancel,
@@ -68,7 +68,7 @@ __all__ = [
     "echo",
 ]
 
-log = structlog.get_logger("connectors.dicom.export")
+log = structlog.get_logger("connectors.dicom.export.exporter")
 
 DOWN_AFTER = 3  # failed attempts in a row after which a destination is said to be down
 # the outbox's task states as an operator reads them (dataflow exports, the metrics)

@@ -36,8 +36,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from . import fastnet
-from .association import pause_reactor
+from ..net import fastnet
+from ..net.association import pause_reactor
 
 __all__ = ["DirectStore", "ProtocolSurprise"]
 

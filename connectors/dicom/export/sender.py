@@ -4,7 +4,7 @@ For each SOP class of a batch two kinds of presentation context are proposed: on
 (compressed) transfer syntax, and one offering Explicit and Implicit VR Little Endian. A file
 goes out as stored when the peer accepted its syntax; otherwise, when the peer accepted only
 uncompressed, it is decompressed with pydicom first. A file sent as stored goes over
-:class:`~connectors.dicom.direct.DirectStore` where it applies (plain TCP, ``fastnet`` on):
+:class:`~connectors.dicom.export.direct.DirectStore` where it applies (plain TCP, ``fastnet`` on):
 about twice pynetdicom's rate. Each response is classified:
 
 - ``delivered``: Success (0x0000) or a Warning (0x0001, 0xBxxx);
@@ -32,7 +32,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dataflow.errors import DataflowError
 
-from .association import AssociationFailed, Cancel, associate, pause_reactor
+from ..net.association import AssociationFailed, Cancel, associate, pause_reactor
 from .direct import DirectStore, ProtocolSurprise
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
     "send_files",
 ]
 
-log = structlog.get_logger("connectors.dicom.export")
+log = structlog.get_logger("connectors.dicom.export.exporter")
 
 # A file sent as stored goes as its own bytes, read in PDU-sized chunks, never decoded and
 # re-encoded (about twice the rate). pynetdicom then needs an exactly matching context for a

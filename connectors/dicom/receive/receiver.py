@@ -18,7 +18,7 @@ With ``processes: N`` the receiver starts N - 1 worker processes listening on th
 
 Run as a process (tests, or one listener of several sharing a port with ``reuse_port``)::
 
-    python -m connectors.dicom.receiver --config CONFIG.json    # or the JSON text itself
+    python -m connectors.dicom.receive.receiver --config CONFIG.json    # or the JSON text itself
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dataflow.logs import configure_logging
 
-from . import fastnet
-from .config import CalledAE, ReceiverConfig
+from ..config import CalledAE, ReceiverConfig
+from ..net import fastnet
 from .groups import Group, GroupStore, Placement
 from .intake import Intake
 from .spool import (
@@ -143,7 +143,7 @@ class _Workers(threading.Thread):
         super().__init__(name="dicom-workers", daemon=True)
         worker = config.to_dict()
         worker.update(port=port, processes=1, reuse_port=True)
-        self._args = [sys.executable, "-m", "connectors.dicom.receiver", "--worker",
+        self._args = [sys.executable, "-m", "connectors.dicom.receive.receiver", "--worker",
                       "--parent-pid", str(os.getpid()), "--config", json.dumps(worker)]  # fmt: skip
         root = str(Path(__file__).resolve().parents[2])
         path = os.environ.get("PYTHONPATH")
@@ -800,7 +800,7 @@ class _Server(ThreadedAssociationServer):
 
 def main(argv: list[str] | None = None) -> int:
     """Run a receiver until SIGTERM/SIGINT; prints ``listening PORT`` once it listens."""
-    parser = argparse.ArgumentParser(prog="python -m connectors.dicom.receiver")
+    parser = argparse.ArgumentParser(prog="python -m connectors.dicom.receive.receiver")
     parser.add_argument("--config", required=True, help="JSON file, or the JSON text itself")
     parser.add_argument("--worker", action="store_true", help="ingest only (no completion)")
     parser.add_argument("--parent-pid", type=int, help="stop when this process is gone")

@@ -7,7 +7,7 @@ instance:
 
 - HTTP 200 or 202: an instance in its Failed SOP Sequence (0008,1198) is classified by its
   Failure Reason (0008,1197) as a C-STORE status would be
-  (:func:`~connectors.dicom.sender.classify_status`: 0xA7xx and 0x0110 are retried, 0xA9xx,
+  (:func:`~connectors.dicom.export.sender.classify_status`: 0xA7xx and 0x0110 are retried, 0xA9xx,
   0xCxxx and 0x0122 are refused for good); one the response lists in neither that sequence
   nor its Referenced SOP Sequence (0008,1199), when it has one, is refused as "not
   acknowledged"; the others are ``delivered``;
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .association import Cancel
+from ..net.association import Cancel
 from .sender import (
     DestinationError,
     EchoResult,
@@ -47,7 +47,7 @@ from .sender import (
 
 __all__ = ["WebDestination", "stow_echo", "stow_files"]
 
-log = structlog.get_logger("connectors.dicom.export")
+log = structlog.get_logger("connectors.dicom.export.exporter")
 
 FAILED_SOP_SEQUENCE, REFERENCED_SOP_SEQUENCE = "00081198", "00081199"
 SOP_INSTANCE, FAILURE_REASON = "00081155", "00081197"
@@ -224,7 +224,7 @@ def stow_files(
     cancel: Cancel | None = None,
 ) -> None:
     """STOW-RS ``files`` (index, info), calling ``on_result`` for each; the same contract as
-    :func:`~connectors.dicom.sender.send_files` (TransientExportError: retry later)."""
+    :func:`~connectors.dicom.export.sender.send_files` (TransientExportError: retry later)."""
     for batch in _batches(destination, files):
         if cancel is not None and cancel.is_set():
             return

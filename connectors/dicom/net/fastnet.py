@@ -31,7 +31,7 @@ two hooks:
    ``C_STORE_RSP.encode_msg``), instead of building and twice encoding a pydicom Dataset:
    1.4 ms of CPU per instance. Anything else goes through pynetdicom as before.
 
-4. Two hooks for :mod:`connectors.dicom.direct` (the exporter's C-STORE path): a DUL
+4. Two hooks for :mod:`connectors.dicom.export.direct` (the exporter's C-STORE path): a DUL
    thread can be parked in its idle wait (:func:`waker`, :meth:`_Waker.hold`), and bytes
    read off an ``AssociationSocket`` by someone else can be given back (:func:`push_back`):
    ``recv`` returns them first and ``ready`` is True while there are any.

@@ -8,10 +8,10 @@ title. States::
     ignored   (late instances under the ``ignore`` policy: stored, never handed over)
 
 Each group has its own folder ``<spool>/<called-ae>/<key>.g<id>/<series>/<sop>.dcm`` (every
-component sanitised by :mod:`connectors.dicom.spool`), so a late instance under ``new-job`` or
-``rerun`` never lands in a folder a pipeline may be reading. Files are moved into a group
-folder inside the same ``BEGIN IMMEDIATE`` transaction that records them, so completion (also
-a transaction) can never race with an instance half-placed.
+component sanitised by :mod:`connectors.dicom.receive.spool`), so a late instance under
+``new-job`` or ``rerun`` never lands in a folder a pipeline may be reading. Files are moved
+into a group folder inside the same ``BEGIN IMMEDIATE`` transaction that records them, so
+completion (also a transaction) can never race with an instance half-placed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import structlog
 
 from dataflow.durable import fsync_dir, open_database
 
-from .config import CalledAE
+from ..config import CalledAE
 from .spool import Header, ae_component, uid_component
 
 __all__ = ["Group", "GroupStore", "Placement"]
