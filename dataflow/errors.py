@@ -36,6 +36,8 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
     │                                dataflow.output)
     ├── ModelError                   a model that cannot be stored, found or read
     │                                (dataflow.models)
+    ├── RegistrationError            a registered result's task.json that cannot be used
+    │                                (ValueError; dataflow.registered)
     ├── SchedulerError               dataflow.machine (PlacementError: dataflow.scheduler)
     │   ├── SchedulerValueError      a bad inventory declaration (DATAFLOW_GPUS...; ValueError)
     │   └── PlacementError           replicas that cannot be placed, each with the reason

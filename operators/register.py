@@ -9,19 +9,19 @@ delivers. Here the stage writes the task as a folder of its own, self-contained:
         task.json        # Clara's task record: taskId, jobId, agent, parameters, uris, state
         files/...        # the registered files (hard links where possible, else copies)
 
-``uris`` are relative to ``files/``. ``dataflow run`` leaves the task there (it has no PACS
-to send to); the export service picks such tasks up and delivers them with retries.
+``uris`` are relative to ``files/`` (:mod:`dataflow.registered` owns the format). ``dataflow
+run`` leaves the task there (it has no PACS to send to); the export service picks such tasks
+up and delivers them with retries.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 from dataflow.durable import link_or_copy
+from dataflow.registered import FILES, Registration
 from dataflow.stage import ParameterError, Port, Stage, StageError
 
 __all__ = ["AGENT_RE", "RegisterResults", "register_files"]
@@ -41,32 +41,25 @@ def register_files(
     job_id: str,
     job_name: str | None = None,
 ) -> dict:
-    """Write the task for every file under ``folder`` into ``out``; returns the task record.
+    """Write the task for every file under ``folder`` into ``out``; returns the task record
+    (``task.json``'s keys: :meth:`dataflow.registered.Registration.to_json`).
     What ``out`` held before (an earlier attempt at the same job) is replaced: the task
     lists exactly the files under ``folder``. Its ``taskId`` is new each time, so that the
     export service never takes a new registration for one it has already sent."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     if not files:
         raise StageError(f"nothing to register: the input folder {folder.name!r} has no files")
-    shutil.rmtree(out / "files", ignore_errors=True)
+    shutil.rmtree(out / FILES, ignore_errors=True)
     uris = []
     for path in files:
         relative = path.relative_to(folder)
-        link_or_copy(path, out / "files" / relative)
+        link_or_copy(path, out / FILES / relative)
         uris.append(relative.as_posix())
-    task = {
-        "taskId": uuid.uuid4().hex,
-        "jobId": job_id,
-        "jobName": job_name,
-        "agent": agent,
-        "parameters": json.dumps(destinations),  # Clara: a JSON-encoded string
-        "destinations": destinations,
-        "state": "Pending",
-        "retries": 0,
-        "uris": uris,
-    }
-    (out / "task.json").write_text(json.dumps(task, indent=2) + "\n")
-    return task
+    registration = Registration.new(
+        job_id=job_id, agent=agent, destinations=destinations, uris=uris, job_name=job_name
+    )
+    registration.write(out)
+    return registration.to_json()
 
 
 class RegisterResults(Stage):

@@ -54,6 +54,7 @@ from dataflow.hints import suggest
 from dataflow.identifiers import identifiers_of
 from dataflow.logs import scrub
 from dataflow.machine import gpu_usage
+from dataflow.registered import Registration, RegistrationError
 from dataflow.service.config import SERVICE_KEYS, JobLimits, PipelineEntry, ServiceConfig
 from dataflow.service.health import HealthWriter, ServiceLock, read_previous
 from dataflow.service.jobs import JobRecord, JobStore
@@ -569,12 +570,16 @@ class Service:
         count = 0
         for export in waiting:
             task_dir = Path(export["task_dir"])
-            if not (task_dir / "task.json").is_file():
+            if not Registration.present(task_dir):
                 log.error("export_task_missing", job_id=export["job_id"], task=export["task_id"])
                 self.jobs.export_state(export["task_id"], "missing")
                 continue
-            job = self.jobs.get(export["job_id"])
-            self._hand(job, task_dir, json.loads((task_dir / "task.json").read_text()))
+            try:
+                registration = Registration.read(task_dir)
+            except RegistrationError as exc:  # stays 'new': read again at the next start
+                log.error("export_task_invalid", job_id=export["job_id"], error=str(exc))
+                continue
+            self._hand(self.jobs.get(export["job_id"]), task_dir, registration)
             count += 1
         return count
 
@@ -708,25 +713,29 @@ class Service:
                  seconds=round(result.seconds, 3))  # fmt: skip
         job = self.jobs.get(result.job)
         for value in result.outputs.values():
-            if isinstance(value, Path) and (value / "task.json").is_file():
-                task = json.loads((value / "task.json").read_text())
-                self.jobs.add_export(task["taskId"], job.id, str(task.get("agent", "")), value)
+            if isinstance(value, Path) and Registration.present(value):
+                try:
+                    task = Registration.read(value)
+                except RegistrationError as exc:  # the job stands; its results go nowhere
+                    log.error("export_task_invalid", job_id=job.id, error=str(exc))
+                    continue
+                self.jobs.add_export(task.task_id, job.id, task.agent, value)
                 self._hand(job, value, task)
 
-    def _hand(self, job: JobRecord, task_dir: Path, task: Mapping[str, Any]) -> None:
+    def _hand(self, job: JobRecord, task_dir: Path, task: Registration) -> None:
         assert self.jobs is not None
-        agent = str(task.get("agent", ""))
+        agent = task.agent
         connector = self._agents.get(agent.lower())
         if connector is None:
             log.warning("export_without_agent", job_id=job.id, agent=agent)
-            self.jobs.export_state(task["taskId"], "no-agent")
+            self.jobs.export_state(task.task_id, "no-agent")
             return
         try:
-            connector.export(task_dir, task, job)
+            connector.export(task_dir, task.to_json(), job)
         except Exception as exc:  # stays 'new': handed again at the next start
             log.error("export_handover_failed", job_id=job.id, agent=agent, error=repr(exc))
             return
-        self.jobs.export_state(task["taskId"], "handed")
+        self.jobs.export_state(task.task_id, "handed")
 
     def export_progress(self, task_id: str, destination: str, state: str, detail: str = "") -> None:
         """See :meth:`ServiceHost.export_progress`."""

@@ -29,13 +29,14 @@ status codes: no UIDs or patient data.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import structlog
+
+from dataflow.registered import Registration
 
 from ..net import fastnet
 from .outbox import Outbox, OutboxBusy, RetryPolicy, Task
@@ -143,15 +144,15 @@ class Exporter:
     ) -> list[Task]:
         """One task per destination of a RegisterResults folder (``task.json`` + ``files/``),
         with the ID ``<taskId>-<destination>``. Idempotent: a destination already queued (before
-        a restart, say) is not queued twice; its task is returned as it is."""
-        record = json.loads((Path(task_dir) / "task.json").read_text())
-        names = record.get("destinations") or json.loads(record.get("parameters") or "[]")
-        if not names:
+        a restart, say) is not queued twice; its task is returned as it is. A ``task.json``
+        that cannot be used raises :class:`~dataflow.registered.RegistrationError`."""
+        record = Registration.read(task_dir)
+        if not record.destinations:
             raise ExportError(f"{task_dir}: task.json names no destination")
-        job_id = (record.get("jobId") or "") if job_id is None else job_id
-        base = record.get("taskId") or Path(task_dir).name
+        job_id = record.job_id if job_id is None else job_id
+        base = record.task_id
         tasks = []
-        for name in names:
+        for name in record.destinations:
             task = self.outbox.get(f"{base}-{name}")
             if task is None:
                 task = self.enqueue(

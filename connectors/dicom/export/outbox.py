@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import random
 import re
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataflow.durable import link_or_copy, open_database
+from dataflow.registered import Registration
 
 from .sender import ExportError, FileInfo, FileResult, describe_file
 
@@ -132,9 +132,8 @@ def _sources(source: str | Path | Iterable[str | Path]) -> list[tuple[Path, str]
     a list of files."""
     if isinstance(source, str | Path):
         path = Path(source)
-        if (path / "task.json").is_file():
-            uris = json.loads((path / "task.json").read_text())["uris"]
-            return [(path / "files" / uri, uri) for uri in uris]
+        if Registration.present(path):
+            return Registration.read(path).files(path)
         if path.is_dir():
             return [
                 (p, p.relative_to(path).as_posix()) for p in sorted(path.rglob("*")) if p.is_file()
