@@ -36,7 +36,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from ..net import fastnet
+from ..net import fastnet, pdu
 from ..net.association import pause_reactor
 
 __all__ = ["DirectStore", "ProtocolSurprise"]
@@ -44,6 +44,7 @@ __all__ = ["DirectStore", "ProtocolSurprise"]
 SEND_PDU = 4 * 1024 * 1024  # the largest P-DATA we send to a peer that sets no limit
 PARK_TIMEOUT = 5.0
 MAX_RESPONSE = 1024 * 1024
+COMMAND_LAST = pdu.COMMAND | pdu.LAST  # a command set in one fragment
 _EVENTS = (
     evt.EVT_DIMSE_SENT,
     evt.EVT_DIMSE_RECV,
@@ -56,11 +57,6 @@ _EVENTS = (
 
 class ProtocolSurprise(Exception):
     """The peer sent something other than the response: given back to pynetdicom."""
-
-
-def _pdata_header(length: int, context_id: int, control: int) -> bytes:
-    """The 12 bytes before a fragment of ``length`` bytes: a P-DATA-TF PDU with one PDV."""
-    return struct.pack(">BBIIBB", 0x04, 0, length + 6, length + 2, context_id, control)
 
 
 def dataset_offset(path: Path) -> int:
@@ -77,24 +73,7 @@ def dataset_offset(path: Path) -> int:
     return split_dataset(path)[1]
 
 
-def _status_of(command: bytes, msg_id: int) -> int | None:
-    """Status of a C-STORE-RSP command set (Implicit VR Little Endian) answering ``msg_id``;
-    None when it is something else."""
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(command)
-    while pos + 8 <= end:
-        group, element, length = struct.unpack_from("<HHI", command, pos)
-        pos += 8
-        fields[group << 16 | element] = command[pos : pos + length]
-        pos += length
-    if pos != end:
-        return None
-    field, answered, status = (fields.get(t) for t in (0x00000100, 0x00000120, 0x00000900))
-    if field != b"\x01\x80" or answered is None or len(answered) != 2 or status is None:
-        return None
-    if struct.unpack("<H", answered)[0] != msg_id or len(status) != 2:
-        return None
-    return struct.unpack("<H", status)[0]
+_status_of = pdu.c_store_rsp_status  # the name tests/integration/test_dicom_export.py reads
 
 
 class DirectStore:
@@ -169,7 +148,8 @@ class DirectStore:
                 raise OSError(f"{path.name} shrank while being read")
             try:
                 self.sock.settimeout(self.timeout)
-                self.sock.sendall(_pdata_header(len(command), context_id, 0x03) + command)
+                header = pdu.pdata_header(len(command), context_id, COMMAND_LAST)
+                self.sock.sendall(header + command)
                 self._send_dataset(file, first, remaining, fragment, context_id)
                 return self._response(msg_id, context_id)
             except (OSError, ProtocolSurprise):
@@ -181,7 +161,8 @@ class DirectStore:
 
     def _send_dataset(self, file, first: bytes, remaining: int, fragment: int, cx: int) -> None:
         remaining -= len(first)
-        self.sock.sendall(_pdata_header(len(first), cx, 0x02 if remaining <= 0 else 0x00) + first)
+        last = pdu.LAST if remaining <= 0 else 0
+        self.sock.sendall(pdu.pdata_header(len(first), cx, last) + first)
         if remaining <= 0:
             return
         if len(self.buffer) < 12 + fragment:
@@ -191,7 +172,7 @@ class DirectStore:
             while remaining > 0:
                 size = min(fragment, remaining)
                 remaining -= size
-                view[:12] = _pdata_header(size, cx, 0x02 if remaining <= 0 else 0x00)
+                view[:12] = pdu.pdata_header(size, cx, pdu.LAST if remaining <= 0 else 0)
                 if file.readinto(view[12 : 12 + size]) != size:
                     raise OSError("the file shrank while being sent")  # the PDU is cut off
                 self.sock.sendall(view[: 12 + size])
@@ -216,19 +197,19 @@ class DirectStore:
         deadline = time.monotonic() + (self.timeout if self.timeout is not None else 1e9)
         command = b""
         while True:
-            header = self._read(6, deadline)
-            kind, length = header[0], struct.unpack(">I", header[2:6])[0]
+            header = self._read(pdu.PDU_HEADER, deadline)
+            kind, length = pdu.parse_pdu_header(header)
             if length > MAX_RESPONSE:  # no C-STORE response is that long: a broken peer
                 raise ProtocolSurprise(f"a PDU of {length} bytes instead of a response")
             body = self._read(length, deadline)
             last = self._command_fragments(body, context_id)
-            if kind != 0x04 or last is None:
+            if kind != pdu.P_DATA_TF or last is None:
                 fastnet.push_back(self.dul.socket, header + body)
                 raise ProtocolSurprise(f"PDU type 0x{kind:02X} instead of a C-STORE response")
             command += b"".join(part for part, _ in last)
             if last and last[-1][1]:
                 break
-        status = _status_of(command, msg_id)
+        status = pdu.c_store_rsp_status(command, msg_id)
         if status is None:
             raise ProtocolSurprise("a response that is not this C-STORE's")
         return status
@@ -236,14 +217,10 @@ class DirectStore:
     @staticmethod
     def _command_fragments(body: bytes, context_id: int) -> list[tuple[bytes, bool]] | None:
         """The command fragments (data, last) in a P-DATA-TF body; None if it holds other."""
-        parts, pos = [], 0
-        while pos + 6 <= len(body):
-            length = struct.unpack_from(">I", body, pos)[0]
-            if length < 2 or body[pos + 4] != context_id or not body[pos + 5] & 0x01:
-                return None
-            parts.append((body[pos + 6 : pos + 4 + length], bool(body[pos + 5] & 0x02)))
-            pos += 4 + length
-        return parts if pos == len(body) else None
+        pdvs = pdu.split_pdvs(body)
+        if pdvs is None or any(cx != context_id or not c & pdu.COMMAND for cx, c, _ in pdvs):
+            return None
+        return [(bytes(data), bool(control & pdu.LAST)) for _, control, data in pdvs]
 
     def _give_up(self) -> None:
         """After a failed exchange: pynetdicom takes over and ends the association (what it

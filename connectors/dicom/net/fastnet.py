@@ -81,7 +81,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 import types
@@ -99,6 +98,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from . import pdu
+
 __all__ = [
     "ASSOCIATE_MAX",
     "c_store_rq_bytes",
@@ -111,7 +112,6 @@ __all__ = [
     "read_exact",
     "refused",
     "refused_count",
-    "store_rsp_command",
     "tune_malloc",
     "waker",
 ]
@@ -120,7 +120,7 @@ RECV_CHUNK = 4 * 1024 * 1024
 ASSOCIATE_MAX = 256 * 1024  # any PDU before the association (an A-ASSOCIATE-RQ of 128
 # contexts with many transfer syntaxes each is a few tens of KiB)
 UNLIMITED_PDATA = 64 * 1024 * 1024  # a P-DATA-TF's bound where our maximum is 0 (unlimited)
-FIXED_SIZE = {0x03: 4, 0x05: 4, 0x06: 4, 0x07: 4}  # A-ASSOCIATE-RJ, A-RELEASE-RQ/RP, A-ABORT
+FIXED_SIZE = {pdu.A_ASSOCIATE_RJ: 4, pdu.A_RELEASE_RQ: 4, pdu.A_RELEASE_RP: 4, pdu.A_ABORT: 4}
 POLL = 0.5  # a blocked read looks at its deadline this often
 
 log = structlog.get_logger("connectors.dicom")
@@ -346,7 +346,7 @@ def pdu_limit(assoc: Association, pdu_type: int) -> int:
     """The longest PDU of ``pdu_type`` this end reads on ``assoc`` (see the docstring)."""
     if pdu_type in FIXED_SIZE:
         return FIXED_SIZE[pdu_type]
-    if pdu_type != 0x04 or not assoc.is_established:
+    if pdu_type != pdu.P_DATA_TF or not assoc.is_established:
         return ASSOCIATE_MAX
     local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
     return local.maximum_length or UNLIMITED_PDATA
@@ -407,8 +407,8 @@ def _read_pdu_guarded(self: DULServiceProvider) -> None:
         _timed_out(self, deadline, "header")
         self.event_queue.put("Evt17")
         return
-    pdu_type, _, length = struct.unpack(">BBL", header)
-    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+    pdu_type, length = pdu.parse_pdu_header(header)
+    if pdu_type not in pdu.PDU_TYPES:
         log.info("pdu_unknown", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}")
         self.event_queue.put("Evt19")
         return
@@ -424,13 +424,13 @@ def _read_pdu_guarded(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt17")
         return
     try:
-        pdu, event = self._decode_pdu(header + body)
+        decoded, event = self._decode_pdu(header + body)
     except Exception:
         log.info("pdu_undecodable", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}")
         self.event_queue.put("Evt19")
         return
     self.event_queue.put(event)
-    self._recv_pdu.put(pdu)
+    self._recv_pdu.put(decoded)
 
 
 def _timed_out(dul: DULServiceProvider, deadline: float | None, part: str) -> None:
@@ -458,17 +458,8 @@ def guard() -> bool:
         return _guarded[0]
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    data = value.encode("latin-1")  # a request's bytes as received (decoded as latin-1)
-    return data + b"\0" if len(data) % 2 else data
-
-
 def c_store_rsp_bytes(primitive: C_STORE) -> bytes | None:
-    """The command set (Implicit VR Little Endian) of a plain C-STORE response, or None when
+    """The command set (:func:`.pdu.c_store_rsp`) of a plain C-STORE response, or None when
     the primitive carries more than Status, the two UIDs and the message ID."""
     p = primitive
     if p.ErrorComment is not None or p.OffendingElement is not None:
@@ -478,48 +469,19 @@ def c_store_rsp_bytes(primitive: C_STORE) -> bytes | None:
         return None
     if not isinstance(p.MessageIDBeingRespondedTo, int):
         return None
-    return store_rsp_command(sop_class, sop_instance, p.MessageIDBeingRespondedTo, status)
-
-
-def store_rsp_command(
-    sop_class: str, sop_instance: str, msg_id: int, status: int, comment: str | None = None
-) -> bytes:
-    """A C-STORE response's command set, with an Error Comment (0000,0902) if given (ASCII,
-    at most 64 characters: LO)."""
-    note = b""
-    if comment:
-        text = comment.encode("ascii", "replace")[:64]
-        note = _element(0x00000902, text + b" " if len(text) % 2 else text)
-    body = b"".join((
-        _element(0x00000002, _uid(sop_class)),
-        _element(0x00000100, struct.pack("<H", 0x8001)),
-        _element(0x00000120, struct.pack("<H", msg_id)),
-        _element(0x00000800, struct.pack("<H", 0x0101)),
-        _element(0x00000900, struct.pack("<H", status)),
-        note,
-        _element(0x00001000, _uid(sop_instance)),
-    ))  # fmt: skip
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
+    return pdu.c_store_rsp(sop_class, sop_instance, p.MessageIDBeingRespondedTo, status)
 
 
 def c_store_rq_bytes(primitive: C_STORE) -> bytes | None:
-    """The command set of a C-STORE request whose dataset follows (pynetdicom's bytes), or
-    None when it names a move originator (pynetdicom encodes those)."""
+    """The command set (:func:`.pdu.c_store_rq`) of a C-STORE request whose dataset follows,
+    or None when it names a move originator (pynetdicom encodes those)."""
     p = primitive
     if p.MoveOriginatorApplicationEntityTitle or p.MoveOriginatorMessageID is not None:
         return None
     sop_class, sop_instance = p.AffectedSOPClassUID, p.AffectedSOPInstanceUID
     if sop_class is None or sop_instance is None or not isinstance(p.MessageID, int):
         return None
-    body = b"".join((
-        _element(0x00000002, _uid(sop_class)),
-        _element(0x00000100, struct.pack("<H", 0x0001)),
-        _element(0x00000110, struct.pack("<H", p.MessageID)),
-        _element(0x00000700, struct.pack("<H", p.Priority)),
-        _element(0x00000800, struct.pack("<H", 0x0001)),
-        _element(0x00001000, _uid(sop_instance)),
-    ))  # fmt: skip
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
+    return pdu.c_store_rq(sop_class, sop_instance, p.MessageID, p.Priority)
 
 
 _send_msg = DIMSEServiceProvider.send_msg

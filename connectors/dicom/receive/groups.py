@@ -31,6 +31,7 @@ import structlog
 from dataflow.durable import fsync_dir, open_database
 
 from ..config import CalledAE
+from ..net.pdu import Status
 from .spool import Header, ae_component, uid_component
 
 __all__ = ["Group", "GroupStore", "Placement"]
@@ -259,10 +260,10 @@ class GroupStore:
             (group_id, h.sop_instance_uid),
         ).fetchone()
         if existing and self.duplicates == "keep-first":
-            item.status, item.note = 0x0000, "duplicate kept first"
+            item.status, item.note = Status.SUCCESS, "duplicate kept first"
             return
         if existing and self.duplicates == "reject":
-            item.status, item.note = 0x0111, "duplicate SOP Instance UID"
+            item.status, item.note = Status.DUPLICATE, "duplicate SOP Instance UID"
             return
         series = f"{folder}/{uid_component(h.series_uid)}"
         rel = self._free_name(series, uid_component(h.sop_instance_uid), existing)
@@ -282,7 +283,7 @@ class GroupStore:
             "UPDATE groups SET instances = instances + ?, last_arrival = ? WHERE id = ?",
             (0 if existing else 1, now, group_id),
         )
-        item.status, item.note = 0x0000, "duplicate overwritten" if existing else ""
+        item.status, item.note = Status.SUCCESS, "duplicate overwritten" if existing else ""
 
     def _free_name(self, series: str, sop: str, existing) -> str:
         """``<series>/<sop>.dcm``, or for a copy replacing a recorded one, the first of

@@ -30,7 +30,6 @@ import errno
 import os
 import select
 import socket
-import struct
 import time
 import uuid
 from pathlib import Path
@@ -40,7 +39,8 @@ import structlog
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 
-from ..net import fastnet
+from ..net import fastnet, pdu
+from ..net.pdu import Status
 from .spool import PREAMBLE, file_meta_bytes, free_bytes, valid_uid
 
 if TYPE_CHECKING:
@@ -56,8 +56,6 @@ MAX_COMMAND = 1024 * 1024  # a command set (or a PDU that is not P-DATA) beyond 
 CHUNK = 1024 * 1024  # dataset bytes read and written at a time
 _EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
            evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)  # fmt: skip
-SUCCESS, OUT_OF_RESOURCES, TOO_LARGE, FAILURE = 0x0000, 0xA700, 0xA701, 0x0110
-NOT_MATCHING = 0xA900
 RECHECK_FREE = 16 * 1024 * 1024  # bytes written between two reads of the free space
 
 
@@ -73,36 +71,14 @@ class _Stop(Exception):
     """The association ended (closed, aborted, timed out, receiver stopping)."""
 
 
-def parse_command(command: bytes) -> dict[int, bytes] | None:
-    """The elements of a command set (Implicit VR Little Endian), None if malformed."""
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(command)
-    while pos + 8 <= end:
-        group, element, length = struct.unpack_from("<HHI", command, pos)
-        pos += 8
-        if pos + length > end:
-            return None
-        fields[group << 16 | element] = command[pos : pos + length]
-        pos += length
-    return fields if pos == end else None
-
-
-def _us(value: bytes | None) -> int | None:
-    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
-
-
-def _ui(value: bytes | None) -> str:
-    return value.decode("latin-1").rstrip("\x00 ") if value else ""  # bytes kept as received
-
-
 class _Instance:
     """A C-STORE being received: its request and its temp file."""
 
     def __init__(self, receiver: Receiver, fields: dict[int, bytes], context, called) -> None:
         self.receiver = receiver
-        self.msg_id = _us(fields.get(0x00000110)) or 0
-        self.sop_class = _ui(fields.get(0x00000002))
-        self.sop_instance = _ui(fields.get(0x00001000))
+        self.msg_id = pdu.command_us(fields, pdu.MESSAGE_ID) or 0
+        self.sop_class = pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS)
+        self.sop_instance = pdu.command_ui(fields, pdu.AFFECTED_SOP_INSTANCE)
         self.context_id = context.context_id
         self.syntax = str(context.transfer_syntax[0])
         self.size = 0
@@ -114,16 +90,16 @@ class _Instance:
         self.path: Path | None = None
         self.fd: int | None = None
         if not (valid_uid(self.sop_class) and valid_uid(self.sop_instance)):
-            self.refuse(NOT_MATCHING, "the request's SOP Class or Instance UID is not a UID")
+            self.refuse(Status.NOT_MATCHING, "the request's SOP Class or Instance UID is not a UID")
             return
         if called is not None and called.ignores(self.sop_class):
-            self.refusal = (SUCCESS, "ignored")  # acknowledged, read and dropped
+            self.refusal = (Status.SUCCESS, "ignored")  # acknowledged, read and dropped
             return
         self.meta = file_meta_bytes(self.sop_class, self.sop_instance, self.syntax,
                                     PYNETDICOM_IMPLEMENTATION_UID,
                                     PYNETDICOM_IMPLEMENTATION_VERSION)  # fmt: skip
         if receiver.below_reserve(len(PREAMBLE) + len(self.meta), self.free):
-            self.refuse(OUT_OF_RESOURCES, "disk reserve reached")
+            self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
             return
         self.path = receiver.incoming / f"{uuid.uuid4().hex}.part"
         try:
@@ -134,11 +110,12 @@ class _Instance:
 
     def _failed(self, exc: OSError) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.refuse(OUT_OF_RESOURCES, "no space left")
+            self.refuse(Status.OUT_OF_RESOURCES, "no space left")
         else:
             log.error("spool_write_failed", error=os.strerror(exc.errno or 0))
             self.refuse(
-                FAILURE, f"cannot write to the spool ({errno.errorcode.get(exc.errno or 0)})"
+                Status.PROCESSING_FAILURE,
+                f"cannot write to the spool ({errno.errorcode.get(exc.errno or 0)})",
             )
 
     def _write(self, data) -> None:
@@ -151,7 +128,7 @@ class _Instance:
         if self.refusal is not None:
             return
         if self.limit and self.size > self.limit:
-            self.refuse(TOO_LARGE, f"instance larger than {self.limit} bytes")
+            self.refuse(Status.TOO_LARGE, f"instance larger than {self.limit} bytes")
             return
         if self.size - self._checked_at >= RECHECK_FREE:  # others write to the disk too
             self.free, self._checked_at = free_bytes(self.receiver.spool), self.size
@@ -159,7 +136,7 @@ class _Instance:
         if not self._checked_at:
             needed += len(PREAMBLE) + len(self.meta)
         if self.receiver.below_reserve(needed, self.free):
-            self.refuse(OUT_OF_RESOURCES, "disk reserve reached")
+            self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
             return
         try:
             self._write(fragment)
@@ -186,7 +163,7 @@ class _Instance:
         needed = len(PREAMBLE) + len(self.meta) + self.size
         try:
             if called is None:  # cannot happen: the ACSE rejected the association
-                return FAILURE, "called AE title not configured", None
+                return Status.PROCESSING_FAILURE, "called AE title not configured", None
             assert self.fd is not None and self.path is not None
             try:
                 os.fsync(self.fd)
@@ -304,11 +281,10 @@ class Intake:
         return view[:n]
 
     def _send_response(self, item: _Instance, status: int, note: str) -> None:
-        command = fastnet.store_rsp_command(
+        command = pdu.c_store_rsp(
             item.sop_class, item.sop_instance, item.msg_id, status, note or None
         )
-        header = struct.pack(">BBIIBB", 0x04, 0, len(command) + 6, len(command) + 2,
-                             item.context_id, 0x03)  # fmt: skip
+        header = pdu.pdata_header(len(command), item.context_id, pdu.COMMAND | pdu.LAST)
         try:
             self.sock.sendall(header + command)
         except OSError:
@@ -318,33 +294,33 @@ class Intake:
 
     def _serve(self) -> None:
         contexts = {cx.context_id: cx for cx in self.assoc.accepted_contexts}
-        limit = fastnet.pdu_limit(self.assoc, 0x04)
+        limit = fastnet.pdu_limit(self.assoc, pdu.P_DATA_TF)
         item: _Instance | None = None
         command = bytearray()
         pieces: list[bytes] = []  # the command's PDVs so far, to give back
         try:
             while True:
-                header = bytes(self._read(6))
-                kind, left = header[0], struct.unpack(">I", header[2:6])[0]
-                if kind == 0x04 and left > limit:  # the peer's claim: nothing allocated by it
+                header = bytes(self._read(pdu.PDU_HEADER))
+                kind, left = pdu.parse_pdu_header(header)
+                if kind == pdu.P_DATA_TF and left > limit:  # a claim: nothing allocated by it
                     fastnet.refused(self.assoc, kind, left, limit)
                     self.dul.__dict__["_pdu_refused"] = True  # its DUL reads no more of it
                     raise _Malformed(f"a P-DATA-TF of {left} bytes, over the maximum {limit}")
-                if kind != 0x04:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's, body unread
+                if kind != pdu.P_DATA_TF:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's, body unread
                     if item is not None:
                         item.discard()
                         item = None
                     self._give_back(pieces, header)
                 while left > 0:  # the PDVs of a P-DATA-TF, read one by one
-                    if left < 6:
+                    if left < pdu.PDV_HEADER:
                         raise _Malformed("malformed P-DATA-TF")
-                    head = bytes(self._read(6))
-                    size, context_id, control = struct.unpack(">IBB", head)
+                    head = bytes(self._read(pdu.PDV_HEADER))
+                    size, context_id, control = pdu.parse_pdv_header(head)
                     if size < 2 or size - 2 > left - 6:
                         raise _Malformed("malformed PDV item")
                     left -= 4 + size
                     count = size - 2
-                    if control & 0x01:  # a command fragment
+                    if control & pdu.COMMAND:  # a command fragment
                         if item is not None:
                             raise _Malformed("a command inside a dataset")
                         if len(command) + count > MAX_COMMAND:
@@ -352,7 +328,7 @@ class Intake:
                         data = bytes(self._read(count))
                         command += data
                         pieces.append(head + data)
-                        if control & 0x02:
+                        if control & pdu.LAST:
                             item = self._start(bytes(command), context_id, contexts, pieces, left)
                             command.clear()
                             pieces.clear()
@@ -363,7 +339,7 @@ class Intake:
                         chunk = self._read(min(count, CHUNK))
                         item.add(chunk)
                         count -= len(chunk)
-                    if control & 0x02:
+                    if control & pdu.LAST:
                         if self._ended():
                             raise _Stop  # aborted meanwhile: nothing is acknowledged
                         status, note = self.receiver.answer(
@@ -381,14 +357,15 @@ class Intake:
     def _start(self, command: bytes, context_id: int, contexts: dict, pieces, left: int):
         """A complete command: a C-STORE-RQ we take, or everything given back to pynetdicom
         (with the ``left`` bytes still unread in the current P-DATA-TF)."""
-        fields = parse_command(command)
+        fields = pdu.parse_command(command)
         context = contexts.get(context_id)
-        is_store = fields is not None and _us(fields.get(0x00000100)) == 0x0001
-        has_data = fields is not None and _us(fields.get(0x00000800)) != 0x0101
+        field = None if fields is None else pdu.command_us(fields, pdu.COMMAND_FIELD)
+        kind = None if fields is None else pdu.command_us(fields, pdu.DATASET_TYPE)
+        is_store, has_data = field == pdu.C_STORE_RQ, kind != pdu.NO_DATASET
         if not is_store or not has_data or context is None:
             self._give_back(pieces, rest=left)
         assert fields is not None and context is not None
-        if _ui(fields.get(0x00000002)) != str(context.abstract_syntax):
+        if pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS) != str(context.abstract_syntax):
             self._give_back(pieces, rest=left)  # pynetdicom answers a mismatched SOP class
         called = self.receiver.config.called(self.assoc.acceptor.ae_title)
         return _Instance(self.receiver, fields, context, called)
@@ -398,7 +375,7 @@ class Intake:
         covers the ``rest`` bytes of the current PDU still on the socket (the DUL reads them
         after what is given back), then ``tail``."""
         body = b"".join(pieces)
-        data = (struct.pack(">BBI", 0x04, 0, len(body) + rest) + body if body else b"") + tail
+        data = (pdu.pdu_header(pdu.P_DATA_TF, len(body) + rest) + body if body else b"") + tail
         if data:
             fastnet.push_back(self.dul.socket, data)
         raise _GiveBack

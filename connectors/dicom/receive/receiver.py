@@ -59,6 +59,7 @@ from dataflow.logs import configure_logging
 
 from ..config import CalledAE, ReceiverConfig
 from ..net import fastnet
+from ..net.pdu import Status
 from .groups import Group, GroupStore, Placement
 from .intake import Intake
 from .spool import (
@@ -75,14 +76,6 @@ __all__ = ["Receiver", "main"]
 
 log = structlog.get_logger("connectors.dicom")
 
-# C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C.4.2)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # disk reserve reached, or the disk is full
-TOO_LARGE = 0xA701  # beyond max_instance_size (Out of Resources range)
-NOT_MATCHING = 0xA900  # UIDs missing, malformed, or not those of the request
-CANNOT_UNDERSTAND = 0xC000  # undecodable dataset
-DUPLICATE = 0x0111  # duplicate SOP instance, under duplicates="reject"
-PROCESSING_FAILURE = 0x0110  # anything unexpected (logged with the exception)
 IGNORED = "ignored: its SOP class is in ignored_sop_classes"  # Success, nothing stored
 ABORT_GRACE = 2.0  # seconds a peer has to close after our A-ABORT when the receiver stops
 UNLIMITED = 1_000_000  # pynetdicom's own association limit, which counts every connection
@@ -392,7 +385,7 @@ class Receiver:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         handlers = [
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_ECHO, lambda event: Status.SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -483,8 +476,8 @@ class Receiver:
     def _on_store(self, event) -> int | Dataset:
         called = self.config.called(event.assoc.acceptor.ae_title)
         status, note = self.answer(event.assoc, lambda: self._store(event, called))
-        if status == SUCCESS:
-            return SUCCESS
+        if status == Status.SUCCESS:
+            return Status.SUCCESS
         reply = Dataset()
         reply.Status = status
         reply.ErrorComment = note[:64]
@@ -501,16 +494,16 @@ class Receiver:
             status, note, group_id = exc.status, str(exc), None
         except Exception as exc:
             log.exception("store_failed", calling_ae=calling, peer_host=host)
-            status, note, group_id = PROCESSING_FAILURE, type(exc).__name__, None
-        if status == SUCCESS and group_id is None:  # its SOP class is ignored: dropped
+            status, note, group_id = Status.PROCESSING_FAILURE, type(exc).__name__, None
+        if status == Status.SUCCESS and group_id is None:  # its SOP class is ignored: dropped
             stats["ignored"] = stats.get("ignored", 0) + 1
-            return SUCCESS, ""
-        if status == SUCCESS:
+            return Status.SUCCESS, ""
+        if status == Status.SUCCESS:
             stats["stored"] += 1
             stats["groups"].add(group_id)
             if note:
                 log.info("store_note", calling_ae=calling, peer_host=host, note=note)
-            return SUCCESS, ""
+            return Status.SUCCESS, ""
         stats["failed"] += 1
         log.warning("store_refused", calling_ae=calling, peer_host=host,
                     status=f"0x{status:04X}", reason=note)  # fmt: skip
@@ -518,14 +511,18 @@ class Receiver:
 
     def _store(self, event, called: CalledAE | None) -> tuple[int, str, int | None]:
         if called is None:  # cannot happen: the ACSE rejected the association
-            return PROCESSING_FAILURE, "called AE title not configured", None
+            return Status.PROCESSING_FAILURE, "called AE title not configured", None
         request = event.request
         if called.ignores(str(request.AffectedSOPClassUID)):
-            return SUCCESS, IGNORED, None
+            return Status.SUCCESS, IGNORED, None
         stream = request.DataSet
         size = stream.getbuffer().nbytes
         if self.config.max_instance_size and size > self.config.max_instance_size:
-            return TOO_LARGE, f"instance larger than {self.config.max_instance_size} bytes", None
+            return (
+                Status.TOO_LARGE,
+                f"instance larger than {self.config.max_instance_size} bytes",
+                None,
+            )
         syntax = str(event.context.transfer_syntax)
         header = self.checked_header(
             stream, syntax, 0, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
@@ -536,13 +533,13 @@ class Receiver:
         )  # fmt: skip
         needed = size + len(meta) + len(PREAMBLE)
         if self.below_reserve(needed, free_bytes(self.spool)):
-            return OUT_OF_RESOURCES, "disk reserve reached", None
+            return Status.OUT_OF_RESOURCES, "disk reserve reached", None
         view = stream.getbuffer()
         try:
             temp = write_temp(self.incoming, (PREAMBLE, meta, view))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return OUT_OF_RESOURCES, "no space left", None
+                return Status.OUT_OF_RESOURCES, "no space left", None
             raise
         finally:
             view.release()
@@ -588,9 +585,9 @@ class Receiver:
         missing or not the request's."""
         header = parse_header(fp, syntax, offset)
         if header.sop_class_uid != sop_class:
-            raise BadInstance(NOT_MATCHING, "SOPClassUID differs from the request's")
+            raise BadInstance(Status.NOT_MATCHING, "SOPClassUID differs from the request's")
         if header.sop_instance_uid != sop_instance:
-            raise BadInstance(NOT_MATCHING, "SOPInstanceUID differs from the request's")
+            raise BadInstance(Status.NOT_MATCHING, "SOPInstanceUID differs from the request's")
         return header
 
     def disk(self) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from pydicom.filewriter import write_file_meta_info
 from dataflow.durable import fsync_dir
 from dataflow.errors import DataflowError
 
+from ..net.pdu import Status
+
 __all__ = [
     "PREAMBLE",
     "BadInstance",
@@ -246,7 +248,9 @@ def parse_header(fp: BinaryIO, transfer_syntax: str, offset: int = 0) -> Header:
                     inflated += inflater.decompress(chunk, (1 << 20) - len(inflated))
                     tail = inflater.unconsumed_tail
             except zlib.error as exc:
-                raise BadInstance(0xC000, f"cannot inflate the dataset: {exc}") from exc
+                raise BadInstance(
+                    Status.CANNOT_UNDERSTAND, f"cannot inflate the dataset: {exc}"
+                ) from exc
             source: BinaryIO = io.BytesIO(inflated)
         else:
             source = fp
@@ -266,13 +270,13 @@ def parse_header(fp: BinaryIO, transfer_syntax: str, offset: int = 0) -> Header:
                 values = [_text(ds.get_item(tag)) for tag in _WANTED]  # raw: not validated
         except Exception as exc:  # pydicom raises many types on garbage
             message = f"cannot decode the dataset: {type(exc).__name__}"
-            raise BadInstance(0xC000, message) from exc
+            raise BadInstance(Status.CANNOT_UNDERSTAND, message) from exc
     finally:
         fp.seek(start)
     names = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     for name, value in zip(names, values):
         if not value:
-            raise BadInstance(0xA900, f"{name} is missing")
+            raise BadInstance(Status.NOT_MATCHING, f"{name} is missing")
         if not valid_uid(value):
-            raise BadInstance(0xA900, f"{name} is not a valid UID")
+            raise BadInstance(Status.NOT_MATCHING, f"{name} is not a valid UID")
     return Header(*values)
