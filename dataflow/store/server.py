@@ -29,7 +29,7 @@ import time
 
 from dataflow.errors import StoreError
 from dataflow.store import protocol
-from dataflow.store.table import Client, Object, ObjectTable, Reply
+from dataflow.store.table import LOOKUPS, Client, Object, ObjectTable, Reply
 
 log = logging.getLogger("dataflow.store.server")
 
@@ -192,12 +192,13 @@ class StoreServer:
                 self.backlog.add(conn)
                 return
             del buf[:end]
-            if table.needs_settling(request):
+            if request[0] in LOOKUPS and table.needs_settling(request):
                 self._settle()
                 if conn.closed:
                     return
                 now = time.monotonic()
-            self._deliver(table.handle(conn.client, request, now))
+            for client, message, fds in table.handle(conn.client, request, now):
+                self._send(client.handle, message, fds)
             if conn.closed:
                 return
 

@@ -45,6 +45,7 @@ from dataflow.units import format_bytes
 
 __all__ = [
     "DEVICE_KIND",
+    "LOOKUPS",
     "MAX_ID_LENGTH",
     "BlockAllocator",
     "Client",
@@ -56,7 +57,7 @@ __all__ = [
 MAX_ID_LENGTH = 255
 DEVICE_KIND = "cuda"  # a descriptor of device memory shared by CUDA IPC (dataflow.store.cuda)
 #: Requests that ask about an object a one-way seal may not have been applied to yet.
-_LOOKUPS = frozenset({"get", "contains"})
+LOOKUPS = frozenset({"get", "contains"})
 
 
 class BlockAllocator(Protocol):
@@ -257,7 +258,7 @@ class ObjectTable:
         about the object, the seal may still be unread: before answering "not there", the server
         reads and applies every one-way request waiting in its buffers.
         """
-        if request[0] not in _LOOKUPS or len(request) < 2:
+        if request[0] not in LOOKUPS or len(request) < 2:
             return False
         obj = self.objects.get(request[1])
         return obj is None or not obj.sealed
