@@ -254,3 +254,114 @@ def test_with_the_fast_path_off_the_receiver_says_why_in_its_log_and_stats(tmp_p
     assert "STATS 0 none" in done.stdout
     assert "dicom_fast_path_off" in done.stdout + done.stderr
     assert "DATAFLOW_DICOM_FASTNET=0" in done.stdout + done.stderr
+
+
+def _pynetdicom_private_names() -> set[str]:
+    """Every private name of pynetdicom: module globals, class attributes and the instance
+    attributes its constructors set."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    names: set[str] = set()
+
+    def private(found) -> set[str]:
+        return {n for n in found if n.startswith("_") and not n.startswith("__")}
+
+    for info in pkgutil.iter_modules(pynetdicom.__path__):
+        if info.name in ("tests", "apps", "benchmarks"):
+            continue
+        module = importlib.import_module(f"pynetdicom.{info.name}")
+        names |= private(vars(module))
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            for klass in cls.__mro__:
+                if klass.__module__.startswith("pynetdicom"):
+                    names |= private(vars(klass))
+                    init = vars(klass).get("__init__")
+                    names |= private(getattr(getattr(init, "__code__", None), "co_names", ()))
+    return names
+
+
+def test_pynetdicoms_private_names_are_used_in_compat_only():
+    """``connectors.dicom.net.compat`` is the one place that names pynetdicom's internals: an
+    attribute access ``x._name`` (``x`` not ``self``) with a private pynetdicom name anywhere
+    else in connectors/dicom fails here (docstrings and comments do not count)."""
+    import io
+    import tokenize
+    from pathlib import Path
+
+    import connectors.dicom
+
+    names = _pynetdicom_private_names()
+    assert {"_kill", "_idle_timer", "_read_pdu_data", "_reactor_checkpoint"} <= names
+    root = Path(connectors.dicom.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+                  if t.type in (tokenize.NAME, tokenize.OP)]  # fmt: skip
+        for before, dot, name in zip(tokens, tokens[1:], tokens[2:]):
+            if dot.string == "." and name.string in names and before.string != "self":
+                found.append(f"{path.relative_to(root)}:{name.start[0]} .{name.string}")
+    assert found == []
+
+
+def test_pynetdicom_logs_no_identifiers_once_a_receiver_or_exporter_starts(monkeypatch):
+    """At start (``fastnet.install``, not at import), fast path on or off, pynetdicom's
+    logging of C-FIND/GET/MOVE identifiers is off."""
+    from pynetdicom import _config
+
+    fastnet.uninstall()
+    monkeypatch.setattr(_config, "LOG_REQUEST_IDENTIFIERS", True)
+    monkeypatch.setattr(_config, "LOG_RESPONSE_IDENTIFIERS", True)
+    monkeypatch.setenv("DATAFLOW_DICOM_FASTNET", "0")
+    try:
+        assert fastnet.install() is False
+        assert not _config.LOG_REQUEST_IDENTIFIERS and not _config.LOG_RESPONSE_IDENTIFIERS
+    finally:
+        fastnet.uninstall()
+    monkeypatch.setattr(_config, "LOG_REQUEST_IDENTIFIERS", True)
+    monkeypatch.delenv("DATAFLOW_DICOM_FASTNET")
+    assert fastnet.install() is True
+    assert not _config.LOG_REQUEST_IDENTIFIERS
+
+
+def test_uninstall_puts_pynetdicom_back_and_install_decides_again(monkeypatch):
+    import time
+
+    fastnet.install()
+    fastnet.uninstall()
+    try:
+        assert not fastnet.installed() and fastnet.why_off() is None
+        assert pynetdicom.dul.time is time and pynetdicom.association.time is time
+        assert AssociationSocket.recv is not fastnet._recv
+        assert not isinstance(AssociationSocket.__dict__["ready"].fget, type(None))
+        assert AssociationSocket.ready.fget is not fastnet._ready_or_pushed_back
+        assert DIMSEServiceProvider.send_msg is not fastnet._fast_send_msg
+        monkeypatch.setenv("DATAFLOW_DICOM_FASTNET", "0")
+        assert fastnet.install() is False
+        assert fastnet.why_off() == "DATAFLOW_DICOM_FASTNET=0 in the environment"
+        assert pynetdicom.dul.time is time  # nothing patched
+    finally:
+        fastnet.uninstall()
+    monkeypatch.delenv("DATAFLOW_DICOM_FASTNET")
+    assert fastnet.install() is True and fastnet.installed()
+
+
+def test_compat_finds_every_internal_it_names_in_this_pynetdicom(monkeypatch):
+    """What :func:`compat.check` says before ``install`` patches anything."""
+    from connectors.dicom.net import compat
+
+    fastnet.uninstall()
+    try:
+        assert compat.check() is None
+        monkeypatch.delattr(pynetdicom.dul.DULServiceProvider, "_decode_pdu")
+        assert compat.check() == (
+            f"pynetdicom {pynetdicom.__version__} lacks DULServiceProvider._decode_pdu"
+        )
+        monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+        assert "pynetdicom 3.1.0 is not the 3.0.x" in compat.check()
+    finally:
+        monkeypatch.undo()
+        fastnet.install()

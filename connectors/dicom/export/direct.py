@@ -36,8 +36,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from ..net import fastnet, pdu
-from ..net.association import pause_reactor
+from ..net import compat, fastnet, pdu
+from ..net.association import pause_reactor, resume_reactor
 
 __all__ = ["DirectStore", "ProtocolSurprise"]
 
@@ -105,11 +105,11 @@ class DirectStore:
             return True
         pause_reactor(self.assoc)  # the association's thread; its checkpoint opens in release
         if not self.dul.to_provider_queue.empty() or not self.dul.event_queue.empty():
-            self.assoc._reactor_checkpoint.set()
+            resume_reactor(self.assoc)
             return False
         self.held = fastnet.waker(self.dul).hold(PARK_TIMEOUT)
         if not self.held:
-            self.assoc._reactor_checkpoint.set()
+            resume_reactor(self.assoc)
         return self.held
 
     def release(self) -> None:
@@ -117,9 +117,9 @@ class DirectStore:
         if not self.held:
             return
         self.held = False
-        self.dul._idle_timer.restart()  # it could not see the responses we read
+        compat.restart_idle_timer(self.dul)  # it could not see the responses we read
         fastnet.waker(self.dul).release()
-        self.assoc._reactor_checkpoint.set()
+        resume_reactor(self.assoc)
 
     # ---------------------------------------------------------------- one C-STORE
 
@@ -225,13 +225,13 @@ class DirectStore:
     def _give_up(self) -> None:
         """After a failed exchange: pynetdicom takes over and ends the association (what it
         has been given back, an A-ABORT for instance, or our abort after a timeout)."""
-        pushed_back = bool(self.dul.socket.__dict__.get("_fastnet_pushback"))
+        pushed_back = fastnet.pushed_back(self.dul.socket)
         self.release()
         if not pushed_back and self.assoc.is_established:
             self.assoc.abort()
             return
         end = time.monotonic() + PARK_TIMEOUT
-        while self.dul.socket.__dict__.get("_fastnet_pushback") and time.monotonic() < end:
+        while fastnet.pushed_back(self.dul.socket) and time.monotonic() < end:
             time.sleep(0.001)  # pynetdicom reads what we gave back
         if self.assoc.is_established:
             self.assoc.abort()  # the exchange is broken off mid-message: no way to go on

@@ -26,14 +26,16 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket
 
 from dataflow.errors import DataflowError
 
-__all__ = ["AssociationFailed", "Cancel", "associate", "pause_reactor"]
+from . import compat
+
+__all__ = ["AssociationFailed", "Cancel", "associate", "pause_reactor", "resume_reactor"]
 
 
 class AssociationFailed(DataflowError):
@@ -77,13 +79,12 @@ def _shutdown(sock: AssociationSocket) -> None:
         sock.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
 
 
-class _Socket(AssociationSocket):
-    def _create_socket(self, address) -> socket.socket:
-        sock = super()._create_socket(address)
+class _Socket(compat.HookedSocket):
+    def created(self, sock: socket.socket) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _shutdown_socket(self) -> None:
+    def shut_down(self) -> None:
         sock = self.socket
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
@@ -91,12 +92,12 @@ class _Socket(AssociationSocket):
             sock.close()  # type: ignore[union-attr]
 
 
-class _AE(AE):
+class _AE(compat.HookedAE):
     def __init__(self, ae_title: str, cancel: Cancel | None) -> None:
         super().__init__(ae_title=ae_title)
         self._cancel = cancel
 
-    def _create_socket(self, assoc, address, tls_args) -> AssociationSocket:
+    def make_socket(self, assoc, address, tls_args) -> AssociationSocket:
         sock = _Socket(assoc, address=address)
         sock.tls_args = tls_args
         if self._cancel is not None:
@@ -138,13 +139,18 @@ class _Checkpoint:
 
 def pause_reactor(assoc: Association, timeout: float = 5.0) -> None:
     """Park ``assoc``'s reactor before a request (pynetdicom resumes it after the response)."""
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    checkpoint = compat.reactor_checkpoint(assoc)
     if not isinstance(checkpoint, _Checkpoint):
         return
     checkpoint.clear()
     end = time.monotonic() + timeout
     while not checkpoint.parked and assoc.is_alive() and time.monotonic() < end:
         time.sleep(0.0001)
+
+
+def resume_reactor(assoc: Association) -> None:
+    """Let ``assoc``'s reactor go on after :func:`pause_reactor`."""
+    compat.reactor_checkpoint(assoc).set()
 
 
 class _Peer:
@@ -199,6 +205,6 @@ def associate(
         if not peer.reason and assoc.rejected_contexts and not assoc.accepted_contexts:
             why = "no presentation context accepted"
         raise AssociationFailed(why)
-    if isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
-        assoc._reactor_checkpoint = _Checkpoint()  # type: ignore[assignment]
+    if isinstance(compat.reactor_checkpoint(assoc), threading.Event):
+        compat.set_reactor_checkpoint(assoc, _Checkpoint())
     return assoc

@@ -36,10 +36,10 @@ two hooks:
    read off an ``AssociationSocket`` by someone else can be given back (:func:`push_back`):
    ``recv`` returns them first and ``ready`` is True while there are any.
 
-And, fast path or not, it sets pynetdicom's documented ``_config.LOG_HANDLER_LEVEL = "none"``
-unless the ``pynetdicom`` logger is enabled for DEBUG: its standard handlers format a description of
-every PDU and DIMSE message (and log an INFO line per C-STORE) on every association, a
-fifth of the receiver's CPU per instance; the receiver logs its own events.
+And, fast path or not, it turns pynetdicom's own logging down (:func:`.compat.quiet_logs`):
+no identifiers (patient names and IDs) ever, and no description of every PDU and DIMSE
+message (nor an INFO line per C-STORE) unless the ``pynetdicom`` logger is enabled for
+DEBUG: those cost a fifth of the receiver's CPU per instance; the receiver logs its own events.
 
 :func:`tune_malloc` (called by ``Receiver.start``) keeps freed memory in the process: glibc
 maps every allocation of 128 KiB or more (each PDU, each reassembled dataset) afresh from
@@ -51,11 +51,14 @@ to 64 MiB of freed memory per malloc arena instead of returning it at once.
 Socket buffer sizes are left alone on purpose: setting ``SO_RCVBUF`` turns off Linux's
 autotuning, which here already grows a connection's buffer up to ``tcp_rmem``'s 32 MiB.
 
-Only pynetdicom 3.0.x is patched (the loops were read there; pyproject pins it); with any
-other version, or with ``DATAFLOW_DICOM_FASTNET=0`` in the environment, :func:`install`
-patches nothing and returns False, :func:`why_off` says why, and the receiver logs it at
-WARNING and reports ``fast_path`` 0 in its stats (``dataflow_dicom_receiver_fast_path``).
-Tested in ``tests/unit/test_dicom_fastnet.py``.
+Only pynetdicom 3.0.x is patched (the loops were read there; pyproject pins it). Every
+private name of pynetdicom used here is reached through :mod:`.compat`, whose :func:`.compat.check`
+decides at start: with another version, an internal missing, or ``DATAFLOW_DICOM_FASTNET=0``
+in the environment, :func:`install` patches nothing and returns False, :func:`why_off` says
+why, :func:`start` logs it at WARNING (``dicom_fast_path_off``), and the receiver reports
+``fast_path`` 0 in its stats (``dataflow_dicom_receiver_fast_path``). :func:`uninstall` undoes
+it (tests run the same receivers with the fast path on and off). Tested in
+``tests/unit/test_dicom_fastnet.py``.
 
 **The PDU guard** (:func:`guard`, installed by :func:`install` and on its own by the receiver
 and the exporter even with ``DATAFLOW_DICOM_FASTNET=0``: it is a bound, not a speed-up).
@@ -77,7 +80,6 @@ that a peer sending part of a PDU and then nothing cannot hold a thread for ever
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import select
 import socket
@@ -90,7 +92,7 @@ import pynetdicom
 import pynetdicom.association
 import pynetdicom.dul
 import structlog
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
@@ -98,7 +100,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
-from . import pdu
+from . import compat, pdu
 
 __all__ = [
     "ASSOCIATE_MAX",
@@ -109,11 +111,16 @@ __all__ = [
     "installed",
     "pdu_limit",
     "push_back",
+    "pushed_back",
     "read_exact",
     "refused",
     "refused_count",
+    "start",
+    "stop_reading",
     "tune_malloc",
+    "uninstall",
     "waker",
+    "why_off",
 ]
 
 RECV_CHUNK = 4 * 1024 * 1024
@@ -188,7 +195,7 @@ class _Waker:
         dul = self._dul
         if dul is None:
             return False
-        if not self._outgoing.empty() or dul._kill_thread:  # type: ignore[union-attr]
+        if not self._outgoing.empty() or compat.dul_stopping(dul):  # type: ignore[union-attr]
             return True
         return dul.state_machine.current_state not in ("Sta3", "Sta6")
 
@@ -242,13 +249,14 @@ class _Waker:
 
 def waker(thread: DULServiceProvider | Association) -> _Waker:
     """``thread``'s waker (made once)."""
-    found = thread.__dict__.get("_fastnet_waker")
+    found = compat.attached(thread, "waker")
     if found is not None:
         return found
     with _lock:
-        found = thread.__dict__.get("_fastnet_waker")
+        found = compat.attached(thread, "waker")
         if found is None:
-            found = thread.__dict__["_fastnet_waker"] = _Waker(thread)
+            found = _Waker(thread)
+            compat.attach(thread, "waker", found)
         return found
 
 
@@ -267,7 +275,12 @@ def _sleep(seconds: float) -> None:
 def push_back(sock: AssociationSocket, data: bytes) -> None:
     """Put ``data`` (read off ``sock`` by someone else) back in front of what pynetdicom reads
     next: the DUL thread sees it as still unread (``ready`` is True until it is read)."""
-    sock.__dict__["_fastnet_pushback"] = bytes(data) + sock.__dict__.get("_fastnet_pushback", b"")
+    compat.attach(sock, "pushback", bytes(data) + compat.attached(sock, "pushback", b""))
+
+
+def pushed_back(sock: AssociationSocket) -> bool:
+    """Whether bytes given back with :func:`push_back` are still unread."""
+    return bool(compat.attached(sock, "pushback"))
 
 
 _ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
@@ -275,12 +288,12 @@ _ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
 
 def _ready_or_pushed_back(self: AssociationSocket) -> bool:
     dul = self.assoc.dul
-    held = dul.__dict__.get("_fastnet_waker")
+    held = compat.attached(dul, "waker")
     if held is not None and held.held and threading.current_thread() is dul:
         held.park()
         if held.held:  # woken (or not parked) to send something: read nothing yet
             return False
-    return bool(self.__dict__.get("_fastnet_pushback")) or _ready(self)
+    return pushed_back(self) or _ready(self)
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -300,12 +313,12 @@ def read_exact(sock: AssociationSocket, nr_bytes: int, deadline: float | None = 
     peer allocates nothing by itself."""
     buffer = bytearray(min(nr_bytes, RECV_CHUNK))
     nr_read = 0
-    pushed = sock.__dict__.pop("_fastnet_pushback", b"")
+    pushed = compat.detach(sock, "pushback", b"")
     if pushed:
         nr_read = min(len(pushed), nr_bytes)
         buffer[:nr_read] = pushed[:nr_read]
         if pushed[nr_read:]:
-            sock.__dict__["_fastnet_pushback"] = pushed[nr_read:]
+            compat.attach(sock, "pushback", pushed[nr_read:])
     raw = _raw(sock)
     while nr_read < nr_bytes and raw is not None:
         if nr_read == len(buffer):
@@ -389,15 +402,20 @@ def _shut(sock: AssociationSocket) -> None:
         raw.close()
 
 
+def stop_reading(dul: DULServiceProvider) -> None:
+    """After a refused PDU: the DUL thread reads nothing more from that connection."""
+    compat.attach(dul, "pdu_refused", True)
+
+
 def _read_pdu_guarded(self: DULServiceProvider) -> None:
     """``DULServiceProvider._read_pdu_data`` with every PDU bounded (see the docstring):
     the same events for the state machine, the same decoding."""
     sock = self.socket
     assoc = self.assoc
-    if self.__dict__.get("_pdu_refused"):  # nothing more is read after a refusal
+    if compat.attached(self, "pdu_refused"):  # nothing more is read after a refusal
         self.event_queue.put("Evt17")
         return
-    artim = assoc.__dict__.get("artim_deadline")
+    artim = compat.attached(assoc, "artim_deadline")
     timeout = self.network_timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     if artim is not None and not assoc.is_established:
@@ -415,7 +433,7 @@ def _read_pdu_guarded(self: DULServiceProvider) -> None:
     limit = pdu_limit(assoc, pdu_type)
     if length > limit:
         refused(assoc, pdu_type, length, limit)
-        self.__dict__["_pdu_refused"] = True
+        stop_reading(self)
         self.event_queue.put("Evt19")  # A-ABORT, as for any invalid PDU
         return
     body = read_exact(sock, length, deadline)
@@ -424,13 +442,12 @@ def _read_pdu_guarded(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt17")
         return
     try:
-        decoded, event = self._decode_pdu(header + body)
+        decoded, event = compat.decode_pdu(self, header + body)
     except Exception:
         log.info("pdu_undecodable", peer_host=_peer(assoc), pdu_type=f"0x{pdu_type:02X}")
         self.event_queue.put("Evt19")
         return
-    self.event_queue.put(event)
-    self._recv_pdu.put(decoded)
+    compat.deliver_pdu(self, decoded, event)
 
 
 def _timed_out(dul: DULServiceProvider, deadline: float | None, part: str) -> None:
@@ -451,9 +468,9 @@ def guard() -> bool:
     ``DATAFLOW_DICOM_FASTNET`` says); False if not applicable."""
     with _lock:
         if not _guarded:
-            ok = pynetdicom.__version__.startswith("3.0.")
+            ok = pynetdicom.__version__.startswith(compat.SUPPORTED)
             if ok:
-                DULServiceProvider._read_pdu_data = _read_pdu_guarded  # type: ignore[method-assign]
+                compat.replace_pdu_reader(_read_pdu_guarded)
             _guarded.append(ok)
         return _guarded[0]
 
@@ -522,6 +539,7 @@ def tune_malloc() -> bool:
 
 
 _why_off: list[str] = []  # why install() left pynetdicom as it is, in words
+_patched: dict[str, Any] = {}  # what install() replaced: (owner, name) -> the original
 
 
 def why_off() -> str | None:
@@ -529,35 +547,56 @@ def why_off() -> str | None:
     return _why_off[0] if _why_off else None
 
 
+def _patch(owner: Any, name: str, value: Any) -> None:
+    _patched.setdefault((owner, name), owner.__dict__[name])
+    setattr(owner, name, value)
+
+
 def install() -> bool:
     """Patch pynetdicom 3.0.x in this process (idempotent); False if not applicable, with
-    the reason in :func:`why_off`. The PDU guard (:func:`guard`) is installed in any case, and
-    pynetdicom's own per-message log lines (which describe every dataset's identifiers) are
-    turned off unless its logger is enabled for DEBUG. Called when a receiver or an exporter
+    the reason in :func:`why_off` (:func:`.compat.check`). The PDU guard (:func:`guard`) is
+    installed in any case, and pynetdicom's own logging of identifiers and of every message
+    is turned off (:func:`.compat.quiet_logs`). Called when a receiver or an exporter
     starts, never at import."""
     guard()
     with _lock:
         if _installed:
             return _installed[0]
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-            _config.LOG_HANDLER_LEVEL = "none"
-        if not pynetdicom.__version__.startswith("3.0."):
-            version = pynetdicom.__version__
-            _why_off.append(f"pynetdicom {version} is not the 3.0.x the patch was written and "
-                            "tested for (pinned in pyproject; docs/dicom.md)")  # fmt: skip
-        elif os.environ.get("DATAFLOW_DICOM_FASTNET", "1") == "0":
-            _why_off.append("DATAFLOW_DICOM_FASTNET=0 in the environment")
-        elif pynetdicom.dul.time is not time or pynetdicom.association.time is not time:
-            _why_off.append("pynetdicom's time module was replaced by someone else")
-        ok = not _why_off
+        compat.quiet_logs()
+        reason = compat.check()
+        if reason is not None:
+            _why_off.append(reason)
+        ok = reason is None
         if ok:
             shim = types.ModuleType("time", "time, with pynetdicom-aware sleep (fastnet)")
             shim.__dict__.update(time.__dict__)
             shim.sleep = _sleep  # type: ignore[attr-defined]
-            pynetdicom.dul.time = shim  # type: ignore[attr-defined]
-            pynetdicom.association.time = shim  # type: ignore[attr-defined]
-            AssociationSocket.recv = _recv  # type: ignore[method-assign]
-            AssociationSocket.ready = property(_ready_or_pushed_back)  # type: ignore[method-assign]
-            DIMSEServiceProvider.send_msg = _fast_send_msg  # type: ignore[method-assign]
+            _patch(pynetdicom.dul, "time", shim)
+            _patch(pynetdicom.association, "time", shim)
+            _patch(AssociationSocket, "recv", _recv)
+            _patch(AssociationSocket, "ready", property(_ready_or_pushed_back))
+            _patch(DIMSEServiceProvider, "send_msg", _fast_send_msg)
         _installed.append(ok)
         return ok
+
+
+def start(component: str) -> bool:
+    """:func:`install`, at a receiver's or an exporter's start: when the fast path is off,
+    say so at WARNING with the reason (once per start). Whether it is on."""
+    on = install()
+    if not on:
+        log.warning("dicom_fast_path_off", component=component, reason=why_off(),
+                    effect="about half the ingest rate")  # fmt: skip
+    return on
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (the PDU guard stays): the next :func:`install` decides again,
+    from the environment then. For tests that run the same receiver with the fast path on
+    and off in one process; nothing may be using pynetdicom meanwhile."""
+    with _lock:
+        for (owner, name), original in _patched.items():
+            setattr(owner, name, original)
+        _patched.clear()
+        _installed.clear()
+        _why_off.clear()

@@ -39,7 +39,7 @@ import structlog
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 
-from ..net import fastnet, pdu
+from ..net import compat, fastnet, pdu
 from ..net.pdu import Status
 from .spool import PREAMBLE, file_meta_bytes, free_bytes, valid_uid
 
@@ -236,7 +236,7 @@ class Intake:
         return quiet and dul.state_machine.current_state == "Sta6"
 
     def _release(self) -> None:
-        self.dul._idle_timer.restart()  # it could not see what we read
+        compat.restart_idle_timer(self.dul)  # it could not see what we read
         self.waker.release()
 
     def _abort(self) -> None:
@@ -246,7 +246,7 @@ class Intake:
 
     def _ended(self) -> bool:
         a = self.assoc
-        if self.receiver.stopping or not a.is_established or a.is_aborted or a._kill:
+        if self.receiver.stopping or not a.is_established or a.is_aborted or compat.is_killed(a):
             return True
         return self.dul.state_machine.current_state != "Sta6"  # an A-ABORT went out, say
 
@@ -304,7 +304,7 @@ class Intake:
                 kind, left = pdu.parse_pdu_header(header)
                 if kind == pdu.P_DATA_TF and left > limit:  # a claim: nothing allocated by it
                     fastnet.refused(self.assoc, kind, left, limit)
-                    self.dul.__dict__["_pdu_refused"] = True  # its DUL reads no more of it
+                    fastnet.stop_reading(self.dul)  # its DUL reads no more of it
                     raise _Malformed(f"a P-DATA-TF of {left} bytes, over the maximum {limit}")
                 if kind != pdu.P_DATA_TF:  # A-RELEASE-RQ, A-ABORT...: pynetdicom's, body unread
                     if item is not None:

@@ -50,15 +50,14 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     evt,
 )
-from pynetdicom.acse import ACSE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dataflow.logs import configure_logging
 
 from ..config import CalledAE, ReceiverConfig
-from ..net import fastnet
+from ..net import compat, fastnet
 from ..net.pdu import Status
 from .groups import Group, GroupStore, Placement
 from .intake import Intake
@@ -254,9 +253,7 @@ class Receiver:
         """Recover the spool, listen, and start completing groups; returns ``self``."""
         self.incoming.mkdir(parents=True, exist_ok=True)
         # pynetdicom without its 1 ms polling waits, every PDU bounded (see fastnet.py)
-        if not fastnet.install():
-            log.warning("dicom_fast_path_off", reason=fastnet.why_off(),
-                        effect="about half the ingest rate")  # fmt: skip
+        fastnet.start("receiver")  # off: said at WARNING, with the reason
         fastnet.tune_malloc()  # reuse touched memory for PDUs and datasets (fastnet.py)
         if self._complete_groups:
             for stale in self.incoming.glob("*.part"):  # never acknowledged
@@ -392,7 +389,7 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        ae._receiver = self  # the ACSE reads its configuration through the AE
+        compat.attach(ae, "receiver", self)  # the ACSE reads its configuration through the AE
         server = ae.make_server(
             (config.host, config.port),
             ae_title=config.called_aes[0].ae_title,
@@ -403,7 +400,7 @@ class Receiver:
             reuse_port=config.reuse_port or config.processes > 1,
         )
         server.artim_timeout = config.artim_timeout
-        ae._servers.append(server)  # so that server.shutdown() finds it
+        compat.register_server(ae, server)  # so that ae.shutdown() finds it
         thread = threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True)
         thread.start()
         return server
@@ -431,8 +428,8 @@ class Receiver:
 
     def _on_rejected(self, event) -> None:
         r = event.assoc.requestor
-        called = getattr(event.assoc, "_called_ae", "")
-        reason = getattr(event.assoc, "_reject_reason", "limit")
+        called = compat.attached(event.assoc, "called_ae", "")
+        reason = compat.attached(event.assoc, "reject_reason", "limit")
         log.info("association_rejected", calling_ae=r.ae_title, peer_host=r.address,
                  called_ae=called, reason=reason)  # fmt: skip
         now = time.time()
@@ -555,7 +552,8 @@ class Receiver:
             return {"associations": active, **self.counts, "pdus_refused": fastnet.refused_count(),
                     "fast_path": int(fastnet.installed())}  # fmt: skip
 
-    def _count(self, name: str) -> None:
+    def count(self, name: str) -> None:
+        """Add one to the counter ``name`` of :meth:`stats`."""
         with self._slots:
             self.counts[name] += 1
 
@@ -657,13 +655,13 @@ def _shut_down(assoc) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
 
 
-class _CheckingACSE(ACSE):
+class _CheckingACSE(compat.AcceptorACSE):
     """Rejects an unknown called AE title, and a calling AE (or host) not allowed, with the
     standard reasons, before pynetdicom's own negotiation (which checks the association
     limit and the presentation contexts)."""
 
-    def _negotiate_as_acceptor(self) -> None:
-        receiver: Receiver = self.assoc.ae._receiver
+    def negotiate(self) -> None:
+        receiver: Receiver = compat.attached(self.assoc.ae, "receiver")
         config = receiver.config
         rq = self.requestor.primitive
         called, calling = rq.called_ae_title.strip(), rq.calling_ae_title.strip()
@@ -679,7 +677,8 @@ class _CheckingACSE(ACSE):
         elif not receiver.admit(self.assoc, known):  # transient: local limit exceeded
             reason, rsd = "local limit exceeded", (0x02, 0x03, 0x02)
         if reason is not None:
-            self.assoc._called_ae, self.assoc._reject_reason = called, reason
+            compat.attach(self.assoc, "called_ae", called)
+            compat.attach(self.assoc, "reject_reason", reason)
             self.requestor.ae_title = rq.calling_ae_title
             self.send_reject(*rsd)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -688,7 +687,7 @@ class _CheckingACSE(ACSE):
         self.acceptor.ae_title = called
         intake = Intake.prepare(receiver, self.assoc)
         try:
-            super()._negotiate_as_acceptor()
+            self.negotiate_as_pynetdicom()
         except BaseException:
             if intake is not None:
                 intake.waker.release()
@@ -704,7 +703,7 @@ def _wait_for_request(dul, receive, wait: bool = False, timeout: float | None = 
     the association's ``artim_deadline`` passed (the connection is shut down first, so that
     nothing stays blocked on it). Any other call is pynetdicom's."""
     assoc = dul.assoc
-    deadline = assoc.__dict__.get("artim_deadline")
+    deadline = compat.attached(assoc, "artim_deadline")
     if not wait or deadline is None or assoc.is_established or assoc.requestor.primitive:
         return receive(wait=wait, timeout=timeout)
     if timeout is not None:
@@ -718,16 +717,15 @@ def _wait_for_request(dul, receive, wait: bool = False, timeout: float | None = 
         if closed and time.monotonic() < deadline:
             return None  # closed by the peer (or refused): nothing more will come
     log.info("association_request_timeout", peer_host=assoc.requestor.address)
-    assoc.ae._receiver._count("association_request_timeouts")
+    compat.attached(assoc.ae, "receiver").count("association_request_timeouts")
     _shut_down(assoc)
     return None
 
 
-class _Handler(RequestHandler):
-    def _create_association(self):
-        assoc = super()._create_association()
+class _Handler(compat.HookedHandler):
+    def association_created(self, assoc):
         assoc.acse = _CheckingACSE(assoc)
-        assoc.artim_deadline = self._artim_deadline  # read by fastnet's PDU guard too
+        compat.attach(assoc, "artim_deadline", self._artim_deadline)  # fastnet's guard too
         dul = assoc.dul
         dul.receive_pdu = functools.partial(_wait_for_request, dul, dul.receive_pdu)
         return assoc
@@ -758,13 +756,7 @@ class _Contexts(list):
     deep copy gives."""
 
     def __deepcopy__(self, memo: dict) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            clone = object.__new__(type(context))
-            clone.__dict__.update(context.__dict__)
-            clone._transfer_syntax = list(context._transfer_syntax)
-            copies.append(clone)
-        return copies
+        return [compat.copy_context(context) for context in self]
 
 
 class _Server(ThreadedAssociationServer):
