@@ -361,6 +361,12 @@ class ObjectTable:
         obj.creator = None
         client.created.discard(oid)
         self.counters["sealed"] += 1
+        # The gets waiting for it first: dropping the creator's reference (to a client that
+        # has gone) may make room for waiting creates, which must not evict it from under them.
+        for waiter in self.get_waiters.pop(oid, ()):
+            if not waiter.done:
+                waiter.done = True
+                self._hand_out(waiter.client, obj)
         if transfer_to is not None:
             client.refs[oid] -= 1
             if not client.refs[oid]:
@@ -370,10 +376,6 @@ class ObjectTable:
                 target.refs[oid] += 1
             else:
                 self._unref(obj)
-        for waiter in self.get_waiters.pop(oid, ()):
-            if not waiter.done:
-                waiter.done = True
-                self._hand_out(waiter.client, obj)
 
     def op_abort(self, client: Client, oid: str) -> None:
         obj = self._own_unsealed(client, oid, "abort")
@@ -663,6 +665,8 @@ class ObjectTable:
     def _free(self, obj: Object) -> None:
         del self.objects[obj.oid]
         self.evictable.pop(obj.oid, None)
+        if obj.creator is not None:  # unsealed and released (a dropped WritableObject)
+            obj.creator.created.discard(obj.oid)
         if obj.owner is not None:
             obj.owner.devices.discard(obj)
         if obj.data is not None:

@@ -5,6 +5,8 @@ fake is needed) and the arena's file descriptor is a plain string handed back wi
 Every event is followed by ``ObjectTable.validate()``.
 """
 
+import random
+
 import pytest
 
 from dataflow.store.table import DEVICE_KIND, ObjectTable
@@ -279,6 +281,30 @@ def test_a_transfer_to_a_client_that_has_gone_leaves_the_object_unreferenced():
     assert h.table.objects["b"].metadata == '{"new": 1}'
 
 
+def test_a_seal_for_a_client_that_has_gone_serves_waiting_gets_before_waiting_creates():
+    h = Harness(8 * KIB, clients=("p", "orchestrator", "getter", "creator"))
+    gone = h.clients["orchestrator"].cid
+    h.disconnect("orchestrator")
+    h.made("p", "held")
+    h.create("p", "x", 4 * KIB)
+    assert h.create("creator", "y", 4 * KIB, timeout=10.0) == []  # no room
+    assert h.do("getter", "get", "x", 10.0) == []
+    replies = h.do("p", "seal", "x", gone)  # the orchestrator's reference has nobody to go to
+    assert [who for who, _ in replies] == ["getter"]  # "x" is not evicted for "y"
+    assert h.refs("x") == 1 and "y" not in h.table.objects
+    assert h.do("getter", "release", "x") == [("creator", ("ok", 4096))]  # now it may go
+
+
+def test_an_unsealed_object_released_by_its_creator_is_freed_and_forgotten(h):
+    h.create("producer", "x", 100)
+    assert h.do("producer", "release", "x") == []  # a WritableObject dropped without a seal
+    assert "x" not in h.table.objects
+    h.create("consumer", "x", 100)  # the ID is free again; another client creates it
+    h.disconnect("producer")  # the first creator's end leaves the new object alone
+    assert h.do("consumer", "seal", "x") == []
+    assert h.table.objects["x"].sealed
+
+
 def test_delete_of_a_referenced_object_frees_it_when_the_last_reference_goes(h):
     h.made("producer", "vol")
     h.call("consumer", "get", "vol", 0)
@@ -444,3 +470,45 @@ def test_validate_finds_bytes_the_allocator_lost(h):
     h.table.alloc.allocate(64)  # a block no object owns
     with pytest.raises(AssertionError, match="footprints sum to 128 bytes"):
         h.table.validate()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_any_sequence_of_requests_keeps_the_invariants(seed):
+    """A seeded random walk over every request, deaths and timeouts included."""
+    rng = random.Random(seed)
+    h = Harness(8 * KIB, inline_threshold=64, clients=("a", "b", "c"))
+    oids = [f"o{i}" for i in range(8)]
+    for step in range(1500):
+        name = rng.choice(list(h.clients))
+        oid = rng.choice(oids)
+        timeout = rng.choice([0, 0.5, 3.0, None])
+        roll = rng.random()
+        if roll < 0.2:
+            h.create(name, oid, rng.choice([10, 1000, 3000, 5000]), timeout)
+        elif roll < 0.3:
+            h.put(name, oid, b"x" * rng.randrange(65), kind=rng.choice(["bytes", DEVICE_KIND]))
+        elif roll < 0.45:
+            target = rng.choice([None, None, 1, 2, 3, 99])
+            h.do(name, "seal", oid, target)
+        elif roll < 0.6:
+            h.do(name, "get", oid, timeout)
+        elif roll < 0.75:
+            h.do(name, "release", oid)
+        elif roll < 0.8:
+            h.do(name, "abort", oid)
+        elif roll < 0.85:
+            h.do(name, "delete", oid)
+        elif roll < 0.88:
+            h.do(name, "evict_unused", oid)
+        elif roll < 0.95:
+            h.tick(rng.choice([0.1, 1.0, 5.0]))
+        else:
+            h.disconnect(name)
+            h.connect(f"{name[0]}{step}")  # a new process takes its place
+            del h.clients[name]
+    h.tick(10)
+    for name in list(h.clients):
+        h.disconnect(name)
+    t = h.table
+    assert not t.clients and not t.get_waiters and not any(not w.done for w in t.create_waiters)
+    assert all(o.sealed and o.refs == 0 for o in t.objects.values())
