@@ -61,7 +61,7 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
     │                                (connectors.dicom.receive.spool)
     ├── AssociationFailed            no association: rejected, aborted, no context accepted
     │                                (connectors.dicom.net.association)
-    ├── ExportError                  sending results (connectors.dicom.export.sender)
+    ├── ExportError                  sending results (connectors.dicom.export.transport)
     │   ├── DestinationError         a destination is configured wrong (ValueError)
     │   ├── TransientExportError     the destination was away or dropped: retry later
     │   ├── OutboxBusy               another process holds the outbox

@@ -23,14 +23,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE, evt
 
 from connectors.dicom.export.direct import DirectStore, _status_of, dataset_offset
-from connectors.dicom.export.exporter import Destination, Exporter, Outbox, RetryPolicy, echo
-from connectors.dicom.export.sender import (
-    FileResult,
-    TransientExportError,
-    describe_file,
-    send_files,
-)
-from connectors.dicom.export.stow import WebDestination, stow_echo, stow_files
+from connectors.dicom.export.exporter import Destination, Exporter, Outbox, RetryPolicy
+from connectors.dicom.export.sender import echo, send_files
+from connectors.dicom.export.stow import WebDestination
+from connectors.dicom.export.transport import FileResult, TransientExportError, describe_file
 from connectors.dicom.net.association import _Checkpoint, associate, pause_reactor
 from operators.dicom.phantom import write_ct_series
 
@@ -500,7 +496,7 @@ def test_stow_rs_to_orthanc_as_stored_through_the_exporter(private_network, tmp_
     files[2] = tmp_path / "rle.dcm"
     ds.save_as(files[2], enforce_file_format=True)
     with start_orthanc_dicomweb(tmp_path / "orthanc") as orthanc:
-        assert stow_echo(web(orthanc)).ok
+        assert web(orthanc).transport().echo().ok
         exporter = exporter_for(tmp_path, web(orthanc, batch_files=2))  # 3 requests
         task = exporter.enqueue(files, "web")
         exporter.run_once(timeout=HANG)
@@ -565,8 +561,8 @@ def test_stow_rs_outcomes_per_instance(tmp_path):
     fake = FakeStowServer(202, {uids[1]: 0xA900, uids[2]: 0xA700}, {uids[0], uids[4]})
     try:
         results: list[FileResult] = []
-        stow_files(WebDestination("web", fake.url, username="dataflow", password="s3cret"),
-                   infos, results.append)  # fmt: skip
+        web = WebDestination("web", fake.url, username="dataflow", password="s3cret")
+        web.transport().send(infos, results.append)
         outcomes = [(r.index, r.outcome, r.error) for r in results]
         assert outcomes == [
             (0, "delivered", ""),
@@ -582,7 +578,7 @@ def test_stow_rs_outcomes_per_instance(tmp_path):
     conflict = FakeStowServer(409, {uids[1]: 0xC000}, set())
     try:
         results = []
-        stow_files(WebDestination("web", conflict.url), infos[:3], results.append)
+        WebDestination("web", conflict.url).transport().send(infos[:3], results.append)
         assert [r.outcome for r in results] == ["transient", "permanent", "transient"]
     finally:
         conflict.close()
@@ -593,12 +589,12 @@ def test_stow_rs_to_a_server_that_is_down_or_a_wrong_url(private_network, tmp_pa
     infos = [(0, describe_file(series.files[0]))]
     down = WebDestination("web", f"http://127.0.0.1:{free_port()}/dicom-web")
     with pytest.raises(TransientExportError, match="ConnectionRefused"):
-        stow_files(down, infos, lambda r: None)
-    assert not stow_echo(down).ok
+        down.transport().send(infos, lambda r: None)
+    assert not down.transport().echo().ok
     with start_orthanc_dicomweb(tmp_path / "orthanc") as orthanc:
         wrong = WebDestination("web", f"{orthanc.url}/no-such-root")
         with pytest.raises(TransientExportError, match="HTTP 404"):
-            stow_files(wrong, infos, lambda r: None)
+            wrong.transport().send(infos, lambda r: None)
         exporter = exporter_for(tmp_path, down)
         task = exporter.enqueue(series.files, "web")
         exporter.run_once(timeout=HANG)

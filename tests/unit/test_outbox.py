@@ -10,14 +10,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 
 from connectors.dicom.export.exporter import Exporter
 from connectors.dicom.export.outbox import Outbox, RetryPolicy
-from connectors.dicom.export.sender import (
-    Destination,
+from connectors.dicom.export.sender import Destination, plan_contexts
+from connectors.dicom.export.transport import (
     DestinationError,
     ExportError,
     FileResult,
     classify_status,
     describe_file,
-    plan_contexts,
 )
 from operators.dicom.phantom import write_ct_series
 from operators.register import register_files

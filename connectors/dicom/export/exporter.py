@@ -39,18 +39,19 @@ import structlog
 from dataflow.registered import Registration
 
 from ..net import fastnet
+from ..net.association import Cancel
 from .outbox import Outbox, OutboxBusy, RetryPolicy, Task
-from .sender import (
-    Cancel,
-    Destination,
+from .sender import Destination
+from .stow import WebDestination
+from .transport import (
     DestinationError,
     EchoResult,
+    Endpoint,
     ExportError,
     TransientExportError,
-    echo,
-    send_files,
+    Transport,
+    Verifier,
 )
-from .stow import WebDestination, stow_echo, stow_files
 
 __all__ = [
     "Destination",
@@ -66,7 +67,6 @@ __all__ = [
     "Task",
     "TransientExportError",
     "WebDestination",
-    "echo",
 ]
 
 log = structlog.get_logger("connectors.dicom.export.exporter")
@@ -85,18 +85,19 @@ class Exporter:
     def __init__(
         self,
         outbox: Outbox,
-        destinations: Iterable[Destination | WebDestination]
-        | Mapping[str, Destination | WebDestination],
+        destinations: Iterable[Endpoint] | Mapping[str, Endpoint],
         *,
         poll_interval: float = 1.0,
         on_progress: Progress | None = None,
     ) -> None:
         values = destinations.values() if isinstance(destinations, Mapping) else destinations
-        self.destinations: dict[str, Destination | WebDestination] = {}
+        self.destinations: dict[str, Endpoint] = {}
+        self._transports: dict[str, Transport] = {}
         for destination in values:
             if destination.name in self.destinations:
                 raise DestinationError(f"destination {destination.name!r} is configured twice")
             self.destinations[destination.name] = destination
+            self._transports[destination.name] = destination.transport()
         self.outbox = outbox
         self.poll_interval = poll_interval
         self.on_progress = on_progress
@@ -218,13 +219,13 @@ class Exporter:
         return tasks
 
     def echo(self, name: str) -> EchoResult:
-        """C-ECHO the destination called ``name``."""
+        """Verify the destination called ``name`` (C-ECHO, or its transport's counterpart)."""
         if name not in self.destinations:
             raise DestinationError(f"no destination {name!r}")
-        destination = self.destinations[name]
-        if isinstance(destination, WebDestination):
-            return stow_echo(destination)
-        return echo(destination)
+        transport = self._transports[name]
+        if not isinstance(transport, Verifier):
+            raise DestinationError(f"destination {name!r} cannot be verified")
+        return transport.echo()
 
     # -- the worker --------------------------------------------------------------------
     def _dispatch(self, exclude: set[str] | None = None) -> list[str]:
@@ -249,21 +250,16 @@ class Exporter:
                 started.append(task.id)
         return started
 
-    def _attempt(self, task: Task, destination: Destination | WebDestination) -> None:
+    def _attempt(self, task: Task, destination: Endpoint) -> None:
         started, error = time.monotonic(), ""
         with self._lock:
             cancel = self._cancels[task.id]
             if self._stopping.is_set():
                 cancel.request()
         files = self.outbox.pending_files(task.id)
-        send = stow_files if isinstance(destination, WebDestination) else send_files
+        transport = self._transports[destination.name]
         try:
-            send(
-                destination,  # type: ignore[arg-type]
-                files,
-                lambda result: self.outbox.record(task.id, result),
-                cancel=cancel,
-            )
+            transport.send(files, lambda result: self.outbox.record(task.id, result), cancel)
         except TransientExportError as exc:
             error = str(exc)
         except Exception as exc:  # a bug or an unexpected peer: the task must not vanish

@@ -42,7 +42,7 @@ from pathlib import Path
 from dataflow.durable import link_or_copy, open_database
 from dataflow.registered import Registration
 
-from .sender import ExportError, FileInfo, FileResult, describe_file
+from .transport import ExportError, FileInfo, FileResult, describe_file
 
 __all__ = ["STATES", "FileRecord", "Outbox", "OutboxBusy", "RetryPolicy", "Task"]
 

@@ -17,7 +17,7 @@ about twice pynetdicom's rate. Each response is classified:
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,29 +25,32 @@ from typing import Literal
 import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dataflow.errors import DataflowError
-
 from ..net.association import AssociationFailed, Cancel, associate, pause_reactor
 from .direct import DirectStore, ProtocolSurprise
+from .transport import (
+    DestinationError,
+    EchoResult,
+    FileInfo,
+    FileResult,
+    Files,
+    OnResult,
+    TransientExportError,
+    classify_status,
+    describe_file,
+)
 
 __all__ = [
     "UNCOMPRESSED",
     "Cancel",
     "Destination",
-    "DestinationError",
-    "EchoResult",
-    "ExportError",
-    "FileInfo",
-    "FileResult",
-    "TransientExportError",
-    "classify_status",
-    "describe_file",
+    "DimseTransport",
+    "describe_file",  # where callers that send by hand (benchmarks/dicom.py) find it
     "echo",
+    "plan_contexts",
     "send_files",
 ]
 
@@ -60,18 +63,6 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # DICOM's limit on presentation contexts per association
-
-
-class ExportError(DataflowError):
-    """Export could not do what was asked (a file, a destination, a task)."""
-
-
-class DestinationError(ExportError, ValueError):
-    """A destination is configured wrongly."""
-
-
-class TransientExportError(ExportError):
-    """The destination could not be reached or dropped the association: retry later."""
 
 
 @dataclass(frozen=True)
@@ -131,58 +122,23 @@ class Destination:
     def describe(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
-
-@dataclass(frozen=True)
-class FileInfo:
-    """What the sender needs to know of a file, read once from its file meta."""
-
-    path: Path
-    sop_class: str
-    sop_instance: str
-    transfer_syntax: str
+    def transport(self) -> DimseTransport:
+        """C-STORE to this destination (the exporter's :class:`~.transport.Transport`)."""
+        return DimseTransport(self)
 
 
-@dataclass(frozen=True)
-class FileResult:
-    """The outcome of one C-STORE: ``outcome`` is delivered, permanent or transient."""
+class DimseTransport:
+    """DIMSE C-STORE to one :class:`Destination`: each :meth:`send` is one association (one
+    per group of presentation contexts); :meth:`echo` is C-ECHO."""
 
-    index: int
-    outcome: Literal["delivered", "permanent", "transient"]
-    status: int | None = None
-    error: str = ""
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
 
+    def send(self, files: Files, on_result: OnResult, cancel: Cancel | None = None) -> None:
+        send_files(self.destination, files, on_result, cancel)
 
-@dataclass(frozen=True)
-class EchoResult:
-    ok: bool
-    status: int | None = None
-    error: str = ""
-
-
-def describe_file(path: str | Path) -> FileInfo:
-    """Read ``path``'s file meta; :class:`ExportError` if it is not a DICOM file."""
-    path = Path(path)
-    try:
-        meta = read_file_meta_info(path)
-        return FileInfo(
-            path,
-            str(meta.MediaStorageSOPClassUID),
-            str(meta.MediaStorageSOPInstanceUID),
-            str(meta.TransferSyntaxUID),
-        )
-    except (OSError, AttributeError, ValueError, EOFError, InvalidDicomError) as exc:
-        raise ExportError(f"{path.name}: not a DICOM file with file meta ({exc})") from None
-
-
-def classify_status(status: int) -> Literal["delivered", "permanent", "transient"]:
-    """Map a C-STORE response status to what the outbox does with the instance."""
-    if status == 0x0000 or status == 0x0001 or 0xB000 <= status <= 0xBFFF:
-        return "delivered"
-    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF:
-        return "permanent"
-    if status in (0x0117, 0x0122, 0x0124, 0x0210, 0x0211, 0x0212):
-        return "permanent"
-    return "transient"  # 0xA7xx, 0x0110, 0x0213 and anything unknown: bounded by the deadline
+    def echo(self) -> EchoResult:
+        return echo(self.destination)
 
 
 def _associate(
@@ -307,10 +263,7 @@ def _store(assoc, direct: DirectStore | None, prepared, info: FileInfo, msg_id: 
 
 
 def send_files(
-    destination: Destination,
-    files: Sequence[tuple[int, FileInfo]],
-    on_result: Callable[[FileResult], None],
-    cancel: Cancel | None = None,
+    destination: Destination, files: Files, on_result: OnResult, cancel: Cancel | None = None
 ) -> None:
     """C-STORE ``files`` (index, info) to ``destination``, calling ``on_result`` after each.
 

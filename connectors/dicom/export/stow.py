@@ -7,10 +7,10 @@ instance:
 
 - HTTP 200 or 202: an instance in its Failed SOP Sequence (0008,1198) is classified by its
   Failure Reason (0008,1197) as a C-STORE status would be
-  (:func:`~connectors.dicom.export.sender.classify_status`: 0xA7xx and 0x0110 are retried, 0xA9xx,
-  0xCxxx and 0x0122 are refused for good); one the response lists in neither that sequence
-  nor its Referenced SOP Sequence (0008,1199), when it has one, is refused as "not
-  acknowledged"; the others are ``delivered``;
+  (:func:`~connectors.dicom.export.transport.classify_status`: 0xA7xx and 0x0110 are
+  retried, 0xA9xx, 0xCxxx and 0x0122 are refused for good); one the response lists in
+  neither that sequence nor its Referenced SOP Sequence (0008,1199), when it has one, is
+  refused as "not acknowledged"; the others are ``delivered``;
 - HTTP 409 ("none stored"): the failed ones as above, the others retried;
 - anything else (400, 401/403: credentials, 404: the URL, 413, 415, 429, 5xx, no
   connection, a time-out) fails the attempt (:class:`TransientExportError`): the outbox
@@ -30,22 +30,24 @@ import json
 import ssl
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from ..net.association import Cancel
-from .sender import (
+from .transport import (
     DestinationError,
     EchoResult,
     FileInfo,
     FileResult,
+    Files,
+    OnResult,
     TransientExportError,
     classify_status,
 )
 
-__all__ = ["WebDestination", "stow_echo", "stow_files"]
+__all__ = ["StowTransport", "WebDestination"]
 
 log = structlog.get_logger("connectors.dicom.export.exporter")
 
@@ -95,6 +97,10 @@ class WebDestination:
 
     def describe(self) -> str:
         return f"{self.name} ({self.url})"
+
+    def transport(self) -> StowTransport:
+        """STOW-RS to this service (the exporter's :class:`~.transport.Transport`)."""
+        return StowTransport(self)
 
     def _connection(self) -> tuple[http.client.HTTPConnection, str]:
         parts = urllib.parse.urlsplit(self.url)
@@ -217,32 +223,6 @@ def _outcomes(body: bytes) -> tuple[set[str] | None, dict[str, int]]:
     return (referenced if REFERENCED_SOP_SEQUENCE in data else None), failures  # type: ignore[return-value]
 
 
-def stow_files(
-    destination: WebDestination,
-    files: Sequence[tuple[int, FileInfo]],
-    on_result: Callable[[FileResult], None],
-    cancel: Cancel | None = None,
-) -> None:
-    """STOW-RS ``files`` (index, info), calling ``on_result`` for each; the same contract as
-    :func:`~connectors.dicom.export.sender.send_files` (TransientExportError: retry later)."""
-    for batch in _batches(destination, files):
-        if cancel is not None and cancel.is_set():
-            return
-        try:
-            status, body = _post(destination, batch, cancel)
-        except (FileNotFoundError, PermissionError) as exc:
-            for index, info, _ in batch:
-                if not info.path.is_file():
-                    on_result(FileResult(index, "permanent", None, f"cannot send: {exc.strerror}"))
-            continue  # the readable ones go again at the next attempt
-        if status not in (200, 202, 409):
-            reason = http.client.responses.get(status, "")
-            raise TransientExportError(f"{destination.describe()}: HTTP {status} {reason}".rstrip())
-        referenced, failures = _outcomes(body)
-        for index, info, _ in batch:
-            on_result(_result(index, info.sop_instance, status, referenced, failures))
-
-
 def _result(index: int, uid: str, status: int, referenced, failures) -> FileResult:
     """One instance's outcome in a 200, 202 or 409 response (see the module)."""
     if uid in failures:
@@ -257,17 +237,50 @@ def _result(index: int, uid: str, status: int, referenced, failures) -> FileResu
     return FileResult(index, "delivered", 0)
 
 
-def stow_echo(destination: WebDestination) -> EchoResult:
-    """The web counterpart of C-ECHO: a QIDO-RS query for one study; ok on HTTP 200/204."""
-    conn, path = destination._connection()
-    try:
-        conn.request("GET", f"{path}/studies?limit=1", headers=destination._headers())
-        response = conn.getresponse()
-        response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        return EchoResult(False, None, f"{destination.describe()}: {type(exc).__name__}: {exc}")
-    finally:
-        conn.close()
-    if response.status in (200, 204):
-        return EchoResult(True, response.status)
-    return EchoResult(False, response.status, f"HTTP {response.status}")
+class StowTransport:
+    """STOW-RS to one :class:`WebDestination`: each :meth:`send` posts the files in batches;
+    :meth:`echo` is the web counterpart of C-ECHO."""
+
+    def __init__(self, destination: WebDestination) -> None:
+        self.destination = destination
+
+    def send(self, files: Files, on_result: OnResult, cancel: Cancel | None = None) -> None:
+        """STOW-RS ``files`` (index, info), calling ``on_result`` for each (the contract of
+        :class:`~connectors.dicom.export.transport.Transport`)."""
+        destination = self.destination
+        for batch in _batches(destination, files):
+            if cancel is not None and cancel.is_set():
+                return
+            try:
+                status, body = _post(destination, batch, cancel)
+            except (FileNotFoundError, PermissionError) as exc:
+                for index, info, _ in batch:
+                    if not info.path.is_file():
+                        error = f"cannot send: {exc.strerror}"
+                        on_result(FileResult(index, "permanent", None, error))
+                continue  # the readable ones go again at the next attempt
+            if status not in (200, 202, 409):
+                reason = http.client.responses.get(status, "")
+                raise TransientExportError(
+                    f"{destination.describe()}: HTTP {status} {reason}".rstrip()
+                )
+            referenced, failures = _outcomes(body)
+            for index, info, _ in batch:
+                on_result(_result(index, info.sop_instance, status, referenced, failures))
+
+    def echo(self) -> EchoResult:
+        """A QIDO-RS query for one study; ok on HTTP 200/204."""
+        destination = self.destination
+        conn, path = destination._connection()
+        try:
+            conn.request("GET", f"{path}/studies?limit=1", headers=destination._headers())
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            error = f"{destination.describe()}: {type(exc).__name__}: {exc}"
+            return EchoResult(False, None, error)
+        finally:
+            conn.close()
+        if response.status in (200, 204):
+            return EchoResult(True, response.status)
+        return EchoResult(False, response.status, f"HTTP {response.status}")
