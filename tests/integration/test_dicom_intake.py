@@ -20,7 +20,9 @@ from connectors.dicom.config import Peer
 from connectors.dicom.export.direct import DirectStore, dataset_offset
 from connectors.dicom.net import fastnet
 from connectors.dicom.net.association import associate, pause_reactor
+from connectors.dicom.receive.intake import _Instance
 from connectors.dicom.receive.receiver import Receiver
+from connectors.dicom.receive.store import StoreSteps
 
 pytestmark = pytest.mark.integration
 
@@ -119,21 +121,20 @@ def store_then_release(assoc, path) -> None:
 
 
 def counting(monkeypatch) -> dict[str, int]:
-    """How many C-STOREs each path served."""
+    """How many C-STOREs each path served (both end in the same StoreSteps)."""
     counts = {"intake": 0, "pynetdicom": 0}
-    real_answer, real_on_store = Receiver.answer, Receiver._on_store
+    real_finish, real_store_dataset = _Instance.finish, StoreSteps.store_dataset
 
-    def answer(self, assoc, store):
+    def finish(self, assoc):
         counts["intake"] += 1
-        return real_answer(self, assoc, store)
+        return real_finish(self, assoc)
 
-    def on_store(self, event):
+    def store_dataset(self, *args):
         counts["pynetdicom"] += 1
-        counts["intake"] -= 1  # _on_store goes through answer() too
-        return real_on_store(self, event)
+        return real_store_dataset(self, *args)
 
-    monkeypatch.setattr(Receiver, "answer", answer)
-    monkeypatch.setattr(Receiver, "_on_store", on_store)
+    monkeypatch.setattr(_Instance, "finish", finish)
+    monkeypatch.setattr(StoreSteps, "store_dataset", store_dataset)
     return counts
 
 

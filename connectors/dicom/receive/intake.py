@@ -10,9 +10,9 @@ own thread, from the moment the A-ASSOCIATE-AC is sent. pynetdicom's DUL thread 
 (:func:`fastnet.waker`) before the AC goes out, so it never reads a P-DATA PDU. For each
 C-STORE-RQ, the dataset fragments are written to the spool's temp file as they arrive, then
 the file is fsynced and handed to the same checks and committer as pynetdicom's path
-(:meth:`Receiver.answer`, ``checked_header``, ``below_reserve``, ``place``): the promise is
-unchanged, Success only once the file and its record are durable. The response goes out on
-the socket at once.
+(:class:`.store.StoreSteps`: ``answer``, ``checked_header``, ``below_reserve``, ``place``):
+the promise is unchanged, Success only once the file and its record are durable. The
+response goes out on the socket at once. It imports :mod:`.store`, never :mod:`.receiver`.
 
 Whatever is not a C-STORE (a C-ECHO, an A-RELEASE-RQ, an A-ABORT, a context pynetdicom has to
 refuse) is given back to pynetdicom unread (:func:`fastnet.push_back`) at a message boundary,
@@ -33,7 +33,6 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
@@ -42,9 +41,7 @@ from pynetdicom.association import Association
 from ..net import compat, fastnet, pdu
 from ..net.pdu import Status
 from .spool import PREAMBLE, file_meta_bytes, free_bytes, valid_uid
-
-if TYPE_CHECKING:
-    from .receiver import Receiver
+from .store import StoreSteps
 
 __all__ = ["Intake"]
 
@@ -74,8 +71,8 @@ class _Stop(Exception):
 class _Instance:
     """A C-STORE being received: its request and its temp file."""
 
-    def __init__(self, receiver: Receiver, fields: dict[int, bytes], context, called) -> None:
-        self.receiver = receiver
+    def __init__(self, steps: StoreSteps, fields: dict[int, bytes], context, called) -> None:
+        self.steps = steps
         self.msg_id = pdu.command_us(fields, pdu.MESSAGE_ID) or 0
         self.sop_class = pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS)
         self.sop_instance = pdu.command_ui(fields, pdu.AFFECTED_SOP_INSTANCE)
@@ -83,8 +80,8 @@ class _Instance:
         self.syntax = str(context.transfer_syntax[0])
         self.size = 0
         self.refusal: tuple[int, str] | None = None
-        self.limit = receiver.config.max_instance_size
-        self.free = free_bytes(receiver.spool)
+        self.limit = steps.config.max_instance_size
+        self.free = free_bytes(steps.spool)
         self._checked_at = 0  # bytes written when the free space was last read
         self.meta = b""
         self.path: Path | None = None
@@ -98,10 +95,10 @@ class _Instance:
         self.meta = file_meta_bytes(self.sop_class, self.sop_instance, self.syntax,
                                     PYNETDICOM_IMPLEMENTATION_UID,
                                     PYNETDICOM_IMPLEMENTATION_VERSION)  # fmt: skip
-        if receiver.below_reserve(len(PREAMBLE) + len(self.meta), self.free):
+        if steps.below_reserve(len(PREAMBLE) + len(self.meta), self.free):
             self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
             return
-        self.path = receiver.incoming / f"{uuid.uuid4().hex}.part"
+        self.path = steps.incoming / f"{uuid.uuid4().hex}.part"
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             self._write(PREAMBLE + self.meta)
@@ -131,11 +128,11 @@ class _Instance:
             self.refuse(Status.TOO_LARGE, f"instance larger than {self.limit} bytes")
             return
         if self.size - self._checked_at >= RECHECK_FREE:  # others write to the disk too
-            self.free, self._checked_at = free_bytes(self.receiver.spool), self.size
+            self.free, self._checked_at = free_bytes(self.steps.spool), self.size
         needed = self.size - self._checked_at  # since the free space was read
         if not self._checked_at:
             needed += len(PREAMBLE) + len(self.meta)
-        if self.receiver.below_reserve(needed, self.free):
+        if self.steps.below_reserve(needed, self.free):
             self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
             return
         try:
@@ -155,11 +152,11 @@ class _Instance:
             self.path.unlink(missing_ok=True)
             self.path = None
 
-    def finish(self, receiver: Receiver, assoc: Association) -> tuple[int, str, int | None]:
-        """Checks, fsync and placement (for :meth:`Receiver.answer`)."""
+    def finish(self, assoc: Association) -> tuple[int, str, int | None]:
+        """Checks, fsync and placement (for :meth:`StoreSteps.answer`)."""
         if self.refusal is not None:
             return (*self.refusal, None)
-        called = receiver.config.called(assoc.acceptor.ae_title)
+        called = self.steps.config.called(assoc.acceptor.ae_title)
         needed = len(PREAMBLE) + len(self.meta) + self.size
         try:
             if called is None:  # cannot happen: the ACSE rejected the association
@@ -174,11 +171,11 @@ class _Instance:
             self.fd = None
             with open(self.path, "rb") as file:
                 offset = len(PREAMBLE) + len(self.meta)
-                header = receiver.checked_header(
+                header = self.steps.checked_header(
                     file, self.syntax, offset, self.sop_class, self.sop_instance
                 )
             path, self.path = self.path, None  # the committer owns it now
-            return receiver.place(assoc, called, header, path, needed)
+            return self.steps.place(assoc, called, header, path, needed)
         finally:
             self.discard()  # anything not placed
 
@@ -186,15 +183,15 @@ class _Instance:
 class Intake:
     """Serves the C-STOREs of one association straight off its socket (see the module)."""
 
-    def __init__(self, receiver: Receiver, assoc: Association, sock: socket.socket) -> None:
-        self.receiver, self.assoc, self.sock = receiver, assoc, sock
+    def __init__(self, steps: StoreSteps, assoc: Association, sock: socket.socket) -> None:
+        self.steps, self.assoc, self.sock = steps, assoc, sock
         self.dul = assoc.dul
         self.waker = fastnet.waker(self.dul)
         self.buffer = bytearray(256 * 1024)
         self.timeout = assoc.network_timeout
 
     @classmethod
-    def prepare(cls, receiver: Receiver, assoc: Association) -> Intake | None:
+    def prepare(cls, steps: StoreSteps, assoc: Association) -> Intake | None:
         """Before the A-ASSOCIATE-AC is queued: park the DUL thread and return an Intake, or
         None where it does not apply (then nothing changed)."""
         sock = getattr(assoc.dul.socket, "socket", None)
@@ -202,7 +199,7 @@ class Intake:
             return None
         if any(assoc.get_handlers(event) for event in _EVENTS):
             return None
-        intake = cls(receiver, assoc, sock)
+        intake = cls(steps, assoc, sock)
         intake.waker.hold_soon()  # it parks before it could read the first P-DATA
         return intake
 
@@ -246,7 +243,7 @@ class Intake:
 
     def _ended(self) -> bool:
         a = self.assoc
-        if self.receiver.stopping or not a.is_established or a.is_aborted or compat.is_killed(a):
+        if self.steps.stopping or not a.is_established or a.is_aborted or compat.is_killed(a):
             return True
         return self.dul.state_machine.current_state != "Sta6"  # an A-ABORT went out, say
 
@@ -342,8 +339,8 @@ class Intake:
                     if control & pdu.LAST:
                         if self._ended():
                             raise _Stop  # aborted meanwhile: nothing is acknowledged
-                        status, note = self.receiver.answer(
-                            self.assoc, lambda it=item: it.finish(self.receiver, self.assoc)
+                        status, note = self.steps.answer(
+                            self.assoc, lambda it=item: it.finish(self.assoc)
                         )
                         if self._ended():  # an abort went out: no answer after it
                             item = None
@@ -367,8 +364,8 @@ class Intake:
         assert fields is not None and context is not None
         if pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS) != str(context.abstract_syntax):
             self._give_back(pieces, rest=left)  # pynetdicom answers a mismatched SOP class
-        called = self.receiver.config.called(self.assoc.acceptor.ae_title)
-        return _Instance(self.receiver, fields, context, called)
+        called = self.steps.config.called(self.assoc.acceptor.ae_title)
+        return _Instance(self.steps, fields, context, called)
 
     def _give_back(self, pieces: list[bytes], tail: bytes = b"", rest: int = 0) -> None:
         """Give the unserved PDVs back to pynetdicom as one P-DATA PDU whose length also

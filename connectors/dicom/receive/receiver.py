@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -42,89 +41,29 @@ from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import (
-    AE,
-    ALL_TRANSFER_SYNTAXES,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    AllStoragePresentationContexts,
-    evt,
-)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dataflow.logs import configure_logging
 
-from ..config import CalledAE, ReceiverConfig
+from ..config import ReceiverConfig
 from ..net import compat, fastnet
 from ..net.pdu import Status
-from .groups import Group, GroupStore, Placement
+from .groups import Group, GroupStore
 from .intake import Intake
-from .spool import (
-    PREAMBLE,
-    BadInstance,
-    Header,
-    file_meta_bytes,
-    free_bytes,
-    parse_header,
-    write_temp,
-)
+from .spool import free_bytes
+from .store import StoreSteps
 
 __all__ = ["Receiver", "main"]
 
 log = structlog.get_logger("connectors.dicom")
 
-IGNORED = "ignored: its SOP class is in ignored_sop_classes"  # Success, nothing stored
 ABORT_GRACE = 2.0  # seconds a peer has to close after our A-ABORT when the receiver stops
 UNLIMITED = 1_000_000  # pynetdicom's own association limit, which counts every connection
 BACKLOG = 128  # connections the kernel queues before the server accepts them
 REQUEST_POLL = 0.1  # how often a connection awaiting its request looks at its socket
-
-
-class _Committer(threading.Thread):
-    """Moves fsynced temp files into place and records them, many per transaction."""
-
-    def __init__(self, store: GroupStore) -> None:
-        super().__init__(name="dicom-committer", daemon=True)
-        self._store = store
-        self._cv = threading.Condition()
-        self._queue: list[tuple[Placement, threading.Event, list]] = []
-        self._stopping = False
-
-    def submit(self, item: Placement) -> None:
-        """Record ``item`` durably (sets its status); raises what the transaction raised."""
-        done, error = threading.Event(), []
-        with self._cv:
-            if self._stopping:
-                raise RuntimeError("receiver stopping")
-            self._queue.append((item, done, error))
-            self._cv.notify()
-        done.wait()
-        if error:
-            raise error[0]
-
-    def run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue, []
-            try:
-                self._store.place([item for item, _, _ in batch])
-            except BaseException as exc:
-                for _, _, error in batch:
-                    error.append(exc)
-            for _, done, _ in batch:
-                done.set()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self.join(timeout=30)
 
 
 class _Workers(threading.Thread):
@@ -231,16 +170,15 @@ class Receiver:
         self.config = config.validate()
         self.on_group_complete = on_group_complete
         self.spool = Path(config.spool)
-        self.incoming = self.spool / ".incoming"
         self.store = GroupStore(self.spool, config.duplicates)
+        self.steps = StoreSteps(self.config, self.store, lambda: self._stop.is_set())
+        self.incoming = self.steps.incoming
         self._complete_groups = complete_groups
         self._server: ThreadedAssociationServer | None = None
-        self._committer: _Committer | None = None
         self._completer: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._handed: set[int] = set()
-        self._assocs: dict[int, dict[str, Any]] = {}
         self._started = 0.0
         self._workers: _Workers | None = None
         self._slots = threading.Lock()
@@ -262,8 +200,7 @@ class Receiver:
             pending = len(self.store.groups("pending"))
             log.info("receiver_recovered", pending_groups=pending, unrecorded_files=swept)
         self._started = time.time()
-        self._committer = _Committer(self.store)
-        self._committer.start()
+        self.steps.start()
         self._server = self._make_server()
         if self.config.processes > 1:
             self._workers = _Workers(self.config, self.port, self.config.processes - 1)
@@ -295,8 +232,7 @@ class Receiver:
             self._server.shutdown()
             self._server.server_close()
             _abort_all(self._server.active_associations)
-        if self._committer is not None:
-            self._committer.stop()
+        self.steps.stop()
         if self._completer is not None:
             self._completer.join(timeout=10)
         self.store.close()
@@ -421,8 +357,7 @@ class Receiver:
 
     def _on_accepted(self, event) -> None:
         r = event.assoc.requestor
-        fresh = {"stored": 0, "failed": 0, "groups": set()}
-        self._assocs.setdefault(id(event.assoc), fresh)["started"] = time.time()
+        self.steps.tally(event.assoc)["started"] = time.time()
         log.info("association_accepted", calling_ae=r.ae_title, peer_host=r.address,
                  called_ae=event.assoc.acceptor.ae_title)  # fmt: skip
 
@@ -437,7 +372,7 @@ class Receiver:
                      outcome="rejected", reason=str(reason), started=now, ended=now)  # fmt: skip
 
     def _finished(self, event, how: str) -> dict[str, Any]:
-        stats = self._assocs.pop(id(event.assoc), {"stored": 0, "failed": 0, "groups": set()})
+        stats = self.steps.close(event.assoc)
         r = event.assoc.requestor
         log.info(f"association_{how}", calling_ae=r.ae_title, peer_host=r.address,
                  stored=stats["stored"], failed=stats["failed"],
@@ -472,75 +407,18 @@ class Receiver:
 
     def _on_store(self, event) -> int | Dataset:
         called = self.config.called(event.assoc.acceptor.ae_title)
-        status, note = self.answer(event.assoc, lambda: self._store(event, called))
+        request = event.request
+        status, note = self.steps.answer(event.assoc, lambda: self.steps.store_dataset(
+            event.assoc, called, str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+            request.DataSet,
+        ))  # fmt: skip
         if status == Status.SUCCESS:
             return Status.SUCCESS
         reply = Dataset()
         reply.Status = status
         reply.ErrorComment = note[:64]
         return reply
-
-    def answer(self, assoc, store: Callable[[], tuple[int, str, int | None]]) -> tuple[int, str]:
-        """Run ``store`` (one C-STORE: status, note, group), count and log its outcome; the
-        status and note to answer. Shared by pynetdicom's path and :mod:`.intake`."""
-        stats = self._assocs.setdefault(id(assoc), {"stored": 0, "failed": 0, "groups": set()})
-        calling, host = assoc.requestor.ae_title, assoc.requestor.address
-        try:
-            status, note, group_id = store()
-        except BadInstance as exc:
-            status, note, group_id = exc.status, str(exc), None
-        except Exception as exc:
-            log.exception("store_failed", calling_ae=calling, peer_host=host)
-            status, note, group_id = Status.PROCESSING_FAILURE, type(exc).__name__, None
-        if status == Status.SUCCESS and group_id is None:  # its SOP class is ignored: dropped
-            stats["ignored"] = stats.get("ignored", 0) + 1
-            return Status.SUCCESS, ""
-        if status == Status.SUCCESS:
-            stats["stored"] += 1
-            stats["groups"].add(group_id)
-            if note:
-                log.info("store_note", calling_ae=calling, peer_host=host, note=note)
-            return Status.SUCCESS, ""
-        stats["failed"] += 1
-        log.warning("store_refused", calling_ae=calling, peer_host=host,
-                    status=f"0x{status:04X}", reason=note)  # fmt: skip
-        return status, note
-
-    def _store(self, event, called: CalledAE | None) -> tuple[int, str, int | None]:
-        if called is None:  # cannot happen: the ACSE rejected the association
-            return Status.PROCESSING_FAILURE, "called AE title not configured", None
-        request = event.request
-        if called.ignores(str(request.AffectedSOPClassUID)):
-            return Status.SUCCESS, IGNORED, None
-        stream = request.DataSet
-        size = stream.getbuffer().nbytes
-        if self.config.max_instance_size and size > self.config.max_instance_size:
-            return (
-                Status.TOO_LARGE,
-                f"instance larger than {self.config.max_instance_size} bytes",
-                None,
-            )
-        syntax = str(event.context.transfer_syntax)
-        header = self.checked_header(
-            stream, syntax, 0, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
-        )
-        meta = file_meta_bytes(
-            header.sop_class_uid, header.sop_instance_uid, syntax,
-            PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
-        )  # fmt: skip
-        needed = size + len(meta) + len(PREAMBLE)
-        if self.below_reserve(needed, free_bytes(self.spool)):
-            return Status.OUT_OF_RESOURCES, "disk reserve reached", None
-        view = stream.getbuffer()
-        try:
-            temp = write_temp(self.incoming, (PREAMBLE, meta, view))
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return Status.OUT_OF_RESOURCES, "no space left", None
-            raise
-        finally:
-            view.release()
-        return self.place(event.assoc, called, header, temp, needed)
 
     def stats(self) -> dict[str, int]:
         """Figures for a health check (this listener process; counters since its start):
@@ -575,51 +453,14 @@ class Receiver:
             self._admitted.append(assoc)
             return True
 
-    # -- the steps of a C-STORE, shared with .intake -----------------------------------------
-
-    @staticmethod
-    def checked_header(fp, syntax: str, offset: int, sop_class: str, sop_instance: str) -> Header:
-        """The dataset's UIDs (at ``offset`` in ``fp``); :class:`BadInstance` if they are
-        missing or not the request's."""
-        header = parse_header(fp, syntax, offset)
-        if header.sop_class_uid != sop_class:
-            raise BadInstance(Status.NOT_MATCHING, "SOPClassUID differs from the request's")
-        if header.sop_instance_uid != sop_instance:
-            raise BadInstance(Status.NOT_MATCHING, "SOPInstanceUID differs from the request's")
-        return header
-
     def disk(self) -> dict[str, Any]:
         """The spool's file system now: bytes ``free`` and ``total``, the ``reserve`` kept
         free (``min_free_bytes`` or ``min_free_percent``, the larger), and whether it is
         ``below`` it (instances are then refused with Out of Resources)."""
         free, total = free_bytes(self.spool)
-        reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
+        reserve = self.steps.reserve(total)
         return {"path": str(self.spool), "free": free, "total": total, "reserve": int(reserve),
                 "below": free < reserve}  # fmt: skip
-
-    def below_reserve(self, needed: int, free: tuple[int, int]) -> bool:
-        """Whether storing ``needed`` bytes would go below the disk reserve, ``free`` being
-        :func:`free_bytes` of the spool (available, total)."""
-        available, total = free
-        reserve = max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
-        return available - needed < reserve
-
-    def place(
-        self, assoc, called: CalledAE, header: Header, temp: Path, needed: int
-    ) -> tuple[int, str, int | None]:
-        """Hand the fsynced ``temp`` file to the committer: status, note and group once its
-        record is durable."""
-        log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
-                  study_instance_uid=header.study_uid, size=needed)  # fmt: skip
-        item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
-                         assoc.requestor.address)  # fmt: skip
-        assert self._committer is not None
-        try:
-            self._committer.submit(item)
-        except BaseException:
-            temp.unlink(missing_ok=True)  # not acknowledged (stopping, or the commit failed)
-            raise
-        return item.status, item.note, item.group_id
 
 
 def _holds_slot(assoc) -> bool:
@@ -685,7 +526,7 @@ class _CheckingACSE(compat.AcceptorACSE):
             self.assoc.kill()
             return
         self.acceptor.ae_title = called
-        intake = Intake.prepare(receiver, self.assoc)
+        intake = Intake.prepare(receiver.steps, self.assoc)
         try:
             self.negotiate_as_pynetdicom()
         except BaseException:

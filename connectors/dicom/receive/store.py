@@ -1,0 +1,232 @@
+"""The steps of one received C-STORE, shared by the receiver's two paths.
+
+pynetdicom's path (``Receiver._on_store``, the dataset reassembled in memory) and the direct
+path (:mod:`.intake`, the dataset streamed to a temp file off the socket) both call one
+:class:`StoreSteps`: :meth:`~StoreSteps.answer` runs a store and counts and logs its outcome;
+:meth:`~StoreSteps.checked_header` (the dataset's UIDs are the request's),
+:meth:`~StoreSteps.below_reserve` (the disk reserve) and :meth:`~StoreSteps.place` (the
+commit: the committer thread moves the fsynced file into its group folder and records it,
+several associations' instances per transaction, each durable before its Success goes back).
+
+It knows the configuration, the spool and the committer; not pynetdicom's server, nor the
+receiver (so :mod:`.intake` imports this module, never :mod:`.receiver`).
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+from ..config import CalledAE, ReceiverConfig
+from ..net.pdu import Status
+from .groups import GroupStore, Placement
+from .spool import (
+    PREAMBLE,
+    BadInstance,
+    Header,
+    file_meta_bytes,
+    free_bytes,
+    parse_header,
+    write_temp,
+)
+
+__all__ = ["IGNORED", "StoreSteps"]
+
+log = structlog.get_logger("connectors.dicom")
+
+IGNORED = "ignored: its SOP class is in ignored_sop_classes"  # Success, nothing stored
+
+Outcome = tuple[int, str, int | None]  # status, note, group (None: nothing stored)
+
+
+class _Committer(threading.Thread):
+    """Moves fsynced temp files into place and records them, many per transaction."""
+
+    def __init__(self, store: GroupStore) -> None:
+        super().__init__(name="dicom-committer", daemon=True)
+        self._store = store
+        self._cv = threading.Condition()
+        self._queue: list[tuple[Placement, threading.Event, list]] = []
+        self._stopping = False
+
+    def submit(self, item: Placement) -> None:
+        """Record ``item`` durably (sets its status); raises what the transaction raised."""
+        done, error = threading.Event(), []
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("receiver stopping")
+            self._queue.append((item, done, error))
+            self._cv.notify()
+        done.wait()
+        if error:
+            raise error[0]
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                self._store.place([item for item, _, _ in batch])
+            except BaseException as exc:
+                for _, _, error in batch:
+                    error.append(exc)
+            for _, done, _ in batch:
+                done.set()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self.join(timeout=30)
+
+
+def _fresh_tally() -> dict[str, Any]:
+    return {"stored": 0, "failed": 0, "groups": set()}
+
+
+class StoreSteps:
+    """The C-STORE steps of one receiver (see the module). ``stopping()`` says whether the
+    receiver is stopping (a direct read then ends)."""
+
+    def __init__(
+        self, config: ReceiverConfig, store: GroupStore, stopping: Callable[[], bool]
+    ) -> None:
+        self.config = config
+        self.spool = Path(config.spool)
+        self.incoming = self.spool / ".incoming"
+        self._store = store
+        self._stopping = stopping
+        self._committer: _Committer | None = None
+        self._tallies: dict[int, dict[str, Any]] = {}
+
+    def start(self) -> None:
+        self._committer = _Committer(self._store)
+        self._committer.start()
+
+    def stop(self) -> None:
+        """Finish the commits under way; any later :meth:`place` fails."""
+        if self._committer is not None:
+            self._committer.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping()
+
+    # -- per association ---------------------------------------------------------------------
+
+    def tally(self, assoc) -> dict[str, Any]:
+        """The association's figures so far: ``stored``, ``failed``, ``ignored``, ``groups``
+        (and ``started``, set by the receiver)."""
+        return self._tallies.setdefault(id(assoc), _fresh_tally())
+
+    def close(self, assoc) -> dict[str, Any]:
+        """The association's figures, forgotten here (it was released or aborted)."""
+        return self._tallies.pop(id(assoc), _fresh_tally())
+
+    # -- one C-STORE -------------------------------------------------------------------------
+
+    def answer(self, assoc, store: Callable[[], Outcome]) -> tuple[int, str]:
+        """Run ``store`` (one C-STORE: status, note, group), count and log its outcome; the
+        status and note to answer."""
+        stats = self.tally(assoc)
+        calling, host = assoc.requestor.ae_title, assoc.requestor.address
+        try:
+            status, note, group_id = store()
+        except BadInstance as exc:
+            status, note, group_id = exc.status, str(exc), None
+        except Exception as exc:
+            log.exception("store_failed", calling_ae=calling, peer_host=host)
+            status, note, group_id = Status.PROCESSING_FAILURE, type(exc).__name__, None
+        if status == Status.SUCCESS and group_id is None:  # its SOP class is ignored: dropped
+            stats["ignored"] = stats.get("ignored", 0) + 1
+            return Status.SUCCESS, ""
+        if status == Status.SUCCESS:
+            stats["stored"] += 1
+            stats["groups"].add(group_id)
+            if note:
+                log.info("store_note", calling_ae=calling, peer_host=host, note=note)
+            return Status.SUCCESS, ""
+        stats["failed"] += 1
+        log.warning("store_refused", calling_ae=calling, peer_host=host,
+                    status=f"0x{status:04X}", reason=note)  # fmt: skip
+        return status, note
+
+    def store_dataset(
+        self, assoc, called: CalledAE | None, sop_class: str, sop_instance: str, syntax: str,
+        stream,
+    ) -> Outcome:  # fmt: skip
+        """pynetdicom's path: the request's dataset, whole in ``stream`` (a BytesIO), checked,
+        written after a file meta header, fsynced and placed."""
+        if called is None:  # cannot happen: the ACSE rejected the association
+            return Status.PROCESSING_FAILURE, "called AE title not configured", None
+        if called.ignores(sop_class):
+            return Status.SUCCESS, IGNORED, None
+        size = stream.getbuffer().nbytes
+        limit = self.config.max_instance_size
+        if limit and size > limit:
+            return Status.TOO_LARGE, f"instance larger than {limit} bytes", None
+        header = self.checked_header(stream, syntax, 0, sop_class, sop_instance)
+        meta = file_meta_bytes(
+            header.sop_class_uid, header.sop_instance_uid, syntax,
+            PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+        )  # fmt: skip
+        needed = size + len(meta) + len(PREAMBLE)
+        if self.below_reserve(needed, free_bytes(self.spool)):
+            return Status.OUT_OF_RESOURCES, "disk reserve reached", None
+        view = stream.getbuffer()
+        try:
+            temp = write_temp(self.incoming, (PREAMBLE, meta, view))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Status.OUT_OF_RESOURCES, "no space left", None
+            raise
+        finally:
+            view.release()
+        return self.place(assoc, called, header, temp, needed)
+
+    @staticmethod
+    def checked_header(fp, syntax: str, offset: int, sop_class: str, sop_instance: str) -> Header:
+        """The dataset's UIDs (at ``offset`` in ``fp``); :class:`BadInstance` if they are
+        missing or not the request's."""
+        header = parse_header(fp, syntax, offset)
+        if header.sop_class_uid != sop_class:
+            raise BadInstance(Status.NOT_MATCHING, "SOPClassUID differs from the request's")
+        if header.sop_instance_uid != sop_instance:
+            raise BadInstance(Status.NOT_MATCHING, "SOPInstanceUID differs from the request's")
+        return header
+
+    def reserve(self, total: int) -> float:
+        """The bytes kept free on a file system of ``total`` bytes (``min_free_bytes`` or
+        ``min_free_percent``, the larger)."""
+        return max(self.config.min_free_bytes, total * self.config.min_free_percent / 100)
+
+    def below_reserve(self, needed: int, free: tuple[int, int]) -> bool:
+        """Whether storing ``needed`` bytes would go below the disk reserve, ``free`` being
+        :func:`free_bytes` of the spool (available, total)."""
+        available, total = free
+        return available - needed < self.reserve(total)
+
+    def place(self, assoc, called: CalledAE, header: Header, temp: Path, needed: int) -> Outcome:
+        """Hand the fsynced ``temp`` file to the committer: status, note and group once its
+        record is durable."""
+        log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
+                  study_instance_uid=header.study_uid, size=needed)  # fmt: skip
+        item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
+                         assoc.requestor.address)  # fmt: skip
+        assert self._committer is not None
+        try:
+            self._committer.submit(item)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # not acknowledged (stopping, or the commit failed)
+            raise
+        return item.status, item.note, item.group_id
