@@ -15,6 +15,8 @@ from deadlines import HANG, wait_until
 from connectors.dicom.export.exporter import DOWN_AFTER, Exporter
 from connectors.dicom.export.memory import MemoryTransport
 from connectors.dicom.export.outbox import Outbox, RetryPolicy
+from connectors.dicom.export.sender import Destination
+from connectors.dicom.export.stow import WebDestination
 from connectors.dicom.export.transport import DestinationError, Transport, Verifier
 from operators.dicom.phantom import write_ct_series
 
@@ -64,9 +66,12 @@ def exporter(outbox, pacs, heard):
     exporter.stop(timeout=HANG)
 
 
-def test_the_memory_transport_is_a_transport_and_a_verifier(pacs):
-    assert isinstance(pacs, Transport) and isinstance(pacs, Verifier)
-    assert pacs.transport() is pacs
+def test_every_destination_builds_a_transport_that_also_verifies(pacs):
+    dimse = Destination("pacs", "PACS", "127.0.0.1", 104).transport()
+    web = WebDestination("web", "http://127.0.0.1:8042/dicom-web").transport()
+    for transport in (dimse, web, pacs.transport()):
+        assert isinstance(transport, Transport) and isinstance(transport, Verifier)
+    assert pacs.transport() is pacs  # the in-memory one is its own destination
 
 
 def test_failed_attempts_back_off_and_the_task_is_sent_when_the_peer_is_back(

@@ -344,7 +344,7 @@ class Exporter:
         """Run the worker loop in a thread until :meth:`stop`."""
         if self._loop is not None:
             return
-        fastnet.install()  # as the receiver does: also when the exporter runs without it
+        fastnet.start("exporter")  # as the receiver does (off: said at WARNING, with why)
         self._stopping.clear()
         self._loop = threading.Thread(target=self._run, name="export-loop", daemon=True)
         self._loop.start()

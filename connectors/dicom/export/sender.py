@@ -56,11 +56,6 @@ __all__ = [
 
 log = structlog.get_logger("connectors.dicom.export.exporter")
 
-# A file sent as stored goes as its own bytes, read in PDU-sized chunks, never decoded and
-# re-encoded (about twice the rate). pynetdicom then needs an exactly matching context for a
-# path, which is the only case in which this module passes one (process-wide setting).
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # DICOM's limit on presentation contexts per association
 
@@ -271,6 +266,11 @@ def send_files(
     off; the files without a result then are left for the next attempt. ``cancel`` is
     checked before each file, and aborts the association when told to.
     """
+    # A file sent as stored goes as its own bytes, read in PDU-sized chunks, never decoded
+    # and re-encoded (about twice the rate). pynetdicom then needs an exactly matching context
+    # for a path, which is the only case in which this module passes one. A process-wide
+    # setting, made when the first send starts (not at import).
+    _config.STORE_SEND_CHUNKED_DATASET = True
     infos = dict(files)
     for group in plan_contexts(list(infos.values()), destination.transfer_syntax):
         classes = {sop_class for sop_class, _ in group}
