@@ -29,7 +29,7 @@ import time
 
 from dataflow.errors import StoreError
 from dataflow.store import protocol
-from dataflow.store.table import LOOKUPS, Client, Object, ObjectTable, Reply
+from dataflow.store.table import Client, Object, ObjectTable, Reply
 
 log = logging.getLogger("dataflow.store.server")
 
@@ -192,12 +192,14 @@ class StoreServer:
                 self.backlog.add(conn)
                 return
             del buf[:end]
-            if request[0] in LOOKUPS and table.needs_settling(request):
+            replies = table.handle(conn.client, request, now)
+            if replies is None:  # a lookup: first apply the one-way requests sent before it
                 self._settle()
                 if conn.closed:
                     return
                 now = time.monotonic()
-            for client, message, fds in table.handle(conn.client, request, now):
+                replies = table.handle(conn.client, request, now, settled=True)
+            for client, message, fds in replies:
                 self._send(client.handle, message, fds)
             if conn.closed:
                 return
