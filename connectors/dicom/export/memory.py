@@ -25,18 +25,11 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
-from .transport import (
-    EchoResult,
-    FileInfo,
-    FileResult,
-    Files,
-    OnResult,
-    TransientExportError,
-    classify_status,
-)
+from .transport import EchoResult, TransientExportError, c_store_result
 
 if TYPE_CHECKING:
     from ..net.association import Cancel
+    from .transport import FileInfo, FileResult, Files, OnResult
 
 __all__ = ["MemoryTransport"]
 
@@ -130,11 +123,7 @@ class MemoryTransport:
         with self._lock:
             queued = self._statuses.get(info.sop_instance)
             status = queued.pop(0) if queued else 0x0000
-        if status is None:
-            return FileResult(index, "transient", None, "no C-STORE response")
-        outcome = classify_status(status)
-        error = "" if outcome == "delivered" else f"C-STORE status 0x{status:04X}"
-        return FileResult(index, outcome, status, error)
+        return c_store_result(index, status)
 
     def _hang(self, cancel: Cancel | None, until: str) -> None:
         line = _Line()

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 from pydicom import dcmread
@@ -34,14 +34,14 @@ from .direct import DirectStore, ProtocolSurprise
 from .transport import (
     DestinationError,
     EchoResult,
-    FileInfo,
     FileResult,
-    Files,
-    OnResult,
     TransientExportError,
-    classify_status,
+    c_store_result,
     describe_file,
 )
+
+if TYPE_CHECKING:
+    from .transport import FileInfo, Files, OnResult
 
 __all__ = [
     "UNCOMPRESSED",
@@ -294,16 +294,11 @@ def send_files(
                     error = _scrub(f"cannot send: {exc}", info)
                     on_result(FileResult(index, "permanent", None, error))
                     continue
-                if code is None:
-                    on_result(FileResult(index, "transient", None, "no C-STORE response"))
-                    if not assoc.is_established:
-                        raise TransientExportError(
-                            f"{destination.describe()}: association broke off during C-STORE"
-                        )
-                    continue
-                outcome = classify_status(code)
-                error = "" if outcome == "delivered" else f"C-STORE status 0x{code:04X}"
-                on_result(FileResult(index, outcome, code, error))
+                on_result(c_store_result(index, code))
+                if code is None and not assoc.is_established:
+                    raise TransientExportError(
+                        f"{destination.describe()}: association broke off during C-STORE"
+                    )
         finally:
             if direct is not None:
                 direct.release()

@@ -32,6 +32,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -39,13 +40,13 @@ from ..net.association import Cancel
 from .transport import (
     DestinationError,
     EchoResult,
-    FileInfo,
     FileResult,
-    Files,
-    OnResult,
     TransientExportError,
     classify_status,
 )
+
+if TYPE_CHECKING:
+    from .transport import FileInfo, Files, OnResult
 
 __all__ = ["StowTransport", "WebDestination"]
 

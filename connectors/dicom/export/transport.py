@@ -52,6 +52,7 @@ __all__ = [
     "TransientExportError",
     "Transport",
     "Verifier",
+    "c_store_result",
     "classify_status",
     "describe_file",
 ]
@@ -157,3 +158,12 @@ def classify_status(status: int) -> Outcome:
     if status in (0x0117, 0x0122, 0x0124, 0x0210, 0x0211, 0x0212):
         return "permanent"
     return "transient"  # 0xA7xx, 0x0110, 0x0213 and anything unknown: bounded by the deadline
+
+
+def c_store_result(index: int, status: int | None) -> FileResult:
+    """File ``index``'s outcome from its C-STORE response ``status`` (None: no response)."""
+    if status is None:
+        return FileResult(index, "transient", None, "no C-STORE response")
+    outcome = classify_status(status)
+    error = "" if outcome == "delivered" else f"C-STORE status 0x{status:04X}"
+    return FileResult(index, outcome, status, error)
