@@ -6,15 +6,10 @@ that a regression fails instead of taking the machine's memory."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import random
 import re
 import resource
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,13 +19,21 @@ from deadlines import HANG
 from dicom_peers import storescu
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
-from test_dicom_receiver import AET, HOST, _certificate, config, ct, receiving, wait_for
+from test_dicom_receiver import (
+    AET,
+    HOST,
+    _certificate,
+    config,
+    ct,
+    receiver_process,
+    receiving,
+    wait_for,
+)
 
-from connectors.dicom.config import ReceiverConfig, TLSConfig
+from connectors.dicom.config import TLSConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.dicom_wire]
 
-ROOT = Path(__file__).resolve().parents[2]
 ADDRESS_SPACE = 2560 * 1024**2  # RLIMIT_AS of the receiver process: 4 GiB cannot be had
 PEAK_GROWTH = 160 * 1024**2  # a claim of 512 MiB honoured would pass this
 
@@ -66,31 +69,6 @@ def stored_sops(spool: Path) -> int:
 # -- memory: PDU lengths are claims -----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def receiver_process(cfg: ReceiverConfig, log: Path, fastnet: str):
-    """A receiver process under RLIMIT_AS, its log in ``log``: yields (process, port)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "connectors.dicom.receive.receiver",
-        "--config",
-        json.dumps(cfg.to_dict()),
-    ]
-    env = {**os.environ, "DATAFLOW_DICOM_FASTNET": fastnet}
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,
-                                text=True)  # fmt: skip
-    try:
-        port = int(proc.stdout.readline().split()[1])
-        resource.prlimit(proc.pid, resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(timeout=HANG)
-        proc.stdout.close()
-
-
 def peak_rss(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
@@ -111,12 +89,12 @@ def ended(assoc) -> bool:
     return wait_for(lambda: not assoc.is_established and not assoc.is_alive(), HANG)
 
 
-@pytest.mark.parametrize("fastnet", ["1", "0"], ids=["fast-path", "pynetdicom-path"])
-def test_pdu_length_claims_allocate_nothing(tmp_path, fastnet):
+def test_pdu_length_claims_allocate_nothing(tmp_path):
     files = ct(tmp_path / "ct", 4)
     cfg = config(tmp_path, network_timeout=2.0)
     log = tmp_path / "receiver.log"
-    with receiver_process(cfg, log, fastnet) as (proc, port):
+    with receiver_process(cfg, log) as (proc, port):
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
         assert send_files(port, files[:1]).returncode == 0  # warm: pages touched once
         before = peak_rss(proc.pid)
         claims = [  # before any association: an A-ASSOCIATE-RQ, a P-DATA, an A-RELEASE-RQ

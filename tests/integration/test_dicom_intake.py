@@ -24,7 +24,11 @@ from connectors.dicom.receive.intake import _Instance
 from connectors.dicom.receive.receiver import Receiver
 from connectors.dicom.receive.store import StoreSteps
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.dicom_wire(off="the direct intake path is the fast path's (pynetdicom serves all"
+                           " otherwise: test_dicom_receiver covers it)"),
+]  # fmt: skip
 
 CONTEXTS = [(CTImageStorage, [ExplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian])]
 

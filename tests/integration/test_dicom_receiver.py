@@ -26,7 +26,7 @@ from connectors.dicom.receive.groups import GroupStore
 from connectors.dicom.receive.receiver import Receiver
 from operators.dicom.phantom import write_ct_series
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.dicom_wire]
 
 AET = "DATAFLOW"
 HOST = "127.0.0.1"
@@ -81,6 +81,14 @@ def statuses(output: str) -> list[str]:
 
 
 # -- associations -----------------------------------------------------------------------------
+
+
+def test_the_fast_path_is_on_or_off_as_this_run_says(tmp_path, dicom_fast_path):
+    """Every test here runs with the fast path on and off (tests/integration/conftest.py)."""
+    with receiving(config(tmp_path)) as rx:
+        assert rx.stats()["fast_path"] == (dicom_fast_path == "on")
+        assert storescu(HOST, rx.port, ct(tmp_path / "ct", 2), called=AET).returncode == 0
+        assert len(stored(rx)) == 2
 
 
 def test_echo_and_association_refusals(tmp_path):
@@ -353,9 +361,10 @@ def test_restart_completes_pending_groups(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def receiver_process(cfg: ReceiverConfig):
-    """``python -m connectors.dicom.receive.receiver`` (no pytest warning filters in there): yields
-    (process, port)."""
+def receiver_process(cfg: ReceiverConfig, log: Path | None = None):
+    """``python -m connectors.dicom.receive.receiver`` (no pytest warning filters in there; the
+    environment is this test's: DATAFLOW_DICOM_FASTNET too), its log in ``log`` if given:
+    yields (process, port)."""
     cmd = [
         sys.executable,
         "-m",
@@ -363,8 +372,9 @@ def receiver_process(cfg: ReceiverConfig):
         "--config",
         json.dumps(cfg.to_dict()),
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        err = stack.enter_context(open(log, "w")) if log is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         yield proc, int(proc.stdout.readline().split()[1])  # "listening PORT" (logs: stderr)
     finally:
