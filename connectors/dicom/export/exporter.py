@@ -8,10 +8,13 @@
     exporter.enqueue(files, "pacs", job_id="j1")       # or any files / folder
     exporter.stop()
 
-A worker loop claims due tasks, at most ``Destination.max_associations`` at a time per
-destination (each attempt is one association on its own thread), so a destination that is down
-or hangs delays only its own tasks. An attempt ends with the task succeeded, pending again after
-the backoff, or dead (see :mod:`connectors.dicom.export.outbox`). ``stop()`` is bounded: attempts
+Each destination builds its transport once (:mod:`connectors.dicom.export.transport`: DIMSE
+C-STORE, STOW-RS, or the in-memory test double :mod:`connectors.dicom.export.memory`); the
+exporter calls nothing else of it than ``send`` (and ``echo``, where it has one). A worker loop
+claims due tasks, at most ``max_associations`` at a time per destination (each attempt is one
+``send`` on its own thread), so a destination that is down or hangs delays only its own tasks.
+An attempt ends with the task succeeded, pending again after the backoff, or dead (see
+:mod:`connectors.dicom.export.outbox`). ``stop()`` is bounded: attempts
 still sending after ``timeout / 2`` have their associations aborted; interrupted tasks go back
 to pending without counting an attempt, their delivered files remembered.
 
