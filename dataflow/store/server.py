@@ -107,9 +107,8 @@ class StoreServer:
         try:
             while self.running and not table.shutdown:
                 timeout = None
-                deadline = table.next_deadline()
-                if deadline is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
+                if table.deadlines:
+                    timeout = max(0.0, table.deadlines[0][0] - time.monotonic())
                 for key, _ in self.sel.select(timeout):
                     if key.data == "accept":
                         self._accept()
@@ -197,7 +196,6 @@ class StoreServer:
                 self._settle()
                 if conn.closed:
                     return
-                now = time.monotonic()
                 replies = table.handle(conn.client, request, now, settled=True)
             for client, message, fds in replies:
                 self._send(client.handle, message, fds)
