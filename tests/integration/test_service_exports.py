@@ -123,3 +123,48 @@ def test_dataflow_exports_lists_a_dead_letter_and_resends_it(private_network, tm
         assert dataflow("exports", config, "--state", "dead", "--json").stdout.strip() == ""
     finally:
         service.stop()
+
+
+def test_a_result_whose_task_json_is_wrong_is_said_and_left_at_start(tmp_path):
+    """A registered result whose ``task.json`` has a wrong field does not stop the service
+    from starting: ``export_task_invalid`` names the file and the field, and the export stays
+    ``new`` (read again at the next start, once someone mended it); a good one beside it is
+    handed over as before (no connector serves ClaraSCU here: ``no-agent``)."""
+    import structlog
+
+    from operators.register import register_files
+
+    state = tmp_path / "state"
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "a.dcm").write_bytes(b"registered")
+    store = JobStore(state / "jobs.db")
+    job, _ = store.create("passthrough", SAMPLES / "study-a", key="a")
+    store.finished(job.id, True)
+    good = state / "jobs" / job.id / "register" / "good"
+    good_id = register_files(
+        tmp_path / "seg", good, agent="ClaraSCU", destinations=["PACS"], job_id=job.id
+    )["taskId"]
+    bad = state / "jobs" / job.id / "register" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "task.json").write_text(json.dumps({"taskId": "t-bad", "agent": "ClaraSCU",
+                                               "uris": "a.dcm"}))  # fmt: skip
+    store.add_export(good_id, job.id, "ClaraSCU", good)
+    store.add_export("t-bad", job.id, "ClaraSCU", bad)
+    store.close()
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        f"state: {state}\npipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+    )
+    service = Service(load_config(config))
+    with structlog.testing.capture_logs() as logs:
+        service.start()
+    try:
+        states = {e["task_id"]: e["state"] for e in service.jobs.exports()}
+        assert states == {good_id: "no-agent", "t-bad": "new"}
+        (said,) = [e for e in logs if e["event"] == "export_task_invalid"]
+        assert said["job_id"] == job.id
+        assert said["error"] == (
+            f"{bad / 'task.json'}: field 'uris' must be a list of strings; got 'a.dcm'"
+        )
+    finally:
+        service.stop()
