@@ -220,6 +220,19 @@ def test_creates_that_wait_are_placed_in_arrival_order():
     assert who == "c" and error(reply)[0] == "StoreFull"
 
 
+def test_a_create_waits_for_a_free_block_not_only_for_free_bytes():
+    h = Harness(12 * KIB, clients=("p", "q"))
+    for oid in ("left", "middle", "right"):
+        h.made("p", oid)
+    h.do("p", "release", "left")
+    h.do("p", "release", "right")
+    # Evicting both frees 8 KiB, but in two blocks on either side of "middle".
+    assert h.create("q", "big", 8 * KIB, timeout=1.0) == []
+    assert set(h.table.objects) == {"middle"}
+    assert h.stats()["largest_free_block"] == 4 * KIB
+    assert h.do("p", "release", "middle") == [("q", ("ok", 0))]
+
+
 def test_a_create_that_cannot_get_room_says_who_holds_the_store():
     h = Harness(budget=8 * KIB)
     h.connect("reader", pid=7)
