@@ -21,14 +21,8 @@ from typing import Any
 import numpy as np
 
 from dataflow.execution import state
-from dataflow.stage import (
-    Stage,
-    StageContext,
-    StageError,
-    Tensor,
-    collect_outputs,
-    output_values,
-)
+from dataflow.execution.binding import run_job
+from dataflow.stage import Port, Stage, StageContext, StageError, Tensor
 from dataflow.tensors import dtype_of
 
 __all__ = ["Outputs", "run_pipeline", "run_stage"]
@@ -56,7 +50,7 @@ def run_stage(
         ctx = _context(stage_name, root, job_id, instance)
         instance.prepare(ctx)
         try:
-            return _execute(instance, cls, stage_name, ctx, inputs, job_id)
+            return _execute(instance, stage_name, ctx, inputs, job_id)
         finally:
             instance.cleanup(ctx)
 
@@ -92,7 +86,7 @@ def _context(stage_name: str, root: Path, job_id: str, instance: Stage) -> Stage
     return ctx
 
 
-def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
+def _execute(instance, stage_name, ctx, inputs, job_id) -> Outputs:
     missing = set(instance.inputs) - set(inputs)
     unknown = set(inputs) - set(instance.inputs)
     if missing or unknown:
@@ -100,23 +94,33 @@ def _execute(instance, cls, stage_name, ctx, inputs, job_id) -> dict[str, Any]:
             f"stage {stage_name!r} takes inputs {sorted(instance.inputs)}; "
             f"missing {sorted(missing)}, unknown {sorted(unknown)}"
         )
-    values, metadata = {}, {}
-    for port, value in inputs.items():
+    collected, published = run_job(
+        instance, ctx, DictEdges(stage_name), inputs, job_id=job_id, job_name=ctx.job_name or job_id
+    )
+    return Outputs(collected, published)
+
+
+class DictEdges:
+    """The harness's :class:`dataflow.execution.binding.Edges`: inputs are the values the
+    author gave (checked against the ports; a :class:`Tensor` gives its metadata; arrays are
+    read-only views with metadata, as from the store), outputs are kept as they are."""
+
+    def __init__(self, stage_name: str) -> None:
+        self.stage_name = stage_name
+
+    def read(self, port: str, value: Any, spec: Port) -> tuple[Any, Mapping[str, Any] | None]:
+        metadata = None
         if isinstance(value, Tensor):
-            metadata[port] = dict(value.metadata)
-            value = value.array
+            value, metadata = value.array, dict(value.metadata)
         if isinstance(value, np.ndarray):
-            metadata.setdefault(port, {})  # as from the store: every array has metadata
+            metadata = {} if metadata is None else metadata  # every array has metadata
             value = value.view()
             value.flags.writeable = False  # stages get read-only views, as from the store
-        instance.inputs[port].check_value(value, f"stage {stage_name!r} input {port!r}")
-        values[port] = value
-    ctx.begin_job(job_id, job_id, metadata=metadata)
-    result = instance.execute(ctx, **values)
-    outputs = instance.outputs
-    defaults = {p: ctx.output_dir(p) for p, spec in outputs.items() if spec.type == "stream"}
-    collected = collect_outputs(instance, result, stage_name, defaults=defaults)
-    return Outputs(collected, output_values(instance, collected, metadata))
+        spec.check_value(value, f"stage {self.stage_name!r} input {port!r}")
+        return value, metadata
+
+    def write(self, port: str, value: Any, spec: Port) -> Any:
+        return value
 
 
 class Outputs(dict):
@@ -158,10 +162,10 @@ def run_pipeline(
         )
         runners = {}
         for s in stages:
-            instance, cls = _instantiate(resolve_stage(s.stage_ref), s.arguments)
+            instance, _cls = _instantiate(resolve_stage(s.stage_ref), s.arguments)
             ctx = _context(s.name, root, "", instance)
             instance.prepare(ctx)
-            runners[s.name] = (instance, cls, ctx)
+            runners[s.name] = (instance, ctx)
         core = state.Core(graph, state.Limits(max_jobs=1))
         actions = list(core.start(0.0))
         for wid in list(core.workers):
@@ -173,11 +177,11 @@ def run_pipeline(
             while actions:
                 action = actions.pop(0)
                 if isinstance(action, state.Dispatch):
-                    instance, cls, ctx = runners[action.stage]
+                    instance, ctx = runners[action.stage]
                     ctx.job_name = action.job
                     inputs = {p: v.ref for p, v in action.inputs.items()}
                     try:
-                        out = _execute(instance, cls, action.stage, ctx, inputs, action.job)
+                        out = _execute(instance, action.stage, ctx, inputs, action.job)
                     except Exception as exc:
                         raise StageError(
                             f"job {action.job!r} failed in stage {action.stage!r}: "
@@ -192,7 +196,7 @@ def run_pipeline(
                         for k, v in action.outputs.items()
                     }
         finally:
-            for instance, _cls, ctx in runners.values():
+            for instance, ctx in runners.values():
                 instance.cleanup(ctx)
         return results
 
