@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -77,23 +77,34 @@ def scrub(text: str | None, values: Iterable[str] = ()) -> str | None:
     spool path carries them) by ``<uid>``."""
     if not text:
         return text
-    known = {str(v).strip() for v in (*values, *_known) if v and str(v).strip()}
+    known = {str(v).strip() for v in (*values, *_known_now()) if v and str(v).strip()}
     for value in sorted(known, key=len, reverse=True):
         text = text.replace(value, REDACTED)
     return _PHI_TEXT.sub(_redact_rest, _UID.sub(UID_REDACTED, text))
 
 
-_known: tuple[str, ...] = ()  # the identifying values of the job this process runs now
+#: the identifying values of the job this process runs now, or what finds them when first
+#: needed (:func:`identifying`)
+_known: tuple[str, ...] | Callable[[], Iterable[str]] = ()
+
+
+def _known_now() -> tuple[str, ...]:
+    global _known
+    if callable(_known):
+        _known = tuple(_known())
+    return _known
 
 
 @contextlib.contextmanager
-def identifying(values: Iterable[str]) -> Iterator[None]:
+def identifying(values: Iterable[str] | Callable[[], Iterable[str]]) -> Iterator[None]:
     """While the block runs, :func:`scrub` (and so every log line, job log line and printed
     line of this process) also redacts ``values``: the identifiers of the job a worker runs
     (:func:`dataflow.identifiers.identifiers_of`), found by value where no key or element
-    name gives them away. One job at a time: a worker's, not the service's many threads."""
+    name gives them away. One job at a time: a worker's, not the service's many threads.
+    ``values`` may be a function that finds them: it is called when something is first
+    scrubbed in the block, so a job that logs nothing never reads its header."""
     global _known
-    previous, _known = _known, tuple(values)
+    previous, _known = _known, values if callable(values) else tuple(values)
     try:
         yield
     finally:

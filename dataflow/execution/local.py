@@ -18,6 +18,7 @@ are snapshots the run loop refreshes, safe to read from any thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ import structlog
 
 from dataflow.execution import forkserver, state
 from dataflow.execution.latency import Latency
-from dataflow.execution.refs import ObjRef, PathRef, Ref
+from dataflow.execution.refs import ObjRef, PathRef, Ref, from_wire, to_wire
 from dataflow.execution.worker import WorkerSpec, mib, worker_main
 from dataflow.machine import oom_kills
 from dataflow.progress import ProgressEvent, StartupProgress, log_event
@@ -239,35 +241,21 @@ class LocalExecutor:
         jobs: Iterable[tuple[str, str | Path | None]],
         on_result: Callable[[JobResult], None] | None = None,
     ) -> list[JobResult]:
-        self.output_root.mkdir(parents=True, exist_ok=True)
         results: list[JobResult] = []
         started: dict[str, float] = {}
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)
-        self.store = Store.start(budget=self.store_budget, name="coordinator")
-        self.core = state.Core(self.graph, self.limits)
-        self._oom_kills = oom_kills()
-        self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
-        self._leaders: dict[str, str] = {}  # stage code -> the worker starting it first
-        self._deferred: dict[str, list[tuple[str, str, int]]] = {}
-        self._warmed: set[str] = set()
         try:
-            self._do(self.core.start(time.monotonic()))
-            for job_id, payload in jobs:
-                started[job_id] = time.monotonic()
-                value = state.Value(PathRef(str(payload)), 0) if payload is not None else None
-                self._do(
-                    self.core.submit(job_id, value, time.monotonic()), results, started, on_result
-                )
-            while not self.core.idle():
-                self._step(results, started, on_result)
-                self._refresh()
+            with self._running(ordered=True, interrupted_by=(KeyboardInterrupt,)):
+                for job_id, payload in jobs:
+                    self._submit(job_id, payload, 2, results, started, on_result)
+                while not self.core.idle():
+                    self._step(results, started, on_result)
+                    self._refresh()
         except KeyboardInterrupt:
             log.warning("run_interrupted", jobs_done=len(results))
-            self._shutdown(interrupted=True)
             raise
         finally:
-            self._shutdown()
             signal.signal(signal.SIGTERM, previous)
         return results
 
@@ -283,46 +271,59 @@ class LocalExecutor:
         ``on_result`` is called in this thread as each result is known (outputs are zero-copy
         views, valid during the call).
         Signals are left to the caller; an exception (KeyboardInterrupt) stops at once."""
-        self.output_root.mkdir(parents=True, exist_ok=True)
         results: list[JobResult] = []
         started: dict[str, float] = {}
-        self.store = Store.start(budget=self.store_budget, name="coordinator")
-        self.core = state.Core(self.graph, self.limits, ordered=False)  # each as it is known
-        self._oom_kills = oom_kills()
-        self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
-        self._leaders: dict[str, str] = {}  # stage code -> the worker starting it first
-        self._deferred: dict[str, list[tuple[str, str, int]]] = {}
-        self._warmed: set[str] = set()
-        interrupted = False
-        try:
-            self._do(self.core.start(time.monotonic()))
+        # results each as it is known; any exception stops at once
+        with self._running(ordered=False, interrupted_by=(BaseException,)) as running:
             while True:
                 if on_ready is not None and self._settled():
                     on_ready()  # every worker has run prepare (or failed to: see health())
                     on_ready = None
                 closing = feed.closed  # before take(): nothing is put after close()
                 for job_id, payload, priority in feed.take():
-                    started[job_id] = time.monotonic()
-                    value = state.Value(PathRef(str(payload)), 0) if payload else None
-                    self._do(
-                        self.core.submit(job_id, value, time.monotonic(), priority),
-                        results, started, on_result,
-                    )  # fmt: skip
+                    self._submit(job_id, payload, priority, results, started, on_result)
                 for job_id, reason in feed.take_cancels():
                     actions = self.core.cancel(job_id, reason, time.monotonic())
                     self._do(actions, results, started, on_result)
                 if (closing and self.core.idle()) or feed.aborted:
-                    interrupted = feed.aborted
+                    running.interrupted = feed.aborted
                     break
                 self._refresh()  # before waiting: in_flight() shows the stages just dispatched
                 self._step(results, started, on_result, wake=feed)
                 results.clear()
                 self._refresh()  # and what the step changed, before on_ready is called
-        except BaseException:
-            interrupted = True
+
+    @contextlib.contextmanager
+    def _running(self, *, ordered: bool, interrupted_by: tuple[type[BaseException], ...]):
+        """What ``run`` and ``serve`` share: the output folder, a store, the scheduling core
+        (``ordered``: results in submission order), the workers started; at the end every
+        worker stopped and the store with them — at once (busy workers killed) after one of
+        ``interrupted_by`` or when the caller sets ``.interrupted`` on what this yields."""
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        self.store = Store.start(budget=self.store_budget, name="coordinator")
+        self.core = state.Core(self.graph, self.limits, ordered=ordered)
+        self._oom_kills = oom_kills()
+        self.startup = StartupProgress({s.name: s.replicas for s in self.stages.values()})
+        self._leaders: dict[str, str] = {}  # stage code -> the worker starting it first
+        self._deferred: dict[str, list[tuple[str, str, int]]] = {}
+        self._warmed: set[str] = set()
+        running = types.SimpleNamespace(interrupted=False)
+        try:
+            self._do(self.core.start(time.monotonic()))
+            yield running
+        except interrupted_by:
+            running.interrupted = True
             raise
         finally:
-            self._shutdown(interrupted=interrupted)
+            self._shutdown(interrupted=running.interrupted)
+
+    def _submit(self, job_id, payload, priority, results, started, on_result) -> None:
+        started[job_id] = time.monotonic()
+        value = state.Value(PathRef(str(payload)), 0) if payload else None  # a Path is true
+        self._do(
+            self.core.submit(job_id, value, time.monotonic(), priority),
+            results, started, on_result,
+        )  # fmt: skip
 
     def _step(self, results, started, on_result, wake: JobFeed | None = None) -> None:
         now = time.monotonic()
@@ -450,7 +451,9 @@ class LocalExecutor:
             self.stage_jobs[stage] += 1
             self.stage_seconds[stage] += seconds
             self.stage_latency[stage].observe(seconds)
-            values = {port: state.Value(ref, nbytes) for port, (ref, nbytes) in outputs.items()}
+            values = {
+                port: state.Value(from_wire(ref), nbytes) for port, (ref, nbytes) in outputs.items()
+            }
             self._do(self.core.job_done(wid, job_id, values, now), results, started, on_result)
         elif kind == "failed":
             _, job_id, reason, details = message
@@ -482,7 +485,7 @@ class LocalExecutor:
         for action in actions:
             if isinstance(action, state.Dispatch):
                 proc = self.procs[action.worker]
-                inputs = {port: value.ref for port, value in action.inputs.items()}
+                inputs = {port: to_wire(value.ref) for port, value in action.inputs.items()}
                 self._dispatched[action.worker] = (action.job, time.monotonic(), time.time())
                 job_name = action.job
                 proc.conn.send(("job", action.job, job_name, inputs, action.timeout))

@@ -13,7 +13,7 @@ Messages on the worker's pipe (pickled tuples):
 
 A value on an edge is a reference (:mod:`dataflow.execution.refs`): ``ObjRef(id, kind)`` for a
 store object (arrays, Arrow), ``ValRef(value)`` for a string or a primitive, ``PathRef(dir)``
-for a stream.
+for a stream; on the pipe, as plain tuples (``refs.to_wire``).
 
 Memory limit (``WorkerSpec.memory_limit``, bytes): once ``prepare`` has run, the worker's
 address space is measured and ``RLIMIT_AS`` set to it plus the limit, so an allocation beyond
@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import importlib
 import os
 import resource
@@ -45,8 +46,11 @@ from typing import Any
 import numpy as np
 
 from dataflow.errors import DataflowError
-from dataflow.execution.refs import ObjRef, PathRef, ValRef
-from dataflow.stage import Stage, StageContext, collect_outputs, output_values
+from dataflow.execution.binding import run_job
+from dataflow.execution.refs import ObjRef, PathRef, Ref, ValRef, from_wire, to_wire
+from dataflow.identifiers import identifiers_of
+from dataflow.logs import identifying
+from dataflow.stage import Port, Stage, StageContext
 
 __all__ = ["WorkerSpec", "limit_address_space", "mib", "resolve_stage", "worker_main"]
 
@@ -95,7 +99,8 @@ def resolve_stage(ref: Any) -> type[Stage]:
 
 
 class _Job:
-    """What one job needs while it runs in this worker."""
+    """What one job needs while it runs in this worker: its allocations, the input views it
+    holds, and its edges to the store (:class:`dataflow.execution.binding.Edges`)."""
 
     def __init__(self, worker: Worker, job_id: str, job_name: str) -> None:
         self.worker = worker
@@ -117,6 +122,47 @@ class _Job:
         path = Path(self.worker.spec.output_root) / self.name / self.worker.spec.stage / port
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    # The job's edges (dataflow.execution.binding.Edges): inputs from the store, outputs
+    # published into it.
+
+    def read(self, port: str, ref: Ref, spec: Port) -> tuple[Any, Mapping[str, Any] | None]:
+        if isinstance(ref, PathRef):
+            return Path(ref.path), None
+        if isinstance(ref, ValRef):
+            return ref.value, None
+        view = self.worker.client.get(ref.id, timeout=30)
+        self.views.append(view)
+        if view.kind == "tensor":
+            value = view.array
+        elif view.kind == "arrow":
+            value = view.to_arrow()
+        elif view.kind == "cuda":
+            value = view.device_array()
+        else:
+            value = bytes(view.buffer) if spec.type == "string" else view
+        return value, view.metadata
+
+    def write(self, port: str, value: Any, spec: Port) -> tuple[Ref, int]:
+        """(the reference downstream gets, the bytes it stands for)."""
+        if spec.type == "array":
+            array, meta = value.array, value.metadata
+            obj = self.allocations.pop(id(array), None)
+            if obj is None:  # a plain NumPy array: copy it into the store
+                obj = self.worker.client.create(array.shape, array.dtype, timeout=None)
+                obj.array[...] = array
+            obj.seal(transfer_to=self.worker.spec.owner_id, metadata=meta)
+            return ObjRef(obj.id, "tensor"), array.nbytes
+        if spec.type == "stream":
+            return PathRef(str(value)), 0
+        return ValRef(value), len(value) if isinstance(value, str) else 8
+
+    def close(self) -> None:
+        """Objects allocated and not published are aborted; input views let go."""
+        for obj in self.allocations.values():
+            if not obj.sealed:
+                obj.abort()
+        self.views.clear()
 
 
 class Worker:
@@ -150,7 +196,8 @@ class Worker:
                 message = self.conn.recv()
                 if message[0] == "stop":
                     break
-                _, job_id, job_name, inputs, timeout = message
+                _, job_id, job_name, wired, timeout = message
+                inputs = {port: from_wire(ref) for port, ref in wired.items()}
                 self.conn.send(self.run_job(job_id, job_name, inputs, timeout))
         finally:
             try:
@@ -160,13 +207,11 @@ class Worker:
                 self.client.close()
 
     def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
-        from dataflow.identifiers import identifiers_of
-        from dataflow.logs import identifying
-
         # a stage given the job's folder: its patient's identifiers redacted by value from
-        # whatever this worker logs or prints while it runs the job
+        # whatever this worker logs or prints while it runs the job (read from the folder
+        # only if something is)
         folder = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
-        with identifying(identifiers_of(folder)):
+        with identifying(functools.partial(identifiers_of, folder)):
             return self._run_logged(job_id, job_name, inputs, timeout)
 
     def _run_logged(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout):
@@ -184,24 +229,13 @@ class Worker:
     def _run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
         job = self.job = _Job(self, job_id, job_name)
         try:
-            values, metadata = self._materialize(job, inputs)
             payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
-            self.ctx.begin_job(
-                job_id, job_name, payload_dir=payload, metadata=metadata, timeout=timeout
-            )
-            result = self.instance.execute(self.ctx, **values)
-            defaults = {
-                port: job.output_dir(port)
-                for port, p in self.instance.outputs.items()
-                if p.type == "stream"
-            }
-            outputs = collect_outputs(self.instance, result, self.spec.stage, defaults=defaults)
-            published = self._publish(job, outputs, metadata)
-            return ("done", job_id, published)
+            _, published = run_job(
+                self.instance, self.ctx, job, inputs,
+                job_id=job_id, job_name=job_name, payload_dir=payload, timeout=timeout,
+            )  # fmt: skip
+            return ("done", job_id, {p: (to_wire(r), n) for p, (r, n) in published.items()})
         except Exception as exc:
-            for obj in job.allocations.values():
-                if not obj.sealed:
-                    obj.abort()
             reason = f"{type(exc).__name__}: {exc}"
             if self.spec.memory_limit is not None and _out_of_memory(exc):
                 reason = (
@@ -210,53 +244,8 @@ class Worker:
                 )
             return ("failed", job_id, reason, traceback.format_exc())
         finally:
-            job.views.clear()
+            job.close()
             self.job = None
-
-    def _materialize(self, job: _Job, inputs: Mapping[str, tuple]):
-        values: dict[str, Any] = {}
-        metadata: dict[str, dict] = {}
-        for port, ref in inputs.items():
-            if isinstance(ref, ObjRef):
-                view = self.client.get(ref.id, timeout=30)
-                job.views.append(view)
-                spec = self.instance.inputs.get(port)
-                if view.kind == "tensor":
-                    values[port] = view.array
-                elif view.kind == "arrow":
-                    values[port] = view.to_arrow()
-                elif view.kind == "cuda":
-                    values[port] = view.device_array()
-                else:
-                    values[port] = bytes(view.buffer) if spec and spec.type == "string" else view
-                metadata[port] = view.metadata
-            elif isinstance(ref, PathRef):
-                values[port] = Path(ref.path)
-            else:
-                values[port] = ref.value
-        return values, metadata
-
-    def _publish(self, job: _Job, outputs: Mapping[str, Any], in_meta: Mapping[str, dict]):
-        published = {}
-        owner = self.spec.owner_id
-        for port, value in output_values(self.instance, outputs, in_meta).items():
-            spec = self.instance.outputs[port]
-            if spec.type == "array":
-                array, meta = value.array, value.metadata
-                obj = job.allocations.pop(id(array), None)
-                if obj is None:  # a plain NumPy array: copy it into the store
-                    obj = self.client.create(array.shape, array.dtype, timeout=None)
-                    obj.array[...] = array
-                obj.seal(transfer_to=owner, metadata=meta)
-                published[port] = (ObjRef(obj.id, "tensor"), array.nbytes)
-            elif spec.type == "stream":
-                published[port] = (PathRef(str(value)), 0)
-            else:
-                published[port] = (ValRef(value), len(value) if isinstance(value, str) else 8)
-        for obj in job.allocations.values():  # allocated but not returned
-            if not obj.sealed:
-                obj.abort()
-        return published
 
 
 def mib(nbytes: int) -> str:

@@ -123,3 +123,24 @@ def test_the_running_jobs_identifiers_are_redacted_wherever_they_appear():
     with identifying(["QUIMBY", "QX-778812"]):
         assert scrub("note=QUIMBY, QX-778812 seen") == "note=<redacted>, <redacted> seen"
     assert scrub("note=QUIMBY") == "note=QUIMBY"  # the job over: its values are forgotten
+
+
+def test_a_jobs_identifiers_are_looked_up_only_when_something_is_scrubbed():
+    """A worker gives the lookup (reading the job's first DICOM header) instead of the
+    values: a job that logs nothing never pays for it; one that does, once."""
+    from dataflow.logs import identifying
+
+    lookups = []
+
+    def lookup():
+        lookups.append(1)
+        return ["QUIMBY"]
+
+    with identifying(lookup):
+        pass
+    assert lookups == []
+    with identifying(lookup):
+        assert scrub("QUIMBY here") == "<redacted> here"
+        assert scrub("and QUIMBY again") == "and <redacted> again"
+    assert lookups == [1]
+    assert scrub("QUIMBY") == "QUIMBY"
