@@ -206,30 +206,31 @@ class Worker:
                 shutil.rmtree(self.scratch, ignore_errors=True)
                 self.client.close()
 
-    def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
+    def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, Ref], timeout) -> tuple:
+        payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
+        if payload is None:
+            return self._run_logged(job_id, job_name, inputs, payload, timeout)
         # a stage given the job's folder: its patient's identifiers redacted by value from
         # whatever this worker logs or prints while it runs the job (read from the folder
         # only if something is)
-        folder = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
-        with identifying(functools.partial(identifiers_of, folder)):
-            return self._run_logged(job_id, job_name, inputs, timeout)
+        with identifying(functools.partial(identifiers_of, payload)):
+            return self._run_logged(job_id, job_name, inputs, payload, timeout)
 
-    def _run_logged(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout):
+    def _run_logged(self, job_id, job_name, inputs, payload, timeout) -> tuple:
         if not self.spec.job_logs:
-            return self._run_job(job_id, job_name, inputs, timeout)
+            return self._run_job(job_id, job_name, inputs, payload, timeout)
         from dataflow.logs import job_log, job_note
 
         path = Path(self.spec.output_root) / job_name / ".logs" / f"{self.spec.stage}.log"
         with job_log(path):
-            outcome = self._run_job(job_id, job_name, inputs, timeout)
+            outcome = self._run_job(job_id, job_name, inputs, payload, timeout)
             if outcome[0] == "failed":  # the failure belongs to the operator's log too
                 job_note(f"job failed: {outcome[2]}\n{outcome[3]}")
             return outcome
 
-    def _run_job(self, job_id: str, job_name: str, inputs: Mapping[str, tuple], timeout) -> tuple:
+    def _run_job(self, job_id, job_name, inputs, payload, timeout) -> tuple:
         job = self.job = _Job(self, job_id, job_name)
         try:
-            payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
             _, published = run_job(
                 self.instance, self.ctx, job, inputs,
                 job_id=job_id, job_name=job_name, payload_dir=payload, timeout=timeout,
