@@ -298,7 +298,8 @@ def _destination(port: int):
 
 def send_ours(port: int, files: list[Path]) -> float:
     """``send_files`` over one association (describing the files is timed too)."""
-    from connectors.dicom.export.sender import describe_file, send_files
+    from connectors.dicom.export.sender import send_files
+    from connectors.dicom.export.transport import describe_file
 
     failed: list = []
     started = time.perf_counter()

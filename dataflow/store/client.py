@@ -45,7 +45,7 @@ from dataflow.units import parse_bytes
 __all__ = ["ObjectView", "Store", "StoreClient", "WritableObject", "connect"]
 
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
-DEVICE_KIND = "cuda"  # as in dataflow.store.server, which this module does not import
+DEVICE_KIND = "cuda"  # as in dataflow.store.table, which this module does not import
 
 
 def connect(address: str, *, name: str | None = None) -> StoreClient:

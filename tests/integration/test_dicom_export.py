@@ -22,15 +22,16 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 
-from connectors.dicom.export.direct import DirectStore, _status_of, dataset_offset
+from connectors.dicom.export.direct import DirectStore, dataset_offset
 from connectors.dicom.export.exporter import Destination, Exporter, Outbox, RetryPolicy
 from connectors.dicom.export.sender import echo, send_files
 from connectors.dicom.export.stow import WebDestination
 from connectors.dicom.export.transport import FileResult, TransientExportError, describe_file
 from connectors.dicom.net.association import _Checkpoint, associate, pause_reactor
+from connectors.dicom.net.pdu import c_store_rsp_status
 from operators.dicom.phantom import write_ct_series
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.dicom_wire]
 
 FAST = RetryPolicy(initial_delay=0.2, factor=2.0, max_delay=0.5, deadline=30.0, jitter=0.0)
 UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
@@ -361,6 +362,7 @@ def dataset_bytes(path) -> bytes:
     return Path(path).read_bytes()[dataset_offset(path) :]
 
 
+@pytest.mark.dicom_wire(off="DirectStore is the fast path's")
 def test_files_as_stored_go_direct_and_the_rest_through_pynetdicom(
     private_network, tmp_path, monkeypatch
 ):
@@ -395,6 +397,7 @@ def test_files_as_stored_go_direct_and_the_rest_through_pynetdicom(
             assert dataset_bytes(got) == dataset_bytes(path)
 
 
+@pytest.mark.dicom_wire(off="DirectStore is the fast path's")
 def test_a_peer_that_aborts_mid_run_leaves_the_rest_for_the_next_attempt(tmp_path):
     series = write_ct_series(tmp_path / "series", slices=5, size=16, seed=14)
     counter = CountingSCP(delay=0, abort_on={series.sop_instance_uids[2]})
@@ -445,9 +448,9 @@ def test_status_of_a_response_and_where_a_dataset_starts(tmp_path):
     message.primitive_to_message(rsp)
     (pdata,) = message.encode_msg(1, 16384)
     command = pdata.presentation_data_value_list[0][1][1:]
-    assert _status_of(command, 7) == 0xA700
-    assert _status_of(command, 8) is None  # another request's
-    assert _status_of(command[:-3], 7) is None  # cut off
+    assert c_store_rsp_status(command, 7) == 0xA700
+    assert c_store_rsp_status(command, 8) is None  # another request's
+    assert c_store_rsp_status(command[:-3], 7) is None  # cut off
     series = write_ct_series(tmp_path / "series", slices=1, size=16, seed=16)
     path = series.files[0]
     data = path.read_bytes()

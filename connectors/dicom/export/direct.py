@@ -73,9 +73,6 @@ def dataset_offset(path: Path) -> int:
     return split_dataset(path)[1]
 
 
-_status_of = pdu.c_store_rsp_status  # the name tests/integration/test_dicom_export.py reads
-
-
 class DirectStore:
     """Owns the socket of an established association for C-STOREs of files as stored."""
 

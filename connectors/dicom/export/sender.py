@@ -37,7 +37,6 @@ from .transport import (
     FileResult,
     TransientExportError,
     c_store_result,
-    describe_file,
 )
 
 if TYPE_CHECKING:
@@ -48,7 +47,6 @@ __all__ = [
     "Cancel",
     "Destination",
     "DimseTransport",
-    "describe_file",  # where callers that send by hand (benchmarks/dicom.py) find it
     "echo",
     "plan_contexts",
     "send_files",
