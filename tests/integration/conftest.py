@@ -3,10 +3,12 @@ wire tests run twice, with pynetdicom's fast path on and off.
 
 A module (or test) marked ``dicom_wire`` runs once with the fast path on and once with
 ``DATAFLOW_DICOM_FASTNET=0`` (ids ``fast-path-on`` / ``fast-path-off``): the environment is
-set for the test (receiver processes it starts inherit it) and ``fastnet.uninstall()`` lets
-the next receiver or exporter started in this process decide again. A test that only makes
-sense with the fast path on says why with ``dicom_wire(off="reason")``: its ``fast-path-off``
-run is skipped with that reason. The test can ask for ``dicom_fast_path`` ("on"/"off").
+set for the test (receiver processes it starts inherit it); in this process the fast path is
+installed for the ``on`` run (a test that calls ``send_files`` by hand starts no exporter) and
+uninstalled for the ``off`` run and after each test, so the next start decides again.
+A test that only makes sense with the fast path on says why with ``dicom_wire(off="reason")``:
+its ``fast-path-off`` run is skipped with that reason. The test can ask for ``dicom_fast_path``
+("on"/"off").
 """
 
 import pytest
@@ -43,11 +45,12 @@ def dicom_fast_path(request, monkeypatch):
         pytest.skip(f"fast path off: {reason}")
     from connectors.dicom.net import fastnet
 
+    fastnet.uninstall()  # the next receiver or exporter started here decides again
     if mode == "off":
         monkeypatch.setenv("DATAFLOW_DICOM_FASTNET", "0")
     else:
         monkeypatch.delenv("DATAFLOW_DICOM_FASTNET", raising=False)
-    fastnet.uninstall()  # the next receiver or exporter started here decides again
+        fastnet.install()  # on for a test that sends by hand, whatever ran before it
     try:
         yield mode
     finally:
