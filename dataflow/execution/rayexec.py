@@ -1,0 +1,590 @@
+"""The Ray executor: the same scheduling core (``state.Core``) as the local executor, with each
+stage replica a Ray actor instead of a worker process.
+
+The coordinator (this process, Ray's driver) turns what Ray reports — an actor ready, a job's
+call returned or its actor dead — into core events, and carries out the core's actions: a
+``Dispatch`` is one actor call (:meth:`StageActor.run`), a ``StartWorker`` creates an actor, a
+``KillWorker`` kills one. It awaits the calls with ``ray.wait``. Backpressure, ordering, stage
+and job timeouts are the core's, as with the local executor.
+
+What travels on an edge:
+
+- an array output is a return value of the producing call, so it goes into Ray's object store
+  (zero-copy NumPy for the readers on the same node, fetched across nodes by Ray) and the
+  coordinator owns it: it outlives the actor that made it, and is freed when the core discards
+  its value (the coordinator drops its last reference). Its metadata travels beside it
+  (:class:`ArrayRef`);
+- a stream output is a folder path (:class:`~dataflow.execution.refs.PathRef`): every node must
+  see the same ``output_root`` (one machine, or a shared file system);
+- a string or a number travels inline (:class:`~dataflow.execution.refs.ValRef`).
+
+Resources: each actor asks Ray for its stage's ``requests`` (CPU, GPU, memory) and any custom
+resources (:class:`RayResources`); a pipeline that cannot fit the cluster's nodes is refused
+before any actor starts (:func:`check_fits`, a ``PlacementError``).
+
+Faults: an actor is created with ``max_restarts`` and ``max_task_retries`` from
+``Limits.max_restarts``: Ray restarts an actor that dies (``prepare`` runs again) and retries the
+call it was running; only when Ray gives up does the core hear of the death (the job fails,
+the worker is started again after the core's backoff). Each job ends with exactly one
+result or one failure: a retried call's first attempt returns nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import structlog
+
+from dataflow.execution import state
+from dataflow.execution.local import JobResult, StageDef
+from dataflow.execution.refs import PathRef, ValRef
+from dataflow.scheduler import PlacementError, ReplicaRequest
+from dataflow.units import plural
+
+__all__ = [
+    "ArrayRef",
+    "RayExecutor",
+    "RayResources",
+    "StageActor",
+    "check_fits",
+    "connect",
+    "resources_of",
+]
+
+log = structlog.get_logger("dataflow.execution")
+
+MIB = 1 << 20
+
+
+class ArrayRef(NamedTuple):
+    """An array on an edge: its Ray object (owned by the coordinator) and its metadata."""
+
+    ref: Any  # ray.ObjectRef
+    metadata: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RayResources:
+    """What one replica of a stage asks Ray for (``memory`` in bytes; ``custom``: resources a
+    node was started with, e.g. ``{"scanner-room": 1}``)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: int = 512 * MIB
+    custom: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def wanted(self) -> dict[str, float]:
+        """Ray's resource names -> amounts (the zero ones left out)."""
+        wanted = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": float(self.memory)}
+        wanted.update(self.custom)
+        return {name: amount for name, amount in wanted.items() if amount}
+
+
+def resources_of(requests: Iterable[ReplicaRequest]) -> dict[str, RayResources]:
+    """Per stage, the Ray resources of its replicas' requests (``dataflow.execution.build.
+    replica_requests``: Clara's defaults where the pipeline gives none)."""
+    return {
+        r.stage: RayResources(num_cpus=r.cpu, num_gpus=r.gpu, memory=r.memory_mb * MIB)
+        for r in requests
+    }
+
+
+def connect(address: str | None) -> bool:
+    """Connect this process to Ray: to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or
+    without one to a Ray runtime started here on loopback, without a dashboard. Returns whether
+    this call started or connected (the caller then shuts it down); False when this process was
+    connected already (then ``address`` is not checked)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,  # a stage's prints stay in Ray's logs, not on our stderr
+        "configure_logging": False,
+    }
+    if address is None:
+        ray.init(_node_ip_address="127.0.0.1", **options)
+    else:
+        ray.init(address=address, **options)
+    return True
+
+
+def _fmt(amount: float) -> str:
+    return f"{amount:g}"
+
+
+def _describe(resources: Mapping[str, float]) -> str:
+    parts = []
+    for name, amount in sorted(resources.items()):
+        if name == "memory":
+            parts.append(f"{amount / MIB:.0f} MiB memory")
+        elif name in ("CPU", "GPU"):
+            parts.append(f"{_fmt(amount)} {name}")
+        elif not name.startswith(("node:", "object_store_memory", "accelerator_type")):
+            parts.append(f"{_fmt(amount)} {name!r}")
+    return ", ".join(parts) or "nothing"
+
+
+def check_fits(
+    replicas: Sequence[tuple[str, int, RayResources]], nodes: Sequence[Mapping[str, float]]
+) -> None:
+    """Refuse (``PlacementError``, every reason) a set of ``(stage, replica, resources)`` that
+    cannot all be placed at once on ``nodes`` (each node's total resources, as Ray reports
+    them): largest requests first, each on the first node it fits. Pure."""
+    free = [dict(node) for node in nodes]
+    problems = []
+    order = sorted(
+        replicas,
+        key=lambda item: (-item[2].num_gpus, -item[2].num_cpus, -item[2].memory, item[:2]),
+    )
+    for stage, replica, resources in order:
+        wanted = resources.wanted()
+        node = next(
+            (n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in wanted.items())), None
+        )
+        if node is None:
+            whole = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in wanted.items())]
+            why = "taken by the replicas above" if whole else "no node has as much"
+            problems.append(
+                f"stage {stage!r} replica {replica} asks for {_describe(wanted)}: {why}"
+            )
+            continue
+        for k, v in wanted.items():
+            node[k] -= v
+    if problems:
+        has = "; ".join(f"node {i}: {_describe(n)}" for i, n in enumerate(nodes)) or "no node"
+        head = (
+            f"cannot place {plural(len(replicas), 'replica')} on the Ray cluster "
+            f"({plural(len(nodes), 'node')}: {has}):"
+        )
+        raise PlacementError("\n  - ".join([head, *problems]), problems)
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of each live node of the connected cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+# ----------------------------------------------------------------------------- the actor
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorSpec:
+    """What a stage actor is built from (plain values: unpickled before ``sys.path`` is set)."""
+
+    worker: str
+    stage: str
+    replica: int
+    stage_ref: str  # "package.module:Name"
+    arguments: Mapping[str, Any]
+    outputs: tuple[str, ...]
+    output_root: str
+    env: Mapping[str, str]
+    sys_path: Sequence[str]
+
+
+class _RayEdges:
+    """One job's :class:`dataflow.execution.binding.Edges` in an actor: array inputs read from
+    Ray's object store (read-only, zero copy on the same node), array outputs kept to be
+    returned (they become the call's return objects)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def read(self, port: str, ref: Any, spec: Any) -> tuple[Any, Mapping[str, Any] | None]:
+        import ray
+
+        if isinstance(ref, PathRef):
+            return Path(ref.path), None
+        if isinstance(ref, ValRef):
+            return ref.value, None
+        value = ray.get(ref.ref)
+        spec.check_value(value, f"input {port!r}")
+        return value, dict(ref.metadata)
+
+    def write(self, port: str, value: Any, spec: Any) -> tuple[str, Any, int]:
+        if spec.type == "array":
+            self.arrays[port] = value.array
+            return ("array", dict(value.metadata), int(value.array.nbytes))
+        if spec.type == "stream":
+            return ("path", str(value), 0)
+        return ("value", value, len(value) if isinstance(value, str) else 8)
+
+
+class StageActor:
+    """One replica of one stage (made a Ray actor by the executor): built and prepared once in
+    ``__init__`` (again when Ray restarts it), then one job per :meth:`run` call."""
+
+    def __init__(self, spec: ActorSpec) -> None:
+        self.spec = spec
+        self.error: tuple[str, str] | None = None
+        self.job_name = ""
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"dataflow-{spec.stage}-"))
+        try:
+            os.environ.update(spec.env)
+            sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
+            from dataflow.execution.worker import resolve_stage
+            from dataflow.stage import StageContext
+
+            cls = resolve_stage(spec.stage_ref)
+            import ray
+
+            gpus = ray.get_gpu_ids()
+            self.ctx = StageContext(
+                stage=spec.stage,
+                replica=spec.replica,
+                device=int(gpus[0]) if gpus else None,
+                scratch_dir=self.scratch,
+                allocator=self._allocate,
+                output_dirs=self._output_dir,
+            )
+            self.instance = cls(**spec.arguments)
+            self.instance.prepare(self.ctx)
+        except Exception as exc:  # reported by ready(): the stage cannot start
+            self.error = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def _allocate(self, port: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        from dataflow.tensors import dtype_of
+
+        spec = self.instance.outputs.get(port)
+        if spec is None or spec.type != "array":
+            raise ValueError(f"stage {self.spec.stage!r} has no array output {port!r}")
+        return np.empty(shape, dtype=dtype_of(dtype or spec.element_type))
+
+    def _output_dir(self, port: str) -> Path:
+        path = Path(self.spec.output_root) / self.job_name / self.spec.stage / port
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def ready(self) -> tuple[str, str] | None:
+        """None once prepared; else (reason, traceback) of the failed start."""
+        return self.error
+
+    def run(self, job_id: str, job_name: str, inputs: Mapping[str, Any], timeout) -> Any:
+        """Run one job: ``(outcome, *arrays)``, one array (or None) per output port in the
+        stage's order; ``outcome`` is ``("done", {port: (kind, value or metadata, nbytes)})``
+        or ``("failed", reason, traceback)``."""
+        from dataflow.execution.binding import run_job
+
+        empty = [None] * len(self.spec.outputs)
+        edges = _RayEdges()
+        self.job_name = job_name
+        payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
+        try:
+            _, published = run_job(
+                self.instance, self.ctx, edges, inputs, job_id=job_id, job_name=job_name,
+                payload_dir=payload, timeout=timeout,
+            )  # fmt: skip
+        except Exception as exc:
+            return ("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()), *empty
+        arrays = [edges.arrays.get(port) for port in self.spec.outputs]
+        return ("done", published), *arrays
+
+    def stop(self) -> None:
+        try:
+            if self.error is None:
+                self.instance.cleanup(self.ctx)
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+@dataclasses.dataclass
+class _Call:
+    kind: str  # "start" | "job"
+    worker: str
+    handle: Any  # the actor the call went to (a replaced actor's calls are ignored)
+    job: str | None = None
+    arrays: Sequence[Any] = ()  # the call's array return objects, one per output port
+
+
+class RayExecutor:
+    """Runs jobs through stages as Ray actors. ``run(jobs, on_result)`` is
+    :meth:`dataflow.execution.local.LocalExecutor.run`'s contract: one :class:`JobResult` per
+    job, in order; a leaf array output is ``(array, metadata)`` (a copy without ``on_result``;
+    with it, a read-only view of Ray's object store valid during the call).
+
+    ``resources``: per stage, what each replica asks Ray for (default :class:`RayResources`).
+    ``address``: the cluster (None: a local runtime on loopback, or the one this process is
+    connected to already). The pipeline is checked against the cluster's nodes on
+    construction (``PlacementError``); a runtime this executor started is shut down when a
+    run ends (or at once on a refusal)."""
+
+    def __init__(
+        self,
+        stages: Sequence[StageDef],
+        *,
+        output_root: str | Path,
+        limits: state.Limits | None = None,
+        resources: Mapping[str, RayResources] | None = None,
+        address: str | None = None,
+        extra_sys_path: Sequence[str] = (),
+    ) -> None:
+        self.stages = {s.name: s for s in stages}
+        nodes = [state.StageNode(s.name, dict(s.inputs), tuple(s.outputs), s.replicas, s.timeout)
+                 for s in stages]  # fmt: skip
+        self.graph = state.Graph({node.name: node for node in nodes})
+        self.limits = limits or state.Limits()
+        self.output_root = Path(output_root)
+        self.resources = {name: (resources or {}).get(name, RayResources()) for name in self.stages}
+        self.sys_path = [*extra_sys_path, *sys.path]
+        self.stage_seconds: dict[str, float] = dict.fromkeys(self.stages, 0.0)
+        self.stage_jobs: dict[str, int] = dict.fromkeys(self.stages, 0)
+        self.actors: dict[str, Any] = {}  # worker -> its actor handle
+        self._calls: dict[Any, _Call] = {}  # the first return object of each call in flight
+        self._dispatched: dict[str, tuple[str, float, float]] = {}
+        self._timeline: dict[str, list[dict[str, Any]]] = {}
+        self.started_ray = connect(address)
+        try:
+            import ray
+
+            self._actor_class = ray.remote(StageActor)
+            check_fits(
+                [
+                    (s.name, r, self.resources[s.name])
+                    for s in self.stages.values()
+                    for r in range(s.replicas)
+                ],
+                cluster_nodes(),
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Shut down the Ray runtime if this executor started (or connected to) it."""
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+            self.started_ray = False
+
+    # ----------------------------------------------------------------------- run
+
+    def run(
+        self,
+        jobs: Iterable[tuple[str, str | Path | None]],
+        on_result: Callable[[JobResult], None] | None = None,
+    ) -> list[JobResult]:
+        results: list[JobResult] = []
+        started: dict[str, float] = {}
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        self.core = state.Core(self.graph, self.limits, ordered=True)
+        try:
+            self._do(self.core.start(time.monotonic()))
+            for job_id, payload in jobs:
+                started[job_id] = time.monotonic()
+                value = state.Value(PathRef(str(payload)), 0) if payload else None
+                actions = self.core.submit(job_id, value, time.monotonic())
+                self._do(actions, results, started, on_result)
+            while not self.core.idle():
+                self._step(results, started, on_result)
+        finally:
+            self._shutdown()
+        return results
+
+    def _step(self, results, started, on_result) -> None:
+        now = time.monotonic()
+        deadline = self.core.next_deadline()
+        timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+        if self._calls:
+            import ray
+
+            pending = list(self._calls)
+            ready, rest = ray.wait(pending, num_returns=1, timeout=timeout)
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            for ref in ready:
+                self._on_return(ref, self._calls.pop(ref), results, started, on_result)
+        else:
+            time.sleep(timeout)
+        self._do(self.core.tick(time.monotonic()), results, started, on_result)
+
+    def _on_return(self, ref, call: _Call, results, started, on_result) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        if self.actors.get(call.worker) is not call.handle:
+            return  # a call to an actor killed since (its worker was restarted)
+        wid, now = call.worker, time.monotonic()
+        try:
+            outcome = ray.get(ref)
+        except RayActorError as exc:
+            reason = f"actor died: {_first_line(exc)}"
+            log.error("worker_died", worker=wid, stage=self.core.workers[wid].stage, reason=reason)
+            self._drop(wid)
+            actions = self.core.worker_died(wid, reason, now)
+        else:
+            if call.kind == "start":
+                if outcome is None:
+                    actions = self.core.worker_ready(wid, now)
+                else:
+                    reason, details = outcome
+                    log.error("worker_failed_to_start", worker=wid, reason=reason)
+                    self._drop(wid)
+                    actions = self.core.worker_died(
+                        wid, f"failed to start: {reason}", now, fatal=True, details=details
+                    )
+            else:
+                stage = self.core.workers[wid].stage
+                self._ran(wid, stage, now, ok=outcome[0] == "done")
+                if outcome[0] == "done":
+                    values = self._values(stage, outcome[1], call.arrays)
+                    actions = self.core.job_done(wid, call.job, values, now)
+                else:
+                    actions = self.core.job_failed(wid, call.job, outcome[1], outcome[2], now)
+        self._do(actions, results, started, on_result)
+
+    def _values(self, stage: str, published, arrays) -> dict[str, state.Value]:
+        ports = self.stages[stage].outputs
+        values = {}
+        for port, (kind, value, nbytes) in published.items():
+            if kind == "array":
+                ref = ArrayRef(arrays[ports.index(port)], value)
+            elif kind == "path":
+                ref = PathRef(value)
+            else:
+                ref = ValRef(value)
+            values[port] = state.Value(ref, nbytes)
+        return values
+
+    def _ran(self, wid: str, stage: str, now: float, *, ok: bool) -> None:
+        job, dispatched, began = self._dispatched.pop(wid, (None, now, 0.0))
+        if job is not None:
+            self._timeline.setdefault(job, []).append(
+                {"stage": stage, "start": began, "end": time.time(), "ok": ok}
+            )
+            if ok:
+                self.stage_jobs[stage] += 1
+                self.stage_seconds[stage] += now - dispatched
+
+    # ------------------------------------------------------------------- actions
+
+    def _do(self, actions, results=None, started=None, on_result=None) -> None:
+        for action in actions:
+            if isinstance(action, state.Dispatch):
+                self._dispatch(action)
+            elif isinstance(action, state.StartWorker):
+                self._start(action.worker, action.stage, action.replica)
+            elif isinstance(action, state.KillWorker):
+                log.warning("worker_killed", worker=action.worker, reason=action.reason)
+                self._drop(action.worker)
+            elif isinstance(action, (state.JobSucceeded, state.JobFailed)):
+                result = self._result(action, started, copy=on_result is None)
+                if on_result is not None:
+                    on_result(result)
+                    result.outputs = {}
+                results.append(result)
+            elif isinstance(action, state.Stalled):
+                log.warning("pipeline_stalled", report=action.report)
+            elif isinstance(action, state.StageBroken):
+                log.error("stage_broken", stage=action.stage, reason=action.reason)
+            elif isinstance(action, state.StageRecovered):
+                log.info("stage_recovered", stage=action.stage)
+            # Discard: nothing to do; the core let go of the values, and with them of the
+            # last references to their Ray objects, which Ray then frees
+
+    def _dispatch(self, action: state.Dispatch) -> None:
+        handle = self.actors[action.worker]
+        inputs = {port: value.ref for port, value in action.inputs.items()}
+        n = 1 + len(self.stages[action.stage].outputs)
+        refs = handle.run.options(num_returns=n).remote(
+            action.job, action.job, inputs, action.timeout
+        )
+        refs = list(refs) if n > 1 else [refs]
+        self._dispatched[action.worker] = (action.job, time.monotonic(), time.time())
+        self._calls[refs[0]] = _Call("job", action.worker, handle, action.job, refs[1:])
+
+    def _start(self, wid: str, stage_name: str, replica: int) -> None:
+        stage = self.stages[stage_name]
+        ref = stage.stage_ref
+        if not isinstance(ref, str):
+            ref = f"{ref.__module__}:{ref.__qualname__}"
+        env = dict(stage.env[replica]) if replica < len(stage.env) else {}
+        env = {k: v for k, v in env.items() if not k.startswith("CUDA_")}  # Ray sets these
+        spec = ActorSpec(
+            worker=wid, stage=stage_name, replica=replica, stage_ref=ref,
+            arguments=dict(stage.arguments), outputs=tuple(stage.outputs),
+            output_root=str(self.output_root), env=env, sys_path=self.sys_path,
+        )  # fmt: skip
+        res = self.resources[stage_name]
+        handle = self._actor_class.options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, memory=res.memory or None,
+            resources=dict(res.custom) or None, max_restarts=self.limits.max_restarts,
+            max_task_retries=self.limits.max_restarts,
+        ).remote(spec)  # fmt: skip
+        self.actors[wid] = handle
+        self._calls[handle.ready.remote()] = _Call("start", wid, handle)
+
+    def _drop(self, wid: str) -> None:
+        import ray
+
+        handle = self.actors.pop(wid, None)
+        self._dispatched.pop(wid, None)
+        for ref, call in list(self._calls.items()):
+            if call.worker == wid:
+                del self._calls[ref]
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+
+    def _result(self, action, started, copy: bool) -> JobResult:
+        import ray
+
+        seconds = time.monotonic() - started.pop(action.job, time.monotonic())
+        stages = self._timeline.pop(action.job, [])
+        if isinstance(action, state.JobFailed):
+            failure = {"stage": action.stage, "reason": action.reason, "details": action.details}
+            return JobResult(action.job, False, seconds=seconds, stages=stages, **failure)
+        outputs: dict[tuple[str, str], Any] = {}
+        for key, value in action.outputs.items():
+            ref = value.ref
+            if isinstance(ref, ArrayRef):
+                array = ray.get(ref.ref)
+                outputs[key] = (array.copy() if copy else array, dict(ref.metadata))
+            elif isinstance(ref, PathRef):
+                outputs[key] = Path(ref.path)
+            else:
+                outputs[key] = ref.value
+        return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages)
+
+    def _shutdown(self) -> None:
+        """``cleanup`` in every idle actor (10 s at most), then every actor killed; the Ray
+        runtime shut down if this executor started it."""
+        import ray
+
+        core = getattr(self, "core", None)
+        idle = [
+            handle.stop.remote()
+            for wid, handle in self.actors.items()
+            if core is not None and wid in core.workers and core.workers[wid].state == "idle"
+        ]
+        if idle:
+            with contextlib.suppress(Exception):
+                ray.wait(idle, num_returns=len(idle), timeout=10)
+        for wid in list(self.actors):
+            self._drop(wid)
+        self._calls.clear()
+        self.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

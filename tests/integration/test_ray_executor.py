@@ -1,0 +1,172 @@
+"""The Ray executor on a real Ray cluster of two nodes on loopback (no mocks): the same
+results as the local executor, refusal of what the cluster cannot hold, actors that die.
+
+One cluster for the module (Ray's start-up takes seconds): a head node with 4 CPUs and a
+second node with 1 CPU and a custom resource ``second`` only it has.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from deadlines import HANG, wait_until
+from engine_stages import Load, Scale, make_jobs, total
+from ray_stages import AlwaysExit, Attempts, ExitOnce, Where
+
+from dataflow.execution.local import LocalExecutor, StageDef
+from dataflow.execution.state import Limits
+from dataflow.scheduler import PlacementError
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from dataflow.execution.rayexec import RayExecutor, RayResources  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NODE = {
+    "node_ip_address": "127.0.0.1",
+    "include_dashboard": False,
+    "object_store_memory": 100 << 20,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 4})
+    second = cluster.add_node(**NODE, num_cpus=1, resources={"second": 1})
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield {"address": cluster.address, "second": second.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def fan_in():
+    return [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("x2", Scale, {"vec": ("load", "vec")}, ("vec",), arguments={"factor": 2}),
+        StageDef(
+            "x5", Scale, {"vec": ("load", "vec")}, ("vec",), arguments={"factor": 5, "fail_on": 3}
+        ),
+        StageDef("sum", total, {"a": ("x2", "vec"), "b": ("x5", "vec")}, ("total",)),
+        StageDef("keep", Scale, {"vec": ("x2", "vec")}, ("vec",), arguments={"factor": 7}),
+    ]
+
+
+def summary(results):
+    """What a user gets of each result: job, ok, failing stage and reason, and the outputs
+    (arrays as bytes, dtype and shape, with their metadata)."""
+    out = []
+    for r in results:
+        outputs = {}
+        for key, value in r.outputs.items():
+            if isinstance(value, tuple):
+                array, meta = value
+                value = (array.tobytes(), str(array.dtype), array.shape, meta)
+            outputs[key] = value
+        out.append((r.job, r.ok, r.stage, r.reason, outputs))
+    return out
+
+
+def test_same_results_as_the_local_executor(cluster, tmp_path):
+    sizes = [1, 10, 3, 300_000]  # 300 000 int64: 2.4 MB, through Ray's shared object store
+    local = LocalExecutor(fan_in(), output_root=tmp_path / "local")
+    expected = local.run(make_jobs(tmp_path / "in", sizes))
+    executor = RayExecutor(fan_in(), output_root=tmp_path / "ray")
+    results = executor.run(make_jobs(tmp_path / "in2", sizes))
+    assert summary(results) == summary(expected)
+    assert [r.ok for r in results] == [True, True, False, True]
+    array, meta = results[3].outputs[("keep", "vec")]
+    np.testing.assert_array_equal(array, np.full(300_000, 14))
+    assert meta == {"n": 300_000, "job": "job3"}  # metadata travels beside the Ray object
+    # job2's 'keep' may or may not have run before its 'x5' failed (its other stages stop)
+    assert {k: executor.stage_jobs[k] for k in ("load", "x2", "x5", "sum")} == {
+        "load": 4, "x2": 4, "x5": 3, "sum": 3,
+    }  # fmt: skip
+
+
+def test_a_pipeline_larger_than_the_cluster_is_refused_before_it_starts(cluster, tmp_path):
+    stages = fan_in()
+    stages[1] = StageDef("x2", Scale, {"vec": ("load", "vec")}, ("vec",), replicas=2)
+    big = {"x5": RayResources(num_cpus=3), "sum": RayResources(custom={"scanner": 1})}
+    with pytest.raises(PlacementError) as refused:
+        RayExecutor(stages, output_root=tmp_path / "out", resources=big)
+    message = str(refused.value)
+    assert message.startswith("cannot place 6 replicas on the Ray cluster (2 nodes:")
+    assert "stage 'sum' replica 0 asks for 1 CPU, 512 MiB memory, 1 'scanner': no node" in message
+    # 7 CPUs asked of 5: x5's 3 placed first, then the 1-CPU replicas until none is left
+    assert refused.value.problems[1:] == (
+        "stage 'x2' replica 0 asks for 1 CPU, 512 MiB memory: taken by the replicas above",
+        "stage 'x2' replica 1 asks for 1 CPU, 512 MiB memory: taken by the replicas above",
+    )
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_an_actor_that_dies_is_restarted_and_its_job_retried(cluster, tmp_path):
+    marker = tmp_path / "crashed"
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("once", ExitOnce, {"vec": ("load", "vec")}, ("vec",), {"marker": str(marker)}),
+    ]
+    results = RayExecutor(stages, output_root=tmp_path / "out").run(
+        make_jobs(tmp_path / "in", [2, 3])
+    )
+    assert marker.exists()  # the first job's actor did die
+    assert [(r.job, r.ok) for r in results] == [("job0", True), ("job1", True)]
+    assert [r.outputs[("once", "vec")][0].tolist() for r in results] == [[2, 2], [2, 2, 2]]
+
+
+def test_an_actor_killed_mid_job_is_restarted_and_the_job_run_again(cluster, tmp_path):
+    log, never = tmp_path / "attempts.log", tmp_path / "never"
+    arguments = {"log": str(log), "until": str(never), "seconds": HANG}
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("slow", Attempts, {"vec": ("load", "vec")}, ("vec",), arguments),
+    ]
+    executor = RayExecutor(stages, output_root=tmp_path / "out")
+    done: list = []
+    runner = threading.Thread(
+        target=lambda: done.append(executor.run(make_jobs(tmp_path / "in", [4]))), daemon=True
+    )
+    runner.start()
+    wait_until(log.exists, "the job to start in its actor")
+    ray.kill(executor.actors["slow#0"], no_restart=False)  # as a crash: Ray may restart it
+    runner.join(HANG)
+    assert not runner.is_alive()
+    [result] = done[0]
+    assert result.ok, result.reason
+    assert result.outputs[("slow", "vec")][0].tolist() == [10] * 4
+    pids = log.read_text().split()
+    assert len(pids) == 2 and pids[0] != pids[1]  # run again, in a new process
+
+
+def test_each_job_ends_once_when_restarts_run_out(cluster, tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("crash", AlwaysExit, {"vec": ("load", "vec")}, ("vec",)),
+    ]
+    limits = Limits(max_restarts=1, restart_backoff=0.01, restart_backoff_max=0.02)
+    executor = RayExecutor(stages, output_root=tmp_path / "out", limits=limits)
+    results = executor.run(make_jobs(tmp_path / "in", [1, 2, 3]))
+    assert [r.job for r in results] == ["job0", "job1", "job2"]
+    assert all(not r.ok and r.stage == "crash" for r in results)
+    assert "actor died" in results[0].reason
+
+
+def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("where", Where, {"vec": ("load", "vec")}, ("node", "vec")),
+        StageDef("back", Scale, {"vec": ("where", "vec")}, ("vec",)),
+    ]
+    pinned = {"where": RayResources(custom={"second": 1})}
+    executor = RayExecutor(stages, output_root=tmp_path / "out", resources=pinned)
+    results = executor.run(make_jobs(tmp_path / "in", [200_000]))  # 1.6 MB there and back
+    [result] = results
+    assert result.ok, result.reason
+    assert result.outputs[("where", "node")] == cluster["second"]
+    np.testing.assert_array_equal(result.outputs[("back", "vec")][0], np.full(200_000, 6))
