@@ -296,6 +296,44 @@ app.add_typer(tokens_app, name="tokens")
 
 
 @app.command()
+def load(
+    dicom: str = typer.Option(None, help="HOST:PORT of the service's DICOM receiver."),
+    called: str = typer.Option("DATAFLOW", help="The AE title to call (it routes to a pipeline)."),
+    calling: str = typer.Option("LOAD", help="The modalities' AE titles: LOAD1, LOAD2, ..."),
+    modalities: int = typer.Option(1, min=1, help="Simulated modalities (own associations)."),
+    study: Path = typer.Option(None, help="A study folder to send (default: a synthetic CT)."),
+    slices: int = typer.Option(64, min=1, help="Synthetic CT: slices."),
+    size: int = typer.Option(128, min=8, help="Synthetic CT: rows and columns."),
+    pipeline: str = typer.Option(None, help="Jobs of this pipeline through the API instead."),
+    input_: Path = typer.Option(None, "--input", help="API: each job's input file or folder."),
+    sequence: bool = typer.Option(False, help="API: each child of --input is one job's input."),
+    priority: list[str] = typer.Option(None, help="API: job priority (repeatable: in turn)."),
+    count: int = typer.Option(1, "--count", "-n", min=1, help="Studies (or jobs) to send."),
+    rate: float = typer.Option(None, help="Studies per minute (default: as fast as they go)."),
+    delay: float = typer.Option(None, min=0, help="Seconds between two sends (cpload -w)."),
+    api: str = typer.Option(None, envvar="DATAFLOW_API", help="The service's REST API."),
+    results: Path = typer.Option(Path("load-results.jsonl"), help="The results file."),
+    timeout: float = typer.Option(600.0, min=1, help="Seconds a study may take once sent."),
+    wait_export: bool = typer.Option(
+        None, "--wait-export/--no-wait-export", help="Follow results to the PACS (DICOM: yes)."
+    ),
+) -> None:
+    """Load a running service (Clara's cpload): studies over DICOM from simulated modalities,
+    or jobs through the API; follow each to its result; write a results file (docs/load.md).
+    Exit 1 if a study failed."""
+    from dataflow.load import command
+
+    summary = command(dicom=dicom, called=called, calling=calling, modalities=modalities,
+                      study=study, slices=slices, size=size, pipeline=pipeline, input_=input_,
+                      sequence=sequence, priority=priority or [], count=count, rate=rate,
+                      delay=delay, api=api, results=results, timeout=timeout,
+                      wait_export=wait_export, echo=typer.echo)  # fmt: skip
+    typer.echo(json.dumps(summary, indent=1))
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def health(
     target: Path = typer.Argument(..., help="The service's configuration file or state folder."),
     as_json: bool = typer.Option(False, "--json", help="The whole health report as JSON."),
