@@ -93,7 +93,9 @@ class Study:
     def record(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("key", "done")}
         out["record"] = "study"
-        out["ok"] = self.reason is None
+        out["ok"] = self.done and self.reason is None
+        if not self.done:
+            out["reason"] = "not finished"  # the run was stopped (Ctrl-C, the API gone)
         out["latency"] = _span(self.sent, self.pacs if self.pacs is not None else self.finished)
         out["grouping_wait"] = _span(self.sent, self.created)
         out["queued"] = _span(self.created, self.started)
@@ -289,14 +291,20 @@ class Run:
                 delay = study.offered - time.time()
                 if delay > 0:
                     time.sleep(delay)
-                got = sender.submit(study.index)
+                try:
+                    got = sender.submit(study.index)
+                except (DataflowError, OSError) as exc:  # the copy could not be made, say
+                    got = Submitted(None, None, time.time(), time.time(), error=str(exc))
+                except BaseException:
+                    self._end(study, "send failed", "failed")  # a bug: its traceback follows
+                    raise
                 study.key, study.job_id = got.key, got.job_id
-                study.began, study.sent = got.began, got.sent
-                study.instances, study.bytes = got.instances, got.bytes
+                study.began, study.instances, study.bytes = got.began, got.instances, got.bytes
                 if got.error:
                     self._end(study, "send failed", "failed")
                 else:
                     study.state = "sent"
+                study.sent = got.sent  # last: the follower takes it from here
         finally:
             with self._lock:
                 self._sending -= 1
@@ -379,7 +387,7 @@ class Run:
             "latency": percentiles(x for x in latencies if x is not None),
         }
 
-    def run(self, show: Callable[[dict[str, Any]], None]) -> list[Study]:
+    def run(self, show: Callable[[dict[str, Any]], None]) -> None:
         self.began = time.time()
         threads = [threading.Thread(target=self._send, args=(s,), name=f"load-{s.name}",
                                     daemon=True) for s in self.senders]  # fmt: skip
@@ -400,7 +408,6 @@ class Run:
         show(self.counts())
         if failure:
             raise failure[0]
-        return sorted(self.studies, key=lambda s: s.index)
 
 
 def line(counts: dict[str, Any]) -> str:
@@ -454,15 +461,16 @@ def run_load(plan: LoadPlan, senders: Sequence[Sender], client: Any, results: Pa
                 "options": options, "machine": machine()}  # fmt: skip
         out.write(json.dumps(head) + "\n")
         show, close = display(echo)
+        run = Run(plan, senders, client)
         try:
-            studies = Run(plan, senders, client).run(show)
-        finally:
+            run.run(show)
+        finally:  # what was seen goes to the file, also when the run was stopped
             close()
-        records = [s.record() for s in studies]
-        for record in records:
-            out.write(json.dumps(record) + "\n")
-        summary = summarize(records)
-        out.write(json.dumps(summary) + "\n")
+            records = [s.record() for s in sorted(run.studies, key=lambda s: s.index)]
+            for record in records:
+                out.write(json.dumps(record) + "\n")
+            summary = summarize(records)
+            out.write(json.dumps(summary) + "\n")
     return summary
 
 
