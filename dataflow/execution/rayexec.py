@@ -142,13 +142,16 @@ def check_fits(
 ) -> None:
     """Refuse (``PlacementError``, every reason) a set of ``(stage, replica, resources)`` that
     cannot all be placed at once on ``nodes`` (each node's total resources, as Ray reports
-    them): largest requests first, each on the first node it fits. Pure."""
+    them): the replicas pinned by a custom resource first, then the largest, each on the first
+    node it fits (a greedy check: it may refuse a set a cleverer packing would place). Pure."""
     free = [dict(node) for node in nodes]
     problems = []
-    order = sorted(
-        replicas,
-        key=lambda item: (-item[2].num_gpus, -item[2].num_cpus, -item[2].memory, item[:2]),
-    )
+
+    def key(item: tuple[str, int, RayResources]) -> tuple:
+        res = item[2]
+        return (-len(res.custom), -res.num_gpus, -res.num_cpus, -res.memory, item[:2])
+
+    order = sorted(replicas, key=key)
     for stage, replica, resources in order:
         wanted = resources.wanted()
         node = next(

@@ -2,7 +2,7 @@
 results as the local executor, refusal of what the cluster cannot hold, actors that die.
 
 One cluster for the module (Ray's start-up takes seconds): a head node with 4 CPUs and a
-second node with 1 CPU and a custom resource ``second`` only it has.
+second node with 2 CPUs and a custom resource ``second`` only it has.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ NODE = {
 @pytest.fixture(scope="module")
 def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 4})
-    second = cluster.add_node(**NODE, num_cpus=1, resources={"second": 1})
+    second = cluster.add_node(**NODE, num_cpus=2, resources={"second": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     try:
         yield {"address": cluster.address, "second": second.node_id}
@@ -98,9 +98,8 @@ def test_a_pipeline_larger_than_the_cluster_is_refused_before_it_starts(cluster,
     message = str(refused.value)
     assert message.startswith("cannot place 6 replicas on the Ray cluster (2 nodes:")
     assert "stage 'sum' replica 0 asks for 1 CPU, 512 MiB memory, 1 'scanner': no node" in message
-    # 7 CPUs asked of 5: x5's 3 placed first, then the 1-CPU replicas until none is left
+    # 7 CPUs asked of 6: x5's 3 placed first, then the 1-CPU replicas until none is left
     assert refused.value.problems[1:] == (
-        "stage 'x2' replica 0 asks for 1 CPU, 512 MiB memory: taken by the replicas above",
         "stage 'x2' replica 1 asks for 1 CPU, 512 MiB memory: taken by the replicas above",
     )
     assert not (tmp_path / "out").exists()  # nothing started
