@@ -39,7 +39,7 @@ __all__ = ["LoadPlan", "Study", "percentiles", "run_load", "summarize"]
 
 ENDED = ("succeeded", "failed", "cancelled")
 EXPORT_ENDED = ("sent", "dead")
-POLL = 0.25  # seconds between two looks at a study's job
+POLL = 0.25  # seconds between two looks at the run's jobs
 RESULTS_VERSION = 1
 
 
@@ -317,16 +317,21 @@ class Run:
             study.state = state
         study.done = True
 
-    def _follow(self, study: Study) -> None:
-        """One look at a sent study's job (and its exports); ends it when there is no more
-        to see, or when it ran past the plan's timeout."""
+    def _follow(self, study: Study, listed: dict[str, dict[str, Any]]) -> None:
+        """One look at a sent study's job (``listed``: the run's jobs by id, as the job list
+        gives them; a job still on its way is not asked for more) and its exports; ends the
+        study when there is no more to see, or when it ran past the plan's timeout."""
         from dataflow.platform.client import ApiError
 
         if study.job_id is None:
             found = self.client.call("GET", "/api/v1/jobs", params={"find": study.key, "limit": 5})
             if found:
                 study.job_id = found[-1]["id"]  # the oldest: the one the study made
-        if study.job_id is not None:
+        summary = listed.get(study.job_id or "")
+        if summary is not None and summary["state"] not in ENDED:
+            study.pipeline, study.state = summary["pipeline"], summary["state"]
+            study.created, study.started = summary["created"], summary["started"]
+        elif study.job_id is not None:
             status = self.client.call("GET", f"/api/v1/jobs/{study.job_id}")
             study.pipeline, study.state = status["pipeline"], status["state"]
             study.created, study.started = status["created"], status["started"]
@@ -362,12 +367,20 @@ class Run:
             self._end(study, f"timed out: {waiting}")  # fmt: skip
 
     def _watch(self) -> None:
+        """Follow the sent studies until every one has ended: each turn one call lists the
+        run's jobs, and only a study without a job yet, or whose job has ended, takes calls
+        of its own (the generator should not be what loads the service)."""
         while True:
             with self._lock:
                 sending = self._sending
                 open_ = [s for s in self.studies if not s.done and s.sent is not None]
+            listed: dict[str, dict[str, Any]] = {}
+            if any(s.job_id is not None for s in open_):
+                params = {"created_after": self.began - 60, "limit": 10000}
+                jobs = self.client.call("GET", "/api/v1/jobs", params=params)
+                listed = {job["id"]: job for job in jobs}
             for study in open_:
-                self._follow(study)
+                self._follow(study, listed)
             if not sending and all(s.done for s in self.studies):
                 return
             time.sleep(POLL)

@@ -110,17 +110,42 @@ def test_two_modalities_send_three_studies_each_followed_to_the_pacs(served):
         assert name not in text
 
 
+def test_a_study_folder_is_sent_with_fresh_uids_each_time(served):
+    port, api, pacs, tmp = served
+    source = write_ct_series(tmp / "source-study", slices=8, size=32, seed=3)
+    before = set(pacs.files())
+    results = tmp / "folder-results.jsonl"
+    run = dataflow("load", "--dicom", f"127.0.0.1:{port}", "--called", "DATAFLOW-SEG",
+                   "--study", Path(source.files[0]).parent, "--count", 2, "--api", api,
+                   "--results", results, timeout=LONG_HANG)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    _, studies, summary = read_results(results)
+    assert summary["done"] == 2 and [s["instances"] for s in studies] == [8, 8]
+    assert studies[0]["job_id"] != studies[1]["job_id"]
+    segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in set(pacs.files()) - before]
+    referenced = {ds.ReferencedSeriesSequence[0].SeriesInstanceUID for ds in segs}
+    assert len(referenced) == 2 and source.series_instance_uid not in referenced
+    assert {ds.StudyInstanceUID for ds in segs}.isdisjoint({source.study_instance_uid})
+    # a folder that is not there is named
+    missing = tmp / "no-such-study"
+    run = dataflow("load", "--dicom", f"127.0.0.1:{port}", "--called", "DATAFLOW-SEG",
+                   "--study", missing, "--api", api, "--results", tmp / "none.jsonl")  # fmt: skip
+    assert run.returncode == 2 and f"--study {missing}: no such folder" in run.stderr
+
+
 def test_api_jobs_with_payloads_keep_their_priorities(served):
     _, api, _, tmp = served
     study = write_ct_series(tmp / "api-study", slices=3, size=16, seed=7)
     results = tmp / "api-results.jsonl"
     run = dataflow("load", "--pipeline", "inventory", "--input", Path(study.files[0]).parent,
                    "--count", 4, "--priority", "lower", "--priority", "higher", "--api", api,
-                   "--results", results)  # fmt: skip
+                   "--delay", 0.05, "--results", results)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     head, studies, summary = read_results(results)
     assert head["options"]["mode"] == "api"
     assert [s["priority"] for s in studies] == ["lower", "higher", "lower", "higher"]
+    offered = [s["offered"] - studies[0]["offered"] for s in studies]
+    assert offered == pytest.approx([0.0, 0.05, 0.1, 0.15])  # the schedule, not the clock
     assert summary["done"] == 4 and summary["failures"] == {}
     for s in studies:
         assert s["state"] == "succeeded" and s["instances"] == 3 and s["pacs"] is None
