@@ -180,6 +180,14 @@ def run(
     store_budget: str = typer.Option("1GiB", help="Shared-memory store budget, e.g. 4GiB."),
     log_format: str = typer.Option("console", help="console or json (logs on stderr)."),
     progress: bool = typer.Option(None, help="Progress display (default: on a terminal)."),
+    executor: str = typer.Option(
+        "local", help="local (worker processes here) or ray (a Ray cluster: docs/ray.md)."
+    ),
+    address: str = typer.Option(
+        None,
+        help="With --executor ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); "
+        "default: a Ray runtime started here on loopback for this run.",
+    ),
 ) -> None:
     """Run every job under --input through the pipeline; exit 1 if any job failed.
 
@@ -191,6 +199,9 @@ def run(
     from dataflow.units import parse_bytes
 
     _one_of(log_format, ("console", "json"), "--log-format")
+    _one_of(executor, ("local", "ray"), "--executor")
+    if address is not None and executor != "ray":
+        raise UsageError("--address is the Ray cluster's: give it with --executor ray")
     try:
         parse_bytes(store_budget)
     except ValueError as exc:  # the option's value, checked before anything starts
@@ -203,7 +214,8 @@ def run(
             file, input, output=output, overwrite=overwrite, params=_pairs(param, "--param"),
             replicas=_replicas(replicas), limits=Limits(max_jobs=max_jobs),
             store_budget=store_budget, log_format=log_format,
-            on_start=display.start, on_result=display.result,
+            on_start=display.start, on_result=display.result, executor=executor,
+            address=address,
         )  # fmt: skip
     except KeyboardInterrupt:
         display.stop()

@@ -127,8 +127,11 @@ def run_pipeline_file(
     log_format: str = "console",
     on_start: Callable[[list[tuple[str, Path]], Any, LocalExecutor], None] | None = None,
     on_result: Callable[[JobResult], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> RunSummary:
-    """Load, validate, place and run a pipeline over every job under ``input_path``.
+    """Load, validate, place and run a pipeline over every job under ``input_path``
+    (``executor``: ``local``, or ``ray`` on the Ray cluster at ``address``: docs/ray.md).
 
     Each job's folder under ``output`` is replaced by this run's once the job is done;
     ``overwrite`` allows a non-empty ``output`` that no earlier run wrote (else OutputError)."""
@@ -136,9 +139,10 @@ def run_pipeline_file(
     files = check_jobs(input_path, jobs)
     with RunOutput(output, overwrite=overwrite).open(Path(input_path)) as out:
         assert out.staging is not None
-        graph, executor = build_executor(
+        graph, runner = build_executor(
             path, out.staging, params=params, replicas=replicas, limits=limits,
-            store_budget=store_budget, log_format=log_format,
+            store_budget=store_budget, log_format=log_format, executor=executor,
+            address=address,
         )  # fmt: skip
         summary = RunSummary(
             pipeline=graph.spec.name, output=out.root, results=[], seconds=0.0,
@@ -146,7 +150,7 @@ def run_pipeline_file(
             inputs={name: {"folder": str(folder), "files": files[name]} for name, folder in jobs},
         )  # fmt: skip
         if on_start is not None:
-            on_start(jobs, graph, executor)
+            on_start(jobs, graph, runner)
 
         def record(result: JobResult) -> None:
             write_result(out.staging, result)
@@ -161,10 +165,10 @@ def run_pipeline_file(
                 on_result(result)
 
         t0 = time.monotonic()
-        executor.run(jobs, record)
+        runner.run(jobs, record)
         summary.seconds = time.monotonic() - t0
-        summary.stage_jobs = dict(executor.stage_jobs)
-        summary.stage_seconds = dict(executor.stage_seconds)
+        summary.stage_jobs = dict(runner.stage_jobs)
+        summary.stage_seconds = dict(runner.stage_seconds)
         _write_summary(summary)
     return summary
 
@@ -181,14 +185,18 @@ def build_executor(
     stage_timeout: float | None = None,
     job_timeout: float | None = None,
     memory_limit: int | None = None,
-) -> tuple[Any, LocalExecutor]:
+    executor: str = "local",
+    address: str | None = None,
+) -> tuple[Any, Any]:
     """Load, validate and place a pipeline; (graph, an executor for it, not yet started).
     Raises PipelineError or PlacementError before anything starts.
 
     Defaults a pipeline's own settings override: ``stage_timeout`` (seconds) for operators
     without ``timeout:``, ``job_timeout`` (seconds) unless the pipeline sets ``timeout:``,
     ``memory_limit`` (bytes) per worker of an operator without ``requests.memory``. Given
-    ``limits``, these replace its fields when not None."""
+    ``limits``, these replace its fields when not None. ``executor="ray"``: a
+    :class:`dataflow.execution.rayexec.RayExecutor` on the cluster at ``address`` instead,
+    the pipeline refused if the cluster's nodes cannot hold it."""
     from dataflow.pipeline import load_graph, stage_search_path
 
     # Stage classes travel to the (spawned) workers by reference, and a spawned process
@@ -196,14 +204,22 @@ def build_executor(
     folders = stage_search_path(path)
     sys.path.extend(f for f in folders if f not in sys.path)
     graph = load_graph(str(path), dict(params or {}))  # PipelineError on any error
-    graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
-    output_root.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
     job_timeout = graph.spec.timeout if graph.spec.timeout is not None else job_timeout
     if job_timeout is not None:
         limits = dataclasses.replace(limits, job_timeout=job_timeout)
     if stage_timeout is not None:
         limits = dataclasses.replace(limits, stage_timeout=stage_timeout)
+    if executor == "ray":
+        from dataflow.execution.rayexec import build_ray_executor
+
+        output_root.mkdir(parents=True, exist_ok=True)
+        return build_ray_executor(
+            graph, output_root, address=address, replicas=replicas, limits=limits,
+            memory_limit=memory_limit, extra_sys_path=folders,
+        )  # fmt: skip
+    graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
+    output_root.mkdir(parents=True, exist_ok=True)
     executor = LocalExecutor(
         stage_defs(graph, plan, memory_limit=memory_limit),
         output_root=output_root,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -100,11 +101,13 @@ def resources_of(requests: Iterable[ReplicaRequest]) -> dict[str, RayResources]:
     }
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, num_cpus: float | None = None) -> bool:
     """Connect this process to Ray: to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or
-    without one to a Ray runtime started here on loopback, without a dashboard. Returns whether
-    this call started or connected (the caller then shuts it down); False when this process was
-    connected already (then ``address`` is not checked)."""
+    without one to a Ray runtime started here on loopback, without a dashboard, that offers
+    ``num_cpus`` CPUs if more than the machine has (the local executor's rule: on one machine
+    CPU requests are soft, replicas share cores). Returns whether this call started or
+    connected (the caller then shuts it down); False when this process was connected already
+    (then ``address`` is not checked)."""
     import ray
 
     if ray.is_initialized():
@@ -115,7 +118,14 @@ def connect(address: str | None) -> bool:
         "configure_logging": False,
     }
     if address is None:
-        ray.init(_node_ip_address="127.0.0.1", **options)
+        cpus = os.cpu_count() or 1
+        if num_cpus is not None and num_cpus > cpus:
+            log.warning(
+                "ray_cpus_shared", requested=num_cpus, cpus=cpus,
+                note="replicas will share cores (slower, not wrong)",
+            )  # fmt: skip
+            cpus = math.ceil(num_cpus)
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, **options)
     else:
         ray.init(address=address, **options)
     return True
@@ -591,3 +601,43 @@ class RayExecutor:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def build_ray_executor(
+    graph: Any,
+    output_root: Path,
+    *,
+    address: str | None = None,
+    replicas: Mapping[str, int] | None = None,
+    limits: state.Limits | None = None,
+    memory_limit: int | None = None,
+    extra_sys_path: Sequence[str] = (),
+) -> tuple[Any, RayExecutor]:
+    """A validated pipeline graph's executor on Ray (``dataflow run --executor ray``):
+    (the graph with ``replicas`` applied, the executor). Connects to ``address`` (None: a
+    local runtime on loopback, shut down when the run ends) and refuses (PlacementError)
+    what the cluster's nodes cannot hold, before any actor starts."""
+    from dataflow.execution.build import plan_pipeline, replica_requests, stage_defs
+    from dataflow.machine import Gpu, Inventory
+
+    # Ray places the actors and check_fits refuses what its nodes cannot hold: the plan is
+    # only the replicas (and its refusals of containers this machine cannot run)
+    anywhere = Inventory(
+        cpus=1 << 20, memory_mb=1 << 40, gpus=tuple(Gpu(i, "Ray", 1 << 20) for i in range(64))
+    )
+    graph, plan = plan_pipeline(graph, anywhere, replicas=replicas)
+    requests = replica_requests(graph)
+    started = connect(address, num_cpus=sum(r.cpu for r in requests))
+    try:
+        executor = RayExecutor(
+            stage_defs(graph, plan, memory_limit=memory_limit), output_root=output_root,
+            limits=limits, resources=resources_of(requests), extra_sys_path=extra_sys_path,
+        )  # fmt: skip
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    executor.started_ray = started
+    return graph, executor

@@ -8,9 +8,11 @@ second node with 2 CPUs and a custom resource ``second`` only it has.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import dataflow
 from deadlines import HANG, wait_until
 from engine_stages import Load, Scale, make_jobs, total
 from ray_stages import AlwaysExit, Attempts, ExitOnce, Where
@@ -25,6 +27,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from dataflow.execution.rayexec import RayExecutor, RayResources  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GEOMETRY = Path(__file__).parent / "harness_data" / "geometry.yaml"
 
 NODE = {
     "node_ip_address": "127.0.0.1",
@@ -169,3 +173,50 @@ def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path):
     assert result.ok, result.reason
     assert result.outputs[("where", "node")] == cluster["second"]
     np.testing.assert_array_equal(result.outputs[("back", "vec")][0], np.full(200_000, 6))
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but the run's summary (it holds times), by relative path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "summary.json"
+    }
+
+
+def test_dataflow_run_with_the_ray_executor_writes_the_same_files(cluster, tmp_path):
+    for i, values in enumerate(([1.5, 2.0, 3.0], list(range(50_000)))):
+        (tmp_path / "in" / f"study{i}").mkdir(parents=True)
+        np.save(tmp_path / "in" / f"study{i}" / "v.npy", np.array(values))
+    local = dataflow("run", GEOMETRY, "-i", tmp_path / "in", "-o", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    ray_run = dataflow(
+        "run", GEOMETRY, "-i", tmp_path / "in", "-o", tmp_path / "ray",
+        "--executor", "ray", "--address", cluster["address"],
+    )  # fmt: skip
+    assert ray_run.returncode == 0, ray_run.stderr
+    written = files(tmp_path / "ray")
+    assert written == files(tmp_path / "local")
+    assert any(name.endswith("report.json") for name in written)
+
+
+def test_dataflow_run_refuses_a_pipeline_the_cluster_cannot_hold(cluster, tmp_path):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "v.npy", np.ones(3))
+    pipeline = tmp_path / "big.yaml"
+    text = GEOMETRY.read_text().replace(
+        "  stage: geometry_stages:Double", "  stage: geometry_stages:Double\n  requests: {cpu: 9}"
+    )
+    pipeline.write_text(text)
+    (tmp_path / "geometry_stages.py").write_bytes(
+        (GEOMETRY.parent / "geometry_stages.py").read_bytes()
+    )
+    out = dataflow(
+        "run", pipeline, "-i", tmp_path / "in", "-o", tmp_path / "out",
+        "--executor", "ray", "--address", cluster["address"],
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "cannot place 3 replicas on the Ray cluster" in out.stderr
+    assert "stage 'double' replica 0 asks for 9 CPU, 512 MiB memory: no node has as much" in (
+        out.stderr
+    )
