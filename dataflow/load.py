@@ -58,11 +58,14 @@ class Submitted:
 
 
 class Sender(Protocol):
-    """One modality or API client: ``submit(index)`` sends study ``index``."""
+    """One modality or API client: ``prepare(index)`` makes study ``index`` ready before it
+    is due (a copy with fresh UIDs), ``submit(index, prepared)`` sends it when it is."""
 
     name: str
 
-    def submit(self, index: int) -> Submitted: ...
+    def prepare(self, index: int) -> Any: ...
+
+    def submit(self, index: int, prepared: Any) -> Submitted: ...
 
 
 @dataclass
@@ -198,8 +201,11 @@ class DicomSender:
     def __init__(self, name: str, modality: Any, studies: Any) -> None:
         self.name, self._modality, self._studies = name, modality, studies
 
-    def submit(self, index: int) -> Submitted:
-        uid, files = self._studies.fresh()
+    def prepare(self, index: int) -> tuple[str, list[Path]]:
+        return self._studies.fresh()
+
+    def submit(self, index: int, prepared: tuple[str, list[Path]]) -> Submitted:
+        uid, files = prepared
         try:
             sent = self._modality.send(uid, files)
         finally:
@@ -218,7 +224,10 @@ class ApiSender:
         self._inputs, self._prefix = inputs, prefix
         self.priorities: Sequence[str] = ("normal",)
 
-    def submit(self, index: int) -> Submitted:
+    def prepare(self, index: int) -> None:
+        return None
+
+    def submit(self, index: int, prepared: None) -> Submitted:
         from dataflow.platform.client import ApiError
 
         began = time.time()
@@ -288,11 +297,12 @@ class Run:
                 priorities = getattr(sender, "priorities", ())
                 if priorities:
                     study.priority = priorities[study.index % len(priorities)]
-                delay = study.offered - time.time()
-                if delay > 0:
-                    time.sleep(delay)
                 try:
-                    got = sender.submit(study.index)
+                    prepared = sender.prepare(study.index)
+                    delay = study.offered - time.time()
+                    if delay > 0:
+                        time.sleep(delay)
+                    got = sender.submit(study.index, prepared)
                 except (DataflowError, OSError) as exc:  # the copy could not be made, say
                     got = Submitted(None, None, time.time(), time.time(), error=str(exc))
                 except BaseException:
