@@ -23,13 +23,10 @@ from pydicom.uid import generate_uid
 
 from connectors.dicom.export.sender import Destination, echo, send_files
 from connectors.dicom.export.transport import ExportError, FileInfo, FileResult, describe_file
-from dataflow.errors import DataflowError
+from connectors.dicom.net.association import AssociationFailed
+from dataflow.errors import MissingFile, UsageError
 
 __all__ = ["Modality", "Sent", "Studies", "modality", "studies"]
-
-
-class LoadSourceError(DataflowError):
-    """The study to send cannot be read (names the folder or file)."""
 
 
 @dataclass
@@ -101,7 +98,7 @@ def studies(folder: Path | None = None, *, slices: int = 64, size: int = 128) ->
     folder = Path(folder)
     if not folder.is_dir():
         scratch.cleanup()
-        raise LoadSourceError(f"--study {folder}: no such folder")
+        raise MissingFile(f"--study {folder}: no such folder")
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
@@ -111,7 +108,7 @@ def studies(folder: Path | None = None, *, slices: int = 64, size: int = 128) ->
         files.append(path)
     if not files:
         scratch.cleanup()
-        raise LoadSourceError(f"--study {folder}: holds no DICOM files with file meta")
+        raise MissingFile(f"--study {folder}: holds no DICOM files with file meta")
     return Studies(files, scratch)
 
 
@@ -131,15 +128,15 @@ class Modality:
                 name=self.calling, ae_title=self.called, host=self.host, port=self.port,
                 calling_ae_title=self.calling, transfer_syntax="stored",
             )  # fmt: skip
-        except ExportError as exc:
-            raise LoadSourceError(str(exc)) from None
+        except ExportError as exc:  # an AE title that cannot be one, say
+            raise UsageError(str(exc)) from None
 
     def check(self) -> None:
-        """C-ECHO the service: :class:`LoadSourceError` naming the address if it does not
+        """C-ECHO the service: :class:`AssociationFailed` naming the address if it does not
         answer."""
         result = echo(self._destination)
         if not result.ok:
-            raise LoadSourceError(
+            raise AssociationFailed(
                 f"no DICOM service answered C-ECHO at {self.host}:{self.port} as {self.called} "
                 f"from {self.calling} ({result.error}): is dataflow serve running with a "
                 "dicom: receiver there, and does its allow: list take this AE title?"
