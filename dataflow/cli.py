@@ -339,7 +339,8 @@ def load(
                       study=study, slices=slices, size=size, pipeline=pipeline, input_=input_,
                       sequence=sequence, priority=priority or [], count=count, rate=rate,
                       delay=delay, api=api, results=results, timeout=timeout,
-                      wait_export=wait_export, echo=typer.echo)  # fmt: skip
+                      wait_export=wait_export,
+                      echo=lambda text: typer.echo(text, err=True))  # fmt: skip
     typer.echo(json.dumps(summary, indent=1))
     if summary["failed"]:
         raise typer.Exit(1)

@@ -97,7 +97,8 @@ def test_two_modalities_send_three_studies_each_followed_to_the_pacs(served):
         assert s["latency"] == pytest.approx(s["pacs"] - s["sent"], abs=1e-5)
     assert summary["studies"] == summary["done"] == 3 and summary["failed"] == 0
     assert summary["latency"]["latency"]["n"] == 3 and summary["studies_per_hour"] > 0
-    assert "done 3" in run.stdout  # the plain progress lines (no terminal)
+    assert "done 3" in run.stderr  # the plain progress lines (no terminal)
+    assert json.loads(run.stdout) == summary  # the summary, for scripts
     # the three SEGs are in the PACS, each of its own study
     segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.files()]
     segs = [ds for ds in segs if ds.Modality == "SEG"]
