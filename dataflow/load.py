@@ -54,7 +54,7 @@ class Submitted:
     sent: float
     instances: int = 0
     bytes: int = 0
-    error: str = ""
+    reason: str = ""  # why it was not sent, as the summary counts it (no UIDs, no counts)
 
 
 class Sender(Protocol):
@@ -210,8 +210,12 @@ class DicomSender:
             sent = self._modality.send(uid, files)
         finally:
             self._studies.discard(files)
-        error = f"{sent.failed} of {sent.instances} instances not sent" if sent.failed else ""
-        return Submitted(uid, None, sent.began, sent.last, sent.instances, sent.bytes, error)
+        reason = ""
+        if sent.failed == sent.instances:
+            reason = "send failed: no instance taken"
+        elif sent.failed:
+            reason = "send failed: instances refused"
+        return Submitted(uid, None, sent.began, sent.last, sent.instances, sent.bytes, reason)
 
 
 class ApiSender:
@@ -241,7 +245,8 @@ class ApiSender:
                 self._client.upload(made["payload_id"], name, path)
             self._client.call("POST", f"/api/v1/jobs/{made['job_id']}/start")
         except ApiError as exc:
-            return Submitted(None, None, began, time.time(), error=f"refused: {exc}")
+            why = f"HTTP {exc.status}" if exc.status else "no answer"
+            return Submitted(None, None, began, time.time(), reason=f"send failed: API {why}")
         size = sum(path.stat().st_size for _, path in files)
         return Submitted(None, made["job_id"], began, time.time(), len(files), size)
 
@@ -304,14 +309,15 @@ class Run:
                         time.sleep(delay)
                     got = sender.submit(study.index, prepared)
                 except (DataflowError, OSError) as exc:  # the copy could not be made, say
-                    got = Submitted(None, None, time.time(), time.time(), error=str(exc))
+                    why, now = f"send failed: {type(exc).__name__}", time.time()
+                    got = Submitted(None, None, now, now, reason=why)
                 except BaseException:
-                    self._end(study, "send failed", "failed")  # a bug: its traceback follows
+                    self._end(study, "send failed: a bug", "failed")  # its traceback follows
                     raise
                 study.key, study.job_id = got.key, got.job_id
                 study.began, study.instances, study.bytes = got.began, got.instances, got.bytes
-                if got.error:
-                    self._end(study, "send failed", "failed")
+                if got.reason:
+                    self._end(study, got.reason, "failed")
                 else:
                     study.state = "sent"
                 study.sent = got.sent  # last: the follower takes it from here

@@ -28,8 +28,8 @@ DATA = Path(__file__).parent / "service_data"
 @pytest.fixture(scope="module")
 def served(private_network, tmp_path_factory):
     """``dataflow serve`` with ct-segmentation behind the AE title DATAFLOW-SEG (results to a
-    storescp PACS) and the inventory pipeline for API jobs: (its DICOM port, its REST URL,
-    the PACS, the folder)."""
+    storescp PACS), the inventory pipeline for API jobs and one whose stage cannot start:
+    (its DICOM port, its REST URL, the PACS, the folder)."""
     tmp = tmp_path_factory.mktemp("load")
     port = free_port()
     with start_storescp(tmp / "pacs", aet="PACS") as pacs:
@@ -39,6 +39,7 @@ state: {tmp / "state"}
 pipelines:
   ct-segmentation: {ROOT / "pipelines" / "ct-segmentation.yaml"}
   inventory: {DATA / "inventory.yaml"}
+  broken: {DATA / "broken.yaml"}
 api: {{rest-port: 0, grpc-port: null}}
 dicom:
   receivers:
@@ -153,6 +154,21 @@ def test_api_jobs_with_payloads_keep_their_priorities(served):
         assert [stage["stage"] for stage in s["stages"]] == ["inventory"]
         shown = dataflow("jobs", "status", s["job_id"], "--json", "--api", api)
         assert json.loads(shown.stdout)["priority"] == s["priority"]
+
+
+def test_failures_are_counted_by_reason(served):
+    _, api, _, tmp = served
+    results = tmp / "failed-results.jsonl"
+    run = dataflow("load", "--pipeline", "broken", "--count", 2, "--api", api,
+                   "--results", results)  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    _, studies, summary = read_results(results)
+    assert summary["failures"] == {"job failed in broken": 2} and summary["done"] == 0
+    assert [s["state"] for s in studies] == ["failed", "failed"]
+    run = dataflow("load", "--pipeline", "no-such-pipeline", "--api", api,
+                   "--results", results)  # fmt: skip
+    assert run.returncode == 1
+    assert read_results(results)[2]["failures"] == {"send failed: API HTTP 404": 1}
 
 
 def test_a_service_that_is_down_is_named(served):
