@@ -50,7 +50,7 @@ import structlog
 from dataflow.execution import state
 from dataflow.execution.local import JobResult, StageDef
 from dataflow.execution.refs import PathRef, ValRef
-from dataflow.scheduler import PlacementError, ReplicaRequest
+from dataflow.scheduler import PlacementError, ReplicaRequest, SchedulerError
 from dataflow.units import plural
 
 __all__ = [
@@ -127,7 +127,12 @@ def connect(address: str | None, num_cpus: float | None = None) -> bool:
             cpus = math.ceil(num_cpus)
         ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, **options)
     else:
-        ray.init(address=address, **options)
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SchedulerError(
+                f"--address {address}: no Ray cluster to connect to ({_first_line(exc)})"
+            ) from None
     return True
 
 

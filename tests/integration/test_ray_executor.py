@@ -215,7 +215,7 @@ def test_dataflow_run_refuses_a_pipeline_the_cluster_cannot_hold(cluster, tmp_pa
         "run", pipeline, "-i", tmp_path / "in", "-o", tmp_path / "out",
         "--executor", "ray", "--address", cluster["address"],
     )  # fmt: skip
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "cannot place 3 replicas on the Ray cluster" in out.stderr
     assert "stage 'double' replica 0 asks for 9 CPU, 512 MiB memory: no node has as much" in (
         out.stderr
