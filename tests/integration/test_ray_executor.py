@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from cli import dataflow
 from deadlines import HANG, wait_until
-from engine_stages import Load, Scale, make_jobs, total
+from engine_stages import BrokenPrepare, Load, Scale, make_jobs, total
 from ray_stages import AlwaysExit, Attempts, ExitOnce, Where
 
 from dataflow.execution.local import LocalExecutor, StageDef
@@ -158,6 +158,30 @@ def test_each_job_ends_once_when_restarts_run_out(cluster, tmp_path):
     assert [r.job for r in results] == ["job0", "job1", "job2"]
     assert all(not r.ok and r.stage == "crash" for r in results)
     assert "actor died" in results[0].reason
+
+
+def test_a_stage_timeout_kills_the_actor_and_fails_that_job_only(cluster, tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("scale", Scale, {"vec": ("load", "vec")}, ("vec",), {"sleep_on": 2}, timeout=1),
+    ]
+    results = RayExecutor(stages, output_root=tmp_path / "out").run(
+        make_jobs(tmp_path / "in", [1, 2, 3])
+    )  # job 2 sleeps for ever: the run does not wait for it
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].reason == "stage 'scale' timed out after 1 s"
+
+
+def test_a_stage_that_cannot_start_fails_its_jobs_with_the_reason(cluster, tmp_path):
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("model", BrokenPrepare, {"vec": ("load", "vec")}, ("vec",)),
+    ]
+    executor = RayExecutor(stages, output_root=tmp_path / "out", limits=Limits(max_restarts=1))
+    results = executor.run(make_jobs(tmp_path / "in", [1, 2]))
+    assert [(r.ok, r.stage) for r in results] == [(False, "model"), (False, "model")]
+    assert "RuntimeError: model file missing" in results[0].reason
+    assert "Traceback" in results[0].details
 
 
 def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path):
