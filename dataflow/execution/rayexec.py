@@ -330,6 +330,9 @@ class _Call:
     handle: Any  # the actor the call went to (a replaced actor's calls are ignored)
     job: str | None = None
     arrays: Sequence[Any] = ()  # the call's array return objects, one per output port
+    args: tuple = ()  # a job call's arguments, to call again
+    returns: int = 1
+    attempt: int = 0  # calls again after the actor was unavailable
 
 
 class RayExecutor:
@@ -366,6 +369,7 @@ class RayExecutor:
         self.stage_jobs: dict[str, int] = dict.fromkeys(self.stages, 0)
         self.actors: dict[str, Any] = {}  # worker -> its actor handle
         self._calls: dict[Any, _Call] = {}  # the first return object of each call in flight
+        self._later: list[tuple[float, _Call]] = []  # calls to make again, when
         self._dispatched: dict[str, tuple[str, float, float]] = {}
         self._timeline: dict[str, list[dict[str, Any]]] = {}
         self.started_ray = connect(address)
@@ -421,6 +425,12 @@ class RayExecutor:
         now = time.monotonic()
         deadline = self.core.next_deadline()
         timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+        for when, call in list(self._later):
+            if when <= now:
+                self._later.remove((when, call))
+                self._call(call)
+            else:
+                timeout = min(timeout, when - now)
         if self._calls:
             import ray
 
@@ -437,18 +447,28 @@ class RayExecutor:
 
     def _on_return(self, ref, call: _Call, results, started, on_result) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         if self.actors.get(call.worker) is not call.handle:
             return  # a call to an actor killed since (its worker was restarted)
         wid, now = call.worker, time.monotonic()
         try:
             outcome = ray.get(ref)
+        except ActorUnavailableError as exc:  # e.g. its node went: Ray may restart it
+            if call.attempt < self.limits.max_restarts:
+                delay = self.limits.restart_backoff * 2.0**call.attempt
+                delay = min(self.limits.restart_backoff_max, delay)
+                log.warning(
+                    "actor_unavailable", worker=wid, job=call.job, retry_in=delay,
+                    reason=_first_line(exc),
+                )  # fmt: skip
+                self._later.append(
+                    (now + delay, dataclasses.replace(call, attempt=call.attempt + 1))
+                )
+                return
+            actions = self._died(wid, exc, now)
         except RayActorError as exc:
-            reason = f"actor died: {_first_line(exc)}"
-            log.error("worker_died", worker=wid, stage=self.core.workers[wid].stage, reason=reason)
-            self._drop(wid)
-            actions = self.core.worker_died(wid, reason, now)
+            actions = self._died(wid, exc, now)
         else:
             if call.kind == "start":
                 if outcome is None:
@@ -469,6 +489,13 @@ class RayExecutor:
                 else:
                     actions = self.core.job_failed(wid, call.job, outcome[1], outcome[2], now)
         self._do(actions, results, started, on_result)
+
+    def _died(self, wid: str, exc: BaseException, now: float) -> list[state.Action]:
+        """Ray gave up on ``wid``'s actor: the core hears of the death."""
+        reason = f"actor died: {_first_line(exc)}"
+        log.error("worker_died", worker=wid, stage=self.core.workers[wid].stage, reason=reason)
+        self._drop(wid)
+        return self.core.worker_died(wid, reason, now)
 
     def _values(self, stage: str, published, arrays) -> dict[str, state.Value]:
         ports = self.stages[stage].outputs
@@ -520,15 +547,23 @@ class RayExecutor:
             # last references to their Ray objects, which Ray then frees
 
     def _dispatch(self, action: state.Dispatch) -> None:
-        handle = self.actors[action.worker]
         inputs = {port: value.ref for port, value in action.inputs.items()}
-        n = 1 + len(self.stages[action.stage].outputs)
-        refs = handle.run.options(num_returns=n).remote(
-            action.job, action.job, inputs, action.timeout
-        )
-        refs = list(refs) if n > 1 else [refs]
         self._dispatched[action.worker] = (action.job, time.monotonic(), time.time())
-        self._calls[refs[0]] = _Call("job", action.worker, handle, action.job, refs[1:])
+        args = (action.job, action.job, inputs, action.timeout)
+        n = 1 + len(self.stages[action.stage].outputs)
+        handle = self.actors[action.worker]
+        self._call(_Call("job", action.worker, handle, action.job, args=args, returns=n))
+
+    def _call(self, call: _Call) -> None:
+        """Make (or make again) ``call``; its first return object is awaited."""
+        if self.actors.get(call.worker) is not call.handle:
+            return  # its actor was killed meanwhile
+        if call.kind == "start":
+            self._calls[call.handle.ready.remote()] = call
+            return
+        refs = call.handle.run.options(num_returns=call.returns).remote(*call.args)
+        refs = list(refs) if call.returns > 1 else [refs]
+        self._calls[refs[0]] = dataclasses.replace(call, arrays=refs[1:])
 
     def _start(self, wid: str, stage_name: str, replica: int) -> None:
         stage = self.stages[stage_name]
@@ -549,7 +584,7 @@ class RayExecutor:
             max_task_retries=self.limits.max_restarts,
         ).remote(spec)  # fmt: skip
         self.actors[wid] = handle
-        self._calls[handle.ready.remote()] = _Call("start", wid, handle)
+        self._call(_Call("start", wid, handle))
 
     def _drop(self, wid: str) -> None:
         import ray
@@ -559,6 +594,7 @@ class RayExecutor:
         for ref, call in list(self._calls.items()):
             if call.worker == wid:
                 del self._calls[ref]
+        self._later = [(when, call) for when, call in self._later if call.worker != wid]
         if handle is not None:
             with contextlib.suppress(Exception):
                 ray.kill(handle, no_restart=True)
@@ -600,6 +636,7 @@ class RayExecutor:
         for wid in list(self.actors):
             self._drop(wid)
         self._calls.clear()
+        self._later.clear()
         self.close()
 
 

@@ -39,11 +39,18 @@ NODE = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 4})
+    # a dead node noticed in about a second (with Ray's default health checks the node test
+    # took 17 s here rather than 2.5 s)
+    quick = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
+    head = {**NODE, "num_cpus": 4, "_system_config": quick}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     second = cluster.add_node(**NODE, num_cpus=2, resources={"second": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     try:
-        yield {"address": cluster.address, "second": second.node_id}
+        yield {
+            "address": cluster.address, "cluster": cluster, "node": second,
+            "second": second.node_id,
+        }  # fmt: skip
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -182,6 +189,35 @@ def test_a_stage_that_cannot_start_fails_its_jobs_with_the_reason(cluster, tmp_p
     assert [(r.ok, r.stage) for r in results] == [(False, "model"), (False, "model")]
     assert "RuntimeError: model file missing" in results[0].reason
     assert "Traceback" in results[0].details
+
+
+def test_a_node_that_dies_mid_job_has_its_job_run_again_on_a_node_that_replaces_it(
+    cluster, tmp_path
+):
+    log, never = tmp_path / "attempts.log", tmp_path / "never"
+    arguments = {"log": str(log), "until": str(never), "seconds": HANG}
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("slow", Attempts, {"vec": ("load", "vec")}, ("vec",), arguments),
+    ]
+    pinned = {"slow": RayResources(custom={"second": 1})}
+    executor = RayExecutor(stages, output_root=tmp_path / "out", resources=pinned)
+    done: list = []
+    runner = threading.Thread(
+        target=lambda: done.append(executor.run(make_jobs(tmp_path / "in", [4]))), daemon=True
+    )
+    runner.start()
+    wait_until(log.exists, "the job to start on the second node")
+    c = cluster["cluster"]
+    c.remove_node(cluster["node"], allow_graceful=False)  # the node dies with its actor
+    cluster["node"] = c.add_node(**NODE, num_cpus=2, resources={"second": 1})
+    cluster["second"] = cluster["node"].node_id
+    runner.join(HANG)
+    assert not runner.is_alive()
+    [result] = done[0]
+    assert result.ok, result.reason
+    assert result.outputs[("slow", "vec")][0].tolist() == [10] * 4
+    assert len(log.read_text().split()) == 2  # run again, once
 
 
 def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path):
