@@ -36,8 +36,10 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -408,6 +410,8 @@ class RayExecutor:
         started: dict[str, float] = {}
         self.output_root.mkdir(parents=True, exist_ok=True)
         self.core = state.Core(self.graph, self.limits, ordered=True)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             self._do(self.core.start(time.monotonic()))
             for job_id, payload in jobs:
@@ -418,6 +422,8 @@ class RayExecutor:
             while not self.core.idle():
                 self._step(results, started, on_result)
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             self._shutdown()
         return results
 
@@ -638,6 +644,11 @@ class RayExecutor:
         self._calls.clear()
         self._later.clear()
         self.close()
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM stops a run as Ctrl-C does: actors killed, a runtime we started shut down."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _first_line(exc: BaseException) -> str:
