@@ -446,7 +446,9 @@ class RayExecutor:
                 more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
                 ready += more
             for ref in ready:
-                self._on_return(ref, self._calls.pop(ref), results, started, on_result)
+                call = self._calls.pop(ref, None)  # None: dropped with its actor just now
+                if call is not None:
+                    self._on_return(ref, call, results, started, on_result)
         else:
             time.sleep(timeout)
         self._do(self.core.tick(time.monotonic()), results, started, on_result)
