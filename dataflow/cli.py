@@ -135,18 +135,43 @@ def validate(
     typer.echo(f"{file}: valid ({counts})")
 
 
+EXECUTOR = typer.Option(
+    "local", help="local (worker processes here) or ray (a Ray cluster: docs/ray.md)."
+)
+ADDRESS = typer.Option(
+    None,
+    help="With --executor ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); "
+    "default: a Ray runtime started here on loopback.",
+)
+
+
+def _executor_options(executor: str, address: str | None) -> None:
+    _one_of(executor, ("local", "ray"), "--executor")
+    if address is not None and executor != "ray":
+        raise UsageError("--address is the Ray cluster's: give it with --executor ray")
+
+
 @app.command()
 def plan(
     file: Path = typer.Argument(..., help="Pipeline YAML file."),
     param: list[str] = PARAM,
     replicas: list[str] = REPLICAS,
+    executor: str = EXECUTOR,
+    address: str = ADDRESS,
 ) -> None:
-    """Print the pipeline's DAG and where every stage replica would run."""
+    """Print the pipeline's DAG and where every stage replica would run (with --executor
+    ray: on which node of the Ray cluster)."""
     from dataflow.execution.build import plan_pipeline
     from dataflow.pipeline import load_graph
 
+    _executor_options(executor, address)
     graph = load_graph(str(file), _pairs(param, "--param"))
-    graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))
+    if executor == "ray":
+        from dataflow.execution.rayexec import plan_on_ray
+
+        graph, placement = plan_on_ray(graph, address=address, replicas=_replicas(replicas))
+    else:
+        graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))
     typer.echo(f"pipeline {graph.spec.name!r}: {len(graph.nodes)} operators")
     for name, node in graph.nodes.items():
         ups = sorted({e.source for e in graph.upstream(name)})
@@ -180,14 +205,8 @@ def run(
     store_budget: str = typer.Option("1GiB", help="Shared-memory store budget, e.g. 4GiB."),
     log_format: str = typer.Option("console", help="console or json (logs on stderr)."),
     progress: bool = typer.Option(None, help="Progress display (default: on a terminal)."),
-    executor: str = typer.Option(
-        "local", help="local (worker processes here) or ray (a Ray cluster: docs/ray.md)."
-    ),
-    address: str = typer.Option(
-        None,
-        help="With --executor ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); "
-        "default: a Ray runtime started here on loopback for this run.",
-    ),
+    executor: str = EXECUTOR,
+    address: str = ADDRESS,
 ) -> None:
     """Run every job under --input through the pipeline; exit 1 if any job failed.
 
@@ -199,9 +218,7 @@ def run(
     from dataflow.units import parse_bytes
 
     _one_of(log_format, ("console", "json"), "--log-format")
-    _one_of(executor, ("local", "ray"), "--executor")
-    if address is not None and executor != "ray":
-        raise UsageError("--address is the Ray cluster's: give it with --executor ray")
+    _executor_options(executor, address)
     try:
         parse_bytes(store_budget)
     except ValueError as exc:  # the option's value, checked before anything starts

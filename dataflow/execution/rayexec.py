@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -58,10 +59,14 @@ from dataflow.units import plural
 __all__ = [
     "ArrayRef",
     "RayExecutor",
+    "RayNode",
+    "RayPlan",
     "RayResources",
     "StageActor",
+    "address_problem",
     "check_fits",
     "connect",
+    "plan_on_ray",
     "resources_of",
 ]
 
@@ -103,13 +108,15 @@ def resources_of(requests: Iterable[ReplicaRequest]) -> dict[str, RayResources]:
     }
 
 
-def connect(address: str | None, num_cpus: float | None = None) -> bool:
+def connect(address: str | None, num_cpus: float | None = None, *, what: str = "") -> bool:
     """Connect this process to Ray: to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or
     without one to a Ray runtime started here on loopback, without a dashboard, that offers
     ``num_cpus`` CPUs if more than the machine has (the local executor's rule: on one machine
     CPU requests are soft, replicas share cores). Returns whether this call started or
     connected (the caller then shuts it down); False when this process was connected already
-    (then ``address`` is not checked)."""
+    (then ``address`` is not checked). ``SchedulerError`` naming ``what`` (default
+    ``--address ADDRESS``) when no cluster answers there: a ``HOST:PORT`` where nothing
+    listens is refused at once (Ray itself would keep trying for minutes)."""
     import ray
 
     if ray.is_initialized():
@@ -128,14 +135,42 @@ def connect(address: str | None, num_cpus: float | None = None) -> bool:
             )  # fmt: skip
             cpus = math.ceil(num_cpus)
         ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, **options)
-    else:
-        try:
-            ray.init(address=address, **options)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise SchedulerError(
-                f"--address {address}: no Ray cluster to connect to ({_first_line(exc)})"
-            ) from None
+        return True
+    what = what or f"--address {address}"
+    unreachable = _unreachable(address)
+    if unreachable:
+        raise SchedulerError(f"{what}: no Ray cluster to connect to ({unreachable})")
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SchedulerError(f"{what}: no Ray cluster to connect to ({_first_line(exc)})") from None
     return True
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not one ``ray.init`` takes (``auto``, ``HOST:PORT``,
+    ``ray://HOST:PORT``), or None."""
+    if address == "auto":
+        return None
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in rest:
+        return "expected auto, HOST:PORT (the head's GCS port) or ray://HOST:PORT (Ray Client)"
+    return None
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing can answer at ``address`` (its form, or a TCP connection refused or not
+    answered within 5 s), or None; ``auto`` is left to Ray."""
+    problem = address_problem(address)
+    if problem or address == "auto":
+        return problem
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        return f"nothing answers at {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def _fmt(amount: float) -> str:
@@ -156,13 +191,15 @@ def _describe(resources: Mapping[str, float]) -> str:
 
 def check_fits(
     replicas: Sequence[tuple[str, int, RayResources]], nodes: Sequence[Mapping[str, float]]
-) -> None:
+) -> list[tuple[str, int, RayResources, int]]:
     """Refuse (``PlacementError``, every reason) a set of ``(stage, replica, resources)`` that
     cannot all be placed at once on ``nodes`` (each node's total resources, as Ray reports
     them): the replicas pinned by a custom resource first, then the largest, each on the first
-    node it fits (a greedy check: it may refuse a set a cleverer packing would place). Pure."""
+    node it fits (a greedy check: it may refuse a set a cleverer packing would place). Returns
+    that placement, ``(stage, replica, resources, node index)`` in the order placed. Pure."""
     free = [dict(node) for node in nodes]
     problems = []
+    placed = []
 
     def key(item: tuple[str, int, RayResources]) -> tuple:
         res = item[2]
@@ -171,10 +208,15 @@ def check_fits(
     order = sorted(replicas, key=key)
     for stage, replica, resources in order:
         wanted = resources.wanted()
-        node = next(
-            (n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in wanted.items())), None
+        index = next(
+            (
+                i
+                for i, n in enumerate(free)
+                if all(n.get(k, 0.0) + 1e-9 >= v for k, v in wanted.items())
+            ),
+            None,
         )
-        if node is None:
+        if index is None:
             whole = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in wanted.items())]
             why = "taken by the replicas above" if whole else "no node has as much"
             problems.append(
@@ -182,7 +224,8 @@ def check_fits(
             )
             continue
         for k, v in wanted.items():
-            node[k] -= v
+            free[index][k] -= v
+        placed.append((stage, replica, resources, index))
     if problems:
         has = "; ".join(f"node {i}: {_describe(n)}" for i, n in enumerate(nodes)) or "no node"
         head = (
@@ -190,13 +233,65 @@ def check_fits(
             f"({plural(len(nodes), 'node')}: {has}):"
         )
         raise PlacementError("\n  - ".join([head, *problems]), problems)
+    return placed
 
 
-def cluster_nodes() -> list[dict[str, float]]:
-    """The total resources of each live node of the connected cluster."""
+@dataclasses.dataclass(frozen=True)
+class RayNode:
+    """A live node of the cluster: Ray's node id, its IP address, its total resources."""
+
+    node_id: str
+    ip: str
+    resources: Mapping[str, float]
+
+
+def cluster_nodes() -> list[RayNode]:
+    """The live nodes of the connected cluster (in Ray's order)."""
     import ray
 
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return [
+        RayNode(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n["Resources"]))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class RayPlan:
+    """Where each replica would go on the cluster (``dataflow plan --executor ray``): the
+    placement :func:`check_fits` found, which Ray's own scheduler need not follow (it places
+    each actor when it is created), but which proves that the pipeline fits."""
+
+    where: str  # the cluster, in words
+    nodes: Sequence[RayNode]
+    placed: Sequence[tuple[str, int, RayResources, int]]
+
+    def format(self) -> str:
+        rows = [("stage", "replica", "node", "cpu", "gpus", "memory", "custom")]
+        for stage, replica, res, index in sorted(self.placed, key=lambda p: p[3]):
+            custom = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(res.custom.items()))
+            memory = f"{res.memory // MIB} MiB"
+            cpu, gpu = _fmt(res.num_cpus), _fmt(res.num_gpus)
+            rows.append((stage, str(replica), str(index), cpu, gpu, memory, custom or "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append(f"on {self.where}: {plural(len(self.nodes), 'node')}")
+        for i, node in enumerate(self.nodes):
+            used: dict[str, float] = {}
+            for _, _, res, index in self.placed:
+                if index == i:
+                    for k, v in res.wanted().items():
+                        used[k] = used.get(k, 0.0) + v
+            cpu = f"{_fmt(used.get('CPU', 0.0))} of {_fmt(node.resources.get('CPU', 0.0))} CPU"
+            lines.append(
+                f"  node {i}: {node.node_id[:12]} at {node.ip}: {_describe(node.resources)}"
+                f"; requested here: {cpu}, {used.get('memory', 0.0) / MIB:.0f} MiB memory"
+            )
+        lines.append(
+            "Ray's scheduler places each actor as it is created: this is one placement that "
+            "fits (the check dataflow run makes before it starts)"
+        )
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -385,7 +480,7 @@ class RayExecutor:
                     for s in self.stages.values()
                     for r in range(s.replicas)
                 ],
-                cluster_nodes(),
+                [node.resources for node in cluster_nodes()],
             )
         except BaseException:
             self.close()
@@ -658,6 +753,50 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _ray_graph(graph: Any, replicas: Mapping[str, int] | None) -> tuple[Any, Any, list]:
+    """The graph with ``replicas`` applied, its (machine-free) plan and its replica
+    requests: Ray places the actors and check_fits refuses what its nodes cannot hold, so
+    the plan is only the replicas (and its refusals of containers this machine cannot
+    run)."""
+    from dataflow.execution.build import plan_pipeline, replica_requests
+    from dataflow.machine import Gpu, Inventory
+
+    anywhere = Inventory(
+        cpus=1 << 20, memory_mb=1 << 40, gpus=tuple(Gpu(i, "Ray", 1 << 20) for i in range(64))
+    )
+    graph, plan = plan_pipeline(graph, anywhere, replicas=replicas)
+    return graph, plan, replica_requests(graph)
+
+
+def plan_on_ray(
+    graph: Any, *, address: str | None = None, replicas: Mapping[str, int] | None = None
+) -> tuple[Any, RayPlan]:
+    """``dataflow plan --executor ray``: (the graph with ``replicas`` applied, where each
+    replica would go on the cluster at ``address``), or PlacementError as ``dataflow run``
+    would refuse it. Without ``address``, the Ray runtime ``dataflow run`` would start is
+    started (on loopback) to ask it, then shut down."""
+    import ray
+
+    graph, _, requests = _ray_graph(graph, replicas)
+    resources = resources_of(requests)
+    started = connect(address, num_cpus=sum(r.cpu for r in requests))
+    try:
+        nodes = cluster_nodes()
+    finally:
+        if started:
+            ray.shutdown()
+    replicas_ = [(r.stage, r.replica, resources[r.stage]) for r in requests]
+    placed = check_fits(replicas_, [node.resources for node in nodes])
+    position = {(r.stage, r.replica): i for i, r in enumerate(requests)}
+    placed.sort(key=lambda p: position[p[:2]])  # the pipeline's order
+    where = (
+        f"the Ray cluster at {address}"
+        if address
+        else "a Ray runtime started here on 127.0.0.1 (as dataflow run starts one)"
+    )
+    return graph, RayPlan(where, nodes, placed)
+
+
 def build_ray_executor(
     graph: Any,
     output_root: Path,
@@ -670,18 +809,12 @@ def build_ray_executor(
 ) -> tuple[Any, RayExecutor]:
     """A validated pipeline graph's executor on Ray (``dataflow run --executor ray``):
     (the graph with ``replicas`` applied, the executor). Connects to ``address`` (None: a
-    local runtime on loopback, shut down when the run ends) and refuses (PlacementError)
-    what the cluster's nodes cannot hold, before any actor starts."""
-    from dataflow.execution.build import plan_pipeline, replica_requests, stage_defs
-    from dataflow.machine import Gpu, Inventory
+    local runtime on loopback, shut down when the run ends; a process connected already
+    keeps its connection) and refuses (PlacementError) what the cluster's nodes cannot
+    hold, before any actor starts."""
+    from dataflow.execution.build import stage_defs
 
-    # Ray places the actors and check_fits refuses what its nodes cannot hold: the plan is
-    # only the replicas (and its refusals of containers this machine cannot run)
-    anywhere = Inventory(
-        cpus=1 << 20, memory_mb=1 << 40, gpus=tuple(Gpu(i, "Ray", 1 << 20) for i in range(64))
-    )
-    graph, plan = plan_pipeline(graph, anywhere, replicas=replicas)
-    requests = replica_requests(graph)
+    graph, plan, requests = _ray_graph(graph, replicas)
     started = connect(address, num_cpus=sum(r.cpu for r in requests))
     try:
         executor = RayExecutor(

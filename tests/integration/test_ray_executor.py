@@ -7,6 +7,7 @@ second node with 2 CPUs and a custom resource ``second`` only it has.
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
@@ -260,17 +261,23 @@ def test_dataflow_run_with_the_ray_executor_writes_the_same_files(cluster, tmp_p
     assert any(name.endswith("report.json") for name in written)
 
 
-def test_dataflow_run_refuses_a_pipeline_the_cluster_cannot_hold(cluster, tmp_path):
-    (tmp_path / "in").mkdir()
-    np.save(tmp_path / "in" / "v.npy", np.ones(3))
-    pipeline = tmp_path / "big.yaml"
+def too_big(folder: Path) -> Path:
+    """The geometry pipeline with a stage that asks for 9 CPUs, in ``folder``."""
+    pipeline = folder / "big.yaml"
     text = GEOMETRY.read_text().replace(
         "  stage: geometry_stages:Double", "  stage: geometry_stages:Double\n  requests: {cpu: 9}"
     )
     pipeline.write_text(text)
-    (tmp_path / "geometry_stages.py").write_bytes(
+    (folder / "geometry_stages.py").write_bytes(
         (GEOMETRY.parent / "geometry_stages.py").read_bytes()
     )
+    return pipeline
+
+
+def test_dataflow_run_refuses_a_pipeline_the_cluster_cannot_hold(cluster, tmp_path):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "v.npy", np.ones(3))
+    pipeline = too_big(tmp_path)
     out = dataflow(
         "run", pipeline, "-i", tmp_path / "in", "-o", tmp_path / "out",
         "--executor", "ray", "--address", cluster["address"],
@@ -278,5 +285,38 @@ def test_dataflow_run_refuses_a_pipeline_the_cluster_cannot_hold(cluster, tmp_pa
     assert out.returncode == 2
     assert "cannot place 3 replicas on the Ray cluster" in out.stderr
     assert "stage 'double' replica 0 asks for 9 CPU, 512 MiB memory: no node has as much" in (
+        out.stderr
+    )
+
+
+def test_dataflow_plan_shows_each_replica_on_a_node_of_the_cluster(cluster):
+    out = dataflow("plan", GEOMETRY, "--executor", "ray", "--address", cluster["address"])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"on the Ray cluster at {cluster['address']}: 2 nodes" in lines
+    nodes = [line for line in lines if line.startswith("  node ")]
+    assert len(nodes) == 2 and "1 'second'" in nodes[1]  # the second node's own resource
+    assert "4 CPU" in nodes[0] and "requested here: 3 of 4 CPU" in nodes[0]
+    table = lines[lines.index(next(x for x in lines if x.startswith("stage "))) :]
+    assert [row.split()[:3] for row in table[1:4]] == [
+        ["source", "0", "0"], ["double", "0", "0"], ["report", "0", "0"],
+    ]  # fmt: skip
+
+
+def test_dataflow_plan_refuses_what_run_refuses_and_an_address_where_nothing_answers(
+    cluster, tmp_path
+):
+    pipeline = too_big(tmp_path)
+    out = dataflow("plan", pipeline, "--executor", "ray", "--address", cluster["address"])
+    assert out.returncode == 2
+    assert "stage 'double' replica 0 asks for 9 CPU, 512 MiB memory: no node has as much" in (
+        out.stderr
+    )
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = dataflow("plan", GEOMETRY, "--executor", "ray", "--address", f"127.0.0.1:{port}")
+    assert out.returncode == 2
+    assert f"error: --address 127.0.0.1:{port}: no Ray cluster to connect to (nothing " in (
         out.stderr
     )
