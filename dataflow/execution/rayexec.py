@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -51,7 +52,8 @@ import numpy as np
 import structlog
 
 from dataflow.execution import state
-from dataflow.execution.local import JobResult, StageDef
+from dataflow.execution.latency import Latency
+from dataflow.execution.local import JobFeed, JobResult, StageDef
 from dataflow.execution.refs import PathRef, ValRef
 from dataflow.scheduler import PlacementError, ReplicaRequest, SchedulerError
 from dataflow.units import plural
@@ -66,6 +68,7 @@ __all__ = [
     "address_problem",
     "check_fits",
     "connect",
+    "cpus_requested",
     "plan_on_ray",
     "resources_of",
 ]
@@ -73,6 +76,8 @@ __all__ = [
 log = structlog.get_logger("dataflow.execution")
 
 MIB = 1 << 20
+#: seconds a serving executor waits on Ray at most before it looks at its feed again
+SERVE_POLL = 0.05
 
 
 class ArrayRef(NamedTuple):
@@ -464,6 +469,11 @@ class RayExecutor:
         self.sys_path = [*extra_sys_path, *sys.path]
         self.stage_seconds: dict[str, float] = dict.fromkeys(self.stages, 0.0)
         self.stage_jobs: dict[str, int] = dict.fromkeys(self.stages, 0)
+        self.stage_failed: dict[str, int] = dict.fromkeys(self.stages, 0)
+        self.stage_latency: dict[str, Latency] = {name: Latency() for name in self.stages}
+        self.job_logs = False  # per-job logs are the local executor's only (docs/ray.md)
+        self._health: dict[str, Any] = self._snapshot_health(None)
+        self._in_flight: dict[str, list[str]] = {}
         self.actors: dict[str, Any] = {}  # worker -> its actor handle
         self._calls: dict[Any, _Call] = {}  # the first return object of each call in flight
         self._later: list[tuple[float, _Call]] = []  # calls to make again, when
@@ -522,10 +532,85 @@ class RayExecutor:
             self._shutdown()
         return results
 
-    def _step(self, results, started, on_result) -> None:
+    def serve(
+        self,
+        feed: JobFeed,
+        on_result: Callable[[JobResult], None],
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """:meth:`dataflow.execution.local.LocalExecutor.serve`'s contract on Ray (``dataflow
+        serve``): the actors stay warm and every job put into ``feed`` streams through them
+        until ``feed.close()`` and the jobs in flight are done (``feed.abort()``: at once,
+        every actor killed). ``on_ready`` once every actor has run ``prepare`` (or failed
+        to: see :meth:`health`); ``on_result`` in this thread as each result is known,
+        arrays as read-only views of Ray's object store valid during the call."""
+        results: list[JobResult] = []
+        started: dict[str, float] = {}
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        self.core = state.Core(self.graph, self.limits, ordered=False)
+        try:
+            self._do(self.core.start(time.monotonic()))
+            while True:
+                if on_ready is not None and all(
+                    w.up or w.state == "waiting" for w in self.core.workers.values()
+                ):
+                    on_ready()
+                    on_ready = None
+                closing = feed.closed  # before take(): nothing is put after close()
+                for job_id, payload, priority in feed.take():
+                    now = started[job_id] = time.monotonic()
+                    value = state.Value(PathRef(str(payload)), 0) if payload else None
+                    actions = self.core.submit(job_id, value, now, priority)
+                    self._do(actions, results, started, on_result)
+                for job_id, reason in feed.take_cancels():
+                    actions = self.core.cancel(job_id, reason, time.monotonic())
+                    self._do(actions, results, started, on_result)
+                if (closing and self.core.idle()) or feed.aborted:
+                    break
+                self._refresh()  # before waiting: in_flight() shows the stages just dispatched
+                self._step(results, started, on_result, wake=feed)
+                results.clear()
+                self._refresh()
+        finally:
+            self._shutdown()
+
+    def health(self) -> dict[str, Any]:
+        """Each stage's state and the counters, as the local executor's ``health()`` (a
+        snapshot the serving loop refreshes: any thread, any time); no ``store`` figures
+        (arrays are in Ray's object store)."""
+        return self._health
+
+    def in_flight(self) -> dict[str, list[str]]:
+        """Job id -> the stages running it now (a snapshot: any thread)."""
+        return self._in_flight
+
+    def _refresh(self) -> None:
+        self._in_flight = {job.id: sorted(job.running) for job in self.core.jobs.values()}
+        self._health = self._snapshot_health(self.core)
+
+    def _snapshot_health(self, core: state.Core | None) -> dict[str, Any]:
+        if core is None:
+            stages = {
+                name: {"state": "starting", "reason": None, "workers": s.replicas, "live": 0,
+                       "restarts": 0}
+                for name, s in self.stages.items()
+            }  # fmt: skip
+            return {"stages": stages, "counters": dict.fromkeys(state.Core.COUNTERS, 0)}
+        stages = core.health(time.monotonic())
+        for name, figures in stages.items():
+            figures.update(done=self.stage_jobs[name], failed=self.stage_failed[name],
+                           busy_seconds=self.stage_seconds[name],
+                           latency=self.stage_latency[name].snapshot())  # fmt: skip
+        return {"stages": stages, "counters": dict(core.counters)}
+
+    def _step(self, results, started, on_result, wake: JobFeed | None = None) -> None:
         now = time.monotonic()
         deadline = self.core.next_deadline()
         timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+        if wake is not None and self._calls:
+            # Ray cannot wait on the feed beside its objects: a job put while calls are in
+            # flight waits this long at most
+            timeout = min(timeout, SERVE_POLL)
         for when, call in list(self._later):
             if when <= now:
                 self._later.remove((when, call))
@@ -544,6 +629,8 @@ class RayExecutor:
                 call = self._calls.pop(ref, None)  # None: dropped with its actor just now
                 if call is not None:
                     self._on_return(ref, call, results, started, on_result)
+        elif wake is not None:
+            select.select([wake.fileno()], [], [], timeout)
         else:
             time.sleep(timeout)
         self._do(self.core.tick(time.monotonic()), results, started, on_result)
@@ -622,6 +709,7 @@ class RayExecutor:
             if ok:
                 self.stage_jobs[stage] += 1
                 self.stage_seconds[stage] += now - dispatched
+                self.stage_latency[stage].observe(now - dispatched)
 
     # ------------------------------------------------------------------- actions
 
@@ -635,6 +723,8 @@ class RayExecutor:
                 log.warning("worker_killed", worker=action.worker, reason=action.reason)
                 self._drop(action.worker)
             elif isinstance(action, (state.JobSucceeded, state.JobFailed)):
+                if isinstance(action, state.JobFailed) and action.stage in self.stage_failed:
+                    self.stage_failed[action.stage] += 1  # raised, died, timed out, refused
                 result = self._result(action, started, copy=on_result is None)
                 if on_result is not None:
                     on_result(result)
@@ -766,6 +856,21 @@ def _ray_graph(graph: Any, replicas: Mapping[str, int] | None) -> tuple[Any, Any
     )
     graph, plan = plan_pipeline(graph, anywhere, replicas=replicas)
     return graph, plan, replica_requests(graph)
+
+
+def cpus_requested(
+    path: str | Path, params: Mapping[str, str], replicas: Mapping[str, int]
+) -> float:
+    """The CPUs a pipeline file's replicas request on Ray (0 if it cannot be loaded: its
+    build reports why)."""
+    from dataflow.errors import DataflowError
+    from dataflow.pipeline import load_graph
+
+    try:
+        _, _, requests = _ray_graph(load_graph(str(path), dict(params)), replicas)
+    except (DataflowError, OSError, KeyError, ValueError):
+        return 0.0
+    return sum(r.cpu for r in requests)
 
 
 def plan_on_ray(

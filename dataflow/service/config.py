@@ -12,6 +12,8 @@ A YAML mapping::
              shutdown-grace: 30s}   # the defaults; per pipeline: pipelines.NAME.limits
     api: {host: 127.0.0.1, rest-port: 8080, grpc-port: 30031,   # the platform API
           max-upload: 10GiB, disk-reserve: 1GiB}                  # (dataflow.platform)
+    executor: {kind: ray, address: 10.0.0.5:6379}   # pipelines on a Ray cluster (docs/ray.md);
+                                    # default: kind local (worker processes on this machine)
     dicom: {...}                    # a connector's own section (connectors.dicom)
 
 With an ``api`` section ``pipelines`` may be empty (pipelines registered through the API);
@@ -45,6 +47,7 @@ from dataflow.units import parse_bytes
 __all__ = [
     "ApiConfig",
     "ConfigError",
+    "ExecutorConfig",
     "JobLimits",
     "PipelineEntry",
     "Retention",
@@ -59,7 +62,8 @@ __all__ = [
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _KEY_PATH = re.compile(r"[^.\[\]=\s]+(\[\d+\])*(\.[^.\[\]=\s]+(\[\d+\])*)*")
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits", "api")  # the rest: connectors
+#: the service's own keys; the rest name connectors
+SERVICE_KEYS = ("state", "pipelines", "log", "retention", "limits", "api", "executor")
 _RETENTION_KEYS = ("succeeded", "failed", "interval")
 _PIPELINE_KEYS = ("file", "params", "replicas", "limits")
 _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", "shutdown-grace")
@@ -67,6 +71,8 @@ _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", 
 ROLE_NAMES = ("read", "operator", "admin")
 _API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve", "start-pipelines",
              "idle-stop", "tokens", "tls", "patient-details")  # fmt: skip
+_EXECUTOR_KEYS = ("kind", "address")
+EXECUTOR_KINDS = ("local", "ray")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -132,6 +138,16 @@ class ApiConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExecutorConfig:
+    """Where the pipelines run (``executor:``): ``local`` worker processes on this machine,
+    or ``ray``, on the Ray cluster at ``address`` (None: a Ray runtime started on this
+    machine for the service)."""
+
+    kind: str = "local"
+    address: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceConfig:
     path: Path
     state: Path
@@ -142,6 +158,7 @@ class ServiceConfig:
     retention: Retention = Retention()
     limits: JobLimits = JobLimits()
     api: ApiConfig | None = None
+    executor: ExecutorConfig = ExecutorConfig()
 
 
 def parse_duration(value: Any, where: str) -> float | None:
@@ -242,6 +259,36 @@ def _api(section: Any, path: Path) -> ApiConfig | None:
     return ApiConfig(host, ports["rest-port"] or 0, ports["grpc-port"], sizes["max-upload"],
                      sizes["disk-reserve"], start, idle or None, tokens, tls,
                      details or None)  # fmt: skip
+
+
+def _executor(section: Any, path: Path) -> ExecutorConfig:
+    if section is None:
+        return ExecutorConfig()
+    where = f"{path}: executor"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: must be a mapping (kind: local or ray; address)")
+    unknown = set(section) - set(_EXECUTOR_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: {unknown_keys(unknown, _EXECUTOR_KEYS)}")
+    kind = section.get("kind", "local")
+    if kind not in EXECUTOR_KINDS:
+        from dataflow.hints import suggest
+
+        close = suggest(str(kind), EXECUTOR_KINDS)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise ConfigError(f"{where}.kind: {kind!r}: expected local (worker processes on this "
+                          f"machine) or ray (a Ray cluster: docs/ray.md){hint}")  # fmt: skip
+    address = section.get("address")
+    if address is None:
+        return ExecutorConfig(kind)
+    if kind != "ray":
+        raise ConfigError(f"{where}.address: the Ray cluster's address: give it with kind: ray")
+    from dataflow.execution.rayexec import address_problem
+
+    problem = address_problem(str(address))
+    if problem:
+        raise ConfigError(f"{where}.address: {address!r}: {problem}")
+    return ExecutorConfig(kind, str(address))
 
 
 def _api_tls(section: Any, where: str, path: Path) -> tuple[Path, Path] | None:
@@ -432,6 +479,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         retention=_retention(data.get("retention"), path),
         limits=limits,
         api=api,
+        executor=_executor(data.get("executor"), path),
     )
 
 

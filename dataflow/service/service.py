@@ -166,6 +166,7 @@ class Service:
         self.health: HealthWriter | None = None
         self._lockfile = ServiceLock(config.state)
         self._stopping = threading.Event()
+        self._ray_started = False  # this service connected to Ray (executor: {kind: ray})
         self._aborted = self._stopped = False
         self._cut_short: dict[str, list[str] | None] = {}  # job -> its stages when aborted
         #: pipelines (registered through the API) whose workers are stopped until a job comes;
@@ -206,6 +207,7 @@ class Service:
                 self.platform = Platform(self)
             except DataflowError as exc:
                 raise ServiceError(f"not started: {exc}; nothing was started") from None
+        self._connect_executor()
         self._check()  # the whole configuration, before any worker process starts
         for name in self.dormant:  # checked, started at their first job
             self.executors.pop(name, None)
@@ -230,6 +232,28 @@ class Service:
         if self.platform is not None:
             self.platform.start()
         log.info("service_started", pipelines=list(self.executors), state=str(self.config.state))
+
+    def _connect_executor(self) -> None:
+        """With ``executor: {kind: ray}``: connect this process to the Ray cluster (or start
+        a Ray runtime here, offering at least the CPUs the configured pipelines request:
+        docs/ray.md) before any pipeline is built; every pipeline's actors run there, and
+        the connection is shut down when the service stops."""
+        chosen = self.config.executor
+        if chosen.kind != "ray":
+            return
+        from dataflow.execution.rayexec import connect, cpus_requested
+
+        cpus = None
+        if chosen.address is None:
+            cpus = sum(
+                cpus_requested(e.file, e.params, e.replicas) for e in self.pipelines.values()
+            )
+        where = f"{self.config.path}: executor.address {chosen.address}"
+        try:
+            self._ray_started = connect(chosen.address, num_cpus=cpus, what=where)
+        except DataflowError as exc:
+            raise ServiceError(f"not started: {exc}; nothing was started") from None
+        log.info("ray_connected", address=chosen.address or "a runtime started here")
 
     def _check(self) -> None:
         """Load and validate every pipeline (stages, arguments, the modules each stage needs)
@@ -272,6 +296,7 @@ class Service:
             log_format="json" if self.config.log_format == "json" else "console",
             stage_timeout=entry.limits.stage_timeout,
             job_timeout=entry.limits.job_timeout, memory_limit=entry.limits.worker_memory,
+            executor=self.config.executor.kind, address=self.config.executor.address,
         )  # fmt: skip
         executor.job_logs = True  # each operator's log per job, for the API (Clara's ReadLogs)
         return executor
@@ -463,6 +488,11 @@ class Service:
             if step == "stop_intake":
                 self._stop_pipelines(grace)
         self.connectors.clear()
+        if self._ray_started:  # after every pipeline's actors were stopped
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
         if self.health is not None:
             self.health.stop()
             self.health = None

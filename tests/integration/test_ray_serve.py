@@ -1,0 +1,101 @@
+"""``dataflow serve`` with ``executor: {kind: ray}``: the job records and the API stay in the
+service's process, the pipelines run as Ray actors (a Ray runtime started for the service
+on loopback), and a job made through the REST API gives the same files as with the local
+executor. Real Ray, real service, real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dataflow.service import Service, ServiceError, load_config
+from tests.deadlines import wait_until
+from tests.integration.platform_service import HANG, api_client, start_job
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).parents[2]
+VOLUME = ROOT / "pipelines" / "samples" / "volumes" / "study-a" / "volume.npy"
+
+
+@contextlib.contextmanager
+def service(tmp: Path, executor: str):
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "service.yaml"
+    path.write_text(
+        f"state: {tmp / 'state'}\n"
+        f"pipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+        "api: {rest-port: 0, grpc-port: null}\n"
+        f"executor: {executor}\n"
+    )
+    running = Service(load_config(path))
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def run_one_job(tmp: Path, executor: str) -> tuple[dict, dict[str, bytes], dict]:
+    """A passthrough job through the REST API of a service with ``executor``: its record,
+    the files it wrote (by path in its job folder, but its timeline and logs) and the health file's
+    entry for the pipeline while it served."""
+    with service(tmp, executor) as running, api_client(running) as client:
+        job_id = start_job(client, "passthrough", {"volume.npy": VOLUME.read_bytes()})
+        job = wait_for_end(client, job_id)
+        health = running._gather()["pipelines"]["passthrough"]
+        health["executor"] = type(running.executors["passthrough"]).__name__
+        folder = running.jobs_dir / job_id
+        files = {  # a file that names its job names it JOB here
+            str(p.relative_to(folder)): p.read_bytes().replace(job_id.encode(), b"JOB")
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".timeline.json" and ".logs" not in p.parts
+        }
+    return job, files, health
+
+
+def wait_for_end(client: httpx.Client, job_id: str) -> dict:
+    seen: dict = {}
+
+    def ended() -> bool:
+        seen.update(client.get(f"/api/v1/jobs/{job_id}").json())
+        return seen["state"] in ("succeeded", "failed")
+
+    wait_until(ended, f"job {job_id} to end", HANG, poll=0.1)
+    return seen
+
+
+def test_a_job_through_the_api_runs_on_ray_with_the_local_executors_outputs(tmp_path):
+    job, files, health = run_one_job(tmp_path / "ray", "{kind: ray}")
+    assert job["state"] == "succeeded", job
+    assert not ray.is_initialized()  # the service's Ray runtime was shut down at its stop
+    assert health["executor"] == "RayExecutor"
+    assert health["stages"]["npy-to-array"]["done"] == 1  # health from the Ray executor
+    assert health["in_flight"] == {}
+    local_job, local_files, _ = run_one_job(tmp_path / "local", "{kind: local}")
+    assert local_job["state"] == "succeeded"
+    assert files == local_files
+    assert any(name.endswith("comparison.json") for name in files)
+
+
+def test_a_service_whose_ray_cluster_does_not_answer_is_not_started(tmp_path):
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with (
+        pytest.raises(ServiceError) as refused,
+        service(tmp_path, f"{{kind: ray, address: '127.0.0.1:{port}'}}"),
+    ):
+        pass
+    message = str(refused.value)
+    assert message.startswith(
+        f"not started: {tmp_path / 'service.yaml'}: executor.address 127.0.0.1:{port}: no Ray "
+        "cluster to connect to (nothing answers at"
+    )
+    assert not ray.is_initialized()
