@@ -50,7 +50,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -228,6 +228,58 @@ class _Job:
     priority: int = 2  # Clara's JobPriority: 1 lower, 2 normal, 3 higher, 4 immediate
 
 
+class _Backlog:
+    """Jobs submitted and not admitted yet: one FIFO queue per priority and an index by ID,
+    so that taking the next job and finding one cost the same with ten jobs waiting or ten
+    thousand (``dataflow run`` over an archive submits every job at once). Iterating gives
+    them in submission order."""
+
+    def __init__(self) -> None:
+        self._queues: dict[int, collections.deque[_Job]] = {
+            level: collections.deque() for level in (IMMEDIATE, *SHARES)
+        }
+        self._by_id: dict[str, _Job] = {}  # the jobs still waiting; a queue may hold removed ones
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[_Job]:
+        return iter(sorted(self._by_id.values(), key=lambda job: job.seq))
+
+    def __contains__(self, job: object) -> bool:
+        return isinstance(job, _Job) and self._by_id.get(job.id) is job
+
+    def append(self, job: _Job) -> None:
+        self._queues[job.priority].append(job)
+        self._by_id[job.id] = job
+
+    def get(self, job_id: str) -> _Job | None:
+        return self._by_id.get(job_id)
+
+    def remove(self, job: _Job) -> None:
+        """Out of the backlog (cancelled or failed); its queue drops it when it comes up."""
+        if job in self:
+            del self._by_id[job.id]
+
+    def levels(self) -> list[int]:
+        """The priorities with a job waiting, lowest first."""
+        return [level for level in sorted(self._queues) if self._front(level) is not None]
+
+    def pop(self, level: int) -> _Job:
+        """The oldest job waiting at ``level`` (one of :meth:`levels`), taken out."""
+        job = self._front(level)
+        assert job is not None, f"no job waiting at priority {level}"
+        self._queues[level].popleft()
+        del self._by_id[job.id]
+        return job
+
+    def _front(self, level: int) -> _Job | None:
+        queue = self._queues[level]
+        while queue and self._by_id.get(queue[0].id) is not queue[0]:
+            queue.popleft()  # removed while it waited
+        return queue[0] if queue else None
+
+
 @dataclasses.dataclass(eq=False)
 class _Worker:
     id: str
@@ -258,7 +310,7 @@ class Core:
         self.ordered = ordered
         self.workers: dict[str, _Worker] = {}
         self.jobs: dict[str, _Job] = {}
-        self.backlog: collections.deque[_Job] = collections.deque()  # submitted, not admitted
+        self.backlog = _Backlog()  # submitted, not admitted
         self._credit: dict[int, int] = dict.fromkeys(SHARES, 0)  # the round robin's state
         self.submitted: set[str] = set()  # every job ID seen, to refuse duplicates in O(1)
         self.ready: dict[str, list[tuple[int, str]]] = {s: [] for s in graph.stages}  # heaps
@@ -406,7 +458,7 @@ class Core:
 
     def cancel(self, job_id: str, reason: str, now: float) -> list[Action]:
         """Fail a job wherever it is (running stages are killed and restarted)."""
-        job = self.jobs.get(job_id) or next((j for j in self.backlog if j.id == job_id), None)
+        job = self.jobs.get(job_id) or self.backlog.get(job_id)
         if job is None or job.failed is not None:
             return []
         return self._fail(job, None, reason, "", now) + self._schedule(now)
@@ -481,9 +533,17 @@ class Core:
         ``restarts`` (deaths since the start), ``busy`` (workers on a job now), ``queued``
         (jobs ready for it, waiting for a worker), ``items_out`` and ``bytes_out`` (its
         outputs in the store, not yet taken by every consumer)."""
+        by_stage: dict[str, list[_Worker]] = {name: [] for name in self.graph.stages}
+        for w in self.workers.values():
+            by_stage[w.stage].append(w)
+        items_out = dict.fromkeys(self.graph.stages, 0)
+        bytes_out = dict.fromkeys(self.graph.stages, 0)
+        for (stage, _), edge in self.on_edge.items():
+            if edge:
+                items_out[stage] += len(edge)
+                bytes_out[stage] += sum(edge.values())
         report: dict[str, dict[str, Any]] = {}
-        for name in self.graph.stages:
-            workers = [w for w in self.workers.values() if w.stage == name]
+        for name, workers in by_stage.items():
             live = sum(w.up for w in workers)
             down = [w for w in workers if not w.up]
             retry = min((w.restart_at for w in down if w.restart_at is not None), default=None)
@@ -499,7 +559,6 @@ class Core:
                 state = "degraded"
                 w = next(w for w in down if w.last_death is not None)
                 reason = f"worker {w.id} died: {w.last_death}{later}"
-            out = [edge for (stage, _), edge in self.on_edge.items() if stage == name]
             report[name] = {
                 "state": state,
                 "reason": reason,
@@ -508,8 +567,8 @@ class Core:
                 "restarts": sum(w.restarts for w in workers),
                 "busy": sum(w.state == "busy" for w in workers),
                 "queued": len(self.ready.get(name, ())),
-                "items_out": sum(len(edge) for edge in out),
-                "bytes_out": sum(sum(edge.values()) for edge in out),
+                "items_out": items_out[name],
+                "bytes_out": bytes_out[name],
             }
         return report
 
@@ -561,19 +620,17 @@ class Core:
 
     def _next_admitted(self) -> _Job:
         """Take the next job of the backlog by priority (module docstring)."""
-        job = next((j for j in self.backlog if j.priority == IMMEDIATE), None)
-        if job is None:
-            waiting = sorted({j.priority for j in self.backlog})
-            if len(waiting) > 1:
-                for level in waiting:
-                    self._credit[level] += SHARES[level]
-                chosen = max(waiting, key=lambda level: (self._credit[level], level))
-                self._credit[chosen] -= sum(SHARES[level] for level in waiting)
-            else:
-                chosen = waiting[0]
-            job = next(j for j in self.backlog if j.priority == chosen)
-        self.backlog.remove(job)
-        return job
+        waiting = self.backlog.levels()
+        if IMMEDIATE in waiting:
+            return self.backlog.pop(IMMEDIATE)
+        if len(waiting) > 1:
+            for level in waiting:
+                self._credit[level] += SHARES[level]
+            chosen = max(waiting, key=lambda level: (self._credit[level], level))
+            self._credit[chosen] -= sum(SHARES[level] for level in waiting)
+        else:
+            chosen = waiting[0]
+        return self.backlog.pop(chosen)
 
     def _make_ready(self, job: _Job, stage: str) -> None:
         first = job.seq - _BEFORE_ALL if job.priority == IMMEDIATE else job.seq
@@ -679,8 +736,7 @@ class Core:
             return []
         job.failed = JobFailed(job.id, stage, reason, details)
         actions: list[Action] = []
-        if job in self.backlog:
-            self.backlog.remove(job)
+        self.backlog.remove(job)
         for w in self.workers.values():  # stop its other running stages
             if w.job is job and w.state == "busy":
                 actions += self._kill(w, f"job {job.id!r} failed: {reason}", now)

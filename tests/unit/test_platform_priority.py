@@ -56,3 +56,27 @@ def test_an_immediate_job_overtakes_others_at_every_stage():
     jobs = [("n1", 2), ("n2", 2), ("n3", 2), ("i1", 4)]
     core_order = order_of(jobs, stages=("a", "b"), max_jobs=8)
     assert core_order.index("i1") < core_order.index("n3")
+
+
+def test_a_job_cancelled_while_waiting_is_never_admitted_and_the_rest_keep_their_order():
+    core = Core(linear_graph(["a"]), Limits(max_jobs=1), ordered=False)
+    actions = core.start(0.0)
+    for wid in list(core.workers):
+        actions += core.worker_ready(wid, 0.0)
+    for job, priority in [("n1", 2), ("h1", 3), ("n2", 2), ("i1", 4), ("n3", 2)]:
+        actions += core.submit(job, Value(job), 0.0, priority)
+    assert [j.id for j in core.backlog] == ["h1", "n2", "i1", "n3"]  # submission order
+    failed = core.cancel("i1", "cancelled by user", 0.0) + core.cancel("n2", "gone", 0.0)
+    assert {a.job for a in failed if type(a).__name__ == "JobFailed"} == {"i1", "n2"}
+    assert [j.id for j in core.backlog] == ["h1", "n3"]
+    seen, pending = [], [a for a in actions if isinstance(a, Dispatch)]
+    while pending:
+        dispatch = pending.pop(0)
+        seen.append(dispatch.job)
+        pending += [
+            a
+            for a in core.job_done(dispatch.worker, dispatch.job, {}, 0.0)
+            if isinstance(a, Dispatch)
+        ]
+    assert seen == ["n1", "h1", "n3"]
+    assert len(core.backlog) == 0
