@@ -1,0 +1,734 @@
+"""One benchmark report: an HTML page with PNG plots from the benchmarks' results files.
+
+```
+.venv/bin/python benchmarks/report.py                    # from benchmarks/results/ (committed)
+.venv/bin/python benchmarks/report.py --run quick        # run every benchmark, then report
+.venv/bin/python benchmarks/report.py --results DIR --out DIR/report
+```
+
+By default it reads the latest results of each benchmark in ``--results`` (the
+``NAME-DATE[TAG].json`` files with their ``.provenance.json``: the latest full run by the
+provenance's date, else the latest quick one) and writes ``--out``/index.html (default
+``benchmarks/results/report/``) with one PNG per figure beside it:
+
+- each benchmark's ratio against its peers (> 1: ours better, on a log axis);
+- the store's handoff latency against size (log-log) with the raw shared-memory floor;
+- DICOM ingest and export rates against DCMTK, Orthanc and pynetdicom;
+- kernel speed-ups on the CPU (operators.py) and on a GPU (gpu.py);
+- ``dataflow load``: the end-to-end latency of each study (its parts) and throughput
+  against offered load (load_figures.py); the soak's memory and file counts over time;
+- the machine and the load on it during each run (from the provenance).
+
+Every figure names its file, date and commit. A benchmark without results gives a section
+that says "not measured yet". The same inputs give the same bytes (no dates in the PNGs, no
+time of making in the page), so running it again does not change what is committed.
+
+``--run quick|full`` first runs each benchmark script (store, engine, operators, dicom,
+startup, platform_api, peers: kernels, and pipelines when MONAI's venv exists; gpu, skipped
+without a GPU; load_figures) with ``--json`` into ``--run-dir`` (default
+``benchmarks/results/runs/<UTC time>``) and reports from there, falling back to
+``--results`` for a benchmark that wrote nothing. Needs matplotlib (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NAME = re.compile(r"^(?P<kind>[a-z_]+(?:-[a-z_]+)*?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<tag>.*)\.json$")
+LOWER_IS_BETTER = ("us", "ms", "s", "ns")
+PNG_META = {"Software": None}  # no matplotlib version; PNGs carry no date anyway
+COLOURS = {"ours": "#1f77b4", "peer": "#999999", "floor": "#2ca02c"}
+
+
+# ---------------------------------------------------------------------------- results files
+
+
+@dataclass
+class Result:
+    """One benchmark's results file and its provenance."""
+
+    kind: str
+    path: Path
+    records: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    @property
+    def source(self) -> str:
+        """Where a figure's data came from: file, date, commit."""
+        commit = str(self.meta.get("commit", "unknown"))[:7]
+        return f"{self.path.name}, {self.meta.get('date', 'date unknown')}, commit {commit}"
+
+
+def find_results(folder: Path) -> dict[str, Result]:
+    """The latest results file of each kind in ``folder``: full runs before quick ones, then
+    by the provenance's date, then by name."""
+    found: dict[str, list[Result]] = {}
+    for path in sorted(folder.glob("*.json")):
+        match = NAME.match(path.name)
+        if match is None or path.name.endswith(".provenance.json"):
+            continue
+        side = path.with_name(path.name.removesuffix(".json") + ".provenance.json")
+        try:
+            records = json.loads(path.read_text())
+            meta = json.loads(side.read_text()) if side.is_file() else {}
+        except (OSError, ValueError) as exc:
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            continue
+        if not isinstance(records, list):
+            continue
+        kind = match["kind"]
+        found.setdefault(kind, []).append(Result(kind, path, records, meta))
+
+    def order(r: Result) -> tuple:
+        return (r.meta.get("mode") != "quick", str(r.meta.get("date", "")), r.path.name)
+
+    return {kind: max(results, key=order) for kind, results in found.items()}
+
+
+def value(record: dict[str, Any]) -> float | None:
+    v = record.get("value", record.get("median_ms"))
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def ours_better(ours: float, peer: float, unit: str) -> float | None:
+    """How many times better ours is than the peer (> 1: ours better), by the unit."""
+    if ours <= 0 or peer <= 0:
+        return None
+    lower = unit.split()[0] in LOWER_IS_BETTER
+    return peer / ours if lower else ours / peer
+
+
+def peer_ratios(result: Result) -> list[tuple[str, float]]:
+    """(label, ours-better ratio) of every case where ours and a peer were both measured;
+    speed-up records (unit x, against a baseline) are taken as they are."""
+    out: list[tuple[str, float]] = []
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for r in result.records:
+        case = str(r.get("case", ""))
+        if case.startswith(("goal", "context", "jit", "speedup")) or "1page" in case:
+            if case.startswith("speedup") and value(r) and r.get("against"):
+                out.append(
+                    (f"{r.get('kernel', case)} {r.get('size', '')} vs {r['against']}", value(r))
+                )
+            continue
+        by_case.setdefault(case + str(r.get("shape", "")), []).append(r)
+    if out:  # operators: its own speed-ups, one per kernel, size and baseline
+        return out
+    for case, records in by_case.items():
+        ours = next((r for r in records if r.get("system") in ("ours", "engine")), None)
+        if ours is None or value(ours) is None:
+            continue
+        for r in records:
+            system = str(r.get("system"))
+            if system.startswith("ours") or system in ("engine", "ratio", "None") or r is ours:
+                continue
+            v = value(r)
+            unit = str(ours.get("unit", "ms" if "median_ms" in ours else ""))
+            ratio = None if v is None else ours_better(value(ours), v, unit)
+            if ratio is not None:
+                out.append((f"{case} vs {system}", ratio))
+    return out
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+class Figures:
+    """Makes the PNGs in ``out``, each with its source line, always the same bytes."""
+
+    def __init__(self, out: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        matplotlib.rcParams.update(
+            {"svg.hashsalt": "dataflow", "font.size": 9, "figure.dpi": 100, "savefig.dpi": 100}
+        )
+        self.plt, self.out = plt, out
+
+    def save(self, fig: Any, name: str, sources: list[str]) -> str:
+        fig.text(
+            0.01,
+            0.005,
+            "data: " + "; ".join(sources),
+            fontsize=7,
+            color="#555555",
+            ha="left",
+            va="bottom",
+            wrap=True,
+        )
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.savefig(self.out / name, format="png", metadata=PNG_META)
+        self.plt.close(fig)
+        return name
+
+    def bars(
+        self,
+        name: str,
+        title: str,
+        rows: list[tuple[str, float]],
+        xlabel: str,
+        sources: list[str],
+        log: bool = True,
+        line: float | None = 1.0,
+    ) -> str:
+        height = 1.2 + 0.22 * len(rows)
+        fig, ax = self.plt.subplots(figsize=(8, height))
+        labels = [label for label, _ in rows]
+        values = [v for _, v in rows]
+        colours = [COLOURS["ours"] if v >= (line or 0) else "#d62728" for v in values]
+        ax.barh(range(len(rows)), values, color=colours)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        if log:
+            ax.set_xscale("log")
+        if line is not None:
+            ax.axvline(line, color="black", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        return self.save(fig, name, sources)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    text: str  # HTML
+    images: list[str]
+    sources: list[str]
+
+
+def not_measured(key: str, title: str, what: str) -> Section:
+    return Section(
+        key, title, f"<p class='missing'>not measured yet: {html.escape(what)}</p>", [], []
+    )
+
+
+def section_ratios(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "ratios", "Each benchmark against its peers"
+    images, sources = [], []
+    kinds = [
+        k
+        for k in (
+            "store",
+            "engine",
+            "operators",
+            "dicom",
+            "peers",
+            "peers-kernels",
+            "peers-pipelines",
+            "platform_api",
+        )
+        if k in results
+    ]
+    for kind in kinds:
+        r = results[kind]
+        rows = peer_ratios(r)
+        if kind == "platform_api":
+            rows = [(f"{x['case']} vs cp", x["vs_cp"]) for x in r.records if x.get("vs_cp")]
+        if not rows:
+            continue
+        images.append(
+            fig.bars(
+                f"ratios-{kind}.png",
+                f"{kind}: ours against peers",
+                rows,
+                "times better than the peer (> 1: ours better, log)",
+                [r.source],
+            )
+        )
+        sources.append(r.source)
+    if not images:
+        return not_measured(key, title, "no store, engine, operators, dicom or peers results")
+    text = (
+        "<p>For every case measured with ours and a peer: the peer's time over ours (or our "
+        "rate over the peer's). Above 1 (blue) ours is better; red bars are where a peer "
+        "wins. Operators: the speed-up of our kernels over NumPy and SciPy.</p>"
+    )
+    return Section(key, title, text, images, sources)
+
+
+def section_store(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "store", "Store: handoff latency against size"
+    r = results.get("store")
+    rows = [
+        x
+        for x in (r.records if r else [])
+        if str(x.get("case", "")).startswith("handoff-") and "1page" not in x["case"]
+    ]
+    if not rows:
+        return not_measured(key, title, "no store results (benchmarks/store.py)")
+    f, ax = fig.plt.subplots(figsize=(7, 4.5))
+    for system in sorted({x["system"] for x in rows}):
+        pts = sorted((x["size_bytes"], x["value"]) for x in rows if x["system"] == system)
+        style = {"color": COLOURS["floor"], "linestyle": "--"} if system == "shm-pipe" else {}
+        if system == "ours":
+            style = {"color": COLOURS["ours"], "linewidth": 2}
+        label = "shm-pipe (raw shared memory: the floor)" if system == "shm-pipe" else system
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("object size (bytes)")
+    ax.set_ylabel(f"handoff latency p50 ({rows[0]['unit']})")
+    ax.set_title("Producer process → consumer process holding the array")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    image = fig.save(f, "store-handoff.png", [r.source])
+    return Section(
+        key,
+        title,
+        "<p>Lower is better; the dashed line is the floor: a raw "
+        "SharedMemory segment's name over a pipe.</p>",
+        [image],
+        [r.source],
+    )
+
+
+def grouped(
+    fig: Figures,
+    ax: Any,
+    cases: list[str],
+    systems: list[str],
+    get: Callable[[str, str], float | None],
+) -> None:
+    width = 0.8 / max(1, len(systems))
+    for k, system in enumerate(systems):
+        xs = [i + k * width for i in range(len(cases))]
+        ys = [get(case, system) or 0 for case in cases]
+        ax.bar(xs, ys, width, label=system, color=COLOURS["ours"] if system == "ours" else None)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def section_dicom(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "dicom", "DICOM: ingest and export against DCMTK, Orthanc and pynetdicom"
+    r = results.get("dicom")
+    rows = [
+        x
+        for x in (r.records if r else [])
+        if str(x.get("case", "")).startswith(("ingest-", "export-"))
+    ]
+    if not rows:
+        return not_measured(key, title, "no DICOM results (benchmarks/dicom.py)")
+    f, axes = fig.plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, prefix in zip(axes, ("ingest", "export"), strict=True):
+        part = [x for x in rows if x["case"].startswith(prefix)]
+        cases = sorted({x["case"] for x in part})
+        systems = sorted({x["system"] for x in part}, key=lambda s: (not s.startswith("ours"), s))
+        table = {(x["case"], x["system"]): x["value"] for x in part}
+        grouped(fig, ax, cases, systems, lambda c, s, t=table: t.get((c, s)))
+        ax.set_ylabel("instances/s (higher is better)")
+        ax.set_title(f"{prefix} (case: associations)")
+    image = fig.save(f, "dicom-rates.png", [r.source])
+    text = (
+        "<p>storescp / storescu are DCMTK (storescp does not fsync); orthanc is Orthanc; "
+        "pynetdicom-* are pynetdicom SCPs. The number after the case is the number of "
+        "associations.</p>"
+    )
+    return Section(key, title, text, [image], [r.source])
+
+
+def section_kernels(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "kernels", "Kernel speed-ups: CPU and GPU"
+    images, sources, notes = [], [], []
+    r = results.get("operators")
+    rows = [
+        (f"{x['kernel']} {x['size']} vs {x['against']}", value(x))
+        for x in (r.records if r else [])
+        if str(x.get("case", "")).startswith("speedup") and value(x)
+    ]
+    if rows:
+        images.append(
+            fig.bars(
+                "kernels-cpu.png",
+                "CPU: our Numba kernels (every core)",
+                rows,
+                "speed-up over the baseline (x, log)",
+                [r.source],
+            )
+        )
+        sources.append(r.source)
+    else:
+        notes.append("CPU kernels: not measured yet (benchmarks/operators.py)")
+    g = results.get("gpu")
+    kern = [
+        x
+        for x in (g.records if g else [])
+        if x.get("case") == "kernel" and x.get("system") in ("cuda-resident", "cuda-host")
+    ]
+    if kern:
+        f, ax = fig.plt.subplots(figsize=(8, 1.2 + 0.22 * len(kern)))
+        labels = [f"{x['kernel']} {x['size']}³ {x['system']}" for x in kern]
+        ax.barh(
+            range(len(kern)),
+            [x["speedup_vs_cpu"] for x in kern],
+            color=[
+                COLOURS["ours"] if x["system"] == "cuda-resident" else COLOURS["peer"] for x in kern
+            ],
+        )
+        ax.set_yticks(range(len(kern)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.axvline(1, color="black", linewidth=0.8)
+        ax.set_xlabel("speed-up of the CUDA kernel over our CPU kernel on that machine (x, log)")
+        gpu = g.meta.get("gpu", "a GPU")
+        ax.set_title(f"GPU: {gpu} (resident: data on the GPU; host: with the copies)")
+        images.append(fig.save(f, "kernels-gpu.png", [g.source]))
+        sources.append(g.source)
+    else:
+        notes.append("GPU kernels: not measured yet (benchmarks/gpu.py needs a GPU)")
+    if not images:
+        return not_measured(key, title, "; ".join(notes))
+    text = "".join(f"<p class='missing'>{html.escape(n)}</p>" for n in notes)
+    return Section(key, title, text, images, sources)
+
+
+def section_load(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "load", "dataflow load: end-to-end latency and throughput"
+    r = results.get("load")
+    e2e = next((x for x in (r.records if r else []) if x.get("case") == "e2e-latency"), None)
+    steps = [x for x in (r.records if r else []) if x.get("case") == "throughput"]
+    if e2e is None and not steps:
+        return not_measured(key, title, "no load results (benchmarks/load_figures.py)")
+    images, text = [], ""
+    if e2e is not None and e2e.get("per_study"):
+        per = e2e["per_study"]
+        parts = [
+            ("grouping_wait", "grouping wait", "#cccccc"),
+            ("queued", "queued", "#ff7f0e"),
+            ("ran", "pipeline", COLOURS["ours"]),
+            ("export", "export to PACS", "#2ca02c"),
+        ]
+        f, (ax, hist) = fig.plt.subplots(1, 2, figsize=(10, 4))
+        left = [0.0] * len(per)
+        for name, label, colour in parts:
+            widths = [s.get(name) or 0 for s in per]
+            ax.barh(range(len(per)), widths, left=left, label=label, color=colour)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.set_yticks(range(len(per)), [f"study {k + 1}" for k in range(len(per))])
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds after the last instance was acknowledged")
+        ax.set_title(f"{e2e['slices']} x {e2e['size']}² CT, one at a time")
+        ax.legend(fontsize=7)
+        lat = [s["latency"] for s in per]
+        hist.hist(lat, bins=max(3, min(20, len(lat))), color=COLOURS["ours"])
+        hist.axvline(e2e["latency_p50_s"], color="black", linestyle="--", label="p50")
+        hist.set_xlabel("latency: last instance → SEG in the PACS (s)")
+        hist.set_ylabel("studies")
+        hist.legend(fontsize=7)
+        hist.set_title("latency distribution")
+        images.append(fig.save(f, "load-latency.png", [r.source]))
+        goal = (e2e.get("after_grouping_p50_s") or math.inf) < 2
+        text += (
+            f"<p>End to end (p50): {e2e['latency_p50_s']} s, of which the grouping wait "
+            f"{e2e['parts_p50_s']['grouping_wait']} s (the receiver's timeout "
+            f"{e2e['grouping_timeout_s']} s); after it {e2e['after_grouping_p50_s']} s. "
+            f"Goal (under 2 s plus the grouping wait): {'met' if goal else 'not met'}.</p>"
+        )
+    if steps:
+        f, ax = fig.plt.subplots(figsize=(7, 4.5))
+        offered = [s["offered_per_hour"] for s in steps]
+        ax.plot(offered, offered, color=COLOURS["peer"], linestyle=":", label="offered")
+        ax.plot(
+            offered,
+            [s["value"] or 0 for s in steps],
+            marker="o",
+            color=COLOURS["ours"],
+            label="results in the PACS",
+        )
+        ax.set_xlabel("offered load (studies/h)")
+        ax.set_ylabel("results (studies/h)")
+        lat = ax.twinx()
+        lat.plot(
+            offered,
+            [s["latency_p50_s"] or 0 for s in steps],
+            marker="s",
+            color="#d62728",
+            label="latency p50 (s)",
+        )
+        lat.set_ylabel("latency p50 (s)", color="#d62728")
+        knee = next((x for x in r.records if x.get("case") == "knee"), None)
+        if knee and knee.get("value"):
+            ax.axvline(knee["value"], color="black", linestyle="--", linewidth=0.8)
+            ax.annotate("knee", (knee["value"], 0), fontsize=8)
+        ax.legend(loc="upper left", fontsize=7)
+        ax.set_title("Throughput against offered load")
+        images.append(fig.save(f, "load-throughput.png", [r.source]))
+        if knee:
+            text += f"<p>Knee: {knee.get('value')} studies/h offered"
+            b = knee.get("bottleneck")
+            if b:
+                text += (
+                    f"; past it ({knee['past_knee_offered_per_hour']}/h) the time grew "
+                    f"most in <code>{html.escape(b['part'])}</code>, the stage whose wait "
+                    f"and run grew most: <code>{html.escape(str(b['stage']))}</code>"
+                )
+            elif knee.get("value"):
+                text += "; the highest rate tried was still kept up with"
+            text += ".</p>"
+    return Section(key, title, text, images, [r.source])
+
+
+def section_soak(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "soak", "Soak: memory and file counts over time"
+    r = results.get("load-soak")
+    samples = [x for x in (r.records if r else []) if x.get("case") == "soak-sample"]
+    if not samples:
+        return not_measured(key, title, "no soak results (benchmarks/load_figures.py --soak)")
+    t = [s["t_s"] / 60 for s in samples]
+    f, axes = fig.plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    panels = [
+        ("rss_bytes", "RSS of the service's processes (MiB)", 2**20),
+        ("open_files", "open files (all processes)", 1),
+        ("threads", "threads (all processes)", 1),
+        ("state_bytes", "state folder (MiB)", 2**20),
+    ]
+    for ax, (name, label, scale) in zip(axes.flat, panels, strict=True):
+        ax.plot(t, [s[name] / scale for s in samples], color=COLOURS["ours"])
+        ax.set_title(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("minutes")
+    image = fig.save(f, "soak.png", [r.source])
+    summary = next((x for x in r.records if x.get("case") == "soak-summary"), {})
+    text = (
+        f"<p>{summary.get('value')} of {summary.get('count')} studies done, "
+        f"{summary.get('failed')} failed, over {summary.get('minutes')} minutes at "
+        f"{summary.get('rate_per_min')} studies a minute; every study ended (a result or "
+        f"a failure record): {summary.get('every_study_ended')}.</p>"
+    )
+    return Section(key, title, text, [image], [r.source])
+
+
+def section_machine(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "machine", "The machines and the load on them during each run"
+    if not results:
+        return not_measured(key, title, "no results files")
+    rows, busy = [], []
+    for kind in sorted(results):
+        r, m = results[kind], results[kind].meta
+        mach = m.get("machine") or m
+        start = m.get("loadavg_at_start", m.get("loadavg_1min_at_start"))
+        end = m.get("loadavg_at_end", m.get("loadavg_1min_at_end"))
+        start = start[0] if isinstance(start, list) else start
+        end = end[0] if isinstance(end, list) else end
+        cores = mach.get("cores")
+        elapsed, cpu = m.get("elapsed_s"), m.get("machine_busy_cpu_s")
+        used = round(cpu / elapsed, 2) if cpu is not None and elapsed else None
+        if used is not None:
+            busy.append((kind, used, cores or 0))
+        cells = [
+            kind,
+            r.path.name,
+            str(m.get("date", "")),
+            str(m.get("commit", ""))[:7],
+            str(m.get("mode", "")),
+            str(mach.get("cpu", "")),
+            str(cores or ""),
+            str(mach.get("gpu", m.get("gpu", "")) or ""),
+            "" if start is None else f"{start:.2f}",
+            "" if end is None else f"{end:.2f}",
+            "" if used is None else str(used),
+            str(m.get("steal_cpu_s", "")),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = [
+        "benchmark",
+        "file",
+        "date",
+        "commit",
+        "mode",
+        "CPU",
+        "cores",
+        "GPU",
+        "load at start",
+        "load at end",
+        "busy cores (avg)",
+        "stolen CPU s",
+    ]
+    text = (
+        "<table><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    images = []
+    if busy:
+        f, ax = fig.plt.subplots(figsize=(8, 1.2 + 0.25 * len(busy)))
+        ax.barh(range(len(busy)), [b[2] for b in busy], color="#eeeeee", label="cores")
+        ax.barh(
+            range(len(busy)),
+            [b[1] for b in busy],
+            color=COLOURS["ours"],
+            label="busy cores, all processes (average over the run)",
+        )
+        ax.set_yticks(range(len(busy)), [b[0] for b in busy], fontsize=8)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        ax.set_title("How busy the machine was during each run")
+        images.append(fig.save(f, "machine-load.png", ["the provenance files in the table"]))
+    sources = [results[k].source for k in sorted(results)]
+    return Section(key, title, text, images, sources)
+
+
+SECTIONS = [
+    section_ratios,
+    section_store,
+    section_dicom,
+    section_kernels,
+    section_load,
+    section_soak,
+    section_machine,
+]
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
+table{border-collapse:collapse;font-size:0.8em}td,th{border:1px solid #ccc;padding:2px 6px}
+.missing{color:#a00;font-style:italic}.source{color:#666;font-size:0.85em}"""
+
+
+def page(sections: list[Section], folder: str) -> str:
+    body = [
+        f"<h1>dataflow benchmarks</h1><p>From the latest results in "
+        f"<code>{html.escape(folder)}</code>. Contents: "
+        + ", ".join(f"<a href='#{s.key}'>{html.escape(s.title)}</a>" for s in sections)
+        + ".</p>"
+    ]
+    for s in sections:
+        body.append(f"<h2 id='{s.key}'>{html.escape(s.title)}</h2>{s.text}")
+        body += [f"<img src='{name}' alt='{html.escape(s.title)}'>" for name in s.images]
+        if s.sources:
+            body.append(
+                "<p class='source'>Data: " + "; ".join(map(html.escape, s.sources)) + "</p>"
+            )
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>dataflow benchmarks</title><style>{STYLE}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def build(results_dir: Path, out: Path, fallback: Path | None = None) -> Path:
+    """The report of the latest results in ``results_dir`` (and ``fallback`` for kinds it
+    lacks) written to ``out``/index.html; its path."""
+    results = find_results(fallback) if fallback else {}
+    results.update(find_results(results_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()  # a figure no longer made must not linger
+    fig = Figures(out)
+    sections = [make(results, fig) for make in SECTIONS]
+    try:
+        shown = results_dir.resolve().relative_to(ROOT)
+    except ValueError:
+        shown = results_dir.name
+    index = out / "index.html"
+    index.write_text(page(sections, str(shown)))
+    return index
+
+
+# ---------------------------------------------------------------------------- --run
+
+
+def plan(mode: str, folder: Path, date: str) -> list[tuple[str, list[str]]]:
+    """(name, command) of each benchmark to run into ``folder``."""
+    quick = ["--quick"] if mode == "quick" else []
+    py = sys.executable
+
+    def bench(script: str, kind: str, *extra: str) -> tuple[str, list[str]]:
+        out = folder / f"{kind}-{date}.json"
+        return kind, [py, str(HERE / script), *quick, *extra, "--json", str(out)]
+
+    runs = [
+        bench("store.py", "store"),
+        bench("engine.py", "engine"),
+        bench("operators.py", "operators"),
+        bench("dicom.py", "dicom"),
+        bench("startup.py", "startup"),
+        bench("platform_api.py", "platform_api"),
+    ]
+    if (HERE / ".peers" / "monai-venv").is_dir():
+        runs.append(bench("peers.py", "peers"))
+    else:
+        runs.append(bench("peers.py", "peers-kernels", "--only", "kernels"))
+    if shutil.which("nvidia-smi"):
+        runs.append(bench("gpu.py", "gpu"))
+    runs.append(bench("load_figures.py", "load"))
+    return runs
+
+
+def run_all(mode: str, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    for kind, cmd in plan(mode, folder, date):
+        print(f"== {kind}: {' '.join(cmd)}", flush=True)
+        done = subprocess.run(cmd, cwd=ROOT)
+        if done.returncode != 0:
+            print(
+                f"{kind} exited with {done.returncode}; its section may say not measured",
+                flush=True,
+            )
+    if not shutil.which("nvidia-smi"):
+        print("gpu skipped: no GPU here (the committed gpu results are used)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=HERE / "results",
+        help="the results files (default benchmarks/results)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where index.html and the PNGs go (default RESULTS/report)",
+    )
+    parser.add_argument(
+        "--run",
+        choices=["quick", "full"],
+        default=None,
+        help="run every benchmark first, into --run-dir",
+    )
+    parser.add_argument("--run-dir", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or args.results / "report"
+    if args.run:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M")
+        folder = args.run_dir or HERE / "results" / "runs" / stamp
+        run_all(args.run, folder)
+        index = build(folder, args.out or folder / "report", fallback=args.results)
+    else:
+        index = build(args.results, out)
+    print(f"wrote {index}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""``benchmarks/report.py`` builds one HTML page with PNG plots from a small set of results
+files: every section is named, each figure is a valid PNG naming its data's file, date and
+commit, a benchmark without results says "not measured yet" (never a crash), and the same
+inputs give the same bytes."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+REPORT = ROOT / "benchmarks" / "report.py"
+SECTIONS = (
+    "Each benchmark against its peers",
+    "Store: handoff latency against size",
+    "DICOM: ingest and export against DCMTK, Orthanc and pynetdicom",
+    "Kernel speed-ups: CPU and GPU",
+    "dataflow load: end-to-end latency and throughput",
+    "Soak: memory and file counts over time",
+    "The machines and the load on them during each run",
+)
+
+
+def meta(date: str, commit: str = "abcdef0123456789", **more) -> dict:
+    return {
+        "date": date,
+        "commit": commit,
+        "mode": "full",
+        "cpu": "Test CPU",
+        "cores": 2,
+        "loadavg_at_start": [0.5, 0.4, 0.3],
+        "loadavg_at_end": [1.5, 1.0, 0.5],
+        "elapsed_s": 100.0,
+        "machine_busy_cpu_s": 120.0,
+        "steal_cpu_s": 0.1,
+        **more,
+    }
+
+
+def write(folder: Path, name: str, records: list[dict], provenance: dict) -> None:
+    (folder / f"{name}.json").write_text(json.dumps(records))
+    (folder / f"{name}.provenance.json").write_text(json.dumps(provenance))
+
+
+def results(folder: Path) -> Path:
+    """A small set: store, dicom, operators, gpu and load results; no soak."""
+    folder.mkdir()
+    store = []
+    for size, nbytes in (("4KiB", 4096), ("1MiB", 1 << 20), ("64MiB", 64 << 20)):
+        for system, us in (("ours", 90.0), ("shm-pipe", 60.0), ("pickle-queue", 900.0)):
+            store.append(
+                {
+                    "case": f"handoff-{size}",
+                    "system": system,
+                    "unit": "us",
+                    "size_bytes": nbytes,
+                    "value": us * (1 + nbytes / 2**20),
+                }
+            )
+    write(folder, "store-2026-11-01", store, meta("2026-11-01T10:00:00+00:00"))
+    # an older store file is not the one shown
+    write(folder, "store-2026-10-01", store[:3], meta("2026-10-01T10:00:00+00:00", "0ld0ld0"))
+    dicom = [
+        {"case": case, "system": system, "value": v, "unit": "instances/s"}
+        for case in ("ingest-1", "export-1")
+        for system, v in (("ours", 100.0), ("storescp", 300.0), ("orthanc", 90.0))
+    ]
+    write(folder, "dicom-2026-11-02", dicom, meta("2026-11-02T10:00:00+00:00"))
+    ops = [
+        {
+            "case": "speedup-threshold-256^3-vs-numpy",
+            "system": "ours",
+            "value": 3.4,
+            "unit": "x",
+            "kernel": "threshold",
+            "size": "256^3",
+            "against": "numpy",
+        }
+    ]
+    write(folder, "operators-2026-11-03", ops, meta("2026-11-03T10:00:00+00:00"))
+    gpu = [
+        {
+            "case": "kernel",
+            "size": "256",
+            "kernel": "threshold",
+            "system": s,
+            "median_ms": 1.0,
+            "speedup_vs_cpu": x,
+        }
+        for s, x in (("cpu", 1.0), ("cuda-resident", 8.0), ("cuda-host", 0.2))
+    ]
+    write(folder, "gpu-2026-11-04", gpu, meta("2026-11-04T10:00:00+00:00", gpu="Test GPU"))
+    parts = {"receive": 1.0, "grouping_wait": 2.0, "queued": 0.01, "ran": 1.5, "export": 0.3}
+    load = [
+        {
+            "case": "e2e-latency",
+            "system": "ours",
+            "value": 3.8,
+            "unit": "s",
+            "slices": 200,
+            "size": 512,
+            "grouping_timeout_s": 2.0,
+            "latency_p50_s": 3.8,
+            "after_grouping_p50_s": 1.8,
+            "parts_p50_s": parts,
+            "per_study": [{**parts, "latency": 3.8 + k / 10} for k in range(4)],
+        },
+        *(
+            {
+                "case": "throughput",
+                "system": "ours",
+                "offered_per_hour": r,
+                "value": v,
+                "unit": "studies/h",
+                "latency_p50_s": lat,
+                "failed": 0,
+            }
+            for r, v, lat in ((60, 61, 3.8), (240, 236, 4.0), (480, 300, 12.0))
+        ),
+        {
+            "case": "knee",
+            "system": "ours",
+            "value": 240,
+            "unit": "studies/h offered",
+            "past_knee_offered_per_hour": 480,
+            "bottleneck": {"part": "queued", "stage": "smooth", "slowest_stage": "smooth"},
+        },
+    ]
+    write(folder, "load-2026-11-05", load, meta("2026-11-05T10:00:00+00:00"))
+    return folder
+
+
+def build(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPORT), "--results", str(folder), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def valid_png(path: Path) -> bool:
+    """The PNG signature, then chunks whose CRCs hold, ending with IEND."""
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    at, kinds = 8, []
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        if zlib.crc32(kind + body) != crc:
+            return False
+        kinds.append(kind)
+        at += 12 + length
+    return kinds[0] == b"IHDR" and kinds[-1] == b"IEND"
+
+
+def test_the_report_names_every_section_with_valid_pngs_and_is_the_same_twice(tmp_path):
+    folder = results(tmp_path / "results")
+    first = build(folder, tmp_path / "one")
+    assert first.returncode == 0, first.stderr
+    page = (tmp_path / "one" / "index.html").read_text()
+    for title in SECTIONS:
+        assert title in page, title
+    pngs = sorted((tmp_path / "one").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {
+        "store-handoff.png",
+        "dicom-rates.png",
+        "kernels-cpu.png",
+        "kernels-gpu.png",
+        "load-latency.png",
+        "load-throughput.png",
+        "ratios-store.png",
+        "machine-load.png",
+    } <= names
+    for png in pngs:
+        assert valid_png(png), png
+        assert f"src='{png.name}'" in page
+    # where each figure's data came from: the latest file, its date and commit
+    assert "store-2026-11-01.json, 2026-11-01T10:00:00+00:00, commit abcdef0" in page
+    assert "store-2026-10-01.json" not in page.split("machines and the load")[0]
+    assert "0ld0ld0" not in page
+    # the soak was not measured: said, not a crash
+    soak = page.split(">Soak: memory and file counts over time</h2>")[1].split("<h2")[0]
+    assert "not measured yet" in soak
+    assert "Knee: 240 studies/h offered" in page and "<code>smooth</code>" in page
+    # the same inputs, the same bytes
+    second = build(folder, tmp_path / "two")
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+    for path in (tmp_path / "one").iterdir():
+        assert path.read_bytes() == (tmp_path / "two" / path.name).read_bytes(), path.name
+
+
+def test_missing_results_say_not_measured(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "store-2026-11-01.json").write_text("{not json")  # unreadable: skipped, named
+    run = build(empty, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert "store-2026-11-01.json" in run.stderr
+    page = (tmp_path / "out" / "index.html").read_text()
+    for title in SECTIONS:
+        section = page.split(f">{title}</h2>")[1].split("<h2")[0]
+        assert "not measured yet" in section, title
+    assert not list((tmp_path / "out").glob("*.png"))
