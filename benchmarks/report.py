@@ -428,13 +428,20 @@ def section_load(results: dict[str, Result], fig: Figures) -> Section:
         ax.set_xlabel("seconds after the last instance was acknowledged")
         ax.set_title(f"{e2e['slices']} x {e2e['size']}² CT, one at a time")
         ax.legend(fontsize=7)
-        lat = [s["latency"] for s in per]
-        hist.hist(lat, bins=max(3, min(20, len(lat))), color=COLOURS["ours"])
-        hist.axvline(e2e["latency_p50_s"], color="black", linestyle="--", label="p50")
+        curves = [("one at a time", [s["latency"] for s in per])]
+        curves += [
+            (f"{x['offered_per_hour']:g}/h offered", x.get("latency_s") or []) for x in steps
+        ]
+        for label, values in curves:
+            values = sorted(values)
+            if values:
+                share = [(k + 1) / len(values) for k in range(len(values))]
+                hist.step(values, share, where="post", label=label)
         hist.set_xlabel("latency: last instance → SEG in the PACS (s)")
-        hist.set_ylabel("studies")
+        hist.set_ylabel("share of studies at or below")
+        hist.set_ylim(0, 1.05)
         hist.legend(fontsize=7)
-        hist.set_title("latency distribution")
+        hist.set_title("latency distribution (each offered load)")
         images.append(fig.save(f, "load-latency.png", [r.source]))
         goal = (e2e.get("after_grouping_p50_s") or math.inf) < 2
         text += (
@@ -468,7 +475,13 @@ def section_load(results: dict[str, Result], fig: Figures) -> Section:
         knee = next((x for x in r.records if x.get("case") == "knee"), None)
         if knee and knee.get("value"):
             ax.axvline(knee["value"], color="black", linestyle="--", linewidth=0.8)
-            ax.annotate("knee", (knee["value"], 0), fontsize=8)
+            ax.annotate(
+                "knee",
+                (knee["value"], 0.97),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                ha="right",
+            )
         ax.legend(loc="upper left", fontsize=7)
         ax.set_title("Throughput against offered load")
         images.append(fig.save(f, "load-throughput.png", [r.source]))
@@ -591,7 +604,51 @@ def section_machine(results: dict[str, Result], fig: Figures) -> Section:
     return Section(key, title, text, images, sources)
 
 
+def section_answers(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "answers", "Sizing a deployment: the three questions"
+    load, soak = results.get("load"), results.get("load-soak")
+    records = load.records if load else []
+    e2e = next((x for x in records if x.get("case") == "e2e-latency"), None)
+    knee = next((x for x in records if x.get("case") == "knee"), None)
+    summary = next(
+        (x for x in (soak.records if soak else []) if x.get("case") == "soak-summary"), None
+    )
+    missing = "<span class='missing'>not measured yet</span>"
+    items = []
+    if knee and knee.get("value"):
+        above = "" if knee.get("reached") else " (the highest rate tried; the knee is above)"
+        items.append(
+            f"How many studies an hour: {knee['value']:g} offered and kept up "
+            f"with{above}, on the machine below."
+        )
+    else:
+        items.append(f"How many studies an hour: {missing}.")
+    if e2e:
+        items.append(
+            f"How long from the last slice to the result in the PACS: "
+            f"{e2e['latency_p50_s']} s (p50, {e2e['slices']} x {e2e['size']}² CT), of "
+            f"which {e2e['parts_p50_s']['grouping_wait']} s is the grouping wait."
+        )
+    else:
+        items.append(f"How long from the last slice to the result in the PACS: {missing}.")
+    if summary:
+        growth = summary.get("growth_second_half", {})
+        items.append(
+            f"Does it stay healthy: a {summary['minutes']:g}-minute soak, "
+            f"{summary['value']} of {summary['count']} studies done, "
+            f"{summary['failed']} failed; over its second half RSS grew "
+            f"{growth.get('rss_bytes', 0) / 2**20:.1f} MiB, open files "
+            f"{growth.get('open_files')}, threads {growth.get('threads')}."
+        )
+    else:
+        items.append(f"Does it stay healthy (a soak): {missing}.")
+    text = "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+    sources = [r.source for r in (load, soak) if r is not None]
+    return Section(key, title, text, [], sources)
+
+
 SECTIONS = [
+    section_answers,
     section_ratios,
     section_store,
     section_dicom,

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 REPORT = ROOT / "benchmarks" / "report.py"
 SECTIONS = (
+    "Sizing a deployment: the three questions",
     "Each benchmark against its peers",
     "Store: handoff latency against size",
     "DICOM: ingest and export against DCMTK, Orthanc and pynetdicom",
@@ -118,6 +119,7 @@ def results(folder: Path) -> Path:
                 "unit": "studies/h",
                 "latency_p50_s": lat,
                 "failed": 0,
+                "latency_s": [lat - 0.2, lat, lat + 0.5],
             }
             for r, v, lat in ((60, 61, 3.8), (240, 236, 4.0), (480, 300, 12.0))
         ),
@@ -190,6 +192,7 @@ def test_the_report_names_every_section_with_valid_pngs_and_is_the_same_twice(tm
     soak = page.split(">Soak: memory and file counts over time</h2>")[1].split("<h2")[0]
     assert "not measured yet" in soak
     assert "Knee: 240 studies/h offered" in page and "<code>smooth</code>" in page
+    assert "How many studies an hour: 240 offered" in page and "3.8 s (p50" in page
     # the same inputs, the same bytes
     second = build(folder, tmp_path / "two")
     assert second.returncode == 0, second.stderr
