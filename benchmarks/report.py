@@ -51,6 +51,7 @@ ROOT = HERE.parent
 NAME = re.compile(r"^(?P<kind>[a-z_]+(?:-[a-z_]+)*?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<tag>.*)\.json$")
 LOWER_IS_BETTER = ("us", "ms", "s", "ns")
 PNG_META = {"Software": None}  # no matplotlib version; PNGs carry no date anyway
+PEER_COLOURS = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 COLOURS = {"ours": "#1f77b4", "peer": "#999999", "floor": "#2ca02c"}
 
 
@@ -310,10 +311,16 @@ def grouped(
     get: Callable[[str, str], float | None],
 ) -> None:
     width = 0.8 / max(1, len(systems))
+    ours = [x for x in systems if x.startswith("ours")]
+    peers = [x for x in systems if not x.startswith("ours")]
     for k, system in enumerate(systems):
         xs = [i + k * width for i in range(len(cases))]
         ys = [get(case, system) or 0 for case in cases]
-        ax.bar(xs, ys, width, label=system, color=COLOURS["ours"] if system == "ours" else None)
+        if system in ours:  # ours in blues, peers in the cycle's other colours
+            colour = ("#1f77b4", "#6baed6", "#9ecae1", "#c6dbef")[min(ours.index(system), 3)]
+        else:
+            colour = PEER_COLOURS[peers.index(system) % len(PEER_COLOURS)]
+        ax.bar(xs, ys, width, label=system, color=colour)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
     ax.legend(fontsize=7, ncol=2)
 
@@ -376,7 +383,10 @@ def section_kernels(results: dict[str, Result], fig: Figures) -> Section:
     ]
     if kern:
         f, ax = fig.plt.subplots(figsize=(8, 1.2 + 0.22 * len(kern)))
-        labels = [f"{x['kernel']} {x['size']}³ {x['system']}" for x in kern]
+        labels = [
+            f"{x['kernel']} {x['size']}{'³' if str(x['size']).isdigit() else ''} {x['system']}"
+            for x in kern
+        ]
         ax.barh(
             range(len(kern)),
             [x["speedup_vs_cpu"] for x in kern],
@@ -390,7 +400,9 @@ def section_kernels(results: dict[str, Result], fig: Figures) -> Section:
         ax.axvline(1, color="black", linewidth=0.8)
         ax.set_xlabel("speed-up of the CUDA kernel over our CPU kernel on that machine (x, log)")
         gpu = g.meta.get("gpu", "a GPU")
-        ax.set_title(f"GPU: {gpu} (resident: data on the GPU; host: with the copies)")
+        ax.set_title(
+            f"GPU: {gpu}\nresident: data already on the GPU; host: with the copies", fontsize=9
+        )
         images.append(fig.save(f, "kernels-gpu.png", [g.source]))
         sources.append(g.source)
     else:
