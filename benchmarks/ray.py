@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import statistics
 import sys
@@ -278,11 +279,14 @@ def run_hops(quick: bool, tmp: Path) -> list[dict]:
 def model(ct: list[dict], hops: list[dict]) -> dict[str, Any]:
     """Series per minute on N nodes of C cores each (see the markdown)::
 
-        series/min = 60 / max(W / (N * C), S / r, X(N) / B)
+        series/min = 60 / max((W + k * X(N)) / (N * C), S / r, X(N) / (N * B))
 
     W: CPU seconds per study (the Ray run's steady state); S: the longest stage's own time
     per study (the serial run: one study in flight), r its replicas (a replica runs one study
-    at a time); X(N): bytes crossing nodes per study, B: the bandwidth between nodes. Two
+    at a time); X(N): bytes crossing nodes per study, spread over the N nodes' links (each
+    node has its own, B each way, behind a switch that does not block); k: the time a byte
+    crossing costs beyond a hop within a node (measured: the 64 MiB hop across the loopback
+    cluster's nodes less the one within a node; counted as CPU: an upper bound). Two
     layouts: ``as-is`` (one replica per stage, as the pipeline file says: r = 1, stages spread
     over the nodes) and ``replicated`` (every stage has a replica on every node: r = N; a
     study's next stage is on another node with probability (N - 1) / N). A crossing also adds
@@ -294,6 +298,7 @@ def model(ct: list[dict], hops: list[dict]) -> dict[str, Any]:
     every_edge = sum(arrays.values())
     hop = {(r["system"], r["case"]): r["value"] / 1e3 for r in hops}
     crossing = hop[("ray-across", "per-hop-64MiB")]
+    k = max(0.0, crossing - hop[("ray-node", "per-hop-64MiB")]) / (64 * MiB)
     w = ray_run["steady_cpu_s_per_study"] or 0.0
     s = max(serial["stage_median_s"].values())
     out: dict[str, Any] = {
@@ -303,6 +308,7 @@ def model(ct: list[dict], hops: list[dict]) -> dict[str, Any]:
         "sum_of_stages_serial_s": round(sum(serial["stage_median_s"].values()), 3),
         "X_every_edge_bytes_per_study": every_edge,
         "loopback_crossing_bytes_per_s": round(64 * MiB / crossing) if crossing > 0 else None,
+        "k_crossing_s_per_byte": k,
         "check_n1": {
             "predicted_series_per_min": round(60 / max(w / (os.cpu_count() or 1), s), 1),
             "measured_ray_steady": ray_run["steady_series_per_min"],
@@ -316,8 +322,8 @@ def model(ct: list[dict], hops: list[dict]) -> dict[str, Any]:
                 for bandwidth, label in ((1.25e9, "10 GbE"), (12.5e9, "100 GbE")):
                     replicas = 1 if layout == "as-is" else nodes
                     x = every_edge * (nodes - 1) / nodes  # spread: crossings on average
-                    bounds = {"CPU": w / (nodes * cores), "longest stage": s / replicas,
-                              "network": x / bandwidth}  # fmt: skip
+                    bounds = {"CPU": (w + k * x) / (nodes * cores), "longest stage": s / replicas,
+                              "network": x / (nodes * bandwidth)}  # fmt: skip
                     which = max(bounds, key=bounds.get)
                     out["predictions"].append({
                         "layout": layout, "nodes": nodes, "cores_per_node": cores,
@@ -365,7 +371,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller, under 5 minutes")
     parser.add_argument("--json", help="write the records here (and .provenance.json)")
     parser.add_argument("--only", choices=("ct", "hops"), help="one part only (no model)")
+    parser.add_argument(
+        "--model-from", metavar="JSON",
+        help="measure nothing: compute the model again from the records of an earlier run "
+        "and write them back to that file (the model's record replaced)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.model_from:
+        path = Path(args.model_from)
+        records = [r for r in json.loads(path.read_text()) if r["case"] != "model"]
+        ct = [r for r in records if r["case"].startswith("ct-segmentation")]
+        hops = [r for r in records if r["case"].startswith("per-hop")]
+        fitted = model(ct, hops)
+        path.write_text(json.dumps([*records, {"case": "model", **fitted}], indent=1) + "\n")
+        print_tables(ct, hops, fitted)
+        return
     args.loadavg_at_start = list(os.getloadavg())
     started, busy = now(), common.machine_busy()
     with tempfile.TemporaryDirectory(prefix="dataflow-ray-bench-") as tmp:
