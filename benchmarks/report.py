@@ -519,15 +519,17 @@ def section_soak(results: dict[str, Result], fig: Figures) -> Section:
     if not samples:
         return not_measured(key, title, "no soak results (benchmarks/load_figures.py --soak)")
     t = [s["t_s"] / 60 for s in samples]
-    f, axes = fig.plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    f, axes = fig.plt.subplots(2, 3, figsize=(12, 6), sharex=True)
     panels = [
         ("rss_bytes", "RSS of the service's processes (MiB)", 2**20),
         ("open_files", "open files (all processes)", 1),
         ("threads", "threads (all processes)", 1),
         ("state_bytes", "state folder (MiB)", 2**20),
+        ("store_used_bytes", "store: budget in use (MiB)", 2**20),
+        ("pacs_files", "results in the PACS (files)", 1),
     ]
     for ax, (name, label, scale) in zip(axes.flat, panels, strict=True):
-        ax.plot(t, [s[name] / scale for s in samples], color=COLOURS["ours"])
+        ax.plot(t, [(s.get(name) or 0) / scale for s in samples], color=COLOURS["ours"])
         ax.set_title(label)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)

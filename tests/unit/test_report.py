@@ -215,3 +215,25 @@ def test_missing_results_say_not_measured(tmp_path):
         section = page.split(f">{title}</h2>")[1].split("<h2")[0]
         assert "not measured yet" in section, title
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_run_mode_plans_every_benchmark_with_its_json_in_the_run_folder(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = report  # its dataclasses look themselves up there
+    try:
+        spec.loader.exec_module(report)
+    finally:
+        del sys.modules[spec.name]
+    runs = dict(report.plan("quick", tmp_path, "2026-01-01"))
+    for kind in ("store", "engine", "operators", "dicom", "startup", "platform_api", "load"):
+        assert kind in runs, kind
+    assert "peers" in runs or "peers-kernels" in runs
+    for kind, cmd in runs.items():
+        assert Path(cmd[1]).is_file(), cmd  # the script exists
+        assert "--quick" in cmd
+        assert cmd[-2:] == ["--json", str(tmp_path / f"{kind}-2026-01-01.json")]
+    assert report.NAME.match("load-soak-2026-01-01.json")["kind"] == "load-soak"
+    assert report.NAME.match("store-2026-11-25-final.json")["kind"] == "store"
