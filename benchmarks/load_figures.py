@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ PY = sys.executable
 CALLED = "DATAFLOW-SEG"
 SPANS = ("receive", "grouping_wait", "queued", "ran", "export")
 HANG = 120.0
+WATCHED = ("rss_bytes", "open_files", "threads", "state_bytes", "store_used_bytes")
 
 
 # ---------------------------------------------------------------------------- the service
@@ -63,7 +65,9 @@ HANG = 120.0
 class Service:
     """``dataflow serve`` with ct-segmentation, results to a ``storescp`` PACS, in ``folder``."""
 
-    def __init__(self, folder: Path, grouping: float, modalities: int) -> None:
+    def __init__(
+        self, folder: Path, grouping: float, modalities: int, retention: float | None = None
+    ) -> None:
         self.folder = folder
         self.pacs_dir = folder / "pacs"
         self.pacs_dir.mkdir(parents=True)
@@ -93,6 +97,12 @@ class Service:
                 "export": {"retry-initial": 0.5, "retry-max": 2, "deadline": 300},
             },
         }
+        if retention is not None:  # a finished job's files removed after that long
+            service["retention"] = {
+                "succeeded": retention,
+                "failed": retention,
+                "interval": max(1.0, retention / 4),
+            }
         self.config = folder / "service.yaml"
         self.config.write_text(json.dumps(service, indent=1))  # JSON is YAML
         self.log = open(folder / "serve.log", "w")  # noqa: SIM115
@@ -289,6 +299,14 @@ def sample(service: Service, started: float) -> dict[str, Any]:
                 "open_files": fds,
             }
         )
+    try:  # the store's own count of its budget in use, per pipeline (GET /api/v1/health)
+        with urllib.request.urlopen(f"{service.api}/api/v1/health", timeout=30) as answer:
+            health = json.load(answer)
+        stores = [p.get("store") or {} for p in health.get("pipelines", {}).values()]
+        store_used = sum(int(x.get("used", 0)) for x in stores)
+        store_objects = sum(int(x.get("objects", 0)) for x in stores)
+    except (OSError, ValueError):
+        store_used = store_objects = None
     state = service.folder / "state"
     state_bytes = sum(p.stat().st_size for p in state.rglob("*") if p.is_file())
     return {
@@ -297,6 +315,8 @@ def sample(service: Service, started: float) -> dict[str, Any]:
         "processes": len(procs),
         "rss_bytes": sum(p["rss_bytes"] for p in procs),
         "store_shmem_bytes": sum(p["shmem_bytes"] for p in procs if p["role"] == "store"),
+        "store_used_bytes": store_used,
+        "store_objects": store_objects,
         "open_files": sum(p["open_files"] for p in procs),
         "threads": sum(p["threads"] for p in procs),
         "state_bytes": state_bytes,
@@ -372,12 +392,10 @@ def soak(service: Service, args: argparse.Namespace, work: Path) -> list[dict[st
         "latency_p95_s": summary["latency_p95_s"],
         "samples": len(samples),
         # growth over the second half of the run (after warm-up): should be ~0
-        "growth_second_half": {
-            k: half[-1][k] - half[0][k]
-            for k in ("rss_bytes", "open_files", "threads", "state_bytes", "store_shmem_bytes")
-        },
-        "first": {k: first[k] for k in ("rss_bytes", "open_files", "threads", "state_bytes")},
-        "last": {k: last[k] for k in ("rss_bytes", "open_files", "threads", "state_bytes")},
+        "retention_s": args.retention,
+        "growth_second_half": {k: (half[-1][k] or 0) - (half[0][k] or 0) for k in WATCHED},
+        "first": {k: first[k] for k in WATCHED},
+        "last": {k: last[k] for k in WATCHED},
     }
     return [record, *samples]
 
@@ -566,12 +584,13 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 "",
                 f"{r['value']} of {r['count']} studies done, {r['failed']} failed "
                 f"({r['failures']}); every study ended: {r['every_study_ended']}. "
-                f"Latency p50 {r['latency_p50_s']} s, p95 {r['latency_p95_s']} s.",
+                f"Latency p50 {r['latency_p50_s']} s, p95 {r['latency_p95_s']} s. The service "
+                f"kept a finished job's files {r.get('retention_s')} s (its retention).",
                 "",
                 "| | first sample | last sample | growth over the second half |",
                 "|---|---|---|---|",
             ]
-            for k in ("rss_bytes", "open_files", "threads", "state_bytes"):
+            for k in WATCHED:
                 lines.append(
                     f"| {k} | {r['first'][k]} | {r['last'][k]} | {r['growth_second_half'][k]} |"
                 )
@@ -606,6 +625,13 @@ def main() -> None:
     parser.add_argument("--soak-rate", type=float, default=2.0, help="studies a minute")
     parser.add_argument("--soak-slices", type=int, default=48)
     parser.add_argument("--soak-size", type=int, default=256)
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=120.0,
+        help="soak: seconds a finished job's files are kept (the service's "
+        "retention; without one the state folder grows with every study)",
+    )
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
@@ -630,7 +656,8 @@ def main() -> None:
     meta["settings"] = json.loads(json.dumps(meta["settings"], default=str))
     started, busy = time.perf_counter(), machine_busy()
     work = Path(tempfile.mkdtemp(prefix="dataflow-load-figures-"))
-    service = Service(work, args.grouping, max(args.modalities, 1))
+    retention = args.retention if args.soak else None
+    service = Service(work, args.grouping, max(args.modalities, 1), retention)
     try:
         records = soak(service, args, work) if args.soak else measure(service, args, work)
     finally:
