@@ -541,7 +541,10 @@ def section_soak(results: dict[str, Result], fig: Figures) -> Section:
         f"<p>{summary.get('value')} of {summary.get('count')} studies done, "
         f"{summary.get('failed')} failed, over {summary.get('minutes')} minutes at "
         f"{summary.get('rate_per_min')} studies a minute; every study ended (a result or "
-        f"a failure record): {summary.get('every_study_ended')}.</p>"
+        f"a failure record): {summary.get('every_study_ended')}. The service removed a "
+        f"finished job's files after {summary.get('retention_s')} s (its retention); the "
+        "store's budget in use is sampled between studies, so 0 there means every object "
+        "was released.</p>"
     )
     return Section(key, title, text, [image], [r.source])
 
@@ -631,9 +634,15 @@ def section_answers(results: dict[str, Result], fig: Figures) -> Section:
     items = []
     if knee and knee.get("value"):
         above = "" if knee.get("reached") else " (the highest rate tried; the knee is above)"
+        steps = {x.get("offered_per_hour"): x for x in records if x.get("case") == "throughput"}
+        got = (steps.get(knee["value"]) or {}).get("value")
+        past = (steps.get(knee.get("past_knee_offered_per_hour")) or {}).get("value")
         items.append(
-            f"How many studies an hour: {knee['value']:g} offered and kept up "
-            f"with{above}, on the machine below."
+            f"How many studies an hour: {knee['value']:g} offered and kept up with"
+            + (f" ({got:g} results an hour)" if got else "")
+            + above
+            + (f"; offered more, the results stay at {past:g} an hour" if past else "")
+            + ", on the machine below."
         )
     else:
         items.append(f"How many studies an hour: {missing}.")
