@@ -30,10 +30,11 @@ from connectors.dicom.export.sender import Destination
 from connectors.dicom.export.stow import WebDestination
 from connectors.dicom.receive.groups import Group
 from connectors.dicom.receive.receiver import Receiver
+from connectors.dicom.receive.stow import Stow, StowConfig
 from dataflow.errors import ConfigError
 from dataflow.hints import unknown_keys
 
-__all__ = ["DicomConfigError", "DicomConnector", "parse_section"]
+__all__ = ["DicomConfigError", "DicomConnector", "parse_section", "parse_stow"]
 
 log = structlog.get_logger("connectors.dicom")
 
@@ -59,6 +60,7 @@ _SECTION_KEYS = {
     "duplicates",
     "destinations",
     "export",
+    "stow",
 }
 
 
@@ -273,6 +275,31 @@ def parse_section(
     return receivers, destinations, policy
 
 
+def parse_stow(section: Mapping[str, Any], receivers: list[ReceiverConfig]) -> StowConfig | None:
+    """``dicom.stow`` (STOW-RS on the REST port), or None where it is absent or disabled;
+    ``receivers``: the enabled receivers (of :func:`parse_section`)."""
+    if section.get("stow") is None:
+        return None
+    entry = _keys(section["stow"], {"enabled", "receiver", "ae-title", "max-request-size"},
+                  "stow")  # fmt: skip
+    if not entry.get("enabled", True):
+        return None
+    names = [r.spool.name for r in receivers]
+    name = str(entry.get("receiver", names[0]))
+    if name not in names:
+        raise DicomConfigError(
+            f"dicom.stow.receiver: {name!r} is not an enabled receiver ({', '.join(names)})"
+        )
+    config = receivers[names.index(name)]
+    title = str(entry.get("ae-title", config.called_aes[0].ae_title))
+    if config.called(title) is None:
+        titles = ", ".join(c.ae_title for c in config.called_aes)
+        raise DicomConfigError(f"dicom.stow.ae-title: {title!r} is not among dicom.ae-titles "
+                               f"({titles})")  # fmt: skip
+    size = _size(entry.get("max-request-size", "4GiB"), "stow.max-request-size")
+    return StowConfig(receiver=name, ae_title=title, max_request_size=size)
+
+
 class DicomConnector:
     """DICOM in (receivers) and out (the exporter) for the service."""
 
@@ -296,6 +323,12 @@ class DicomConnector:
             for config in configs
         ]
         self._by_name = {r.config.spool.name: r for r in self.receivers}
+        stow = parse_stow(section, configs)
+        self.stow = None if stow is None else Stow(self._by_name[stow.receiver], stow)
+
+    def http_routes(self) -> list:
+        """STOW-RS (``dicom.stow``): the routes the platform mounts on its REST app."""
+        return self.stow.routes() if self.stow is not None else []
 
     @classmethod
     def admin(cls, section: Mapping[str, Any], state_dir: Path, config_path: Path) -> OutboxAdmin:

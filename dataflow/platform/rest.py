@@ -41,7 +41,7 @@ from dataflow.platform.errors import Invalid, PlatformError
 from dataflow.platform.modelstore import add_routes as add_model_routes
 from dataflow.platform.payloads import body_chunks
 
-__all__ = ["RestServer", "build_app", "listen", "serve"]
+__all__ = ["RestServer", "add_connector_routes", "build_app", "listen", "serve"]
 
 PREFIX = "/api/v1"
 
@@ -472,6 +472,7 @@ def build_app(platform: Platform) -> FastAPI:
         return platform.remove_metadata(_kind(collection), item, key)
 
     add_model_routes(app, platform, PREFIX, figures)
+    add_connector_routes(app, platform)
     add_console(app, platform)  # the pages at / (dataflow.platform.console)
 
     # ------------------------------------------------------------------ events
@@ -513,6 +514,22 @@ def build_app(platform: Platform) -> FastAPI:
                                  headers={"Cache-Control": "no-cache"})  # fmt: skip
 
     return app
+
+
+def add_connector_routes(app: FastAPI, platform: Platform) -> None:
+    """The HTTP routes connectors offer (their optional ``http_routes()``: Starlette routes,
+    such as the DICOM connector's STOW-RS), mounted as they are: behind the same tokens and
+    measured like every route. A path the API already serves is refused, naming both."""
+    taken = {getattr(route, "path", None): "the API" for route in app.router.routes}
+    for name, connector in list(platform.service.connectors.items()):
+        offer = getattr(connector, "http_routes", None)  # duck-typed: dataflow knows none
+        for route in offer() if offer is not None else []:
+            path = getattr(route, "path", None)
+            if path in taken:
+                raise PlatformError(f"connector {name!r}: the route {path} is already served "
+                                    f"by {taken[path]}")  # fmt: skip
+            taken[path] = f"connector {name!r}"
+            app.router.routes.append(route)
 
 
 def listen(host: str, port: int) -> socket.socket:

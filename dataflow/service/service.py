@@ -93,6 +93,9 @@ class Connector(Protocol):
     # optional: def release(self, payload: Path, source: Mapping[str, Any]) -> None
     #   every job over ``payload`` (which this connector submitted) is finished and past its
     #   retention: the connector may remove it (the DICOM connector deletes the group).
+    # optional: def http_routes(self) -> list
+    #   Starlette routes the platform's REST app mounts (behind its tokens) when the service
+    #   has an ``api``; called once the connector started (the DICOM connector's STOW-RS).
 
 
 def load_connector(name: str) -> Callable[[dict[str, Any], ServiceHost], Connector]:

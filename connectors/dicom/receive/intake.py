@@ -26,13 +26,9 @@ read by two threads) and with nobody bound to pynetdicom's PDU/data events. Othe
 
 from __future__ import annotations
 
-import errno
-import os
 import select
 import socket
 import time
-import uuid
-from pathlib import Path
 
 import structlog
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
@@ -40,8 +36,8 @@ from pynetdicom.association import Association
 
 from ..net import compat, fastnet, pdu
 from ..net.pdu import Status
-from .spool import PREAMBLE, file_meta_bytes, free_bytes, valid_uid
-from .store import StoreSteps
+from .spool import PREAMBLE, file_meta_bytes, valid_uid
+from .store import SpoolFile, StoreSteps
 
 __all__ = ["Intake"]
 
@@ -53,7 +49,6 @@ MAX_COMMAND = 1024 * 1024  # a command set (or a PDU that is not P-DATA) beyond 
 CHUNK = 1024 * 1024  # dataset bytes read and written at a time
 _EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
            evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)  # fmt: skip
-RECHECK_FREE = 16 * 1024 * 1024  # bytes written between two reads of the free space
 
 
 class _GiveBack(Exception):
@@ -68,24 +63,17 @@ class _Stop(Exception):
     """The association ended (closed, aborted, timed out, receiver stopping)."""
 
 
-class _Instance:
+class _Instance(SpoolFile):
     """A C-STORE being received: its request and its temp file."""
 
     def __init__(self, steps: StoreSteps, fields: dict[int, bytes], context, called) -> None:
-        self.steps = steps
+        super().__init__(steps)
         self.msg_id = pdu.command_us(fields, pdu.MESSAGE_ID) or 0
         self.sop_class = pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS)
         self.sop_instance = pdu.command_ui(fields, pdu.AFFECTED_SOP_INSTANCE)
         self.context_id = context.context_id
         self.syntax = str(context.transfer_syntax[0])
-        self.size = 0
-        self.refusal: tuple[int, str] | None = None
-        self.limit = steps.config.max_instance_size
-        self.free = free_bytes(steps.spool)
-        self._checked_at = 0  # bytes written when the free space was last read
         self.meta = b""
-        self.path: Path | None = None
-        self.fd: int | None = None
         if not (valid_uid(self.sop_class) and valid_uid(self.sop_instance)):
             self.refuse(Status.NOT_MATCHING, "the request's SOP Class or Instance UID is not a UID")
             return
@@ -95,62 +83,7 @@ class _Instance:
         self.meta = file_meta_bytes(self.sop_class, self.sop_instance, self.syntax,
                                     PYNETDICOM_IMPLEMENTATION_UID,
                                     PYNETDICOM_IMPLEMENTATION_VERSION)  # fmt: skip
-        if steps.below_reserve(len(PREAMBLE) + len(self.meta), self.free):
-            self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
-            return
-        self.path = steps.incoming / f"{uuid.uuid4().hex}.part"
-        try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            self._write(PREAMBLE + self.meta)
-        except OSError as exc:
-            self._failed(exc)
-
-    def _failed(self, exc: OSError) -> None:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.refuse(Status.OUT_OF_RESOURCES, "no space left")
-        else:
-            log.error("spool_write_failed", error=os.strerror(exc.errno or 0))
-            self.refuse(
-                Status.PROCESSING_FAILURE,
-                f"cannot write to the spool ({errno.errorcode.get(exc.errno or 0)})",
-            )
-
-    def _write(self, data) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
-
-    def add(self, fragment: memoryview) -> None:
-        self.size += len(fragment)
-        if self.refusal is not None:
-            return
-        if self.limit and self.size > self.limit:
-            self.refuse(Status.TOO_LARGE, f"instance larger than {self.limit} bytes")
-            return
-        if self.size - self._checked_at >= RECHECK_FREE:  # others write to the disk too
-            self.free, self._checked_at = free_bytes(self.steps.spool), self.size
-        needed = self.size - self._checked_at  # since the free space was read
-        if not self._checked_at:
-            needed += len(PREAMBLE) + len(self.meta)
-        if self.steps.below_reserve(needed, self.free):
-            self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
-            return
-        try:
-            self._write(fragment)
-        except OSError as exc:
-            self._failed(exc)
-
-    def refuse(self, status: int, note: str) -> None:
-        self.refusal = (status, note)
-        self.discard()
-
-    def discard(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None
+        self.open(PREAMBLE + self.meta)
 
     def finish(self, assoc: Association) -> tuple[int, str, int | None]:
         """Checks, fsync and placement (for :meth:`StoreSteps.answer`)."""
@@ -162,13 +95,8 @@ class _Instance:
             if called is None:  # cannot happen: the ACSE rejected the association
                 return Status.PROCESSING_FAILURE, "called AE title not configured", None
             assert self.fd is not None and self.path is not None
-            try:
-                os.fsync(self.fd)
-            except OSError as exc:
-                self._failed(exc)
+            if not self.sync():
                 return (*self.refusal, None)  # type: ignore[misc]
-            os.close(self.fd)
-            self.fd = None
             with open(self.path, "rb") as file:
                 offset = len(PREAMBLE) + len(self.meta)
                 header = self.steps.checked_header(

@@ -371,14 +371,14 @@ class Receiver:
         self._record(called_ae=called, calling_ae=r.ae_title, peer_host=r.address,
                      outcome="rejected", reason=str(reason), started=now, ended=now)  # fmt: skip
 
-    def _finished(self, event, how: str) -> dict[str, Any]:
-        stats = self.steps.close(event.assoc)
-        r = event.assoc.requestor
+    def _finished(self, assoc, how: str) -> dict[str, Any]:
+        stats = self.steps.close(assoc)
+        r = assoc.requestor
         log.info(f"association_{how}", calling_ae=r.ae_title, peer_host=r.address,
                  stored=stats["stored"], failed=stats["failed"],
                  ignored=stats.get("ignored", 0))  # fmt: skip
         now = time.time()
-        self._record(called_ae=event.assoc.acceptor.ae_title, calling_ae=r.ae_title,
+        self._record(called_ae=assoc.acceptor.ae_title, calling_ae=r.ae_title,
                      peer_host=r.address, outcome=how, started=stats.get("started", now),
                      ended=now, stored=stats["stored"], failed=stats["failed"],
                      ignored=stats.get("ignored", 0))  # fmt: skip
@@ -395,15 +395,27 @@ class Receiver:
             log.warning("association_not_recorded", error=repr(exc))
 
     def _on_released(self, event) -> None:
-        stats = self._finished(event, "released")
-        called = self.config.called(event.assoc.acceptor.ae_title)
+        self._released(event.assoc, "released")
+
+    def _released(self, assoc, how: str) -> dict[str, Any]:
+        stats = self._finished(assoc, how)
+        called = self.config.called(assoc.acceptor.ae_title)
         if called is not None and called.complete_on_release and stats["groups"]:
             for group_id in self.store.complete(sorted(stats["groups"])):
-                log.info("group_complete", group=group_id, reason="association released")
+                reason = "association released" if how == "released" else "STOW-RS answered"
+                log.info("group_complete", group=group_id, reason=reason)
             self._wake.set()
+        return stats
 
     def _on_aborted(self, event) -> None:
-        self._finished(event, "aborted")
+        self._finished(event.assoc, "aborted")
+
+    def request_answered(self, request) -> dict[str, Any]:
+        """A STOW-RS request (:mod:`.stow`, which stores through :attr:`steps` as an
+        association does) was answered: it goes into the history as an association with
+        the outcome ``stow``, and its groups complete as at a release where the AE title
+        has ``complete_on_release``. Its figures (``stored``, ``failed``, ``groups``...)."""
+        return self._released(request, "stow")
 
     def _on_store(self, event) -> int | Dataset:
         called = self.config.called(event.assoc.acceptor.ae_title)

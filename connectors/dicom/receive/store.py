@@ -15,7 +15,9 @@ receiver (so :mod:`.intake` imports this module, never :mod:`.receiver`).
 from __future__ import annotations
 
 import errno
+import os
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,14 @@ from .spool import (
     write_temp,
 )
 
-__all__ = ["IGNORED", "StoreSteps"]
+__all__ = ["IGNORED", "RECHECK_FREE", "SpoolFile", "StoreSteps"]
 
 log = structlog.get_logger("connectors.dicom")
 
 IGNORED = "ignored: its SOP class is in ignored_sop_classes"  # Success, nothing stored
 
 Outcome = tuple[int, str, int | None]  # status, note, group (None: nothing stored)
+RECHECK_FREE = 16 * 1024 * 1024  # bytes written between two reads of the free space
 
 
 class _Committer(threading.Thread):
@@ -230,3 +233,97 @@ class StoreSteps:
             temp.unlink(missing_ok=True)  # not acknowledged (stopping, or the commit failed)
             raise
         return item.status, item.note, item.group_id
+
+
+class SpoolFile:
+    """An instance being written to the spool's ``.incoming`` as it arrives (the direct
+    C-STORE path, :mod:`.intake`, and STOW-RS, :mod:`.stow`): the size limit and the disk
+    reserve checked as it grows, refused (``refusal``: status and note, the file removed) at
+    the first breach; :meth:`sync` fsyncs it before anything is placed."""
+
+    def __init__(self, steps: StoreSteps) -> None:
+        self.steps = steps
+        self.size = 0  # bytes given to add()
+        self.head = 0  # bytes written by open() before them
+        self.refusal: tuple[int, str] | None = None
+        self.limit = steps.config.max_instance_size
+        self.free = free_bytes(steps.spool)
+        self._checked_at = 0  # bytes written when the free space was last read
+        self.path: Path | None = None
+        self.fd: int | None = None
+
+    def open(self, head: bytes = b"") -> None:
+        """Create the temp file and write ``head`` (a preamble and file meta header), unless
+        the disk reserve refuses it."""
+        if self.steps.below_reserve(len(head), self.free):
+            self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
+            return
+        self.path = self.steps.incoming / f"{uuid.uuid4().hex}.part"
+        self.head = len(head)
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            self._write(head)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.refuse(Status.OUT_OF_RESOURCES, "no space left")
+        else:
+            log.error("spool_write_failed", error=os.strerror(exc.errno or 0))
+            self.refuse(
+                Status.PROCESSING_FAILURE,
+                f"cannot write to the spool ({errno.errorcode.get(exc.errno or 0)})",
+            )
+
+    def _write(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
+
+    def add(self, fragment) -> None:
+        """Append ``fragment`` (read and dropped once refused)."""
+        self.size += len(fragment)
+        if self.refusal is not None:
+            return
+        if self.limit and self.size > self.limit:
+            self.refuse(Status.TOO_LARGE, f"instance larger than {self.limit} bytes")
+            return
+        if self.size - self._checked_at >= RECHECK_FREE:  # others write to the disk too
+            self.free, self._checked_at = free_bytes(self.steps.spool), self.size
+        needed = self.size - self._checked_at  # since the free space was read
+        if not self._checked_at:
+            needed += self.head
+        if self.steps.below_reserve(needed, self.free):
+            self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
+            return
+        try:
+            self._write(fragment)
+        except OSError as exc:
+            self._failed(exc)
+
+    def sync(self) -> bool:
+        """fsync and close the file: False (and refused) if that failed or it was refused."""
+        if self.refusal is not None or self.fd is None:
+            return False
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        os.close(self.fd)
+        self.fd = None
+        return True
+
+    def refuse(self, status: int, note: str) -> None:
+        self.refusal = (status, note)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the file (whatever was not handed to the committer)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
