@@ -10,6 +10,8 @@ examples/service.yaml) onto the receiver's and the exporter's own configuration,
   dispatched;
 - each registered result of agent ``ClaraSCU`` becomes one outbox task per destination, keyed
   by the registration's task id and the destination (handed over twice: queued once).
+- with ``stow:``, STOW-RS requests on the platform's REST port (``http_routes``) are stored
+  by a receiver as its associations are (:mod:`connectors.dicom.receive.stow`).
 """
 
 from __future__ import annotations

@@ -282,3 +282,37 @@ def test_orthanc_sends_a_study_over_dicomweb(private_network, tmp_path):
         assert inventories(served.tmp) == [set(study.sop_instance_uids)]
     finally:
         served.stop()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_body_is_streamed_not_held(tmp_path):
+    """256 MiB in one part (chunked): the service's peak memory grows by far less."""
+    study = write_ct_series(tmp_path / "study", slices=1, size=16, seed=168)
+    served = Served(tmp_path / "service", "--set", "dicom.stow.max-request-size=1GiB")
+    try:
+        before = peak_rss(served.proc.pid)
+
+        def body():
+            yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            block = b"\x01" * 2**20
+            for _ in range(256):
+                yield block
+            yield (f"\r\n--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                   + study.files[0].read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode())  # fmt: skip
+
+        answer = served.client.post("/dicom-web/HOLD/studies", content=body(),
+                                    headers={"Content-Type": RELATED})  # fmt: skip
+        assert answer.status_code == 202, answer.text
+        assert sop_uids(answer.json()[REFERENCED]["Value"]) == list(study.sop_instance_uids)
+        assert answer.json()[FAILED]["Value"][0][REASON]["Value"] == [0xC000]
+        assert peak_rss(served.proc.pid) - before < 64 * 2**20
+        assert served.incoming == []
+    finally:
+        served.stop()
