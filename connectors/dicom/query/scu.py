@@ -265,12 +265,28 @@ def _what(study_uid: str, series_uid: str | None) -> str:
     return f"series {series_uid} of study {study_uid}" if series_uid else f"study {study_uid}"
 
 
-def _check_there(pacs, study_uid, series_uid, retry, cancel) -> None:
-    found = c_find(pacs, "SERIES" if series_uid else "STUDY",
-                   {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid or ""},
+def _check_there(pacs, study_uid, series_uid, retry, cancel) -> list[str]:
+    """:class:`NotFoundError` unless the PACS has the study (series); the SOP classes it says
+    the study holds (SOPClassesInStudy, where it answers that)."""
+    found = c_find(pacs, "STUDY", {"StudyInstanceUID": study_uid, "SOPClassesInStudy": ""},
                    retry=retry, cancel=cancel)  # fmt: skip
+    if found and series_uid:
+        found = c_find(pacs, "SERIES",
+                       {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid},
+                       retry=retry, cancel=cancel)  # fmt: skip
     if not found:
         raise NotFoundError(f"{_what(study_uid, series_uid)} is not on {pacs.describe()}")
+    classes = found[0].get("SOPClassesInStudy") or []
+    return [str(c) for c in ([classes] if isinstance(classes, str) else classes) if str(c)]
+
+
+def _storage_classes(in_study: list[str]) -> list[str]:
+    """The storage SOP classes a C-GET proposes (with the SCP role): those the study holds
+    first, then the standard ones, up to DICOM's 128 presentation contexts (one is the
+    C-GET's own)."""
+    classes = list(dict.fromkeys(in_study))
+    classes += [str(c.abstract_syntax) for c in StoragePresentationContexts]
+    return list(dict.fromkeys(classes))[:127]
 
 
 def _sub_operations(
@@ -356,9 +372,9 @@ class _Writer:
         return 0x0000
 
 
-def _get_once(pacs, study_uid, series_uid, folder: Path, allow_partial, cancel) -> RetrieveResult:
+def _get_once(pacs, study_uid, series_uid, folder, classes, allow_partial, cancel):
     model = StudyRootQueryRetrieveInformationModelGet
-    storage = [c.abstract_syntax for c in StoragePresentationContexts]
+    storage = _storage_classes(classes)
     contexts = [(model, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])]
     contexts += [(uid, list(ALL_TRANSFER_SYNTAXES)) for uid in storage]
     writer = _Writer(folder)
@@ -392,13 +408,14 @@ def c_get(
 ) -> RetrieveResult:
     """C-GET a study (or one of its series) into ``folder``: the PACS sends each instance back
     on the same association and it is written as received. :class:`NotFoundError` when the
-    PACS does not have it (a C-FIND first)."""
+    PACS does not have it (a C-FIND first, which also asks for the SOP classes in the study:
+    those are proposed first, so that a private or new one comes back too)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _check_there(pacs, study_uid, series_uid, retry, cancel)
+    classes = _check_there(pacs, study_uid, series_uid, retry, cancel)
     return retry.run(
         "C-GET",
-        lambda: _get_once(pacs, study_uid, series_uid, folder, allow_partial, cancel),
+        lambda: _get_once(pacs, study_uid, series_uid, folder, classes, allow_partial, cancel),
         cancel,
     )
 
