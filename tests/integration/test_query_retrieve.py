@@ -27,7 +27,7 @@ from connectors.dicom.query import (
     destination_from,
 )
 from connectors.dicom.query.scu import _judge
-from dataflow.testing import run_stage
+from dataflow.testing import run_pipeline, run_stage
 from operators.dicom.phantom import write_ct_series
 from operators.dicom.priors import FetchPriors, FetchStudy, PriorError
 
@@ -88,7 +88,7 @@ def _pixels(paths):
     return {str(ds.SOPInstanceUID): ds.PixelData for ds in map(pydicom.dcmread, paths)}
 
 
-def test_fetch_priors_retrieves_the_prior_only(pacs, tmp_path):
+def test_fetch_priors_retrieves_the_prior_only(pacs, tmp_path, capsys):
     orthanc, studies, _ = pacs
     out = run_stage(
         FetchPriors,
@@ -120,6 +120,43 @@ def test_fetch_priors_retrieves_the_prior_only(pacs, tmp_path):
         studies["old"].study_instance_uid: "prior-2",
     }
     assert sorted(p.name for p in out["priors"].iterdir()) == ["prior-1", "prior-2"]
+    logged = capsys.readouterr()
+    assert "prior_fetched" in logged.out  # and no patient identifier nor date:
+    assert not [v for v in ("PAT-A", "20230601", "20240601") if v in logged.out + logged.err]
+
+
+PIPELINE = """\
+api-version: 0.5.0
+name: prior-volume
+operators:
+- name: priors
+  stage: operators.dicom.priors:FetchPriors
+  arguments:
+    pacs: {{ae: {ae}, host: 127.0.0.1, port: {port}}}
+    within_days: 1825
+  input:
+  - name: study
+  output:
+  - name: priors
+- name: volume
+  stage: operators.dicom:SeriesToVolume
+  input:
+  - from: priors
+    name: priors
+    port: study
+  output:
+  - name: volume
+"""
+
+
+def test_a_pipeline_reads_the_prior_as_a_volume(pacs, tmp_path):
+    orthanc, studies, _ = pacs
+    pipeline = tmp_path / "prior.yaml"
+    pipeline.write_text(PIPELINE.format(ae=orthanc.aet, port=orthanc.dicom_port))
+    results = run_pipeline(pipeline, {"job-1": studies["current"].directory},
+                           output_dir=tmp_path / "out")  # fmt: skip
+    volume = results["job-1"][("volume", "volume")]
+    assert volume.shape == (3, 16, 16)
 
 
 def test_no_prior_is_an_empty_folder_or_a_failure_when_required(pacs, tmp_path):
