@@ -68,6 +68,13 @@ from the drawing, or drawn but gone). Where callers catch a builtin too, it is a
     │   │                            (connectors.dicom.export.outbox)
     │   └── ResendRefused            a dead letter that cannot be sent again
     │                                (connectors.dicom.export.exporter)
+    ├── QueryError                   a query or retrieve from a PACS failed
+    │   │                            (connectors.dicom.query.scu)
+    │   ├── PacsUnavailableError     the PACS could not be reached or let go: retried
+    │   ├── NotFoundError            the study or series is not on the PACS
+    │   └── RetrieveError            a C-GET/C-MOVE refused or partial, with its counts
+    ├── PriorError                   a study whose priors cannot be looked for, or a wrong
+    │                                argument of FetchPriors/FetchStudy (operators.dicom.priors)
     ├── SeriesError                  a series cannot be made a volume (ValueError;
     │   │                            operators.dicom.frames)
     │   ├── ReadError                a file not readable within its bounds
