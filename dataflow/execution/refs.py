@@ -43,4 +43,5 @@ def to_wire(ref: Ref) -> tuple:
 
 def from_wire(wire: tuple) -> Ref:
     """The reference :func:`to_wire` made ``wire`` from."""
-    return _KINDS[wire[0]](*wire[1:])
+    # tuple.__new__ in C: a NamedTuple's own __new__ is Python-level code, on every hop
+    return tuple.__new__(_KINDS[wire[0]], wire[1:])

@@ -207,8 +207,10 @@ class Worker:
                 self.client.close()
 
     def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, Ref], timeout) -> tuple:
-        payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
+        payload = next((Path(v.path) for v in inputs.values() if type(v) is PathRef), None)
         if payload is None:
+            if not self.spec.job_logs:  # the common case, on every hop: no frame more
+                return self._run_job(job_id, job_name, inputs, None, timeout)
             return self._run_logged(job_id, job_name, inputs, payload, timeout)
         # a stage given the job's folder: its patient's identifiers redacted by value from
         # whatever this worker logs or prints while it runs the job (read from the folder
