@@ -115,7 +115,9 @@ def resources_of(requests: Iterable[ReplicaRequest]) -> dict[str, RayResources]:
 
 def connect(address: str | None, num_cpus: float | None = None, *, what: str = "") -> bool:
     """Connect this process to Ray: to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or
-    without one to a Ray runtime started here on loopback, without a dashboard, that offers
+    without one to a Ray runtime started here on 127.0.0.1 (which Ray 2.60 rewrites to the
+    host's outward address where there is a default route: docs/ray.md), without a
+    dashboard, that offers
     ``num_cpus`` CPUs if more than the machine has (the local executor's rule: on one machine
     CPU requests are soft, replicas share cores). Returns whether this call started or
     connected (the caller then shuts it down); False when this process was connected already
@@ -126,6 +128,26 @@ def connect(address: str | None, num_cpus: float | None = None, *, what: str = "
 
     if ray.is_initialized():
         return False
+    with _own_sigterm():
+        return _connect(address, num_cpus, what)
+
+
+@contextlib.contextmanager
+def _own_sigterm():
+    """Keep this process's SIGTERM handler: ``ray.init`` in the main thread replaces it by
+    one that exits at once, which would take a clean stop from ``dataflow serve``."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _connect(address: str | None, num_cpus: float | None, what: str) -> bool:
+    import ray
+
     options: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,  # a stage's prints stay in Ray's logs, not on our stderr

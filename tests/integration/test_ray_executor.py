@@ -56,17 +56,22 @@ def cluster():
     # took 17 s here rather than 2.5 s)
     quick = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
     head = {**NODE, "num_cpus": 4, "_system_config": quick}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    second = cluster.add_node(**NODE, num_cpus=2, resources={"second": 1})
-    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-    try:
-        yield {
-            "address": cluster.address, "cluster": cluster, "node": second,
-            "second": second.node_id,
-        }  # fmt: skip
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # Ray's default, whatever a runtime started earlier in this process left behind
+        # (RAY_AUTH_MODE=token): with it the cluster wants a token the `dataflow` processes
+        # the tests start do not send (and RAY_AUTH_MODE=disabled made actors die here)
+        env.delenv("RAY_AUTH_MODE", raising=False)
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        second = cluster.add_node(**NODE, num_cpus=2, resources={"second": 1})
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        try:
+            yield {
+                "address": cluster.address, "cluster": cluster, "node": second,
+                "second": second.node_id,
+            }  # fmt: skip
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def fan_in():

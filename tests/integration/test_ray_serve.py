@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from dataflow.service import Service, ServiceError, load_config
+from dataflow.service import JobStore, Service, ServiceError, load_config
 from tests.deadlines import wait_until
 from tests.integration.platform_service import HANG, api_client, start_job
 
@@ -22,6 +24,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
 VOLUME = ROOT / "pipelines" / "samples" / "volumes" / "study-a" / "volume.npy"
+
+
+@pytest.fixture(autouse=True)
+def ray_auth_mode(monkeypatch):
+    """No token for the runtime a test starts in this process: else ``ray.init`` turns
+    token authentication on for the whole process (its environment and Ray's cached
+    configuration), and the two-node cluster of test_ray_executor, started later in the same
+    session without one, lost every actor."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
 
 
 @contextlib.contextmanager
@@ -99,3 +110,36 @@ def test_a_service_whose_ray_cluster_does_not_answer_is_not_started(tmp_path):
         "cluster to connect to (nothing answers at"
     )
     assert not ray.is_initialized()
+
+
+def test_dataflow_serve_on_ray_stops_cleanly_on_sigterm(tmp_path):
+    """Ray's ``ray.init`` sets a SIGTERM handler of its own (exit at once): the service's is
+    kept, so SIGTERM still stops it cleanly (jobs finish, exit 0)."""
+    path = tmp_path / "service.yaml"
+    path.write_text(
+        f"state: {tmp_path / 'state'}\n"
+        f"pipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+        "executor: {kind: ray}\n"
+    )
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    store.create("passthrough", VOLUME.parent, key="k")
+    store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflow.cli", "serve", str(path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+
+        def succeeded() -> bool:
+            jobs = JobStore(tmp_path / "state" / "jobs.db")
+            try:
+                return jobs.counts().get("succeeded") == 1
+            finally:
+                jobs.close()
+
+        wait_until(succeeded, "the job to succeed on Ray", HANG, poll=0.2)
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=HANG)
+    assert proc.returncode == 0, output
+    assert "service_stopped" in output
