@@ -554,13 +554,8 @@ class LocalExecutor:
 
     def _discard(self, values: Iterable[state.Value]) -> None:
         ids = [v.ref.id for v in values if isinstance(v.ref, ObjRef)]
-        for oid in ids:
-            try:
-                self.store.delete(oid)
-            except Exception:  # already gone (evicted before we held it): nothing to free
-                pass
-        if ids:
-            self.store.unpin(ids)
+        if ids:  # one way: the coordinator never waits on the store for this (one per hop)
+            self.store.discard(ids)
 
     def _progress(self, events: list[ProgressEvent]) -> None:
         for event in events:

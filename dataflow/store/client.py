@@ -320,6 +320,13 @@ class StoreClient:
         for oid in object_ids:
             self._send_one_way("release", oid)
 
+    def discard(self, object_ids: list[str]) -> None:
+        """Delete objects handed to this client (``transfer_to``) and drop its references,
+        without waiting for the store: for a consumer done with them (the executor with a
+        job's results); one already gone is no error."""
+        for oid in object_ids:
+            self._send_one_way("discard", oid)
+
     def _present(self, object_ids: list[str]) -> list[str]:
         return self._request("present", list(object_ids))
 

@@ -20,7 +20,7 @@ __all__ = ["HEADER", "ONE_WAY", "decode", "encode", "parse_address", "recv_frame
 HEADER = struct.Struct("<I")
 #: Requests the server does not answer. A one-way request is applied before any later
 #: request that asks about the same object (the server settles its buffers first).
-ONE_WAY = frozenset({"release", "seal"})
+ONE_WAY = frozenset({"discard", "release", "seal"})
 PICKLE_PROTOCOL = 5
 
 

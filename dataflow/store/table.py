@@ -229,7 +229,7 @@ class ObjectTable:
             # The common short requests are called with their arguments spelled out: a call
             # with *args costs as much as the rest of a request's handling here (~0.3 us).
             n = len(request)
-            if n == 2:  # release, contains, delete, abort, seal
+            if n == 2:  # release, discard, contains, delete, abort, seal
                 result = handler(client, request[1])
             elif n == 3:  # get
                 result = handler(client, request[1], request[2])
@@ -436,6 +436,15 @@ class ObjectTable:
         if obj.refs == 0:
             self._free(obj)
             self._retry_creates()
+
+    def op_discard(self, client: Client, oid: str) -> None:
+        """Delete ``oid`` if it is still there and drop the reference ``client`` holds on it:
+        a consumer done with a result it was handed (one way: never waited for; an object
+        already gone is no error)."""
+        obj = self.objects.get(oid)
+        if obj is not None and obj.sealed and not obj.deleted:
+            self.op_delete(client, oid)
+        self.op_release(client, oid)
 
     def op_contains(self, client: Client, oid: str) -> object:
         obj = self.objects.get(oid)

@@ -533,3 +533,21 @@ def test_any_sequence_of_requests_keeps_the_invariants(seed):
     t = h.table
     assert not t.clients and not t.get_waiters and not any(not w.done for w in t.create_waiters)
     assert all(o.sealed and o.refs == 0 for o in t.objects.values())
+
+
+def test_discard_deletes_and_drops_the_reference_handed_over_one_way(h):
+    [(_, (status, _offset))] = h.create("producer", "result", 4 * KIB)
+    assert status == "ok"
+    assert h.do("producer", "seal", "result", h.clients["consumer"].cid, None) == []
+    assert h.refs("result") == 1  # the consumer's, taken over from the producer
+    held = h.call("producer", "get", "result", 0)  # a reader still holding it
+    assert held[0] == "ok"
+    assert h.do("consumer", "discard", "result") == []  # one-way: no reply
+    assert h.call("producer", "contains", "result") == ("ok", False)  # deleted at once...
+    assert h.call("producer", "present", ["result"]) == ("ok", ["result"])  # ...freed later
+    assert h.do("producer", "release", "result") == []
+    assert h.call("producer", "present", ["result"]) == ("ok", [])
+    # an object already gone, or never there: nothing happens, nothing is answered
+    assert h.do("consumer", "discard", "result") == []
+    assert h.do("consumer", "discard", "never-there") == []
+    assert h.stats()["deleted_total"] == 1
