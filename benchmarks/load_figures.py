@@ -1,7 +1,7 @@
 """The figures of issue 15 §2, measured with ``dataflow load`` against a real ``dataflow serve``.
 
 ```
-flock /work/briefs/bench.lock nice -n 10 .venv/bin/python benchmarks/load_figures.py --quick
+.venv/bin/python benchmarks/load_figures.py --quick
 .venv/bin/python benchmarks/load_figures.py --json benchmarks/results/load-$(date +%F).json
 .venv/bin/python benchmarks/load_figures.py --soak 10 \
     --json benchmarks/results/load-soak-$(date +%F).json

@@ -40,7 +40,7 @@ is recorded with pip's last lines and the pipelines part skipped. Studies are ge
 
 ``--json PATH`` writes the records and, next to it, the provenance (machine, load average and
 busy CPU at the start and the end, versions, commit). Run it under
-``flock /work/briefs/bench.lock`` or otherwise alone; it asserts nothing.
+alone on the machine (e.g. under a ``flock`` the other benchmark runs share); it asserts nothing.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ through loopback. The results' markdown says what they do show.
     .venv/bin/python benchmarks/ray.py --quick                 # under 5 minutes
     .venv/bin/python benchmarks/ray.py --json benchmarks/results/ray-$(date +%F).json
 
-Run it on a quiet machine (here: ``flock /work/briefs/bench.lock nice -n 10 ...``).
+Run it on a quiet machine (on a shared machine, under a ``flock`` the other benchmark runs share).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Measures, for two source trees side by side (``--before REV``, checked out into 
 Each record has the machine's 1-minute load average before and after it. Results go to
 ``--json`` (default ``benchmarks/results/startup-<date>.json``, with ``.provenance.json``) and a
 Markdown table to the same name with ``.md``. Asserts nothing. Run it alone (others' CPU use
-shows in every figure): ``flock /work/briefs/bench.lock`` or the like when the machine is shared.
+shows in every figure): a ``flock`` shared with the other benchmark runs when the machine is shared.
 
     .venv/bin/python benchmarks/startup.py --before ab32be5 --rounds 3
     .venv/bin/python benchmarks/startup.py --quick          # one round, run only
