@@ -104,11 +104,18 @@ class RayResources:
         return {name: amount for name, amount in wanted.items() if amount}
 
 
-def resources_of(requests: Iterable[ReplicaRequest]) -> dict[str, RayResources]:
+def resources_of(requests: Iterable[ReplicaRequest], graph: Any = None) -> dict[str, RayResources]:
     """Per stage, the Ray resources of its replicas' requests (``dataflow.execution.build.
-    replica_requests``: Clara's defaults where the pipeline gives none)."""
+    replica_requests``: Clara's defaults where the pipeline gives none), with the custom
+    ``requests.resources`` of ``graph``'s operators."""
+    nodes = graph.nodes if graph is not None else {}
     return {
-        r.stage: RayResources(num_cpus=r.cpu, num_gpus=r.gpu, memory=r.memory_mb * MIB)
+        r.stage: RayResources(
+            num_cpus=r.cpu,
+            num_gpus=r.gpu,
+            memory=r.memory_mb * MIB,
+            custom=dict(nodes[r.stage].requests.resources) if r.stage in nodes else {},
+        )
         for r in requests
     }
 
@@ -905,7 +912,7 @@ def plan_on_ray(
     import ray
 
     graph, _, requests = _ray_graph(graph, replicas)
-    resources = resources_of(requests)
+    resources = resources_of(requests, graph)
     started = connect(address, num_cpus=sum(r.cpu for r in requests))
     try:
         nodes = cluster_nodes()
@@ -946,7 +953,7 @@ def build_ray_executor(
     try:
         executor = RayExecutor(
             stage_defs(graph, plan, memory_limit=memory_limit), output_root=output_root,
-            limits=limits, resources=resources_of(requests), extra_sys_path=extra_sys_path,
+            limits=limits, resources=resources_of(requests, graph), extra_sys_path=extra_sys_path,
         )  # fmt: skip
     except BaseException:
         if started:

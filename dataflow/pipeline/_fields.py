@@ -48,6 +48,15 @@ class FieldReader:
     def __init__(self) -> None:
         self.diags = Collector()
 
+    def is_mapping(self, node: Node, op: str | None, field: str, what: str) -> bool:
+        """Whether ``node`` is a mapping; if not, an error saying it must be one ``what``
+        (e.g. "of environment variables")."""
+        if not node.is_map:
+            self.diags.error(
+                node.loc, f"must be a mapping {what}; got {node.kind()}", operator=op, field=field
+            )
+        return node.is_map
+
     def number(
         self,
         node: Node | None,
@@ -112,13 +121,7 @@ class FieldReader:
     def variables(self, node: Node | None, *, operator: str | None, field: str) -> dict[str, str]:
         if node is None or node.value is None:
             return {}
-        if not node.is_map:
-            self.diags.error(
-                node.loc,
-                f"must be a mapping of environment variables; got {node.kind()}",
-                operator=operator,
-                field=field,
-            )
+        if not self.is_mapping(node, operator, field, "of environment variables"):
             return {}
         out = {}
         for key, child in node.value.items():
@@ -157,13 +160,7 @@ class FieldReader:
         field = join(prefix, "parameters")
         if node is None or node.value is None:
             return {}
-        if not node.is_map:
-            self.diags.error(
-                node.loc,
-                f"must be a mapping of name: default; got {node.kind()}",
-                operator=operator,
-                field=field,
-            )
+        if not self.is_mapping(node, operator, field, "of name: default"):
             return {}
         out: dict[str, str | None] = {}
         seen: dict[str, str] = {}

@@ -45,7 +45,11 @@ _OPERATOR_IGNORED = {
 _CONTAINER_FIELDS = {"image", "tag", "command", "variables"}
 _INPUT_FIELDS = {"from", "name", "port", "path", "type", "element-type", "shape"}
 _OUTPUT_FIELDS = {"name", "path", "type", "element-type", "shape"}
-_REQUEST_FIELDS = {"cpu", "gpu", "memory"}
+_REQUEST_FIELDS = {"cpu", "gpu", "memory", "resources"}
+#: Custom resource names (Ray's): letters, digits and ``_ - . :`` (``node:10.0.0.5`` pins to a
+#: node by address); Ray's own kinds are asked for by ``cpu``, ``gpu`` and ``memory``.
+_RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}\Z")
+_RAY_KINDS = {"cpu": "cpu", "gpu": "gpu", "memory": "memory", "object_store_memory": None}
 
 
 class OperatorReader(FieldReader):
@@ -156,13 +160,7 @@ class OperatorReader(FieldReader):
     ) -> tuple[ContainerSpec, dict[str, str]] | None:
         if node is None:
             return None
-        if not node.is_map:
-            self.diags.error(
-                node.loc,
-                f"must be a mapping (image, tag, command); got {node.kind()}",
-                operator=op,
-                field="container",
-            )
+        if not self.is_mapping(node, op, "container", "(image, tag, command)"):
             return None
         self.check_keys(node, _CONTAINER_FIELDS, {}, operator=op, prefix="container", closed=True)
         fields = node.value
@@ -238,13 +236,7 @@ class OperatorReader(FieldReader):
                 field="arguments",
             )
             return {}
-        if not node.is_map:
-            self.diags.error(
-                node.loc,
-                f"must be a mapping of the stage's parameters; got {node.kind()}",
-                operator=op,
-                field="arguments",
-            )
+        if not self.is_mapping(node, op, "arguments", "of the stage's parameters"):
             return {}
         return {key: child.to_python() for key, child in node.value.items()}
 
@@ -440,13 +432,7 @@ class OperatorReader(FieldReader):
     def requests(self, node: Node | None, op: str | None) -> Requests:
         if node is None or node.value is None:
             return Requests()
-        if not node.is_map:
-            self.diags.error(
-                node.loc,
-                f"must be a mapping (cpu, gpu, memory); got {node.kind()}",
-                operator=op,
-                field="requests",
-            )
+        if not self.is_mapping(node, op, "requests", "(cpu, gpu, memory)"):
             return Requests()
         self.check_keys(node, _REQUEST_FIELDS, {}, operator=op, prefix="requests", closed=True)
         fields = node.value
@@ -477,8 +463,46 @@ class OperatorReader(FieldReader):
             what="a number of megabytes greater than 0",
         )
         return Requests(
-            cpu=cpu, gpu=gpu, memory=memory, location=node.loc, locations=locations(node)
-        )
+            cpu=cpu, gpu=gpu, memory=memory, resources=self.resources(fields.get("resources"), op),
+            location=node.loc, locations=locations(node),
+        )  # fmt: skip
+
+    def resources(self, node: Node | None, op: str | None) -> dict[str, float]:
+        """``requests.resources``: custom resource name -> amount per replica (Ray's rule:
+        a fraction of one, or a whole number)."""
+        if node is None or node.value is None:
+            return {}
+        if not self.is_mapping(node, op, "requests.resources", "of custom resource name: amount"):
+            return {}
+        found: dict[str, float] = {}
+        for key, child in node.value.items():
+            field = f"requests.resources.{key}"
+            why = None
+            if str(key).casefold() in _RAY_KINDS:
+                ours = _RAY_KINDS[str(key).casefold()]
+                why = f"ask for it with requests.{ours}" if ours else "not asked for per stage"
+                why = f"is Ray's own kind: {why}"
+            elif not _RESOURCE_NAME.match(str(key)):
+                why = "is not a resource name (letters, digits, '_', '-', '.', ':')"
+            if why is not None:
+                self.diags.error(child.loc, f"{str(key)!r} {why}", operator=op, field=field)
+                continue
+            amount = self.number(
+                child, op, field, float, minimum=0, strict=True,
+                what="an amount greater than 0 (a fraction of 1, or a whole number)",
+            )  # fmt: skip
+            if amount is None:
+                continue
+            if amount > 1 and not amount.is_integer():
+                self.diags.error(
+                    child.loc,
+                    f"must be a fraction of 1 or a whole number (Ray's rule); got {amount:g}",
+                    operator=op,
+                    field=field,
+                )
+                continue
+            found[str(key)] = amount
+        return found
 
     def replicas(self, node: Node | None, op: str | None) -> int:
         value = self.number(

@@ -116,7 +116,9 @@ class ContainerSpec(_Located):
 
 @_spec
 class Requests(_Located):
-    """Clara's ``requests``: ``cpu`` cores, ``gpu`` whole GPUs, ``memory`` in MB.
+    """Clara's ``requests``: ``cpu`` cores, ``gpu`` whole GPUs, ``memory`` in MB; and our
+    ``resources``: custom resources a Ray node was started with (name -> amount), which pin
+    the stage's replicas to such nodes (the local executor, one machine, ignores them).
 
     None means "not given" (Clara's defaults: 1 shared CPU, no GPU, 512 MB).
     """
@@ -125,6 +127,7 @@ class Requests(_Located):
     cpu: float | None = None
     gpu: int | None = None
     memory: int | None = None
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @_spec

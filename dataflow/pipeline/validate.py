@@ -191,6 +191,7 @@ def _requests(given: Requests, cls: type[Stage]) -> Requests:
         cpu=given.cpu if given.cpu is not None else base.get("cpu"),
         gpu=given.gpu if given.gpu is not None else base.get("gpu"),
         memory=given.memory if given.memory is not None else base.get("memory"),
+        resources={**dict(base.get("resources") or {}), **given.resources},
         location=given.location,
         locations=given.locations,
     )

@@ -278,11 +278,13 @@ def test_dataflow_run_with_the_ray_executor_writes_the_same_files(cluster, tmp_p
     assert any(name.endswith("report.json") for name in written)
 
 
-def too_big(folder: Path) -> Path:
-    """The geometry pipeline with a stage that asks for 9 CPUs, in ``folder``."""
+def too_big(folder: Path, requests: str = "{cpu: 9}") -> Path:
+    """The geometry pipeline, its ``double`` stage asking for ``requests`` (9 CPUs), in
+    ``folder``."""
     pipeline = folder / "big.yaml"
     text = GEOMETRY.read_text().replace(
-        "  stage: geometry_stages:Double", "  stage: geometry_stages:Double\n  requests: {cpu: 9}"
+        "  stage: geometry_stages:Double",
+        f"  stage: geometry_stages:Double\n  requests: {requests}",
     )
     pipeline.write_text(text)
     (folder / "geometry_stages.py").write_bytes(
@@ -337,3 +339,33 @@ def test_dataflow_plan_refuses_what_run_refuses_and_an_address_where_nothing_ans
     assert f"error: --address 127.0.0.1:{port}: no Ray cluster to connect to (nothing " in (
         out.stderr
     )
+
+
+def test_a_custom_resource_in_the_pipeline_file_pins_a_stage_to_the_node_that_has_it(
+    cluster, tmp_path
+):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "v.npy", np.arange(5.0))
+    pipeline = too_big(tmp_path, "{resources: {second: 1}}")
+    out = dataflow("plan", pipeline, "--executor", "ray", "--address", cluster["address"])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    second = next(
+        i for i, x in enumerate(x for x in lines if x.startswith("  node ")) if "'second'" in x
+    )
+    table = lines[lines.index(next(x for x in lines if x.startswith("stage "))) :]
+    [double] = [row.split() for row in table[1:] if row.startswith("double ")]
+    assert double[2] == str(second) and double[-1] == "second=1"
+    ran = {}
+    for executor in ("local", "ray"):
+        options = (
+            ("--executor", "ray", "--address", cluster["address"]) if executor == "ray" else ()
+        )
+        run = dataflow("run", pipeline, "-i", tmp_path / "in", "-o", tmp_path / executor, *options)
+        assert run.returncode == 0, run.stderr  # the local executor, one machine, ignores it
+        ran[executor] = files(tmp_path / executor)
+    assert ran["ray"] == ran["local"] and ran["local"]
+    nowhere = too_big(tmp_path, "{resources: {scanner-room: 1}}")
+    out = dataflow("plan", nowhere, "--executor", "ray", "--address", cluster["address"])
+    assert out.returncode == 2
+    assert "stage 'double' replica 0 asks for 1 CPU, 512 MiB memory, 1 'scanner-room'" in out.stderr

@@ -129,6 +129,16 @@ def test_pipeline_error_is_a_dataflow_error_and_lists_every_error(tmp_path):
         ("requests", "{memory: 0}", "'requests.memory': must be a number of megabytes greater "
          "than 0"),
         ("requests", "4", "'requests': must be a mapping (cpu, gpu, memory)"),
+        ("requests", "{resources: [a]}", "'requests.resources': must be a mapping of custom "
+         "resource name: amount; got a list"),
+        ("requests", "{resources: {GPU: 1}}", "'requests.resources.GPU': 'GPU' is Ray's own "
+         "kind: ask for it with requests.gpu"),
+        ("requests", "{resources: {a b: 1}}", "'requests.resources.a b': 'a b' is not a "
+         "resource name"),
+        ("requests", "{resources: {room: 0}}", "'requests.resources.room': must be an amount "
+         "greater than 0"),
+        ("requests", "{resources: {room: 2.5}}", "'requests.resources.room': must be a fraction "
+         "of 1 or a whole number (Ray's rule); got 2.5"),
         ("variables", "[A, B]", "'variables': must be a mapping of environment variables"),
         ("input", "{path: /in}", "'input': must be a list of input entries; got a mapping"),
         ("description", "[x]", "'description': must be a string; got a list"),
@@ -147,6 +157,22 @@ def test_fields_of_the_wrong_type(tmp_path, field, value, message):
     )
     text = load_error(path)
     assert f"{path}:5:" in text and f"operator 'op1' field {message}" in text
+
+
+def test_custom_resources_are_read_per_operator(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        name: p
+        operators:
+        - name: op1
+          container: {image: x}
+          requests: {cpu: 2, resources: {gpu-room: 1, "node:10.0.0.5": 0.01}}
+        """,
+    )
+    [op] = load_pipeline(path).operators
+    assert op.requests.cpu == 2.0
+    assert op.requests.resources == {"gpu-room": 1.0, "node:10.0.0.5": 0.01}
 
 
 def test_names_are_checked_and_case_insensitively_unique(tmp_path):
