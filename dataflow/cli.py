@@ -145,10 +145,24 @@ ADDRESS = typer.Option(
 )
 
 
-def _executor_options(executor: str, address: str | None) -> None:
+PLACEMENT = typer.Option(
+    None,
+    help="With --executor ray: reserve every replica at once in a Ray placement group: pack, "
+    "spread, strict-pack or strict-spread (docs/ray.md, 'Placement').",
+)
+
+
+def _executor_options(executor: str, address: str | None, placement: str | None = None) -> None:
     _one_of(executor, ("local", "ray"), "--executor")
-    if address is not None and executor != "ray":
-        raise UsageError("--address is the Ray cluster's: give it with --executor ray")
+    for option, value in (("--address", address), ("--placement", placement)):
+        if value is not None and executor != "ray":
+            raise UsageError(f"{option} is the Ray cluster's: give it with --executor ray")
+    if placement is not None:
+        from dataflow.execution.rayexec import placement_problem
+
+        problem = placement_problem(placement)
+        if problem:
+            raise UsageError(f"--placement {placement!r}: {problem}")
 
 
 @app.command()
@@ -158,20 +172,23 @@ def plan(
     replicas: list[str] = REPLICAS,
     executor: str = EXECUTOR,
     address: str = ADDRESS,
+    placement: str = PLACEMENT,
 ) -> None:
     """Print the pipeline's DAG and where every stage replica would run (with --executor
     ray: on which node of the Ray cluster)."""
     from dataflow.execution.build import plan_pipeline
     from dataflow.pipeline import load_graph
 
-    _executor_options(executor, address)
+    _executor_options(executor, address, placement)
     graph = load_graph(str(file), _pairs(param, "--param"))
     if executor == "ray":
         from dataflow.execution.rayexec import plan_on_ray
 
-        graph, placement = plan_on_ray(graph, address=address, replicas=_replicas(replicas))
+        graph, where = plan_on_ray(
+            graph, address=address, replicas=_replicas(replicas), placement=placement
+        )
     else:
-        graph, placement = plan_pipeline(graph, replicas=_replicas(replicas))
+        graph, where = plan_pipeline(graph, replicas=_replicas(replicas))
     typer.echo(f"pipeline {graph.spec.name!r}: {len(graph.nodes)} operators")
     for name, node in graph.nodes.items():
         ups = sorted({e.source for e in graph.upstream(name)})
@@ -183,7 +200,7 @@ def plan(
         source = ", ".join(ups) if ups else "job input"
         typer.echo(f"  {name} <- {source}   [{what}, replicas {node.spec.replicas}]")
     typer.echo("")
-    typer.echo(placement.format())
+    typer.echo(where.format())
 
 
 @app.command()
@@ -207,6 +224,7 @@ def run(
     progress: bool = typer.Option(None, help="Progress display (default: on a terminal)."),
     executor: str = EXECUTOR,
     address: str = ADDRESS,
+    placement: str = PLACEMENT,
 ) -> None:
     """Run every job under --input through the pipeline; exit 1 if any job failed.
 
@@ -218,7 +236,7 @@ def run(
     from dataflow.units import parse_bytes
 
     _one_of(log_format, ("console", "json"), "--log-format")
-    _executor_options(executor, address)
+    _executor_options(executor, address, placement)
     try:
         parse_bytes(store_budget)
     except ValueError as exc:  # the option's value, checked before anything starts
@@ -232,7 +250,7 @@ def run(
             replicas=_replicas(replicas), limits=Limits(max_jobs=max_jobs),
             store_budget=store_budget, log_format=log_format,
             on_start=display.start, on_result=display.result, executor=executor,
-            address=address,
+            address=address, placement=placement,
         )  # fmt: skip
     except KeyboardInterrupt:
         display.stop()

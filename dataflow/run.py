@@ -129,9 +129,11 @@ def run_pipeline_file(
     on_result: Callable[[JobResult], None] | None = None,
     executor: str = "local",
     address: str | None = None,
+    placement: str | None = None,
 ) -> RunSummary:
     """Load, validate, place and run a pipeline over every job under ``input_path``
-    (``executor``: ``local``, or ``ray`` on the Ray cluster at ``address``: docs/ray.md).
+    (``executor``: ``local``, or ``ray`` on the Ray cluster at ``address``, its replicas
+    reserved together with ``placement`` when given: docs/ray.md).
 
     Each job's folder under ``output`` is replaced by this run's once the job is done;
     ``overwrite`` allows a non-empty ``output`` that no earlier run wrote (else OutputError)."""
@@ -142,7 +144,7 @@ def run_pipeline_file(
         graph, runner = build_executor(
             path, out.staging, params=params, replicas=replicas, limits=limits,
             store_budget=store_budget, log_format=log_format, executor=executor,
-            address=address,
+            address=address, placement=placement,
         )  # fmt: skip
         summary = RunSummary(
             pipeline=graph.spec.name, output=out.root, results=[], seconds=0.0,
@@ -187,6 +189,7 @@ def build_executor(
     memory_limit: int | None = None,
     executor: str = "local",
     address: str | None = None,
+    placement: str | None = None,
 ) -> tuple[Any, Any]:
     """Load, validate and place a pipeline; (graph, an executor for it, not yet started).
     Raises PipelineError or PlacementError before anything starts.
@@ -196,7 +199,8 @@ def build_executor(
     ``memory_limit`` (bytes) per worker of an operator without ``requests.memory``. Given
     ``limits``, these replace its fields when not None. ``executor="ray"``: a
     :class:`dataflow.execution.rayexec.RayExecutor` on the cluster at ``address`` instead,
-    the pipeline refused if the cluster's nodes cannot hold it."""
+    the pipeline refused if the cluster's nodes cannot hold it (``placement``: every replica
+    reserved at once in a Ray placement group of that strategy)."""
     from dataflow.pipeline import load_graph, stage_search_path
 
     # Stage classes travel to the (spawned) workers by reference, and a spawned process
@@ -216,7 +220,7 @@ def build_executor(
         output_root.mkdir(parents=True, exist_ok=True)
         return build_ray_executor(
             graph, output_root, address=address, replicas=replicas, limits=limits,
-            memory_limit=memory_limit, extra_sys_path=folders,
+            memory_limit=memory_limit, extra_sys_path=folders, placement=placement,
         )  # fmt: skip
     graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
     output_root.mkdir(parents=True, exist_ok=True)

@@ -55,20 +55,24 @@ from dataflow.execution import state
 from dataflow.execution.latency import Latency
 from dataflow.execution.local import JobFeed, JobResult, StageDef
 from dataflow.execution.refs import PathRef, ValRef
+from dataflow.hints import suggest
 from dataflow.scheduler import PlacementError, ReplicaRequest, SchedulerError
 from dataflow.units import plural
 
 __all__ = [
+    "PLACEMENTS",
     "ArrayRef",
     "RayExecutor",
     "RayNode",
     "RayPlan",
     "RayResources",
+    "Reservation",
     "StageActor",
     "address_problem",
     "check_fits",
     "connect",
     "cpus_requested",
+    "placement_problem",
     "plan_on_ray",
     "resources_of",
 ]
@@ -290,6 +294,87 @@ def cluster_nodes() -> list[RayNode]:
     ]
 
 
+#: ``placement`` (the CLI's ``--placement``, the service's ``executor.placement``) -> the
+#: strategy of the Ray placement group that reserves every replica's resources at once
+PLACEMENTS = {
+    "pack": "PACK",
+    "spread": "SPREAD",
+    "strict-pack": "STRICT_PACK",
+    "strict-spread": "STRICT_SPREAD",
+}
+
+
+def placement_problem(placement: str) -> str | None:
+    """Why ``placement`` is not one of :data:`PLACEMENTS` (None if it is)."""
+    if placement in PLACEMENTS:
+        return None
+    close = suggest(placement, tuple(PLACEMENTS))
+    hint = f"; did you mean {close!r}?" if close else ""
+    return f"expected {', '.join(PLACEMENTS)} (a Ray placement group's strategy){hint}"
+
+
+class Reservation:
+    """A Ray placement group holding one bundle per replica (its stage's resources), all
+    reserved together with one strategy before any actor starts; each replica's actor (and
+    its restarts) goes into its own bundle. Ray moves the bundles of a node that dies to
+    another node that can hold them."""
+
+    def __init__(
+        self,
+        replicas: Sequence[tuple[str, int, RayResources]],
+        placement: str,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.placement = placement
+        self.strategy = PLACEMENTS[placement]
+        self.index = {(stage, replica): i for i, (stage, replica, _) in enumerate(replicas)}
+        # a bundle may not be empty: a replica asking for nothing holds 1 MiB of memory
+        bundles = [res.wanted() or {"memory": float(MIB)} for _, _, res in replicas]
+        self.group = placement_group(bundles, strategy=self.strategy)
+        ready, waited = self.group.ready(), False
+        while not ray.wait([ready], timeout=0.5)[0]:
+            state = self.scheduling_state()
+            if state == "INFEASIBLE":
+                self.release()
+                raise PlacementError(
+                    f"cannot reserve {plural(len(replicas), 'replica')} together on the Ray "
+                    f"cluster with placement {placement} ({self.strategy}): no set of its "
+                    f"nodes can hold them ({'; '.join(_describe(b) for b in bundles)})",
+                    [f"placement {placement}: infeasible on the cluster's nodes"],
+                )
+            if not waited and on_wait is not None:
+                on_wait(f"waiting for the Ray cluster to reserve room ({state})")
+                waited = True
+
+    def scheduling_state(self) -> str:
+        from ray.util.placement_group import placement_group_table
+
+        return placement_group_table(self.group).get("stats", {}).get("scheduling_state", "?")
+
+    def nodes(self) -> dict[tuple[str, int], str]:
+        """Each replica's node id, as Ray reserved its bundle."""
+        from ray.util.placement_group import placement_group_table
+
+        where = placement_group_table(self.group).get("bundles_to_node_id", {})
+        return {key: where.get(i, "") for key, i in self.index.items()}
+
+    def strategy_for(self, stage: str, replica: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=self.index[(stage, replica)]
+        )
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.group)
+
+
 @dataclasses.dataclass(frozen=True)
 class RayPlan:
     """Where each replica would go on the cluster (``dataflow plan --executor ray``): the
@@ -299,6 +384,7 @@ class RayPlan:
     where: str  # the cluster, in words
     nodes: Sequence[RayNode]
     placed: Sequence[tuple[str, int, RayResources, int]]
+    placement: str | None = None  # the placement group's, when Ray reserved the nodes
 
     def format(self) -> str:
         rows = [("stage", "replica", "node", "cpu", "gpus", "memory", "custom")]
@@ -321,10 +407,17 @@ class RayPlan:
                 f"  node {i}: {node.node_id[:12]} at {node.ip}: {_describe(node.resources)}"
                 f"; requested here: {cpu}, {used.get('memory', 0.0) / MIB:.0f} MiB memory"
             )
-        lines.append(
-            "Ray's scheduler places each actor as it is created: this is one placement that "
-            "fits (the check dataflow run makes before it starts)"
-        )
+        if self.placement is not None:
+            lines.append(
+                f"Ray reserved these nodes for every replica at once (a placement group, "
+                f"placement {self.placement}: {PLACEMENTS[self.placement]}), as dataflow run "
+                "does before it starts; then it released them"
+            )
+        else:
+            lines.append(
+                "Ray's scheduler places each actor as it is created: this is one placement "
+                "that fits (the check dataflow run makes before it starts)"
+            )
         return "\n".join(lines)
 
 
@@ -487,6 +580,7 @@ class RayExecutor:
         resources: Mapping[str, RayResources] | None = None,
         address: str | None = None,
         extra_sys_path: Sequence[str] = (),
+        placement: str | None = None,
     ) -> None:
         self.stages = {s.name: s for s in stages}
         nodes = [state.StageNode(s.name, dict(s.inputs), tuple(s.outputs), s.replicas, s.timeout)
@@ -508,25 +602,36 @@ class RayExecutor:
         self._later: list[tuple[float, _Call]] = []  # calls to make again, when
         self._dispatched: dict[str, tuple[str, float, float]] = {}
         self._timeline: dict[str, list[dict[str, Any]]] = {}
+        self.reservation: Reservation | None = None
+        self.on_progress: Callable[[str], None] | None = None
         self.started_ray = connect(address)
         try:
             import ray
 
             self._actor_class = ray.remote(StageActor)
-            check_fits(
-                [
-                    (s.name, r, self.resources[s.name])
-                    for s in self.stages.values()
-                    for r in range(s.replicas)
-                ],
-                [node.resources for node in cluster_nodes()],
-            )
+            replicas = [
+                (s.name, r, self.resources[s.name])
+                for s in self.stages.values()
+                for r in range(s.replicas)
+            ]
+            check_fits(replicas, [node.resources for node in cluster_nodes()])
+            if placement is not None:
+                self.reservation = Reservation(replicas, placement, self._waiting)
         except BaseException:
             self.close()
             raise
 
+    def _waiting(self, message: str) -> None:
+        log.info("ray_placement_waiting", detail=message)
+        if self.on_progress is not None:
+            self.on_progress(message)
+
     def close(self) -> None:
-        """Shut down the Ray runtime if this executor started (or connected to) it."""
+        """Release the placement group, and shut down the Ray runtime if this executor
+        started (or connected to) it."""
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
         if self.started_ray:
             import ray
 
@@ -800,10 +905,11 @@ class RayExecutor:
             output_root=str(self.output_root), env=env, sys_path=self.sys_path,
         )  # fmt: skip
         res = self.resources[stage_name]
+        where = self.reservation and self.reservation.strategy_for(stage_name, replica)
         handle = self._actor_class.options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, memory=res.memory or None,
             resources=dict(res.custom) or None, max_restarts=self.limits.max_restarts,
-            max_task_retries=self.limits.max_restarts,
+            max_task_retries=self.limits.max_restarts, scheduling_strategy=where or None,
         ).remote(spec)  # fmt: skip
         self.actors[wid] = handle
         self._call(_Call("start", wid, handle))
@@ -903,24 +1009,37 @@ def cpus_requested(
 
 
 def plan_on_ray(
-    graph: Any, *, address: str | None = None, replicas: Mapping[str, int] | None = None
+    graph: Any,
+    *,
+    address: str | None = None,
+    replicas: Mapping[str, int] | None = None,
+    placement: str | None = None,
 ) -> tuple[Any, RayPlan]:
     """``dataflow plan --executor ray``: (the graph with ``replicas`` applied, where each
     replica would go on the cluster at ``address``), or PlacementError as ``dataflow run``
     would refuse it. Without ``address``, the Ray runtime ``dataflow run`` would start is
-    started (on loopback) to ask it, then shut down."""
+    started (on loopback) to ask it, then shut down. With ``placement``, Ray itself reserves
+    the replicas' placement group (then releases it): the nodes shown are Ray's."""
     import ray
 
     graph, _, requests = _ray_graph(graph, replicas)
     resources = resources_of(requests, graph)
+    replicas_ = [(r.stage, r.replica, resources[r.stage]) for r in requests]
     started = connect(address, num_cpus=sum(r.cpu for r in requests))
     try:
         nodes = cluster_nodes()
+        placed = check_fits(replicas_, [node.resources for node in nodes])
+        if placement is not None:
+            reservation = Reservation(replicas_, placement)
+            try:
+                on = reservation.nodes()
+            finally:
+                reservation.release()
+            index = {node.node_id: i for i, node in enumerate(nodes)}
+            placed = [(s, r, res, index.get(on[(s, r)], -1)) for s, r, res, _ in placed]
     finally:
         if started:
             ray.shutdown()
-    replicas_ = [(r.stage, r.replica, resources[r.stage]) for r in requests]
-    placed = check_fits(replicas_, [node.resources for node in nodes])
     position = {(r.stage, r.replica): i for i, r in enumerate(requests)}
     placed.sort(key=lambda p: position[p[:2]])  # the pipeline's order
     where = (
@@ -928,7 +1047,7 @@ def plan_on_ray(
         if address
         else "a Ray runtime started here on 127.0.0.1 (as dataflow run starts one)"
     )
-    return graph, RayPlan(where, nodes, placed)
+    return graph, RayPlan(where, nodes, placed, placement)
 
 
 def build_ray_executor(
@@ -940,6 +1059,7 @@ def build_ray_executor(
     limits: state.Limits | None = None,
     memory_limit: int | None = None,
     extra_sys_path: Sequence[str] = (),
+    placement: str | None = None,
 ) -> tuple[Any, RayExecutor]:
     """A validated pipeline graph's executor on Ray (``dataflow run --executor ray``):
     (the graph with ``replicas`` applied, the executor). Connects to ``address`` (None: a
@@ -954,6 +1074,7 @@ def build_ray_executor(
         executor = RayExecutor(
             stage_defs(graph, plan, memory_limit=memory_limit), output_root=output_root,
             limits=limits, resources=resources_of(requests, graph), extra_sys_path=extra_sys_path,
+            placement=placement,
         )  # fmt: skip
     except BaseException:
         if started:

@@ -71,7 +71,7 @@ _LIMIT_KEYS = ("stage-timeout", "job-timeout", "worker-memory", "max-attempts", 
 ROLE_NAMES = ("read", "operator", "admin")
 _API_KEYS = ("host", "rest-port", "grpc-port", "max-upload", "disk-reserve", "start-pipelines",
              "idle-stop", "tokens", "tls", "patient-details")  # fmt: skip
-_EXECUTOR_KEYS = ("kind", "address")
+_EXECUTOR_KEYS = ("kind", "address", "placement")
 EXECUTOR_KINDS = ("local", "ray")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
@@ -141,10 +141,12 @@ class ApiConfig:
 class ExecutorConfig:
     """Where the pipelines run (``executor:``): ``local`` worker processes on this machine,
     or ``ray``, on the Ray cluster at ``address`` (None: a Ray runtime started on this
-    machine for the service)."""
+    machine for the service), its pipelines' replicas reserved together in a Ray placement
+    group of strategy ``placement`` when given (docs/ray.md, "Placement")."""
 
     kind: str = "local"
     address: str | None = None
+    placement: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,17 +280,21 @@ def _executor(section: Any, path: Path) -> ExecutorConfig:
         hint = f"; did you mean {close!r}?" if close else ""
         raise ConfigError(f"{where}.kind: {kind!r}: expected local (worker processes on this "
                           f"machine) or ray (a Ray cluster: docs/ray.md){hint}")  # fmt: skip
-    address = section.get("address")
-    if address is None:
-        return ExecutorConfig(kind)
-    if kind != "ray":
-        raise ConfigError(f"{where}.address: the Ray cluster's address: give it with kind: ray")
-    from dataflow.execution.rayexec import address_problem
+    address, placement = section.get("address"), section.get("placement")
+    for key, value in (("address", address), ("placement", placement)):
+        if value is not None and kind != "ray":
+            raise ConfigError(f"{where}.{key}: the Ray cluster's {key}: give it with kind: ray")
+    from dataflow.execution.rayexec import address_problem, placement_problem
 
-    problem = address_problem(str(address))
-    if problem:
-        raise ConfigError(f"{where}.address: {address!r}: {problem}")
-    return ExecutorConfig(kind, str(address))
+    if placement is not None and placement_problem(str(placement)):
+        raise ConfigError(f"{where}.placement: {placement!r}: {placement_problem(str(placement))}")
+    if address is not None and address_problem(str(address)):
+        raise ConfigError(f"{where}.address: {address!r}: {address_problem(str(address))}")
+    return ExecutorConfig(
+        kind,
+        None if address is None else str(address),
+        None if placement is None else str(placement),
+    )
 
 
 def _api_tls(section: Any, where: str, path: Path) -> tuple[Path, Path] | None:

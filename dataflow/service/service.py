@@ -300,6 +300,7 @@ class Service:
             stage_timeout=entry.limits.stage_timeout,
             job_timeout=entry.limits.job_timeout, memory_limit=entry.limits.worker_memory,
             executor=self.config.executor.kind, address=self.config.executor.address,
+            placement=self.config.executor.placement,
         )  # fmt: skip
         executor.job_logs = True  # each operator's log per job, for the API (Clara's ReadLogs)
         return executor

@@ -134,15 +134,15 @@ def test_a_pipeline_larger_than_the_cluster_is_refused_before_it_starts(cluster,
     assert not (tmp_path / "out").exists()  # nothing started
 
 
-def test_an_actor_that_dies_is_restarted_and_its_job_retried(cluster, tmp_path):
+@pytest.mark.parametrize("placement", [None, "strict-pack"])
+def test_an_actor_that_dies_is_restarted_and_its_job_retried(cluster, tmp_path, placement):
     marker = tmp_path / "crashed"
     stages = [
         StageDef("load", Load, {"payload": None}, ("vec",)),
         StageDef("once", ExitOnce, {"vec": ("load", "vec")}, ("vec",), {"marker": str(marker)}),
     ]
-    results = RayExecutor(stages, output_root=tmp_path / "out").run(
-        make_jobs(tmp_path / "in", [2, 3])
-    )
+    executor = RayExecutor(stages, output_root=tmp_path / "out", placement=placement)
+    results = executor.run(make_jobs(tmp_path / "in", [2, 3]))  # restarted in its bundle
     assert marker.exists()  # the first job's actor did die
     assert [(r.job, r.ok) for r in results] == [("job0", True), ("job1", True)]
     assert [r.outputs[("once", "vec")][0].tolist() for r in results] == [[2, 2], [2, 2, 2]]
@@ -209,8 +209,9 @@ def test_a_stage_that_cannot_start_fails_its_jobs_with_the_reason(cluster, tmp_p
     assert "Traceback" in results[0].details
 
 
+@pytest.mark.parametrize("placement", [None, "pack"])  # pack: Ray moves the lost bundle
 def test_a_node_that_dies_mid_job_has_its_job_run_again_on_a_node_that_replaces_it(
-    cluster, tmp_path
+    cluster, tmp_path, placement
 ):
     log, never = tmp_path / "attempts.log", tmp_path / "never"
     arguments = {"log": str(log), "until": str(never), "seconds": HANG}
@@ -219,7 +220,9 @@ def test_a_node_that_dies_mid_job_has_its_job_run_again_on_a_node_that_replaces_
         StageDef("slow", Attempts, {"vec": ("load", "vec")}, ("vec",), arguments),
     ]
     pinned = {"slow": RayResources(custom={"second": 1})}
-    executor = RayExecutor(stages, output_root=tmp_path / "out", resources=pinned)
+    executor = RayExecutor(
+        stages, output_root=tmp_path / "out", resources=pinned, placement=placement
+    )
     done: list = []
     runner = threading.Thread(
         target=lambda: done.append(executor.run(make_jobs(tmp_path / "in", [4]))), daemon=True
@@ -238,14 +241,17 @@ def test_a_node_that_dies_mid_job_has_its_job_run_again_on_a_node_that_replaces_
     assert len(log.read_text().split()) == 2  # run again, once
 
 
-def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path):
+@pytest.mark.parametrize("placement", [None, "pack"])
+def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path, placement):
     stages = [
         StageDef("load", Load, {"payload": None}, ("vec",)),
         StageDef("where", Where, {"vec": ("load", "vec")}, ("node", "vec")),
         StageDef("back", Scale, {"vec": ("where", "vec")}, ("vec",)),
     ]
     pinned = {"where": RayResources(custom={"second": 1})}
-    executor = RayExecutor(stages, output_root=tmp_path / "out", resources=pinned)
+    executor = RayExecutor(
+        stages, output_root=tmp_path / "out", resources=pinned, placement=placement
+    )
     results = executor.run(make_jobs(tmp_path / "in", [200_000]))  # 1.6 MB there and back
     [result] = results
     assert result.ok, result.reason
@@ -369,3 +375,55 @@ def test_a_custom_resource_in_the_pipeline_file_pins_a_stage_to_the_node_that_ha
     out = dataflow("plan", nowhere, "--executor", "ray", "--address", cluster["address"])
     assert out.returncode == 2
     assert "stage 'double' replica 0 asks for 1 CPU, 512 MiB memory, 1 'scanner-room'" in out.stderr
+
+
+def plan_rows(stdout: str) -> tuple[list[str], list[list[str]]]:
+    """``dataflow plan --executor ray``'s node lines and its table's rows (split)."""
+    lines = stdout.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("stage "))) + 1 :]
+    rows = [row.split() for row in table if row and not row.startswith(("on ", "  ", "Ray"))]
+    return [x for x in lines if x.startswith("  node ")], rows
+
+
+def test_placement_strict_pack_reserves_every_replica_on_one_node(cluster, tmp_path):
+    ray_ = ("--executor", "ray", "--address", cluster["address"], "--placement", "strict-pack")
+    out = dataflow("plan", GEOMETRY, *ray_)
+    assert out.returncode == 0, out.stderr
+    _, rows = plan_rows(out.stdout)
+    assert sorted(row[0] for row in rows) == ["double", "report", "source"]
+    assert len({row[2] for row in rows}) == 1 and rows[0][2] in ("0", "1")  # Ray's: one node
+    assert "a placement group, placement strict-pack: STRICT_PACK" in out.stdout
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "v.npy", np.arange(4.0))
+    for name, options in (("local", ()), ("ray", ray_)):
+        run = dataflow("run", GEOMETRY, "-i", tmp_path / "in", "-o", tmp_path / name, *options)
+        assert run.returncode == 0, run.stderr
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+
+
+def test_a_placement_no_set_of_nodes_can_hold_is_refused_before_it_starts(cluster, tmp_path):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "v.npy", np.ones(3))
+    spread = ("--executor", "ray", "--address", cluster["address"], "--placement", "strict-spread")
+    # three replicas, each on a node of its own: the cluster has two nodes
+    for out in (
+        dataflow("plan", GEOMETRY, *spread),
+        dataflow("run", GEOMETRY, "-i", tmp_path / "in", "-o", tmp_path / "out", *spread),
+    ):
+        assert out.returncode == 2
+        assert (
+            "cannot reserve 3 replicas together on the Ray cluster with placement strict-spread "
+            "(STRICT_SPREAD): no set of its nodes can hold them"
+        ) in out.stderr
+    assert not list((tmp_path / "out").glob("*/"))  # no job folder: nothing ran
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+
+
+def test_a_placement_that_is_not_one_is_a_usage_error(tmp_path):
+    out = dataflow("plan", GEOMETRY, "--executor", "ray", "--placement", "sprad")
+    assert out.returncode == 2
+    assert "--placement 'sprad': expected pack, spread, strict-pack, strict-spread" in out.stderr
+    assert "did you mean 'spread'?" in out.stderr
+    out = dataflow("plan", GEOMETRY, "--placement", "pack")
+    assert out.returncode == 2
+    assert "--placement is the Ray cluster's: give it with --executor ray" in out.stderr

@@ -23,7 +23,8 @@ def config(tmp_path, executor: str | None):
      ("{kind: ray}", ExecutorConfig("ray")),
      ("{kind: ray, address: '10.0.0.5:6379'}", ExecutorConfig("ray", "10.0.0.5:6379")),
      ("{kind: ray, address: auto}", ExecutorConfig("ray", "auto")),
-     ("{kind: ray, address: 'ray://head:10001'}", ExecutorConfig("ray", "ray://head:10001"))],
+     ("{kind: ray, address: 'ray://head:10001'}", ExecutorConfig("ray", "ray://head:10001")),
+     ("{kind: ray, placement: strict-spread}", ExecutorConfig("ray", None, "strict-spread"))],
 )  # fmt: skip
 def test_the_executor_key(tmp_path, executor, expected):
     assert load_config(config(tmp_path, executor)).executor == expected
@@ -39,6 +40,11 @@ def test_the_executor_key(tmp_path, executor, expected):
      ("{address: '127.0.0.1:6379'}", "executor.address: the Ray cluster's address: give it "
                                      "with kind: ray"),
      ("{kind: ray, adress: x}", "executor: unknown key 'adress'"),
+     ("{kind: ray, placement: spred}", "executor.placement: 'spred': expected pack, spread, "
+                                       "strict-pack, strict-spread (a Ray placement group's "
+                                       "strategy); did you mean 'spread'?"),
+     ("{placement: pack}", "executor.placement: the Ray cluster's placement: give it with "
+                           "kind: ray"),
      ("ray", "executor: must be a mapping (kind: local or ray; address)")],
 )  # fmt: skip
 def test_a_wrong_executor_key_names_the_file_and_the_key(tmp_path, executor, message):
