@@ -93,3 +93,41 @@ def test_a_study_from_storescu_and_one_from_orthanc_come_back_to_orthanc_as_segs
     assert {pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID for p in written} == {
         first.series_instance_uid, second.series_instance_uid,
     }  # fmt: skip
+
+
+def test_a_study_over_dicom_runs_on_ray_and_its_seg_comes_back_to_orthanc(
+    private_network, tmp_path
+):
+    """``executor: {kind: ray}``: the receiver, the job records and the exporter stay in the
+    service; the pipeline's stages run as Ray actors (a runtime started for the service on
+    loopback); the SEG goes back to the PACS as with the local executor."""
+    pytest.importorskip("ray")
+    port = free_port()
+    study = write_ct_series(tmp_path / "study", slices=12, size=64, seed=23)
+    with start_orthanc(tmp_path / "orthanc", modalities={}) as orthanc:
+        config = service_yaml(tmp_path, port, orthanc)
+        config.write_text(config.read_text() + "executor: {kind: ray}\n")
+        receivers = f"dicom.receivers=[{{name: plain, host: 127.0.0.1, port: {port}}}]"
+        proc = serve(config, tmp_path / "serve.log", "--set", receivers,
+                     env={"RAY_AUTH_MODE": "disabled"})  # fmt: skip
+        try:
+            wait_for_port(port, proc=proc, timeout=LONG_HANG)
+            sent = storescu("127.0.0.1", port, study.files, called="DATAFLOW-SEG")
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            [seg] = wait_serving(lambda: segs_in(orthanc), LONG_HANG, "the SEG in Orthanc", proc)
+            assert seg["StudyInstanceUID"] == study.study_instance_uid
+            [record] = jobs(config)
+            assert record["state"] == "succeeded"
+            assert record["source"]["called_ae"] == "DATAFLOW-SEG"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=HANG)
+        output = (tmp_path / "serve.log").read_text()
+        assert code == 0, output[-5000:]
+        assert "ray_connected" in output and "service_stopped" in output
+        for name in ("Phantom^Synthetic", "PHANTOM-23"):
+            assert name not in output  # no patient identifiers in the service's log
+    [written] = sorted((tmp_path / "state" / "jobs").glob("*/seg/seg/*.dcm"))
+    assert pydicom.dcmread(written).ReferencedSeriesSequence[0].SeriesInstanceUID == (
+        study.series_instance_uid
+    )
