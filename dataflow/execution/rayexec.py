@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import select
@@ -437,6 +438,8 @@ class ActorSpec:
     output_root: str
     env: Mapping[str, str]
     sys_path: Sequence[str]
+    job_logs: bool = False  # keep each job's log: OUTPUT_ROOT/<job>/.logs/<stage>.log
+    log_level: str = "WARNING"
 
 
 class _RayEdges:
@@ -479,6 +482,10 @@ class StageActor:
         try:
             os.environ.update(spec.env)
             sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
+            from dataflow.logs import configure_logging
+
+            # what the stage logs goes to Ray's log files on its node: scrubbed, as locally
+            configure_logging(spec.log_level, json=True, job_logs=spec.job_logs)
             from dataflow.execution.worker import resolve_stage
             from dataflow.stage import StageContext
 
@@ -520,19 +527,34 @@ class StageActor:
         """Run one job: ``(outcome, *arrays)``, one array (or None) per output port in the
         stage's order; ``outcome`` is ``("done", {port: (kind, value or metadata, nbytes)})``
         or ``("failed", reason, traceback)``."""
-        from dataflow.execution.binding import run_job
+        from dataflow.identifiers import identifiers_of
+        from dataflow.logs import identifying, job_log, job_note
 
-        empty = [None] * len(self.spec.outputs)
-        edges = _RayEdges()
         self.job_name = job_name
         payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
+        with contextlib.ExitStack() as scope:
+            if payload is not None:  # the job's patient identifiers redacted by value
+                scope.enter_context(identifying(functools.partial(identifiers_of, payload)))
+            if self.spec.job_logs:  # what the stage logs and prints, in the job's log too
+                path = Path(self.spec.output_root) / job_name / ".logs" / f"{self.spec.stage}.log"
+                scope.enter_context(job_log(path))
+            outcome = self._run(job_id, job_name, inputs, payload, timeout)
+            if self.spec.job_logs and outcome[0][0] == "failed":
+                job_note(f"job failed: {outcome[0][1]}\n{outcome[0][2]}")
+            return outcome
+
+    def _run(self, job_id, job_name, inputs, payload, timeout) -> tuple:
+        from dataflow.execution.binding import run_job
+
+        edges = _RayEdges()
         try:
             _, published = run_job(
                 self.instance, self.ctx, edges, inputs, job_id=job_id, job_name=job_name,
                 payload_dir=payload, timeout=timeout,
             )  # fmt: skip
         except Exception as exc:
-            return ("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()), *empty
+            failed = ("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            return failed, *([None] * len(self.spec.outputs))
         arrays = [edges.arrays.get(port) for port in self.spec.outputs]
         return ("done", published), *arrays
 
@@ -594,7 +616,9 @@ class RayExecutor:
         self.stage_jobs: dict[str, int] = dict.fromkeys(self.stages, 0)
         self.stage_failed: dict[str, int] = dict.fromkeys(self.stages, 0)
         self.stage_latency: dict[str, Latency] = {name: Latency() for name in self.stages}
-        self.job_logs = False  # per-job logs are the local executor's only (docs/ray.md)
+        #: keep each job's log per stage (``OUTPUT_ROOT/<job>/.logs/<stage>.log``, on the
+        #: file system the nodes share): the service sets it, for the API's logs
+        self.job_logs = False
         self._health: dict[str, Any] = self._snapshot_health(None)
         self._in_flight: dict[str, list[str]] = {}
         self.actors: dict[str, Any] = {}  # worker -> its actor handle
@@ -903,6 +927,7 @@ class RayExecutor:
             worker=wid, stage=stage_name, replica=replica, stage_ref=ref,
             arguments=dict(stage.arguments), outputs=tuple(stage.outputs),
             output_root=str(self.output_root), env=env, sys_path=self.sys_path,
+            job_logs=self.job_logs,
         )  # fmt: skip
         res = self.resources[stage_name]
         where = self.reservation and self.reservation.strategy_for(stage_name, replica)

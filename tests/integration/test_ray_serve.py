@@ -36,12 +36,12 @@ def ray_auth_mode(monkeypatch):
 
 
 @contextlib.contextmanager
-def service(tmp: Path, executor: str):
+def service(tmp: Path, executor: str, pipeline: Path = ROOT / "pipelines" / "passthrough.yaml"):
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "service.yaml"
     path.write_text(
         f"state: {tmp / 'state'}\n"
-        f"pipelines:\n  passthrough: {ROOT / 'pipelines' / 'passthrough.yaml'}\n"
+        f"pipelines:\n  {pipeline.stem}: {pipeline}\n"
         "api: {rest-port: 0, grpc-port: null}\n"
         f"executor: {executor}\n"
     )
@@ -93,6 +93,24 @@ def test_a_job_through_the_api_runs_on_ray_with_the_local_executors_outputs(tmp_
     assert local_job["state"] == "succeeded"
     assert files == local_files
     assert any(name.endswith("comparison.json") for name in files)
+
+
+def test_a_failed_jobs_logs_on_ray_are_kept_per_operator_and_scrubbed(tmp_path):
+    """The API's per-job logs (Clara's ReadLogs) with the Ray executor: what the stage
+    logged, printed and raised in its actor, kept beside the job's outputs, every patient
+    identifier scrubbed, as with the local executor (test_platform_jobs)."""
+    hang = Path(__file__).parent / "service_data" / "hang.yaml"
+    with service(tmp_path, "{kind: ray}", hang) as running, api_client(running) as client:
+        job_id = start_job(client, "hang", {"fail": b""})
+        job = wait_for_end(client, job_id)
+        assert job["state"] == "failed"
+        logs = client.get(f"/api/v1/jobs/{job_id}/logs", params={"operator": "hang"}).json()
+    own = [line for line in logs["logs"] if line.startswith("[hang] ")]
+    assert any("hang_attempt" in line and "attempt=1" in line for line in own), logs
+    assert any("attempt 1 on its folder" in line for line in own), logs
+    assert any("Traceback" in line for line in own) and any("ValueError" in line for line in own)
+    assert any("PatientName <redacted>" in line for line in own), logs
+    assert "DOE^JANE" not in str(logs) and "PAT-0042" not in str(logs)
 
 
 def test_a_service_whose_ray_cluster_does_not_answer_is_not_started(tmp_path):
