@@ -113,6 +113,21 @@ def test_a_failed_jobs_logs_on_ray_are_kept_per_operator_and_scrubbed(tmp_path):
     assert "DOE^JANE" not in str(logs) and "PAT-0042" not in str(logs)
 
 
+def test_a_running_job_cancelled_on_ray_stops_and_the_next_job_runs(tmp_path):
+    hang = Path(__file__).parent / "service_data" / "hang.yaml"
+    with service(tmp_path, "{kind: ray}", hang) as running, api_client(running) as client:
+        job_id = start_job(client, "hang", {"hang": b""})  # hangs until cancelled
+        payload = running.config.state / "payloads"
+        wait_until(lambda: any(payload.glob("*/input/started-1")), "the stage to start", HANG)
+        cancelled = client.post(f"/api/v1/jobs/{job_id}/cancel", json={"reason": "wrong study"})
+        assert cancelled.json()["state"] == "cancelled"
+        executor = running.executors["hang"]
+        wait_until(lambda: job_id not in executor.in_flight(), "the actor to let go", HANG)
+        after = start_job(client, "hang", {"x": b""})  # on the actor started in its place
+        assert wait_for_end(client, after)["state"] == "succeeded"
+        assert client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "cancelled"
+
+
 def test_a_service_whose_ray_cluster_does_not_answer_is_not_started(tmp_path):
     with socket.socket() as free:  # a port nothing listens on
         free.bind(("127.0.0.1", 0))
