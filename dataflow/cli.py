@@ -22,6 +22,7 @@ from dataflow.errors import DataflowError, UsageError
 from dataflow.platform.client import jobs_app, payloads_app, pipelines_app
 from dataflow.platform.dicom_cli import dicom_app
 from dataflow.platform.models_cli import models_app
+from dataflow.platform.order_cli import order as _order  # noqa: F401 (jobs order)
 from dataflow.platform.tokens_cli import tokens_app
 
 

@@ -11,7 +11,11 @@ examples/service.yaml) onto the receiver's and the exporter's own configuration,
 - each registered result of agent ``ClaraSCU`` becomes one outbox task per destination, keyed
   by the registration's task id and the destination (handed over twice: queued once).
 - with ``stow:``, STOW-RS requests on the platform's REST port (``http_routes``) are stored
-  by a receiver as its associations are (:mod:`connectors.dicom.receive.stow`).
+  by a receiver as its associations are (:mod:`connectors.dicom.receive.stow`);
+- ``sources:`` are the PACS an order ("run pipeline P on study S from source X", the
+  platform's ``POST /api/v1/jobs`` with ``order``) may name: ``order_sources()`` gives each
+  one's settings, which the platform writes into the ordered job's ``order.json`` for its
+  first stage (``operators.dicom.priors:FetchStudy``).
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ from connectors.dicom.export.exporter import EXPORT_STATE, EXPORT_STATES, Export
 from connectors.dicom.export.outbox import Outbox, RetryPolicy
 from connectors.dicom.export.sender import Destination
 from connectors.dicom.export.stow import WebDestination
+from connectors.dicom.query import QueryError, source_from
 from connectors.dicom.receive.groups import Group
 from connectors.dicom.receive.receiver import Receiver
 from connectors.dicom.receive.stow import Stow, StowConfig
 from dataflow.errors import ConfigError
 from dataflow.hints import unknown_keys
 
-__all__ = ["DicomConfigError", "DicomConnector", "parse_section", "parse_stow"]
+__all__ = ["DicomConfigError", "DicomConnector", "parse_section", "parse_sources", "parse_stow"]
 
 log = structlog.get_logger("connectors.dicom")
 
@@ -63,6 +68,7 @@ _SECTION_KEYS = {
     "destinations",
     "export",
     "stow",
+    "sources",
 }
 
 
@@ -302,6 +308,30 @@ def parse_stow(section: Mapping[str, Any], receivers: list[ReceiverConfig]) -> S
     return StowConfig(receiver=name, ae_title=title, max_request_size=size)
 
 
+def parse_sources(section: Mapping[str, Any], base: Path) -> dict[str, dict[str, Any]]:
+    """``dicom.sources``: name -> the settings of a PACS an order may fetch from, as a stage's
+    ``pacs`` argument (:func:`connectors.dicom.query.source_from`: DIMSE ``ae``, ``host``,
+    ``port``...; or DICOMweb ``url``), checked now, TLS paths made absolute (relative to the
+    service file). No credential is held here: a DICOMweb token is named by ``token-env``."""
+    sources = section.get("sources") or {}
+    if not isinstance(sources, Mapping):
+        raise DicomConfigError("dicom.sources: expected a mapping of names to PACS settings")
+    out = {}
+    for name, entry in sources.items():
+        where = f"dicom.sources.{name}"
+        if not isinstance(entry, Mapping):
+            raise DicomConfigError(f"{where}: expected a mapping (ae, host, port or url)")
+        entry = dict(entry)
+        if isinstance(entry.get("tls"), Mapping):
+            entry["tls"] = {k: str(base / v) for k, v in entry["tls"].items()}
+        try:
+            source_from(entry, str(name))
+        except QueryError as exc:
+            raise DicomConfigError(f"{where}: {str(exc).removeprefix(f'{name}: ')}") from None
+        out[str(name)] = entry
+    return out
+
+
 class DicomConnector:
     """DICOM in (receivers) and out (the exporter) for the service."""
 
@@ -327,6 +357,12 @@ class DicomConnector:
         self._by_name = {r.config.spool.name: r for r in self.receivers}
         stow = parse_stow(section, configs)
         self.stow = None if stow is None else Stow(self._by_name[stow.receiver], stow)
+        self.sources = parse_sources(section, Path(host.config_path).parent)
+
+    def order_sources(self) -> dict[str, dict[str, Any]]:
+        """The PACS an order may name (``dicom.sources``): name -> settings (the ``pacs``
+        argument of the order's first stage; see :func:`parse_sources`)."""
+        return {name: dict(entry) for name, entry in self.sources.items()}
 
     def http_routes(self) -> list:
         """STOW-RS (``dicom.stow``): the routes the platform mounts on its REST app."""

@@ -34,6 +34,7 @@ server; the ports taken are written to ``STATE/api.json``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -107,6 +108,10 @@ def _grpc_server() -> Any:
 
 #: how many of the newest jobs a search or an AE title filter looks through
 SEARCHED = 5000
+
+#: the file an ordered job's input holds (operators.dicom.priors:FetchStudy reads it)
+ORDER_FILE = "order.json"
+UID_FORM = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class Platform(PipelineOps, PayloadOps, ModelOps):
@@ -237,12 +242,16 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         priority: str = "normal",
         metadata: Mapping[str, str] | None = None,
         input_payloads: Iterable[str] = (),
+        order: Mapping[str, Any] | None = None,
     ) -> tuple[str, str]:
         """A new ``pending`` job of ``pipeline`` (name or id) and its payload: (job id,
         payload id). Upload its files, then :meth:`start_job`. ``input_payloads``: payloads
         of no job (Clara's reusable payloads) whose files are copied into its ``input/``, in
-        order; Invalid if two hold the same name (nothing is created then)."""
+        order; Invalid if two hold the same name (nothing is created then). ``order``: "run
+        the pipeline on study ``study`` (optionally one ``series``) from ``source``", written
+        as ``input/order.json`` (see :meth:`_order`) for the pipeline's first stage to fetch."""
         pipeline = self._name_of(pipeline)
+        ordered = self._order(order) if order is not None else None
         sources = self._reusable(list(input_payloads))
         priority = str(priority).lower()
         if priority not in PRIORITIES:
@@ -258,8 +267,12 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
         for rel, path in sources:
             (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, inputs / rel)
+        if ordered is not None:
+            (inputs / ORDER_FILE).write_text(json.dumps(ordered, indent=1) + "\n")
         name = name or f"{pipeline}-{job_id[:8]}"
         source = {"connector": "api", "name": name, "priority": priority, "payload_id": payload_id}
+        if ordered is not None:
+            source["order_source"] = ordered["source"]
         with self._creating:
             if pipeline in self._closing:
                 shutil.rmtree(inputs.parent, ignore_errors=True)
@@ -276,6 +289,42 @@ class Platform(PipelineOps, PayloadOps, ModelOps):
                           priority=priority, metadata_keys=sorted(meta))  # fmt: skip
         self._publish(job_id, pipeline, "pending")
         return job_id, payload_id
+
+    def order_sources(self) -> dict[str, dict[str, Any]]:
+        """The sources an order may name: the connectors' ``order_sources()`` (duck-typed: the
+        DICOM connector's ``dicom.sources``), name -> settings."""
+        out: dict[str, dict[str, Any]] = {}
+        for _, connector in self.service.connectors.items():
+            method = getattr(connector, "order_sources", None)
+            if callable(method):
+                out.update(method())
+        return out
+
+    def _order(self, order: Mapping[str, Any]) -> dict[str, Any]:
+        """An order checked: ``study`` (a UID), ``series`` (optional UID), ``source`` (a name
+        of :meth:`order_sources`); what ``order.json`` holds: those and the source's
+        settings as ``pacs``. Invalid naming the value that is wrong."""
+        if not isinstance(order, Mapping):
+            raise Invalid("order: expected {study, source[, series]}")
+        unknown = sorted(set(order) - {"study", "series", "source"})
+        if unknown:
+            raise Invalid(f"order: unknown key(s) {unknown}; known: series, source, study")
+        out: dict[str, Any] = {}
+        for key in ("study", "series"):
+            value = order.get(key)
+            if value is None and key == "series":
+                continue
+            text = str(value or "").strip()
+            if len(text) > 64 or not UID_FORM.match(text):
+                raise Invalid(f"order: {key} {value!r} is not a DICOM UID (digits and dots, at "
+                              "most 64)")  # fmt: skip
+            out[key] = text
+        name = str(order.get("source") or "").strip()
+        known = self.order_sources()
+        if name not in known:
+            names = ", ".join(sorted(known)) or "none: the service has no dicom.sources"
+            raise Invalid(f"order: source {name!r} is not a source of this service ({names})")
+        return {**out, "source": name, "pacs": known[name]}
 
     def _reusable(self, payload_ids: list[str]) -> list[tuple[str, Path]]:
         """(name, file) of every file of the given payloads of no job, checked for

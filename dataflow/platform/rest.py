@@ -46,6 +46,12 @@ __all__ = ["RestServer", "add_connector_routes", "build_app", "listen", "serve"]
 PREFIX = "/api/v1"
 
 
+class Order(BaseModel):
+    study: str = Field(description="The Study Instance UID to fetch.")
+    source: str = Field(description="The PACS to fetch it from: a name of dicom.sources.")
+    series: str | None = Field(None, description="One series of the study only.")
+
+
 class JobCreate(BaseModel):
     pipeline: str = Field(description="The pipeline's name or 32-hex id.")
     name: str | None = Field(None, description="A name for people (default: PIPELINE-xxxxxxxx).")
@@ -53,6 +59,11 @@ class JobCreate(BaseModel):
     metadata: dict[str, str] | None = None
     input_payloads: list[str] = Field(
         default_factory=list, description="Payloads of no job whose files are copied in."
+    )
+    order: Order | None = Field(
+        None,
+        description="Run the pipeline on a study from a PACS: the job is started at once "
+        "and its first stage fetches the study (input/order.json).",
     )
 
 
@@ -306,10 +317,16 @@ def build_app(platform: Platform) -> FastAPI:
 
     @app.post(f"{PREFIX}/jobs", tags=["jobs"], status_code=201)
     def create_job(body: JobCreate) -> dict[str, Any]:
-        """A pending job and its empty payload: upload files, then start it."""
+        """A pending job and its empty payload: upload files, then start it. With an
+        ``order``, the job holds ``input/order.json`` and is started at once."""
+        order = body.order.model_dump(exclude_none=True) if body.order is not None else None
         job_id, payload_id = platform.create_job(body.pipeline, body.name, body.priority,
-                                                 body.metadata, body.input_payloads)  # fmt: skip
-        return {"job_id": job_id, "payload_id": payload_id}
+                                                 body.metadata, body.input_payloads,
+                                                 order=order)  # fmt: skip
+        if order is None:
+            return {"job_id": job_id, "payload_id": payload_id}
+        state = platform.start_job(job_id)["state"]
+        return {"job_id": job_id, "payload_id": payload_id, "state": state}
 
     @app.get(f"{PREFIX}/jobs", tags=["jobs"])
     def list_jobs(

@@ -4,7 +4,11 @@ retrieve".
 - :func:`choose_priors`: the rule, pure: which of a patient's studies (C-FIND results) are
   priors of the current one.
 - :class:`FetchPriors`: the job's study folder in, a folder of its priors (as received) out.
-- :class:`FetchStudy`: a Study Instance UID in, that study's folder (as received) out.
+- :class:`FetchStudy`: an order (the job's ``order.json``: "run pipeline P on study S from
+  source X") or a Study Instance UID in, that study's folder (as received) out.
+
+The PACS is DIMSE (C-FIND, C-GET) or DICOMweb (QIDO-RS, WADO-RS): ``pacs`` is a mapping for
+:func:`connectors.dicom.query.source_from`.
 
 Patient IDs and dates are never logged; errors name studies by UID only where the job's own
 failure record needs it (the platform scrubs UIDs from logs).
@@ -13,6 +17,7 @@ failure record needs it (the platform scrubs UIDs from logs).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +31,26 @@ from connectors.dicom.query import (
     Retry,
     c_find,
     c_get,
-    destination_from,
+    source_from,
 )
 from dataflow.errors import DataflowError
 from dataflow.stage import Port, Stage
 from operators.dicom.reading import read_header
 from operators.dicom.series import find_files
 
-__all__ = ["FetchPriors", "FetchStudy", "PriorError", "StudyInfo", "choose_priors", "study_info"]
+__all__ = [
+    "ORDER_FILE",
+    "FetchPriors",
+    "FetchStudy",
+    "PriorError",
+    "StudyInfo",
+    "choose_priors",
+    "read_order",
+    "study_info",
+]
+
+#: the file an ordered job's input folder holds (written by the platform, docs/dicom.md)
+ORDER_FILE = "order.json"
 
 Match = Literal["modality", "body-part", "any"]
 
@@ -166,13 +183,13 @@ class _PacsStage(Stage):
 
     def __init__(
         self,
-        pacs: Mapping[str, Any],
+        pacs: Mapping[str, Any] | None,
         retries: int = 3,
         retry_delay: float = 2.0,
         allow_partial: bool = False,
     ):
         try:
-            self.pacs = destination_from(pacs)
+            self.pacs = None if pacs is None else source_from(pacs)
             self.retry = Retry(attempts=int(retries), delay=float(retry_delay))
         except (QueryError, ValueError, TypeError) as exc:
             raise PriorError(f"{type(self).__name__}: {exc}") from None
@@ -203,6 +220,8 @@ class FetchPriors(_PacsStage):
         allow_partial: bool = False,
     ):
         super().__init__(pacs, retries, retry_delay, allow_partial)
+        if self.pacs is None:
+            raise PriorError("FetchPriors: pacs is required (the PACS that holds the priors)")
         self.within_days = None if within_days is None else int(within_days)
         self.count = int(count)
         self.match = match
@@ -255,16 +274,43 @@ class FetchPriors(_PacsStage):
         return out
 
 
-class FetchStudy(_PacsStage):
-    """A Study Instance UID -> that study's folder from the PACS (C-GET, as received), for
-    "run pipeline P on study S from PACS X". ``series_uid`` fetches one series only."""
+def _is_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
 
-    inputs = {"study_uid": Port("string", description="Study Instance UID")}
+
+def read_order(folder: Path) -> dict[str, Any]:
+    """The order in an ordered job's input folder (:data:`ORDER_FILE`): ``study`` (a Study
+    Instance UID), ``series`` (one series only, or absent), ``source`` (the name the order gave)
+    and ``pacs`` (that source's settings, from the service's ``dicom.sources``)."""
+    path = Path(folder) / ORDER_FILE
+    try:
+        order = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PriorError(
+            f"FetchStudy: the job's input holds no {ORDER_FILE} (an order: "
+            "POST /api/v1/jobs with an order, or dataflow jobs order)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise PriorError(f"FetchStudy: {ORDER_FILE} is unreadable: {exc}") from None
+    if not isinstance(order, dict) or not _is_uid(str(order.get("study", "")).strip()):
+        study = order.get("study") if isinstance(order, dict) else None
+        raise PriorError(f"FetchStudy: {ORDER_FILE}: study {study!r} is not a Study Instance UID")
+    return order
+
+
+class FetchStudy(_PacsStage):
+    """An order -> that study's folder from the PACS (C-GET or WADO-RS, as received), for "run
+    pipeline P on study S from source X". The input is the ordered job's folder, whose
+    :data:`ORDER_FILE` names the study, its series (optional) and the source with its settings
+    (which the ``pacs`` argument stands in for when the order has none); or a Study Instance
+    UID itself. ``series_uid`` fetches one series only."""
+
+    inputs = {"order": Port("stream", element_type="order", description="order.json, or a UID")}
     outputs = {"study": Port("stream", element_type="dicom", description="the study")}
 
     def __init__(
         self,
-        pacs: Mapping[str, Any],
+        pacs: Mapping[str, Any] | None = None,
         series_uid: str | None = None,
         retries: int = 3,
         retry_delay: float = 2.0,
@@ -273,14 +319,36 @@ class FetchStudy(_PacsStage):
         super().__init__(pacs, retries, retry_delay, allow_partial)
         self.series_uid = series_uid.strip() if series_uid else None
 
-    def execute(self, ctx, study_uid: str) -> Path:
-        uid = str(study_uid).strip()
-        if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
-            raise PriorError(f"FetchStudy: {uid!r} is not a Study Instance UID")
+    def _order(self, order: str | Path) -> tuple[str, str | None, Any]:
+        """(study UID, series UID or None, the PACS) of the input."""
+        if Path(order).is_dir():
+            found = read_order(Path(order))
+            pacs = self.pacs
+            if found.get("pacs") is not None:
+                try:
+                    pacs = source_from(found["pacs"], str(found.get("source") or "pacs"))
+                except QueryError as exc:
+                    raise PriorError(f"FetchStudy: the order's source: {exc}") from None
+            series = str(found.get("series") or "").strip() or self.series_uid
+            uid = str(found["study"]).strip()
+        else:
+            uid, series, pacs = str(order).strip(), self.series_uid, self.pacs
+            if not _is_uid(uid):
+                raise PriorError(f"FetchStudy: {uid!r} is neither a Study Instance UID nor a "
+                                 f"folder holding {ORDER_FILE}")  # fmt: skip
+        if series is not None and not _is_uid(series):
+            raise PriorError(f"FetchStudy: series {series!r} is not a Series Instance UID")
+        if pacs is None:
+            raise PriorError("FetchStudy: no PACS: the order names no source with settings and "
+                             "the stage has no pacs argument")  # fmt: skip
+        return uid, series, pacs
+
+    def execute(self, ctx, order: str | Path) -> Path:
+        uid, series, pacs = self._order(order)
         out = ctx.output_dir("study")
-        result = c_get(self.pacs, uid, out, series_uid=self.series_uid,
-                       allow_partial=self.allow_partial, retry=self.retry)  # fmt: skip
+        result = c_get(pacs, uid, out, series_uid=series, allow_partial=self.allow_partial,
+                       retry=self.retry)  # fmt: skip
         ctx.log.info("study_fetched", files=len(result.files), completed=result.completed,
                      failed=result.failed, warning=result.warning,
-                     pacs=self.pacs.describe())  # fmt: skip
+                     pacs=pacs.describe())  # fmt: skip
         return out

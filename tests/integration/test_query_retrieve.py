@@ -173,13 +173,13 @@ def test_no_prior_is_an_empty_folder_or_a_failure_when_required(pacs, tmp_path):
 def test_fetch_study_by_uid_and_a_study_that_is_not_there(pacs, tmp_path):
     orthanc, studies, _ = pacs
     other = studies["other"]
-    out = run_stage(FetchStudy, {"study_uid": other.study_instance_uid},
+    out = run_stage(FetchStudy, {"order": other.study_instance_uid},
                     arguments={"pacs": _settings(orthanc)}, output_dir=tmp_path)  # fmt: skip
     assert _pixels(out["study"].iterdir()) == _pixels(other.files)
     missing = "1.2.826.0.1.3680043.8.498.1"
     with pytest.raises(NotFoundError, match=rf"study {missing} is not on pacs \(ORTHANC@"):
         returns_before_a_hang(
-            run_stage, FetchStudy, {"study_uid": missing}, arguments={"pacs": _settings(orthanc)}
+            run_stage, FetchStudy, {"order": missing}, arguments={"pacs": _settings(orthanc)}
         )
 
 
@@ -218,9 +218,9 @@ def test_a_partial_c_get_fails_unless_allowed_and_a_failed_c_move_fails(pacs, tm
     orthanc, studies, _ = pacs
     mixed = studies["mixed"]
     with pytest.raises(RetrieveError, match=r"C-GET of study .* partial: 3 completed, 1 failed"):
-        run_stage(FetchStudy, {"study_uid": mixed.study_instance_uid},
+        run_stage(FetchStudy, {"order": mixed.study_instance_uid},
                   arguments={"pacs": _settings(orthanc)}, output_dir=tmp_path)  # fmt: skip
-    out = run_stage(FetchStudy, {"study_uid": mixed.study_instance_uid},
+    out = run_stage(FetchStudy, {"order": mixed.study_instance_uid},
                     arguments={"pacs": _settings(orthanc), "allow_partial": True},
                     output_dir=tmp_path / "allowed")  # fmt: skip
     assert _pixels(out["study"].iterdir()) == _pixels(mixed.files)
@@ -249,7 +249,7 @@ def test_pacs_down_fails_after_the_bounded_retries(tmp_path):
     arguments = {"pacs": {"ae": "PACS", "host": "127.0.0.1", "port": port},
                  "retries": 2, "retry_delay": 0}  # fmt: skip
     with pytest.raises(PacsUnavailableError, match=rf"PACS@127.0.0.1:{port}.*after 2 attempts"):
-        returns_before_a_hang(run_stage, FetchStudy, {"study_uid": "1.2.3.4.5"},
+        returns_before_a_hang(run_stage, FetchStudy, {"order": "1.2.3.4.5"},
                               arguments=arguments, output_dir=tmp_path)  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""C-FIND, C-GET and C-MOVE against one PACS (pynetdicom as SCU, Study Root).
+"""C-FIND, C-GET and C-MOVE against one PACS (pynetdicom as SCU, Study Root); the same calls
+on a DICOMweb source are QIDO-RS and WADO-RS (:mod:`connectors.dicom.query.web`).
 
 The PACS is a :class:`~connectors.dicom.export.sender.Destination`, the settings of an export
 destination (AE titles, host, port, TLS, time-outs); :func:`destination_from` builds one from the
@@ -54,6 +55,7 @@ __all__ = [
     "c_get",
     "c_move",
     "destination_from",
+    "source_from",
 ]
 
 log = structlog.get_logger("connectors.dicom.query")
@@ -168,6 +170,30 @@ def destination_from(pacs: Mapping[str, Any] | Destination, name: str = "pacs") 
         raise QueryError(f"{name}: {exc}") from None
 
 
+def source_from(pacs: Mapping[str, Any] | Any, name: str = "pacs") -> Any:
+    """The PACS a stage's ``pacs`` argument (or an order's source) describes: a DICOMweb
+    :class:`~connectors.dicom.query.web.WebSource` for ``protocol: dicomweb`` (or a ``url``),
+    else a DIMSE :class:`Destination` (:func:`destination_from`; ``protocol: dimse``)."""
+    from .web import WebSource, web_source_from
+
+    if isinstance(pacs, (Destination, WebSource)):
+        return pacs
+    if not isinstance(pacs, Mapping):
+        raise QueryError(f"{name}: expected a mapping (ae, host and port, or a url), not {pacs!r}")
+    protocol = str(pacs.get("protocol", "dicomweb" if "url" in pacs else "dimse")).lower()
+    if protocol == "dicomweb":
+        return web_source_from(pacs, name)
+    if protocol != "dimse":
+        raise QueryError(f"{name}: protocol {pacs['protocol']!r} must be dimse or dicomweb")
+    return destination_from({k: v for k, v in pacs.items() if k != "protocol"}, name)
+
+
+def _web(pacs: Any) -> bool:
+    from .web import WebSource
+
+    return isinstance(pacs, WebSource)
+
+
 def _associate(
     pacs: Destination,
     contexts: Iterable[tuple[str, list[str]]],
@@ -249,6 +275,10 @@ def c_find(
     attribute back) at ``level`` (``PATIENT``, ``STUDY`` or ``SERIES``; Study Root)."""
     if level not in _LEVELS:
         raise QueryError(f"C-FIND level {level!r} must be one of {', '.join(_LEVELS)}")
+    if _web(pacs):  # QIDO-RS
+        from .web import qido
+
+        return qido(pacs, level, keys, retry=retry, cancel=cancel)
     return retry.run(f"C-FIND {level}", lambda: _find_once(pacs, level, keys), cancel)
 
 
@@ -410,6 +440,10 @@ def c_get(
     on the same association and it is written as received. :class:`NotFoundError` when the
     PACS does not have it (a C-FIND first, which also asks for the SOP classes in the study:
     those are proposed first, so that a private or new one comes back too)."""
+    if _web(pacs):  # WADO-RS
+        from .web import wado
+
+        return wado(pacs, study_uid, folder, series_uid=series_uid, retry=retry, cancel=cancel)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     classes = _check_there(pacs, study_uid, series_uid, retry, cancel)
@@ -445,6 +479,9 @@ def c_move(
     """C-MOVE a study (or series) to the AE title ``move_ae`` (one the PACS knows: usually our
     own receiver); the instances arrive there, not here. :class:`NotFoundError` as for
     :func:`c_get`."""
+    if _web(pacs):
+        raise QueryError(f"{pacs.describe()}: C-MOVE is DIMSE only (a DICOMweb source: C-GET "
+                         "is WADO-RS)")  # fmt: skip
     if not move_ae or len(move_ae) > 16:
         raise QueryError(f"C-MOVE destination AE title {move_ae!r} must be 1-16 characters")
     _check_there(pacs, study_uid, series_uid, retry, cancel)
