@@ -212,7 +212,11 @@ class StageContext:
     metadata of array inputs), :meth:`output_dir` (the job's folder for a stream output),
     :meth:`allocate`, ``memory_limit`` (bytes a job may allocate in this worker beyond
     its prepared footprint — from ``requests.memory`` or the service's default — or None when
-    unlimited: bound decodes by it before allocating).
+    unlimited: bound decodes by it before allocating), ``provenance`` (for a stage whose
+    class sets ``wants_provenance``: the job's provenance so far — pipeline, inputs, the
+    upstream stages' records, this stage's own — as :mod:`dataflow.execution.provenance`
+    describes it; None otherwise), :meth:`note_output` (an instance this job wrote, for the
+    job's provenance and ``dataflow trace``).
     """
 
     def __init__(
@@ -241,6 +245,8 @@ class StageContext:
         self.job_name: str | None = None
         self.payload_dir: Path | None = None
         self.metadata: dict[str, dict[str, Any]] = {}
+        self.provenance: dict[str, Any] | None = None
+        self.outputs_noted: list[dict[str, Any]] = []
         self.log = self._base_log
         self._deadline: float | None = None
 
@@ -252,10 +258,14 @@ class StageContext:
         payload_dir: Path | None = None,
         metadata: Mapping[str, dict[str, Any]] | None = None,
         timeout: float | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         """Called by the runtime before each ``execute``."""
         self.job_id, self.job_name, self.payload_dir = job_id, job_name, payload_dir
         self.metadata = dict(metadata or {})
+        self.provenance = provenance
+        if self.outputs_noted:
+            self.outputs_noted = []
         self.log = self._base_log.bind(job_id=job_id)
         self._deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -263,6 +273,14 @@ class StageContext:
     def time_left(self) -> float | None:
         """Seconds left before this stage's timeout for the current job (None: no timeout)."""
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def note_output(self, sop_instance_uid: str, **about: Any) -> None:
+        """Say that this job wrote the DICOM instance ``sop_instance_uid`` (``about``: its
+        ``sop_class_uid``, ``series_instance_uid``, ``study_instance_uid``, ``file``...; UIDs
+        and names of files only, never patient data): the job's provenance lists it, and
+        ``dataflow trace`` finds the job from it."""
+        self.outputs_noted.append({"sop_instance_uid": str(sop_instance_uid), "stage": self.stage,
+                                   **{k: str(v) for k, v in about.items()}})  # fmt: skip
 
     def output_dir(self, port: str) -> Path:
         """This job's folder for stream output ``port`` (made): write files into it and
@@ -292,7 +310,8 @@ class Stage:
     metadata (geometry, UIDs) an array output returned as a plain array inherits; by default
     the first array input in the order of ``inputs`` (return a :class:`Tensor` to set an
     output's metadata yourself). The same rule runs in the workers and in
-    :mod:`dataflow.testing` (:func:`output_values`).
+    :mod:`dataflow.testing` (:func:`output_values`). ``wants_provenance``: the stage is given
+    the job's provenance so far as ``ctx.provenance`` (docs/provenance.md).
     """
 
     inputs: ClassVar[Mapping[str, Port]] = {}
@@ -300,6 +319,8 @@ class Stage:
     requests: ClassVar[Mapping[str, int]] = {}
     requires: ClassVar[Mapping[str, str]] = {}
     metadata_from: ClassVar[str | None] = None
+    #: the stage reads ``ctx.provenance`` (a DICOM writer): the runtime hands it the record
+    wants_provenance: ClassVar[bool] = False
 
     @classmethod
     def requirements(cls, parameters: Mapping[str, Any]) -> Mapping[str, str]:

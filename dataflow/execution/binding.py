@@ -45,6 +45,7 @@ def run_job(
     job_name: str,
     payload_dir: Path | None = None,
     timeout: float | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one job: returns (the outputs as the stage returned them, checked against its
     ports; what :meth:`Edges.write` returned for each)."""
@@ -56,7 +57,8 @@ def run_job(
         values[port] = value
         if meta is not None:
             metadata[port] = meta
-    ctx.begin_job(job_id, job_name, payload_dir=payload_dir, metadata=metadata, timeout=timeout)
+    ctx.begin_job(job_id, job_name, payload_dir=payload_dir, metadata=metadata, timeout=timeout,
+                  provenance=provenance)  # fmt: skip
     result = instance.execute(ctx, **values)
     outputs = instance.outputs
     defaults = {port: ctx.output_dir(port) for port, p in outputs.items() if p.type == "stream"}

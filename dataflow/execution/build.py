@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from dataflow.errors import UsageError
 from dataflow.execution.local import StageDef
+from dataflow.execution.provenance import pipeline_record
 from dataflow.pipeline import Graph, OperatorNode, images
 from dataflow.scheduler import Inventory, PlacementError, Plan, ReplicaRequest, place
 
@@ -121,6 +122,7 @@ def stage_defs(graph: Graph, plan: Plan, *, memory_limit: int | None = None) -> 
     (bytes: the service's ``worker-memory``), else none."""
     names = {name: _port_names(node) for name, node in graph.nodes.items()}
     defs = []
+    described = []  # each stage as its provenance names it
     for name, node in graph.nodes.items():
         in_names, out_names = names[name]
         inputs: dict[str, tuple[str, str] | None] = {}
@@ -142,6 +144,12 @@ def stage_defs(graph: Graph, plan: Plan, *, memory_limit: int | None = None) -> 
             limit, source = int(node.requests.memory) * MIB, "requests.memory"
         else:
             limit, source = memory_limit, "worker-memory"
+        container = node.spec.container if node.kind == "container" else None
+        described.append({
+            "name": name, "stage_ref": ref, "arguments": arguments, "inputs": inputs,
+            "container": f"{container.image}:{container.tag or 'latest'}" if container else None,
+        })  # fmt: skip
+        cls = node.stage_class if node.kind == "stage" else None
         defs.append(
             StageDef(
                 name=name,
@@ -155,9 +163,11 @@ def stage_defs(graph: Graph, plan: Plan, *, memory_limit: int | None = None) -> 
                 devices=[a.gpus[0] if a.gpus else None for a in assignments],
                 memory_limit=limit,
                 memory_source=source,
+                wants_provenance=bool(getattr(cls, "wants_provenance", False)),
             )
         )
-    return defs
+    pipeline = pipeline_record(graph.spec.name, described, file=graph.spec.path)
+    return [dataclasses.replace(d, pipeline=pipeline) for d in defs]
 
 
 def _command_arguments(node: OperatorNode, in_names, out_names) -> dict:

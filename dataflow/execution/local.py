@@ -36,6 +36,7 @@ import structlog
 
 from dataflow.execution import forkserver, state
 from dataflow.execution.latency import Latency
+from dataflow.execution.provenance import JobProvenance
 from dataflow.execution.refs import ObjRef, PathRef, Ref, from_wire, to_wire
 from dataflow.execution.worker import WorkerSpec, mib, worker_main
 from dataflow.machine import oom_kills
@@ -63,6 +64,10 @@ class StageDef:
     #: bytes a job may allocate in a worker beyond its footprint once prepared (None: no limit)
     memory_limit: int | None = None
     memory_source: str = "requests.memory"  # where the limit comes from, for messages
+    #: its class reads ``ctx.provenance``: each dispatch carries the job's record so far
+    wants_provenance: bool = False
+    #: the pipeline's provenance (``provenance.pipeline_record``; the same for every stage)
+    pipeline: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -76,6 +81,9 @@ class JobResult:
     seconds: float = 0.0
     #: when each stage ran the job: ``{"stage", "start", "end", "ok"}`` (Unix times), in order
     stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: what made it (``JOB/provenance.json``: :mod:`dataflow.execution.provenance`), when the
+    #: stages were built with their pipeline's record
+    provenance: dict[str, Any] | None = None
 
 
 class _Proc:
@@ -221,6 +229,11 @@ class LocalExecutor:
         #: worker -> (job, when it was dispatched: monotonic, and wall for the timeline)
         self._dispatched: dict[str, tuple[str, float, float]] = {}
         self._timeline: dict[str, list[dict[str, Any]]] = {}  # job -> its stages' runs
+        pipeline = next((s.pipeline for s in stages if s.pipeline is not None), None)
+        self.provenance = (
+            None if pipeline is None else
+            JobProvenance(pipeline, {s.name: s.devices for s in stages}, self.output_root)
+        )  # fmt: skip
         self.store: Store | None = None
         #: keep each job's log per stage (``OUTPUT_ROOT/<job>/.logs/<stage>.log``): the service
         self.job_logs = False
@@ -319,6 +332,8 @@ class LocalExecutor:
 
     def _submit(self, job_id, payload, priority, results, started, on_result) -> None:
         started[job_id] = time.monotonic()
+        if self.provenance is not None:
+            self.provenance.begin(job_id, payload, time.time())
         value = state.Value(PathRef(str(payload)), 0) if payload else None  # a Path is true
         self._do(
             self.core.submit(job_id, value, time.monotonic(), priority),
@@ -488,7 +503,10 @@ class LocalExecutor:
                 inputs = {port: to_wire(value.ref) for port, value in action.inputs.items()}
                 self._dispatched[action.worker] = (action.job, time.monotonic(), time.time())
                 job_name = action.job
-                proc.conn.send(("job", action.job, job_name, inputs, action.timeout))
+                message = ("job", action.job, job_name, inputs, action.timeout)
+                if self.provenance is not None and self.stages[action.stage].wants_provenance:
+                    message += (self.provenance.snapshot(action.job, action.stage),)
+                proc.conn.send(message)
             elif isinstance(action, state.StartWorker):
                 self._start_or_defer(action.worker, action.stage, action.replica)
             elif isinstance(action, state.KillWorker):
@@ -524,21 +542,31 @@ class LocalExecutor:
         its seconds."""
         job, dispatched, began = self._dispatched.pop(wid, (None, now, 0.0))
         if job is not None:
+            end = time.time()
             self._timeline.setdefault(job, []).append(
-                {"stage": stage, "start": began, "end": time.time(), "ok": ok}
+                {"stage": stage, "start": began, "end": end, "ok": ok}
             )
+            if self.provenance is not None:
+                self.provenance.ran(job, stage, self.core.workers[wid].replica, began, end, ok)
         return now - dispatched
 
     def _result(self, action, started, copy: bool) -> JobResult:
         seconds = time.monotonic() - started.pop(action.job, time.monotonic())
         stages = self._timeline.pop(action.job, [])
-        if isinstance(action, state.JobFailed):
+        failed = isinstance(action, state.JobFailed)
+        record = None
+        if self.provenance is not None:
+            record = self.provenance.finish(action.job, not failed,
+                                            getattr(action, "stage", None),
+                                            getattr(action, "reason", ""))  # fmt: skip
+        if failed:
             return JobResult(
                 action.job, False, stage=action.stage, reason=action.reason,
-                details=action.details, seconds=seconds, stages=stages,
+                details=action.details, seconds=seconds, stages=stages, provenance=record,
             )  # fmt: skip
         outputs = {key: self._materialize(value.ref, copy) for key, value in action.outputs.items()}
-        return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages)
+        return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages,
+                         provenance=record)  # fmt: skip
 
     def _materialize(self, ref: Ref, copy: bool) -> Any:
         if isinstance(ref, ObjRef):
@@ -660,6 +688,8 @@ class LocalExecutor:
         self.procs.clear()
         self.store.stop()
         self.store = None
+        if self.provenance is not None:
+            self.provenance.close()
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -7,7 +7,8 @@ the coordinator says stop. SIGINT is ignored: on Ctrl-C the coordinator stops th
 
 Messages on the worker's pipe (pickled tuples):
 
-- coordinator -> worker: ``("job", job_id, job_name, inputs, timeout)``, ``("stop",)``
+- coordinator -> worker: ``("job", job_id, job_name, inputs, timeout)`` (and the job's
+  provenance so far as a sixth item, for a stage that ``wants_provenance``), ``("stop",)``
 - worker -> coordinator: ``("ready",)``, ``("done", job_id, outputs)``,
   ``("failed", job_id, reason, traceback)``, ``("fatal", reason, traceback)`` (then exits)
 
@@ -175,6 +176,7 @@ class Worker:
         self.stage_cls = resolve_stage(spec.stage_ref)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"dataflow-{spec.stage}-"))
         self.job: _Job | None = None
+        self.provenance: dict[str, Any] | None = None  # the job's so far (wants_provenance)
         self.ctx = StageContext(
             stage=spec.stage,
             replica=spec.replica,
@@ -196,7 +198,8 @@ class Worker:
                 message = self.conn.recv()
                 if message[0] == "stop":
                     break
-                _, job_id, job_name, wired, timeout = message
+                job_id, job_name, wired, timeout = message[1:5]
+                self.provenance = message[5] if len(message) > 5 else None
                 inputs = {port: from_wire(ref) for port, ref in wired.items()}
                 self.conn.send(self.run_job(job_id, job_name, inputs, timeout))
         finally:
@@ -234,9 +237,14 @@ class Worker:
         job = self.job = _Job(self, job_id, job_name)
         try:
             _, published = run_job(
-                self.instance, self.ctx, job, inputs,
-                job_id=job_id, job_name=job_name, payload_dir=payload, timeout=timeout,
+                self.instance, self.ctx, job, inputs, job_id=job_id, job_name=job_name,
+                payload_dir=payload, timeout=timeout, provenance=self.provenance,
             )  # fmt: skip
+            if self.ctx.outputs_noted:  # the instances it wrote: for the job's provenance
+                from dataflow.execution.provenance import write_notes
+
+                job_dir = Path(self.spec.output_root) / job_name
+                write_notes(job_dir, self.spec.stage, self.ctx.outputs_noted)
             return ("done", job_id, {p: (to_wire(r), n) for p, (r, n) in published.items()})
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
