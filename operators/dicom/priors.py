@@ -33,6 +33,7 @@ from connectors.dicom.query import (
     c_get,
     source_from,
 )
+from dataflow.durable import link_or_copy
 from dataflow.errors import DataflowError
 from dataflow.stage import Port, Stage
 from operators.dicom.reading import read_header
@@ -303,7 +304,9 @@ class FetchStudy(_PacsStage):
     pipeline P on study S from source X". The input is the ordered job's folder, whose
     :data:`ORDER_FILE` names the study, its series (optional) and the source with its settings
     (which the ``pacs`` argument stands in for when the order has none); or a Study Instance
-    UID itself. ``series_uid`` fetches one series only."""
+    UID itself. ``series_uid`` fetches one series only. A folder without an order is a study
+    pushed to the service (or given to ``dataflow run``): its files are passed on as they are
+    (hard links), so that one pipeline serves pushed and ordered studies alike."""
 
     inputs = {"order": Port("stream", element_type="order", description="order.json, or a UID")}
     outputs = {"study": Port("stream", element_type="dicom", description="the study")}
@@ -344,6 +347,9 @@ class FetchStudy(_PacsStage):
         return uid, series, pacs
 
     def execute(self, ctx, order: str | Path) -> Path:
+        folder = Path(order)
+        if folder.is_dir() and not (folder / ORDER_FILE).exists():
+            return self._pass_on(ctx, folder)
         uid, series, pacs = self._order(order)
         out = ctx.output_dir("study")
         result = c_get(pacs, uid, out, series_uid=series, allow_partial=self.allow_partial,
@@ -351,4 +357,15 @@ class FetchStudy(_PacsStage):
         ctx.log.info("study_fetched", files=len(result.files), completed=result.completed,
                      failed=result.failed, warning=result.warning,
                      pacs=pacs.describe())  # fmt: skip
+        return out
+
+    def _pass_on(self, ctx, folder: Path) -> Path:
+        files = [path for path in find_files(folder) if path.name != ORDER_FILE]
+        if not files:
+            raise PriorError(f"FetchStudy: {folder.name} holds neither {ORDER_FILE} (an order) "
+                             "nor a file of a study")  # fmt: skip
+        out = ctx.output_dir("study")
+        for path in files:
+            link_or_copy(path, out / path.relative_to(folder))
+        ctx.log.info("study_passed_on", files=len(files))
         return out

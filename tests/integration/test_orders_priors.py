@@ -8,8 +8,9 @@ patient's study.
 - QIDO-RS and WADO-RS (connectors/dicom/query/web.py) and FetchPriors/FetchStudy on a
   DICOMweb source; a DICOMweb server that is down fails after the bounded retries;
 - orders through a real ``dataflow serve`` (REST and ``dataflow jobs order``): a study fetched
-  from a DIMSE and from a DICOMweb source; an unknown source and a malformed UID refused
-  naming the value; a study not there and a PACS that is down each a failed job saying so.
+  from a DIMSE and from a DICOMweb source; the reference pipeline ordered (its SR exported
+  back to Orthanc); an unknown source and a malformed UID refused naming the value; a study
+  not there and a PACS that is down each a failed job saying so.
 """
 
 from __future__ import annotations
@@ -206,12 +207,17 @@ def _service(tmp_path, orthanc) -> Service:
 state: {tmp_path / "state"}
 pipelines:
   fetch-study: {pipeline}
+  prior-comparison:
+    file: {ROOT / "pipelines" / "prior-comparison.yaml"}
+    params: {{pacs_ae: {orthanc.aet}, pacs_host: 127.0.0.1, pacs_port: "{orthanc.dicom_port}"}}
 api: {{rest-port: 0, grpc-port: null}}
 dicom:
   receivers:
   - {{name: plain, host: 127.0.0.1, port: {free_port()}}}
   ae-titles:
     DATAFLOW: {{pipelines: [fetch-study]}}
+  destinations:
+    PACS: {{ae: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}}}
   sources:
     orthanc: {{ae: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}}}
     orthanc-web: {{protocol: dicomweb, url: "{orthanc.url}/dicom-web"}}
@@ -231,7 +237,7 @@ def _ended(client, job_id):
 
 
 def test_orders_through_the_api_and_the_cli(pacs, tmp_path):
-    orthanc, studies, _ = pacs
+    orthanc, studies, filled = pacs
     other = studies["other"]
     service = _service(tmp_path, orthanc)
     with contextlib.ExitStack() as stack:
@@ -276,6 +282,26 @@ def test_orders_through_the_api_and_the_cli(pacs, tmp_path):
         assert job["state"] == "failed"
         assert job["messages"][0].startswith("fetch: PacsUnavailableError: down (PACS@127.0.0.1:")
         assert job["messages"][0].endswith("(gave up after 2 attempts)")
+
+        # the reference pipeline, ordered: the current study fetched, its prior too, the SR
+        # of the comparison sent back to the PACS
+        current = studies["current"]
+        order = {"study": current.study_instance_uid, "source": "orthanc"}
+        made = client.post("/api/v1/jobs", json={"pipeline": "prior-comparison", "order": order})
+        job = _ended(client, made.json()["job_id"])
+        assert job["state"] == "succeeded", job
+        name = "operators/compare/report/report.json"
+        report = client.get(f"/api/v1/jobs/{job['id']}/files/{name}").json()
+        assert report["prior_study_uid"] == studies["prior"].study_instance_uid
+        geometry = current.geometry
+        voxel_ml = geometry.slice_spacing * np.prod(geometry.pixel_spacing) / 1000
+        assert report["change_ml"] == pytest.approx(filled * voxel_ml, rel=0.01)
+
+        def sr_in_pacs():
+            query = {"StudyInstanceUID": current.study_instance_uid, "Modality": "SR"}
+            return orthanc.rest("POST", "/tools/find", {"Level": "Series", "Query": query})
+
+        wait_until(sr_in_pacs, "the SR exported to the PACS", HANG, 0.2)
 
         cli = subprocess.run(
             [sys.executable, "-m", "dataflow.cli", "jobs", "order", "fetch-study",
