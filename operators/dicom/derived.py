@@ -30,6 +30,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from dataflow import __version__
 from dataflow.stage import Port, Stage, StageError
+from operators.dicom.provenance import stamp
 from operators.dicom.seg import source_datasets
 
 __all__ = [
@@ -228,6 +229,7 @@ class WriteDerivedSeries(Stage):
         "series": Port("stream", element_type="dicom"),
         "preview": Port("stream", element_type="dicom"),
     }
+    wants_provenance = True  # ctx.provenance: the job's record, into every instance
 
     def __init__(
         self,
@@ -255,11 +257,13 @@ class WriteDerivedSeries(Stage):
         )  # fmt: skip
         series = ctx.output_dir("series")
         for ds in datasets:
+            stamp(ctx, ds)
             ds.save_as(series / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         preview = ctx.output_dir("preview")
         if self.preview:
             sc = make_preview(volume, sources, window=self.window,
                               series_number=self.series_number + 1)  # fmt: skip
+            stamp(ctx, sc)
             sc.save_as(preview / f"{sc.SOPInstanceUID}.dcm")
         ctx.log.info(
             "derived_series_written", files=len(datasets), slope=float(datasets[0].RescaleSlope)

@@ -38,6 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 from dataflow import __version__
 from dataflow.stage import Port, Stage, StageError
 from operators.dicom.geometry import decimal_strings, patient_points
+from operators.dicom.provenance import stamp
 from operators.dicom.seg import check_allow_empty, refuse_empty, source_datasets
 
 __all__ = ["DEFAULT_ROIS", "ROI_TYPES", "WriteRTStruct", "make_rtstruct", "slice_contours"]
@@ -223,6 +224,7 @@ class WriteRTStruct(Stage):
         "study": Port("stream", element_type="dicom"),
     }
     outputs = {"rtstruct": Port("stream", element_type="dicom")}
+    wants_provenance = True  # ctx.provenance: the job's record, into the structure set
 
     def __init__(
         self,
@@ -246,6 +248,7 @@ class WriteRTStruct(Stage):
             series_number=self.series_number, tolerance=self.tolerance,
             allow_empty=self.allow_empty,
         )  # fmt: skip
+        stamp(ctx, ds)
         out = ctx.output_dir("rtstruct")
         ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         ctx.log.info(

@@ -30,6 +30,7 @@ import pydicom
 from dataflow import __version__
 from dataflow.errors import DataflowError
 from dataflow.stage import ParameterError, Port, Stage, StageError
+from operators.dicom.provenance import add_contributing_equipment, algorithm, note
 from operators.dicom.reading import read_header
 from operators.dicom.series import find_files
 
@@ -74,13 +75,19 @@ def _code(text: str, where: str):
         ) from None
 
 
-def _descriptions(segments: Sequence[Mapping[str, Any]]):
+def _descriptions(
+    segments: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any] | None = None
+):
+    """Segment descriptions, each AUTOMATIC with the algorithm the job's provenance names
+    (the model's name and version, else the pipeline's: :func:`.provenance.algorithm`)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="dataflow", version=__version__, family=codes.cid7162.ArtificialIntelligence
-    )
+    name, version, family, parameters = algorithm(provenance)
+    identification = hd.AlgorithmIdentificationSequence(
+        name=name, version=version, family=getattr(codes.cid7162, family),
+        source="dataflow", parameters=parameters or None,
+    )  # fmt: skip
     out = []
     for i, seg in enumerate(segments, 1):
         where = f"segment {i} ({seg.get('name', '?')!r})"
@@ -94,7 +101,7 @@ def _descriptions(segments: Sequence[Mapping[str, Any]]):
                 segmented_property_category=_code(str(seg["category"]), where),
                 segmented_property_type=_code(str(seg["type"]), where),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
+                algorithm_identification=identification,
             )
         )
     return out
@@ -139,8 +146,11 @@ def make_segmentation(
     series_description: str = "Segmentation",
     series_number: int = 9000,
     allow_empty: bool | Sequence[str] = (),
+    provenance: Mapping[str, Any] | None = None,
 ):
-    """A highdicom Segmentation of ``labels`` (one frame per source slice, same order).
+    """A highdicom Segmentation of ``labels`` (one frame per source slice, same order), with
+    the job's ``provenance`` (``ctx.provenance``) in its Contributing Equipment Sequence and
+    segment algorithm identification.
 
     A segment without a voxel raises :class:`EmptySegmentError`, unless its name is in
     ``allow_empty`` (True: any segment may be empty)."""
@@ -164,13 +174,16 @@ def make_segmentation(
         lut[value] = number
     pixels = lut[labels]
     try:
-        return _segmentation(hd, sources, pixels, segments, series_description, series_number)
+        seg = _segmentation(hd, sources, pixels, segments, series_description, series_number,
+                            provenance)  # fmt: skip
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         classes = sorted({_sop_class(ds) for ds in sources})
         raise StageError(
             f"highdicom cannot write a SEG on these sources ({', '.join(classes)}; first "
             f"{_name(sources[0])}): {type(exc).__name__}: {exc}"
         ) from exc
+    add_contributing_equipment(seg, provenance)
+    return seg
 
 
 def refuse_empty(items, present, allow_empty, slices, first, what) -> None:
@@ -237,12 +250,13 @@ def check_sources(sources: Sequence[pydicom.Dataset]) -> None:
                 raise StageError(f"{_name(ds)}: {tag} {keyword} is missing")
 
 
-def _segmentation(hd, sources, pixels, segments, series_description, series_number):
+def _segmentation(hd, sources, pixels, segments, series_description, series_number,
+                  provenance):  # fmt: skip
     return hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_descriptions(segments),
+        segment_descriptions=_descriptions(segments, provenance),
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -263,6 +277,7 @@ class WriteSegmentation(Stage):
         "study": Port("stream", element_type="dicom"),
     }
     outputs = {"seg": Port("stream", element_type="dicom")}
+    wants_provenance = True  # ctx.provenance: the job's record, into the SEG
 
     def __init__(
         self,
@@ -282,10 +297,11 @@ class WriteSegmentation(Stage):
         seg = make_segmentation(
             labels, sources, self.segments,
             series_description=self.series_description, series_number=self.series_number,
-            allow_empty=self.allow_empty,
+            allow_empty=self.allow_empty, provenance=ctx.provenance,
         )  # fmt: skip
         out = ctx.output_dir("seg")
         seg.save_as(out / f"{seg.SOPInstanceUID}.dcm")
+        note(ctx, seg)
         ctx.log.info(
             "segmentation_written",
             segments=len(self.segments),
