@@ -556,9 +556,7 @@ class LocalExecutor:
         failed = isinstance(action, state.JobFailed)
         record = None
         if self.provenance is not None:
-            record = self.provenance.finish(action.job, not failed,
-                                            getattr(action, "stage", None),
-                                            getattr(action, "reason", ""))  # fmt: skip
+            record = self.provenance.finish(action.job, not failed, getattr(action, "stage", None))
         if failed:
             return JobResult(
                 action.job, False, stage=action.stage, reason=action.reason,

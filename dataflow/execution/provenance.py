@@ -323,8 +323,10 @@ class JobProvenance:
             "stages": list(self._stages.get(job, [])), "stage": self.static.get(stage),
         }  # fmt: skip
 
-    def finish(self, job: str, ok: bool, stage: str | None, reason: str) -> dict[str, Any] | None:
-        """The job's whole record, written as ``OUTPUT_ROOT/JOB/provenance.json``."""
+    def finish(self, job: str, ok: bool, stage: str | None) -> dict[str, Any] | None:
+        """The job's whole record, written as ``OUTPUT_ROOT/JOB/provenance.json`` (a failed
+        job's: the stage it failed in; why, which may quote patient data, is the job
+        record's, scrubbed)."""
         if job not in self._stages:
             return None
         record = {
@@ -332,7 +334,7 @@ class JobProvenance:
             "inputs": self._inputs_of(job),
             "stages": self._stages.pop(job), "outputs": self._notes(job),
             "submitted": utc(self._submitted.pop(job)), "ok": ok,
-            **({} if ok else {"failed_stage": stage, "reason": reason}),
+            **({} if ok else {"failed_stage": stage}),  # the reason: the job record's
         }  # fmt: skip
         self._inputs.pop(job, None)
         folder = self.output_root / job

@@ -34,6 +34,12 @@ resume it once that count reaches ``max-attempts``.
 exports it reports (``pending``, ``sent``, ``dead``; :meth:`JobStore.delivery`): ``dataflow
 jobs`` shows them, so a job whose result was dead-lettered does not look simply succeeded.
 
+*Provenance* (:mod:`dataflow.execution.provenance`): when a job ends, the record the engine
+wrote as ``JOBS/JOB/provenance.json`` (``JOBS``: the ``jobs`` folder next to ``jobs.db``) is
+kept with it, and indexed: each output SOP Instance UID and each input study, series and
+SOP Instance UID -> the jobs (:meth:`JobStore.provenance`, :meth:`JobStore.trace`; what
+``dataflow trace`` asks). The record outlives retention's removal of the job's folder.
+
 ``key`` makes submission idempotent: a source that hands the same work twice (a receiver
 restarted between recording a job and marking its group dispatched) gets the same job back.
 """
@@ -95,7 +101,21 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (task_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id);
+CREATE TABLE IF NOT EXISTS provenance (
+    job_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traced (
+    uid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (uid, kind, job_id)
+);
+CREATE INDEX IF NOT EXISTS traced_job ON traced (job_id);
 """
+#: what a UID is to a job, in the ``traced`` index: an output instance, or an input's
+TRACED = ("output", "study", "series", "instance")
 #: history events that count as an attempt cut short (towards ``max-attempts``)
 INTERRUPTED = ("cut_short", "service_died")
 
@@ -143,8 +163,10 @@ class RetryRefused(DataflowError):
 class JobStore:
     """Thread-safe access to ``jobs.db`` (one connection, one lock: commits are short)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, jobs_dir: str | Path | None = None) -> None:
         self.path = Path(path)
+        #: the jobs' folders (``JOB/provenance.json``): the service's ``STATE/jobs``
+        self.jobs_dir = Path(jobs_dir) if jobs_dir is not None else self.path.parent / "jobs"
         self._db = open_database(self.path)
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
@@ -235,6 +257,8 @@ class JobStore:
             " WHERE id = ? AND state != 'cancelled'",
             ("succeeded" if ok else "failed", time.time(), stage, error, details or None, job_id),
         )
+        if cursor.rowcount == 1:
+            self.keep_provenance(job_id)
         return cursor.rowcount == 1
 
     def release(self, job_id: str) -> bool:
@@ -406,6 +430,64 @@ class JobStore:
                 "SELECT 1 FROM jobs WHERE payload = ? AND reaped IS NULL LIMIT 1", (payload,)
             ).fetchone()
         return row is not None
+
+    # ----------------------------------------------------------- provenance
+
+    def keep_provenance(self, job_id: str, record: dict[str, Any] | None = None) -> bool:
+        """Keep the job's provenance (``record``, else its folder's ``provenance.json``) and
+        index it, replacing what an earlier attempt left; False when there is none."""
+        if record is None:
+            try:
+                record = json.loads((self.jobs_dir / job_id / "provenance.json").read_text())
+            except (OSError, ValueError):
+                return False
+        inputs = record.get("inputs") or {}
+        rows = [(o["sop_instance_uid"], "output", job_id)
+                for o in record.get("outputs") or () if o.get("sop_instance_uid")]  # fmt: skip
+        for kind, key in (("study", "studies"), ("series", "series"),
+                          ("instance", "sop_instance_uids")):  # fmt: skip
+            rows += [(str(uid), kind, job_id) for uid in inputs.get(key) or ()]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # one transaction: index and record together
+            try:
+                self._db.execute("DELETE FROM traced WHERE job_id = ?", (job_id,))
+                self._db.execute(
+                    "INSERT INTO provenance (job_id, record, updated) VALUES (?, ?, ?) ON CONFLICT"
+                    " (job_id) DO UPDATE SET record = excluded.record, updated = excluded.updated",
+                    (job_id, json.dumps(record), time.time()),
+                )
+                self._db.executemany("INSERT OR IGNORE INTO traced (uid, kind, job_id) "
+                                     "VALUES (?, ?, ?)", rows)  # fmt: skip
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return True
+
+    def provenance(self, job_id: str) -> dict[str, Any] | None:
+        """The job's provenance record, or None (not ended yet, or from before provenance)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT record FROM provenance WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def trace(self, uid: str) -> list[tuple[str, str]]:
+        """``(job id, kind)`` for each job that made ``uid`` (kind ``output``) or took it in
+        (``study``, ``series``, ``instance``), oldest job first; a job id itself gives
+        ``(uid, "job")`` when it has provenance."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.job_id, t.kind FROM traced t JOIN jobs j ON j.id = t.job_id"
+                " WHERE t.uid = ? ORDER BY j.created, t.kind",
+                (uid,),
+            ).fetchall()
+            if (
+                not rows
+                and self._db.execute("SELECT 1 FROM provenance WHERE job_id = ?", (uid,)).fetchone()
+            ):
+                rows = [(uid, "job")]
+        return [(job, kind) for job, kind in rows]
 
     # -------------------------------------------------------------- exports
 
