@@ -24,6 +24,7 @@ from dataflow.platform.dicom_cli import dicom_app
 from dataflow.platform.models_cli import models_app
 from dataflow.platform.order_cli import order as _order  # noqa: F401 (jobs order)
 from dataflow.platform.tokens_cli import tokens_app
+from dataflow.platform.trace_cli import trace as trace_command
 
 
 class _Boundary(TyperGroup):
@@ -341,6 +342,7 @@ app.add_typer(payloads_app, name="payloads")
 app.add_typer(models_app, name="models")
 app.add_typer(dicom_app, name="dicom")
 app.add_typer(tokens_app, name="tokens")
+app.command("trace")(trace_command)
 
 
 @app.command()

@@ -30,6 +30,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,8 +44,10 @@ __all__ = [
     "FILE",
     "NOTES",
     "JobProvenance",
+    "describe",
     "input_uids",
     "model_of",
+    "parse_description",
     "pipeline_record",
     "read_provenance",
     "short_hash",
@@ -59,6 +62,12 @@ VERSION = 1  # the record's format
 _MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".plan", ".engine", ".pb", ".tflite",
                    ".h5", ".keras", ".ckpt", ".safetensors", ".bin")  # fmt: skip
 _hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+#: what :func:`describe` writes (a DICOM writer's Contribution Description)
+_DESCRIPTION = re.compile(
+    r"dataflow pipeline (?P<pipeline>\S+) sha256:(?P<sha>[0-9a-f]+), job (?P<job>[^,;]+)"
+    r"(?:, inputs sha256:(?P<inputs>[0-9a-f]+) \((?P<count>\d+) instances\))?"
+    r"(?:; stages: (?P<stages>.*))?$"
+)
 
 
 def utc(seconds: float) -> str:
@@ -249,6 +258,44 @@ def input_uids(payload: Path | None) -> dict[str, Any]:
         other_files=other,
     )
     return out
+
+
+def _stage_names(provenance: Mapping[str, Any]) -> list[str]:
+    names = [s.get("name") for s in provenance.get("stages", [])]
+    own = (provenance.get("stage") or {}).get("name")
+    return [str(n) for n in [*names, own] if n]
+
+
+def describe(provenance: Mapping[str, Any] | None) -> str:
+    """The Contribution Description (ST, at most 1024 characters)."""
+    if not provenance:
+        return f"dataflow {__version__}"
+    pipeline = provenance.get("pipeline") or {}
+    inputs = provenance.get("inputs") or {}
+    text = (f"dataflow pipeline {pipeline.get('name')} sha256:"
+            f"{str(pipeline.get('sha256') or '')[:12]}, job {provenance.get('job')}")  # fmt: skip
+    if inputs.get("sha256"):
+        count = len(inputs.get("sop_instance_uids") or [])
+        text += f", inputs sha256:{inputs['sha256'][:12]} ({count} instances)"
+    stages = "; stages: " + " > ".join(_stage_names(provenance))
+    if len(text) + len(stages) > 1024:
+        stages = stages[: 1024 - len(text) - 3] + "..."
+    return text + stages
+
+
+def parse_description(text: str) -> dict[str, Any] | None:
+    """What :func:`describe` wrote: ``{"pipeline", "sha256", "job", "inputs_sha256",
+    "inputs", "stages"}``; None for another description."""
+    found = _DESCRIPTION.match(str(text or "").strip())
+    if found is None:
+        return None
+    stages = found["stages"]
+    return {
+        "pipeline": found["pipeline"], "sha256": found["sha"], "job": found["job"],
+        "inputs_sha256": found["inputs"],
+        "inputs": int(found["count"]) if found["count"] else None,
+        "stages": [s.strip() for s in stages.split(">")] if stages else [],
+    }  # fmt: skip
 
 
 def read_provenance(job_dir: Path) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ from dataflow.platform.core import Platform
 from dataflow.platform.errors import Invalid, PlatformError
 from dataflow.platform.modelstore import add_routes as add_model_routes
 from dataflow.platform.payloads import body_chunks
+from dataflow.platform.trace import add_routes as add_trace_routes
 
 __all__ = ["RestServer", "add_connector_routes", "build_app", "listen", "serve"]
 
@@ -489,6 +490,7 @@ def build_app(platform: Platform) -> FastAPI:
         return platform.remove_metadata(_kind(collection), item, key)
 
     add_model_routes(app, platform, PREFIX, figures)
+    add_trace_routes(app, platform, PREFIX)
     add_connector_routes(app, platform)
     add_console(app, platform)  # the pages at / (dataflow.platform.console)
 

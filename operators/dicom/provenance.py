@@ -8,8 +8,8 @@ A writer stage sets ``wants_provenance = True`` and gets the job's record so far
   hash, each model's name and version), Contribution DateTime, Purpose of Reference DCM 109102
   "Processing Equipment" (PS3.16 CID 7005: equipment that processed instances to make new
   ones) and a Contribution Description naming the pipeline (name and short hash), the job,
-  the inputs' hash and the stages in order; :func:`parse_description` reads it back
-  (``dataflow trace`` on a file).
+  the inputs' hash and the stages in order (:func:`dataflow.execution.provenance.describe`;
+  ``dataflow trace`` on a file reads it back).
 - :func:`algorithm` is a SEG's Segmentation Algorithm Identification: the model's name and
   version when an upstream stage used one (family Artificial Intelligence), else the
   pipeline's name and short hash (family Morphological Operations: thresholds, connected
@@ -22,7 +22,6 @@ Without a record (a stage run by ``dataflow.testing``) the item names dataflow o
 from __future__ import annotations
 
 import datetime
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,23 +29,17 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dataflow import __version__
+from dataflow.execution.provenance import describe
 
 __all__ = [
     "add_contributing_equipment",
     "algorithm",
-    "describe",
     "models",
     "note",
-    "parse_description",
     "stamp",
 ]
 
 PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")  # PS3.16 CID 7005
-_DESCRIPTION = re.compile(
-    r"dataflow pipeline (?P<pipeline>\S+) sha256:(?P<sha>[0-9a-f]+), job (?P<job>\S+?)"
-    r"(?:, inputs sha256:(?P<inputs>[0-9a-f]+) \((?P<count>\d+) instances\))?"
-    r"(?:; stages: (?P<stages>.*))?$"
-)
 
 
 def _lo(text: str) -> str:
@@ -66,44 +59,6 @@ def models(provenance: Mapping[str, Any] | None) -> list[dict[str, Any]]:
             seen.add(key)
             out.append(model)
     return out
-
-
-def _stage_names(provenance: Mapping[str, Any]) -> list[str]:
-    names = [s.get("name") for s in provenance.get("stages", [])]
-    own = (provenance.get("stage") or {}).get("name")
-    return [str(n) for n in [*names, own] if n]
-
-
-def describe(provenance: Mapping[str, Any] | None) -> str:
-    """The Contribution Description (ST, at most 1024 characters)."""
-    if not provenance:
-        return f"dataflow {__version__}"
-    pipeline = provenance.get("pipeline") or {}
-    inputs = provenance.get("inputs") or {}
-    text = (f"dataflow pipeline {pipeline.get('name')} sha256:"
-            f"{str(pipeline.get('sha256') or '')[:12]}, job {provenance.get('job')}")  # fmt: skip
-    if inputs.get("sha256"):
-        count = len(inputs.get("sop_instance_uids") or [])
-        text += f", inputs sha256:{inputs['sha256'][:12]} ({count} instances)"
-    stages = "; stages: " + " > ".join(_stage_names(provenance))
-    if len(text) + len(stages) > 1024:
-        stages = stages[: 1024 - len(text) - 3] + "..."
-    return text + stages
-
-
-def parse_description(text: str) -> dict[str, Any] | None:
-    """What :func:`describe` wrote: ``{"pipeline", "sha256", "job", "inputs_sha256",
-    "inputs", "stages"}``; None for another description."""
-    found = _DESCRIPTION.match(str(text or "").strip())
-    if found is None:
-        return None
-    stages = found["stages"]
-    return {
-        "pipeline": found["pipeline"], "sha256": found["sha"], "job": found["job"],
-        "inputs_sha256": found["inputs"],
-        "inputs": int(found["count"]) if found["count"] else None,
-        "stages": [s.strip() for s in stages.split(">")] if stages else [],
-    }  # fmt: skip
 
 
 def add_contributing_equipment(ds: Dataset, provenance: Mapping[str, Any] | None) -> Dataset:
