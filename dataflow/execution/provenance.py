@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ log = structlog.get_logger("dataflow.execution")
 FILE = "provenance.json"
 NOTES = ".provenance"  # JOB/.provenance/STAGE.json: the outputs a stage noted
 VERSION = 1  # the record's format
+_OURS = ("dataflow", "operators", "connectors")  # modules of the dataflow distribution
 _MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".plan", ".engine", ".pb", ".tflite",
                    ".h5", ".keras", ".ckpt", ".safetensors", ".bin")  # fmt: skip
 _hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
@@ -157,6 +160,16 @@ def model_of(arguments: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    """Top-level module -> the distributions that install it (read once: it walks every
+    installed package's metadata)."""
+    try:
+        return importlib.metadata.packages_distributions()
+    except Exception:  # a broken installation: operators are still named
+        return {}
+
+
 def _operator(ref: Any) -> tuple[str, str | None, str | None]:
     """(``module:Name``, distribution, its version) of a stage reference."""
     if isinstance(ref, str):
@@ -166,10 +179,12 @@ def _operator(ref: Any) -> tuple[str, str | None, str | None]:
         module = getattr(ref, "__module__", "")
         name = f"{module}:{getattr(ref, '__qualname__', ref)}"
     top = module.split(".")[0]
-    try:
-        dists = importlib.metadata.packages_distributions().get(top) or []
-    except Exception:  # a broken installation: the operator is still named
-        dists = []
+    if top in _OURS:  # the bundled operators and connectors: dataflow's own version
+        return name, "dataflow", __version__
+    try:  # most distributions are named as their module; else the installed metadata says
+        return name, top, importlib.metadata.version(top)
+    except importlib.metadata.PackageNotFoundError:
+        dists = _distributions().get(top) or []
     for dist in dists:
         try:
             return name, dist, importlib.metadata.version(dist)
@@ -192,6 +207,10 @@ def pipeline_record(
         parameters = _jsonable(stage.get("arguments") or {})
         record = {"name": stage["name"], "operator": operator, "package": package,
                   "version": version, "parameters": parameters}  # fmt: skip
+        if version is None:  # a stage module of the pipeline's own: its code's hash
+            source = getattr(sys.modules.get(operator.partition(":")[0]), "__file__", None)
+            if source and Path(source).is_file():
+                record["source_sha256"] = file_sha256(Path(source))
         if stage.get("container"):
             record["container"] = stage["container"]
         model = model_of(stage.get("arguments") or {})
