@@ -29,11 +29,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from dataflow import __version__
 from dataflow.errors import DataflowError
-from dataflow.stage import Port, Stage
+from dataflow.stage import ParameterError, Port, Stage
+from operators.dicom.frames import SeriesError
+from operators.dicom.geometry import GeometryError
 from operators.dicom.reading import read_header
 from operators.dicom.series import find_files
 
-__all__ = ["CompareError", "CompareLungVolume", "lung_volume", "make_report_sr"]
+__all__ = ["CompareLungVolume", "lung_volume", "make_report_sr"]
 
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 SCHEME = "99DATAFLOW"  # our private coding scheme for the report's concepts
@@ -53,10 +55,6 @@ _COPIED = (
 )  # fmt: skip
 
 
-class CompareError(DataflowError):
-    """The volumes cannot be compared (no spacing, not 3-D, no study header)."""
-
-
 def lung_volume(volume: np.ndarray, spacing: Sequence[float], threshold: float = -400.0) -> float:
     """The volume in mL of the regions below ``threshold`` HU inside the body: each connected
     region (6-connected) of such voxels that touches no edge of an image (row or column 0 or
@@ -65,9 +63,9 @@ def lung_volume(volume: np.ndarray, spacing: Sequence[float], threshold: float =
     from scipy import ndimage
 
     if volume.ndim != 3:
-        raise CompareError(f"a 3-D volume is needed, not shape {list(volume.shape)}")
+        raise GeometryError(f"a 3-D volume is needed, not shape {list(volume.shape)}")
     if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
-        raise CompareError(f"spacing {list(spacing)} must be three positive numbers (mm)")
+        raise GeometryError(f"spacing {list(spacing)} must be three positive numbers (mm)")
     labels, count = ndimage.label(np.asarray(volume) < threshold)
     if count == 0:
         return 0.0
@@ -138,7 +136,7 @@ def make_report_sr(
     ``threshold``) as NUM, UIDREF and TEXT items; ``prior``: the prior's headers (pertinent
     other evidence)."""
     if not study:
-        raise CompareError("no header of the current study to write the report into")
+        raise SeriesError("no image of the current study to write the report into")
     first = study[0]
     now = now or dt.datetime.now()
     ds = Dataset()
@@ -234,13 +232,13 @@ class CompareLungVolume(Stage):
         self.threshold = float(threshold)
         self.series_number = int(series_number)
         if not -1100 <= self.threshold <= 0:
-            raise CompareError(f"CompareLungVolume: threshold {threshold} HU must be -1100..0")
+            raise ParameterError(f"CompareLungVolume: threshold {threshold} HU must be -1100..0")
 
     def _measure(self, ctx, port: str, volume) -> tuple[float, dict[str, Any]]:
         meta = ctx.metadata.get(port) or {}
         spacing = meta.get("spacing")
         if not spacing:
-            raise CompareError(f"CompareLungVolume: the {port} volume has no spacing in its "
+            raise GeometryError(f"CompareLungVolume: the {port} volume has no spacing in its "
                                "metadata (read it with SeriesToVolume)")  # fmt: skip
         return lung_volume(np.asarray(volume), spacing, self.threshold), meta
 

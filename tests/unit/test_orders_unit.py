@@ -13,7 +13,8 @@ from connectors.dicom.query import QueryError, WebSource, qido, source_from
 from connectors.dicom.service import parse_sources
 from dataflow.errors import ConfigError
 from dataflow.testing import run_stage
-from operators.dicom.compare import CompareError, lung_volume
+from operators.dicom.compare import lung_volume
+from operators.dicom.geometry import GeometryError
 from operators.dicom.priors import FetchStudy, PriorError
 
 
@@ -102,7 +103,7 @@ def test_lung_volume_counts_the_regions_inside_the_body():
     volume[:, 10:12, 0:5] = -1000  # air reaching in from the edge: not counted
     assert lung_volume(volume, [2.0, 1.0, 1.5]) == pytest.approx((64 + 12) * 3.0 / 1000)
     assert lung_volume(volume, [1, 1, 1], threshold=-850) == pytest.approx(12 / 1000)
-    with pytest.raises(CompareError, match="spacing"):
+    with pytest.raises(GeometryError, match="spacing"):
         lung_volume(volume, [1, 1])
-    with pytest.raises(CompareError, match="3-D"):
+    with pytest.raises(GeometryError, match="3-D"):
         lung_volume(volume[0], [1, 1, 1])
