@@ -18,6 +18,9 @@ process gets ``TCP_NODELAY=1`` (see ``../shared/reference/machine-notes.md``).
 
   - ``ours``: ``python -m connectors.dicom.receive.receiver`` (fsync on: a Success means the
     file and its record are durable), one listener process; ``ours-2p``: ``processes: 2``;
+    both with the ingest journal (one flush per instance, the default);
+    ``ours-nojournal``, ``ours-2p-nojournal``: the same with ``journal: false`` (the previous
+    design: the temp file's fsync, then the folder's fsync and the SQLite commit);
   - ``storescp``: dcmtk ``storescp`` writing files (no fsync; ``--fork`` with 4 associations,
     otherwise it serves one association at a time);
   - ``orthanc``: Orthanc as a plain process (SQLite index and files, its defaults);
@@ -82,7 +85,8 @@ PYTHON = sys.executable
 SLICES = {False: 500, True: 100}  # full, quick
 ROUNDS = {False: 3, True: 2}
 CONCURRENCY = (1, 4)
-INGEST_SYSTEMS = ("ours", "ours-2p", "storescp", "orthanc", "pynetdicom-raw", "pynetdicom-save")
+INGEST_SYSTEMS = ("ours", "ours-2p", "ours-nojournal", "ours-2p-nojournal", "storescp", "orthanc",
+                  "pynetdicom-raw", "pynetdicom-save")  # fmt: skip
 EXPORT_SYSTEMS = ("ours", "ours-exporter", "storescu")
 GOALS = (  # (case kind, ours vs this system, at least)
     ("ingest", "storescp", 0.5),
@@ -150,8 +154,10 @@ class Server:
                 "spool": str(folder), "host": "127.0.0.1", "port": self.port,
                 "called_aes": [{"ae_title": AET, "timeout": 60}], "allow_unknown_peers": True,
             }  # fmt: skip
-            if s == "ours-2p":
+            if s.startswith("ours-2p"):
                 config["processes"] = 2
+            if s.endswith("-nojournal"):
+                config["journal"] = False  # the previous design: two flushes per instance
             args = [
                 PYTHON,
                 "-m",
@@ -436,8 +442,11 @@ def provenance(args, count: int, nbytes: int) -> dict[str, Any]:
         "versions": common.module_versions(["pynetdicom", "pydicom"]),
         "settings": {
             "TCP_NODELAY": "1 for storescu, storescp, Orthanc",
-            "ours": "connectors.dicom.receive.receiver defaults (max_pdu_size 4 MiB, fsync on)",
+            "ours": "connectors.dicom.receive.receiver defaults (max_pdu_size 4 MiB, fsync on, "
+            "journal on: one fdatasync per acknowledged instance or group of them)",
             "ours-2p": "the same with processes: 2",
+            "ours-nojournal": "journal: false (the file's fsync, then the folder's and SQLite's)",
+            "ours-2p-nojournal": "journal: false, processes: 2",
             "storescp": f"-pm +xa --max-pdu {DCMTK_MAX_PDU}, --fork with 4 associations, "
             "no fsync",
             "orthanc": f"package defaults (SQLite index, files, no compression, fsync), "

@@ -142,6 +142,12 @@ class ReceiverConfig:
             processes itself (``python -m connectors.dicom.receive.receiver --worker``, SO_REUSEPORT
             implied), restarts one that dies and stops them with itself: pynetdicom is pure
             Python, one process serves its associations with one GIL.
+        journal: one device flush per acknowledged instance (``True``, the default): each
+            instance's bytes and record are appended to a preallocated journal whose one
+            ``fdatasync`` (shared by the instances in flight) makes them durable; the group
+            folder and the index are written behind it and replayed from it after a crash
+            (:mod:`~connectors.dicom.receive.journal`). ``False``: the temp file's fsync,
+            then the rename, folder fsyncs and SQLite commit (two flushes per instance).
     """
 
     spool: Path
@@ -164,6 +170,7 @@ class ReceiverConfig:
     dimse_timeout: float = 60.0
     reuse_port: bool = False
     processes: int = 1
+    journal: bool = True
 
     def validate(self) -> ReceiverConfig:
         """Check every field (stripping AE titles); return ``self``."""
@@ -207,6 +214,8 @@ class ReceiverConfig:
             raise ConfigError("max_instance_size must be >= 0")
         if not isinstance(self.processes, int) or not 1 <= self.processes <= 64:
             raise ConfigError("processes must be 1..64")
+        if not isinstance(self.journal, bool):
+            raise ConfigError("journal must be true or false")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be 0..65535")
         return self

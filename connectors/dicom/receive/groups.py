@@ -23,8 +23,10 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -32,7 +34,12 @@ from dataflow.durable import fsync_dir, open_database
 
 from ..config import CalledAE
 from ..net.pdu import Status
+from .journal import copy_range as _copy_range
+from .journal import sync_filesystem
 from .spool import Header, ae_component, uid_component
+
+if TYPE_CHECKING:
+    from .journal import Journal, Record
 
 __all__ = ["Group", "GroupStore", "Placement"]
 
@@ -55,7 +62,7 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT NOT NULL, sop_class TEXT NOT NULL,
     study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
     path TEXT NOT NULL, size INTEGER NOT NULL,
-    calling_ae TEXT NOT NULL, received REAL NOT NULL,
+    calling_ae TEXT NOT NULL, received REAL NOT NULL, journal TEXT,
     PRIMARY KEY (group_id, sop_uid)
 );
 CREATE TABLE IF NOT EXISTS associations (
@@ -72,6 +79,11 @@ CREATE TABLE IF NOT EXISTS associations (
 ASSOCIATIONS_KEPT = 10_000
 
 STATES = ("pending", "complete", "dispatched", "ignored", "reclaimed")
+_INSTANCE_COLUMNS = ("group_id, sop_uid, sop_class, study_uid, series_uid, path, size, calling_ae,"
+                     " received, journal")  # fmt: skip
+_TEN = ", ".join("?" * 10)
+_GROUP_COLUMNS = ("id", "called_ae", "calling_ae", "peer_host", "kind", "uid", "routes", "folder",
+                  "state", "late_of", "timeout", "first_arrival")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class Placement:
     status: int = -1
     group_id: int | None = None
     note: str = ""
+    crc: int | None = None  # CRC-32 of the temp file's bytes (the journal's record needs it)
 
 
 class GroupStore:
@@ -123,6 +136,11 @@ class GroupStore:
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
         with self._writing():
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
+            if "journal" not in columns:  # a spool from before the journal
+                self._db.execute("ALTER TABLE instances ADD COLUMN journal TEXT")
+            self._db.execute("CREATE INDEX IF NOT EXISTS instances_journal ON instances"
+                             " (journal) WHERE journal IS NOT NULL")  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
@@ -145,7 +163,7 @@ class GroupStore:
 
     # -- placing instances ------------------------------------------------------------------
 
-    def place(self, batch: list[Placement]) -> None:
+    def place(self, batch: list[Placement], journal: Journal | None = None) -> None:
         """Move each fsynced temp file into its group folder and record it, all in one
         transaction; the touched directories are fsynced before the commit. Sets each item's
         ``status``/``group_id``. On failure nothing of the batch stays recorded or placed.
@@ -154,7 +172,15 @@ class GroupStore:
         series) is placed under a name of its own (:meth:`_free_name`): the record switches
         to it at the commit, and the replaced file is removed only after the commit. Until
         then the acknowledged copy stays where its record says; a crash in between leaves a
-        file no record names, which :meth:`sweep_pending` removes at the next start."""
+        file no record names, which :meth:`sweep_pending` removes at the next start.
+
+        With ``journal`` (:mod:`.journal`), each placed instance is also appended to it (its
+        record and bytes) and the transaction commits without a flush; the journal's one
+        ``fdatasync`` then makes the batch durable, and the replaced files are removed after
+        it. Only a rerun group's hard links get their folders fsynced before the commit."""
+        if journal is not None:
+            self._place_journaled(batch, journal)
+            return
         dirs: set[Path] = set()
         placed: list[Path] = []
         replaced: list[Path] = []
@@ -177,6 +203,40 @@ class GroupStore:
                     item.temp.unlink(missing_ok=True)  # consumed, or refused
             for path in replaced:  # committed: no record names them any more
                 path.unlink(missing_ok=True)
+
+    def _place_journaled(self, batch: list[Placement], journal: Journal) -> None:
+        dirs: set[Path] = set()  # the folders of a rerun group's hard links
+        placed: list[Path] = []
+        replaced: list[Path] = []
+        marks: list[tuple[str, int]] = []
+        now = time.time()
+        with journal:
+            with self._writing():
+                self._db.execute("PRAGMA synchronous=NORMAL")  # the journal is the flush
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for item in batch:
+                        self._place_one(item, now, dirs, placed, replaced, journal, marks)
+                    for directory in sorted(dirs):
+                        fsync_dir(directory)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    journal.undo(marks)
+                    for path in placed:
+                        path.unlink(missing_ok=True)
+                    raise
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
+                    for item in batch:
+                        item.temp.unlink(missing_ok=True)  # consumed, or refused
+            journal.sync()  # the one flush: outside the spool's lock (other processes go on)
+        if any(i.status != Status.SUCCESS or i.note == "duplicate kept first" for i in batch):
+            # kept first or rejected on the strength of a copy that may be another process's
+            # (its record not synced yet): everything of the spool is made durable first
+            sync_filesystem(self.spool)
+        for path in replaced:  # durable: no record names them any more
+            path.unlink(missing_ok=True)
 
     def _mkdirs(self, path: Path, dirs: set[Path]) -> None:
         missing = []
@@ -245,15 +305,19 @@ class GroupStore:
                 continue
             placed.append(target)
             self._db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (group_id, sop, sop_class, study, series, rel, size, calling, now),
+                f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_TEN})",
+                (group_id, sop, sop_class, study, series, rel, size, calling, now, None),
             )
             count += 1
         self._db.execute("UPDATE groups SET instances = ? WHERE id = ?", (count, group_id))
 
-    def _place_one(self, item: Placement, now: float, dirs, placed, replaced) -> None:
+    def _place_one(self, item: Placement, now: float, dirs, placed, replaced, journal=None,
+                   marks=None) -> None:  # fmt: skip
         h = item.header
-        group_id, folder = self._open_group(item, now, dirs, placed)
+        links: set[Path] = set()
+        group_id, folder = self._open_group(item, now, links if journal else dirs, placed)
+        if journal is not None and links:  # a rerun group's links: fsynced before the commit
+            dirs |= links
         item.group_id = group_id
         existing = self._db.execute(
             "SELECT path FROM instances WHERE group_id = ? AND sop_uid = ?",
@@ -268,22 +332,133 @@ class GroupStore:
         series = f"{folder}/{uid_component(h.series_uid)}"
         rel = self._free_name(series, uid_component(h.sop_instance_uid), existing)
         target = self.spool / rel
-        self._mkdirs(target.parent, dirs)
+        segment = None
+        if journal is None:
+            self._mkdirs(target.parent, dirs)
+        else:
+            self._mkdirs(target.parent, set())  # the journal's record holds them
+            segment = self._journal(item, journal, group_id, rel, now, marks)
         os.replace(item.temp, target)  # a free name: never over an acknowledged copy
         placed.append(target)
-        dirs.add(target.parent)
+        if journal is None:
+            dirs.add(target.parent)
         if existing:
             replaced.append(self.spool / existing[0])
         values = (h.sop_class_uid, h.study_uid, h.series_uid, rel, item.size, item.calling_ae)
         self._db.execute(
-            "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (group_id, h.sop_instance_uid, *values, now),
+            f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_TEN})",
+            (group_id, h.sop_instance_uid, *values, now, segment),
         )
         self._db.execute(
             "UPDATE groups SET instances = instances + ?, last_arrival = ? WHERE id = ?",
             (0 if existing else 1, now, group_id),
         )
         item.status, item.note = Status.SUCCESS, "duplicate overwritten" if existing else ""
+
+    def _journal(self, item: Placement, journal: Journal, group_id: int, rel: str, now: float,
+                 marks: list) -> str:  # fmt: skip
+        """Append ``item``'s record to ``journal``: its group's row (to make it again with
+        the same id if the index lost it), its own row's values, and its bytes."""
+        h = item.header
+        group = self._db.execute(
+            f"SELECT {', '.join(_GROUP_COLUMNS)} FROM groups WHERE id = ?", (group_id,)
+        ).fetchone()
+        meta = {"group": dict(zip(_GROUP_COLUMNS, group, strict=True)),
+                "sop": h.sop_instance_uid, "class": h.sop_class_uid, "study": h.study_uid,
+                "series": h.series_uid, "path": rel, "size": item.size,
+                "calling": item.calling_ae, "received": now}  # fmt: skip
+        crc = item.crc
+        if crc is None:
+            with open(item.temp, "rb") as fp:
+                crc = 0
+                while chunk := fp.read(1 << 20):
+                    crc = zlib.crc32(chunk, crc)
+        segment, at = journal.append(meta, item.temp, item.size, crc)
+        marks.append((segment, at))
+        return segment
+
+    def restore(self, record: Record) -> None:
+        """Put a journal record's instance back (replay after a crash, :mod:`.journal`):
+        its group made again with the same id if the index lost it, its file written from
+        the journal unless already whole, its row; idempotent. A record of a reclaimed group,
+        or one a newer copy of the same instance replaced, changes nothing."""
+        m, g = record.meta, record.meta["group"]
+        target = self.spool / m["path"]
+        stale: Path | None = None
+        with self._writing():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT state FROM groups WHERE id = ?", (g["id"],)
+                ).fetchone()
+                if row is None:
+                    self._db.execute(
+                        f"INSERT INTO groups ({', '.join(_GROUP_COLUMNS)}, last_arrival)"
+                        f" VALUES ({', '.join('?' * (len(_GROUP_COLUMNS) + 1))})",
+                        (*(g[c] for c in _GROUP_COLUMNS), m["received"]),
+                    )
+                if row is not None and row[0] == "reclaimed":
+                    self._db.execute("COMMIT")
+                    return
+                existing = self._db.execute(
+                    "SELECT path, received FROM instances WHERE group_id = ? AND sop_uid = ?",
+                    (g["id"], m["sop"]),
+                ).fetchone()
+                if existing and existing[0] != m["path"] and existing[1] >= m["received"]:
+                    stale = target  # a newer copy replaced this one
+                else:
+                    _write_back(record, target)
+                    if existing and existing[0] != m["path"]:
+                        stale = self.spool / existing[0]
+                    self._db.execute(
+                        f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_TEN})",
+                        (g["id"], m["sop"], m["class"], m["study"], m["series"], m["path"],
+                         m["size"], m["calling"], m["received"], record.segment),
+                    )  # fmt: skip
+                    self._recount(g["id"], m["received"])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if stale is not None:
+            stale.unlink(missing_ok=True)
+
+    def drop_unjournaled(self, segments: list[str], records: list[Record]) -> int:
+        """Remove the rows (and files) that name one of these journal ``segments`` but have
+        no whole record there: written to the index, never acknowledged. Returns how many."""
+        keep = {(r.meta["group"]["id"], r.meta["sop"], r.meta["path"]) for r in records}
+        gone: list[Path] = []
+        with self._writing():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for segment in segments:
+                    rows = self._db.execute(
+                        "SELECT group_id, sop_uid, path FROM instances WHERE journal = ?",
+                        (segment,),
+                    ).fetchall()
+                    for group_id, sop, path in rows:
+                        if (group_id, sop, path) in keep:
+                            continue
+                        self._db.execute(
+                            "DELETE FROM instances WHERE group_id = ? AND sop_uid = ?",
+                            (group_id, sop),
+                        )
+                        self._recount(group_id, None)
+                        gone.append(self.spool / path)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for path in gone:
+            path.unlink(missing_ok=True)
+        return len(gone)
+
+    def _recount(self, group_id: int, arrival: float | None) -> None:
+        self._db.execute(
+            "UPDATE groups SET instances = (SELECT COUNT(*) FROM instances WHERE group_id = ?),"
+            " last_arrival = max(last_arrival, COALESCE(?, last_arrival)) WHERE id = ?",
+            (group_id, arrival, group_id),
+        )
 
     def _free_name(self, series: str, sop: str, existing) -> str:
         """``<series>/<sop>.dcm``, or for a copy replacing a recorded one, the first of
@@ -464,3 +639,23 @@ class GroupStore:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+def _write_back(record: Record, target: Path) -> None:
+    """Make ``target`` hold the record's bytes: left alone when it already does (same size,
+    same CRC-32), else written in place (a rerun group's hard links see it too)."""
+    if target.is_file() and target.stat().st_size == record.size:
+        crc = 0
+        with open(target, "rb") as fp:
+            while chunk := fp.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+        if crc == record.crc:
+            return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o640)
+    try:
+        with open(record.path, "rb") as source:
+            _copy_range(source.fileno(), fd, record.size, record.offset, 0)
+        os.ftruncate(fd, record.size)
+    finally:
+        os.close(fd)

@@ -103,7 +103,8 @@ class _Instance(SpoolFile):
                     file, self.syntax, offset, self.sop_class, self.sop_instance
                 )
             path, self.path = self.path, None  # the committer owns it now
-            return self.steps.place(assoc, called, header, path, needed)
+            crc = self.crc if self.steps.journaled else None
+            return self.steps.place(assoc, called, header, path, needed, crc)
         finally:
             self.discard()  # anything not placed
 

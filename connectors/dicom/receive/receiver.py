@@ -51,6 +51,7 @@ from dataflow.logs import configure_logging
 from ..config import ReceiverConfig
 from ..net import compat, fastnet
 from ..net.pdu import Status
+from . import journal
 from .groups import Group, GroupStore
 from .intake import Intake
 from .spool import free_bytes
@@ -64,6 +65,7 @@ ABORT_GRACE = 2.0  # seconds a peer has to close after our A-ABORT when the rece
 UNLIMITED = 1_000_000  # pynetdicom's own association limit, which counts every connection
 BACKLOG = 128  # connections the kernel queues before the server accepts them
 REQUEST_POLL = 0.1  # how often a connection awaiting its request looks at its socket
+ADOPT_EVERY = 5.0  # seconds between two looks for the journal of a worker that died
 
 
 class _Workers(threading.Thread):
@@ -196,9 +198,11 @@ class Receiver:
         if self._complete_groups:
             for stale in self.incoming.glob("*.part"):  # never acknowledged
                 stale.unlink(missing_ok=True)
+            replayed = journal.recover(self.spool, self.store)  # before the sweep
             swept = self.store.sweep_pending()
             pending = len(self.store.groups("pending"))
-            log.info("receiver_recovered", pending_groups=pending, unrecorded_files=swept)
+            log.info("receiver_recovered", pending_groups=pending, unrecorded_files=swept,
+                     journal_records=replayed)  # fmt: skip
         self._started = time.time()
         self.steps.start()
         self._server = self._make_server()
@@ -281,11 +285,15 @@ class Receiver:
 
     def _complete_loop(self) -> None:
         interval = min(0.5, min(c.timeout for c in self.config.called_aes) / 4)
+        adopted = time.monotonic()
         while not self._stop.is_set():
             try:
                 for group_id in self.store.complete_due(time.time(), self._started):
                     log.info("group_complete", group=group_id, reason="quiet timeout")
                 self._hand_over()
+                if self.config.processes > 1 and time.monotonic() - adopted > ADOPT_EVERY:
+                    adopted = time.monotonic()  # a worker killed: its journal made durable
+                    journal.recover(self.spool, self.store)
             except Exception:
                 log.exception("group_completion_failed")
             self._wake.wait(interval)

@@ -140,8 +140,9 @@ def free_bytes(path: Path) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def write_temp(directory: Path, chunks: Iterable[bytes | memoryview]) -> Path:
-    """Write ``chunks`` to a new file in ``directory`` and fsync it; the path is returned.
+def write_temp(directory: Path, chunks: Iterable[bytes | memoryview], sync: bool = True) -> Path:
+    """Write ``chunks`` to a new file in ``directory`` and fsync it (unless not ``sync``:
+    the journal makes its bytes durable); the path is returned.
 
     On any error the partial file is removed before the exception propagates.
     """
@@ -153,7 +154,8 @@ def write_temp(directory: Path, chunks: Iterable[bytes | memoryview]) -> Path:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import errno
 import os
 import threading
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from ..config import CalledAE, ReceiverConfig
 from ..net.pdu import Status
 from .groups import GroupStore, Placement
+from .journal import Journal, ReserveReached
 from .spool import (
     PREAMBLE,
     BadInstance,
@@ -49,11 +51,15 @@ RECHECK_FREE = 16 * 1024 * 1024  # bytes written between two reads of the free s
 
 
 class _Committer(threading.Thread):
-    """Moves fsynced temp files into place and records them, many per transaction."""
+    """Moves temp files into place and records them, many per transaction: fsynced files
+    whose rename and record are flushed by the commit, or with a :class:`.Journal`, files
+    whose bytes and record one ``fdatasync`` of the journal makes durable (group commit:
+    what queued during one batch goes in the next)."""
 
-    def __init__(self, store: GroupStore) -> None:
+    def __init__(self, store: GroupStore, journal: Journal | None = None) -> None:
         super().__init__(name="dicom-committer", daemon=True)
         self._store = store
+        self._journal = journal
         self._cv = threading.Condition()
         self._queue: list[tuple[Placement, threading.Event, list]] = []
         self._stopping = False
@@ -79,7 +85,7 @@ class _Committer(threading.Thread):
                     return
                 batch, self._queue = self._queue, []
             try:
-                self._store.place([item for item, _, _ in batch])
+                self._store.place([item for item, _, _ in batch], self._journal)
             except BaseException as exc:
                 for _, _, error in batch:
                     error.append(exc)
@@ -91,6 +97,8 @@ class _Committer(threading.Thread):
             self._stopping = True
             self._cv.notify()
         self.join(timeout=30)
+        if self._journal is not None:
+            self._journal.close()  # a checkpoint of everything: the journal is removed
 
 
 def _fresh_tally() -> dict[str, Any]:
@@ -113,8 +121,19 @@ class StoreSteps:
         self._tallies: dict[int, dict[str, Any]] = {}
 
     def start(self) -> None:
-        self._committer = _Committer(self._store)
+        journal = None
+        if self.config.journal:
+            journal = Journal(self.spool, self._keeps_reserve)
+        self._committer = _Committer(self._store, journal)
         self._committer.start()
+
+    def _keeps_reserve(self, nbytes: int) -> bool:
+        return not self.below_reserve(nbytes, free_bytes(self.spool))
+
+    @property
+    def journaled(self) -> bool:
+        """Whether instances go through the journal (no fsync of their temp files)."""
+        return bool(self.config.journal)
 
     def stop(self) -> None:
         """Finish the commits under way; any later :meth:`place` fails."""
@@ -187,15 +206,18 @@ class StoreSteps:
         if self.below_reserve(needed, free_bytes(self.spool)):
             return Status.OUT_OF_RESOURCES, "disk reserve reached", None
         view = stream.getbuffer()
+        crc = None
         try:
-            temp = write_temp(self.incoming, (PREAMBLE, meta, view))
+            temp = write_temp(self.incoming, (PREAMBLE, meta, view), sync=not self.journaled)
+            if self.journaled:
+                crc = zlib.crc32(view, zlib.crc32(meta, zlib.crc32(PREAMBLE)))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Status.OUT_OF_RESOURCES, "no space left", None
             raise
         finally:
             view.release()
-        return self.place(assoc, called, header, temp, needed)
+        return self.place(assoc, called, header, temp, needed, crc)
 
     @staticmethod
     def checked_header(fp, syntax: str, offset: int, sop_class: str, sop_instance: str) -> Header:
@@ -219,16 +241,28 @@ class StoreSteps:
         available, total = free
         return available - needed < self.reserve(total)
 
-    def place(self, assoc, called: CalledAE, header: Header, temp: Path, needed: int) -> Outcome:
-        """Hand the fsynced ``temp`` file to the committer: status, note and group once its
-        record is durable."""
+    def place(
+        self, assoc, called: CalledAE, header: Header, temp: Path, needed: int,
+        crc: int | None = None,
+    ) -> Outcome:  # fmt: skip
+        """Hand the ``temp`` file (fsynced, or journaled: ``crc`` is its CRC-32) to the
+        committer: status, note and group once it and its record are durable. A full disk
+        (the journal could not preallocate) is Out of Resources, as for the temp file."""
         log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
                   study_instance_uid=header.study_uid, size=needed)  # fmt: skip
         item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
-                         assoc.requestor.address)  # fmt: skip
+                         assoc.requestor.address, crc=crc)  # fmt: skip
         assert self._committer is not None
         try:
             self._committer.submit(item)
+        except ReserveReached:
+            temp.unlink(missing_ok=True)
+            return Status.OUT_OF_RESOURCES, "disk reserve reached", None
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Status.OUT_OF_RESOURCES, "no space left", None
+            raise
         except BaseException:
             temp.unlink(missing_ok=True)  # not acknowledged (stopping, or the commit failed)
             raise
@@ -239,7 +273,9 @@ class SpoolFile:
     """An instance being written to the spool's ``.incoming`` as it arrives (the direct
     C-STORE path, :mod:`.intake`, and STOW-RS, :mod:`.stow`): the size limit and the disk
     reserve checked as it grows, refused (``refusal``: status and note, the file removed) at
-    the first breach; :meth:`sync` fsyncs it before anything is placed."""
+    the first breach; :meth:`sync` fsyncs it before anything is placed (with the journal,
+    it only closes it: ``crc``, the CRC-32 of its bytes kept as they are written, goes with
+    it to the journal's record instead)."""
 
     def __init__(self, steps: StoreSteps) -> None:
         self.steps = steps
@@ -251,6 +287,7 @@ class SpoolFile:
         self._checked_at = 0  # bytes written when the free space was last read
         self.path: Path | None = None
         self.fd: int | None = None
+        self.crc = 0
 
     def open(self, head: bytes = b"") -> None:
         """Create the temp file and write ``head`` (a preamble and file meta header), unless
@@ -277,6 +314,8 @@ class SpoolFile:
             )
 
     def _write(self, data) -> None:
+        if self.steps.journaled:
+            self.crc = zlib.crc32(data, self.crc)
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
@@ -307,7 +346,8 @@ class SpoolFile:
         if self.refusal is not None or self.fd is None:
             return False
         try:
-            os.fsync(self.fd)
+            if not self.steps.journaled:
+                os.fsync(self.fd)
         except OSError as exc:
             self._failed(exc)
             return False

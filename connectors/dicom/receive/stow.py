@@ -245,7 +245,8 @@ class _Part(SpoolFile):
             if called.ignores(header.sop_class_uid):
                 return Status.SUCCESS, IGNORED, None
             path, self.path = self.path, None  # the committer owns it now
-            return self.steps.place(request, called, header, path, self.size)
+            crc = self.crc if self.steps.journaled else None
+            return self.steps.place(request, called, header, path, self.size, crc)
         finally:
             self.discard()  # anything not placed
 

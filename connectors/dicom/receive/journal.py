@@ -1,0 +1,455 @@
+"""The ingest journal: one device flush per acknowledged instance (or per group of instances in
+flight across associations).
+
+Without it (``journal: false``) an instance costs two flushes before its Success: the temp
+file's fsync, then the committer's rename, folder fsyncs and SQLite commit. With it, the
+committer appends one *record* per instance to an append-only, preallocated segment file
+(``<spool>/.journal/<id>/<seq>.seg``): the instance's metadata (its group, its path in the
+spool, its UIDs) and its bytes, copied in the kernel from the temp file (``copy_file_range``).
+One ``fdatasync`` of the segment makes every record appended since the last one durable, its
+bytes and its record together; the instances of other associations that queued meanwhile
+ride along (group commit). The temp file is renamed into its group folder and the SQLite
+index updated in the same transaction, but neither is flushed on the acknowledgement's path.
+
+Checkpoints (a thread of this journal) make the folder files and the index durable with one
+``syncfs`` of the spool's file system, off the acknowledgement's path, and then reclaim the
+segments they cover (kept as spares, so that later appends overwrite blocks already written
+and a ``fdatasync`` needs no metadata change). A segment is closed when full, and the open one
+after :data:`IDLE` quiet seconds; closing the journal (a clean stop) checkpoints all of it and
+removes its folder.
+
+After a crash, :func:`recover` replays every journal no live process holds
+(:meth:`.groups.GroupStore.restore`): each whole record puts its instance back into its folder
+and the index (its group made again with the same id if the index lost it), idempotently;
+replay stops at the first record that is not whole (a torn append was never acknowledged), and
+an index row that names a segment still present but has no whole record there (an instance
+written to the index but never acknowledged) is removed with its file.
+
+Formats (little-endian). A segment starts with a 64-byte header: ``DFJSEG01``, its sequence
+number (u64), the journal's 16-byte id, a CRC-32 of those; records follow it back to back,
+each a 32-byte header (``DFJR``, the segment's sequence number u64, the metadata's length u32,
+the data's length u64, the data's CRC-32, the CRC-32 of these 24 bytes and the metadata),
+the metadata (JSON) and the data (the instance's Part-10 file bytes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dataflow.durable import fsync_dir
+
+__all__ = [
+    "JOURNAL_DIR",
+    "Journal",
+    "Record",
+    "copy_range",
+    "read_segment",
+    "recover",
+    "sync_filesystem",
+]
+
+log = structlog.get_logger("connectors.dicom")
+
+JOURNAL_DIR = ".journal"
+SEGMENT = 64 * 1024 * 1024  # preallocated bytes of a segment (a larger record gets its own)
+SPARES = 2  # reclaimed segments kept for reuse
+IDLE = 1.0  # seconds without an append after which the open segment is checkpointed
+_SEG_MAGIC, _REC_MAGIC = b"DFJSEG01", b"DFJR"
+_SEG_HEAD = struct.Struct("<8sQ16sI")  # magic, seq, journal id, crc
+SEG_HEADER = 64
+_REC_HEAD = struct.Struct("<4sQIQI")  # magic, seq, meta length, data length, data crc
+REC_HEADER = _REC_HEAD.size + 4  # + the crc of the header and the metadata
+_COPY = 1 << 20
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written to the file system holding ``path`` durable: ``syncfs`` (one
+    call, whatever the number of files), ``sync`` where there is none."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def copy_range(src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> None:
+    """``count`` bytes from ``src`` to ``dst`` at those offsets, in the kernel if it can."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, min(count, 1 << 30), src_offset, dst_offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = os.pwrite(dst, os.pread(src, min(count, _COPY), src_offset), dst_offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "the temp file ended early")
+        count, src_offset, dst_offset = count - n, src_offset + n, dst_offset + n
+
+
+class ReserveReached(OSError):
+    """A segment would take the spool below its disk reserve (ENOSPC)."""
+
+
+@dataclass
+class _Segment:
+    seq: int
+    path: Path
+    fd: int
+    size: int
+    end: int = SEG_HEADER  # where the next record goes
+    synced: int = SEG_HEADER
+
+
+class Journal:
+    """This process's journal in ``spool`` (made at the first append, removed by
+    :meth:`close`). ``reserve_ok(nbytes)`` says whether preallocating ``nbytes`` more keeps
+    the disk reserve; appends come from one thread (the committer) at a time."""
+
+    def __init__(self, spool: Path, reserve_ok: Callable[[int], bool] | None = None,
+                 segment_size: int = SEGMENT, idle: float = IDLE) -> None:  # fmt: skip
+        self.spool = Path(spool)
+        self.id = uuid.uuid4()
+        self.folder = self.spool / JOURNAL_DIR / self.id.hex
+        self._reserve_ok = reserve_ok or (lambda n: True)
+        self._segment_size = segment_size
+        self._idle = idle
+        self._lock = threading.Lock()  # appends + sync, against rotation
+        self._cv = threading.Condition()
+        self._current: _Segment | None = None
+        self._closed: list[_Segment] = []  # full segments awaiting a checkpoint
+        self._spares: list[Path] = []
+        self._seq = 0
+        self._lock_fd: int | None = None
+        self._last_append = 0.0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.checkpoints = 0
+
+    # ------------------------------------------------------------------ appending
+
+    @property
+    def segment_id(self) -> str:
+        """The id of the segment the next record goes to (stored with each index row)."""
+        return f"{self.id.hex}:{self._current.seq if self._current else self._seq + 1}"
+
+    def append(self, meta: dict[str, Any], source: Path, size: int, crc: int) -> tuple[str, int]:
+        """Append a record: ``meta`` and the ``size`` bytes of ``source`` (whose CRC-32 is
+        ``crc``). Returns (segment id, offset) for :meth:`sync` and :meth:`undo`. Raises
+        OSError (ENOSPC where a new segment cannot be preallocated); nothing half-written
+        stays valid."""
+        body = json.dumps(meta, separators=(",", ":")).encode()
+        total = REC_HEADER + len(body) + size
+        segment = self._room(total)
+        head = _REC_HEAD.pack(_REC_MAGIC, segment.seq, len(body), size, crc)
+        head += struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
+        at = segment.end
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            copy_range(fd, segment.fd, size, 0, at + REC_HEADER + len(body))
+        finally:
+            os.close(fd)
+        os.pwrite(segment.fd, head + body, at)
+        segment.end = at + total
+        self._last_append = time.monotonic()
+        if at == SEG_HEADER:
+            with self._cv:
+                self._cv.notify()  # the checkpoint thread starts timing the idle wait
+        return self._name(segment), at
+
+    def undo(self, marks: list[tuple[str, int]]) -> None:
+        """Void records appended by a transaction that was rolled back (their headers zeroed,
+        the append position back to the first): replay never sees them."""
+        for name, at in sorted(marks, key=lambda m: m[1], reverse=True):
+            for segment in [self._current, *self._closed]:
+                if segment is not None and self._name(segment) == name and at < segment.end:
+                    os.pwrite(segment.fd, bytes(REC_HEADER), at)
+                    if segment is self._current:
+                        segment.end, segment.synced = at, min(segment.synced, at)
+
+    def sync(self) -> None:
+        """Make every record appended so far durable: one ``fdatasync`` (a segment closed
+        meanwhile was synced as it closed)."""
+        segment = self._current
+        if segment is not None and segment.synced < segment.end:
+            os.fdatasync(segment.fd)
+            segment.synced = segment.end
+
+    def _name(self, segment: _Segment) -> str:
+        return f"{self.id.hex}:{segment.seq}"
+
+    def __enter__(self) -> Journal:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def _room(self, total: int) -> _Segment:
+        segment = self._current
+        if segment is not None and segment.end + total <= segment.size:
+            return segment
+        if segment is not None:
+            self._close_current()
+        self._current = self._open_segment(total)
+        return self._current
+
+    def _close_current(self) -> None:
+        segment = self._current
+        self._current = None
+        if segment is None:
+            return
+        if segment.end > SEG_HEADER:
+            if segment.synced < segment.end:  # its records are acknowledged with this batch
+                os.fdatasync(segment.fd)
+                segment.synced = segment.end
+            with self._cv:
+                self._closed.append(segment)
+                self._cv.notify()
+        else:
+            self._spare(segment)
+
+    def _open_segment(self, total: int) -> _Segment:
+        need = max(self._segment_size, SEG_HEADER + total)
+        spare = next((p for p in self._spares if p.stat().st_size >= need), None)
+        if spare is None and not self._reserve_ok(need):
+            need = SEG_HEADER + total  # just this record, if that keeps the reserve
+            if not self._reserve_ok(need):
+                raise ReserveReached(errno.ENOSPC, "disk reserve reached")
+        if self._lock_fd is None:
+            self._start()
+        self._seq += 1
+        seq = self._seq
+        path = self.folder / f"{seq}.seg"
+        if spare is not None:
+            self._spares.remove(spare)
+            os.rename(spare, path)
+            fd = os.open(path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                os.posix_fallocate(fd, 0, need)
+                fsync_dir(self.folder)
+            except BaseException:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+            size = need
+        head = _SEG_HEAD.pack(_SEG_MAGIC, seq, self.id.bytes, 0)[:-4]
+        head += struct.pack("<I", zlib.crc32(head))
+        os.pwrite(fd, head.ljust(SEG_HEADER, b"\0"), 0)
+        return _Segment(seq, path, fd, size)
+
+    def _start(self) -> None:
+        new = self.folder.with_name(self.folder.name + ".new")  # locked before it is seen
+        new.mkdir(parents=True)
+        fd = os.open(new / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: recover() skips it
+        self._lock_fd = fd
+        os.rename(new, self.folder)
+        fsync_dir(self.folder)
+        fsync_dir(self.folder.parent)
+        self._thread = threading.Thread(target=self._checkpoints, name="dicom-journal",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _spare(self, segment: _Segment) -> None:
+        os.pwrite(segment.fd, bytes(SEG_HEADER), 0)  # no longer a segment: replay skips it
+        os.close(segment.fd)
+        if len(self._spares) < SPARES and segment.size == self._segment_size:
+            spare = self.folder / f"spare-{segment.seq}"
+            os.rename(segment.path, spare)
+            self._spares.append(spare)
+        else:
+            segment.path.unlink(missing_ok=True)
+
+    def _checkpoints(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._stopping:
+                    wait = None
+                    if self._current is not None and self._current.end > SEG_HEADER:
+                        wait = max(0.0, self._last_append + self._idle - time.monotonic())
+                    if wait == 0.0:
+                        break
+                    self._cv.wait(wait)
+                if self._stopping and not self._closed:
+                    return
+            try:
+                self.checkpoint(rotate=not self._closed)
+            except Exception:
+                log.exception("journal_checkpoint_failed")
+                with self._cv:
+                    self._cv.wait(1.0)
+
+    def checkpoint(self, rotate: bool = True) -> None:
+        """Make the folder files and the index of every closed segment durable (one
+        ``syncfs``), then reclaim those segments; ``rotate`` closes the open one first."""
+        if rotate:
+            with self._lock:
+                self.sync()
+                self._close_current()
+        with self._cv:
+            closed, self._closed = self._closed, []
+        if not closed:
+            return
+        sync_filesystem(self.spool)
+        with self._lock:
+            for segment in closed:
+                self._spare(segment)
+        self.checkpoints += 1
+
+    def close(self) -> None:
+        """Checkpoint everything and remove this journal (a clean stop)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        if self._lock_fd is None:
+            return
+        self.checkpoint()
+        for spare in self._spares:
+            spare.unlink(missing_ok=True)
+        (self.folder / "lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        self.folder.rmdir()
+        fsync_dir(self.folder.parent)
+
+
+# ---------------------------------------------------------------------- replay
+
+
+@dataclass
+class Record:
+    """A whole record of a segment: its metadata, and where its data lies."""
+
+    segment: str  # "<journal id>:<seq>"
+    meta: dict[str, Any]
+    path: Path  # the segment file
+    offset: int  # of the data
+    size: int
+    crc: int
+
+
+def read_segment(path: Path) -> tuple[int, bytes, list[Record]] | None:
+    """(seq, journal id, whole records) of a segment file; None if it is not one (a spare, a
+    torn header). Reading stops at the first record that is not whole."""
+    with open(path, "rb") as fp:
+        head = fp.read(SEG_HEADER)
+        if len(head) < _SEG_HEAD.size:
+            return None
+        magic, seq, jid, crc = _SEG_HEAD.unpack_from(head)
+        if magic != _SEG_MAGIC or zlib.crc32(head[: _SEG_HEAD.size - 4]) != crc:
+            return None
+        records: list[Record] = []
+        at, end = SEG_HEADER, os.fstat(fp.fileno()).st_size
+        while at + REC_HEADER <= end:
+            fp.seek(at)
+            raw = fp.read(REC_HEADER)
+            magic, rseq, meta_len, size, data_crc = _REC_HEAD.unpack_from(raw)
+            if magic != _REC_MAGIC or rseq != seq or at + REC_HEADER + meta_len + size > end:
+                break
+            body = fp.read(meta_len)
+            (head_crc,) = struct.unpack_from("<I", raw, _REC_HEAD.size)
+            if zlib.crc32(body, zlib.crc32(raw[: _REC_HEAD.size])) != head_crc:
+                break
+            if _crc_of(fp, at + REC_HEADER + meta_len, size) != data_crc:
+                break
+            try:
+                meta = json.loads(body)
+            except ValueError:
+                break
+            records.append(Record(f"{uuid.UUID(bytes=jid).hex}:{seq}", meta, path,
+                                  at + REC_HEADER + meta_len, size, data_crc))  # fmt: skip
+            at += REC_HEADER + meta_len + size
+    return seq, jid, records
+
+
+def _crc_of(fp, offset: int, size: int) -> int:
+    fp.seek(offset)
+    crc = 0
+    while size > 0:
+        chunk = fp.read(min(size, _COPY))
+        if not chunk:
+            return -1
+        crc, size = zlib.crc32(chunk, crc), size - len(chunk)
+    return crc
+
+
+def _orphans(root: Path) -> Iterator[tuple[Path, int]]:
+    """The journal folders no live process holds, each with its lock (held by the caller
+    until it is done)."""
+    if not root.is_dir():
+        return
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            fd = os.open(folder / "lock", os.O_RDWR)
+        except FileNotFoundError:  # removed meanwhile, or made by hand: not a journal
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        if folder.name.endswith(".new"):  # its process died while making it: empty
+            (folder / "lock").unlink()
+            folder.rmdir()
+            os.close(fd)
+            continue
+        yield folder, fd
+
+
+def recover(spool: Path, store) -> int:
+    """Replay every journal in ``spool`` no live process holds into ``store`` (a
+    :class:`~.groups.GroupStore`), make the result durable, and remove those journals.
+    Returns the number of records replayed."""
+    root = Path(spool) / JOURNAL_DIR
+    replayed = 0
+    for folder, fd in _orphans(root):
+        try:
+            segments = []
+            for path in sorted(folder.glob("*.seg")) + sorted(folder.glob("spare-*")):
+                found = read_segment(path)
+                if found is not None:
+                    segments.append(found)
+            segments.sort(key=lambda s: s[0])
+            ids = [f"{folder.name}:{seq}" for seq, _, _ in segments]
+            records = [r for _, _, rs in segments for r in rs]
+            for record in records:
+                store.restore(record)
+            dropped = store.drop_unjournaled(ids, records)
+            replayed += len(records)
+            sync_filesystem(Path(spool))
+            for path in folder.iterdir():
+                if path.name != "lock":
+                    path.unlink()
+            (folder / "lock").unlink()
+            folder.rmdir()
+            log.info("journal_replayed", journal=folder.name, records=len(records),
+                     segments=len(segments), dropped=dropped)  # fmt: skip
+        finally:
+            os.close(fd)
+    if root.is_dir():
+        fsync_dir(root)
+    return replayed

@@ -1,0 +1,218 @@
+"""The receiver's ingest journal without a network (``connectors/dicom/receive/journal.py``):
+instances placed through it, a clean close, and the replay after a real kill -9 of the process
+that wrote it: what the index and the folders lost comes back, a torn last record stops the
+replay, a record never acknowledged is not made up, the disk reserve and a rolled-back batch
+leave no valid record."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from deadlines import HANG, wait_until
+
+from connectors.dicom.config import CalledAE
+from connectors.dicom.receive import journal as journal_module
+from connectors.dicom.receive.groups import GroupStore, Placement
+from connectors.dicom.receive.journal import JOURNAL_DIR, Journal, read_segment, recover
+from connectors.dicom.receive.spool import Header, write_temp
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class JournaledSpool:
+    """A spool whose instances go through a journal, as the receiver's committer does."""
+
+    def __init__(self, root: Path, duplicates: str = "overwrite", **kw) -> None:
+        self.root = root
+        self.store = GroupStore(root, duplicates)
+        self.journal = Journal(root, **kw)
+        self.called = CalledAE("AE", routes=["p"], timeout=1)
+        (root / ".incoming").mkdir(exist_ok=True)
+
+    def item(self, sop: str, data: bytes, series: str = "1.3") -> Placement:
+        temp = write_temp(self.root / ".incoming", [data], sync=False)
+        header = Header(CT, sop, "1.2", series)
+        return Placement(header, temp, len(data), self.called, "SCU", "127.0.0.1")
+
+    def put(self, sop: str = "1.1", data: bytes = b"x", series: str = "1.3") -> Placement:
+        item = self.item(sop, data, series)
+        self.store.place([item], self.journal)
+        return item
+
+
+def contents(store: GroupStore) -> dict[str, bytes]:
+    """SOP Instance UID -> bytes over every group, each group's files checked against its
+    rows and its count."""
+    got = {}
+    for group in store.groups():
+        rows = store.instances(group.id)
+        assert group.instances == len(rows)
+        assert sorted(group.folder.rglob("*.dcm")) == sorted(p for _, p in rows)
+        got.update({sop: path.read_bytes() for sop, path in rows})
+    return got
+
+
+def segments(root: Path) -> list[Path]:
+    return sorted((root / JOURNAL_DIR).glob("*/*.seg"))
+
+
+def test_instances_land_and_a_clean_close_leaves_no_journal(tmp_path):
+    spool = JournaledSpool(tmp_path)
+    items = [spool.put(sop=f"1.1.{k}", data=f"data {k}".encode()) for k in range(3)]
+    assert {i.status for i in items} == {0} and len({i.group_id for i in items}) == 1
+    (segment,) = segments(tmp_path)
+    _, _, records = read_segment(segment)
+    assert [r.meta["sop"] for r in records] == ["1.1.0", "1.1.1", "1.1.2"]
+    assert contents(spool.store) == {f"1.1.{k}": f"data {k}".encode() for k in range(3)}
+    assert not list((tmp_path / ".incoming").iterdir())
+    spool.journal.close()
+    assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+    assert contents(spool.store) == {f"1.1.{k}": f"data {k}".encode() for k in range(3)}
+
+
+def test_an_idle_journal_is_checkpointed_and_its_segment_reused(tmp_path):
+    spool = JournaledSpool(tmp_path, idle=0.05)
+    spool.put(sop="1.1.1")
+    wait_until(lambda: spool.journal.checkpoints, "an idle checkpoint", HANG, poll=0.01)
+    assert spool.journal.checkpoints == 1 and segments(tmp_path) == []
+    spool.put(sop="1.1.2")  # into a spare: blocks already written
+    (segment,) = segments(tmp_path)
+    assert [r.meta["sop"] for r in read_segment(segment)[2]] == ["1.1.2"]
+    spool.journal.close()
+
+
+WRITE_AND_DIE = """
+import json, os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{tests!r}, {shared!r}]
+from test_dicom_journal import JournaledSpool
+spool = JournaledSpool(Path({root!r}), {duplicates!r})
+for sop, data in json.loads({puts!r}):
+    spool.put(sop=sop, data=data.encode())
+os.kill(os.getpid(), signal.SIGKILL)  # no checkpoint, no close
+"""
+
+
+def write_and_die(root: Path, puts: list[tuple[str, str]], duplicates: str = "overwrite"):
+    here = Path(__file__).parent
+    script = WRITE_AND_DIE.format(tests=str(here), shared=str(here.parent), root=str(root),
+                                  puts=json.dumps(puts), duplicates=duplicates)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=HANG)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def lose_index_and_folders(root: Path) -> None:
+    """What a power cut may do to what was written behind the acknowledgement: the index's
+    rows and groups, and the folder files, gone."""
+    store = GroupStore(root)
+    for group in store.groups():
+        for _, path in store.instances(group.id):
+            path.unlink()
+    store._db.execute("DELETE FROM instances")
+    store._db.execute("DELETE FROM groups")
+    store.close()
+
+
+def test_replay_puts_back_what_the_index_and_the_folders_lost(tmp_path):
+    write_and_die(tmp_path, [("1.1.1", "one"), ("1.1.2", "two"), ("1.1.3", "three")])
+    before = GroupStore(tmp_path)
+    (group,) = before.groups()
+    before.close()
+    lose_index_and_folders(tmp_path)
+    store = GroupStore(tmp_path)
+    assert recover(tmp_path, store) == 3
+    assert contents(store) == {"1.1.1": b"one", "1.1.2": b"two", "1.1.3": b"three"}
+    (again,) = store.groups("pending")
+    assert (again.id, again.folder, again.uid) == (group.id, group.folder, group.uid)
+    assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+    assert recover(tmp_path, store) == 0  # nothing left to replay
+
+
+def test_replay_after_kill_9_changes_nothing_that_is_already_there(tmp_path):
+    write_and_die(tmp_path, [("1.1.1", "one"), ("1.1.2", "two")])
+    store = GroupStore(tmp_path)
+    (group,) = store.groups()
+    assert recover(tmp_path, store) == 2
+    assert contents(store) == {"1.1.1": b"one", "1.1.2": b"two"}
+    assert [g.id for g in store.groups()] == [group.id] and store.groups()[0].instances == 2
+
+
+@pytest.mark.parametrize("index_lost", [False, True])
+def test_a_torn_last_record_stops_the_replay(tmp_path, index_lost):
+    write_and_die(tmp_path, [("1.1.1", "one"), ("1.1.2", "two"), ("1.1.3", "three" * 1000)])
+    (segment,) = segments(tmp_path)
+    _, _, records = read_segment(segment)
+    last = records[-1]
+    os.truncate(segment, last.offset + last.size // 2)  # the third append torn half-way
+    if index_lost:
+        lose_index_and_folders(tmp_path)
+    store = GroupStore(tmp_path)
+    assert recover(tmp_path, store) == 2
+    # the third was never acknowledged (its record is not whole): neither row nor file stays
+    assert contents(store) == {"1.1.1": b"one", "1.1.2": b"two"}
+    assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+
+
+def test_a_replaced_copy_is_not_brought_back(tmp_path):
+    write_and_die(tmp_path, [("1.1.1", "first"), ("1.1.1", "second"), ("1.1.1", "third")])
+    lose_index_and_folders(tmp_path)
+    store = GroupStore(tmp_path)
+    assert recover(tmp_path, store) == 3
+    assert contents(store) == {"1.1.1": b"third"}
+
+
+def test_a_rolled_back_batch_leaves_no_valid_record(tmp_path):
+    spool = JournaledSpool(tmp_path)
+    spool.put(sop="1.1.1", data=b"kept")
+    first = spool.item("1.1.2", b"rolled back")
+    second = spool.item("1.1.3", b"missing")
+    second.temp.unlink()  # its copy into the journal fails
+    with pytest.raises(FileNotFoundError):
+        spool.store.place([first, second], spool.journal)
+    (segment,) = segments(tmp_path)
+    assert [r.meta["sop"] for r in read_segment(segment)[2]] == ["1.1.1"]
+    assert contents(spool.store) == {"1.1.1": b"kept"}
+    assert spool.put(sop="1.1.4", data=b"next").status == 0
+    assert [r.meta["sop"] for r in read_segment(segment)[2]] == ["1.1.1", "1.1.4"]
+    spool.journal.close()
+
+
+def test_a_segment_beyond_the_disk_reserve_is_refused(tmp_path):
+    spool = JournaledSpool(tmp_path, reserve_ok=lambda nbytes: False)
+    with pytest.raises(OSError) as err:
+        spool.put(sop="1.1.1")
+    assert err.value.errno == errno.ENOSPC
+    assert segments(tmp_path) == [] and spool.store.groups() == []
+    assert not list((tmp_path / ".incoming").iterdir())
+    spool.journal.close()
+
+
+def test_a_full_disk_when_preallocating_is_enospc_and_nothing_is_written(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_module.os, "posix_fallocate", full)
+    spool = JournaledSpool(tmp_path)
+    with pytest.raises(OSError) as err:
+        spool.put(sop="1.1.1")
+    assert err.value.errno == errno.ENOSPC
+    assert segments(tmp_path) == [] and spool.store.groups() == []
+    spool.journal.close()
+
+
+def test_a_live_journal_is_not_replayed(tmp_path):
+    spool = JournaledSpool(tmp_path)
+    spool.put(sop="1.1.1")
+    other = GroupStore(tmp_path)
+    assert recover(tmp_path, other) == 0 and len(segments(tmp_path)) == 1
+    spool.journal.close()
