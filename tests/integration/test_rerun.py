@@ -44,6 +44,7 @@ def test_a_rerun_replaces_each_job_folder_and_the_summary_lists_inputs_and_outpu
     assert by_job["study-b"]["outputs"] == [
         "study-b/array-to-npz/output/volume.npz",
         "study-b/compare/report/comparison.json",
+        "study-b/provenance.json",  # what made them (docs/provenance.md)
     ]
     for job in by_job.values():
         assert all((out / path).is_file() for path in job["outputs"])
