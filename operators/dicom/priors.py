@@ -30,7 +30,8 @@ from connectors.dicom.query import (
     QueryError,
     Retry,
     c_find,
-    c_get,
+    move_from,
+    retrieve,
     source_from,
 )
 from dataflow.durable import link_or_copy
@@ -191,6 +192,7 @@ class _PacsStage(Stage):
     ):
         try:
             self.pacs = None if pacs is None else source_from(pacs)
+            self.move = None if pacs is None else move_from(pacs)
             self.retry = Retry(attempts=int(retries), delay=float(retry_delay))
         except (QueryError, ValueError, TypeError) as exc:
             raise PriorError(f"{type(self).__name__}: {exc}") from None
@@ -266,8 +268,8 @@ class FetchPriors(_PacsStage):
                 f"none matching (match={self.match}, within_days={self.within_days})"
             )
         for n, prior in enumerate(priors, 1):
-            result = c_get(self.pacs, prior.study_uid, out / f"prior-{n}",
-                           allow_partial=self.allow_partial, retry=self.retry)  # fmt: skip
+            result = retrieve(self.pacs, prior.study_uid, out / f"prior-{n}", move=self.move,
+                              allow_partial=self.allow_partial, retry=self.retry)  # fmt: skip
             age = (current.date - prior.date).days if current.date and prior.date else None
             ctx.log.info("prior_fetched", prior=n, files=len(result.files), age_days=age,
                          completed=result.completed, failed=result.failed,
@@ -322,14 +324,17 @@ class FetchStudy(_PacsStage):
         super().__init__(pacs, retries, retry_delay, allow_partial)
         self.series_uid = series_uid.strip() if series_uid else None
 
-    def _order(self, order: str | Path) -> tuple[str, str | None, Any]:
-        """(study UID, series UID or None, the PACS) of the input."""
+    def _order(self, order: str | Path) -> tuple[str, str | None, Any, Any]:
+        """(study UID, series UID or None, the PACS, how to retrieve) of the input."""
+        move = self.move
         if Path(order).is_dir():
             found = read_order(Path(order))
             pacs = self.pacs
             if found.get("pacs") is not None:
                 try:
-                    pacs = source_from(found["pacs"], str(found.get("source") or "pacs"))
+                    name = str(found.get("source") or "pacs")
+                    pacs = source_from(found["pacs"], name)
+                    move = move_from(found["pacs"], name)
                 except QueryError as exc:
                     raise PriorError(f"FetchStudy: the order's source: {exc}") from None
             series = str(found.get("series") or "").strip() or self.series_uid
@@ -344,16 +349,16 @@ class FetchStudy(_PacsStage):
         if pacs is None:
             raise PriorError("FetchStudy: no PACS: the order names no source with settings and "
                              "the stage has no pacs argument")  # fmt: skip
-        return uid, series, pacs
+        return uid, series, pacs, move
 
     def execute(self, ctx, order: str | Path) -> Path:
         folder = Path(order)
         if folder.is_dir() and not (folder / ORDER_FILE).exists():
             return self._pass_on(ctx, folder)
-        uid, series, pacs = self._order(order)
+        uid, series, pacs, move = self._order(order)
         out = ctx.output_dir("study")
-        result = c_get(pacs, uid, out, series_uid=series, allow_partial=self.allow_partial,
-                       retry=self.retry)  # fmt: skip
+        result = retrieve(pacs, uid, out, move=move, series_uid=series,
+                          allow_partial=self.allow_partial, retry=self.retry)  # fmt: skip
         ctx.log.info("study_fetched", files=len(result.files), completed=result.completed,
                      failed=result.failed, warning=result.warning,
                      pacs=pacs.describe())  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from dicom_peers import free_port, start_orthanc
 from connectors.dicom.query import (
     NotFoundError,
     PacsUnavailableError,
+    RetrieveError,
     c_find,
     c_get,
     source_from,
@@ -45,6 +47,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 FILLED_ABOVE = 20.0  # mm: in the prior, the left lung above z = 20 mm is soft tissue
+MOVE_PORT = free_port()  # where FetchStudy listens as MOVER for a C-MOVE to itself
 
 
 def _write(folder, seed, patient, date, *, fill=False):
@@ -74,7 +77,8 @@ def pacs(private_network, tmp_path_factory):
     other, _ = _write(root / "other", 4, "PAT-B", "20240101")
     config = {"Plugins": [str(DICOMWEB_PLUGIN)],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}  # fmt: skip
-    modalities = {"dataflow": ("DATAFLOW", "127.0.0.1", free_port())}
+    modalities = {"dataflow": ("DATAFLOW", "127.0.0.1", free_port()),
+                  "mover": ("MOVER", "127.0.0.1", MOVE_PORT)}  # fmt: skip
     with start_orthanc(root / "orthanc", modalities=modalities, config=config) as orthanc:
         for series in (current, prior, other):
             for path in series.files:
@@ -85,6 +89,11 @@ def pacs(private_network, tmp_path_factory):
 
 def _dimse(orthanc) -> dict:
     return {"ae": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+
+
+def _move(orthanc, ae="MOVER", port=None) -> dict:
+    return {**_dimse(orthanc), "retrieve": "move", "move-ae": ae, "move-port": port or MOVE_PORT,
+            "move-host": "127.0.0.1"}  # fmt: skip
 
 
 def _web(orthanc) -> dict:
@@ -132,6 +141,33 @@ def test_prior_comparison_reports_the_known_change(pacs, tmp_path):
     assert errors == [], checked.stderr
     task = outputs[("register-sr", "task")]
     assert json.loads((task / "task.json").read_text())["destinations"] == ["PACS"]
+
+
+def test_fetch_study_by_c_move_to_itself(pacs, tmp_path):
+    """retrieve: move: the stage listens as MOVER (which Orthanc knows) for the move's
+    duration; an AE Orthanc does not know, and a port already taken, each a clear failure."""
+    orthanc, studies, _ = pacs
+    other = studies["other"]
+    out = run_stage(FetchStudy, {"order": other.study_instance_uid},
+                    arguments={"pacs": _move(orthanc)}, output_dir=tmp_path)  # fmt: skip
+    assert _pixels(out["study"].iterdir()) == _pixels(other.files)
+    out = run_stage(FetchPriors, {"study": studies["current"].directory},
+                    arguments={"pacs": _move(orthanc)}, output_dir=tmp_path / "p")  # fmt: skip
+    assert _pixels((out["priors"] / "prior-1").iterdir()) == _pixels(studies["prior"].files)
+    with pytest.raises(RetrieveError, match=r"C-MOVE of study .* failed: .*0xC000"):
+        run_stage(FetchStudy, {"order": other.study_instance_uid},
+                  arguments={"pacs": _move(orthanc, "STRANGER"), "retries": 1},
+                  output_dir=tmp_path / "u")  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PacsUnavailableError,
+                           match=rf"cannot listen on 127.0.0.1:{port} as MOVER for the C-MOVE: "
+                                 r".*\(gave up after 2 attempts\)"):  # fmt: skip
+            run_stage(FetchStudy, {"order": other.study_instance_uid},
+                      arguments={"pacs": _move(orthanc, port=port), "retries": 2,
+                                 "retry_delay": 0}, output_dir=tmp_path / "t")  # fmt: skip
 
 
 # ---------------------------------------------------------------- DICOMweb sources
@@ -221,6 +257,8 @@ dicom:
   sources:
     orthanc: {{ae: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}}}
     orthanc-web: {{protocol: dicomweb, url: "{orthanc.url}/dicom-web"}}
+    orthanc-move: {{ae: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}, retrieve: move,
+                   move-ae: MOVER, move-port: {MOVE_PORT}, move-host: 127.0.0.1}}
     down: {{ae: PACS, host: 127.0.0.1, port: {free_port()}, connection-timeout: 5}}
 """)
     service = Service(load_config(config))
@@ -245,7 +283,7 @@ def test_orders_through_the_api_and_the_cli(pacs, tmp_path):
         url = service.platform.urls["rest"]
         client = httpx.Client(base_url=url, timeout=HANG)
         stack.callback(client.close)
-        for source in ("orthanc", "orthanc-web"):
+        for source in ("orthanc", "orthanc-web", "orthanc-move"):
             order = {"study": other.study_instance_uid, "source": source}
             made = client.post("/api/v1/jobs", json={"pipeline": "fetch-study", "order": order})
             assert made.status_code == 201, made.text
@@ -259,9 +297,9 @@ def test_orders_through_the_api_and_the_cli(pacs, tmp_path):
         unknown = client.post("/api/v1/jobs", json={"pipeline": "fetch-study", "order": {
             "study": other.study_instance_uid, "source": "nowhere"}})  # fmt: skip
         assert unknown.status_code == 422
-        assert (
-            "source 'nowhere' is not a source of this service (down, orthanc, orthanc-web)"
-            in (unknown.json()["message"])
+        assert unknown.json()["message"] == (
+            "order: source 'nowhere' is not a source of this service "
+            "(down, orthanc, orthanc-move, orthanc-web)"
         )
         bad = client.post("/api/v1/jobs", json={"pipeline": "fetch-study", "order": {
             "study": "1.2.x", "source": "orthanc"}})  # fmt: skip

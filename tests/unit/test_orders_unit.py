@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from connectors.dicom.query import QueryError, WebSource, qido, source_from
+from connectors.dicom.query import MoveHere, QueryError, WebSource, move_from, qido, source_from
 from connectors.dicom.service import parse_sources
 from dataflow.errors import ConfigError
 from dataflow.testing import run_stage
@@ -50,6 +50,23 @@ def test_source_from_either_protocol():
         source_from({"url": "http://h", "timeout": 0})
     with pytest.raises(QueryError, match="expected a mapping"):
         source_from("PACS@h:104")
+
+
+def test_retrieve_by_c_get_or_by_c_move_to_ourselves():
+    pacs = {"ae": "PACS", "host": "h", "port": 104}
+    assert move_from(pacs) is None and move_from({**pacs, "retrieve": "get"}) is None
+    move = {**pacs, "retrieve": "move", "move-ae": "US", "move-port": "11112"}
+    assert move_from(move) == MoveHere("US", 11112, "0.0.0.0")
+    assert source_from(move).describe() == "pacs (PACS@h:104)"
+    for entry, message in [
+        ({**pacs, "move-ae": "US"}, "need retrieve: move"),
+        ({**pacs, "retrieve": "push"}, "retrieve 'push' must be get or move"),
+        ({**pacs, "retrieve": "move", "move-port": 1}, "needs move-ae"),
+        ({**pacs, "retrieve": "move", "move-ae": "US"}, "needs move-port"),
+        ({**move, "move-port": 70000}, "move-port 70000 must be 1..65535"),
+    ]:
+        with pytest.raises(QueryError, match=message):
+            source_from(entry)
 
 
 def test_a_token_named_by_an_unset_variable_is_a_clear_error(monkeypatch):

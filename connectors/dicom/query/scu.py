@@ -31,7 +31,7 @@ from typing import Any, Literal
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -45,6 +45,7 @@ from ..export.transport import DestinationError
 from ..net.association import _AE, Cancel, _Peer
 
 __all__ = [
+    "MoveHere",
     "NotFoundError",
     "PacsUnavailableError",
     "QueryError",
@@ -54,7 +55,10 @@ __all__ = [
     "c_find",
     "c_get",
     "c_move",
+    "c_move_here",
     "destination_from",
+    "move_from",
+    "retrieve",
     "source_from",
 ]
 
@@ -185,7 +189,45 @@ def source_from(pacs: Mapping[str, Any] | Any, name: str = "pacs") -> Any:
         return web_source_from(pacs, name)
     if protocol != "dimse":
         raise QueryError(f"{name}: protocol {pacs['protocol']!r} must be dimse or dicomweb")
-    return destination_from({k: v for k, v in pacs.items() if k != "protocol"}, name)
+    move_from(pacs, name)  # checked here too
+    dimse = {k: v for k, v in pacs.items() if k != "protocol" and k not in _MOVE_KEYS}
+    return destination_from(dimse, name)
+
+
+_MOVE_KEYS = ("retrieve", "move-ae", "move-port", "move-host")
+
+
+@dataclass(frozen=True)
+class MoveHere:
+    """Retrieve by C-MOVE to ourselves: for the move's duration a C-STORE SCP of our own, AE
+    title ``ae`` on ``host:port``, takes the instances (the PACS must know that AE title at
+    that address)."""
+
+    ae: str
+    port: int
+    host: str = "0.0.0.0"
+
+
+def move_from(pacs: Mapping[str, Any] | Any, name: str = "pacs") -> MoveHere | None:
+    """How a ``pacs`` mapping wants studies retrieved: None for C-GET (``retrieve: get``, the
+    default; and always for DICOMweb), a :class:`MoveHere` for ``retrieve: move`` with
+    ``move-ae``, ``move-port`` and ``move-host`` (default all interfaces)."""
+    if not isinstance(pacs, Mapping) or str(pacs.get("retrieve", "get")).lower() == "get":
+        if isinstance(pacs, Mapping) and any(k in pacs for k in _MOVE_KEYS[1:]):
+            raise QueryError(f"{name}: move-ae, move-port and move-host need retrieve: move")
+        return None
+    if str(pacs["retrieve"]).lower() != "move":
+        raise QueryError(f"{name}: retrieve {pacs['retrieve']!r} must be get or move")
+    ae = str(pacs.get("move-ae") or "").strip()
+    if not ae or len(ae) > 16:
+        raise QueryError(f"{name}: retrieve: move needs move-ae, our AE title (1-16 characters)")
+    try:
+        port = int(pacs.get("move-port"))
+    except (TypeError, ValueError):
+        raise QueryError(f"{name}: retrieve: move needs move-port, where we listen") from None
+    if not 1 <= port <= 65535:
+        raise QueryError(f"{name}: move-port {port} must be 1..65535")
+    return MoveHere(ae=ae, port=port, host=str(pacs.get("move-host", "0.0.0.0")))
 
 
 def _web(pacs: Any) -> bool:
@@ -490,3 +532,74 @@ def c_move(
         lambda: _move_once(pacs, study_uid, series_uid, move_ae, allow_partial, cancel),
         cancel,
     )
+
+
+def _move_here_once(pacs, study_uid, series_uid, folder, classes, move, allow_partial, cancel):
+    writer = _Writer(folder)
+    ae = AE(move.ae)
+    ae.maximum_pdu_size = pacs.max_pdu
+    ae.network_timeout = pacs.network_timeout
+    ae.dimse_timeout = pacs.dimse_timeout
+    for uid in _storage_classes(classes):
+        ae.add_supported_context(uid, list(ALL_TRANSFER_SYNTAXES))
+    try:
+        server = ae.start_server((move.host, move.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, writer.on_store)])  # fmt: skip
+    except OSError as exc:  # the port taken (another move now): retried
+        raise PacsUnavailableError(
+            f"{pacs.describe()}: cannot listen on {move.host}:{move.port} as {move.ae} for the "
+            f"C-MOVE: {exc.strerror or exc}"
+        ) from None
+    try:
+        result = _move_once(pacs, study_uid, series_uid, move.ae, allow_partial, cancel)
+    finally:
+        server.shutdown()
+    result.files = sorted(writer.files)
+    return result
+
+
+def c_move_here(
+    pacs: Destination,
+    study_uid: str,
+    folder: str | Path,
+    move: MoveHere,
+    *,
+    series_uid: str | None = None,
+    allow_partial: bool = False,
+    retry: Retry = Retry(),
+    cancel: Cancel | None = None,
+) -> RetrieveResult:
+    """C-MOVE a study (or series) to ourselves (:class:`MoveHere`) into ``folder``, each
+    instance written as :func:`c_get` writes it; for a PACS that does not serve C-GET.
+    :class:`NotFoundError` as for :func:`c_get`."""
+    if _web(pacs):
+        raise QueryError(f"{pacs.describe()}: C-MOVE is DIMSE only")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = _check_there(pacs, study_uid, series_uid, retry, cancel)
+    return retry.run(
+        "C-MOVE",
+        lambda: _move_here_once(pacs, study_uid, series_uid, folder, classes, move,
+                                allow_partial, cancel),
+        cancel,
+    )  # fmt: skip
+
+
+def retrieve(
+    pacs: Any,
+    study_uid: str,
+    folder: str | Path,
+    *,
+    move: MoveHere | None = None,
+    series_uid: str | None = None,
+    allow_partial: bool = False,
+    retry: Retry = Retry(),
+    cancel: Cancel | None = None,
+) -> RetrieveResult:
+    """A study (or series) into ``folder`` the way the source wants: :func:`c_move_here` with
+    ``move``, else :func:`c_get` (WADO-RS on a DICOMweb source)."""
+    if move is not None:
+        return c_move_here(pacs, study_uid, folder, move, series_uid=series_uid,
+                           allow_partial=allow_partial, retry=retry, cancel=cancel)  # fmt: skip
+    return c_get(pacs, study_uid, folder, series_uid=series_uid, allow_partial=allow_partial,
+                 retry=retry, cancel=cancel)  # fmt: skip
