@@ -32,7 +32,9 @@ from dicom_peers import free_port, start_orthanc
 from connectors.dicom.query import (
     NotFoundError,
     PacsUnavailableError,
+    QueryError,
     RetrieveError,
+    Retry,
     c_find,
     c_get,
     source_from,
@@ -216,6 +218,20 @@ def test_a_dicomweb_source_that_is_down_fails_after_the_bounded_retries(tmp_path
                              r"\(gave up after 2 attempts\)"):  # fmt: skip
         returns_before_a_hang(run_stage, FetchStudy, {"order": "1.2.3.4.5"},
                               arguments=arguments, output_dir=tmp_path)  # fmt: skip
+
+
+def test_a_dicomweb_source_that_refuses_us_is_not_retried(private_network, tmp_path, monkeypatch):
+    """Orthanc with authentication on answers 401 to our bearer token: a QueryError naming
+    the status at once, not an outage to retry."""
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    config = {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True},
+              "AuthenticationEnabled": True, "RegisteredUsers": {"alice": "secret"}}  # fmt: skip
+    monkeypatch.setenv("O16_TOKEN", "not-alice")
+    with start_orthanc(tmp_path / "orthanc", config=config) as orthanc:
+        web = source_from({**_web(orthanc), "token-env": "O16_TOKEN"})
+        with pytest.raises(QueryError, match=r"QIDO-RS STUDY: HTTP 401$"):
+            c_find(web, "STUDY", {"StudyInstanceUID": ""}, retry=Retry(3, 60))
 
 
 # ---------------------------------------------------------------- orders
