@@ -1,5 +1,5 @@
-"""Priors and studies fetched from a PACS (C-FIND, then C-GET): docs/dicom.md, "Query and
-retrieve".
+"""Priors and studies fetched from a PACS (a query, then a retrieve): docs/dicom.md, "Query
+and retrieve".
 
 - :func:`choose_priors`: the rule, pure: which of a patient's studies (C-FIND results) are
   priors of the current one.
@@ -7,8 +7,9 @@ retrieve".
 - :class:`FetchStudy`: an order (the job's ``order.json``: "run pipeline P on study S from
   source X") or a Study Instance UID in, that study's folder (as received) out.
 
-The PACS is DIMSE (C-FIND, C-GET) or DICOMweb (QIDO-RS, WADO-RS): ``pacs`` is a mapping for
-:func:`connectors.dicom.query.source_from`.
+The PACS is DIMSE (C-FIND; C-GET, or with ``retrieve: move`` a C-MOVE to a listener of the
+stage's own) or DICOMweb (QIDO-RS, WADO-RS): ``pacs`` is a mapping for
+:func:`connectors.dicom.query.source_from` (and :func:`~connectors.dicom.query.move_from`).
 
 Patient IDs and dates are never logged; errors name studies by UID only where the job's own
 failure record needs it (the platform scrubs UIDs from logs).
@@ -206,7 +207,8 @@ class FetchPriors(_PacsStage):
     The current study's PatientID, StudyDate, modalities and body parts are read from its
     files; the PACS is asked (C-FIND, study level) for every study of that patient; the rule
     (:func:`choose_priors`: ``within_days``, ``count``, ``match``) picks; each prior is
-    fetched by C-GET. No prior found: an empty folder, or a failure with ``required``."""
+    retrieved (C-GET, C-MOVE or WADO-RS, as ``pacs`` says). No prior found: an empty folder,
+    or a failure with ``required``."""
 
     inputs = {"study": Port("stream", element_type="dicom", description="the current study")}
     outputs = {"priors": Port("stream", element_type="dicom", description="prior-N folders")}
@@ -302,7 +304,7 @@ def read_order(folder: Path) -> dict[str, Any]:
 
 
 class FetchStudy(_PacsStage):
-    """An order -> that study's folder from the PACS (C-GET or WADO-RS, as received), for "run
+    """An order -> that study's folder from the PACS (C-GET, C-MOVE or WADO-RS), for "run
     pipeline P on study S from source X". The input is the ordered job's folder, whose
     :data:`ORDER_FILE` names the study, its series (optional) and the source with its settings
     (which the ``pacs`` argument stands in for when the order has none); or a Study Instance
