@@ -336,6 +336,14 @@ def test_orders_through_the_api_and_the_cli(pacs, tmp_path):
         assert job["state"] == "failed"
         assert job["messages"][0].startswith("fetch: PacsUnavailableError: down (PACS@127.0.0.1:")
         assert job["messages"][0].endswith("(gave up after 2 attempts)")
+        order = {"study": other.study_instance_uid, "series": missing, "source": "orthanc-web"}
+        made = client.post("/api/v1/jobs", json={"pipeline": "fetch-study", "order": order})
+        job = _ended(client, made.json()["job_id"])
+        assert (
+            job["state"] == "failed"
+            and "NotFoundError: series <uid> of study <uid> is not on orthanc-web (http://"
+            in job["messages"][0]
+        )
 
         # the reference pipeline, ordered: the current study fetched, its prior too, the SR
         # of the comparison sent back to the PACS
