@@ -89,6 +89,16 @@ def test_an_idle_journal_is_checkpointed_and_its_segment_reused(tmp_path):
     spool.journal.close()
 
 
+def test_full_segments_beyond_the_backlog_are_checkpointed_at_once(tmp_path):
+    spool = JournaledSpool(tmp_path, segment_size=4096, idle=3600, backlog=2)
+    for k in range(3):  # each record fills its own segment
+        spool.put(sop=f"1.1.{k}", data=bytes(3000))
+    wait_until(lambda: spool.journal.checkpoints, "a checkpoint of the backlog", HANG, poll=0.01)
+    assert [read_segment(p)[0] for p in segments(tmp_path)] == [3]  # the open one waits
+    assert len(contents(spool.store)) == 3
+    spool.journal.close()
+
+
 WRITE_AND_DIE = """
 import json, os, signal, sys
 from pathlib import Path

@@ -14,8 +14,11 @@ index updated in the same transaction, but neither is flushed on the acknowledge
 Checkpoints (a thread of this journal) make the folder files and the index durable with one
 ``syncfs`` of the spool's file system, off the acknowledgement's path, and then reclaim the
 segments they cover (kept as spares, so that later appends overwrite blocks already written
-and a ``fdatasync`` needs no metadata change). A segment is closed when full, and the open one
-after :data:`IDLE` quiet seconds; closing the journal (a clean stop) checkpoints all of it and
+and a ``fdatasync`` needs no metadata change). A segment is closed when full; the closed ones
+and the open one are checkpointed after :data:`IDLE` quiet seconds, or at once when
+:data:`BACKLOG` full segments wait (so that a burst is not slowed by a ``syncfs`` of the
+folder files competing with the journal for the disk); closing the journal (a clean stop)
+checkpoints all of it and
 removes its folder.
 
 After a crash, :func:`recover` replays every journal no live process holds
@@ -68,7 +71,8 @@ log = structlog.get_logger("connectors.dicom")
 JOURNAL_DIR = ".journal"
 SEGMENT = 64 * 1024 * 1024  # preallocated bytes of a segment (a larger record gets its own)
 SPARES = 2  # reclaimed segments kept for reuse
-IDLE = 1.0  # seconds without an append after which the open segment is checkpointed
+IDLE = 1.0  # seconds without an append after which the journal is checkpointed
+BACKLOG = 4  # full segments that wait for the idle checkpoint (then one is taken at once)
 _SEG_MAGIC, _REC_MAGIC = b"DFJSEG01", b"DFJR"
 _SEG_HEAD = struct.Struct("<8sQ16sI")  # magic, seq, journal id, crc
 SEG_HEADER = 64
@@ -123,13 +127,15 @@ class Journal:
     the disk reserve; appends come from one thread (the committer) at a time."""
 
     def __init__(self, spool: Path, reserve_ok: Callable[[int], bool] | None = None,
-                 segment_size: int = SEGMENT, idle: float = IDLE) -> None:  # fmt: skip
+                 segment_size: int = SEGMENT, idle: float = IDLE,
+                 backlog: int = BACKLOG) -> None:  # fmt: skip
         self.spool = Path(spool)
         self.id = uuid.uuid4()
         self.folder = self.spool / JOURNAL_DIR / self.id.hex
         self._reserve_ok = reserve_ok or (lambda n: True)
         self._segment_size = segment_size
         self._idle = idle
+        self._backlog = backlog
         self._lock = threading.Lock()  # appends + sync, against rotation
         self._cv = threading.Condition()
         self._current: _Segment | None = None
@@ -285,17 +291,20 @@ class Journal:
     def _checkpoints(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._stopping:
+                while len(self._closed) < self._backlog and not self._stopping:
                     wait = None
-                    if self._current is not None and self._current.end > SEG_HEADER:
+                    if (
+                        self._current is not None and self._current.end > SEG_HEADER
+                    ) or self._closed:
                         wait = max(0.0, self._last_append + self._idle - time.monotonic())
                     if wait == 0.0:
                         break
                     self._cv.wait(wait)
-                if self._stopping and not self._closed:
+                if self._stopping:
                     return
+                full = len(self._closed) >= self._backlog
             try:
-                self.checkpoint(rotate=not self._closed)
+                self.checkpoint(rotate=not full)
             except Exception:
                 log.exception("journal_checkpoint_failed")
                 with self._cv:

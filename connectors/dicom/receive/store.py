@@ -51,53 +51,60 @@ Outcome = tuple[int, str, int | None]  # status, note, group (None: nothing stor
 RECHECK_FREE = 16 * 1024 * 1024  # bytes written between two reads of the free space
 
 
-class _Committer(threading.Thread):
+class _Committer:
     """Moves temp files into place and records them, many per transaction: fsynced files
     whose rename and record are flushed by the commit, or with a :class:`.Journal`, files
-    whose bytes and record one ``fdatasync`` of the journal makes durable (group commit:
-    what queued during one batch goes in the next)."""
+    whose bytes and record one ``fdatasync`` of the journal makes durable.
+
+    Group commit without a thread of its own: the first writer to arrive while no commit
+    runs leads, taking every queued item into one transaction and one flush in its own
+    thread; writers that arrive meanwhile wait and ride along in the next batch, which one
+    of them leads. One association thus pays no hand-over between threads."""
 
     def __init__(self, store: GroupStore, journal: Journal | None = None) -> None:
-        super().__init__(name="dicom-committer", daemon=True)
         self._store = store
         self._journal = journal
         self._cv = threading.Condition()
-        self._queue: list[tuple[Placement, threading.Event, list]] = []
+        self._queue: list[tuple[Placement, list]] = []
+        self._leading = False
         self._stopping = False
+
+    def start(self) -> None:
+        pass
 
     def submit(self, item: Placement) -> None:
         """Record ``item`` durably (sets its status); raises what the transaction raised."""
-        done, error = threading.Event(), []
+        outcome: list = []  # [None] done, or [exception]
         with self._cv:
             if self._stopping:
                 raise RuntimeError("receiver stopping")
-            self._queue.append((item, done, error))
-            self._cv.notify()
-        done.wait()
-        if error:
-            raise error[0]
-
-    def run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue, []
-            try:
-                self._store.place([item for item, _, _ in batch], self._journal)
-            except BaseException as exc:
-                for _, _, error in batch:
-                    error.append(exc)
-            for _, done, _ in batch:
-                done.set()
+            self._queue.append((item, outcome))
+            while not outcome and self._leading:
+                self._cv.wait()
+            if outcome:  # a leader took it along
+                if outcome[0] is not None:
+                    raise outcome[0]
+                return
+            self._leading = True
+            batch, self._queue = self._queue, []
+        error: BaseException | None = None
+        try:
+            self._store.place([queued for queued, _ in batch], self._journal)
+        except BaseException as exc:
+            error = exc
+        with self._cv:
+            for _, result in batch:
+                result.append(error)
+            self._leading = False
+            self._cv.notify_all()
+        if error is not None:
+            raise error
 
     def stop(self) -> None:
+        """Refuse new items, let the commit under way end, and close the journal."""
         with self._cv:
             self._stopping = True
-            self._cv.notify()
-        self.join(timeout=30)
+            self._cv.wait_for(lambda: not self._leading and not self._queue, timeout=30)
         if self._journal is not None:
             self._journal.close()  # a checkpoint of everything: the journal is removed
 
