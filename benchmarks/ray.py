@@ -67,7 +67,9 @@ CHAIN = (1, 4)
 JOBS = {4 * KiB: (40, 15), 1 * MiB: (40, 15), 64 * MiB: (24, 10)}
 WARMUP = 3
 ROUNDS = (3, 1)  # rounds of every configuration (full, quick): medians over them
-SYSTEMS = ("local", "ray-node", "ray-across")
+#: ``ray-*``: arrays in our store on each node (the Ray executor's default);
+#: ``ray-*-objstore``: in Ray's object store (``shm=False``, as before 2026-12-04's change)
+SYSTEMS = ("local", "ray-node", "ray-node-objstore", "ray-across", "ray-across-objstore")
 #: each node's object store: small enough that it recycles memory it has touched after a few
 #: 64 MiB objects (first touch of fresh memory is slow on these VMs: machine-notes.md)
 NODE = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": 8,
@@ -94,7 +96,7 @@ def ct_segmentation(executor: str, inputs: Path, tmp: Path, serial: bool = False
     failed: list[str] = []
 
     def on_start(jobs, graph, runner) -> None:
-        if executor != "ray":
+        if not executor.startswith("ray"):
             return
         dispatch = runner._dispatch  # counted on the way: what each stage is handed
 
@@ -120,11 +122,16 @@ def ct_segmentation(executor: str, inputs: Path, tmp: Path, serial: bool = False
                 leaves.append(int(value[0].nbytes))
 
     t0, busy0 = now(), common.machine_busy()[0]
-    summary = run_pipeline_file(
-        CT_PIPELINE, inputs, output=tmp / f"out-{executor}", overwrite=True,
-        store_budget="2GiB", executor=executor, on_start=on_start, on_result=on_result,
-        limits=Limits(max_jobs=1) if serial else None,
-    )  # fmt: skip
+    arrays = "ray" if executor == "ray-objstore" else "store"  # where the Ray executor keeps them
+    os.environ["DATAFLOW_RAY_ARRAYS"] = arrays
+    try:
+        summary = run_pipeline_file(
+            CT_PIPELINE, inputs, output=tmp / f"out-{executor}", overwrite=True,
+            store_budget="2GiB", executor=executor.split("-")[0], on_start=on_start,
+            on_result=on_result, limits=Limits(max_jobs=1) if serial else None,
+        )  # fmt: skip
+    finally:
+        del os.environ["DATAFLOW_RAY_ARRAYS"]
     wall, busy = now() - t0, common.machine_busy()[0] - busy0
     n = len(arrivals)
     skip = 1 if serial else min(STEADY_SKIP, n // 3)
@@ -143,7 +150,7 @@ def ct_segmentation(executor: str, inputs: Path, tmp: Path, serial: bool = False
         # the first study's stages compile and warm up: left out
         "stage_median_s": {k: round(statistics.median(v[1:] or v), 4) for k, v in stages.items()},
     }  # fmt: skip
-    if executor == "ray":
+    if executor.startswith("ray"):
         per_study = {
             f"{edge} [{kind}]": round(sum(sizes) / studies)
             for (edge, kind), sizes in sorted(edges.items())
@@ -178,7 +185,7 @@ def run_ct(quick: bool, tmp: Path) -> list[dict]:
         (serial / f"study{k:02d}").symlink_to(inputs / f"study{k:02d}")
     common.wait_for_idle(30)
     records = [ct_segmentation("local", serial, tmp, serial=True)]
-    for executor in ("local", "ray"):
+    for executor in ("local", "ray", "ray-objstore"):
         common.wait_for_idle(30)
         records.append(ct_segmentation(executor, inputs, tmp))
     study_bytes = files_bytes(inputs) / studies
@@ -206,12 +213,13 @@ def chain_latency(system: str, n: int, nbytes: int, jobs: list, tmp: Path) -> fl
         runner = LocalExecutor(defs, output_root=tmp / "out", limits=limits,
                                store_budget=1 * GiB, extra_sys_path=[str(HERE)])  # fmt: skip
     else:
-        node = (lambda i: "head") if system == "ray-node" else (
+        node = (lambda i: "head") if system.startswith("ray-node") else (
             lambda i: ("head", "second")[i % 2])  # fmt: skip
         resources = {d.name: RayResources(num_cpus=1, memory=0, custom={node(i): 1})
                      for i, d in enumerate(defs)}  # fmt: skip
         runner = RayExecutor(defs, output_root=tmp / "out", limits=limits,
-                             resources=resources, extra_sys_path=[str(HERE)])  # fmt: skip
+                             resources=resources, extra_sys_path=[str(HERE)],
+                             shm=not system.endswith("-objstore"))  # fmt: skip
     times: list[float] = []
     failures: list[str] = []
 
@@ -294,7 +302,8 @@ def model(ct: list[dict], hops: list[dict]) -> dict[str, Any]:
     ray_run = next(r for r in ct if r["system"] == "ray")
     local_run = next(r for r in ct if r["case"] == "ct-segmentation" and r["system"] == "local")
     serial = next(r for r in ct if r["case"] == "ct-segmentation-serial")
-    arrays = {k: v for k, v in ray_run["bytes_per_study_per_edge"].items() if "ArrayRef" in k}
+    arrays = {k: v for k, v in ray_run["bytes_per_study_per_edge"].items()
+              if "ArrayRef" in k or "ShmRef" in k}  # fmt: skip
     every_edge = sum(arrays.values())
     hop = {(r["system"], r["case"]): r["value"] / 1e3 for r in hops}
     crossing = hop[("ray-across", "per-hop-64MiB")]

@@ -221,6 +221,7 @@ def build_executor(
         return build_ray_executor(
             graph, output_root, address=address, replicas=replicas, limits=limits,
             memory_limit=memory_limit, extra_sys_path=folders, placement=placement,
+            store_budget=store_budget,
         )  # fmt: skip
     graph, plan = plan_pipeline(graph, replicas=replicas)  # PlacementError before anything runs
     output_root.mkdir(parents=True, exist_ok=True)

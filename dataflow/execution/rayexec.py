@@ -9,11 +9,13 @@ and job timeouts are the core's, as with the local executor.
 
 What travels on an edge:
 
-- an array output is a return value of the producing call, so it goes into Ray's object store
-  (zero-copy NumPy for the readers on the same node, fetched across nodes by Ray) and the
-  coordinator owns it: it outlives the actor that made it, and is freed when the core discards
-  its value (the coordinator drops its last reference). Its metadata travels beside it
-  (:class:`ArrayRef`);
+- an array output goes into our shared-memory store on the producer's node
+  (:mod:`dataflow.execution.raystore`: a :class:`~dataflow.execution.raystore.ShmRef`), read
+  zero copy by the stages on that node and copied through Ray's object store to a reader on
+  another node; the node's store owns it, so it outlives the actor that made it, and it is
+  freed when the core discards its value. With ``shm=False`` (or on a node that joined after
+  the run started) it is a return value of the producing call instead, in Ray's object store,
+  owned by the coordinator (:class:`ArrayRef`). Its metadata travels beside it;
 - a stream output is a folder path (:class:`~dataflow.execution.refs.PathRef`): every node must
   see the same ``output_root`` (one machine, or a shared file system);
 - a string or a number travels inline (:class:`~dataflow.execution.refs.ValRef`).
@@ -55,6 +57,8 @@ import structlog
 from dataflow.execution import state
 from dataflow.execution.latency import Latency
 from dataflow.execution.local import JobFeed, JobResult, StageDef
+from dataflow.execution.provenance import JobProvenance
+from dataflow.execution.raystore import ActorData, LostInput, NodeStores, ShmRef, fetch
 from dataflow.execution.refs import PathRef, ValRef
 from dataflow.hints import suggest
 from dataflow.scheduler import PlacementError, ReplicaRequest, SchedulerError
@@ -440,14 +444,17 @@ class ActorSpec:
     sys_path: Sequence[str]
     job_logs: bool = False  # keep each job's log: OUTPUT_ROOT/<job>/.logs/<stage>.log
     log_level: str = "WARNING"
+    store_prefix: str | None = None  # the executor's node stores' (None: Ray's object store)
 
 
 class _RayEdges:
     """One job's :class:`dataflow.execution.binding.Edges` in an actor: array inputs read from
-    Ray's object store (read-only, zero copy on the same node), array outputs kept to be
-    returned (they become the call's return objects)."""
+    our node store (:class:`ShmRef`: zero copy on its node, else fetched) or Ray's object
+    store (read-only, zero copy on the same node); array outputs published into the node's
+    store, or (without one) kept to be returned as the call's return objects."""
 
-    def __init__(self) -> None:
+    def __init__(self, actor: StageActor) -> None:
+        self.actor = actor
         self.arrays: dict[str, np.ndarray] = {}
 
     def read(self, port: str, ref: Any, spec: Any) -> tuple[Any, Mapping[str, Any] | None]:
@@ -457,14 +464,31 @@ class _RayEdges:
             return Path(ref.path), None
         if isinstance(ref, ValRef):
             return ref.value, None
-        value = ray.get(ref.ref)
+        from ray.exceptions import RayActorError
+
+        if isinstance(ref, ShmRef):
+            data = self.actor.data
+            value = data.read(ref) if data else fetch({}, self.actor.spec.store_prefix, ref)
+        else:
+            try:
+                value = ray.get(ref.ref)
+            except RayActorError as exc:  # being fetched from a node store that went
+                raise LostInput(f"input {port!r}: {_first_line(exc)}") from None
         spec.check_value(value, f"input {port!r}")
         return value, dict(ref.metadata)
 
     def write(self, port: str, value: Any, spec: Any) -> tuple[str, Any, int]:
         if spec.type == "array":
+            meta, nbytes = dict(value.metadata), int(value.array.nbytes)
+            stored = (
+                port in self.actor.keep
+                and self.actor.data is not None
+                and self.actor.data.publish(value.array, meta)
+            )
+            if stored:
+                return ("shm", (*stored, meta), nbytes)
             self.arrays[port] = value.array
-            return ("array", dict(value.metadata), int(value.array.nbytes))
+            return ("array", meta, nbytes)
         if spec.type == "stream":
             return ("path", str(value), 0)
         return ("value", value, len(value) if isinstance(value, str) else 8)
@@ -477,6 +501,9 @@ class StageActor:
     def __init__(self, spec: ActorSpec) -> None:
         self.spec = spec
         self.error: tuple[str, str] | None = None
+        self.data: ActorData | None = None
+        self.keep: frozenset[str] = frozenset()  # the running job's outputs to keep here
+        self.provenance: Mapping[str, Any] | None = None  # the running job's so far
         self.job_name = ""
         self.scratch = Path(tempfile.mkdtemp(prefix=f"dataflow-{spec.stage}-"))
         try:
@@ -492,6 +519,7 @@ class StageActor:
             cls = resolve_stage(spec.stage_ref)
             import ray
 
+            self.data = ActorData.attach(spec.store_prefix)
             gpus = ray.get_gpu_ids()
             self.ctx = StageContext(
                 stage=spec.stage,
@@ -512,21 +540,39 @@ class StageActor:
         spec = self.instance.outputs.get(port)
         if spec is None or spec.type != "array":
             raise ValueError(f"stage {self.spec.stage!r} has no array output {port!r}")
-        return np.empty(shape, dtype=dtype_of(dtype or spec.element_type))
+        dtype = dtype_of(dtype or spec.element_type)
+        return self.data.allocate(shape, dtype) if self.data else np.empty(shape, dtype=dtype)
 
     def _output_dir(self, port: str) -> Path:
         path = Path(self.spec.output_root) / self.job_name / self.spec.stage / port
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def ready(self) -> tuple[str, str] | None:
-        """None once prepared; else (reason, traceback) of the failed start."""
-        return self.error
+    def ready(self) -> dict[str, Any] | tuple[str, str]:
+        """Once prepared, where this actor is (``node``: the Ray id of its node; ``device``:
+        its GPU, or None); else (reason, traceback) of the failed start."""
+        import ray
 
-    def run(self, job_id: str, job_name: str, inputs: Mapping[str, Any], timeout) -> Any:
+        if self.error is not None:
+            return self.error
+        return {"node": ray.get_runtime_context().get_node_id(), "device": self.ctx.device}
+
+    def run(
+        self,
+        job_id: str,
+        job_name: str,
+        inputs: Mapping[str, Any],
+        timeout,
+        keep: Sequence[str] = (),
+        provenance: Mapping[str, Any] | None = None,
+    ) -> Any:
         """Run one job: ``(outcome, *arrays)``, one array (or None) per output port in the
         stage's order; ``outcome`` is ``("done", {port: (kind, value or metadata, nbytes)})``
-        or ``("failed", reason, traceback)``."""
+        or ``("failed", reason, traceback)``. ``keep``: the array outputs to publish in this
+        node's store (every reader is on this node); the others are return objects.
+        ``provenance``: the job's record so far, for a stage that ``wants_provenance``."""
+        self.keep = frozenset(keep)
+        self.provenance = provenance
         from dataflow.identifiers import identifiers_of
         from dataflow.logs import identifying, job_log, job_note
 
@@ -546,15 +592,23 @@ class StageActor:
     def _run(self, job_id, job_name, inputs, payload, timeout) -> tuple:
         from dataflow.execution.binding import run_job
 
-        edges = _RayEdges()
+        edges = _RayEdges(self)
         try:
             _, published = run_job(
                 self.instance, self.ctx, edges, inputs, job_id=job_id, job_name=job_name,
-                payload_dir=payload, timeout=timeout,
+                payload_dir=payload, timeout=timeout, provenance=self.provenance,
             )  # fmt: skip
+            if self.ctx.outputs_noted:  # the instances it wrote: for the job's provenance
+                from dataflow.execution.provenance import write_notes
+
+                job_dir = Path(self.spec.output_root) / job_name
+                write_notes(job_dir, self.spec.stage, self.ctx.outputs_noted)
         except Exception as exc:
             failed = ("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
             return failed, *([None] * len(self.spec.outputs))
+        finally:
+            if self.data is not None:
+                self.data.end_job()
         arrays = [edges.arrays.get(port) for port in self.spec.outputs]
         return ("done", published), *arrays
 
@@ -591,7 +645,10 @@ class RayExecutor:
     ``address``: the cluster (None: a local runtime on loopback, or the one this process is
     connected to already). The pipeline is checked against the cluster's nodes on
     construction (``PlacementError``); a runtime this executor started is shut down when a
-    run ends (or at once on a refusal)."""
+    run ends (or at once on a refusal). ``placement``: every replica reserved at once in a
+    placement group of that strategy (:data:`PLACEMENTS`). ``shm``: arrays between stages in
+    our store on each node (``store_budget`` each; the default, unless the environment says
+    ``DATAFLOW_RAY_ARRAYS=ray``), else in Ray's object store."""
 
     def __init__(
         self,
@@ -603,8 +660,16 @@ class RayExecutor:
         address: str | None = None,
         extra_sys_path: Sequence[str] = (),
         placement: str | None = None,
+        shm: bool | None = None,
+        store_budget: int | str = "1GiB",
     ) -> None:
+        from dataflow.units import parse_bytes
+
+        if shm is None:  # for comparisons: DATAFLOW_RAY_ARRAYS=ray, Ray's object store only
+            shm = os.environ.get("DATAFLOW_RAY_ARRAYS", "store") != "ray"
         self.stages = {s.name: s for s in stages}
+        #: our store on each node for the arrays (None: Ray's object store; see the module)
+        self.stores = NodeStores(parse_bytes(store_budget)) if shm else None
         nodes = [state.StageNode(s.name, dict(s.inputs), tuple(s.outputs), s.replicas, s.timeout)
                  for s in stages]  # fmt: skip
         self.graph = state.Graph({node.name: node for node in nodes})
@@ -621,6 +686,20 @@ class RayExecutor:
         self.job_logs = False
         self._health: dict[str, Any] = self._snapshot_health(None)
         self._in_flight: dict[str, list[str]] = {}
+        self._payloads: dict[str, tuple[Any, int]] = {}  # job -> (payload, priority) till it ends
+        self._node_of: dict[str, str] = {}  # worker -> its actor's node, as it said when ready
+        self._readers: dict[tuple[str, str], set[str]] = {
+            (s.name, port): {n.name for n in nodes if (s.name, port) in n.inputs.values()}
+            for s in stages
+            for port in s.outputs
+        }  # (stage, output port) -> the stages reading it
+        self._retried: dict[str, int] = {}  # job -> times run again (a lost input)
+        self.runs_again = 0  # jobs run again because an array was lost with its node
+        pipeline = next((s.pipeline for s in stages if s.pipeline is not None), None)
+        #: each job's record of what made it (``JOB/provenance.json``), as locally
+        self.provenance = (
+            None if pipeline is None else JobProvenance(pipeline, {}, self.output_root)
+        )
         self.actors: dict[str, Any] = {}  # worker -> its actor handle
         self._calls: dict[Any, _Call] = {}  # the first return object of each call in flight
         self._later: list[tuple[float, _Call]] = []  # calls to make again, when
@@ -676,11 +755,13 @@ class RayExecutor:
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
+            self._start_stores()
             self._do(self.core.start(time.monotonic()))
+            order: dict[str, int] = {}
             for job_id, payload in jobs:
                 started[job_id] = time.monotonic()
-                value = state.Value(PathRef(str(payload)), 0) if payload else None
-                actions = self.core.submit(job_id, value, time.monotonic())
+                order[job_id] = len(order)
+                actions = self._submit(job_id, payload, 2)
                 self._do(actions, results, started, on_result)
             while not self.core.idle():
                 self._step(results, started, on_result)
@@ -688,7 +769,14 @@ class RayExecutor:
             if main:
                 signal.signal(signal.SIGTERM, previous)
             self._shutdown()
-        return results
+        return sorted(results, key=lambda r: order[r.job])  # a job run again came last
+
+    def _submit(self, job_id: str, payload: Any, priority: int) -> list[state.Action]:
+        self._payloads[job_id] = (payload, priority)
+        if self.provenance is not None:
+            self.provenance.begin(job_id, payload, time.time())
+        value = state.Value(PathRef(str(payload)), 0) if payload else None
+        return self.core.submit(job_id, value, time.monotonic(), priority)
 
     def serve(
         self,
@@ -707,6 +795,7 @@ class RayExecutor:
         self.output_root.mkdir(parents=True, exist_ok=True)
         self.core = state.Core(self.graph, self.limits, ordered=False)
         try:
+            self._start_stores()
             self._do(self.core.start(time.monotonic()))
             while True:
                 if on_ready is not None and all(
@@ -716,9 +805,8 @@ class RayExecutor:
                     on_ready = None
                 closing = feed.closed  # before take(): nothing is put after close()
                 for job_id, payload, priority in feed.take():
-                    now = started[job_id] = time.monotonic()
-                    value = state.Value(PathRef(str(payload)), 0) if payload else None
-                    actions = self.core.submit(job_id, value, now, priority)
+                    started[job_id] = time.monotonic()
+                    actions = self._submit(job_id, payload, priority)
                     self._do(actions, results, started, on_result)
                 for job_id, reason in feed.take_cancels():
                     actions = self.core.cancel(job_id, reason, time.monotonic())
@@ -731,6 +819,10 @@ class RayExecutor:
                 self._refresh()
         finally:
             self._shutdown()
+
+    def _start_stores(self) -> None:
+        if self.stores is not None and not self.stores.handles:
+            self.stores.start(node.node_id for node in cluster_nodes())
 
     def health(self) -> dict[str, Any]:
         """Each stage's state and the counters, as the local executor's ``health()`` (a
@@ -775,6 +867,12 @@ class RayExecutor:
                 self._call(call)
             else:
                 timeout = min(timeout, when - now)
+        due = self.stores.due() if self.stores is not None else None
+        if due is not None:
+            if due <= 0:
+                self.stores.flush()
+            else:
+                timeout = min(timeout, due)
         if self._calls:
             import ray
 
@@ -819,7 +917,9 @@ class RayExecutor:
             actions = self._died(wid, exc, now)
         else:
             if call.kind == "start":
-                if outcome is None:
+                if isinstance(outcome, dict):
+                    self._node_of[wid] = outcome["node"]
+                    self._device(wid, outcome["device"])
                     actions = self.core.worker_ready(wid, now)
                 else:
                     reason, details = outcome
@@ -849,7 +949,9 @@ class RayExecutor:
         ports = self.stages[stage].outputs
         values = {}
         for port, (kind, value, nbytes) in published.items():
-            if kind == "array":
+            if kind == "shm":
+                ref = ShmRef(*value)
+            elif kind == "array":
                 ref = ArrayRef(arrays[ports.index(port)], value)
             elif kind == "path":
                 ref = PathRef(value)
@@ -861,9 +963,13 @@ class RayExecutor:
     def _ran(self, wid: str, stage: str, now: float, *, ok: bool) -> None:
         job, dispatched, began = self._dispatched.pop(wid, (None, now, 0.0))
         if job is not None:
+            end = time.time()
             self._timeline.setdefault(job, []).append(
-                {"stage": stage, "start": began, "end": time.time(), "ok": ok}
+                {"stage": stage, "start": began, "end": end, "ok": ok}
             )
+            if self.provenance is not None:
+                replica = self.core.workers[wid].replica
+                self.provenance.ran(job, stage, replica, began, end, ok)
             if ok:
                 self.stage_jobs[stage] += 1
                 self.stage_seconds[stage] += now - dispatched
@@ -880,13 +986,26 @@ class RayExecutor:
             elif isinstance(action, state.KillWorker):
                 log.warning("worker_killed", worker=action.worker, reason=action.reason)
                 self._drop(action.worker)
+            elif isinstance(action, state.Discard):
+                self._discard(action.values)
             elif isinstance(action, (state.JobSucceeded, state.JobFailed)):
+                try:
+                    result = self._result(action, started, copy=on_result is None)
+                except LostInput as exc:  # a leaf array on a node that died
+                    self._discard(action.outputs.values())
+                    action = state.JobFailed(action.job, "", f"{LostInput.__name__}: {exc}", "")
+                    result = self._result(action, started, copy=False)
+                if not result.ok and self._again(result, results, started, on_result):
+                    continue
+                self._payloads.pop(action.job, None)
+                self._retried.pop(action.job, None)
                 if isinstance(action, state.JobFailed) and action.stage in self.stage_failed:
                     self.stage_failed[action.stage] += 1  # raised, died, timed out, refused
-                result = self._result(action, started, copy=on_result is None)
                 if on_result is not None:
                     on_result(result)
                     result.outputs = {}
+                if isinstance(action, state.JobSucceeded):
+                    self._discard(action.outputs.values())
                 results.append(result)
             elif isinstance(action, state.Stalled):
                 log.warning("pipeline_stalled", report=action.report)
@@ -894,16 +1013,78 @@ class RayExecutor:
                 log.error("stage_broken", stage=action.stage, reason=action.reason)
             elif isinstance(action, state.StageRecovered):
                 log.info("stage_recovered", stage=action.stage)
-            # Discard: nothing to do; the core let go of the values, and with them of the
-            # last references to their Ray objects, which Ray then frees
+
+    def _again(self, result: JobResult, results, started, on_result) -> bool:
+        """Whether ``result``, a failure because an array the job needed was in the store
+        of a node that died, is retried: the job submitted again from its payload, at most
+        ``Limits.max_restarts`` times."""
+        tries = self._retried.get(result.job, 0)
+        if not (result.reason or "").startswith(LostInput.__name__) or (
+            tries >= self.limits.max_restarts or result.job not in self._payloads
+        ):
+            return False
+        self._retried[result.job] = tries + 1
+        self.runs_again += 1
+        log.warning("job_run_again", job=result.job, stage=result.stage, reason=result.reason)
+        started.setdefault(result.job, time.monotonic() - result.seconds)
+        self.core.forget(result.job)
+        self._do(self._submit(result.job, *self._payloads[result.job]), results, started,
+                 on_result)  # fmt: skip
+        return True
+
+    def _discard(self, values: Iterable[state.Value]) -> None:
+        """Values nobody needs any more: those in our node stores freed (one way); those in
+        Ray's object store go with the core's last reference to them."""
+        if self.stores is not None:
+            self.stores.discard((v.ref, v.nbytes) for v in values if isinstance(v.ref, ShmRef))
 
     def _dispatch(self, action: state.Dispatch) -> None:
         inputs = {port: value.ref for port, value in action.inputs.items()}
+        if self.stores is not None:  # an array in another node's store: on its way already
+            node = self._node_of.get(action.worker)
+            for port, ref in inputs.items():
+                if isinstance(ref, ShmRef) and ref.node != node:
+                    moving = self.stores.towards(ref, node)
+                    inputs[port] = ref if moving is ref else ArrayRef(moving, ref.metadata)
         self._dispatched[action.worker] = (action.job, time.monotonic(), time.time())
-        args = (action.job, action.job, inputs, action.timeout)
+        so_far = None
+        if self.provenance is not None and self.stages[action.stage].wants_provenance:
+            so_far = self.provenance.snapshot(action.job, action.stage)
+        args = (action.job, action.job, inputs, action.timeout, self._kept(action), so_far)
         n = 1 + len(self.stages[action.stage].outputs)
         handle = self.actors[action.worker]
         self._call(_Call("job", action.worker, handle, action.job, args=args, returns=n))
+
+    def _device(self, wid: str, device: int | None) -> None:
+        """The GPU Ray gave ``wid``'s actor (None: the CPU), for the jobs' provenance."""
+        if self.provenance is not None:
+            worker = self.core.workers[wid]
+            devices = self.provenance.devices.setdefault(worker.stage, [])
+            devices += [None] * (worker.replica + 1 - len(devices))
+            devices[worker.replica] = device
+
+    def _kept(self, action: state.Dispatch) -> tuple[str, ...]:
+        """The outputs of this call to keep in our store on the worker's node: those whose
+        every reader (each replica of each consuming stage, or the coordinator for a leaf) is
+        on that node, as far as the actors said when ready. The rest go through Ray's object
+        store, which moves them to the readers' nodes itself."""
+        node = self._node_of.get(action.worker)
+        if self.stores is None or node is None:
+            return ()
+        kept = []
+        for port in self.stages[action.stage].outputs:
+            readers = self._readers[(action.stage, port)]
+            if not readers:
+                local = node == self.stores.here
+            else:
+                local = all(
+                    self._node_of.get(w.id) == node
+                    for w in self.core.workers.values()
+                    if w.stage in readers
+                )
+            if local:
+                kept.append(port)
+        return tuple(kept)
 
     def _call(self, call: _Call) -> None:
         """Make (or make again) ``call``; its first return object is awaited."""
@@ -927,7 +1108,7 @@ class RayExecutor:
             worker=wid, stage=stage_name, replica=replica, stage_ref=ref,
             arguments=dict(stage.arguments), outputs=tuple(stage.outputs),
             output_root=str(self.output_root), env=env, sys_path=self.sys_path,
-            job_logs=self.job_logs,
+            job_logs=self.job_logs, store_prefix=self.stores and self.stores.prefix,
         )  # fmt: skip
         res = self.resources[stage_name]
         where = self.reservation and self.reservation.strategy_for(stage_name, replica)
@@ -944,6 +1125,7 @@ class RayExecutor:
 
         handle = self.actors.pop(wid, None)
         self._dispatched.pop(wid, None)
+        self._node_of.pop(wid, None)
         for ref, call in list(self._calls.items()):
             if call.worker == wid:
                 del self._calls[ref]
@@ -959,18 +1141,26 @@ class RayExecutor:
         stages = self._timeline.pop(action.job, [])
         if isinstance(action, state.JobFailed):
             failure = {"stage": action.stage, "reason": action.reason, "details": action.details}
-            return JobResult(action.job, False, seconds=seconds, stages=stages, **failure)
+            record = self._finish(action.job, False, action.stage)
+            return JobResult(action.job, False, seconds=seconds, stages=stages,
+                             provenance=record, **failure)  # fmt: skip
         outputs: dict[tuple[str, str], Any] = {}
         for key, value in action.outputs.items():
             ref = value.ref
-            if isinstance(ref, ArrayRef):
-                array = ray.get(ref.ref)
+            if isinstance(ref, ArrayRef | ShmRef):
+                array = self.stores.read(ref) if isinstance(ref, ShmRef) else ray.get(ref.ref)
                 outputs[key] = (array.copy() if copy else array, dict(ref.metadata))
             elif isinstance(ref, PathRef):
                 outputs[key] = Path(ref.path)
             else:
                 outputs[key] = ref.value
-        return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages)
+        record = self._finish(action.job, True, None)
+        return JobResult(action.job, True, outputs=outputs, seconds=seconds, stages=stages,
+                         provenance=record)  # fmt: skip
+
+    def _finish(self, job: str, ok: bool, stage: str | None) -> dict[str, Any] | None:
+        """The job's provenance record (``JOB/provenance.json``), as the local executor's."""
+        return None if self.provenance is None else self.provenance.finish(job, ok, stage)
 
     def _shutdown(self) -> None:
         """``cleanup`` in every idle actor (10 s at most), then every actor killed; the Ray
@@ -990,6 +1180,10 @@ class RayExecutor:
             self._drop(wid)
         self._calls.clear()
         self._later.clear()
+        if self.stores is not None:
+            self.stores.stop()
+        if self.provenance is not None:
+            self.provenance.close()
         self.close()
 
 
@@ -1085,6 +1279,7 @@ def build_ray_executor(
     memory_limit: int | None = None,
     extra_sys_path: Sequence[str] = (),
     placement: str | None = None,
+    store_budget: int | str = "1GiB",
 ) -> tuple[Any, RayExecutor]:
     """A validated pipeline graph's executor on Ray (``dataflow run --executor ray``):
     (the graph with ``replicas`` applied, the executor). Connects to ``address`` (None: a
@@ -1099,7 +1294,7 @@ def build_ray_executor(
         executor = RayExecutor(
             stage_defs(graph, plan, memory_limit=memory_limit), output_root=output_root,
             limits=limits, resources=resources_of(requests, graph), extra_sys_path=extra_sys_path,
-            placement=placement,
+            placement=placement, store_budget=store_budget,
         )  # fmt: skip
     except BaseException:
         if started:

@@ -1,7 +1,9 @@
-"""Stages for the Ray executor's tests (imported in Ray's actors by module name)."""
+"""Stages for the Ray executor's tests (imported in Ray's actors by module name), and a
+helper to compare two runs' files."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -66,3 +68,36 @@ class Where(Stage):
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "vec": vec * 3}
+
+
+class HoldJob(Stage):
+    """Logs each run (``job pid``, one line each) in ``log``; the first run of job ``hold``
+    waits for the file ``go`` (``seconds`` at most: the test kills the node meanwhile)."""
+
+    inputs = {"vec": VEC}
+    outputs = {"vec": VEC}
+
+    def __init__(self, log: str, hold: str, go: str, seconds: float):
+        self.log, self.hold, self.go, self.seconds = Path(log), hold, Path(go), seconds
+
+    def execute(self, ctx, vec):
+        seen = self.log.read_text().split("\n") if self.log.exists() else []
+        first = not any(line.startswith(f"{ctx.job_id} ") for line in seen)
+        with self.log.open("a") as f:
+            f.write(f"{ctx.job_id} {os.getpid()}\n")
+        end = time.monotonic() + self.seconds
+        while ctx.job_id == self.hold and first and not self.go.exists():
+            if time.monotonic() > end:
+                break
+            time.sleep(0.01)
+        return vec * 10
+
+
+def without_times(provenance: bytes) -> bytes:
+    """A job's provenance record without what differs between two runs of it: when it was
+    submitted and when each stage ran."""
+    record = json.loads(provenance)
+    record.pop("submitted")
+    for stage in record["stages"]:
+        del stage["start"], stage["end"]
+    return json.dumps(record, sort_keys=True).encode()

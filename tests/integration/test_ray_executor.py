@@ -2,7 +2,7 @@
 results as the local executor, refusal of what the cluster cannot hold, actors that die.
 
 One cluster for the module (Ray's start-up takes seconds): a head node with 4 CPUs and a
-second node with 2 CPUs and a custom resource ``second`` only it has.
+custom resource ``head``, and a second node with 2 CPUs and a custom resource ``second``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from cli import dataflow
 from deadlines import HANG, wait_until
 from engine_stages import BrokenPrepare, Load, Scale, make_jobs, total
-from ray_stages import AlwaysExit, Attempts, ExitOnce, Where
+from ray_stages import AlwaysExit, Attempts, ExitOnce, HoldJob, Where, without_times
 
 from dataflow.execution.local import LocalExecutor, StageDef
 from dataflow.execution.state import Limits
@@ -55,7 +55,7 @@ def cluster():
     # a dead node noticed in about a second (with Ray's default health checks the node test
     # took 17 s here rather than 2.5 s)
     quick = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
-    head = {**NODE, "num_cpus": 4, "_system_config": quick}
+    head = {**NODE, "num_cpus": 4, "resources": {"head": 1}, "_system_config": quick}
     with pytest.MonkeyPatch.context() as env:
         # Ray's default, whatever a runtime started earlier in this process left behind
         # (RAY_AUTH_MODE=token): with it the cluster wants a token the `dataflow` processes
@@ -241,6 +241,42 @@ def test_a_node_that_dies_mid_job_has_its_job_run_again_on_a_node_that_replaces_
     assert len(log.read_text().split()) == 2  # run again, once
 
 
+def test_an_array_lost_with_its_node_has_its_job_run_again_from_its_payload(cluster, tmp_path):
+    """Every stage on the second node: once its actors are up (after job0), ``load``'s
+    array is kept in that node's store (all its readers are there). ``sum`` reads it only
+    after ``slow`` is done, and the node dies meanwhile: the array is lost with it, and
+    job1 runs again from its payload, on the node that replaces it."""
+    log, go = tmp_path / "runs.log", tmp_path / "go"
+    arguments = {"log": str(log), "hold": "job1", "go": str(go), "seconds": HANG}
+    stages = [
+        StageDef("load", Load, {"payload": None}, ("vec",)),
+        StageDef("slow", HoldJob, {"vec": ("load", "vec")}, ("vec",), arguments),
+        StageDef("sum", total, {"a": ("load", "vec"), "b": ("slow", "vec")}, ("total",)),
+    ]
+    there = RayResources(num_cpus=0.5, custom={"second": 0.3})
+    executor = RayExecutor(
+        stages, output_root=tmp_path / "out", limits=Limits(max_jobs=1),
+        resources=dict.fromkeys(("load", "slow", "sum"), there),
+    )  # fmt: skip
+    done: list = []
+    jobs = make_jobs(tmp_path / "in", [20_000, 20_000])  # 160 kB: kept (smaller go inline)
+    runner = threading.Thread(target=lambda: done.append(executor.run(jobs)), daemon=True)
+    runner.start()
+    wait_until(lambda: log.exists() and "job1 " in log.read_text(), "job1 in slow")
+    c = cluster["cluster"]
+    c.remove_node(cluster["node"], allow_graceful=False)  # its store goes with it
+    cluster["node"] = c.add_node(**NODE, num_cpus=2, resources={"second": 1})
+    cluster["second"] = cluster["node"].node_id
+    go.touch()
+    runner.join(HANG)
+    assert not runner.is_alive()
+    assert [(r.job, r.ok) for r in done[0]] == [("job0", True), ("job1", True)], done[0]
+    assert [r.outputs[("sum", "total")] for r in done[0]] == [220_000, 220_000]
+    assert executor.runs_again == 1
+    runs = log.read_text().split("\n")
+    assert sum(line.startswith("job1 ") for line in runs) == 2  # the whole job again
+
+
 @pytest.mark.parametrize("placement", [None, "pack"])
 def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path, placement):
     stages = [
@@ -260,9 +296,12 @@ def test_a_stage_pinned_to_the_second_node_runs_there(cluster, tmp_path, placeme
 
 
 def files(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` but the run's summary (it holds times), by relative path."""
+    """Every file under ``root`` but the run's summary (it holds times), by relative path;
+    each job's provenance record without its times."""
     return {
-        str(p.relative_to(root)): p.read_bytes()
+        str(p.relative_to(root)): (
+            without_times(p.read_bytes()) if p.name == "provenance.json" else p.read_bytes()
+        )
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != "summary.json"
     }

@@ -17,6 +17,7 @@ import pytest
 from dataflow.service import JobStore, Service, ServiceError, load_config
 from tests.deadlines import wait_until
 from tests.integration.platform_service import HANG, api_client, start_job
+from tests.integration.ray_stages import without_times
 
 ray = pytest.importorskip("ray")
 
@@ -68,6 +69,7 @@ def run_one_job(tmp: Path, executor: str) -> tuple[dict, dict[str, bytes], dict]
             for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != ".timeline.json" and ".logs" not in p.parts
         }
+        files["provenance.json"] = without_times(files["provenance.json"])
     return job, files, health
 
 
