@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.dicom.service import DicomConfigError, parse_section
+from connectors.dicom.service import DicomConfigError, parse_section, parse_sources
 from dataflow.service import load_config
 
 ROOT = Path(__file__).parents[2]
@@ -37,6 +37,8 @@ def test_the_example_maps_onto_receivers_destinations_and_retries(tmp_path, monk
     pacs = destinations["PACS"]
     assert (pacs.ae_title, pacs.port, pacs.max_associations) == ("ORTHANC", 4242, 2)
     assert (policy.initial_delay, policy.max_delay, policy.deadline) == (5, 300, 86400)
+    sources = parse_sources(config.connectors["dicom"], config.path.parent)
+    assert list(sources) == ["PACS"] and sources["PACS"]["ae"] == "ORTHANC"
 
 
 @pytest.mark.parametrize(
