@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -163,7 +164,10 @@ class GroupStore:
 
     # -- placing instances ------------------------------------------------------------------
 
-    def place(self, batch: list[Placement], journal: Journal | None = None) -> None:
+    def place(
+        self, batch: list[Placement], journal: Journal | None = None,
+        appended: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         """Move each fsynced temp file into its group folder and record it, all in one
         transaction; the touched directories are fsynced before the commit. Sets each item's
         ``status``/``group_id``. On failure nothing of the batch stays recorded or placed.
@@ -177,9 +181,11 @@ class GroupStore:
         With ``journal`` (:mod:`.journal`), each placed instance is also appended to it (its
         record and bytes) and the transaction commits without a flush; the journal's one
         ``fdatasync`` then makes the batch durable, and the replaced files are removed after
-        it. Only a rerun group's hard links get their folders fsynced before the commit."""
+        it. Only a rerun group's hard links get their folders fsynced before the commit.
+        ``appended`` is called once the batch is committed and appended, before its flush
+        (the next batch may start then)."""
         if journal is not None:
-            self._place_journaled(batch, journal)
+            self._place_journaled(batch, journal, appended)
             return
         dirs: set[Path] = set()
         placed: list[Path] = []
@@ -204,7 +210,7 @@ class GroupStore:
             for path in replaced:  # committed: no record names them any more
                 path.unlink(missing_ok=True)
 
-    def _place_journaled(self, batch: list[Placement], journal: Journal) -> None:
+    def _place_journaled(self, batch: list[Placement], journal: Journal, appended) -> None:
         dirs: set[Path] = set()  # the folders of a rerun group's hard links
         placed: list[Path] = []
         replaced: list[Path] = []
@@ -230,7 +236,10 @@ class GroupStore:
                     self._db.execute("PRAGMA synchronous=FULL")
                     for item in batch:
                         item.temp.unlink(missing_ok=True)  # consumed, or refused
-            journal.sync()  # the one flush: outside the spool's lock (other processes go on)
+            upto = journal.position()
+        if appended is not None:
+            appended()
+        journal.sync(upto)  # the one flush: outside every lock (the next batch goes on)
         if any(i.status != Status.SUCCESS or i.note == "duplicate kept first" for i in batch):
             # kept first or rejected on the strength of a copy that may be another process's
             # (its record not synced yet): everything of the spool is made durable first

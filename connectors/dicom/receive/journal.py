@@ -136,7 +136,8 @@ class Journal:
         self._segment_size = segment_size
         self._idle = idle
         self._backlog = backlog
-        self._lock = threading.Lock()  # appends + sync, against rotation
+        self._lock = threading.Lock()  # appends, against rotation
+        self._sync_lock = threading.Lock()  # fdatasync, against a segment's fd closing
         self._cv = threading.Condition()
         self._current: _Segment | None = None
         self._closed: list[_Segment] = []  # full segments awaiting a checkpoint
@@ -187,15 +188,28 @@ class Journal:
                 if segment is not None and self._name(segment) == name and at < segment.end:
                     os.pwrite(segment.fd, bytes(REC_HEADER), at)
                     if segment is self._current:
-                        segment.end, segment.synced = at, min(segment.synced, at)
+                        with self._sync_lock:
+                            segment.end, segment.synced = at, min(segment.synced, at)
 
-    def sync(self) -> None:
-        """Make every record appended so far durable: one ``fdatasync`` (a segment closed
-        meanwhile was synced as it closed)."""
+    def position(self) -> tuple[_Segment | None, int]:
+        """Where the records appended so far end (for :meth:`sync`, under the lock)."""
         segment = self._current
-        if segment is not None and segment.synced < segment.end:
+        return segment, segment.end if segment is not None else 0
+
+    def sync(self, upto: tuple[_Segment | None, int] | None = None) -> None:
+        """Make the records appended up to ``upto`` (:meth:`position`; default: now)
+        durable: one ``fdatasync``, unless one that covers them has already returned (a
+        segment closed meanwhile was synced as it closed). Needs no lock: the next batch
+        appends while this one syncs, and one ``fdatasync`` covers both where it can."""
+        segment, end = self.position() if upto is None else upto
+        if segment is None:
+            return
+        with self._sync_lock:
+            if segment.synced >= end or segment.fd < 0:
+                return
+            reached = segment.end  # whole records only: end moves after a record is written
             os.fdatasync(segment.fd)
-            segment.synced = segment.end
+            segment.synced = max(segment.synced, reached)
 
     def _name(self, segment: _Segment) -> str:
         return f"{self.id.hex}:{segment.seq}"
@@ -222,9 +236,10 @@ class Journal:
         if segment is None:
             return
         if segment.end > SEG_HEADER:
-            if segment.synced < segment.end:  # its records are acknowledged with this batch
-                os.fdatasync(segment.fd)
-                segment.synced = segment.end
+            with self._sync_lock:  # its records are acknowledged with this batch
+                if segment.synced < segment.end:
+                    os.fdatasync(segment.fd)
+                    segment.synced = segment.end
             with self._cv:
                 self._closed.append(segment)
                 self._cv.notify()
@@ -279,8 +294,10 @@ class Journal:
     # ------------------------------------------------------------------ checkpoints
 
     def _spare(self, segment: _Segment) -> None:
-        os.pwrite(segment.fd, bytes(SEG_HEADER), 0)  # no longer a segment: replay skips it
-        os.close(segment.fd)
+        with self._sync_lock:
+            os.pwrite(segment.fd, bytes(SEG_HEADER), 0)  # not a segment now: replay skips it
+            os.close(segment.fd)
+            segment.fd = -1
         if len(self._spares) < SPARES and segment.size == self._segment_size:
             spare = self.folder / f"spare-{segment.seq}"
             os.rename(segment.path, spare)

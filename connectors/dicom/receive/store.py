@@ -66,7 +66,9 @@ class _Committer:
         self._journal = journal
         self._cv = threading.Condition()
         self._queue: list[tuple[Placement, list]] = []
-        self._leading = False
+        self._leading = False  # a batch is being committed (its flush may still run after)
+        self._running = 0  # batches not yet answered
+        self._taken: set[int] = set()  # the outcomes of items in those batches (ids)
         self._stopping = False
 
     def start(self) -> None:
@@ -74,28 +76,40 @@ class _Committer:
 
     def submit(self, item: Placement) -> None:
         """Record ``item`` durably (sets its status); raises what the transaction raised."""
-        outcome: list = []  # [None] done, or [exception]
+        outcome: list = []  # [None] done, or [exception]; taken: in a batch under way
         with self._cv:
             if self._stopping:
                 raise RuntimeError("receiver stopping")
             self._queue.append((item, outcome))
-            while not outcome and self._leading:
+            while not outcome and (self._leading or id(outcome) in self._taken):
                 self._cv.wait()
             if outcome:  # a leader took it along
                 if outcome[0] is not None:
                     raise outcome[0]
                 return
             self._leading = True
+            self._running += 1
             batch, self._queue = self._queue, []
+            self._taken.update(id(result) for _, result in batch)
         error: BaseException | None = None
+        led = [True]
+
+        def appended() -> None:  # committed: the next batch may go while this one flushes
+            with self._cv:
+                led[0] = self._leading = False
+                self._cv.notify_all()
+
         try:
-            self._store.place([queued for queued, _ in batch], self._journal)
+            self._store.place([queued for queued, _ in batch], self._journal, appended)
         except BaseException as exc:
             error = exc
         with self._cv:
             for _, result in batch:
                 result.append(error)
-            self._leading = False
+                self._taken.discard(id(result))
+            if led[0]:
+                self._leading = False
+            self._running -= 1
             self._cv.notify_all()
         if error is not None:
             raise error
@@ -104,7 +118,7 @@ class _Committer:
         """Refuse new items, let the commit under way end, and close the journal."""
         with self._cv:
             self._stopping = True
-            self._cv.wait_for(lambda: not self._leading and not self._queue, timeout=30)
+            self._cv.wait_for(lambda: not self._running and not self._queue, timeout=30)
         if self._journal is not None:
             self._journal.close()  # a checkpoint of everything: the journal is removed
 
