@@ -16,8 +16,10 @@ Three measurements and a model:
   ``benchmarks/engine.py``) for N = 1 and 4, one job in flight, with 4 KiB, 1 MiB and 64 MiB
   arrays; per hop = (latency(4) - latency(1)) / 3. Systems: ``local`` (worker processes,
   our shared-memory store), ``ray-node`` (every actor on one node of a two-node
-  ``ray.cluster_utils.Cluster`` on loopback: Ray's object store within a node) and
-  ``ray-across`` (the stages alternate between the two nodes: every hop crosses nodes).
+  ``ray.cluster_utils.Cluster`` on loopback: our store on that node, the Ray executor's
+  default) and ``ray-across`` (the stages alternate between the two nodes: every hop crosses
+  nodes, through Ray's object store); each also as ``*-objstore``, the arrays in Ray's object
+  store only (``RayExecutor(shm=False)``). ct-segmentation runs on both paths too.
 - **the model** predicting series per minute on N nodes from the per-study CPU cost, the
   longest stage, and the bytes crossing nodes (see the results' markdown).
 
