@@ -281,6 +281,14 @@ class Service:
             self.connectors[name] = connector
             for agent in connector.agents:
                 self._agents[agent.lower()] = connector
+            offer = getattr(connector, "http_routes", None)  # duck-typed, as the API mounts them
+            if self.config.api is None and offer is not None and offer():
+                where = f"{self.config.path}: " if self.config.path else ""
+                problems.append(
+                    f"{where}section {name!r} serves HTTP routes (e.g. STOW-RS) on the API's "
+                    "REST port, and there is no 'api' section: add one (api: {rest-port: "
+                    "8080}) or turn them off"
+                )
         if problems:
             log.error("service_refused", problems=len(problems))
             raise ServiceError(

@@ -316,3 +316,18 @@ def test_a_large_body_is_streamed_not_held(tmp_path):
         assert served.incoming == []
     finally:
         served.stop()
+
+
+def test_stow_without_an_api_section_is_refused_at_start(tmp_path):
+    """STOW-RS is served on the API's REST port: a service file that asks for it without an
+    ``api`` section would have it silently do nothing, so the start is refused, naming both."""
+    path = config_file(tmp_path, free_port())
+    path.write_text(
+        path.read_text().replace("api: {rest-port: 0, grpc-port: null, tokens: true}\n", "")
+    )
+    out = dataflow("serve", str(path))
+    assert out.returncode != 0
+    assert (
+        "section 'dicom' serves HTTP routes (e.g. STOW-RS) on the API's REST port, and there"
+        " is no 'api' section" in out.stderr
+    ), out.stderr
