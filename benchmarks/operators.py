@@ -230,17 +230,10 @@ def run_rounds(cases: list[Case], runs: int, quiet: Quiet, label: str) -> None:
 
 
 def phantom_volume(slices: int, size: int, seed: int = 0) -> tuple[np.ndarray, tuple]:
-    """The phantom's HU on an axial scan's voxel centres plus N(0, NOISE_HU²), float32, and
-    its spacing [D, H, W] in mm."""
-    from operators.dicom.phantom import hu_at, scan_geometry
+    """The analytic CT phantom plus N(0, NOISE_HU²), float32, and its spacing [D, H, W] mm."""
+    from operators.dicom.phantom import noisy_volume
 
-    geometry = scan_geometry(slices, size)
-    rng = np.random.default_rng(seed)
-    volume = np.empty((slices, size, size), np.float32)
-    for k in range(slices):
-        volume[k] = hu_at(geometry.points(k))
-        volume[k] += rng.standard_normal((size, size), dtype=np.float32) * np.float32(NOISE_HU)
-    return volume, (geometry.slice_spacing, *geometry.pixel_spacing)
+    return noisy_volume(slices, size, NOISE_HU, seed)
 
 
 def np_window_level(v: np.ndarray, center: float, width: float) -> np.ndarray:
