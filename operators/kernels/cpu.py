@@ -25,6 +25,7 @@ __all__ = [
     "gaussian_axis0",
     "gaussian_axis1",
     "gaussian_axis2",
+    "gaussian_fused",
     "minmax",
     "paint_runs",
     "resample",
@@ -174,6 +175,42 @@ def gaussian_axis2(src, w, out):
                     xx = min(max(x + k - r, 0), width - 1)
                     acc += w[k] * src[z, y, xx]
                 out[z, y, x] = acc
+
+
+@njit(inline="always")
+def _axpy(a, x, y):
+    for i in range(y.size):
+        y[i] += a * x[i]
+
+
+@njit(**_PAR)
+def gaussian_fused(src, w0, w1, w2, chunks, out):
+    """The three passes above in one sweep over z: slice z along axis 0, then that slice along
+    axis 1 and axis 2, through two slice-sized buffers per chunk of slices instead of a
+    volume-sized temporary (no page faults on a fresh 200 MB, one write of ``out``). Each voxel
+    gets the same float32 operations in the same order as the three passes: the same result,
+    bit for bit."""
+    depth, height, width = src.shape
+    r0, r1, r2 = (w0.size - 1) // 2, (w1.size - 1) // 2, (w2.size - 1) // 2
+    for c in prange(chunks):
+        a = np.empty((height, width), np.float32)
+        b = np.empty((height, width), np.float32)
+        for z in range(c * depth // chunks, (c + 1) * depth // chunks):
+            for y in range(height):
+                a[y, :] = 0.0
+                for k in range(w0.size):
+                    _axpy(w0[k], src[min(max(z + k - r0, 0), depth - 1), y], a[y])
+            for y in range(height):
+                b[y, :] = 0.0
+                for k in range(w1.size):
+                    _axpy(w1[k], a[min(max(y + k - r1, 0), height - 1)], b[y])
+            for y in range(height):
+                for x in range(width):
+                    acc = np.float32(0.0)
+                    for k in range(w2.size):
+                        xx = min(max(x + k - r2, 0), width - 1)
+                        acc += w2[k] * b[y, xx]
+                    out[z, y, x] = acc
 
 
 # ------------------------------------------------------------------ connected components

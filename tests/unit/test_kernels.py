@@ -186,6 +186,24 @@ def test_gaussian_edge_cases(volume):
         K.gaussian_smooth(volume, -1.0)
 
 
+@pytest.mark.parametrize("chunks", [1, 3, 40])  # 40: more chunks than slices
+def test_gaussian_fused_sweep_is_the_three_passes_bit_for_bit(rng, chunks):
+    from operators.kernels import _common, cpu
+
+    volume = (rng.standard_normal((11, 17, 23)) * 300).astype(np.float32)
+    plan = _common.gaussian_plan(1.0, (1.25, 0.7, 0.6))
+    assert [axis for axis, _ in plan] == [0, 1, 2]
+    src = volume
+    for (_, weights), f in zip(plan, (cpu.gaussian_axis0, cpu.gaussian_axis1, cpu.gaussian_axis2)):
+        dst = np.empty_like(volume)
+        f(src, weights, dst)
+        src = dst
+    fused = np.empty_like(volume)
+    cpu.gaussian_fused(volume, *(w for _, w in plan), chunks, fused)
+    np.testing.assert_array_equal(fused, src)
+    np.testing.assert_array_equal(K.gaussian_smooth(volume, 1.0, (1.25, 0.7, 0.6)), src)
+
+
 # ------------------------------------------------------------------ connected components
 
 
