@@ -3,6 +3,8 @@
 ```
 .venv/bin/python benchmarks/load_figures.py --quick
 .venv/bin/python benchmarks/load_figures.py --json benchmarks/results/load-$(date +%F).json
+.venv/bin/python benchmarks/load_figures.py --only latency \
+    --json benchmarks/results/load-latency-$(date +%F).json
 .venv/bin/python benchmarks/load_figures.py --soak 10 \
     --json benchmarks/results/load-soak-$(date +%F).json
 ```
@@ -442,6 +444,8 @@ def measure(service: Service, args: argparse.Namespace, work: Path) -> list[dict
     )
     print(f"  p50 {alone['latency_p50_s']} s (after grouping {alone['after_grouping_p50_s']} s)")
 
+    if args.only == "latency":
+        return records
     base = alone["latency_p50_s"] or 1.0
     steps: list[dict[str, Any]] = []
     for rate in args.rates:
@@ -617,6 +621,11 @@ def main() -> None:
     )
     parser.add_argument("--modalities", type=int, default=2)
     parser.add_argument(
+        "--only",
+        choices=("latency",),
+        help="latency: only the end-to-end latency figure (no throughput steps)",
+    )
+    parser.add_argument(
         "--soak",
         type=float,
         default=0.0,
@@ -647,7 +656,7 @@ def main() -> None:
 
     meta = {
         **run_header(),
-        "mode": "soak" if args.soak else ("quick" if args.quick else "full"),
+        "mode": "soak" if args.soak else (args.only or ("quick" if args.quick else "full")),
         "argv": sys.argv,
         "machine": machine(),
         "loadavg_at_start": list(os.getloadavg()),

@@ -233,10 +233,14 @@ def check_sources(sources: Sequence[pydicom.Dataset]) -> None:
         def is_multiframe_image(ds):
             return "NumberOfFrames" in ds
 
+    multiframe: dict[str, bool] = {}  # per SOP class: highdicom's look-up is slow
     for ds in sources:
         if "SOPClassUID" not in ds:
             raise StageError(f"{_name(ds)}: (0008,0016) SOPClassUID is missing")
-        if is_multiframe_image(ds) and "SharedFunctionalGroupsSequence" not in ds:
+        sop_class = str(ds.SOPClassUID)
+        if sop_class not in multiframe:
+            multiframe[sop_class] = is_multiframe_image(ds)
+        if multiframe[sop_class] and "SharedFunctionalGroupsSequence" not in ds:
             raise StageError(
                 f"{_name(ds)}: {_sop_class(ds)} is a multi-frame IOD without functional "
                 "groups; a SEG is written only on single-frame images (CT, MR, PET...)"
