@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from dataflow.service import JobStore, Service, ServiceError, load_config
-from tests.deadlines import wait_until
+from tests.deadlines import LONG_HANG, wait_until
 from tests.integration.platform_service import HANG, api_client, start_job
 from tests.integration.ray_stages import without_times
 
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
 VOLUME = ROOT / "pipelines" / "samples" / "volumes" / "study-a" / "volume.npy"
+CT_SEGMENTATION = ROOT / "pipelines" / "ct-segmentation.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -178,3 +179,30 @@ def test_dataflow_serve_on_ray_stops_cleanly_on_sigterm(tmp_path):
         output, _ = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, output
     assert "service_stopped" in output
+
+
+def test_the_reference_ct_segmentation_gives_the_same_seg_on_both_executors(tmp_path):
+    """``dataflow run pipelines/ct-segmentation.yaml`` with ``--executor ray`` (a runtime
+    started for the run) and without: the same SEG (segments, frames, every voxel; its UIDs
+    and times are new each run, as with one executor run twice: test_rerun)."""
+    from tests.integration.test_rerun import _files, _seg_content
+
+    study = tmp_path / "in" / "study-1"
+    subprocess.run(
+        [sys.executable, "-m", "operators.dicom.phantom", study,
+         "--slices", "24", "--size", "64", "--oblique", "--shuffle"],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    got = {}
+    for executor in ("local", "ray"):
+        done = subprocess.run(
+            [sys.executable, "-m", "dataflow.cli", "run", CT_SEGMENTATION, "--input",
+             tmp_path / "in", "--output", tmp_path / executor, "--executor", executor],
+            cwd=ROOT, capture_output=True, text=True, timeout=LONG_HANG,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = tmp_path / executor / "study-1"
+        (seg,) = (out / "seg" / "seg").glob("*.dcm")
+        names = [f for f in _files(out) if not f.endswith(".dcm")]
+        got[executor] = (_seg_content(seg), names)
+    assert got["ray"] == got["local"]
