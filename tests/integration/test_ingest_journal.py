@@ -8,6 +8,7 @@ keeps the previous design (no journal at all)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cli import serve, wait_serving
-from deadlines import HANG, LONG_HANG
+from deadlines import HANG, LONG_HANG, wait_until
 from dicom_peers import DCMTK_ENV, dcmtk, free_port, storescu, wait_for_port
 from pydicom.filereader import _read_file_meta_info
 
@@ -162,3 +163,27 @@ def test_journal_off_is_the_previous_design(tmp_path):
     finally:
         rx.stop()
     assert not (rx.spool / JOURNAL_DIR).exists()
+
+
+def test_the_journal_of_a_killed_worker_is_replayed_by_the_main_receiver(tmp_path):
+    """``processes: 2``: a worker killed with SIGKILL leaves its journal; the main receiver
+    replays and removes it while it runs, and every instance is still there once."""
+    series = write_ct_series(tmp_path / "ct", slices=32, size=64, seed=44)
+    rx = Receiver(_config(tmp_path, processes=2), lambda group: None).start()
+    try:
+        for k in range(16):  # 16 associations: the kernel spreads them over both listeners
+            sent = storescu("127.0.0.1", rx.port, series.files[k::16], called=AET)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+        root = rx.spool / JOURNAL_DIR
+        ours = rx.steps._committer._journal.folder.name
+        theirs = {p.name for p in root.iterdir()} - {ours}
+        assert theirs, "the worker journaled nothing"
+        os.kill(rx.worker_pids[0], signal.SIGKILL)
+        wait_until(lambda: not theirs & {p.name for p in root.iterdir()},
+                   "the dead worker's journal replayed", HANG)  # fmt: skip
+        (group,) = rx.groups()
+        rows = rx.store.instances(group.id)
+        assert group.instances == len(rows) == 32
+        assert sorted(sop for sop, _ in rows) == sorted(series.sop_instance_uids)
+    finally:
+        rx.stop()

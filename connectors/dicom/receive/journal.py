@@ -151,11 +151,6 @@ class Journal:
 
     # ------------------------------------------------------------------ appending
 
-    @property
-    def segment_id(self) -> str:
-        """The id of the segment the next record goes to (stored with each index row)."""
-        return f"{self.id.hex}:{self._current.seq if self._current else self._seq + 1}"
-
     def append(self, meta: dict[str, Any], source: Path, size: int, crc: int) -> tuple[str, int]:
         """Append a record: ``meta`` and the ``size`` bytes of ``source`` (whose CRC-32 is
         ``crc``). Returns (segment id, offset) for :meth:`sync` and :meth:`undo`. Raises
