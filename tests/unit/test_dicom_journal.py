@@ -181,6 +181,19 @@ def test_a_replaced_copy_is_not_brought_back(tmp_path):
     assert contents(store) == {"1.1.1": b"third"}
 
 
+def test_two_copies_in_one_batch_replay_as_they_were_written(tmp_path):
+    spool = JournaledSpool(tmp_path, idle=3600)
+    batch = [spool.item("1.1.1", b"first"), spool.item("1.1.1", b"second")]
+    spool.store.place(batch, spool.journal)  # one transaction: the same time for both
+    assert contents(spool.store) == {"1.1.1": b"second"}
+    os.close(spool.journal._lock_fd)  # as if the process died: its journal is let go
+    spool.store.close()
+    lose_index_and_folders(tmp_path)
+    store = GroupStore(tmp_path)
+    assert recover(tmp_path, store) == 2
+    assert contents(store) == {"1.1.1": b"second"}
+
+
 def test_a_rolled_back_batch_leaves_no_valid_record(tmp_path):
     spool = JournaledSpool(tmp_path)
     spool.put(sop="1.1.1", data=b"kept")

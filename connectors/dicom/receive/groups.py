@@ -413,8 +413,9 @@ class GroupStore:
                     "SELECT path, received FROM instances WHERE group_id = ? AND sop_uid = ?",
                     (g["id"], m["sop"]),
                 ).fetchone()
-                if existing and existing[0] != m["path"] and existing[1] >= m["received"]:
-                    stale = target  # a newer copy replaced this one
+                if existing and existing[0] != m["path"] and existing[1] > m["received"]:
+                    stale = target  # a newer copy replaced this one (at the same time: the
+                    # later record, replayed after, wins, as it did when it was written)
                 else:
                     _write_back(record, target)
                     if existing and existing[0] != m["path"]:
