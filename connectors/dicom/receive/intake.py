@@ -9,7 +9,7 @@ PDU arrived. That is about 7.5 ms of CPU per 525 kB instance here, on top of the
 own thread, from the moment the A-ASSOCIATE-AC is sent. pynetdicom's DUL thread is parked
 (:func:`fastnet.waker`) before the AC goes out, so it never reads a P-DATA PDU. For each
 C-STORE-RQ, the dataset fragments are written to the spool's temp file as they arrive, then
-the file is fsynced and handed to the same checks and committer as pynetdicom's path
+the file is fsynced (or journaled) and handed to the same checks and commit as pynetdicom's path
 (:class:`.store.StoreSteps`: ``answer``, ``checked_header``, ``below_reserve``, ``place``):
 the promise is unchanged, Success only once the file and its record are durable. The
 response goes out on the socket at once. It imports :mod:`.store`, never :mod:`.receiver`.

@@ -2,8 +2,8 @@
 flight across associations).
 
 Without it (``journal: false``) an instance costs two flushes before its Success: the temp
-file's fsync, then the committer's rename, folder fsyncs and SQLite commit. With it, the
-committer appends one *record* per instance to an append-only, preallocated segment file
+file's fsync, then the commit's rename, folder fsyncs and SQLite commit. With it, the
+commit appends one *record* per instance to an append-only, preallocated segment file
 (``<spool>/.journal/<id>/<seq>.seg``): the instance's metadata (its group, its path in the
 spool, its UIDs) and its bytes, copied in the kernel from the temp file (``copy_file_range``).
 One ``fdatasync`` of the segment makes every record appended since the last one durable, its
@@ -124,7 +124,7 @@ class _Segment:
 class Journal:
     """This process's journal in ``spool`` (made at the first append, removed by
     :meth:`close`). ``reserve_ok(nbytes)`` says whether preallocating ``nbytes`` more keeps
-    the disk reserve; appends come from one thread (the committer) at a time."""
+    the disk reserve; appends come from one commit at a time (under :meth:`__enter__`)."""
 
     def __init__(self, spool: Path, reserve_ok: Callable[[int], bool] | None = None,
                  segment_size: int = SEGMENT, idle: float = IDLE,

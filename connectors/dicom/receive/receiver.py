@@ -2,11 +2,12 @@
 
 Each C-STORE: cheap header parse (four UIDs), size and disk-reserve checks, the received bytes
 (untouched, after a Part-10 file meta header) written to ``<spool>/.incoming``; then the
-committer thread appends the instance (its record and bytes) to the ingest journal, moves the
-file into its group folder and records it, and one ``fdatasync`` of the journal makes it
-durable (:mod:`.journal`; with ``journal: false``, the file's fsync, then the folders' fsyncs
-and a ``synchronous=FULL`` commit) — several associations' instances share one transaction
-and one flush (group commit), each durable before its own Success goes back.
+commit (led by the first waiting writer) appends the instance (its record and bytes) to the
+ingest journal, moves the file into its group folder and records it, and one ``fdatasync``
+of the journal makes it durable (:mod:`.journal`; with ``journal: false``, the file's fsync,
+then the folders' fsyncs and a ``synchronous=FULL`` commit) — several associations'
+instances share one transaction and one flush (group commit), each durable before its own
+Success goes back.
 
 Hostile peers (see docs/dicom.md, "What a hostile peer gets"): every PDU is bounded before
 anything is allocated for it (:func:`fastnet.guard`); a connection must complete its

@@ -5,7 +5,7 @@ path (:mod:`.intake`, the dataset streamed to a temp file off the socket) both c
 :class:`StoreSteps`: :meth:`~StoreSteps.answer` runs a store and counts and logs its outcome;
 :meth:`~StoreSteps.checked_header` (the dataset's UIDs are the request's),
 :meth:`~StoreSteps.below_reserve` (the disk reserve) and :meth:`~StoreSteps.place` (the
-commit: the committer thread journals the file (:mod:`.journal`; or, with ``journal: false``,
+commit: the group commit journals the file (:mod:`.journal`; or, with ``journal: false``,
 takes it fsynced), moves it into its group folder and records it, several associations'
 instances per transaction and flush, each durable before its Success goes back).
 
