@@ -9,7 +9,10 @@ round after round, the two versions of a case take turns (in alternating order),
 freshly allocated outputs as a stage's are; we report the median and the first round apart:
 
 - ``smooth``: ``gaussian_smooth`` (sigma 1 mm) as three passes through a volume-sized
-  temporary (before) and as the fused sweep (after); the results are compared bit for bit.
+  temporary (before) and as the fused sweep (after); the results are compared bit for bit;
+- ``paint``: PaintLabels' painting of a mask into the labels within label 1 (the lungs into
+  the body), as NumPy (before: two comparisons, a copy, a boolean-mask assignment) and as
+  ``kernels.paint_labels`` (after: one parallel pass).
 
 The benchmark asserts nothing but that both versions of a case give the same result.
 """
@@ -54,6 +57,21 @@ def smooth_fused(volume: np.ndarray, spacing) -> np.ndarray:
     return kernels.gaussian_smooth(volume, 1.0, spacing, out=np.empty(volume.shape, np.float32))
 
 
+def paint_numpy(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Before: PaintLabels in NumPy."""
+    out = np.empty(labels.shape, np.uint8)
+    where = mask != 0
+    where &= labels == 1
+    np.copyto(out, labels)
+    out[where] = 2
+    return out
+
+
+def paint_kernel(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """After: ``kernels.paint_labels``."""
+    return kernels.paint_labels(labels, mask, 2, 1, out=np.empty(labels.shape, np.uint8))
+
+
 def side_by_side(
     name: str, versions: dict[str, Callable[[], Any]], rounds: int, same: Callable
 ) -> dict[str, Any]:
@@ -85,7 +103,9 @@ def main() -> None:
         write_ct_series(study, slices=args.slices, size=args.size)
         volume, metadata = load_series(find_files(study))
         spacing = metadata["spacing"]
-        kernels.warmup("gaussian_smooth")
+        kernels.warmup("gaussian_smooth", "paint_labels")
+        body = (volume > -500).view(np.uint8)
+        low = (volume < -400).view(np.uint8)
         rows = [
             side_by_side(
                 "smooth",
@@ -95,7 +115,16 @@ def main() -> None:
                 },
                 args.rounds,
                 np.array_equal,
-            )
+            ),
+            side_by_side(
+                "paint",
+                {
+                    "numpy": lambda: paint_numpy(body, low),
+                    "kernel": lambda: paint_kernel(body, low),
+                },
+                args.rounds,
+                np.array_equal,
+            ),
         ]
     for row in rows:
         print(row)

@@ -216,7 +216,7 @@ class FillHoles(_KernelStage):
         return kernels.fill_holes(mask, self.connectivity, out=out, device=self._device(mask))
 
 
-class PaintLabels(Stage):
+class PaintLabels(_KernelStage):
     """Paints ``value`` into a label volume where ``mask`` is set, and, if ``within`` is
     given, only where the labels equal ``within`` (e.g. lungs = 2 only inside the body = 1).
 
@@ -226,6 +226,7 @@ class PaintLabels(Stage):
 
     inputs = {"labels": MASK, "mask": MASK}
     outputs = {"labels": MASK}
+    kernels = ("paint_labels",)  # CPU only: one parallel pass
 
     def __init__(self, value: int, within: int | None = None):
         for name, v in (("value", value), ("within", within)):
@@ -240,11 +241,7 @@ class PaintLabels(Stage):
                 f"{list(labels.shape)}"
             )
         out = ctx.allocate("labels", labels.shape, "uint8")
-        where = mask != 0
-        if self.within is not None:
-            where &= labels == self.within
-        np.copyto(out, labels)
-        out[where] = self.value
+        kernels.paint_labels(labels, mask, self.value, self.within, out=out)
         return out  # the metadata of `labels`, the first input
 
 

@@ -169,10 +169,13 @@ def make_segmentation(
     refuse_empty(segments, present, allow_empty, labels.shape[0], sources[0], "segment")
     # highdicom numbers segments 1..n in the order given: map label values onto that.
     order = {int(s["label"]): i for i, s in enumerate(segments, 1)}
-    lut = np.zeros(256, dtype=np.uint8)
-    for value, number in order.items():
-        lut[value] = number
-    pixels = lut[labels]
+    if all(order[value] == value for value in present):
+        pixels = labels  # label values are the segment numbers already: no 0.1 s copy
+    else:
+        lut = np.zeros(256, dtype=np.uint8)
+        for value, number in order.items():
+            lut[value] = number
+        pixels = lut[labels]
     try:
         seg = _segmentation(hd, sources, pixels, segments, series_description, series_number,
                             provenance)  # fmt: skip

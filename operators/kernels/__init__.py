@@ -41,6 +41,7 @@ __all__ = [
     "label_cuda",
     "normalize",
     "normalize_cuda",
+    "paint_labels",
     "resample",
     "resample_cuda",
     "resample_shape",
@@ -264,6 +265,31 @@ def threshold(
     return res
 
 
+@_threads_by_size
+def paint_labels(
+    labels: Any, mask: Any, value: int, within: int | None = None, *, out: Any = None
+) -> np.ndarray:
+    """uint8 labels with ``value`` where ``mask`` is nonzero and, with ``within``, only where
+    ``labels == within``; ``labels`` elsewhere. One parallel pass (CPU only); ``out`` may be
+    ``labels`` itself."""
+    for name, v in (("value", value), ("within", within)):
+        if v is not None and not 0 <= v <= 255:
+            raise KernelValueError(f"{name} must be in 0..255; got {v}")
+    src = np.asarray(labels)
+    if src.dtype != np.uint8:
+        raise KernelValueError(f"labels must be uint8; got {src.dtype}")
+    src = c.readonly(np.ascontiguousarray(src))
+    where = c.host_mask(mask)
+    if where.shape != src.shape:
+        raise KernelValueError(f"mask {list(where.shape)} does not match labels {list(src.shape)}")
+    res = _out(out, src.shape, np.uint8)
+    from . import cpu
+
+    within = -1 if within is None else int(within)
+    cpu.paint(src.reshape(-1), where.reshape(-1), np.uint8(value), within, res.reshape(-1))
+    return res
+
+
 def _runs(mask: np.ndarray, connectivity: int) -> tuple:
     from . import cpu
 
@@ -356,6 +382,7 @@ _WARMUPS = {
         gaussian_smooth(v, s, device=d) for s in (1.0, (1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     ],
     "threshold": lambda v, m, d: threshold(v, 0.5, device=d),
+    "paint_labels": lambda v, m, d: [paint_labels(m, m, 2, w) for w in (None, 1)],
     "label": lambda v, m, d: label(m, 6, device=d),
     "connected_components": lambda v, m, d: connected_components(m, 26, device=d),
     "fill_holes": lambda v, m, d: fill_holes(m, 6, device=d),

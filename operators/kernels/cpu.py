@@ -27,6 +27,7 @@ __all__ = [
     "gaussian_axis2",
     "gaussian_fused",
     "minmax",
+    "paint",
     "paint_runs",
     "resample",
     "run_label_sizes",
@@ -99,6 +100,14 @@ def threshold(src, lower, upper, out):
     for i in prange(src.size):
         v = src[i]
         out[i] = 1 if (v >= lower and v <= upper) else 0
+
+
+@njit(**_PAR)
+def paint(labels, mask, value, within, out):
+    """out = value where mask != 0 and (within < 0 or labels == within), labels elsewhere."""
+    for i in prange(labels.size):
+        v = labels[i]
+        out[i] = value if mask[i] != 0 and (within < 0 or v == within) else v
 
 
 # ------------------------------------------------------------------ resampling

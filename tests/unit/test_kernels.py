@@ -500,6 +500,23 @@ def test_threshold_and_connected_components_stages(volume):
         run_stage(Threshold, {"volume": volume}, arguments={"lower": 2, "upper": 1})
 
 
+@pytest.mark.parametrize("within", [None, 1])
+def test_paint_labels_is_the_numpy_formulation(rng, within):
+    labels = rng.integers(0, 4, (9, 13, 17), dtype=np.uint8)
+    mask = rng.integers(0, 3, labels.shape, dtype=np.uint8)  # nonzero is set, not only 1
+    where = mask != 0
+    if within is not None:
+        where &= labels == within
+    expected = labels.copy()
+    expected[where] = 5
+    np.testing.assert_array_equal(K.paint_labels(labels, mask, 5, within), expected)
+    in_place = labels.copy()
+    K.paint_labels(in_place, mask, 5, within, out=in_place)
+    np.testing.assert_array_equal(in_place, expected)
+    with pytest.raises(K.KernelValueError, match="labels must be uint8"):
+        K.paint_labels(labels.astype(np.int16), mask, 5)
+
+
 def test_fill_holes_stage_and_paint_labels_build_a_label_map():
     body = np.zeros((5, 7, 7), np.uint8)
     body[1:4, 1:6, 1:6] = 1
