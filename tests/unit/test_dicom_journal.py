@@ -187,6 +187,9 @@ def test_two_copies_in_one_batch_replay_as_they_were_written(tmp_path):
     spool.store.place(batch, spool.journal)  # one transaction: the same time for both
     assert contents(spool.store) == {"1.1.1": b"second"}
     os.close(spool.journal._lock_fd)  # as if the process died: its journal is let go
+    with spool.journal._cv:  # and its checkpoint thread ends
+        spool.journal._stopping = True
+        spool.journal._cv.notify()
     spool.store.close()
     lose_index_and_folders(tmp_path)
     store = GroupStore(tmp_path)

@@ -146,8 +146,11 @@ class Journal:
         self._lock_fd: int | None = None
         self._last_append = 0.0
         self._stopping = False
-        self._thread: threading.Thread | None = None
         self.checkpoints = 0
+        # the checkpoint thread, from the start (its folder is made at the first append)
+        self._thread = threading.Thread(target=self._checkpoints, name="dicom-journal",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
 
     # ------------------------------------------------------------------ appending
 
@@ -282,9 +285,6 @@ class Journal:
         os.rename(new, self.folder)
         fsync_dir(self.folder)
         fsync_dir(self.folder.parent)
-        self._thread = threading.Thread(target=self._checkpoints, name="dicom-journal",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -344,8 +344,7 @@ class Journal:
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        self._thread.join(timeout=60)
         if self._lock_fd is None:
             return
         self.checkpoint()
