@@ -47,6 +47,7 @@ __all__ = [
     "resample_shape",
     "threshold",
     "threshold_cuda",
+    "value_counts",
     "warmup",
     "window_level",
     "window_level_cuda",
@@ -290,6 +291,19 @@ def paint_labels(
     return res
 
 
+@_threads_by_size
+def value_counts(array: Any) -> np.ndarray:
+    """int64[256]: how many elements of the uint8 ``array`` (any shape) hold each value; one
+    parallel pass (``np.unique`` sorts or hashes, ``np.bincount`` casts to intp first). CPU."""
+    src = np.asarray(array)
+    if src.dtype != np.uint8:
+        raise KernelValueError(f"value_counts needs uint8; got {src.dtype}")
+    from . import cpu
+
+    flat = c.readonly(np.ascontiguousarray(src).reshape(-1))
+    return cpu.value_counts(flat, max(1, min(flat.size, 4 * _threads())))
+
+
 def _runs(mask: np.ndarray, connectivity: int) -> tuple:
     from . import cpu
 
@@ -383,6 +397,7 @@ _WARMUPS = {
     ],
     "threshold": lambda v, m, d: threshold(v, 0.5, device=d),
     "paint_labels": lambda v, m, d: [paint_labels(m, m, 2, w) for w in (None, 1)],
+    "value_counts": lambda v, m, d: value_counts(m),
     "label": lambda v, m, d: label(m, 6, device=d),
     "connected_components": lambda v, m, d: connected_components(m, 26, device=d),
     "fill_holes": lambda v, m, d: fill_holes(m, 6, device=d),

@@ -35,6 +35,7 @@ __all__ = [
     "squared_deviation",
     "threshold",
     "total",
+    "value_counts",
     "window_level",
 ]
 
@@ -108,6 +109,17 @@ def paint(labels, mask, value, within, out):
     for i in prange(labels.size):
         v = labels[i]
         out[i] = value if mask[i] != 0 and (within < 0 or v == within) else v
+
+
+@njit(**_PAR)
+def value_counts(src, chunks):
+    """How many of each value 0..255 the uint8 ``src`` holds: a histogram per chunk, summed."""
+    counts = np.zeros((chunks, 256), np.int64)
+    n = src.size
+    for c in prange(chunks):
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            counts[c, src[i]] += 1
+    return counts.sum(axis=0)
 
 
 # ------------------------------------------------------------------ resampling

@@ -517,6 +517,17 @@ def test_paint_labels_is_the_numpy_formulation(rng, within):
         K.paint_labels(labels.astype(np.int16), mask, 5)
 
 
+def test_value_counts_is_numpys_bincount(rng):
+    labels = rng.integers(0, 7, (9, 13, 17), dtype=np.uint8)
+    labels[0, 0, 0] = 255
+    np.testing.assert_array_equal(
+        K.value_counts(labels), np.bincount(labels.ravel(), minlength=256)
+    )
+    assert K.value_counts(np.zeros((0, 3, 3), np.uint8)).sum() == 0
+    with pytest.raises(K.KernelValueError, match="needs uint8"):
+        K.value_counts(labels.astype(np.int16))
+
+
 def test_fill_holes_stage_and_paint_labels_build_a_label_map():
     body = np.zeros((5, 7, 7), np.uint8)
     body[1:4, 1:6, 1:6] = 1
