@@ -72,7 +72,7 @@ _SECTION_KEYS = {
 }
 
 
-_RECEIVER_KEYS = {"name", "enabled", "host", "port", "tls", "reuse-port", "processes"}
+_RECEIVER_KEYS = {"name", "enabled", "host", "port", "tls", "reuse-port", "processes", "journal"}
 
 
 #: the ``dicom`` section of the service configuration is wrong (the key is named): the one
@@ -231,6 +231,7 @@ def parse_section(
                 tls=tls,
                 reuse_port=bool(entry.get("reuse-port", False)),
                 processes=int(entry.get("processes", 1)),
+                journal=entry.get("journal", True),
             )
             receivers.append(config.validate())
         except ValueError as exc:  # the receiver's own checks name no section: say where

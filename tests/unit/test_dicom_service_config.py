@@ -51,6 +51,8 @@ def test_the_example_maps_onto_receivers_destinations_and_retries(tmp_path, monk
         ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": []}, "no receiver"),
         ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{"port": 70000}]},
          "receivers\\[0\\]: port"),
+        ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{"journal": "off"}]},
+         "receivers\\[0\\]: journal must be true or false"),
         ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
           "limits": {"disk-reserve": "lots"}}, "limits.disk-reserve: 'lots' is not a size"),
         ({"ae-titles": {"A": {"pipelines": ["seg"]}}, "receivers": [{}],
@@ -70,6 +72,15 @@ def test_the_example_maps_onto_receivers_destinations_and_retries(tmp_path, monk
 def test_mistakes_are_named(tmp_path, section, message):
     with pytest.raises(DicomConfigError, match=message):
         parse(section, tmp_path)
+
+
+def test_the_ingest_journal_is_on_unless_a_receiver_says_journal_false(tmp_path):
+    section = {
+        "ae-titles": {"A": {"pipelines": ["seg"]}},
+        "receivers": [{"name": "a"}, {"name": "b", "port": 105, "journal": False}],
+    }
+    receivers, _, _ = parse(section, tmp_path)
+    assert [r.journal for r in receivers] == [True, False]
 
 
 def test_a_destination_with_a_url_is_dicomweb(tmp_path):
