@@ -12,7 +12,9 @@ freshly allocated outputs as a stage's are; we report the median and the first r
   temporary (before) and as the fused sweep (after); the results are compared bit for bit;
 - ``paint``: PaintLabels' painting of a mask into the labels within label 1 (the lungs into
   the body), as NumPy (before: two comparisons, a copy, a boolean-mask assignment) and as
-  ``kernels.paint_labels`` (after: one parallel pass).
+  ``kernels.paint_labels`` (after: one parallel pass);
+- ``counts``: the SEG writer's look at which label values are present, ``np.unique`` (before)
+  and ``kernels.value_counts`` (after), on the labels painted above.
 
 The benchmark asserts nothing but that both versions of a case give the same result.
 """
@@ -103,7 +105,7 @@ def main() -> None:
         write_ct_series(study, slices=args.slices, size=args.size)
         volume, metadata = load_series(find_files(study))
         spacing = metadata["spacing"]
-        kernels.warmup("gaussian_smooth", "paint_labels")
+        kernels.warmup("gaussian_smooth", "paint_labels", "value_counts")
         body = (volume > -500).view(np.uint8)
         low = (volume < -400).view(np.uint8)
         rows = [
@@ -126,6 +128,18 @@ def main() -> None:
                 np.array_equal,
             ),
         ]
+        labels = paint_kernel(body, low)
+        rows.append(
+            side_by_side(
+                "counts",
+                {
+                    "unique": lambda: {int(v) for v in np.unique(labels)},
+                    "kernel": lambda: set(np.flatnonzero(kernels.value_counts(labels)).tolist()),
+                },
+                args.rounds,
+                lambda a, b: a == b,
+            )
+        )
     for row in rows:
         print(row)
 
