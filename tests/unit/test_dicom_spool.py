@@ -249,6 +249,18 @@ def test_quiet_timeout_and_restart_timer(tmp_path):
     # after a restart the quiet time counts from the start again
     assert spool.store.complete_due(group.last_arrival + 5, group.last_arrival + 4.5) == []
     assert spool.store.complete_due(group.last_arrival + 5, 0) == [group.id]
+
+
+def test_the_completion_loop_is_told_when_the_first_group_falls_due(tmp_path):
+    spool = Spool(tmp_path)
+    assert spool.store.next_due(0) is None  # nothing pending: it waits its interval
+    spool.put()
+    (group,) = spool.store.groups("pending")
+    timeout = spool.called.timeout
+    assert spool.store.next_due(0) == group.last_arrival + timeout  # complete_due's rule
+    assert spool.store.next_due(group.last_arrival + 7) == group.last_arrival + 7 + timeout
+    assert spool.store.complete_due(group.last_arrival + timeout, 0) == [group.id]
+    assert spool.store.next_due(0) is None
     assert spool.store.groups("complete")[0].id == group.id
     assert spool.store.mark_dispatched(group.id) and not spool.store.mark_dispatched(group.id)
     assert [g.id for g in spool.store.groups("dispatched")] == [group.id]

@@ -504,6 +504,16 @@ class GroupStore:
                 raise
         return ids
 
+    def next_due(self, not_before: float) -> float | None:
+        """When the first pending group falls due (:meth:`complete_due`'s rule), as a
+        ``time.time()``; None without pending groups."""
+        with self._writing():
+            row = self._db.execute(
+                "SELECT min(max(last_arrival, ?) + timeout) FROM groups WHERE state = 'pending'",
+                (not_before,),
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def complete(self, group_ids: list[int]) -> list[int]:
         """Complete these groups now if still pending (association released)."""
         done = []

@@ -290,6 +290,7 @@ class Receiver:
         interval = min(0.5, min(c.timeout for c in self.config.called_aes) / 4)
         adopted = time.monotonic()
         while not self._stop.is_set():
+            wait = interval
             try:
                 for group_id in self.store.complete_due(time.time(), self._started):
                     log.info("group_complete", group=group_id, reason="quiet timeout")
@@ -297,9 +298,12 @@ class Receiver:
                 if self.config.processes > 1 and time.monotonic() - adopted > ADOPT_EVERY:
                     adopted = time.monotonic()  # a worker killed: its journal made durable
                     journal.recover(self.spool, self.store)
+                due = self.store.next_due(self._started)  # woken when the first falls due
+                if due is not None:
+                    wait = min(interval, max(0.0, due - time.time()) + 0.002)
             except Exception:
                 log.exception("group_completion_failed")
-            self._wake.wait(interval)
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _hand_over(self) -> None:
