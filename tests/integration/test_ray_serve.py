@@ -15,9 +15,12 @@ import httpx
 import pytest
 
 from dataflow.service import JobStore, Service, ServiceError, load_config
-from tests.deadlines import LONG_HANG, wait_until
+from operators.dicom.phantom import write_ct_series
+from tests.cli import dataflow
+from tests.deadlines import wait_until
 from tests.integration.platform_service import HANG, api_client, start_job
 from tests.integration.ray_stages import without_times
+from tests.integration.test_rerun import _files, _seg_content
 
 ray = pytest.importorskip("ray")
 
@@ -185,24 +188,14 @@ def test_the_reference_ct_segmentation_gives_the_same_seg_on_both_executors(tmp_
     """``dataflow run pipelines/ct-segmentation.yaml`` with ``--executor ray`` (a runtime
     started for the run) and without: the same SEG (segments, frames, every voxel; its UIDs
     and times are new each run, as with one executor run twice: test_rerun)."""
-    from tests.integration.test_rerun import _files, _seg_content
-
-    study = tmp_path / "in" / "study-1"
-    subprocess.run(
-        [sys.executable, "-m", "operators.dicom.phantom", study,
-         "--slices", "24", "--size", "64", "--oblique", "--shuffle"],
-        check=True, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
+    write_ct_series(tmp_path / "in" / "study-1", slices=24, size=64, oblique=True, shuffle=True)
     got = {}
     for executor in ("local", "ray"):
-        done = subprocess.run(
-            [sys.executable, "-m", "dataflow.cli", "run", CT_SEGMENTATION, "--input",
-             tmp_path / "in", "--output", tmp_path / executor, "--executor", executor],
-            cwd=ROOT, capture_output=True, text=True, timeout=LONG_HANG,
-        )  # fmt: skip
+        out = tmp_path / executor
+        done = dataflow("run", CT_SEGMENTATION, "-i", tmp_path / "in", "-o", out,
+                        "--executor", executor)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        out = tmp_path / executor / "study-1"
-        (seg,) = (out / "seg" / "seg").glob("*.dcm")
-        names = [f for f in _files(out) if not f.endswith(".dcm")]
+        (seg,) = (out / "study-1" / "seg" / "seg").glob("*.dcm")
+        names = [f for f in _files(out / "study-1") if not f.endswith(".dcm")]
         got[executor] = (_seg_content(seg), names)
     assert got["ray"] == got["local"]
