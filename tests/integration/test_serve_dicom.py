@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from cli import jobs, serve, wait_serving
+from cli import jobs, serve, study_sent, wait_serving
 from deadlines import HANG, LONG_HANG
 from dicom_peers import free_port, start_orthanc, storescu, wait_for_port
 
@@ -106,24 +106,18 @@ def test_a_study_over_dicom_runs_on_ray_and_its_seg_comes_back_to_orthanc(
     study = write_ct_series(tmp_path / "study", slices=12, size=64, seed=23)
     with start_orthanc(tmp_path / "orthanc", modalities={}) as orthanc:
         config = service_yaml(tmp_path, port, orthanc)
-        config.write_text(config.read_text() + "executor: {kind: ray}\n")
-        receivers = f"dicom.receivers=[{{name: plain, host: 127.0.0.1, port: {port}}}]"
-        proc = serve(config, tmp_path / "serve.log", "--set", receivers,
-                     env={"RAY_AUTH_MODE": "disabled"})  # fmt: skip
-        try:
-            wait_for_port(port, proc=proc, timeout=LONG_HANG)
-            sent = storescu("127.0.0.1", port, study.files, called="DATAFLOW-SEG")
-            assert sent.returncode == 0, sent.stdout + sent.stderr
+        text = config.read_text().replace("port: 104}", f"port: {port}}}")
+        config.write_text(text + "executor: {kind: ray}\n")
+        ray_env = {"RAY_AUTH_MODE": "disabled"}
+        with study_sent(config, study.files, port, "DATAFLOW-SEG", "succeeded", ray_env) as (
+            proc,
+            record,
+        ):
             [seg] = wait_serving(lambda: segs_in(orthanc), LONG_HANG, "the SEG in Orthanc", proc)
             assert seg["StudyInstanceUID"] == study.study_instance_uid
-            [record] = jobs(config)
-            assert record["state"] == "succeeded"
             assert record["source"]["called_ae"] == "DATAFLOW-SEG"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=HANG)
         output = (tmp_path / "serve.log").read_text()
-        assert code == 0, output[-5000:]
+        assert proc.returncode == 0, output[-5000:]  # stopped by SIGTERM
         assert "ray_connected" in output and "service_stopped" in output
         for name in ("Phantom^Synthetic", "PHANTOM-23"):
             assert name not in output  # no patient identifiers in the service's log
