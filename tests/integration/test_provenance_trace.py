@@ -24,6 +24,7 @@ import pytest
 from cli import jobs, serve, wait_serving
 from deadlines import HANG, LONG_HANG
 from dicom_peers import free_port, start_orthanc, storescu, wait_for_port
+from test_serve_dicom import service_yaml
 
 from dataflow.models import ModelRepository
 from operators.dicom.phantom import write_ct_series
@@ -63,23 +64,9 @@ def test_trace_on_the_seg_that_came_back_to_the_pacs_says_what_made_it(private_n
     port, rest = free_port(), free_port()
     study = write_ct_series(tmp_path / "study", slices=12, size=64, seed=31)
     with start_orthanc(tmp_path / "orthanc", modalities={}) as orthanc:
-        config = tmp_path / "service.yaml"
-        config.write_text(f"""
-state: {tmp_path / "state"}
-pipelines:
-  ct-segmentation: {ROOT / "pipelines" / "ct-segmentation.yaml"}
-api: {{rest-port: {rest}, grpc-port: null}}
-dicom:
-  receivers:
-  - {{name: plain, host: 127.0.0.1, port: {port}}}
-  ae-titles:
-    DATAFLOW-SEG: {{pipelines: [ct-segmentation], group-by: study, timeout: 1}}
-  allow:
-  - {{ae: STORESCU}}
-  destinations:
-    PACS: {{ae: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}}}
-  export: {{retry-initial: 0.5, retry-max: 2, deadline: 120}}
-""")
+        config = service_yaml(tmp_path, port, orthanc)  # test_serve_dicom's, with an API
+        text = config.read_text().replace("port: 104}", f"port: {port}}}")
+        config.write_text(text + f"api: {{rest-port: {rest}, grpc-port: null}}\n")
         proc = serve(config, tmp_path / "serve.log")
         api = f"http://127.0.0.1:{rest}"
         try:
