@@ -12,13 +12,15 @@ downstream (:func:`dataflow.stage.output_values`) — is here, once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from dataflow.stage import Port, Stage, StageContext, collect_outputs, output_values
 
-__all__ = ["Edges", "run_job"]
+__all__ = ["Edges", "job_log_path", "job_scope", "run_job"]
 
 
 class Edges(Protocol):
@@ -68,3 +70,26 @@ def run_job(
         for port, value in output_values(instance, collected, metadata).items()
     }
     return collected, published
+
+
+def job_log_path(output_root: str | Path, job_name: str, stage: str, keep: bool) -> Path | None:
+    """Where a stage's log of one job is kept (``OUTPUT_ROOT/<job>/.logs/<stage>.log``), or
+    None when its executor keeps no job logs (``job_logs``)."""
+    return Path(output_root) / job_name / ".logs" / f"{stage}.log" if keep else None
+
+
+@contextlib.contextmanager
+def job_scope(payload: Path | None, log: Path | None) -> Iterator[None]:
+    """While a worker (a process, or a Ray actor) runs one job: the patient identifiers of
+    the job's folder ``payload`` (read only if something is logged) redacted by value from
+    whatever it logs or prints; with ``log``, all of that also kept in that file (the job's
+    log of this stage, which ``dataflow serve`` keeps beside the job's outputs)."""
+    from dataflow.identifiers import identifiers_of
+    from dataflow.logs import identifying, job_log
+
+    with contextlib.ExitStack() as scope:
+        if payload is not None:
+            scope.enter_context(identifying(functools.partial(identifiers_of, payload)))
+        if log is not None:
+            scope.enter_context(job_log(log))
+        yield

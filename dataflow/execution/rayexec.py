@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import select
@@ -571,21 +570,15 @@ class StageActor:
         or ``("failed", reason, traceback)``. ``keep``: the array outputs to publish in this
         node's store (every reader is on this node); the others are return objects.
         ``provenance``: the job's record so far, for a stage that ``wants_provenance``."""
-        self.keep = frozenset(keep)
-        self.provenance = provenance
-        from dataflow.identifiers import identifiers_of
-        from dataflow.logs import identifying, job_log, job_note
+        from dataflow.execution.binding import job_log_path, job_scope
+        from dataflow.logs import job_note
 
-        self.job_name = job_name
+        self.keep, self.provenance, self.job_name = frozenset(keep), provenance, job_name
         payload = next((Path(v.path) for v in inputs.values() if isinstance(v, PathRef)), None)
-        with contextlib.ExitStack() as scope:
-            if payload is not None:  # the job's patient identifiers redacted by value
-                scope.enter_context(identifying(functools.partial(identifiers_of, payload)))
-            if self.spec.job_logs:  # what the stage logs and prints, in the job's log too
-                path = Path(self.spec.output_root) / job_name / ".logs" / f"{self.spec.stage}.log"
-                scope.enter_context(job_log(path))
+        log = job_log_path(self.spec.output_root, job_name, self.spec.stage, self.spec.job_logs)
+        with job_scope(payload, log):  # as a local worker's job (worker.Worker.run_job)
             outcome = self._run(job_id, job_name, inputs, payload, timeout)
-            if self.spec.job_logs and outcome[0][0] == "failed":
+            if log is not None and outcome[0][0] == "failed":
                 job_note(f"job failed: {outcome[0][1]}\n{outcome[0][2]}")
             return outcome
 

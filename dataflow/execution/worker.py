@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import functools
 import importlib
 import os
 import resource
@@ -47,10 +46,9 @@ from typing import Any
 import numpy as np
 
 from dataflow.errors import DataflowError
-from dataflow.execution.binding import run_job
+from dataflow.execution.binding import job_log_path, job_scope, run_job
 from dataflow.execution.refs import ObjRef, PathRef, Ref, ValRef, from_wire, to_wire
-from dataflow.identifiers import identifiers_of
-from dataflow.logs import identifying
+from dataflow.logs import job_note
 from dataflow.stage import Port, Stage, StageContext
 
 __all__ = ["WorkerSpec", "limit_address_space", "mib", "resolve_stage", "worker_main"]
@@ -211,25 +209,12 @@ class Worker:
 
     def run_job(self, job_id: str, job_name: str, inputs: Mapping[str, Ref], timeout) -> tuple:
         payload = next((Path(v.path) for v in inputs.values() if type(v) is PathRef), None)
-        if payload is None:
-            if not self.spec.job_logs:  # the common case, on every hop: no frame more
-                return self._run_job(job_id, job_name, inputs, None, timeout)
-            return self._run_logged(job_id, job_name, inputs, payload, timeout)
-        # a stage given the job's folder: its patient's identifiers redacted by value from
-        # whatever this worker logs or prints while it runs the job (read from the folder
-        # only if something is)
-        with identifying(functools.partial(identifiers_of, payload)):
-            return self._run_logged(job_id, job_name, inputs, payload, timeout)
-
-    def _run_logged(self, job_id, job_name, inputs, payload, timeout) -> tuple:
-        if not self.spec.job_logs:
-            return self._run_job(job_id, job_name, inputs, payload, timeout)
-        from dataflow.logs import job_log, job_note
-
-        path = Path(self.spec.output_root) / job_name / ".logs" / f"{self.spec.stage}.log"
-        with job_log(path):
+        if payload is None and not self.spec.job_logs:  # the common case, on every hop
+            return self._run_job(job_id, job_name, inputs, None, timeout)  # no frame more
+        log = job_log_path(self.spec.output_root, job_name, self.spec.stage, self.spec.job_logs)
+        with job_scope(payload, log):
             outcome = self._run_job(job_id, job_name, inputs, payload, timeout)
-            if outcome[0] == "failed":  # the failure belongs to the operator's log too
+            if log is not None and outcome[0] == "failed":  # in the operator's log too
                 job_note(f"job failed: {outcome[2]}\n{outcome[3]}")
             return outcome
 
