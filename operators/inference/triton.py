@@ -37,6 +37,7 @@ _TO_NUMPY = {
     "INT16": "int16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
 }  # fmt: skip
 _regions = itertools.count()
+_UNREGISTER_WAIT = 10.0  # seconds: how long a region in use is asked for again
 
 
 def default_url(protocol: str) -> str:
@@ -98,13 +99,25 @@ class _Region:
 
     def free(self) -> None:
         client = self.backend.client
-        try:
-            if self.backend.shared_memory == "system":
-                client.unregister_system_shared_memory(self.name)
-            else:
-                client.unregister_cuda_shared_memory(self.name)
-        except Exception:  # the server may be gone already; the local region still goes
-            pass
+        if self.backend.shared_memory == "system":
+            unregister = client.unregister_system_shared_memory
+        else:
+            unregister = client.unregister_cuda_shared_memory
+        # Triton counts the requests that hold a region and refuses to unregister it while
+        # one does ("it is currently in use"): the last request's release can come just after
+        # its response, so ask again for a while. Any other failure (the server gone) ends
+        # the asking; the local region goes either way.
+        deadline = time.monotonic() + _UNREGISTER_WAIT
+        pause = 0.005
+        while True:
+            try:
+                unregister(self.name)
+                break
+            except Exception as exc:
+                if "in use" not in str(exc) or time.monotonic() > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
         if self.backend.shared_memory == "system":
             from tritonclient.utils import shared_memory as shm
         else:
