@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import html
+import importlib.util
 import json
 import math
 import re
@@ -48,7 +49,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-NAME = re.compile(r"^(?P<kind>[a-z_]+(?:-[a-z_]+)*?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<tag>.*)\.json$")
+NAME = re.compile(
+    r"^(?P<kind>[a-z_]+(?:-[a-z0-9_]+)*?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<tag>.*)\.json$"
+)
 LOWER_IS_BETTER = ("us", "ms", "s", "ns")
 PNG_META = {"Software": None}  # no matplotlib version; PNGs carry no date anyway
 PEER_COLOURS = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
@@ -98,6 +101,39 @@ def find_results(folder: Path) -> dict[str, Result]:
         return (r.meta.get("mode") != "quick", str(r.meta.get("date", "")), r.path.name)
 
     return {kind: max(results, key=order) for kind, results in found.items()}
+
+
+def newest(
+    results: dict[str, Result], kinds: tuple[str, ...], has: Callable[[dict[str, Any]], bool]
+) -> Result | None:
+    """Of the kinds' latest files, the newest (by the provenance's date) holding a record
+    that ``has`` accepts: e.g. the end-to-end latency measured alone (load-latency) after
+    the whole load run (load)."""
+    found = [r for k in kinds if (r := results.get(k)) and any(map(has, r.records))]
+    return max(found, key=lambda r: (str(r.meta.get("date", "")), r.path.name), default=None)
+
+
+def case_is(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda record: record.get("case") == name
+
+
+def soak_result(results: dict[str, Result]) -> Result | None:
+    """The longest soak (load-soak, load-soak-60, ...), the newest of equal length."""
+    soaks = [
+        (summary.get("minutes") or 0, str(r.meta.get("date", "")), r.path.name, r)
+        for kind, r in results.items()
+        if kind.startswith("load-soak")
+        for summary in r.records
+        if summary.get("case") == "soak-summary"
+    ]
+    return max(soaks, key=lambda x: x[:3])[3] if soaks else None
+
+
+def ingest_result(results: dict[str, Result]) -> Result | None:
+    """The newest DICOM ingest figures: the whole DICOM benchmark or an ingest-only run."""
+    return newest(
+        results, ("dicom", "ingest-journal"), lambda x: str(x.get("case")).startswith("ingest-")
+    )
 
 
 def value(record: dict[str, Any]) -> float | None:
@@ -233,6 +269,7 @@ def section_ratios(results: dict[str, Result], fig: Figures) -> Section:
             "engine",
             "operators",
             "dicom",
+            "ingest-journal",
             "peers",
             "peers-kernels",
             "peers-pipelines",
@@ -327,14 +364,19 @@ def grouped(
 
 def section_dicom(results: dict[str, Result], fig: Figures) -> Section:
     key, title = "dicom", "DICOM: ingest and export against DCMTK, Orthanc and pynetdicom"
-    r = results.get("dicom")
+    got = {
+        "ingest": ingest_result(results),
+        "export": newest(results, ("dicom",), lambda x: str(x.get("case")).startswith("export-")),
+    }
     rows = [
         x
+        for prefix, r in got.items()
         for x in (r.records if r else [])
-        if str(x.get("case", "")).startswith(("ingest-", "export-"))
+        if str(x.get("case", "")).startswith(prefix + "-")
     ]
     if not rows:
         return not_measured(key, title, "no DICOM results (benchmarks/dicom.py)")
+    sources = list(dict.fromkeys(r.source for r in got.values() if r is not None))
     f, axes = fig.plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, prefix in zip(axes, ("ingest", "export"), strict=True):
         part = [x for x in rows if x["case"].startswith(prefix)]
@@ -344,13 +386,53 @@ def section_dicom(results: dict[str, Result], fig: Figures) -> Section:
         grouped(fig, ax, cases, systems, lambda c, s, t=table: t.get((c, s)))
         ax.set_ylabel("instances/s (higher is better)")
         ax.set_title(f"{prefix} (case: associations)")
-    image = fig.save(f, "dicom-rates.png", [r.source])
+    image = fig.save(f, "dicom-rates.png", sources)
     text = (
         "<p>storescp / storescu are DCMTK (storescp does not fsync); orthanc is Orthanc; "
         "pynetdicom-* are pynetdicom SCPs. The number after the case is the number of "
         "associations.</p>"
     )
-    return Section(key, title, text, [image], [r.source])
+    goals = ingest_goals(rows)
+    if goals:
+        cells = "".join(
+            f"<tr><td>{html.escape(ours)}</td><td>{html.escape(case)}</td>"
+            f"<td>{_ratio(vs_orthanc, 1.0)}</td><td>{_ratio(vs_storescp, 0.5)}</td></tr>"
+            for ours, case, vs_orthanc, vs_storescp in goals
+        )
+        text += (
+            "<p>Ingest goals (issue 15 §3: ahead of Orthanc everywhere, at least 0.5x "
+            "storescp, with fsync on):</p><table><tr><th>ours</th><th>case</th>"
+            f"<th>x Orthanc (goal 1)</th><th>x storescp (goal 0.5)</th></tr>{cells}</table>"
+        )
+    return Section(key, title, text, [image], sources)
+
+
+def ingest_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, float | None, float | None]]:
+    """(ours system, case, ours/Orthanc, ours/storescp) for each ingest case, for the systems
+    that are ours and on by default (ours, ours-2p; not a previous design kept as baseline)."""
+    rate = {(x["case"], x["system"]): value(x) for x in rows if x["case"].startswith("ingest-")}
+    out = []
+    for case in sorted({c for c, _ in rate}):
+        for ours in ("ours", "ours-2p"):
+            mine = rate.get((case, ours))
+            if not mine:
+                continue
+            orthanc, storescp = rate.get((case, "orthanc")), rate.get((case, "storescp"))
+            out.append(
+                (
+                    ours,
+                    case,
+                    round(mine / orthanc, 2) if orthanc else None,
+                    round(mine / storescp, 2) if storescp else None,
+                )
+            )
+    return out
+
+
+def _ratio(ratio: float | None, goal: float) -> str:
+    if ratio is None:
+        return "<span class='missing'>not measured</span>"
+    return f"{ratio:g} ({'met' if ratio >= goal else '<b>not met</b>'})"
 
 
 def section_kernels(results: dict[str, Result], fig: Figures) -> Section:
@@ -415,8 +497,9 @@ def section_kernels(results: dict[str, Result], fig: Figures) -> Section:
 
 def section_load(results: dict[str, Result], fig: Figures) -> Section:
     key, title = "load", "dataflow load: end-to-end latency and throughput"
-    r = results.get("load")
-    e2e = next((x for x in (r.records if r else []) if x.get("case") == "e2e-latency"), None)
+    r = newest(results, ("load",), case_is("throughput"))
+    lr = newest(results, ("load", "load-latency"), case_is("e2e-latency"))
+    e2e = next((x for x in (lr.records if lr else []) if x.get("case") == "e2e-latency"), None)
     steps = [x for x in (r.records if r else []) if x.get("case") == "throughput"]
     if e2e is None and not steps:
         return not_measured(key, title, "no load results (benchmarks/load_figures.py)")
@@ -454,7 +537,9 @@ def section_load(results: dict[str, Result], fig: Figures) -> Section:
         hist.set_ylim(0, 1.05)
         hist.legend(fontsize=7)
         hist.set_title("latency distribution (each offered load)")
-        images.append(fig.save(f, "load-latency.png", [r.source]))
+        images.append(
+            fig.save(f, "load-latency.png", list(dict.fromkeys(x.source for x in (lr, r) if x)))
+        )
         goal = (e2e.get("after_grouping_p50_s") or math.inf) < 2
         text += (
             f"<p>End to end (p50): {e2e['latency_p50_s']} s, of which the grouping wait "
@@ -509,12 +594,13 @@ def section_load(results: dict[str, Result], fig: Figures) -> Section:
             elif knee.get("value"):
                 text += "; the highest rate tried was still kept up with"
             text += ".</p>"
-    return Section(key, title, text, images, [r.source])
+    sources = list(dict.fromkeys(x.source for x in (lr, r) if x is not None))
+    return Section(key, title, text, images, sources)
 
 
 def section_soak(results: dict[str, Result], fig: Figures) -> Section:
     key, title = "soak", "Soak: memory and file counts over time"
-    r = results.get("load-soak")
+    r = soak_result(results)
     samples = [x for x in (r.records if r else []) if x.get("case") == "soak-sample"]
     if not samples:
         return not_measured(key, title, "no soak results (benchmarks/load_figures.py --soak)")
@@ -546,6 +632,62 @@ def section_soak(results: dict[str, Result], fig: Figures) -> Section:
         "store's budget in use is sampled between studies, so 0 there means every object "
         "was released.</p>"
     )
+    return Section(key, title, text, [image], [r.source])
+
+
+def section_ray(results: dict[str, Result], fig: Figures) -> Section:
+    key, title = "ray", "Ray: the same pipeline on a cluster, and what a hop costs"
+    r = results.get("ray")
+    runs = [x for x in (r.records if r else []) if x.get("steady_series_per_min")]
+    hops = [x for x in (r.records if r else []) if str(x.get("case")).startswith("per-hop-")]
+    if not runs and not hops:
+        return not_measured(key, title, "no Ray results (benchmarks/ray.py)")
+    f, axes = fig.plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    labels = [f"{x['system']} ({x['case']})" for x in runs]
+    ax.barh(range(len(runs)), [x["steady_series_per_min"] for x in runs], color=COLOURS["ours"])
+    ax.set_yticks(range(len(runs)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("series per minute, steady state (higher is better)")
+    if runs:
+        ax.set_title(f"ct-segmentation, {runs[0].get('slices')} x {runs[0].get('size')}²")
+    sizes = {"4KiB": 4096, "1MiB": 1 << 20, "64MiB": 64 << 20}
+    for system in sorted({x["system"] for x in hops}):
+        pts = sorted(
+            (sizes.get(x["case"].removeprefix("per-hop-"), 0), value(x) or 0)
+            for x in hops
+            if x["system"] == system
+        )
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("array size (bytes)")
+    axes[1].set_ylabel("one hop between stages (ms, lower is better)")
+    axes[1].set_title("Per hop: local, Ray within a node, Ray across nodes")
+    axes[1].legend(fontsize=7)
+    image = fig.save(f, "ray.png", [r.source])
+    text = (
+        "<p>local: the local executor; ray: Ray with our shared-memory store between stages "
+        "on one node (the default); ray-objstore: Ray's object store only; -node / -across: "
+        "a hop within a node / between two nodes (loopback here).</p>"
+    )
+    model = next((x for x in r.records if x.get("case") == "model"), None)
+    predictions = [
+        p
+        for p in (model or {}).get("predictions", [])
+        if p.get("layout") == "replicated" and p.get("network") == "10 GbE"
+    ]
+    if predictions:
+        cells = "".join(
+            f"<tr><td>{p['nodes']}</td><td>{p['cores_per_node']}</td>"
+            f"<td>{p['series_per_min']:g}</td><td>{html.escape(str(p['bound']))}</td></tr>"
+            for p in predictions
+        )
+        text += (
+            "<p>The model's prediction (benchmarks/ray.py: per-stage CPU, the longest stage, "
+            "bytes crossing nodes), stages replicated, 10 GbE:</p><table><tr><th>nodes</th>"
+            f"<th>cores each</th><th>series/min</th><th>bound by</th></tr>{cells}</table>"
+        )
     return Section(key, title, text, [image], [r.source])
 
 
@@ -623,9 +765,12 @@ def section_machine(results: dict[str, Result], fig: Figures) -> Section:
 
 def section_answers(results: dict[str, Result], fig: Figures) -> Section:
     key, title = "answers", "Sizing a deployment: the three questions"
-    load, soak = results.get("load"), results.get("load-soak")
+    load, soak = newest(results, ("load",), case_is("knee")), soak_result(results)
+    latency = newest(results, ("load", "load-latency"), case_is("e2e-latency"))
     records = load.records if load else []
-    e2e = next((x for x in records if x.get("case") == "e2e-latency"), None)
+    e2e = next(
+        (x for x in (latency.records if latency else []) if x.get("case") == "e2e-latency"), None
+    )
     knee = next((x for x in records if x.get("case") == "knee"), None)
     summary = next(
         (x for x in (soak.records if soak else []) if x.get("case") == "soak-summary"), None
@@ -650,10 +795,33 @@ def section_answers(results: dict[str, Result], fig: Figures) -> Section:
         items.append(
             f"How long from the last slice to the result in the PACS: "
             f"{e2e['latency_p50_s']} s (p50, {e2e['slices']} x {e2e['size']}² CT), of "
-            f"which {e2e['parts_p50_s']['grouping_wait']} s is the grouping wait."
+            f"which {e2e['parts_p50_s']['grouping_wait']} s is the grouping wait (the "
+            f"receiver's timeout {e2e.get('grouping_timeout_s')} s); after it "
+            f"{e2e.get('after_grouping_p50_s')} s (goal: under 2 s)."
         )
     else:
         items.append(f"How long from the last slice to the result in the PACS: {missing}.")
+    ingest = ingest_result(results)
+    one = next(
+        (
+            x
+            for x in (ingest.records if ingest else [])
+            if x.get("case") == "ingest-1" and x.get("system") == "ours" and value(x)
+        ),
+        None,
+    )
+    if one and e2e:
+        per_hour = value(one) * 3600 / e2e["slices"]
+        kept = (
+            f", against the {knee['value']:g} studies/h the pipeline kept up with"
+            if (knee and knee.get("value"))
+            else ""
+        )
+        items.append(
+            f"Is the receiver the bottleneck: it stores {value(one):g} instances/s on one "
+            f"association, {per_hour:,.0f} studies of {e2e['slices']} slices an hour{kept}."
+        )
+    text_sources = [ingest.source] if one and e2e else []
     if summary:
         growth = summary.get("growth_second_half", {})
         items.append(
@@ -666,8 +834,8 @@ def section_answers(results: dict[str, Result], fig: Figures) -> Section:
     else:
         items.append(f"Does it stay healthy (a soak): {missing}.")
     text = "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
-    sources = [r.source for r in (load, soak) if r is not None]
-    return Section(key, title, text, [], sources)
+    sources = [r.source for r in (load, latency, soak) if r is not None] + text_sources
+    return Section(key, title, text, [], list(dict.fromkeys(sources)))
 
 
 SECTIONS = [
@@ -678,6 +846,7 @@ SECTIONS = [
     section_kernels,
     section_load,
     section_soak,
+    section_ray,
     section_machine,
 ]
 
@@ -758,6 +927,8 @@ def plan(mode: str, folder: Path, date: str) -> list[tuple[str, list[str]]]:
         runs.append(bench("peers.py", "peers-kernels", "--only", "kernels"))
     if shutil.which("nvidia-smi"):
         runs.append(bench("gpu.py", "gpu"))
+    if importlib.util.find_spec("ray") is not None:
+        runs.append(bench("ray.py", "ray"))
     runs.append(bench("load_figures.py", "load"))
     return runs
 

@@ -22,6 +22,7 @@ SECTIONS = (
     "Kernel speed-ups: CPU and GPU",
     "dataflow load: end-to-end latency and throughput",
     "Soak: memory and file counts over time",
+    "Ray: the same pipeline on a cluster, and what a hop costs",
     "The machines and the load on them during each run",
 )
 
@@ -236,4 +237,94 @@ def test_run_mode_plans_every_benchmark_with_its_json_in_the_run_folder(tmp_path
         assert "--quick" in cmd
         assert cmd[-2:] == ["--json", str(tmp_path / f"{kind}-2026-01-01.json")]
     assert report.NAME.match("load-soak-2026-01-01.json")["kind"] == "load-soak"
+    assert report.NAME.match("load-soak-60-2026-01-01.json")["kind"] == "load-soak-60"
     assert report.NAME.match("store-2026-11-25-final.json")["kind"] == "store"
+
+
+def soak(minutes: float, rss_growth: int) -> list[dict]:
+    samples = [
+        {"case": "soak-sample", "t_s": t * 60.0, "rss_bytes": 2**30, "open_files": 200}
+        for t in range(int(minutes) + 1)
+    ]
+    summary = {
+        "case": "soak-summary",
+        "minutes": minutes,
+        "count": 4,
+        "value": 4,
+        "failed": 0,
+        "rate_per_min": 1,
+        "every_study_ended": True,
+        "retention_s": 60,
+        "growth_second_half": {"rss_bytes": rss_growth, "open_files": 0, "threads": 0},
+    }
+    return [*samples, summary]
+
+
+def test_each_figure_takes_the_newest_or_longest_run_that_measured_it(tmp_path):
+    """A latency measured alone after the whole load run, an ingest-only run after the whole
+    DICOM benchmark, the longest soak, and the Ray results: each shown, with its file."""
+    folder = results(tmp_path / "results")
+    later = meta("2026-11-06T10:00:00+00:00", mode="latency")
+    parts = {"grouping_wait": 2.0, "queued": 0.0, "ran": 1.2, "export": 0.1}
+    latency = {
+        "case": "e2e-latency",
+        "value": 3.3,
+        "slices": 200,
+        "size": 512,
+        "grouping_timeout_s": 2.0,
+        "latency_p50_s": 3.3,
+        "after_grouping_p50_s": 1.3,
+        "parts_p50_s": parts,
+        "per_study": [{**parts, "latency": 3.3}],
+    }
+    write(folder, "load-latency-2026-11-06", [latency], later)
+    ingest = [
+        {"case": "ingest-1", "system": s, "value": v, "unit": "instances/s"}
+        for s, v in (("ours", 200.0), ("orthanc", 100.0), ("storescp", 300.0))
+    ]
+    write(folder, "ingest-journal-2026-11-06", ingest, later)
+    write(folder, "load-soak-2026-11-07", soak(10, 5 * 2**20), meta("2026-11-07T10:00:00+00:00"))
+    write(folder, "load-soak-60-2026-11-06", soak(60, 7 * 2**20), later)
+    hops = [
+        {"case": f"per-hop-{size}", "system": system, "value": ms, "unit": "ms"}
+        for size, ms in (("4KiB", 0.5), ("1MiB", 1.0), ("64MiB", 10.0))
+        for system in ("local", "ray-node", "ray-across")
+    ]
+    runs = [
+        {
+            "case": "ct-segmentation",
+            "system": s,
+            "steady_series_per_min": v,
+            "slices": 96,
+            "size": 256,
+        }
+        for s, v in (("local", 180.0), ("ray", 170.0))
+    ]
+    model = {
+        "case": "model",
+        "predictions": [
+            {"layout": "replicated", "network": "10 GbE", "nodes": n, "cores_per_node": 2,
+             "series_per_min": 200.0 * n, "bound": "CPU"}
+            for n in (1, 2, 4)
+        ],
+    }  # fmt: skip
+    write(folder, "ray-2026-11-06", [*runs, *hops, model], later)
+    run = build(folder, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    page = (tmp_path / "out" / "index.html").read_text()
+    answers = page.split("the three questions</h2>")[1].split("<h2")[0]
+    assert "3.3 s (p50" in answers and "after it 1.3 s" in answers
+    assert "How many studies an hour: 240 offered" in answers  # still the whole load run
+    assert "stores 200 instances/s on one association, 3,600 studies" in answers
+    assert "a 60-minute soak" in answers and "RSS grew 7.0 MiB" in answers
+    load = page.split("end-to-end latency and throughput</h2>")[1].split("<h2")[0]
+    assert "load-latency-2026-11-06.json" in load and "load-2026-11-05.json" in load
+    assert "Goal (under 2 s plus the grouping wait): met" in load
+    dicom = page.split("DCMTK, Orthanc and pynetdicom</h2>")[1].split("<h2")[0]
+    assert "ingest-journal-2026-11-06.json" in dicom and "dicom-2026-11-02.json" in dicom
+    assert "<td>ours</td><td>ingest-1</td><td>2 (met)</td><td>0.67 (met)</td>" in dicom
+    soak_part = page.split("file counts over time</h2>")[1].split("<h2")[0]
+    assert "load-soak-60-2026-11-06.json" in soak_part and "over 60 minutes" in soak_part
+    ray = page.split("what a hop costs</h2>")[1].split("<h2")[0]
+    assert "src='ray.png'" in ray and valid_png(tmp_path / "out" / "ray.png")
+    assert "<td>4</td><td>2</td><td>800</td><td>CPU</td>" in ray
