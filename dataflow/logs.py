@@ -133,6 +133,55 @@ def _redact_phi(logger, method_name, event_dict):
     return event_dict
 
 
+class _WholeLines:
+    """A text stream for log lines that reach the file descriptor one whole line per write.
+
+    ``dataflow serve`` and its workers share one stderr (a file or a pipe). structlog's
+    PrintLogger prints the text and then its newline, and a stream writes a line longer than
+    its buffer in pieces: another process's line could land in between. Here each thread's
+    text is held until its newline, then the whole line goes in one ``os.write`` (one write
+    to a regular file is not interleaved; to a pipe, up to 4 KiB is not). A stream without a
+    file descriptor (pytest's capture) is written to as it is."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pending = threading.local()
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        held = getattr(self._pending, "text", "") + text
+        head, newline, rest = held.rpartition("\n")
+        self._pending.text = rest
+        if newline:
+            self._out(head + newline)
+        return len(text)
+
+    def flush(self) -> None:
+        held = getattr(self._pending, "text", "")
+        self._pending.text = ""
+        if held:
+            self._out(held)
+
+    def _out(self, text: str) -> None:
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # no descriptor: write as it is
+            self._stream.write(text)
+            self._stream.flush()
+            return
+        data = memoryview(text.encode("utf-8", "replace"))
+        with self._lock:
+            self._stream.flush()  # what was written to the stream itself goes first
+            while data:
+                data = data[os.write(fd, data) :]
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def configure_logging(
     level: str | int = "INFO",
     *,
@@ -158,18 +207,19 @@ def configure_logging(
         if json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    lines = _WholeLines(sys.stderr)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             min(level, logging.INFO) if job_logs else level
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(lines),
         cache_logger_on_first_use=False,
     )
     # libraries' stdlib records (pynetdicom, numba, uvicorn...) pass through the same
     # redaction and renderer: JSON mode is JSON throughout, and none bypasses the redactor
     foreign = [structlog.stdlib.add_logger_name, *stamped]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(lines)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=foreign,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -144,3 +144,40 @@ def test_a_jobs_identifiers_are_looked_up_only_when_something_is_scrubbed():
         assert scrub("and QUIMBY again") == "and <redacted> again"
     assert lookups == [1]
     assert scrub("QUIMBY") == "QUIMBY"
+
+
+_WRITER = """
+import logging, sys
+import structlog
+from dataflow.logs import configure_logging
+configure_logging(json=True)
+log = structlog.get_logger("writer")
+n = int(sys.argv[1])
+for k in range(200):
+    log.info("long_line", writer=n, k=k, text=str(n) * (3000 + 97 * k))
+    logging.getLogger("lib").warning("a library's record %s %s", n, "x" * (9000 + k))
+"""
+
+
+def test_processes_sharing_one_stderr_never_cut_into_each_others_lines(tmp_path):
+    """dataflow serve and its workers write to one stderr: every line stays whole, even lines
+    longer than a stream's buffer (a JSON line cut by another process's was seen once)."""
+    import subprocess
+    import sys
+
+    from deadlines import HANG
+
+    out = tmp_path / "shared.log"
+    with open(out, "w") as shared:
+        writers = [
+            subprocess.Popen([sys.executable, "-c", _WRITER, str(n)], stderr=shared)
+            for n in range(3)
+        ]
+        assert [w.wait(timeout=HANG) for w in writers] == [0, 0, 0]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 * 200 * 2
+    events = [json.loads(line) for line in lines]  # a cut line would not parse
+    for n in range(3):
+        mine = [e for e in events if e.get("writer") == n]
+        assert [e["k"] for e in mine] == list(range(200))
+        assert all(e["text"] == str(n) * (3000 + 97 * e["k"]) for e in mine)
