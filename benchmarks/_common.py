@@ -101,12 +101,17 @@ def memory_bytes() -> int:
 
 
 def module_versions(modules: Iterable[str]) -> dict[str, str | None]:
-    """``__version__`` of each module, None where it does not import."""
+    """The installed version of each module's distribution, None where none is installed.
+    Read from the metadata, not by importing: a benchmark's folder first on ``sys.path``
+    would give its own ``ray.py`` for ``import ray``."""
+    from importlib import metadata
+
+    owners = metadata.packages_distributions()
     versions: dict[str, str | None] = {}
     for module in modules:
         try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
+            versions[module] = metadata.version((owners.get(module) or [module])[0])
+        except metadata.PackageNotFoundError:
             versions[module] = None
     return versions
 

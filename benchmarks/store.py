@@ -73,10 +73,12 @@ from pathlib import Path
 
 import numpy as np
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/ is not a package; its folder goes last on sys.path, as `python FILE` puts it
+# first: there, benchmarks/ray.py would be what `import ray` finds
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [*(p for p in sys.path if Path(p or ".").resolve() != HERE), str(HERE)]
 
-import _common as common  # benchmarks/ is not a package: its folder is on sys.path
+import _common as common  # noqa: E402 (after sys.path is set)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SIZES = (4 * KiB, 1 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
