@@ -176,7 +176,9 @@ def _connect(address: str | None, num_cpus: float | None, what: str) -> bool:
                 note="replicas will share cores (slower, not wrong)",
             )  # fmt: skip
             cpus = math.ceil(num_cpus)
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, **options)
+        # "local": a runtime of our own, even where a `ray start` on this machine left its
+        # address in /tmp/ray (ray.init would join that cluster, or fail if it is gone)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **options)
         return True
     what = what or f"--address {address}"
     unreachable = _unreachable(address)
@@ -486,11 +488,24 @@ class _RayEdges:
             )
             if stored:
                 return ("shm", (*stored, meta), nbytes)
-            self.arrays[port] = value.array
+            array = value.array
+            if self.actor.data is not None and not _owns_memory(array):
+                array = np.array(array)  # a view of the node store (an input passed on)
+            self.arrays[port] = array
             return ("array", meta, nbytes)
         if spec.type == "stream":
             return ("path", str(value), 0)
         return ("value", value, len(value) if isinstance(value, str) else 8)
+
+
+def _owns_memory(array: np.ndarray) -> bool:
+    """Whether NumPy owns ``array``'s memory (itself or through the arrays it views), as
+    opposed to shared memory that outlives the job only while a view of it is held."""
+    while isinstance(array, np.ndarray):
+        if array.flags.owndata:
+            return True
+        array = array.base
+    return False
 
 
 class StageActor:
@@ -540,7 +555,12 @@ class StageActor:
         if spec is None or spec.type != "array":
             raise ValueError(f"stage {self.spec.stage!r} has no array output {port!r}")
         dtype = dtype_of(dtype or spec.element_type)
-        return self.data.allocate(shape, dtype) if self.data else np.empty(shape, dtype=dtype)
+        if self.data is None or port not in self.keep:
+            # not kept in the node store: the array goes back as the call's return object,
+            # which Ray copies only after run() returned, when end_job() has already given
+            # a store allocation back (another actor could be writing there by then)
+            return np.empty(shape, dtype=dtype)
+        return self.data.allocate(shape, dtype)
 
     def _output_dir(self, port: str) -> Path:
         path = Path(self.spec.output_root) / self.job_name / self.spec.stage / port

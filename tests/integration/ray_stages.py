@@ -8,7 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from engine_stages import VEC
+import numpy as np
+from engine_stages import PAYLOAD, VEC
 
 from dataflow.stage import Port, Stage
 
@@ -91,6 +92,47 @@ class HoldJob(Stage):
                 break
             time.sleep(0.01)
         return vec * 10
+
+
+class Fill(Stage):
+    """A vector of n (n.txt) values n, allocated with ``ctx.allocate``; ``shared``: whether
+    that memory is shared memory (NumPy does not own it); a file in ``done`` per job."""
+
+    inputs = {"payload": PAYLOAD}
+    outputs = {"vec": VEC, "shared": Port("uint8")}
+
+    def __init__(self, done: str):
+        self.done = Path(done)
+
+    def execute(self, ctx, payload: Path):
+        n = int((payload / "n.txt").read_text())
+        out = ctx.allocate("vec", (n,))
+        out[:] = n
+        owner = out
+        while isinstance(owner, np.ndarray) and not owner.flags.owndata:
+            owner = owner.base
+        (self.done / ctx.job_id).touch()
+        owned = isinstance(owner, np.ndarray)
+        return {"vec": out, "shared": int(not owned)}
+
+
+class LateReader(Stage):
+    """Ready only once ``count`` files are in ``done`` (``seconds`` at most); then says
+    whether each vector it gets holds its length everywhere."""
+
+    inputs = {"vec": VEC}
+    outputs = {"intact": Port("uint8")}
+
+    def __init__(self, done: str, count: int, seconds: float):
+        self.done, self.count, self.seconds = Path(done), count, seconds
+
+    def prepare(self, ctx):
+        end = time.monotonic() + self.seconds
+        while len(list(self.done.iterdir())) < self.count and time.monotonic() < end:
+            time.sleep(0.01)
+
+    def execute(self, ctx, vec):
+        return int((vec == len(vec)).all())
 
 
 def without_times(provenance: bytes) -> bytes:
