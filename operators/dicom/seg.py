@@ -31,6 +31,7 @@ from dataflow import __version__
 from dataflow.errors import DataflowError
 from dataflow.stage import ParameterError, Port, Stage, StageError
 from operators import kernels
+from operators.dicom import seg_fast
 from operators.dicom.provenance import add_contributing_equipment, algorithm, note
 from operators.dicom.reading import read_header
 from operators.dicom.series import find_files
@@ -148,10 +149,16 @@ def make_segmentation(
     series_number: int = 9000,
     allow_empty: bool | Sequence[str] = (),
     provenance: Mapping[str, Any] | None = None,
-):
-    """A highdicom Segmentation of ``labels`` (one frame per source slice, same order), with
+    fast: bool = True,
+) -> pydicom.Dataset:
+    """highdicom's Segmentation of ``labels`` (one frame per source slice, same order), with
     the job's ``provenance`` (``ctx.provenance``) in its Contributing Equipment Sequence and
     segment algorithm identification.
+
+    With ``fast`` (the default) the same SEG comes from :mod:`.seg_fast` (highdicom builds
+    what is not per frame; the per-frame groups, references and pixels are encoded directly)
+    as a pydicom Dataset, where it applies; ``fast=False``, or sources it does not know:
+    highdicom's Segmentation object, built frame by frame.
 
     A segment without a voxel raises :class:`EmptySegmentError`, unless its name is in
     ``allow_empty`` (True: any segment may be empty)."""
@@ -163,7 +170,8 @@ def make_segmentation(
             f"label volume {list(labels.shape)} does not match the {len(sources)} source slices"
         )
     known = {int(s["label"]) for s in segments}
-    present = _values(labels) - {0}
+    counts = _plane_counts(labels) if fast else None
+    present = _values(labels, counts) - {0}
     unknown = present - known
     if unknown:
         raise StageError(f"label value(s) {sorted(unknown)} have no segment description")
@@ -176,10 +184,19 @@ def make_segmentation(
         lut = np.zeros(256, dtype=np.uint8)
         for value, number in order.items():
             lut[value] = number
-        pixels = lut[labels]
+        pixels, counts = lut[labels], None
+
+    def build(images, array):
+        return _segmentation(hd, images, array, segments, series_description, series_number,
+                             provenance)  # fmt: skip
+
     try:
-        seg = _segmentation(hd, sources, pixels, segments, series_description, series_number,
-                            provenance)  # fmt: skip
+        seg = None
+        if fast:
+            numbers = range(1, len(segments) + 1)
+            seg = seg_fast.fast_segmentation(build, sources, pixels, numbers, counts)
+        if seg is None:
+            seg = build(list(sources), pixels)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         classes = sorted({_sop_class(ds) for ds in sources})
         raise StageError(
@@ -190,9 +207,19 @@ def make_segmentation(
     return seg
 
 
-def _values(labels: np.ndarray) -> set[int]:
-    """The values ``labels`` holds (uint8: counted in one parallel pass, 52 M voxels in about
-    0.01 s where ``np.unique`` takes 0.05 s)."""
+def _plane_counts(labels: np.ndarray) -> np.ndarray | None:
+    """Each plane's count of each value (uint8 labels; else None): what the fast path needs
+    to know which frames are empty, and the values present besides."""
+    if labels.dtype != np.uint8 or labels.ndim != 3:
+        return None
+    return seg_fast.plane_counts(np.ascontiguousarray(labels).reshape(labels.shape[0], -1))
+
+
+def _values(labels: np.ndarray, counts: np.ndarray | None = None) -> set[int]:
+    """The values ``labels`` holds (``counts``: its :func:`_plane_counts`; uint8: counted in
+    one parallel pass, 52 M voxels in about 0.01 s where ``np.unique`` takes 0.05 s)."""
+    if counts is not None:
+        return set(np.flatnonzero(counts.sum(axis=0)).tolist())
     if labels.dtype == np.uint8:
         return set(np.flatnonzero(kernels.value_counts(labels)).tolist())
     return {int(v) for v in np.unique(labels)}
@@ -310,6 +337,7 @@ class WriteSegmentation(Stage):
 
     def prepare(self, ctx) -> None:
         kernels.warmup("value_counts")  # the labels' values, counted (compiled or cached)
+        seg_fast.warmup()  # the per-plane counts and the bit packing
 
     def execute(self, ctx, labels, study: Path) -> Path:
         sources = source_datasets(study, ctx.metadata["labels"])
@@ -324,6 +352,6 @@ class WriteSegmentation(Stage):
         ctx.log.info(
             "segmentation_written",
             segments=len(self.segments),
-            frames=len(seg.PerFrameFunctionalGroupsSequence),
+            frames=int(seg.NumberOfFrames),
         )
         return out
