@@ -29,7 +29,9 @@ through loopback. The results' markdown says what they do show.
     .venv/bin/python benchmarks/ray.py --quick                 # under 5 minutes
     .venv/bin/python benchmarks/ray.py --json benchmarks/results/ray-$(date +%F).json
 
-Run it on a quiet machine (on a shared machine, under a ``flock`` the other benchmark runs share).
+It first moves itself into a private network namespace holding only a loopback interface
+(as ``benchmarks/dicom.py`` does; root, or where user namespaces are allowed). Run it on a
+quiet machine (on a shared machine, under a ``flock`` the other benchmark runs share).
 """
 
 from __future__ import annotations
@@ -397,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps([*records, {"case": "model", **fitted}], indent=1) + "\n")
         print_tables(ct, hops, fitted)
         return
+    # loopback only, as the tests run Ray: with a default route, Ray 2.60 rewrites the
+    # cluster's 127.0.0.1 to the host's outward address and the second node cannot join
+    from dicom import enter_private_network
+
+    enter_private_network()
     args.loadavg_at_start = list(os.getloadavg())
     started, busy = now(), common.machine_busy()
     with tempfile.TemporaryDirectory(prefix="dataflow-ray-bench-") as tmp:
