@@ -117,6 +117,17 @@ def case_is(name: str) -> Callable[[dict[str, Any]], bool]:
     return lambda record: record.get("case") == name
 
 
+def first_case(result: Result | None, name: str) -> dict[str, Any] | None:
+    """``result``'s first record of case ``name``, if any."""
+    return next((x for x in (result.records if result else []) if x.get("case") == name), None)
+
+
+def e2e_latency(results: dict[str, Result]) -> tuple[Result | None, dict[str, Any] | None]:
+    """The newest end-to-end latency: measured alone (load-latency) or in a load run."""
+    found = newest(results, ("load", "load-latency"), case_is("e2e-latency"))
+    return found, first_case(found, "e2e-latency")
+
+
 def soak_result(results: dict[str, Result]) -> Result | None:
     """The longest soak (load-soak, load-soak-60, ...), the newest of equal length."""
     soaks = [
@@ -498,8 +509,7 @@ def section_kernels(results: dict[str, Result], fig: Figures) -> Section:
 def section_load(results: dict[str, Result], fig: Figures) -> Section:
     key, title = "load", "dataflow load: end-to-end latency and throughput"
     r = newest(results, ("load",), case_is("throughput"))
-    lr = newest(results, ("load", "load-latency"), case_is("e2e-latency"))
-    e2e = next((x for x in (lr.records if lr else []) if x.get("case") == "e2e-latency"), None)
+    lr, e2e = e2e_latency(results)
     steps = [x for x in (r.records if r else []) if x.get("case") == "throughput"]
     if e2e is None and not steps:
         return not_measured(key, title, "no load results (benchmarks/load_figures.py)")
@@ -766,15 +776,9 @@ def section_machine(results: dict[str, Result], fig: Figures) -> Section:
 def section_answers(results: dict[str, Result], fig: Figures) -> Section:
     key, title = "answers", "Sizing a deployment: the three questions"
     load, soak = newest(results, ("load",), case_is("knee")), soak_result(results)
-    latency = newest(results, ("load", "load-latency"), case_is("e2e-latency"))
+    latency, e2e = e2e_latency(results)
     records = load.records if load else []
-    e2e = next(
-        (x for x in (latency.records if latency else []) if x.get("case") == "e2e-latency"), None
-    )
-    knee = next((x for x in records if x.get("case") == "knee"), None)
-    summary = next(
-        (x for x in (soak.records if soak else []) if x.get("case") == "soak-summary"), None
-    )
+    knee, summary = first_case(load, "knee"), first_case(soak, "soak-summary")
     missing = "<span class='missing'>not measured yet</span>"
     items = []
     if knee and knee.get("value"):
