@@ -189,7 +189,20 @@ class Server:
             args = [PYTHON, str(HERE / "dicom_scp.py"), port, str(folder), mode]
             proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=self.log)
         wait_for_port(self.port, proc=proc, timeout=60)
+        if s.startswith("ours"):  # the port opens before its worker processes start
+            self._wait_for_line(proc, "listening ", timeout=60)
         return proc
+
+    def _wait_for_line(self, proc: subprocess.Popen, prefix: str, timeout: float) -> None:
+        """Until the server's log has a line starting with ``prefix`` (ours prints
+        ``listening PORT`` once every listener process is up)."""
+        self.log.flush()
+        deadline = time.monotonic() + timeout
+        path = Path(self.log.name)
+        while not any(line.startswith(prefix) for line in path.read_text().splitlines()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.system} did not start: see {path}")
+            time.sleep(0.05)
 
     def received(self) -> int:
         if self.system.startswith("ours"):

@@ -224,10 +224,10 @@ def test_a_segment_beyond_the_disk_reserve_is_refused(tmp_path):
 
 
 def test_a_full_disk_when_preallocating_is_enospc_and_nothing_is_written(tmp_path, monkeypatch):
-    def full(fd, offset, length):
+    def full(fd, size, written=False):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(journal_module.os, "posix_fallocate", full)
+    monkeypatch.setattr(journal_module, "allocate", full)  # the spare's zeros too
     spool = JournaledSpool(tmp_path)
     with pytest.raises(OSError) as err:
         spool.put(sop="1.1.1")

@@ -40,7 +40,7 @@ from .journal import sync_filesystem
 from .spool import Header, ae_component, uid_component
 
 if TYPE_CHECKING:
-    from .journal import Journal, Record
+    from .journal import Journal, Record, Staging
 
 __all__ = ["Group", "GroupStore", "Placement"]
 
@@ -121,6 +121,7 @@ class Placement:
     group_id: int | None = None
     note: str = ""
     crc: int | None = None  # CRC-32 of the temp file's bytes (the journal's record needs it)
+    staged: Staging | None = None  # the same bytes in memory, for the journal to write
 
 
 class GroupStore:
@@ -382,7 +383,7 @@ class GroupStore:
                 crc = 0
                 while chunk := fp.read(1 << 20):
                     crc = zlib.crc32(chunk, crc)
-        segment, at = journal.append(meta, item.temp, item.size, crc)
+        segment, at = journal.append(meta, item.temp, item.size, crc, item.staged)
         marks.append((segment, at))
         return segment
 

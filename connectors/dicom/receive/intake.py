@@ -36,6 +36,7 @@ from pynetdicom.association import Association
 
 from ..net import compat, fastnet, pdu
 from ..net.pdu import Status
+from .journal import Staging
 from .spool import PREAMBLE, file_meta_bytes, valid_uid
 from .store import SpoolFile, StoreSteps
 
@@ -66,8 +67,9 @@ class _Stop(Exception):
 class _Instance(SpoolFile):
     """A C-STORE being received: its request and its temp file."""
 
-    def __init__(self, steps: StoreSteps, fields: dict[int, bytes], context, called) -> None:
-        super().__init__(steps)
+    def __init__(self, steps: StoreSteps, fields: dict[int, bytes], context, called,
+                 staged: Staging | None) -> None:  # fmt: skip
+        super().__init__(steps, staged)
         self.msg_id = pdu.command_us(fields, pdu.MESSAGE_ID) or 0
         self.sop_class = pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS)
         self.sop_instance = pdu.command_ui(fields, pdu.AFFECTED_SOP_INSTANCE)
@@ -104,7 +106,7 @@ class _Instance(SpoolFile):
                 )
             path, self.path = self.path, None  # the committer owns it now
             crc = self.crc if self.steps.journaled else None
-            return self.steps.place(assoc, called, header, path, needed, crc)
+            return self.steps.place(assoc, called, header, path, needed, crc, self.staged)
         finally:
             self.discard()  # anything not placed
 
@@ -118,6 +120,7 @@ class Intake:
         self.waker = fastnet.waker(self.dul)
         self.buffer = bytearray(256 * 1024)
         self.timeout = assoc.network_timeout
+        self.staged = Staging() if steps.journaled else None  # reused instance to instance
 
     @classmethod
     def prepare(cls, steps: StoreSteps, assoc: Association) -> Intake | None:
@@ -153,6 +156,8 @@ class Intake:
             self._abort()
         finally:
             self._release()
+            if self.staged is not None:
+                self.staged.close()
 
     # ------------------------------------------------------------------ the socket
 
@@ -294,7 +299,7 @@ class Intake:
         if pdu.command_ui(fields, pdu.AFFECTED_SOP_CLASS) != str(context.abstract_syntax):
             self._give_back(pieces, rest=left)  # pynetdicom answers a mismatched SOP class
         called = self.steps.config.called(self.assoc.acceptor.ae_title)
-        return _Instance(self.steps, fields, context, called)
+        return _Instance(self.steps, fields, context, called, self.staged)
 
     def _give_back(self, pieces: list[bytes], tail: bytes = b"", rest: int = 0) -> None:
         """Give the unserved PDVs back to pynetdicom as one P-DATA PDU whose length also

@@ -14,7 +14,11 @@ index updated in the same transaction, but neither is flushed on the acknowledge
 Checkpoints (a thread of this journal) make the folder files and the index durable with one
 ``syncfs`` of the spool's file system, off the acknowledgement's path, and then reclaim the
 segments they cover (kept as spares, so that later appends overwrite blocks already written
-and a ``fdatasync`` needs no metadata change). A segment is closed when full; the closed ones
+and a ``fdatasync`` needs no metadata change: on ext4 it then costs half of one into blocks
+only preallocated, which the file system must still mark written). The same thread
+writes one spare's zeros as soon as the journal starts, and again whenever the last spare
+is taken, so that even the first segment of a process, and a burst that outruns the
+checkpoints, append into written blocks. A segment is closed when full; the closed ones
 and the open one are checkpointed after :data:`IDLE` quiet seconds, or at once when
 :data:`BACKLOG` full segments wait (so that a burst is not slowed by a ``syncfs`` of the
 folder files competing with the journal for the disk); closing the journal (a clean stop)
@@ -28,11 +32,22 @@ replay stops at the first record that is not whole (a torn append was never ackn
 an index row that names a segment still present but has no whole record there (an instance
 written to the index but never acknowledged) is removed with its file.
 
-Formats (little-endian). A segment starts with a 64-byte header: ``DFJSEG01``, its sequence
-number (u64), the journal's 16-byte id, a CRC-32 of those; records follow it back to back,
-each a 32-byte header (``DFJR``, the segment's sequence number u64, the metadata's length u32,
-the data's length u64, the data's CRC-32, the CRC-32 of these 24 bytes and the metadata),
-the metadata (JSON) and the data (the instance's Part-10 file bytes).
+An instance the direct C-STORE path (:mod:`.intake`) received comes with its bytes in
+memory (a :class:`Staging`, page-aligned, with a block in front for the record's header and
+metadata): its record is written from there in one ``O_DIRECT`` write, the device reading
+the bytes where they lie, so neither a copy into the page cache nor its write-back costs the
+CPU or the acknowledgement anything, and the ``fdatasync`` after it only flushes the
+device's cache. Other instances (pynetdicom's path, STOW-RS, one larger than a staging
+buffer, a file system without ``O_DIRECT``) are copied from their temp file as before.
+
+Formats (little-endian). A segment starts with a block (4096 bytes) whose first 64 bytes
+are its header: ``DFJSEG02``, its sequence number (u64), the journal's 16-byte id, a CRC-32
+of those; records follow, each starting on a block: a 32-byte header (``DFJR``, the
+segment's sequence number u64, the metadata's length u32, the data's length u64, the data's
+CRC-32, the CRC-32 of these 24 bytes and the metadata), the metadata (JSON), zeros to the
+next block, the data (the instance's Part-10 file bytes), and whatever fills its last block.
+A ``DFJSEG01`` segment (written before 2026-12-05, replayed after an upgrade) has its first
+record at byte 64 and its records back to back, without the padding.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import os
 import struct
 import threading
@@ -60,6 +76,7 @@ __all__ = [
     "JOURNAL_DIR",
     "Journal",
     "Record",
+    "Staging",
     "copy_range",
     "read_segment",
     "recover",
@@ -73,12 +90,14 @@ SEGMENT = 64 * 1024 * 1024  # preallocated bytes of a segment (a larger record g
 SPARES = 2  # reclaimed segments kept for reuse
 IDLE = 1.0  # seconds without an append after which the journal is checkpointed
 BACKLOG = 4  # full segments that wait for the idle checkpoint (then one is taken at once)
-_SEG_MAGIC, _REC_MAGIC = b"DFJSEG01", b"DFJR"
+BLOCK = 4096  # records start and end on a block: written with O_DIRECT where they can be
+_OLD_MAGIC, _SEG_MAGIC, _REC_MAGIC = b"DFJSEG01", b"DFJSEG02", b"DFJR"
 _SEG_HEAD = struct.Struct("<8sQ16sI")  # magic, seq, journal id, crc
-SEG_HEADER = 64
+SEG_HEADER = BLOCK  # the header, then zeros to the first record
 _REC_HEAD = struct.Struct("<4sQIQI")  # magic, seq, meta length, data length, data crc
 REC_HEADER = _REC_HEAD.size + 4  # + the crc of the header and the metadata
 _COPY = 1 << 20
+_ZEROS = bytes(_COPY)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -107,6 +126,70 @@ def copy_range(src: int, dst: int, count: int, src_offset: int, dst_offset: int)
         count, src_offset, dst_offset = count - n, src_offset + n, dst_offset + n
 
 
+def allocate(fd: int, size: int, written: bool = False) -> None:
+    """Give the file ``fd`` its ``size`` bytes on the disk: preallocated blocks
+    (``posix_fallocate``), or ``written`` ones (zeros written and flushed: a later
+    ``fdatasync`` of data written over them changes no metadata). OSError (ENOSPC) if the
+    disk cannot hold them."""
+    if not written:
+        os.posix_fallocate(fd, 0, size)
+        return
+    at = 0
+    while at < size:
+        at += os.pwrite(fd, _ZEROS[: min(_COPY, size - at)], at)
+    os.fdatasync(fd)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+STAGE = 64 * 1024 * 1024  # bytes a staging buffer can hold (address space; memory as used)
+_KEEP = 8 * 1024 * 1024  # what a staging buffer keeps in memory after a larger instance
+
+
+class Staging:
+    """One association's buffer for the bytes of the instance it receives: page-aligned
+    memory with :data:`BLOCK` bytes in front for the record's header and metadata, so that
+    :meth:`Journal.append` writes the record in one ``O_DIRECT`` write. Reused from one
+    instance to the next; an instance beyond ``capacity`` is not staged (``overflow``)."""
+
+    def __init__(self, capacity: int = STAGE) -> None:
+        self.capacity = capacity
+        self._map = mmap.mmap(-1, BLOCK + _aligned(capacity))
+        self.size = 0
+        self.overflow = False
+        self._peak = 0
+
+    def reset(self) -> None:
+        """A new instance: empty again (the memory of a large previous one given back)."""
+        if self._peak > _KEEP:
+            self._map.madvise(mmap.MADV_DONTNEED, BLOCK + _KEEP)
+        self.size, self.overflow, self._peak = 0, False, 0
+
+    def add(self, data) -> None:
+        n = len(data)
+        if self.overflow or self.size + n > self.capacity:
+            self.overflow = True
+            return
+        at = BLOCK + self.size
+        self._map[at : at + n] = data
+        self.size += n
+        self._peak = max(self._peak, self.size)
+
+    def record(self, head: bytes) -> memoryview | None:
+        """The record to write: ``head`` (header and metadata) in the front block, then the
+        data, padded to a block; None if it cannot be written from here."""
+        if self.overflow or len(head) > BLOCK:
+            return None
+        self._map[: len(head)] = head
+        self._map[len(head) : BLOCK] = bytes(BLOCK - len(head))
+        return memoryview(self._map)[: BLOCK + _aligned(self.size)]
+
+    def close(self) -> None:
+        self._map.close()
+
+
 class ReserveReached(OSError):
     """A segment would take the spool below its disk reserve (ENOSPC)."""
 
@@ -117,6 +200,7 @@ class _Segment:
     path: Path
     fd: int
     size: int
+    direct: int = -1  # the same file opened with O_DIRECT (-1: the file system refused it)
     end: int = SEG_HEADER  # where the next record goes
     synced: int = SEG_HEADER
 
@@ -146,6 +230,8 @@ class Journal:
         self._lock_fd: int | None = None
         self._last_append = 0.0
         self._stopping = False
+        self._want_spare = True  # the thread writes a spare first thing
+        self._written = 0  # spares written
         self.checkpoints = 0
         # the checkpoint thread, from the start (its folder is made at the first append)
         self._thread = threading.Thread(target=self._checkpoints, name="dicom-journal",
@@ -154,23 +240,34 @@ class Journal:
 
     # ------------------------------------------------------------------ appending
 
-    def append(self, meta: dict[str, Any], source: Path, size: int, crc: int) -> tuple[str, int]:
+    def append(self, meta: dict[str, Any], source: Path, size: int, crc: int,
+               staged: Staging | None = None) -> tuple[str, int]:  # fmt: skip
         """Append a record: ``meta`` and the ``size`` bytes of ``source`` (whose CRC-32 is
-        ``crc``). Returns (segment id, offset) for :meth:`sync` and :meth:`undo`. Raises
-        OSError (ENOSPC where a new segment cannot be preallocated); nothing half-written
-        stays valid."""
+        ``crc``), written from ``staged`` where it holds them. Returns (segment id, offset)
+        for :meth:`sync` and :meth:`undo`. Raises OSError (ENOSPC where a new segment
+        cannot be preallocated); nothing half-written stays valid."""
         body = json.dumps(meta, separators=(",", ":")).encode()
-        total = REC_HEADER + len(body) + size
+        start = _aligned(REC_HEADER + len(body))  # of the data, in the record
+        total = _aligned(start + size)
         segment = self._room(total)
         head = _REC_HEAD.pack(_REC_MAGIC, segment.seq, len(body), size, crc)
         head += struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
         at = segment.end
-        fd = os.open(source, os.O_RDONLY)
-        try:
-            copy_range(fd, segment.fd, size, 0, at + REC_HEADER + len(body))
-        finally:
-            os.close(fd)
-        os.pwrite(segment.fd, head + body, at)
+        record = None
+        if staged is not None and staged.size == size:
+            record = staged.record(head + body)
+        if record is not None:
+            fd = segment.direct if segment.direct >= 0 else segment.fd
+            written = 0
+            while written < len(record):
+                written += os.pwrite(fd, record[written:], at + written)
+        else:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                copy_range(fd, segment.fd, size, 0, at + start)
+            finally:
+                os.close(fd)
+            os.pwrite(segment.fd, head + body, at)
         segment.end = at + total
         self._last_append = time.monotonic()
         if at == SEG_HEADER:
@@ -264,7 +361,7 @@ class Journal:
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                os.posix_fallocate(fd, 0, need)
+                allocate(fd, need)
                 fsync_dir(self.folder)
             except BaseException:
                 os.close(fd)
@@ -274,7 +371,11 @@ class Journal:
         head = _SEG_HEAD.pack(_SEG_MAGIC, seq, self.id.bytes, 0)[:-4]
         head += struct.pack("<I", zlib.crc32(head))
         os.pwrite(fd, head.ljust(SEG_HEADER, b"\0"), 0)
-        return _Segment(seq, path, fd, size)
+        try:
+            direct = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+        except OSError:  # tmpfs before Linux 6.6, say: staged records go through the cache
+            direct = -1
+        return _Segment(seq, path, fd, size, direct)
 
     def _start(self) -> None:
         new = self.folder.with_name(self.folder.name + ".new")  # locked before it is seen
@@ -292,7 +393,9 @@ class Journal:
         with self._sync_lock:
             os.pwrite(segment.fd, bytes(SEG_HEADER), 0)  # not a segment now: replay skips it
             os.close(segment.fd)
-            segment.fd = -1
+            if segment.direct >= 0:
+                os.close(segment.direct)
+            segment.fd = segment.direct = -1
         if len(self._spares) < SPARES and segment.size == self._segment_size:
             spare = self.folder / f"spare-{segment.seq}"
             os.rename(segment.path, spare)
@@ -300,10 +403,47 @@ class Journal:
         else:
             segment.path.unlink(missing_ok=True)
 
+    def _prepare_spare(self) -> None:
+        """Write a spare segment's zeros and flush them (:func:`allocate`), off the
+        acknowledgement's path, unless that would take the disk reserve or spares exist."""
+        size = self._segment_size
+        with self._lock:
+            if self._spares or self._stopping or not self._reserve_ok(size):
+                return
+            if self._lock_fd is None:
+                self._start()
+            self._written += 1
+            path = self.folder / f"spare-w{self._written}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            allocate(fd, size, written=True)
+        except OSError as exc:  # a full disk: segments are preallocated when needed
+            log.info("journal_spare_not_written", error=os.strerror(exc.errno or 0))
+            path.unlink(missing_ok=True)
+            return
+        finally:
+            os.close(fd)
+        with self._lock:
+            if self._stopping:
+                path.unlink(missing_ok=True)
+            else:
+                self._spares.append(path)
+
     def _checkpoints(self) -> None:
         while True:
             with self._cv:
-                while len(self._closed) < self._backlog and not self._stopping:
+                want, self._want_spare = self._want_spare, False
+            if want:
+                try:
+                    self._prepare_spare()
+                except Exception:
+                    log.exception("journal_spare_failed")
+            with self._cv:
+                while (
+                    len(self._closed) < self._backlog
+                    and not self._stopping
+                    and not self._want_spare
+                ):
                     wait = None
                     if (
                         self._current is not None and self._current.end > SEG_HEADER
@@ -314,6 +454,8 @@ class Journal:
                     self._cv.wait(wait)
                 if self._stopping:
                     return
+                if self._want_spare:
+                    continue
                 full = len(self._closed) >= self._backlog
             try:
                 self.checkpoint(rotate=not full)
@@ -380,29 +522,31 @@ def read_segment(path: Path) -> tuple[int, bytes, list[Record]] | None:
         if len(head) < _SEG_HEAD.size:
             return None
         magic, seq, jid, crc = _SEG_HEAD.unpack_from(head)
-        if magic != _SEG_MAGIC or zlib.crc32(head[: _SEG_HEAD.size - 4]) != crc:
+        if magic not in (_SEG_MAGIC, _OLD_MAGIC) or zlib.crc32(head[: _SEG_HEAD.size - 4]) != crc:
             return None
+        align = _aligned if magic == _SEG_MAGIC else (lambda n: n)  # DFJSEG01: back to back
         records: list[Record] = []
-        at, end = SEG_HEADER, os.fstat(fp.fileno()).st_size
+        at, end = align(_SEG_HEAD.size), os.fstat(fp.fileno()).st_size
         while at + REC_HEADER <= end:
             fp.seek(at)
             raw = fp.read(REC_HEADER)
             magic, rseq, meta_len, size, data_crc = _REC_HEAD.unpack_from(raw)
-            if magic != _REC_MAGIC or rseq != seq or at + REC_HEADER + meta_len + size > end:
+            start = at + align(REC_HEADER + meta_len)  # of the data
+            if magic != _REC_MAGIC or rseq != seq or start + size > end:
                 break
             body = fp.read(meta_len)
             (head_crc,) = struct.unpack_from("<I", raw, _REC_HEAD.size)
             if zlib.crc32(body, zlib.crc32(raw[: _REC_HEAD.size])) != head_crc:
                 break
-            if _crc_of(fp, at + REC_HEADER + meta_len, size) != data_crc:
+            if _crc_of(fp, start, size) != data_crc:
                 break
             try:
                 meta = json.loads(body)
             except ValueError:
                 break
-            records.append(Record(f"{uuid.UUID(bytes=jid).hex}:{seq}", meta, path,
-                                  at + REC_HEADER + meta_len, size, data_crc))  # fmt: skip
-            at += REC_HEADER + meta_len + size
+            records.append(Record(f"{uuid.UUID(bytes=jid).hex}:{seq}", meta, path, start,
+                                  size, data_crc))  # fmt: skip
+            at = align(start + size)
     return seq, jid, records
 
 

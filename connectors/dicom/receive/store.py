@@ -30,7 +30,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from ..config import CalledAE, ReceiverConfig
 from ..net.pdu import Status
 from .groups import GroupStore, Placement
-from .journal import Journal, ReserveReached
+from .journal import Journal, ReserveReached, Staging
 from .spool import (
     PREAMBLE,
     BadInstance,
@@ -265,15 +265,16 @@ class StoreSteps:
 
     def place(
         self, assoc, called: CalledAE, header: Header, temp: Path, needed: int,
-        crc: int | None = None,
+        crc: int | None = None, staged: Staging | None = None,
     ) -> Outcome:  # fmt: skip
-        """Hand the ``temp`` file (fsynced, or journaled: ``crc`` is its CRC-32) to the
-        committer: status, note and group once it and its record are durable. A full disk
-        (the journal could not preallocate) is Out of Resources, as for the temp file."""
+        """Hand the ``temp`` file (fsynced, or journaled: ``crc`` is its CRC-32, ``staged``
+        its bytes in memory where the intake kept them) to the committer: status, note and
+        group once it and its record are durable. A full disk (the journal could not
+        preallocate) is Out of Resources, as for the temp file."""
         log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
                   study_instance_uid=header.study_uid, size=needed)  # fmt: skip
         item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
-                         assoc.requestor.address, crc=crc)  # fmt: skip
+                         assoc.requestor.address, crc=crc, staged=staged)  # fmt: skip
         assert self._committer is not None
         try:
             self._committer.submit(item)
@@ -297,9 +298,10 @@ class SpoolFile:
     reserve checked as it grows, refused (``refusal``: status and note, the file removed) at
     the first breach; :meth:`sync` fsyncs it before anything is placed (with the journal,
     it only closes it: ``crc``, the CRC-32 of its bytes kept as they are written, goes with
-    it to the journal's record instead)."""
+    it to the journal's record instead). Given a ``staged`` buffer (journaled only), the
+    bytes are also kept there, for the journal to write its record from memory."""
 
-    def __init__(self, steps: StoreSteps) -> None:
+    def __init__(self, steps: StoreSteps, staged: Staging | None = None) -> None:
         self.steps = steps
         self.size = 0  # bytes given to add()
         self.head = 0  # bytes written by open() before them
@@ -310,6 +312,9 @@ class SpoolFile:
         self.path: Path | None = None
         self.fd: int | None = None
         self.crc = 0
+        self.staged = staged if steps.journaled else None
+        if self.staged is not None:
+            self.staged.reset()
 
     def open(self, head: bytes = b"") -> None:
         """Create the temp file and write ``head`` (a preamble and file meta header), unless
@@ -338,6 +343,8 @@ class SpoolFile:
     def _write(self, data) -> None:
         if self.steps.journaled:
             self.crc = zlib.crc32(data, self.crc)
+            if self.staged is not None:
+                self.staged.add(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
