@@ -99,7 +99,7 @@ class _Instance(SpoolFile):
             assert self.fd is not None and self.path is not None
             if not self.sync():
                 return (*self.refusal, None)  # type: ignore[misc]
-            with open(self.path, "rb") as file:
+            with self.reader() as file:
                 offset = len(PREAMBLE) + len(self.meta)
                 header = self.steps.checked_header(
                     file, self.syntax, offset, self.sop_class, self.sop_instance

@@ -55,6 +55,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import io
 import json
 import mmap
 import os
@@ -73,6 +74,7 @@ import structlog
 from dataflow.durable import fsync_dir
 
 __all__ = [
+    "BLOCK",
     "JOURNAL_DIR",
     "Journal",
     "Record",
@@ -177,6 +179,14 @@ class Staging:
         self.size += n
         self._peak = max(self._peak, self.size)
 
+    def data(self, start: int, end: int) -> memoryview:
+        """The instance's bytes ``start`` to ``end`` (page-aligned where ``start`` is)."""
+        return memoryview(self._map)[BLOCK + start : BLOCK + end]
+
+    def file(self) -> io.BufferedReader:
+        """The instance's bytes as a read-only file (without copying them)."""
+        return io.BufferedReader(_MemoryFile(self.data(0, self.size)))
+
     def record(self, head: bytes) -> memoryview | None:
         """The record to write: ``head`` (header and metadata) in the front block, then the
         data, padded to a block; None if it cannot be written from here."""
@@ -187,7 +197,39 @@ class Staging:
         return memoryview(self._map)[: BLOCK + _aligned(self.size)]
 
     def close(self) -> None:
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a view still held somewhere: the memory goes with it
+            pass
+
+
+class _MemoryFile(io.RawIOBase):
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()  # the staging buffer may be closed or reused after this
+        super().close()
 
 
 class ReserveReached(OSError):

@@ -299,7 +299,8 @@ class SpoolFile:
     the first breach; :meth:`sync` fsyncs it before anything is placed (with the journal,
     it only closes it: ``crc``, the CRC-32 of its bytes kept as they are written, goes with
     it to the journal's record instead). Given a ``staged`` buffer (journaled only), the
-    bytes are also kept there, for the journal to write its record from memory."""
+    bytes are also kept there, for the journal to write its record from memory (and for
+    the header check to read them there)."""
 
     def __init__(self, steps: StoreSteps, staged: Staging | None = None) -> None:
         self.steps = steps
@@ -348,6 +349,14 @@ class SpoolFile:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
+
+    def reader(self):
+        """The file's bytes to read (:meth:`sync` first): from the staging buffer where it
+        holds them, else the temp file."""
+        if self.staged is not None and not self.staged.overflow:
+            return self.staged.file()
+        assert self.path is not None
+        return open(self.path, "rb")
 
     def add(self, fragment) -> None:
         """Append ``fragment`` (read and dropped once refused)."""
