@@ -20,6 +20,7 @@ from connectors.dicom.config import Peer
 from connectors.dicom.export.direct import DirectStore, dataset_offset
 from connectors.dicom.net import fastnet
 from connectors.dicom.net.association import associate, pause_reactor
+from connectors.dicom.receive import journal
 from connectors.dicom.receive.intake import _Instance
 from connectors.dicom.receive.receiver import Receiver
 from connectors.dicom.receive.store import StoreSteps
@@ -178,7 +179,10 @@ def test_a_whole_message_in_one_pdu_and_several_in_a_row(tmp_path, monkeypatch):
     assert counts == {"intake": 3, "pynetdicom": 0}
 
 
-def test_an_association_broken_off_mid_dataset_leaves_nothing(tmp_path):
+def test_an_association_broken_off_mid_dataset_leaves_nothing(tmp_path, monkeypatch):
+    # an instance is kept in memory, and goes to a temp file once it outgrows its buffer:
+    # a small buffer, so that the partial instance is seen on disk, then seen removed
+    monkeypatch.setattr(journal, "STAGE", 512)
     files = ct(tmp_path / "ct", 2, seed=23)
     with receiving(peer_config(tmp_path)) as rx:
         assoc = connect(rx.port)
@@ -226,11 +230,15 @@ def test_a_rejected_association_does_not_keep_its_slot(tmp_path):
         again.release()
 
 
-def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abort(tmp_path):
+def test_stop_during_a_transfer_is_prompt_and_acknowledges_nothing_after_the_abort(
+    tmp_path, monkeypatch
+):
     """A peer that trickles a dataset and never sends its last fragment: the receiver's stop
     does not wait for the transfer (it never ends), it aborts it — asserted by events: the
     stop returns while the peer is still sending, and the peer only ever hears A-ABORTs."""
     import threading
+
+    monkeypatch.setattr(journal, "STAGE", 512)  # to a temp file soon: the transfer is seen
 
     files = ct(tmp_path / "ct", 1, seed=25, size=128)
     rx = Receiver(peer_config(tmp_path)).start()

@@ -10,9 +10,11 @@ import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,13 @@ from deadlines import HANG, wait_until
 from connectors.dicom.config import CalledAE
 from connectors.dicom.receive import journal as journal_module
 from connectors.dicom.receive.groups import GroupStore, Placement
-from connectors.dicom.receive.journal import JOURNAL_DIR, Journal, read_segment, recover
+from connectors.dicom.receive.journal import (
+    JOURNAL_DIR,
+    Journal,
+    Staging,
+    read_segment,
+    recover,
+)
 from connectors.dicom.receive.spool import Header, write_temp
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -195,6 +203,74 @@ def test_two_copies_in_one_batch_replay_as_they_were_written(tmp_path):
     store = GroupStore(tmp_path)
     assert recover(tmp_path, store) == 2
     assert contents(store) == {"1.1.1": b"second"}
+
+
+def staged_item(spool: JournaledSpool, sop: str, data: bytes) -> Placement:
+    """An instance the direct C-STORE path kept in memory: no temp file."""
+    staging = Staging(capacity=1 << 20)
+    staging.reset()
+    staging.add(data)
+    header = Header(CT, sop, "1.2", "1.3")
+    return Placement(header, None, len(data), spool.called, "SCU", "127.0.0.1",
+                     crc=zlib.crc32(data), staged=staging)  # fmt: skip
+
+
+def test_an_instance_in_memory_gets_its_folder_file_after_its_commit(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "HOLD_WAIT", 0.05)
+    spool = JournaledSpool(tmp_path, idle=3600)
+    item = staged_item(spool, "1.1.1", b"in memory")
+    spool.store.place([item], spool.journal)
+    assert item.status == 0 and item.fd is not None
+    ((_, path),) = spool.store.instances(item.group_id)
+    assert path.read_bytes() == b""  # made in the commit, written after the answer
+    (segment,) = segments(tmp_path)
+    ((record),) = read_segment(segment)[2]  # the record came from memory, whole
+    assert (record.meta["sop"], record.size) == ("1.1.1", len(b"in memory"))
+    assert record.offset % journal_module.BLOCK == 0
+    spool.journal.checkpoint()  # not reclaimed while its folder file is not written
+    assert segments(tmp_path) == [segment]
+    os.pwrite(item.fd, b"in memory", 0)
+    os.close(item.fd)
+    spool.journal.release(item.segment, True)
+    spool.journal.checkpoint()
+    assert segments(tmp_path) == []
+    assert contents(spool.store) == {"1.1.1": b"in memory"}
+    spool.journal.close()
+    assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+
+
+def test_a_folder_file_not_written_after_its_answer_comes_back_at_the_next_start(tmp_path):
+    spool = JournaledSpool(tmp_path, idle=3600)
+    item = staged_item(spool, "1.1.1", b"acknowledged")
+    spool.store.place([item], spool.journal)
+    os.close(item.fd)  # the write failed (a full disk, say): the file stays empty
+    spool.journal.release(item.segment, False)
+    spool.journal.close()  # kept for replay, and let go
+    assert segments(tmp_path) != []
+    spool.store.close()
+    store = GroupStore(tmp_path)
+    assert recover(tmp_path, store) == 1
+    assert contents(store) == {"1.1.1": b"acknowledged"}
+    assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+
+
+def test_a_segment_of_the_previous_format_is_replayed(tmp_path):
+    """DFJSEG01 (before 2026-12-05): records back to back from byte 64, no padding."""
+    write_and_die(tmp_path, [("1.1.1", "one"), ("1.1.2", "two" * 3000)])
+    (segment,) = segments(tmp_path)
+    raw = segment.read_bytes()
+    head = b"DFJSEG01" + raw[8:32]  # magic, seq, journal id; then their CRC-32
+    old = bytearray(head + struct.pack("<I", zlib.crc32(head))).ljust(64, b"\0")
+    for record in read_segment(segment)[2]:
+        at = record.offset - journal_module.BLOCK  # the front block: header, metadata
+        meta_len = struct.unpack_from("<I", raw, at + 12)[0]
+        old += raw[at : at + journal_module.REC_HEADER + meta_len]
+        old += raw[record.offset : record.offset + record.size]
+    segment.write_bytes(bytes(old))
+    lose_index_and_folders(tmp_path)
+    store = GroupStore(tmp_path)
+    assert recover(tmp_path, store) == 2
+    assert contents(store) == {"1.1.1": b"one", "1.1.2": b"two" * 3000}
 
 
 def test_a_rolled_back_batch_leaves_no_valid_record(tmp_path):

@@ -112,7 +112,7 @@ class Placement:
     result (0x0000 Success, 0x0111 duplicate rejected)."""
 
     header: Header
-    temp: Path
+    temp: Path | None  # None: the bytes are only in ``staged`` (their file comes later)
     size: int
     called: CalledAE
     calling_ae: str
@@ -122,6 +122,8 @@ class Placement:
     note: str = ""
     crc: int | None = None  # CRC-32 of the temp file's bytes (the journal's record needs it)
     staged: Staging | None = None  # the same bytes in memory, for the journal to write
+    fd: int | None = None  # its folder file, created empty, to be written from ``staged``
+    segment: str | None = None  # the journal segment that holds its record
 
 
 class GroupStore:
@@ -230,13 +232,19 @@ class GroupStore:
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     journal.undo(marks)
+                    for item in batch:
+                        if item.fd is not None:  # a folder file never to be written
+                            os.close(item.fd)
+                            item.fd = None
+                            journal.release(item.segment, True)  # type: ignore[arg-type]
                     for path in placed:
                         path.unlink(missing_ok=True)
                     raise
                 finally:
                     self._db.execute("PRAGMA synchronous=FULL")
                     for item in batch:
-                        item.temp.unlink(missing_ok=True)  # consumed, or refused
+                        if item.temp is not None:
+                            item.temp.unlink(missing_ok=True)  # consumed, or refused
             upto = journal.position()
         if appended is not None:
             appended()
@@ -348,7 +356,13 @@ class GroupStore:
         else:
             self._mkdirs(target.parent, set())  # the journal's record holds them
             segment = self._journal(item, journal, group_id, rel, now, marks)
-        os.replace(item.temp, target)  # a free name: never over an acknowledged copy
+        if item.temp is not None:
+            os.replace(item.temp, target)  # a free name: never over an acknowledged copy
+        else:  # made here, so that the next free name sees it; written after the answer
+            item.fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            assert journal is not None and segment is not None
+            item.segment = segment
+            journal.hold(segment)
         placed.append(target)
         if journal is None:
             dirs.add(target.parent)
@@ -379,6 +393,7 @@ class GroupStore:
                 "calling": item.calling_ae, "received": now}  # fmt: skip
         crc = item.crc
         if crc is None:
+            assert item.temp is not None
             with open(item.temp, "rb") as fp:
                 crc = 0
                 while chunk := fp.read(1 << 20):

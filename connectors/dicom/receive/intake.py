@@ -96,7 +96,6 @@ class _Instance(SpoolFile):
         try:
             if called is None:  # cannot happen: the ACSE rejected the association
                 return Status.PROCESSING_FAILURE, "called AE title not configured", None
-            assert self.fd is not None and self.path is not None
             if not self.sync():
                 return (*self.refusal, None)  # type: ignore[misc]
             with self.reader() as file:
@@ -104,9 +103,10 @@ class _Instance(SpoolFile):
                 header = self.steps.checked_header(
                     file, self.syntax, offset, self.sop_class, self.sop_instance
                 )
-            path, self.path = self.path, None  # the committer owns it now
+            path, self.path = self.path, None  # the committer owns it now (None: in memory)
             crc = self.crc if self.steps.journaled else None
-            return self.steps.place(assoc, called, header, path, needed, crc, self.staged)
+            staged = self.staged if self.in_memory else None
+            return self.steps.place(assoc, called, header, path, needed, crc, staged)
         finally:
             self.discard()  # anything not placed
 
@@ -273,14 +273,17 @@ class Intake:
                     if control & pdu.LAST:
                         if self._ended():
                             raise _Stop  # aborted meanwhile: nothing is acknowledged
-                        status, note = self.steps.answer(
-                            self.assoc, lambda it=item: it.finish(self.assoc)
-                        )
-                        if self._ended():  # an abort went out: no answer after it
+                        try:
+                            status, note = self.steps.answer(
+                                self.assoc, lambda it=item: it.finish(self.assoc)
+                            )
+                            if self._ended():  # an abort went out: no answer after it
+                                item = None
+                                raise _Stop
+                            self._send_response(item, status, note)
                             item = None
-                            raise _Stop
-                        self._send_response(item, status, note)
-                        item = None
+                        finally:  # its folder file, once the answer is out (or cannot be)
+                            self.steps.write_deferred(self.staged)
         finally:
             if item is not None:
                 item.discard()  # never acknowledged: nothing half-written stays

@@ -92,10 +92,12 @@ SEGMENT = 64 * 1024 * 1024  # preallocated bytes of a segment (a larger record g
 SPARES = 2  # reclaimed segments kept for reuse
 IDLE = 1.0  # seconds without an append after which the journal is checkpointed
 BACKLOG = 4  # full segments that wait for the idle checkpoint (then one is taken at once)
+HOLD_WAIT = 10.0  # seconds a checkpoint waits for the folder files still being written
 BLOCK = 4096  # records start and end on a block: written with O_DIRECT where they can be
 _OLD_MAGIC, _SEG_MAGIC, _REC_MAGIC = b"DFJSEG01", b"DFJSEG02", b"DFJR"
 _SEG_HEAD = struct.Struct("<8sQ16sI")  # magic, seq, journal id, crc
 SEG_HEADER = BLOCK  # the header, then zeros to the first record
+_OLD_HEADER = 64  # where a DFJSEG01 segment's first record is
 _REC_HEAD = struct.Struct("<4sQIQI")  # magic, seq, meta length, data length, data crc
 REC_HEADER = _REC_HEAD.size + 4  # + the crc of the header and the metadata
 _COPY = 1 << 20
@@ -156,12 +158,13 @@ class Staging:
     :meth:`Journal.append` writes the record in one ``O_DIRECT`` write. Reused from one
     instance to the next; an instance beyond ``capacity`` is not staged (``overflow``)."""
 
-    def __init__(self, capacity: int = STAGE) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity = capacity or STAGE
         self._map = mmap.mmap(-1, BLOCK + _aligned(capacity))
         self.size = 0
         self.overflow = False
         self._peak = 0
+        self.deferred: Any = None  # the Placement whose folder file is still to be written
 
     def reset(self) -> None:
         """A new instance: empty again (the memory of a large previous one given back)."""
@@ -201,6 +204,13 @@ class Staging:
             self._map.close()
         except BufferError:  # a view still held somewhere: the memory goes with it
             pass
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class _MemoryFile(io.RawIOBase):
@@ -274,6 +284,9 @@ class Journal:
         self._stopping = False
         self._want_spare = True  # the thread writes a spare first thing
         self._written = 0  # spares written
+        self._holds: dict[str, int] = {}  # segment -> folder files still to be written
+        self._failed: set[str] = set()  # segments with a folder file that was not written
+        self._left: list[_Segment] = []  # those: kept for the next start's replay
         self.checkpoints = 0
         # the checkpoint thread, from the start (its folder is made at the first append)
         self._thread = threading.Thread(target=self._checkpoints, name="dicom-journal",
@@ -282,12 +295,13 @@ class Journal:
 
     # ------------------------------------------------------------------ appending
 
-    def append(self, meta: dict[str, Any], source: Path, size: int, crc: int,
+    def append(self, meta: dict[str, Any], source: Path | None, size: int, crc: int,
                staged: Staging | None = None) -> tuple[str, int]:  # fmt: skip
         """Append a record: ``meta`` and the ``size`` bytes of ``source`` (whose CRC-32 is
-        ``crc``), written from ``staged`` where it holds them. Returns (segment id, offset)
-        for :meth:`sync` and :meth:`undo`. Raises OSError (ENOSPC where a new segment
-        cannot be preallocated); nothing half-written stays valid."""
+        ``crc``), written from ``staged`` where it holds them (``source`` None: only
+        there). Returns (segment id, offset) for :meth:`sync` and :meth:`undo`. Raises
+        OSError (ENOSPC where a new segment cannot be preallocated); nothing half-written
+        stays valid."""
         body = json.dumps(meta, separators=(",", ":")).encode()
         start = _aligned(REC_HEADER + len(body))  # of the data, in the record
         total = _aligned(start + size)
@@ -299,10 +313,11 @@ class Journal:
         if staged is not None and staged.size == size:
             record = staged.record(head + body)
         if record is not None:
-            fd = segment.direct if segment.direct >= 0 else segment.fd
-            written = 0
-            while written < len(record):
-                written += os.pwrite(fd, record[written:], at + written)
+            _write_all(segment.direct if segment.direct >= 0 else segment.fd, record, at)
+        elif source is None:  # metadata too long for the front block: two writes
+            assert staged is not None and staged.size == size
+            _write_all(segment.fd, staged.data(0, size), at + start)
+            os.pwrite(segment.fd, head + body, at)
         else:
             fd = os.open(source, os.O_RDONLY)
             try:
@@ -316,6 +331,25 @@ class Journal:
             with self._cv:
                 self._cv.notify()  # the checkpoint thread starts timing the idle wait
         return self._name(segment), at
+
+    def hold(self, name: str) -> None:
+        """A folder file whose record is in segment ``name`` is still to be written: the
+        segment is not reclaimed until :meth:`release`."""
+        with self._cv:
+            self._holds[name] = self._holds.get(name, 0) + 1
+
+    def release(self, name: str, written: bool) -> None:
+        """That folder file is written; or not (``written`` False): its segment is then kept
+        until this journal is replayed, at the next start."""
+        with self._cv:
+            left = self._holds[name] - 1
+            if left:
+                self._holds[name] = left
+            else:
+                del self._holds[name]
+            if not written:
+                self._failed.add(name)
+            self._cv.notify_all()
 
     def undo(self, marks: list[tuple[str, int]]) -> None:
         """Void records appended by a transaction that was rolled back (their headers zeroed,
@@ -515,13 +549,30 @@ class Journal:
                 self._close_current()
         with self._cv:
             closed, self._closed = self._closed, []
+            names = [self._name(s) for s in closed]
+            self._cv.wait_for(lambda: not any(n in self._holds for n in names), HOLD_WAIT)
         if not closed:
             return
         sync_filesystem(self.spool)
         with self._lock:
-            for segment in closed:
-                self._spare(segment)
+            for segment, name in zip(closed, names, strict=True):
+                with self._cv:
+                    if name in self._holds:  # still being written: the next checkpoint
+                        self._closed.append(segment)
+                        continue
+                if name in self._failed:
+                    self._leave(segment)
+                else:
+                    self._spare(segment)
         self.checkpoints += 1
+
+    def _leave(self, segment: _Segment) -> None:
+        with self._sync_lock:
+            os.close(segment.fd)
+            if segment.direct >= 0:
+                os.close(segment.direct)
+            segment.fd = segment.direct = -1
+        self._left.append(segment)
 
     def close(self) -> None:
         """Checkpoint everything and remove this journal (a clean stop)."""
@@ -534,6 +585,14 @@ class Journal:
         self.checkpoint()
         for spare in self._spares:
             spare.unlink(missing_ok=True)
+        for segment in self._closed:  # folder files still not written after HOLD_WAIT
+            self._leave(segment)
+        if self._left:  # unlocked, not removed: replayed by the next start
+            log.warning("journal_left_for_replay", journal=self.id.hex,
+                        segments=len(self._left))  # fmt: skip
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            return
         (self.folder / "lock").unlink(missing_ok=True)
         os.close(self._lock_fd)
         self._lock_fd = None
@@ -568,7 +627,8 @@ def read_segment(path: Path) -> tuple[int, bytes, list[Record]] | None:
             return None
         align = _aligned if magic == _SEG_MAGIC else (lambda n: n)  # DFJSEG01: back to back
         records: list[Record] = []
-        at, end = align(_SEG_HEAD.size), os.fstat(fp.fileno()).st_size
+        at = SEG_HEADER if magic == _SEG_MAGIC else _OLD_HEADER
+        end = os.fstat(fp.fileno()).st_size
         while at + REC_HEADER <= end:
             fp.seek(at)
             raw = fp.read(REC_HEADER)

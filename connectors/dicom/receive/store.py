@@ -114,6 +114,12 @@ class _Committer:
         if error is not None:
             raise error
 
+    def written(self, segment: str, ok: bool) -> None:
+        """A deferred folder file (:meth:`StoreSteps.write_deferred`) is written (or not:
+        its journal segment is then kept for the next start's replay)."""
+        assert self._journal is not None
+        self._journal.release(segment, ok)
+
     def stop(self) -> None:
         """Refuse new items, let the commit under way end, and close the journal."""
         with self._cv:
@@ -121,6 +127,11 @@ class _Committer:
             self._cv.wait_for(lambda: not self._running and not self._queue, timeout=30)
         if self._journal is not None:
             self._journal.close()  # a checkpoint of everything: the journal is removed
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 def _fresh_tally() -> dict[str, Any]:
@@ -264,32 +275,64 @@ class StoreSteps:
         return available - needed < self.reserve(total)
 
     def place(
-        self, assoc, called: CalledAE, header: Header, temp: Path, needed: int,
+        self, assoc, called: CalledAE, header: Header, temp: Path | None, needed: int,
         crc: int | None = None, staged: Staging | None = None,
     ) -> Outcome:  # fmt: skip
-        """Hand the ``temp`` file (fsynced, or journaled: ``crc`` is its CRC-32, ``staged``
-        its bytes in memory where the intake kept them) to the committer: status, note and
-        group once it and its record are durable. A full disk (the journal could not
-        preallocate) is Out of Resources, as for the temp file."""
+        """Hand the ``temp`` file (fsynced, or journaled: ``crc`` is its CRC-32) to the
+        committer: status, note and group once it and its record are durable. A full disk
+        (the journal could not preallocate) is Out of Resources, as for the temp file.
+
+        With ``temp`` None, the instance is in ``staged`` (journaled): its record is written
+        from there and its folder file only created; :meth:`write_deferred` writes it after
+        the acknowledgement has gone out."""
         log.debug("instance_received", sop_instance_uid=header.sop_instance_uid,
                   study_instance_uid=header.study_uid, size=needed)  # fmt: skip
         item = Placement(header, temp, needed, called, assoc.requestor.ae_title,
                          assoc.requestor.address, crc=crc, staged=staged)  # fmt: skip
-        assert self._committer is not None
+        assert self._committer is not None and (temp is not None or staged is not None)
         try:
             self._committer.submit(item)
         except ReserveReached:
-            temp.unlink(missing_ok=True)
+            _remove(temp)
             return Status.OUT_OF_RESOURCES, "disk reserve reached", None
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            _remove(temp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Status.OUT_OF_RESOURCES, "no space left", None
             raise
         except BaseException:
-            temp.unlink(missing_ok=True)  # not acknowledged (stopping, or the commit failed)
+            _remove(temp)  # not acknowledged (stopping, or the commit failed)
             raise
+        if item.fd is not None:
+            assert staged is not None
+            staged.deferred = item
         return item.status, item.note, item.group_id
+
+    def write_deferred(self, staged: Staging | None) -> None:
+        """Write the folder file of the instance :meth:`place` committed from ``staged``
+        (if any), once its acknowledgement has gone out. Its record in the journal is
+        durable already: the journal keeps it until this is done, and where the write fails
+        (the file system full meanwhile, say), keeps it until the next start replays it."""
+        item = None if staged is None else staged.deferred
+        if item is None:
+            return
+        assert staged is not None and item.fd is not None and item.segment is not None
+        staged.deferred = None
+        written = False
+        try:
+            data = staged.data(0, staged.size)
+            at = 0
+            while at < len(data):
+                at += os.pwrite(item.fd, data[at:], at)
+            written = True
+        except OSError as exc:
+            log.error("spool_write_failed", group=item.group_id, kept_for="journal replay",
+                      error=os.strerror(exc.errno or 0))  # fmt: skip
+        finally:
+            os.close(item.fd)
+            item.fd = None
+            assert self._committer is not None
+            self._committer.written(item.segment, written)
 
 
 class SpoolFile:
@@ -298,9 +341,13 @@ class SpoolFile:
     reserve checked as it grows, refused (``refusal``: status and note, the file removed) at
     the first breach; :meth:`sync` fsyncs it before anything is placed (with the journal,
     it only closes it: ``crc``, the CRC-32 of its bytes kept as they are written, goes with
-    it to the journal's record instead). Given a ``staged`` buffer (journaled only), the
-    bytes are also kept there, for the journal to write its record from memory (and for
-    the header check to read them there)."""
+    it to the journal's record instead).
+
+    Given a ``staged`` buffer (journaled only), the bytes are kept there instead, and no
+    temp file is made: the journal writes the record from memory, the header check reads
+    them there, and the folder file is written from there after the acknowledgement
+    (:meth:`StoreSteps.write_deferred`). Only an instance that outgrows the buffer goes to
+    a temp file (what the buffer held first, then the rest)."""
 
     def __init__(self, steps: StoreSteps, staged: Staging | None = None) -> None:
         self.steps = steps
@@ -323,13 +370,17 @@ class SpoolFile:
         if self.steps.below_reserve(len(head), self.free):
             self.refuse(Status.OUT_OF_RESOURCES, "disk reserve reached")
             return
-        self.path = self.steps.incoming / f"{uuid.uuid4().hex}.part"
         self.head = len(head)
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            if self.staged is None:
+                self._create()
             self._write(head)
         except OSError as exc:
             self._failed(exc)
+
+    def _create(self) -> None:
+        self.path = self.steps.incoming / f"{uuid.uuid4().hex}.part"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def _failed(self, exc: OSError) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -344,17 +395,28 @@ class SpoolFile:
     def _write(self, data) -> None:
         if self.steps.journaled:
             self.crc = zlib.crc32(data, self.crc)
-            if self.staged is not None:
-                self.staged.add(data)
+        if self.fd is None and self.staged is not None:
+            self.staged.add(data)
+            if not self.staged.overflow:
+                return
+            self._create()  # too large for the buffer: to a temp file, what it holds first
+            held = self.staged.data(0, self.staged.size)
+            while held:
+                held = held[os.write(self.fd, held) :]  # type: ignore[arg-type]
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the staging buffer holds the whole instance (there is no temp file)."""
+        return self.staged is not None and not self.staged.overflow
+
     def reader(self):
         """The file's bytes to read (:meth:`sync` first): from the staging buffer where it
         holds them, else the temp file."""
-        if self.staged is not None and not self.staged.overflow:
-            return self.staged.file()
+        if self.in_memory:
+            return self.staged.file()  # type: ignore[union-attr]
         assert self.path is not None
         return open(self.path, "rb")
 
@@ -381,8 +443,10 @@ class SpoolFile:
 
     def sync(self) -> bool:
         """fsync and close the file: False (and refused) if that failed or it was refused."""
-        if self.refusal is not None or self.fd is None:
+        if self.refusal is not None:
             return False
+        if self.fd is None:
+            return self.in_memory
         try:
             if not self.steps.journaled:
                 os.fsync(self.fd)
