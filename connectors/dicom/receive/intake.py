@@ -26,6 +26,7 @@ read by two threads) and with nobody bound to pynetdicom's PDU/data events. Othe
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import time
@@ -120,6 +121,7 @@ class Intake:
         self.waker = fastnet.waker(self.dul)
         self.buffer = bytearray(256 * 1024)
         self.timeout = assoc.network_timeout
+        self.nowait = sock.gettimeout() is None  # blocking: MSG_DONTWAIT reads without waiting
         self.staged = Staging() if steps.journaled else None  # reused instance to instance
 
     @classmethod
@@ -194,14 +196,20 @@ class Intake:
             if self._ended():
                 raise _Stop
             try:
-                if not select.select([self.sock], [], [], POLL)[0]:
-                    if idle_until is not None and time.monotonic() > idle_until:
-                        log.info("association_idle", calling_ae=self.assoc.requestor.ae_title,
-                                 peer_host=self.assoc.requestor.address)  # fmt: skip
-                        self._abort()
-                        raise _Stop
-                    continue
-                count = self.sock.recv_into(view[got:n], n - got)
+                count = None
+                if self.nowait:  # what has arrived: one system call where it is there
+                    with contextlib.suppress(BlockingIOError):
+                        count = self.sock.recv_into(view[got:n], n - got, socket.MSG_DONTWAIT)
+                if count is None:
+                    if not select.select([self.sock], [], [], POLL)[0]:
+                        if idle_until is not None and time.monotonic() > idle_until:
+                            log.info("association_idle",
+                                     calling_ae=self.assoc.requestor.ae_title,
+                                     peer_host=self.assoc.requestor.address)  # fmt: skip
+                            self._abort()
+                            raise _Stop
+                        continue
+                    count = self.sock.recv_into(view[got:n], n - got)
             except (OSError, ValueError):  # reset by the peer, closed under us
                 raise _Stop from None
             if not count:

@@ -184,6 +184,7 @@ def _text(elem) -> str:
 
 
 QUICK_BYTES = 64 * 1024  # where the four UIDs are looked for without pydicom
+QUICK_FIRST = 4096  # looked at first
 _WANTED = (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY, _TAG_SERIES)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})  # fmt: skip
@@ -261,9 +262,12 @@ def parse_header(fp: BinaryIO, transfer_syntax: str, offset: int = 0) -> Header:
         values = None
         if little:
             at = source.tell()
-            head = source.read(QUICK_BYTES)
-            values = quick_uids(head, implicit, complete=len(head) < QUICK_BYTES)
-            source.seek(at)
+            for size in (QUICK_FIRST, QUICK_BYTES):  # most headers are in the first 4 KiB
+                head = source.read(size)
+                values = quick_uids(head, implicit, complete=len(head) < size)
+                source.seek(at)
+                if values is not None or len(head) < size:
+                    break
         try:  # without pydicom in the common case: it took 0.3 ms of a received instance
             if values is None:
                 ds = read_dataset(
