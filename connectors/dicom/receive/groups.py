@@ -23,7 +23,6 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from dataflow.durable import fsync_dir, open_database
 from ..config import CalledAE
 from ..net.pdu import Status
 from .journal import copy_range as _copy_range
-from .journal import sync_filesystem
+from .journal import crc32, sync_filesystem
 from .spool import Header, ae_component, uid_component
 
 if TYPE_CHECKING:
@@ -397,7 +396,7 @@ class GroupStore:
             with open(item.temp, "rb") as fp:
                 crc = 0
                 while chunk := fp.read(1 << 20):
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
         segment, at = journal.append(meta, item.temp, item.size, crc, item.staged)
         marks.append((segment, at))
         return segment
@@ -684,7 +683,7 @@ def _write_back(record: Record, target: Path) -> None:
         crc = 0
         with open(target, "rb") as fp:
             while chunk := fp.read(1 << 20):
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
         if crc == record.crc:
             return
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,6 @@ import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +72,11 @@ import structlog
 
 from dataflow.durable import fsync_dir
 
+try:  # ISA-L's CRC-32 is zlib's, 16 times faster here (0.006 ms for a 525 kB slice, not 0.1)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values
+    from zlib import crc32
+
 __all__ = [
     "BLOCK",
     "JOURNAL_DIR",
@@ -80,6 +84,7 @@ __all__ = [
     "Record",
     "Staging",
     "copy_range",
+    "crc32",
     "read_segment",
     "recover",
     "sync_filesystem",
@@ -307,7 +312,7 @@ class Journal:
         total = _aligned(start + size)
         segment = self._room(total)
         head = _REC_HEAD.pack(_REC_MAGIC, segment.seq, len(body), size, crc)
-        head += struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
+        head += struct.pack("<I", crc32(body, crc32(head)))
         at = segment.end
         record = None
         if staged is not None and staged.size == size:
@@ -445,7 +450,7 @@ class Journal:
                 raise
             size = need
         head = _SEG_HEAD.pack(_SEG_MAGIC, seq, self.id.bytes, 0)[:-4]
-        head += struct.pack("<I", zlib.crc32(head))
+        head += struct.pack("<I", crc32(head))
         os.pwrite(fd, head.ljust(SEG_HEADER, b"\0"), 0)
         try:
             direct = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
@@ -623,7 +628,7 @@ def read_segment(path: Path) -> tuple[int, bytes, list[Record]] | None:
         if len(head) < _SEG_HEAD.size:
             return None
         magic, seq, jid, crc = _SEG_HEAD.unpack_from(head)
-        if magic not in (_SEG_MAGIC, _OLD_MAGIC) or zlib.crc32(head[: _SEG_HEAD.size - 4]) != crc:
+        if magic not in (_SEG_MAGIC, _OLD_MAGIC) or crc32(head[: _SEG_HEAD.size - 4]) != crc:
             return None
         align = _aligned if magic == _SEG_MAGIC else (lambda n: n)  # DFJSEG01: back to back
         records: list[Record] = []
@@ -638,7 +643,7 @@ def read_segment(path: Path) -> tuple[int, bytes, list[Record]] | None:
                 break
             body = fp.read(meta_len)
             (head_crc,) = struct.unpack_from("<I", raw, _REC_HEAD.size)
-            if zlib.crc32(body, zlib.crc32(raw[: _REC_HEAD.size])) != head_crc:
+            if crc32(body, crc32(raw[: _REC_HEAD.size])) != head_crc:
                 break
             if _crc_of(fp, start, size) != data_crc:
                 break
@@ -659,7 +664,7 @@ def _crc_of(fp, offset: int, size: int) -> int:
         chunk = fp.read(min(size, _COPY))
         if not chunk:
             return -1
-        crc, size = zlib.crc32(chunk, crc), size - len(chunk)
+        crc, size = crc32(chunk, crc), size - len(chunk)
     return crc
 
 

@@ -19,7 +19,6 @@ import errno
 import os
 import threading
 import uuid
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from ..config import CalledAE, ReceiverConfig
 from ..net.pdu import Status
 from .groups import GroupStore, Placement
-from .journal import Journal, ReserveReached, Staging
+from .journal import Journal, ReserveReached, Staging, crc32
 from .spool import (
     PREAMBLE,
     BadInstance,
@@ -243,7 +242,7 @@ class StoreSteps:
         try:
             temp = write_temp(self.incoming, (PREAMBLE, meta, view), sync=not self.journaled)
             if self.journaled:
-                crc = zlib.crc32(view, zlib.crc32(meta, zlib.crc32(PREAMBLE)))
+                crc = crc32(view, crc32(meta, crc32(PREAMBLE)))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Status.OUT_OF_RESOURCES, "no space left", None
@@ -394,7 +393,7 @@ class SpoolFile:
 
     def _write(self, data) -> None:
         if self.steps.journaled:
-            self.crc = zlib.crc32(data, self.crc)
+            self.crc = crc32(data, self.crc)
         if self.fd is None and self.staged is not None:
             self.staged.add(data)
             if not self.staged.overflow:
