@@ -179,6 +179,24 @@ def test_a_whole_message_in_one_pdu_and_several_in_a_row(tmp_path, monkeypatch):
     assert counts == {"intake": 3, "pynetdicom": 0}
 
 
+def test_an_instance_larger_than_its_staging_buffer_goes_through_a_temp_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "STAGE", 4096)  # a CT slice outgrows it in its first PDV
+    files = ct(tmp_path / "ct", 2, seed=26)
+    counts = counting(monkeypatch)
+    with receiving(peer_config(tmp_path)) as rx:
+        with driven(rx.port) as (_, direct, cx):
+            for msg_id, path in enumerate(files, 1):
+                data = path.read_bytes()[dataset_offset(path) :]
+                command = command_pdv(CTImageStorage, sop_uid(path), msg_id)
+                direct.sock.sendall(pdata(pdv(cx, 0x03, command), pdv(cx, 0x00, data[:3000])))
+                direct.sock.sendall(pdata(pdv(cx, 0x02, data[3000:])))
+                assert direct._response(msg_id, cx) == 0x0000
+        for path in files:
+            assert part10(stored(rx)[sop_uid(path)]) == part10(path)
+        assert not list((rx.spool / ".incoming").iterdir())
+    assert counts == {"intake": 2, "pynetdicom": 0}
+
+
 def test_an_association_broken_off_mid_dataset_leaves_nothing(tmp_path, monkeypatch):
     # an instance is kept in memory, and goes to a temp file once it outgrows its buffer:
     # a small buffer, so that the partial instance is seen on disk, then seen removed

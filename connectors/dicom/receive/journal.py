@@ -153,8 +153,10 @@ def _aligned(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
-STAGE = 64 * 1024 * 1024  # bytes a staging buffer can hold (address space; memory as used)
-_KEEP = 8 * 1024 * 1024  # what a staging buffer keeps in memory after a larger instance
+# bytes a staging buffer holds (address space; memory as used): an image slice fits, a large
+# multi-frame instance goes to a temp file, so an association holds at most this in memory
+STAGE = 16 * 1024 * 1024
+_KEEP = 4 * 1024 * 1024  # what a staging buffer keeps in memory after a larger instance
 
 
 class Staging:
