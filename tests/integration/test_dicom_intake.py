@@ -156,24 +156,29 @@ def test_a_c_echo_among_c_stores_is_pynetdicoms_and_the_rest_still_stored(tmp_pa
         assert counts == {"intake": 2, "pynetdicom": 2}
 
 
+def store_in_two_fragments(direct, cx: int, msg_id: int, path: Path, cut: int | None,
+                           one_pdu: bool) -> int:  # fmt: skip
+    """A C-STORE of ``path`` with its dataset in two fragments (cut at ``cut``, else half
+    way), all in one P-DATA-TF or the last fragment in a second one; the response's status."""
+    data = path.read_bytes()[dataset_offset(path) :]
+    cut = len(data) // 2 if cut is None else cut
+    command = command_pdv(CTImageStorage, sop_uid(path), msg_id)
+    first, last = [pdv(cx, 0x03, command), pdv(cx, 0x00, data[:cut])], pdv(cx, 0x02, data[cut:])
+    if one_pdu:
+        direct.sock.sendall(pdata(*first, last))
+    else:
+        direct.sock.sendall(pdata(*first))
+        direct.sock.sendall(pdata(last))
+    return direct._response(msg_id, cx)
+
+
 def test_a_whole_message_in_one_pdu_and_several_in_a_row(tmp_path, monkeypatch):
     files = ct(tmp_path / "ct", 3, seed=22)
     counts = counting(monkeypatch)
     with receiving(peer_config(tmp_path)) as rx:
         with driven(rx.port) as (_, direct, cx):
             for msg_id, path in enumerate(files, 1):
-                data = path.read_bytes()[dataset_offset(path) :]
-                half = len(data) // 2
-                command = command_pdv(CTImageStorage, sop_uid(path), msg_id)
-                # command and both dataset fragments in a single P-DATA-TF
-                direct.sock.sendall(
-                    pdata(
-                        pdv(cx, 0x03, command),
-                        pdv(cx, 0x00, data[:half]),
-                        pdv(cx, 0x02, data[half:]),
-                    )
-                )
-                assert direct._response(msg_id, cx) == 0x0000
+                assert store_in_two_fragments(direct, cx, msg_id, path, None, True) == 0x0000
         assert sorted(stored(rx)) == sorted(sop_uid(f) for f in files)
         assert part10(stored(rx)[sop_uid(files[1])]) == part10(files[1])
     assert counts == {"intake": 3, "pynetdicom": 0}
@@ -186,11 +191,7 @@ def test_an_instance_larger_than_its_staging_buffer_goes_through_a_temp_file(tmp
     with receiving(peer_config(tmp_path)) as rx:
         with driven(rx.port) as (_, direct, cx):
             for msg_id, path in enumerate(files, 1):
-                data = path.read_bytes()[dataset_offset(path) :]
-                command = command_pdv(CTImageStorage, sop_uid(path), msg_id)
-                direct.sock.sendall(pdata(pdv(cx, 0x03, command), pdv(cx, 0x00, data[:3000])))
-                direct.sock.sendall(pdata(pdv(cx, 0x02, data[3000:])))
-                assert direct._response(msg_id, cx) == 0x0000
+                assert store_in_two_fragments(direct, cx, msg_id, path, 3000, False) == 0x0000
         for path in files:
             assert part10(stored(rx)[sop_uid(path)]) == part10(path)
         assert not list((rx.spool / ".incoming").iterdir())
