@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from deadlines import HANG, wait_until
+from deadlines import HANG, returns_before_a_hang, wait_until
 
 from connectors.dicom.config import CalledAE
 from connectors.dicom.receive import journal as journal_module
@@ -252,6 +252,41 @@ def test_a_folder_file_not_written_after_its_answer_comes_back_at_the_next_start
     assert recover(tmp_path, store) == 1
     assert contents(store) == {"1.1.1": b"acknowledged"}
     assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+
+
+def test_a_flush_that_fails_after_the_commit_leaves_the_journal_for_replay(tmp_path, monkeypatch):
+    """The commit went through but the journal's fdatasync failed: no Success, the folder
+    file is let go, and the journal is kept (the instance's fate is the replay's to say)."""
+    from types import SimpleNamespace
+
+    from connectors.dicom.config import ReceiverConfig
+    from connectors.dicom.receive.store import StoreSteps
+
+    config = ReceiverConfig(spool=tmp_path, port=0, called_aes=[CalledAE("AE", timeout=1)])
+    store = GroupStore(tmp_path)
+    steps = StoreSteps(config, store, lambda: False)
+    steps.start()
+    spool = SimpleNamespace(called=config.called_aes[0])
+    staged = staged_item(spool, "1.1.1", b"bytes").staged
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="SCU", address="127.0.0.1"))
+
+    def failing(self, upto=None):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Journal, "sync", failing)
+    with pytest.raises(OSError):
+        steps.place(assoc, spool.called, Header(CT, "1.1.1", "1.2", "1.3"), None, 5,
+                    zlib.crc32(b"bytes"), staged)  # fmt: skip
+    assert staged.deferred is None  # nothing for the intake to write
+    monkeypatch.undo()
+    # the folder file let go: the stop does not wait for it to be written (it never will)
+    monkeypatch.setattr(journal_module, "HOLD_WAIT", 100 * HANG)
+    returns_before_a_hang(steps.stop)  # the journal is kept, not removed
+    assert segments(tmp_path) != []
+    store.close()
+    again = GroupStore(tmp_path)
+    assert recover(tmp_path, again) == 1
+    assert contents(again) == {"1.1.1": b"bytes"}
 
 
 def test_a_segment_of_the_previous_format_is_replayed(tmp_path):

@@ -291,16 +291,16 @@ class StoreSteps:
         assert self._committer is not None and (temp is not None or staged is not None)
         try:
             self._committer.submit(item)
-        except ReserveReached:
-            _remove(temp)
-            return Status.OUT_OF_RESOURCES, "disk reserve reached", None
-        except OSError as exc:
-            _remove(temp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        except BaseException as exc:
+            _remove(temp)  # not acknowledged (stopping, a full disk, the commit failed)
+            if item.fd is not None:  # committed, then its flush failed: kept for the replay
+                os.close(item.fd)
+                item.fd = None
+                self._committer.written(item.segment, False)  # type: ignore[arg-type]
+            if isinstance(exc, ReserveReached):
+                return Status.OUT_OF_RESOURCES, "disk reserve reached", None
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Status.OUT_OF_RESOURCES, "no space left", None
-            raise
-        except BaseException:
-            _remove(temp)  # not acknowledged (stopping, or the commit failed)
             raise
         if item.fd is not None:
             assert staged is not None
