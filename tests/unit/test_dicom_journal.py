@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import zlib
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def test_an_instance_in_memory_gets_its_folder_file_after_its_commit(tmp_path, m
     assert record.offset % journal_module.BLOCK == 0
     spool.journal.checkpoint()  # not reclaimed while its folder file is not written
     assert segments(tmp_path) == [segment]
-    os.pwrite(item.fd, b"in memory", 0)
+    item.staged.write_file(item.fd, item.direct)  # as the receiver does after the answer
     os.close(item.fd)
     spool.journal.release(item.segment, True)
     spool.journal.checkpoint()
@@ -237,6 +238,43 @@ def test_an_instance_in_memory_gets_its_folder_file_after_its_commit(tmp_path, m
     assert contents(spool.store) == {"1.1.1": b"in memory"}
     spool.journal.close()
     assert list((tmp_path / JOURNAL_DIR).iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [1, 4096, 5000, 525 * 1024])
+def test_a_staged_instance_is_written_whole_into_its_folder_file(tmp_path, size):
+    """Whole blocks with O_DIRECT (where the file system takes it), cut to the size: not a
+    byte of padding, nor of the previous instance the buffer held, is left in the file."""
+    data = os.urandom(size)
+    staging = Staging(capacity=1 << 20)
+    staging.reset()
+    staging.add(os.urandom(600 * 1024))  # the previous instance's bytes, still in memory
+    staging.reset()
+    staging.add(data)
+    fd, direct = journal_module.create_file(tmp_path / "one.dcm")
+    staging.write_file(fd, direct)
+    os.close(fd)
+    assert (tmp_path / "one.dcm").read_bytes() == data
+
+
+def test_a_refused_direct_write_is_done_through_the_page_cache(tmp_path, monkeypatch):
+    """A file system that opens files with O_DIRECT but refuses the write (EINVAL)."""
+    data = os.urandom(5000)
+    staging = Staging(capacity=1 << 20)
+    staging.reset()
+    staging.add(data)
+    real, calls = journal_module._write_all, []
+
+    def refusing(fd, view, offset):
+        calls.append(len(view))
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, view, offset)
+
+    monkeypatch.setattr(journal_module, "_write_all", refusing)
+    fd = os.open(tmp_path / "one.dcm", os.O_WRONLY | os.O_CREAT, 0o640)
+    staging.write_file(fd, True)
+    os.close(fd)
+    assert calls == [8192, 5000] and (tmp_path / "one.dcm").read_bytes() == data
 
 
 def test_a_folder_file_not_written_after_its_answer_comes_back_at_the_next_start(tmp_path):
@@ -287,6 +325,74 @@ def test_a_flush_that_fails_after_the_commit_leaves_the_journal_for_replay(tmp_p
     again = GroupStore(tmp_path)
     assert recover(tmp_path, again) == 1
     assert contents(again) == {"1.1.1": b"bytes"}
+
+
+class GatedStore(GroupStore):
+    """A real GroupStore whose commits wait while ``gate`` is closed, and whose batches are
+    counted (and fail with EIO while ``failing``)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate, self.batches, self.failing = threading.Event(), [], False
+
+    def place(self, batch, journal=None, appended=None) -> None:
+        self.batches.append(len(batch))
+        assert self.gate.wait(HANG), "the test did not open the gate"
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super().place(batch, journal, appended)
+
+
+def test_writers_in_flight_share_one_commit_and_each_gets_its_own_answer(tmp_path):
+    """Group commit (the receiver's committer): while one commit runs, the writers that
+    arrive ride along in the next, one batch; each gets its own answer, a failed batch's
+    writers get its error, and the next batch goes on."""
+    from connectors.dicom.receive.store import _Committer
+
+    spool = JournaledSpool(tmp_path)
+    store = GatedStore(tmp_path)
+    committer = _Committer(store, spool.journal)
+    answers: dict[str, BaseException | None] = {}
+
+    def submit(item: Placement) -> None:
+        try:
+            committer.submit(item)
+            answers[item.header.sop_instance_uid] = None
+        except BaseException as exc:  # what the writer is answered
+            answers[item.header.sop_instance_uid] = exc
+
+    def together(items: list[Placement]) -> None:
+        """The first commits alone (held at the gate) while the others queue behind it."""
+        before = len(store.batches)
+        threads = [threading.Thread(target=submit, args=(item,)) for item in items]
+        threads[0].start()
+        wait_until(lambda: len(store.batches) > before, "the first commit", HANG, poll=0.005)
+        for thread in threads[1:]:
+            thread.start()
+        queued = len(items) - 1
+        wait_until(lambda: len(committer._queue) == queued, "writers queued", HANG, poll=0.005)
+        store.gate.set()
+        for thread in threads:
+            returns_before_a_hang(thread.join)
+        store.gate.clear()
+
+    items = [spool.item(f"1.1.{k}", f"data {k}".encode()) for k in range(8)]
+    together(items)
+    assert store.batches == [1, 7]
+    assert answers == {f"1.1.{k}": None for k in range(8)}
+    assert {item.status for item in items} == {0}
+    assert contents(store) == {f"1.1.{k}": f"data {k}".encode() for k in range(8)}
+
+    store.failing = True  # both batches fail: each of their writers gets the error
+    together([spool.item(f"1.2.{k}", b"late") for k in range(3)])
+    assert store.batches == [1, 7, 1, 2]
+    assert [getattr(answers[f"1.2.{k}"], "errno", None) for k in range(3)] == [errno.EIO] * 3
+    store.failing = False
+    store.gate.set()
+    again = spool.item("1.3.1", b"again")
+    committer.submit(again)  # the committer goes on
+    assert again.status == 0 and contents(store)["1.3.1"] == b"again"
+    committer.stop()
 
 
 def test_a_segment_of_the_previous_format_is_replayed(tmp_path):

@@ -35,7 +35,7 @@ from dataflow.durable import fsync_dir, open_database
 from ..config import CalledAE
 from ..net.pdu import Status
 from .journal import copy_range as _copy_range
-from .journal import crc32, sync_filesystem
+from .journal import crc32, create_file, sync_filesystem
 from .spool import Header, ae_component, uid_component
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class Placement:
     crc: int | None = None  # CRC-32 of the temp file's bytes (the journal's record needs it)
     staged: Staging | None = None  # the same bytes in memory, for the journal to write
     fd: int | None = None  # its folder file, created empty, to be written from ``staged``
+    direct: bool = False  # ``fd`` is open with O_DIRECT
     segment: str | None = None  # the journal segment that holds its record
 
 
@@ -132,6 +133,7 @@ class GroupStore:
     def __init__(self, spool: Path, duplicates: str = "overwrite") -> None:
         self.spool = Path(spool)
         self.duplicates = duplicates
+        self._root = str(self.spool)  # paths as text on the journal's path (pathlib is slow)
         self.spool.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = open_database(self.spool / "receiver.sqlite", timeout=60.0)
@@ -237,7 +239,7 @@ class GroupStore:
                             item.fd = None
                             journal.release(item.segment, True)  # type: ignore[arg-type]
                     for path in placed:
-                        path.unlink(missing_ok=True)
+                        Path(path).unlink(missing_ok=True)
                     raise
                 finally:
                     self._db.execute("PRAGMA synchronous=FULL")
@@ -348,23 +350,23 @@ class GroupStore:
             return
         series = f"{folder}/{uid_component(h.series_uid)}"
         rel = self._free_name(series, uid_component(h.sop_instance_uid), existing)
-        target = self.spool / rel
         segment = None
         if journal is None:
-            self._mkdirs(target.parent, dirs)
+            target: Path | str = self.spool / rel
+            self._mkdirs(target.parent, dirs)  # type: ignore[union-attr]
         else:
-            self._mkdirs(target.parent, set())  # the journal's record holds them
+            target = self._series_made(series, rel)  # the journal's record holds its folders
             segment = self._journal(item, journal, group_id, rel, now, marks)
         if item.temp is not None:
             os.replace(item.temp, target)  # a free name: never over an acknowledged copy
         else:  # made here, so that the next free name sees it; written after the answer
-            item.fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            item.fd, item.direct = create_file(target)
             assert journal is not None and segment is not None
             item.segment = segment
             journal.hold(segment)
-        placed.append(target)
+        placed.append(target)  # type: ignore[arg-type]
         if journal is None:
-            dirs.add(target.parent)
+            dirs.add(target.parent)  # type: ignore[union-attr]
         if existing:
             replaced.append(self.spool / existing[0])
         values = (h.sop_class_uid, h.study_uid, h.series_uid, rel, item.size, item.calling_ae)
@@ -484,6 +486,13 @@ class GroupStore:
             " last_arrival = max(last_arrival, COALESCE(?, last_arrival)) WHERE id = ?",
             (group_id, arrival, group_id),
         )
+
+    def _series_made(self, series: str, rel: str) -> str:
+        """The path of ``rel`` (in the folder ``series``, made if missing), as text; its
+        folders are not fsynced (the journal's records hold them)."""
+        if not os.path.isdir(f"{self._root}/{series}"):
+            self._mkdirs(self.spool / series, set())
+        return f"{self._root}/{rel}"
 
     def _free_name(self, series: str, sop: str, existing) -> str:
         """``<series>/<sop>.dcm``, or for a copy replacing a recorded one, the first of

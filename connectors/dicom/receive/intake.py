@@ -189,7 +189,13 @@ class Intake:
         network timeout."""
         if len(self.buffer) < n:
             self.buffer = bytearray(n)
-        view = memoryview(self.buffer)
+        view = memoryview(self.buffer)[:n]
+        self._fill(view)
+        return view
+
+    def _fill(self, view: memoryview) -> None:
+        """Fill ``view`` from the socket (see :meth:`_read`)."""
+        n = len(view)
         got = 0
         idle_until = None if self.timeout is None else time.monotonic() + self.timeout
         while got < n:
@@ -217,7 +223,6 @@ class Intake:
             got += count
             if idle_until is not None:
                 idle_until = time.monotonic() + self.timeout
-        return view[:n]
 
     def _send_response(self, item: _Instance, status: int, note: str) -> None:
         command = pdu.c_store_rsp(
@@ -275,9 +280,15 @@ class Intake:
                     if item is None or context_id != item.context_id:
                         raise _Malformed("a dataset fragment without its C-STORE-RQ")
                     while count > 0:  # streamed to the file: memory stays bounded
-                        chunk = self._read(min(count, CHUNK))
-                        item.add(chunk)
-                        count -= len(chunk)
+                        n = min(count, CHUNK)
+                        room = item.room(n)
+                        if room is not None:  # read straight into the staging buffer
+                            with room:
+                                self._fill(room)
+                                item.add(room, in_place=True)
+                        else:
+                            item.add(self._read(n))
+                        count -= n
                     if control & pdu.LAST:
                         if self._ended():
                             raise _Stop  # aborted meanwhile: nothing is acknowledged
