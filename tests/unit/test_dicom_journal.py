@@ -216,6 +216,29 @@ def staged_item(spool: JournaledSpool, sop: str, data: bytes) -> Placement:
                      crc=zlib.crc32(data), staged=staging)  # fmt: skip
 
 
+def test_a_batch_of_instances_in_memory_is_written_whole_across_segments(tmp_path):
+    """A batch's records from memory go to the device together (one pwritev per run of
+    records), also when the batch fills a segment and goes on in the next: every record is
+    whole, with its bytes, before the batch is answered."""
+    spool = JournaledSpool(tmp_path, segment_size=5 * 4096, idle=3600)  # 4 blocks for records
+    sent = {f"1.1.{k}": os.urandom(3000 + 1000 * k) for k in range(5)}
+    batch = [staged_item(spool, sop, data) for sop, data in sent.items()]
+    spool.store.place(batch, spool.journal)
+    assert {item.status for item in batch} == {0}
+    found = {}
+    for path in segments(tmp_path):
+        for record in read_segment(path)[2]:  # whole records only (their data's CRC checked)
+            with open(record.path, "rb") as fp:
+                fp.seek(record.offset)
+                found[record.meta["sop"]] = fp.read(record.size)
+    assert found == sent
+    assert len(segments(tmp_path)) == 4  # 2 records, then 1 each (their data: 2 or 3 blocks)
+    for item in batch:
+        os.close(item.fd)
+        spool.journal.release(item.segment, True)
+    spool.journal.close()
+
+
 def test_an_instance_in_memory_gets_its_folder_file_after_its_commit(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "HOLD_WAIT", 0.05)
     spool = JournaledSpool(tmp_path, idle=3600)

@@ -227,6 +227,7 @@ class GroupStore:
                 try:
                     for item in batch:
                         self._place_one(item, now, dirs, placed, replaced, journal, marks)
+                    journal.write_queued()  # the batch's records, one request to the device
                     for directory in sorted(dirs):
                         fsync_dir(directory)
                     self._db.execute("COMMIT")

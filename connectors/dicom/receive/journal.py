@@ -263,6 +263,19 @@ def create_file(path: str | Path) -> tuple[int, bool]:
     return os.open(path, flags, 0o640), False
 
 
+def _writev_all(fd: int, views: list, offset: int) -> None:
+    """``views`` one after the other from ``offset``: one ``pwritev`` where it writes them
+    all, then whatever it left, view by view."""
+    done = os.pwritev(fd, views, offset) if len(views) > 1 else 0
+    for view in views:
+        if done >= len(view):
+            done -= len(view)
+        else:
+            _write_all(fd, memoryview(view)[done:], offset + done)
+            done = 0
+        offset += len(view)
+
+
 def _write_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -343,6 +356,7 @@ class Journal:
         self._written = 0  # spares written
         self._holds: dict[str, int] = {}  # segment -> folder files still to be written
         self._draining = 0  # checkpoints waiting for held segments (release wakes them)
+        self._queued: list[tuple[_Segment, int, memoryview]] = []  # for write_queued()
         self._failed: set[str] = set()  # segments with a folder file that was not written
         self._left: list[_Segment] = []  # those: kept for the next start's replay
         self.checkpoints = 0
@@ -370,8 +384,10 @@ class Journal:
         record = None
         if staged is not None and staged.size == size:
             record = staged.record(head + body)
-        if record is not None:
-            _write_all(segment.direct if segment.direct >= 0 else segment.fd, record, at)
+        if record is not None and segment.direct >= 0:
+            self._queued.append((segment, at, record))  # written by write_queued()
+        elif record is not None:
+            _write_all(segment.fd, record, at)
         elif source is None:  # metadata too long for the front block: two writes
             assert staged is not None and staged.size == size
             _write_all(segment.fd, staged.data(0, size), at + start)
@@ -389,6 +405,26 @@ class Journal:
             with self._cv:
                 self._cv.notify()  # the checkpoint thread starts timing the idle wait
         return self._name(segment), at
+
+    def write_queued(self) -> None:
+        """Write the records :meth:`append` queued (those written with ``O_DIRECT`` from a
+        staging buffer): a batch's records lie back to back, so one ``pwritev`` (one request
+        to the device) writes them all, not one write and one wait per record. Before the
+        batch commits (under :meth:`__enter__`); a record is not whole until this is done."""
+        queued, self._queued = self._queued, []
+        run: list[memoryview] = []
+        first: tuple[_Segment, int] | None = None
+        end = 0
+        for segment, at, record in [*queued, (None, 0, None)]:
+            if first is not None and (segment is not first[0] or at != end):
+                _writev_all(first[0].direct, run, first[1])
+                run, first = [], None
+            if segment is None:
+                break
+            if first is None:
+                first = (segment, at)
+            run.append(record)
+            end = at + len(record)
 
     def hold(self, name: str) -> None:
         """A folder file whose record is in segment ``name`` is still to be written: the
@@ -413,6 +449,7 @@ class Journal:
     def undo(self, marks: list[tuple[str, int]]) -> None:
         """Void records appended by a transaction that was rolled back (their headers zeroed,
         the append position back to the first): replay never sees them."""
+        self._queued = []  # theirs: never written
         for name, at in sorted(marks, key=lambda m: m[1], reverse=True):
             for segment in [self._current, *self._closed]:
                 if segment is not None and self._name(segment) == name and at < segment.end:
@@ -456,6 +493,7 @@ class Journal:
         if segment is not None and segment.end + total <= segment.size:
             return segment
         if segment is not None:
+            self.write_queued()  # its records whole before it is flushed and closed
             self._close_current()
         self._current = self._open_segment(total)
         return self._current
