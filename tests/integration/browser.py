@@ -43,13 +43,33 @@ def browser():
     driver.quit()
 
 
-def text_of(browser, element_id: str) -> str | None:
-    """An element's text, or None while the page reloads."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+# chromedriver's answer when the element found was removed before it was read (the page
+# re-rendered in between): not mapped to a stale element, but the same race
+GONE = "Could not find object with given id"
+
+
+def live(read, default=None):
+    """``read()`` of elements on a page that re-renders as it is read: ``default`` where an
+    element it found was replaced meanwhile (stale, or gone in chromedriver's words)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
-        return browser.find_element("id", element_id).text
-    except (NoSuchElementException, StaleElementReferenceException):
+        return read()
+    except StaleElementReferenceException:
+        return default
+    except WebDriverException as exc:
+        if GONE in str(exc):
+            return default
+        raise
+
+
+def text_of(browser, element_id: str) -> str | None:
+    """An element's text, or None while the page reloads."""
+    from selenium.common.exceptions import NoSuchElementException
+
+    try:
+        return live(lambda: browser.find_element("id", element_id).text)
+    except NoSuchElementException:
         return None
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
 
 from tests.deadlines import wait_until
 from tests.integration.browser import (
     accessibility_violations,
     errors,
+    live,
     overflowing,
     shoot,
     text_of,
@@ -52,11 +52,11 @@ def test_a_job_appears_and_ends_on_the_jobs_page_without_a_reload(service, brows
         job_id = start_job(client, "passthrough", {"volume.npy": VOLUME.read_bytes()})
 
     def row_state():
-        try:
+        def read():
             rows = browser.find_elements("css selector", f'tr[data-job="{job_id}"]')
             return rows and rows[0].find_element("css selector", ".chip").text == "succeeded"
-        except StaleElementReferenceException:  # the rows were replaced as they were read
-            return False
+
+        return live(read, False)  # False: the rows were replaced as they were read
 
     until(row_state, "the job's row to show it succeeded")
     assert browser.execute_script("return window.__same_page === true")  # no reload

@@ -15,7 +15,6 @@ import httpx
 import pydicom
 import pytest
 from dicom_peers import free_port, start_orthanc, storescu
-from selenium.common.exceptions import StaleElementReferenceException
 
 from dataflow.service import Service, load_config
 from operators.dicom.phantom import write_ct_series
@@ -23,6 +22,7 @@ from tests.deadlines import LONG_HANG, wait_until
 from tests.integration.browser import (
     accessibility_violations,
     errors,
+    live,
     overflowing,
     shoot,
     text_of,
@@ -93,12 +93,12 @@ def test_a_study_from_dicom_arrives_runs_and_is_exported_on_the_pages(site, brow
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     def finished() -> str | None:
-        try:
+        def read():
             rows = row_of(browser)
             state = rows[0].find_element("css selector", ".chip").text if rows else None
             return rows[0].get_attribute("data-job") if state == "succeeded" else None
-        except StaleElementReferenceException:  # the rows were replaced as they were read
-            return None
+
+        return live(read)  # None: the rows were replaced as they were read
 
     job_id = until(finished, "the study's job on the jobs page, succeeded")
     assert browser.execute_script("return window.__same_page === true")  # no reload

@@ -13,11 +13,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_peers import free_port, start_orthanc
-from selenium.common.exceptions import StaleElementReferenceException
 
 from dataflow.service import Service, load_config
 from tests.deadlines import HANG, LONG_HANG, wait_until
-from tests.integration.browser import errors, shoot, text_of
+from tests.integration.browser import errors, live, shoot, text_of
 from tests.integration.platform_service import api_client, folder_files, start_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -94,11 +93,11 @@ dicom:
         row.find_element("css selector", f'button[data-resend="{dead["task_id"]}"]').click()
 
         def sent() -> bool:  # the row follows the export's events: no reload
-            try:
+            def read():
                 rows = browser.find_elements("css selector", f'tr[data-task="{dead["task_id"]}"]')
                 return bool(rows) and state_of(rows[0]) == "sent"
-            except StaleElementReferenceException:  # the rows were replaced as they were read
-                return False
+
+            return live(read, False)  # False: the rows were replaced as they were read
 
         wait_until(sent, "the task shown sent on the page", HANG, 0.2)
         assert browser.execute_script("return window.__same_page === true")
