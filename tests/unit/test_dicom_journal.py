@@ -300,6 +300,25 @@ def test_a_refused_direct_write_is_done_through_the_page_cache(tmp_path, monkeyp
     assert calls == [8192, 5000] and (tmp_path / "one.dcm").read_bytes() == data
 
 
+def test_a_group_is_not_completed_before_its_folder_files_are_written(tmp_path):
+    """Acknowledged from memory, the folder file is written just after the answer: until
+    it is (or, where that write failed, until the next start's replay writes it), neither
+    the quiet time nor the association's release completes the group."""
+    spool = JournaledSpool(tmp_path, idle=3600)
+    item = staged_item(spool, "1.1.1", b"acknowledged")
+    spool.store.place([item], spool.journal)
+    (group,) = spool.store.groups("pending")
+    later = group.last_arrival + 3600
+    assert spool.store.complete_due(later, 0) == [] and spool.store.complete([group.id]) == []
+    item.staged.write_file(item.fd, item.direct)
+    os.close(item.fd)
+    spool.journal.release(item.segment, True)
+    assert spool.store.complete_due(later, 0) == [group.id]
+    (path,) = [p for _, p in spool.store.instances(group.id)]
+    assert path.read_bytes() == b"acknowledged"
+    spool.journal.close()
+
+
 def test_a_folder_file_not_written_after_its_answer_comes_back_at_the_next_start(tmp_path):
     spool = JournaledSpool(tmp_path, idle=3600)
     item = staged_item(spool, "1.1.1", b"acknowledged")

@@ -509,7 +509,8 @@ class GroupStore:
 
     def complete_due(self, now: float, not_before: float) -> list[int]:
         """Complete the pending groups quiet for their timeout (the quiet time counting from
-        ``not_before`` at the earliest: the service's start); returns their ids."""
+        ``not_before`` at the earliest: the service's start); returns their ids. A group
+        with a folder file still being written (:meth:`_files_written`) stays pending."""
         with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -518,7 +519,7 @@ class GroupStore:
                     " AND max(last_arrival, ?) + timeout <= ?",
                     (not_before, now),
                 ).fetchall()
-                ids = [r[0] for r in rows]
+                ids = [r[0] for r in rows if self._files_written(r[0])]
                 self._db.executemany(
                     "UPDATE groups SET state = 'complete', completed_at = ? WHERE id = ?",
                     [(now, i) for i in ids],
@@ -528,6 +529,23 @@ class GroupStore:
                 self._db.execute("ROLLBACK")
                 raise
         return ids
+
+    def _files_written(self, group_id: int) -> bool:
+        """Whether every folder file of the group has its recorded size. With the journal, an
+        instance is acknowledged before its file is written (from memory, just after the
+        answer); if that write fails, the file stays short until the next start's replay
+        writes it. A group is not handed over with such a file. A missing file does not hold
+        the group (no write is pending for it: the commit creates the file)."""
+        rows = self._db.execute(
+            "SELECT path, size FROM instances WHERE group_id = ?", (group_id,)
+        ).fetchall()
+        for path, size in rows:
+            try:
+                if os.stat(f"{self._root}/{path}").st_size != size:
+                    return False
+            except FileNotFoundError:
+                continue
+        return True
 
     def next_due(self, not_before: float) -> float | None:
         """When the first pending group falls due (:meth:`complete_due`'s rule), as a
@@ -540,12 +558,13 @@ class GroupStore:
         return None if row is None or row[0] is None else float(row[0])
 
     def complete(self, group_ids: list[int]) -> list[int]:
-        """Complete these groups now if still pending (association released)."""
+        """Complete these groups now if still pending (association released) and their
+        folder files are written (:meth:`_files_written`; else the quiet time completes them)."""
         done = []
         with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for group_id in group_ids:
+                for group_id in filter(self._files_written, group_ids):
                     cur = self._db.execute(
                         "UPDATE groups SET state = 'complete', completed_at = ?"
                         " WHERE id = ? AND state = 'pending'",

@@ -292,14 +292,15 @@ class Receiver:
         while not self._stop.is_set():
             wait = interval
             try:
-                for group_id in self.store.complete_due(time.time(), self._started):
+                checked = time.time()
+                for group_id in self.store.complete_due(checked, self._started):
                     log.info("group_complete", group=group_id, reason="quiet timeout")
                 self._hand_over()
                 if self.config.processes > 1 and time.monotonic() - adopted > ADOPT_EVERY:
                     adopted = time.monotonic()  # a worker killed: its journal made durable
                     journal.recover(self.spool, self.store)
                 due = self.store.next_due(self._started)  # woken when the first falls due
-                if due is not None:
+                if due is not None and due > checked:  # (due before: a file still written)
                     wait = min(interval, max(0.0, due - time.time()) + 0.002)
             except Exception:
                 log.exception("group_completion_failed")
