@@ -412,19 +412,15 @@ class Journal:
         to the device) writes them all, not one write and one wait per record. Before the
         batch commits (under :meth:`__enter__`); a record is not whole until this is done."""
         queued, self._queued = self._queued, []
-        run: list[memoryview] = []
-        first: tuple[_Segment, int] | None = None
-        end = 0
-        for segment, at, record in [*queued, (None, 0, None)]:
-            if first is not None and (segment is not first[0] or at != end):
-                _writev_all(first[0].direct, run, first[1])
-                run, first = [], None
-            if segment is None:
-                break
-            if first is None:
-                first = (segment, at)
-            run.append(record)
-            end = at + len(record)
+        runs: list[list] = []  # [segment, start, end, records] of records back to back
+        for segment, at, record in queued:
+            if runs and runs[-1][0] is segment and runs[-1][2] == at:
+                runs[-1][2] = at + len(record)
+                runs[-1][3].append(record)
+            else:
+                runs.append([segment, at, at + len(record), [record]])
+        for segment, start, _, records in runs:
+            _writev_all(segment.direct, records, start)
 
     def hold(self, name: str) -> None:
         """A folder file whose record is in segment ``name`` is still to be written: the
@@ -562,13 +558,16 @@ class Journal:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _spare(self, segment: _Segment) -> None:
-        with self._sync_lock:
-            os.pwrite(segment.fd, bytes(SEG_HEADER), 0)  # not a segment now: replay skips it
+    def _close_fds(self, segment: _Segment) -> None:
+        with self._sync_lock:  # against a sync() of it
             os.close(segment.fd)
             if segment.direct >= 0:
                 os.close(segment.direct)
             segment.fd = segment.direct = -1
+
+    def _spare(self, segment: _Segment) -> None:
+        os.pwrite(segment.fd, bytes(SEG_HEADER), 0)  # not a segment now: replay skips it
+        self._close_fds(segment)
         if len(self._spares) < SPARES and segment.size == self._segment_size:
             spare = self.folder / f"spare-{segment.seq}"
             os.rename(segment.path, spare)
@@ -668,11 +667,7 @@ class Journal:
         self.checkpoints += 1
 
     def _leave(self, segment: _Segment) -> None:
-        with self._sync_lock:
-            os.close(segment.fd)
-            if segment.direct >= 0:
-                os.close(segment.direct)
-            segment.fd = segment.direct = -1
+        self._close_fds(segment)
         self._left.append(segment)
 
     def close(self) -> None:

@@ -56,7 +56,7 @@ class _Waiter:
 
     __slots__ = ("_lock", "_woken", "done", "error", "item", "taken")
 
-    def __init__(self, item: Placement | None = None) -> None:
+    def __init__(self, item: Placement) -> None:
         self.item = item
         self.taken = False  # in a batch under way
         self.done = False  # answered: ``error`` None, or what the batch raised
